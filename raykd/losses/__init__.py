@@ -1,0 +1,21 @@
+"""Distillation losses: one registry of per-token losses, and the weighted objective.
+
+Pure torch, importable without Ray. Importing this package registers the losses of
+:mod:`raykd.losses.kd`.
+"""
+
+from raykd.losses import kd  # noqa: F401  (registers the losses)
+from raykd.losses.objective import Objective, ObjectiveOutput, validate_weights
+from raykd.losses.registry import LossSpec, available_losses, get_loss, register_loss
+from raykd.losses.targets import TeacherTargets
+
+__all__ = [
+    "LossSpec",
+    "Objective",
+    "ObjectiveOutput",
+    "TeacherTargets",
+    "available_losses",
+    "get_loss",
+    "register_loss",
+    "validate_weights",
+]

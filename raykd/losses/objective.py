@@ -1,0 +1,175 @@
+"""A student's training objective: a weighted sum of named registry losses.
+
+The config gives ``{loss name: weight}`` (and optionally ``{loss name: {hyper-param: value}}``);
+:class:`Objective` computes every term once per micro-batch and returns *sums* over the valid
+tokens, never means:
+
+    loss_sum = sum_i weight_i * sum_{valid tokens} term_i
+
+Normalisation is left to the training loop, which divides ``loss_sum`` by the GLOBAL number of
+valid tokens of the optimizer step: ``num_tokens`` all-reduced over the workers and summed over
+the gradient-accumulation micro-batches. Every token then carries the same weight 1 / N however
+the step is split, so the gradients do not change with ``grad_accum`` or ``num_workers`` (a mean
+per micro-batch would give the tokens of short micro-batches more weight). Where DDP averages
+gradients over W workers, divide by N / W instead so the factor 1 / W cancels.
+
+Terms with weight 0 are still computed, under ``torch.no_grad``, so they can be logged.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from raykd.losses.reduction import count_tokens, masked_sum
+from raykd.losses.registry import LossSpec, get_loss
+from raykd.losses.targets import TeacherTargets
+
+_COMMON_ARGS = {"targets", "labels", "temperature"}
+
+
+def validate_weights(weights: Mapping[str, float]) -> None:
+    """Check an objective's ``{loss name: weight}`` mapping before any work starts.
+
+    Raises:
+        KeyError: a name is not a registered loss; the message lists the valid names.
+        ValueError: the mapping is empty, a weight is not a finite number >= 0, or all
+            weights are zero.
+    """
+    if not weights:
+        raise ValueError("the objective has no terms; give {loss name: weight}, e.g. {'forward_kl': 1.0}")
+    for name, weight in weights.items():
+        get_loss(name)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ValueError(f"weight of {name!r} must be a number, got {weight!r}")
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"weight of {name!r} must be finite and >= 0, got {weight}")
+    if all(weight == 0 for weight in weights.values()):
+        raise ValueError(f"all weights are zero in {dict(weights)}; give at least one term a weight > 0")
+
+
+def _check_params(spec: LossSpec, params: Mapping[str, float]) -> None:
+    signature = inspect.signature(spec.fn).parameters
+    accepted = sorted(
+        k for k, p in signature.items() if p.kind is p.KEYWORD_ONLY and k not in _COMMON_ARGS
+    )
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(f"loss {spec.name!r} has no hyper-parameters {unknown}; it accepts {accepted}")
+
+
+@dataclass(frozen=True)
+class ObjectiveOutput:
+    """What :class:`Objective` returns for one micro-batch.
+
+    Attributes:
+        loss_sum: scalar fp32, sum over terms of weight * masked sum of the term; divide by
+            the global token count (see the module docstring) before ``backward``.
+        term_sums: each term's masked sum, detached (weight-0 terms included), for logging.
+        num_tokens: scalar int64, valid tokens in this micro-batch.
+    """
+
+    loss_sum: Tensor
+    term_sums: dict[str, Tensor]
+    num_tokens: Tensor
+
+
+class Objective:
+    """Weighted sum of registry losses, e.g. ``Objective({"forward_kl": 0.5, "ce": 0.5})``.
+
+    Args:
+        weights: ``{loss name: weight}``; see :func:`validate_weights`.
+        params: optional ``{loss name: {hyper-param: value}}``, e.g.
+            ``{"generalized_jsd": {"beta": 0.9}}``; defaults come from the loss functions.
+
+    Raises:
+        KeyError: an unknown loss name (the message lists the valid ones).
+        ValueError: invalid weights, or params for a loss that is not a term or that the loss
+            does not accept.
+    """
+
+    def __init__(self, weights: Mapping[str, float], params: Mapping[str, Mapping[str, float]] | None = None):
+        validate_weights(weights)
+        self.weights = {name: float(w) for name, w in weights.items()}
+        self.specs = {name: get_loss(name) for name in self.weights}
+        self.params = {name: dict(p) for name, p in (params or {}).items()}
+        for name, p in self.params.items():
+            if name not in self.specs:
+                raise ValueError(f"params given for {name!r}, which is not a term of {sorted(self.specs)}")
+            _check_params(self.specs[name], p)
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether any term (weight 0 included, it is still logged) needs teacher targets."""
+        return any(spec.needs_teacher for spec in self.specs.values())
+
+    def __call__(self, student_logits: Tensor, labels: Tensor, mask: Tensor, targets: TeacherTargets | None,
+                 temperature: float) -> ObjectiveOutput:
+        """Compute every term on one micro-batch.
+
+        Args:
+            student_logits: [B, T, V] student logits (position t predicts token t + 1).
+            labels: [B, T] next-token ids, -100 where ignored.
+            mask: [B, T] bool (or 0/1), True where a token counts; False wherever labels < 0.
+            targets: teacher targets over the same [B, T] (and V, if dense), or None when no
+                term needs a teacher.
+            temperature: softmax temperature tau > 0 of the teacher terms.
+
+        Returns:
+            :class:`ObjectiveOutput` with the weighted sum, per-term sums and token count.
+
+        Raises:
+            ValueError: inputs disagree in shape, a term needs targets and got None or a form
+                it does not accept, teacher ids fall outside V, or a masked-in label is < 0.
+        """
+        self._check_inputs(student_logits, labels, mask, targets, temperature)
+        loss_sum, term_sums = None, {}
+        for name, weight in self.weights.items():
+            params = self.params.get(name, {})
+            kwargs = dict(targets=targets, labels=labels, temperature=temperature, **params)
+            with torch.set_grad_enabled(weight > 0 and torch.is_grad_enabled()):
+                term = masked_sum(self.specs[name].fn(student_logits, **kwargs), mask)
+            term_sums[name] = term.detach()
+            if weight > 0:
+                loss_sum = weight * term if loss_sum is None else loss_sum + weight * term
+        return ObjectiveOutput(loss_sum=loss_sum, term_sums=term_sums, num_tokens=count_tokens(mask))
+
+    def _check_inputs(self, student_logits: Tensor, labels: Tensor, mask: Tensor,
+                      targets: TeacherTargets | None, temperature: float) -> None:
+        shape = tuple(student_logits.shape)
+        _check(len(shape) == 3, f"student_logits must be [B, T, V], got {shape}")
+        _check(labels.shape == mask.shape == shape[:2],
+               f"labels {tuple(labels.shape)} and mask {tuple(mask.shape)} must be [B, T] = {shape[:2]}")
+        _check(0.0 < temperature < math.inf, f"temperature must be positive and finite, got {temperature}")
+        for name, spec in self.specs.items():
+            if spec.needs_teacher and (targets is None or targets.form not in spec.forms):
+                got = "None" if targets is None else f"{targets.form} targets"
+                raise ValueError(f"loss {name!r} accepts teacher targets of forms {spec.forms}, got {got}")
+        if not all(spec.needs_teacher for spec in self.specs.values()):  # a term reads the hard labels
+            _check(not bool((mask.bool() & (labels < 0)).any()),
+                   "mask is True where labels < 0 (-100 = ignored); mask those positions out")
+        if targets is not None and self.needs_teacher:
+            _check_targets(targets, shape)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_targets(targets: TeacherTargets, student_shape: tuple[int, int, int]) -> None:
+    """Teacher and student must agree on [B, T] and on the vocabulary."""
+    (b, t, v) = student_shape
+    bt = targets.batch_shape
+    _check(bt == (b, t), f"teacher targets are [B, T] = {bt}, student logits are {(b, t)}")
+    if targets.form == "dense":
+        teacher_v = targets.logits.shape[-1]
+        _check(teacher_v == v, f"teacher vocab {teacher_v} != student vocab {v}; they must be the same")
+    else:
+        top = int(targets.topk_ids.max())
+        _check(top < v, f"teacher top-k ids reach {top}, outside the student vocab of {v}")

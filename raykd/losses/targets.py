@@ -1,0 +1,124 @@
+"""The teacher's side of a distillation loss, in one typed object with two forms.
+
+* ``sparse``: what the soft-label cache stores per token, the teacher's top-k ids and
+  log-probs plus the log of the probability mass left outside the top-k (the tail).
+* ``dense``: the teacher's raw logits over the whole vocabulary (online teacher).
+
+Each registered loss says which forms it accepts (see :mod:`raykd.losses.registry`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+TargetForm = Literal["sparse", "dense"]
+
+
+@dataclass(frozen=True, eq=False)
+class TeacherTargets:
+    """Teacher soft labels for a batch, sparse (top-k + tail) or dense (logits).
+
+    Build one with :meth:`sparse` or :meth:`dense` rather than the constructor.
+
+    Attributes:
+        topk_ids: [B, T, K] int64 vocabulary ids of the teacher's top-k tokens (sparse form).
+        topk_logprobs: [B, T, K] teacher log-probs of those ids, already at the soft-label
+            temperature; any float dtype (fp16 from the cache is fine, it is renormalised).
+        tail_logmass: [B, T] log of the teacher mass outside the top-k; -inf (or very
+            negative) when K = V.
+        logits: [B, T, V] raw teacher logits, temperature not applied (dense form).
+
+    Raises:
+        ValueError: both or neither form is given, a sparse field is missing, or a shape or
+            dtype does not match (the message names the field).
+    """
+
+    topk_ids: Tensor | None = None
+    topk_logprobs: Tensor | None = None
+    tail_logmass: Tensor | None = None
+    logits: Tensor | None = None
+
+    @classmethod
+    def sparse(cls, topk_ids: Tensor, topk_logprobs: Tensor, tail_logmass: Tensor) -> TeacherTargets:
+        """Sparse targets: [B, T, K] ids (cast to int64), [B, T, K] log-probs, [B, T] tail log-mass."""
+        return cls(topk_ids=topk_ids.long(), topk_logprobs=topk_logprobs, tail_logmass=tail_logmass)
+
+    @classmethod
+    def dense(cls, logits: Tensor) -> TeacherTargets:
+        """Dense targets from raw teacher logits [B, T, V] (temperature not applied)."""
+        return cls(logits=logits)
+
+    @property
+    def form(self) -> TargetForm:
+        """``"sparse"`` or ``"dense"``."""
+        return "dense" if self.logits is not None else "sparse"
+
+    @property
+    def batch_shape(self) -> tuple[int, int]:
+        """(B, T) of the targets."""
+        t = self.logits if self.logits is not None else self.topk_ids
+        return t.shape[0], t.shape[1]
+
+    def __post_init__(self) -> None:
+        names = ("topk_ids", "topk_logprobs", "tail_logmass")
+        sparse = {k: getattr(self, k) for k in names}
+        given = [k for k, v in sparse.items() if v is not None]
+        if self.logits is not None:
+            _check(not given, f"TeacherTargets got dense logits and sparse fields {given}; give one form")
+            _check_dense(self.logits)
+            return
+        missing = [k for k, v in sparse.items() if v is None]
+        _check(not missing, f"sparse TeacherTargets is missing {missing}; use .sparse(...) or .dense(...)")
+        _check_sparse(self.topk_ids, self.topk_logprobs, self.tail_logmass)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_dense(logits: Tensor) -> None:
+    _check(logits.dim() == 3, f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
+    _check(logits.is_floating_point(), f"logits must be a float tensor, got {logits.dtype}")
+
+
+def _check_sparse(ids: Tensor, logprobs: Tensor, tail: Tensor) -> None:
+    shape = tuple(ids.shape)
+    _check(ids.dim() == 3 and shape[-1] >= 1, f"topk_ids must be [B, T, K] with K >= 1, got {shape}")
+    _check(ids.dtype == torch.long, f"topk_ids must be int64 (.sparse(...) casts it), got {ids.dtype}")
+    _check(logprobs.shape == ids.shape, f"topk_logprobs shape {tuple(logprobs.shape)} != topk_ids {shape}")
+    _check(logprobs.is_floating_point(), f"topk_logprobs must be a float tensor, got {logprobs.dtype}")
+    _check(tail.shape == ids.shape[:2], f"tail_logmass shape {tuple(tail.shape)} != [B, T] = {shape[:2]}")
+    _check(tail.is_floating_point(), f"tail_logmass must be a float tensor, got {tail.dtype}")
+
+
+def teacher_buckets(targets: TeacherTargets, temperature: float) -> tuple[Tensor | None, Tensor]:
+    """The teacher distribution a loss compares against, as fp32 log-probs.
+
+    Sparse: K + 1 buckets, the top-k ids plus one tail bucket, renormalised with a
+    log_softmax over the K + 1 log-masses. This undoes fp16 rounding of the cache, so the
+    buckets sum to one and KL(p, p) = 0. The cached log-probs were taken at the soft-label
+    temperature, so ``temperature`` is not applied again; pass the same one to the student.
+    Dense: ``log_softmax(logits / temperature)`` over V.
+
+    Args:
+        targets: sparse or dense teacher targets.
+        temperature: softmax temperature tau > 0 (dense form only).
+
+    Returns:
+        ``(topk_ids [B, T, K], log_p [B, T, K + 1])`` for sparse targets, or
+        ``(None, log_p [B, T, V])`` for dense ones. The log-probs can be -inf (a tail of zero).
+
+    Raises:
+        ValueError: ``temperature`` is not a positive finite number.
+    """
+    if not 0.0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    if targets.form == "dense":
+        return None, torch.log_softmax(targets.logits.float() / temperature, dim=-1)
+    masses = torch.cat([targets.topk_logprobs.float(), targets.tail_logmass.float().unsqueeze(-1)], dim=-1)
+    return targets.topk_ids, torch.log_softmax(masses, dim=-1)

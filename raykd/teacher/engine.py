@@ -1,0 +1,310 @@
+"""Teacher engines: what a served teacher does, independent of Ray.
+
+An engine holds one model and answers two questions:
+
+- :meth:`TeacherEngine.score` (teacher forcing): for token ids ``[B, T]``, the top-``K``
+  next-token ids and log-probabilities at every position ``[B, T, K]``, the log of the
+  probability mass outside the top-k ``[B, T]`` (the tail bucket of sparse KD), and the
+  log-probability of the actual next token ``[B, T]`` (at temperature 1, for perplexity).
+- :meth:`TeacherEngine.generate`: completions for text or chat prompts, with the per-token
+  top-k log-probabilities of what was generated (sequence-level KD, pseudo-labels).
+
+Position ``t`` always describes the distribution of token ``t + 1`` given tokens ``0..t``
+(causal LM convention); the last position of a row describes the token after the row.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raykd.models import (
+    load_causal_lm,
+    load_tokenizer,
+    pick_device,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+)
+
+log = logging.getLogger(__name__)
+
+ScoreResult = dict[str, np.ndarray]
+"""``topk_ids`` [B, T, K] (uint16 if V <= 65536 else int32), ``topk_logprobs`` [B, T, K]
+float16, ``tail_logmass`` [B, T] float32, ``label_logprobs`` [B, T] float32 (0 at the last
+position and at padding)."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What identifies a teacher's numbers (goes into the soft-label cache key)."""
+
+    engine: str
+    model_path: str
+    weights_fingerprint: str
+    tokenizer_fingerprint: str
+    vocab_size: int
+    dtype: str
+    device: str
+    max_k: int
+    max_seq_len: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def ids_dtype(vocab_size: int) -> np.dtype:
+    """Smallest unsigned dtype that holds every token id: uint16 when V <= 65,536, else int32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def topk_with_tail(logits, k: int, temperature: float):
+    """Top-k log-probabilities and the log tail mass of ``softmax(logits / temperature)``.
+
+    Args:
+        logits: float tensor ``[..., V]`` (any float dtype; computed in fp32).
+        k: ``K``, 1 <= K <= V.
+        temperature: softmax temperature > 0.
+
+    Returns:
+        ``(topk_logprobs [..., K] fp32, topk_ids [..., K] int64, tail_logmass [...] fp32)``;
+        ``tail_logmass`` is the exact log of the mass outside the top-k (``-inf`` when K = V).
+    """
+    import torch
+
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    top_lp, top_ids = logp.topk(k, dim=-1)
+    tail = logp.scatter_(-1, top_ids, float("-inf")).logsumexp(-1)  # in place: no [.., V] copy
+    return top_lp, top_ids, tail
+
+
+class HFEngine:
+    """Teacher engine on plain ``transformers`` (any ``AutoModelForCausalLM``).
+
+    Args:
+        model_path: local model folder (see :func:`raykd.models.resolve_model_path`).
+        dtype: ``float32`` | ``bfloat16`` | ``float16``.
+        device: ``auto`` | ``cpu`` | ``cuda``.
+        num_threads: torch intra-op threads (None: every core of the machine). Ray actors start
+            with one thread per logical CPU they reserve, which halves a 2-core forward; the
+            engine sets threads explicitly instead.
+        max_tokens_per_forward: rows are scored in chunks of at most this many tokens, bounding
+            the ``[rows, T, V]`` logits held at once.
+    """
+
+    name = "hf"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        dtype: str = "float32",
+        device: str = "auto",
+        num_threads: int | None = None,
+        max_tokens_per_forward: int = 4096,
+    ) -> None:
+        import torch
+
+        torch.set_num_threads(num_threads or os.cpu_count() or 1)
+        self.device = pick_device(device)
+        self.model_path = Path(model_path)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.model = load_causal_lm(self.model_path, dtype=dtype, device=self.device)
+        self.dtype = dtype
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.max_seq_len = int(getattr(self.model.config, "max_position_embeddings", 1 << 20))
+        self.max_tokens_per_forward = max_tokens_per_forward
+        self._lock = threading.Lock()  # one forward at a time; queued requests wait here
+        self._info = EngineInfo(
+            engine=self.name,
+            model_path=str(self.model_path),
+            weights_fingerprint=weights_fingerprint(self.model_path),
+            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
+            vocab_size=self.vocab_size,
+            dtype=dtype,
+            device=self.device,
+            max_k=self.vocab_size,
+            max_seq_len=self.max_seq_len,
+            extra={"torch_threads": torch.get_num_threads()},
+        )
+
+    def info(self) -> EngineInfo:
+        return self._info
+
+    def validate_score_request(self, input_ids: np.ndarray, k: int, temperature: float) -> None:
+        """Raise ``ValueError`` naming the problem for a request the engine cannot answer."""
+        if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a non-empty [B, T] array, got shape {input_ids.shape}")
+        if input_ids.shape[1] > self.max_seq_len:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the teacher's context {self.max_seq_len}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got range [{lo}, {hi}]")
+        if not 1 <= k <= self.vocab_size:
+            raise ValueError(f"k={k} must lie in [1, {self.vocab_size}] for this teacher")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+
+    def score(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray | None = None,
+        *,
+        k: int = 32,
+        temperature: float = 1.0,
+    ) -> ScoreResult:
+        """Teacher-forced top-k soft labels for a batch.
+
+        Args:
+            input_ids: int array ``[B, T]``.
+            attention_mask: 0/1 array ``[B, T]`` (1 = real token; right padding), or None.
+            k: top-k size ``K``.
+            temperature: softmax temperature of ``topk_logprobs`` and ``tail_logmass``.
+
+        Returns:
+            :data:`ScoreResult` arrays.
+
+        Raises:
+            ValueError: empty batch, ids outside the vocabulary, too long, bad ``k``.
+        """
+        import torch
+
+        input_ids = np.asarray(input_ids)
+        self.validate_score_request(input_ids, k, temperature)
+        mask = np.ones_like(input_ids, dtype=np.int64) if attention_mask is None else np.asarray(attention_mask)
+        b, t = input_ids.shape
+        out_ids = np.empty((b, t, k), dtype=ids_dtype(self.vocab_size))
+        out_lp = np.empty((b, t, k), dtype=np.float16)
+        out_tail = np.empty((b, t), dtype=np.float32)
+        out_label = np.zeros((b, t), dtype=np.float32)
+        rows = max(1, self.max_tokens_per_forward // t)
+        with self._lock, torch.inference_mode():
+            for s in range(0, b, rows):
+                ids = torch.as_tensor(input_ids[s : s + rows], dtype=torch.long, device=self.device)
+                am = torch.as_tensor(mask[s : s + rows], dtype=torch.long, device=self.device)
+                logits = self.model(input_ids=ids, attention_mask=am).logits
+                logp1 = torch.log_softmax(logits.float(), dim=-1)
+                label = logp1[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * am[:, 1:]
+                out_label[s : s + rows, :-1] = label.cpu().numpy()
+                if temperature == 1.0:  # reuse the log-softmax
+                    top_lp, top_ids = logp1.topk(k, dim=-1)
+                    tail = logp1.scatter_(-1, top_ids, float("-inf")).logsumexp(-1)
+                else:
+                    del logp1
+                    top_lp, top_ids, tail = topk_with_tail(logits, k, temperature)
+                out_ids[s : s + rows] = top_ids.cpu().numpy().astype(out_ids.dtype)
+                out_lp[s : s + rows] = top_lp.cpu().numpy().astype(np.float16)
+                out_tail[s : s + rows] = tail.cpu().numpy()
+        return {
+            "topk_ids": out_ids,
+            "topk_logprobs": out_lp,
+            "tail_logmass": out_tail,
+            "label_logprobs": out_label,
+        }
+
+    def _encode_prompts(self, prompts: list[Any]) -> list[list[int]]:
+        encoded = []
+        for p in prompts:
+            if isinstance(p, str):
+                encoded.append(self.tokenizer(p, add_special_tokens=True)["input_ids"])
+            elif isinstance(p, list) and all(isinstance(m, dict) for m in p):
+                encoded.append(
+                    list(self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False))
+                )
+            else:
+                raise ValueError("each prompt must be a string or a list of chat messages {'role', 'content'}")
+        return encoded
+
+    def generate(
+        self,
+        prompts: list[Any],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        k: int = 8,
+        seed: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Generate completions and their per-token top-k log-probabilities.
+
+        Args:
+            prompts: strings, or chat conversations (lists of ``{"role", "content"}``; the
+                tokenizer's chat template is applied with a generation prompt).
+            max_new_tokens: new tokens per prompt (at most).
+            temperature: 0 is greedy decoding; > 0 samples at that temperature.
+            k: ``K`` of the returned top-k log-probabilities (computed at temperature 1 when
+                greedy, else at ``temperature``).
+            seed: sampling seed.
+
+        Returns:
+            One dict per prompt: ``text`` (str), ``token_ids`` (int list ``[N]``),
+            ``topk_ids`` ``[N, K]`` and ``topk_logprobs`` ``[N, K]`` (float32 arrays),
+            ``logprobs`` ``[N]`` of the chosen tokens.
+
+        Raises:
+            ValueError: empty prompt list, malformed prompt, bad ``k`` or ``max_new_tokens``.
+        """
+        import torch
+
+        if not prompts:
+            raise ValueError("prompts must not be empty")
+        if not 1 <= k <= self.vocab_size or max_new_tokens < 1:
+            raise ValueError(f"need 1 <= k <= {self.vocab_size} and max_new_tokens >= 1")
+        encoded = self._encode_prompts(prompts)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        am = torch.zeros_like(ids)
+        for i, e in enumerate(encoded):  # left padding for decoder-only generation
+            ids[i, width - len(e) :] = torch.tensor(e)
+            am[i, width - len(e) :] = 1
+        if seed is not None:
+            torch.manual_seed(seed)
+        do_sample = temperature > 0
+        with self._lock, torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=am.to(self.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature if do_sample else None,
+                top_k=None,
+                top_p=None,
+                pad_token_id=pad,
+                return_dict_in_generate=True,
+                output_logits=True,
+            )
+        gen = out.sequences[:, width:].cpu()
+        logits = torch.stack(out.logits, dim=1).float().cpu()  # [B, N, V]
+        logp = torch.log_softmax(logits / (temperature if do_sample else 1.0), dim=-1)
+        top_lp, top_ids = logp.topk(k, dim=-1)
+        chosen = logp.gather(-1, gen[..., None]).squeeze(-1)
+        results = []
+        eos = self.tokenizer.eos_token_id
+        for i in range(len(encoded)):
+            toks = gen[i].tolist()
+            n = toks.index(eos) + 1 if eos in toks else len(toks)
+            results.append(
+                {
+                    "text": self.tokenizer.decode(toks[:n], skip_special_tokens=True),
+                    "token_ids": toks[:n],
+                    "topk_ids": top_ids[i, :n].numpy().astype(np.int64),
+                    "topk_logprobs": top_lp[i, :n].numpy(),
+                    "logprobs": chosen[i, :n].numpy(),
+                }
+            )
+        return results
+
+
+def build_engine(engine: str, model_path: str | Path, **kwargs: Any) -> HFEngine:
+    """Engine factory by name (``hf``).
+
+    Raises:
+        ValueError: unknown engine name (lists the valid ones).
+    """
+    engines = {"hf": HFEngine}
+    if engine not in engines:
+        raise ValueError(f"unknown teacher engine {engine!r}; valid: {sorted(engines)}")
+    return engines[engine](model_path, **kwargs)

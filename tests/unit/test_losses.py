@@ -1,0 +1,273 @@
+"""The maths of raykd.losses: divergences, sparse vs dense targets, masking, the objective."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raykd.losses import Objective, TeacherTargets, available_losses, get_loss, validate_weights
+from raykd.losses.reduction import masked_sum, student_bucket_log_probs, student_log_probs
+from raykd.losses.targets import teacher_buckets
+
+B, T, V = 2, 5, 11
+DIVERGENCES = [
+    "forward_kl", "reverse_kl", "symmetric_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "tvd",
+]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _logits(scale: float = 3.0) -> torch.Tensor:
+    return scale * torch.randn(B, T, V)
+
+
+def _labels() -> torch.Tensor:
+    labels = torch.randint(0, V, (B, T))
+    labels[0, -2:] = -100
+    labels[1, 0] = -100
+    return labels
+
+
+def _sparse(teacher_logits: torch.Tensor, k: int, tau: float = 1.0, dtype=torch.float32, tail=None):
+    """Sparse targets from the top-k of a dense teacher at temperature tau."""
+    log_p = torch.log_softmax(teacher_logits / tau, dim=-1)
+    vals, ids = log_p.topk(k, dim=-1)
+    if tail is None and k == V:
+        tail = torch.full(vals.shape[:2], -math.inf)
+    elif tail is None:
+        tail = torch.log1p(-vals.exp().sum(-1).clamp(max=1 - 1e-7))
+    return TeacherTargets.sparse(ids, vals.to(dtype), tail)
+
+
+def _loss(name, student, targets, tau=1.0, **params):
+    return get_loss(name).fn(student, targets=targets, labels=_labels(), temperature=tau, **params)
+
+
+# --- targets ---------------------------------------------------------------------------------
+
+def test_targets_forms_and_shape_errors():
+    t = _logits()
+    assert TeacherTargets.dense(t).form == "dense"
+    sparse = _sparse(t, 4)
+    assert sparse.form == "sparse" and sparse.topk_ids.dtype == torch.long
+    with pytest.raises(ValueError, match="topk_logprobs shape"):
+        TeacherTargets.sparse(sparse.topk_ids, sparse.topk_logprobs[..., :3], sparse.tail_logmass)
+    with pytest.raises(ValueError, match="tail_logmass shape"):
+        TeacherTargets.sparse(sparse.topk_ids, sparse.topk_logprobs, sparse.tail_logmass[:, :2])
+    with pytest.raises(ValueError, match="logits must be"):
+        TeacherTargets.dense(t[0])
+    with pytest.raises(ValueError, match="give one form"):
+        TeacherTargets(topk_ids=sparse.topk_ids, logits=t)
+
+
+def test_teacher_buckets_renormalise_fp16():
+    targets = _sparse(_logits(), 4, dtype=torch.float16)
+    ids, log_p = teacher_buckets(targets, 1.0)
+    assert ids.shape == (B, T, 4) and log_p.shape == (B, T, 5) and log_p.dtype == torch.float32
+    torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(B, T))
+
+
+# --- divergences -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_divergence_of_identical_distributions_is_zero(name):
+    z = _logits()
+    dense = _loss(name, z, TeacherTargets.dense(z))
+    assert torch.all(dense.abs() < 1e-6), dense
+    buckets = student_bucket_log_probs(student_log_probs(z, 1.0), z.topk(4, dim=-1).indices)
+    same = TeacherTargets.sparse(z.topk(4, dim=-1).indices, buckets[..., :4], buckets[..., 4])
+    assert torch.all(_loss(name, z, same).abs() < 1e-6)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl"])
+def test_kl_of_identical_dense_distributions_is_exactly_zero(name):
+    z = _logits()
+    assert torch.equal(_loss(name, z, TeacherTargets.dense(z)), torch.zeros(B, T))
+
+
+@pytest.mark.parametrize("name", DIVERGENCES + ["mse_logits"])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_divergences_are_non_negative(name, tau):
+    student, teacher = _logits(), _logits()
+    forms = get_loss(name).forms
+    targets = [TeacherTargets.dense(teacher)] + ([_sparse(teacher, 3, tau)] if "sparse" in forms else [])
+    for tgt in targets:
+        loss = _loss(name, student, tgt, tau)
+        assert loss.shape == (B, T) and torch.all(loss > 0), (tgt.form, loss)
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("tail", ["-inf", "tiny"])
+def test_topk_with_k_equal_v_matches_dense(name, tail):
+    student, teacher, tau = _logits(), _logits(), 2.0
+    tail_logmass = torch.full((B, T), -math.inf if tail == "-inf" else math.log(1e-30))
+    sparse = _sparse(teacher, V, tau, tail=tail_logmass)
+    s1, s2 = student.clone().requires_grad_(), student.clone().requires_grad_()
+    dense_loss = _loss(name, s1, TeacherTargets.dense(teacher), tau)
+    sparse_loss = _loss(name, s2, sparse, tau)
+    torch.testing.assert_close(sparse_loss, dense_loss, atol=1e-5, rtol=1e-5)
+    dense_loss.sum().backward()
+    sparse_loss.sum().backward()
+    assert torch.isfinite(s2.grad).all()
+    torch.testing.assert_close(s2.grad, s1.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_jsd_endpoints_are_the_kls_and_small_beta_approaches_forward_kl():
+    student, teacher = _logits(1.0), _logits(1.0)  # mild logits: the O(beta) term stays small
+    for targets in (TeacherTargets.dense(teacher), _sparse(teacher, 4)):
+        fkl, rkl = _loss("forward_kl", student, targets), _loss("reverse_kl", student, targets)
+        torch.testing.assert_close(_loss("generalized_jsd", student, targets, beta=0.0), fkl)
+        torch.testing.assert_close(_loss("generalized_jsd", student, targets, beta=1.0), rkl)
+        beta = 1e-3  # JSD(beta) / beta -> KL(p || q), JSD(beta) / (1 - beta) -> KL(q || p)
+        near_0 = _loss("generalized_jsd", student, targets, beta=beta) / beta
+        near_1 = _loss("generalized_jsd", student, targets, beta=1 - beta) / beta
+        torch.testing.assert_close(near_0, fkl, rtol=2e-2, atol=1e-3)
+        torch.testing.assert_close(near_1, rkl, rtol=2e-2, atol=1e-3)
+        torch.testing.assert_close(_loss("skew_kl", student, targets, alpha=0.0), fkl)
+        torch.testing.assert_close(_loss("skew_reverse_kl", student, targets, alpha=0.0), rkl)
+
+
+def test_hyper_parameter_ranges():
+    z, targets = _logits(), TeacherTargets.dense(_logits())
+    with pytest.raises(ValueError, match="beta"):
+        _loss("generalized_jsd", z, targets, beta=1.5)
+    with pytest.raises(ValueError, match="alpha"):
+        _loss("skew_kl", z, targets, alpha=1.0)
+
+
+def test_forward_kl_temperature_scaling_by_hand():
+    student, teacher, tau = _logits(), _logits(), 2.0
+    p, q = torch.softmax(teacher / tau, -1), torch.softmax(student / tau, -1)
+    expected = tau**2 * (p * (p.log() - q.log())).sum(-1)
+    torch.testing.assert_close(_loss("forward_kl", student, TeacherTargets.dense(teacher), tau), expected)
+    # sparse, K = 3: the same formula over the 3 + 1 buckets (cached log-probs already at tau)
+    targets = _sparse(teacher, 3, tau)
+    ids = targets.topk_ids
+    pb = torch.cat([p.gather(-1, ids), 1 - p.gather(-1, ids).sum(-1, keepdim=True)], -1)
+    qb = torch.cat([q.gather(-1, ids), 1 - q.gather(-1, ids).sum(-1, keepdim=True)], -1)
+    expected = tau**2 * (pb * (pb.log() - qb.log())).sum(-1)
+    torch.testing.assert_close(_loss("forward_kl", student, targets, tau), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_gradients_finite_with_fp16_soft_labels_and_low_precision_student(name):
+    student = _logits(8.0).to(torch.bfloat16).requires_grad_()
+    for k in (4, V):
+        targets = _sparse(_logits(8.0), k, dtype=torch.float16)
+        loss = _loss(name, student, targets, 2.0)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+        (grad,) = torch.autograd.grad(loss.sum(), student)
+        assert torch.isfinite(grad).all()
+
+
+def test_fp16_soft_labels_give_non_negative_kl_against_the_teacher_itself():
+    teacher = _logits()
+    assert torch.all(_loss("forward_kl", teacher, _sparse(teacher, V, dtype=torch.float16)) > -1e-6)
+
+
+def test_mse_logits():
+    student, teacher = _logits(), _logits()
+    expected = ((student - teacher) ** 2).mean(-1)
+    torch.testing.assert_close(_loss("mse_logits", student, TeacherTargets.dense(teacher), tau=3.0), expected)
+
+
+# --- hard labels and masking -----------------------------------------------------------------
+
+def test_ce_matches_torch_cross_entropy_on_valid_positions():
+    z, labels = _logits(), _labels()
+    per_token = get_loss("ce").fn(z, targets=None, labels=labels, temperature=4.0)
+    valid = labels != -100
+    assert torch.isfinite(per_token).all()
+    torch.testing.assert_close(per_token[valid], F.cross_entropy(z[valid], labels[valid], reduction="none"))
+
+
+def test_masked_positions_do_not_change_masked_sum():
+    z, labels = _logits(), _labels()
+    mask = labels != -100
+    per_token = get_loss("ce").fn(z, targets=None, labels=labels, temperature=1.0)
+    poisoned = per_token.masked_fill(~mask, math.nan)
+    assert masked_sum(poisoned, mask) == masked_sum(per_token, mask)
+    z2 = z.clone()
+    z2[~mask] = 100 * torch.randn(int((~mask).sum()), V)
+    obj = Objective({"ce": 1.0, "forward_kl": 1.0})
+    targets = TeacherTargets.dense(z * 0.5)
+    a, b = obj(z, labels, mask, targets, 1.0), obj(z2, labels, mask, targets, 1.0)
+    torch.testing.assert_close(a.loss_sum, b.loss_sum)
+
+
+# --- registry and objective ------------------------------------------------------------------
+
+def test_registry_lists_losses_and_unknown_name_lists_valid_ones():
+    assert set(DIVERGENCES + ["ce", "mse_logits"]) <= set(available_losses())
+    assert get_loss("ce").needs_teacher is False and get_loss("mse_logits").forms == ("dense",)
+    with pytest.raises(KeyError) as err:
+        get_loss("forwad_kl")
+    assert "forward_kl" in str(err.value) and "reverse_kl" in str(err.value)
+
+
+def _batch(b: int = 4):
+    student = torch.randn(b, T, V, requires_grad=True)
+    labels = torch.randint(0, V, (b, T))
+    labels[::2, -3:] = -100
+    return student, labels, labels != -100, TeacherTargets.dense(torch.randn(b, T, V))
+
+
+def test_objective_is_the_weighted_sum_of_its_terms():
+    student, labels, mask, targets = _batch()
+    weights = {"forward_kl": 0.7, "ce": 0.3, "generalized_jsd": 0.5}
+    out = Objective(weights, params={"generalized_jsd": {"beta": 0.9}})(student, labels, mask, targets, 2.0)
+    torch.testing.assert_close(out.loss_sum, sum(w * out.term_sums[n] for n, w in weights.items()))
+    jsd = get_loss("generalized_jsd").fn(student, targets=targets, labels=labels, temperature=2.0, beta=0.9)
+    torch.testing.assert_close(out.term_sums["generalized_jsd"], masked_sum(jsd, mask))
+    assert out.num_tokens == mask.sum()
+
+
+def test_weight_zero_term_is_logged_but_gives_no_gradient():
+    student, labels, mask, targets = _batch()
+    logged = Objective({"forward_kl": 1.0, "reverse_kl": 0.0})(student, labels, mask, targets, 1.0)
+    (g_logged,) = torch.autograd.grad(logged.loss_sum, student)
+    alone = Objective({"forward_kl": 1.0})(student, labels, mask, targets, 1.0)
+    (g_alone,) = torch.autograd.grad(alone.loss_sum, student)
+    assert not logged.term_sums["reverse_kl"].requires_grad and logged.term_sums["reverse_kl"] > 0
+    torch.testing.assert_close(g_logged, g_alone)
+
+
+def test_objective_errors():
+    with pytest.raises(KeyError, match="valid losses: .*forward_kl"):
+        Objective({"kl": 1.0})
+    for bad in ({"ce": -1.0}, {"ce": 0.0, "forward_kl": 0.0}, {}, {"ce": math.nan}, {"ce": math.inf}):
+        with pytest.raises(ValueError):
+            validate_weights(bad)
+    with pytest.raises(ValueError, match="accepts"):
+        Objective({"generalized_jsd": 1.0}, params={"generalized_jsd": {"alpha": 0.1}})
+    student, labels, mask, targets = _batch()
+    sparse = _sparse(torch.randn(B, T, V), 3)
+    with pytest.raises(ValueError, match=r"'mse_logits' accepts .*\('dense',\)"):
+        Objective({"mse_logits": 1.0})(student[:B], labels[:B], mask[:B], sparse, 1.0)
+    with pytest.raises(ValueError, match="got None"):
+        Objective({"forward_kl": 1.0})(student, labels, mask, None, 1.0)
+    with pytest.raises(ValueError, match="vocab"):
+        wider = TeacherTargets.dense(torch.randn(4, T, V + 1))
+        Objective({"forward_kl": 1.0})(student, labels, mask, wider, 1.0)
+    assert Objective({"ce": 1.0}).needs_teacher is False and Objective({"ce": 1, "tvd": 0}).needs_teacher
+
+
+def test_accumulation_invariance_two_parts_equal_the_full_batch():
+    student, labels, mask, targets = _batch(4)
+    obj = Objective({"forward_kl": 0.5, "ce": 0.5})
+    full = obj(student, labels, mask, targets, 2.0)
+    parts = [
+        obj(student[s], labels[s], mask[s], TeacherTargets.dense(targets.logits[s]), 2.0)
+        for s in (slice(0, 1), slice(1, 4))  # uneven split: 1 + 3 sequences, different token counts
+    ]
+    total_tokens = sum(h.num_tokens for h in parts)
+    assert total_tokens == full.num_tokens
+    (g_full,) = torch.autograd.grad(full.loss_sum / full.num_tokens, student)
+    split = sum(h.loss_sum for h in parts) / total_tokens
+    (g_split,) = torch.autograd.grad(split, student)
+    torch.testing.assert_close(split, full.loss_sum / full.num_tokens)
+    torch.testing.assert_close(g_split, g_full)
