@@ -151,8 +151,12 @@ class TrainConfig(_Strict):
     registry losses; see ``raykd methods``). Weight 0 logs a term without training on it."""
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(default=2.0, gt=0)
-    """Logical CPUs per worker; torch threads follow it."""
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    """Logical CPUs Ray reserves per worker (leave room for Ray Data's read tasks)."""
+    torch_threads: int | None = Field(default=None, ge=1)
+    """Torch intra-op threads per worker (None: the node's cores divided by the workers)."""
+    shuffle: bool = True
+    """Shuffle block order each epoch (a local shuffle buffer plus random block order)."""
     batch_size: int = Field(default=8, ge=1)
     """Global batch (sequences per optimizer step, summed over workers)."""
     grad_accum: int = Field(default=1, ge=1)

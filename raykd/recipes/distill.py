@@ -1,0 +1,231 @@
+"""The main job: served teacher -> keyed soft-label cache -> Ray Train students -> report.
+
+Order of work (every check that can fail runs before the first teacher forward or training step):
+
+1. load and split the text by document; resolve the teacher; fingerprint weights and tokenizer;
+   check the student's tokenizer; compute the cache keys of the train and eval splits;
+2. for each split, open the finished cache for its key (a hit asks the teacher nothing) or start
+   (or reuse) the teacher deployment and label the split into a new cache;
+3. build the initial student and train one student per ``train.students`` entry on Ray Train;
+4. evaluate the teacher (from the cache), the untrained student and each trained student on the
+   held-out split; write ``report.json``, ``report.md`` and ``loss_curves.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from raykd.config import DistillConfig, default_cache_root
+from raykd.data import Document, load_documents, split_documents
+from raykd.models import load_tokenizer, resolve_model_path, tokenizer_fingerprint, weights_fingerprint
+from raykd.soft_labels.cache import CacheKey, Manifest, documents_fingerprint, shard_paths
+
+log = logging.getLogger(__name__)
+
+
+class Plan:
+    """What a distill run will do, settled before any expensive work."""
+
+    def __init__(self, cfg: DistillConfig):
+        self.cfg = cfg
+        docs = load_documents(cfg.data)
+        self.train_docs, self.eval_docs = split_documents(
+            docs, test_docs=cfg.data.test_docs, seed=cfg.data.split_seed, max_docs=cfg.data.max_docs
+        )
+        self.teacher_path = resolve_model_path(cfg.teacher.model)
+        tokenizer = load_tokenizer(self.teacher_path)
+        self.tokenizer_fp = tokenizer_fingerprint(tokenizer)
+        self.weights_fp = weights_fingerprint(self.teacher_path)
+        self.vocab_size = _vocab_size(self.teacher_path)
+        if cfg.labels.k > self.vocab_size:
+            raise ValueError(f"labels.k={cfg.labels.k} exceeds the teacher vocabulary ({self.vocab_size})")
+        _check_student_tokenizer(cfg, self.tokenizer_fp, self.vocab_size)
+        self.cache_root = Path(cfg.labels.cache_dir).expanduser() if cfg.labels.cache_dir else default_cache_root() / "soft_labels"
+        self.keys = {"train": self.key_for(self.train_docs), "eval": self.key_for(self.eval_docs)}
+
+    def key_for(self, docs: list[Document]) -> CacheKey:
+        c = self.cfg
+        return CacheKey(
+            teacher_fingerprint=self.weights_fp,
+            tokenizer_fingerprint=self.tokenizer_fp,
+            engine=c.teacher.engine,
+            dtype=c.teacher.dtype,
+            k=c.labels.k,
+            temperature=c.labels.temperature,
+            data_fingerprint=documents_fingerprint(docs),
+            seq_len=c.data.seq_len,
+            max_blocks_per_doc=c.data.max_blocks_per_doc,
+            min_tokens=c.data.min_tokens,
+        )
+
+    def teacher_meta(self) -> dict[str, Any]:
+        return {"model": self.cfg.teacher.model, "path": str(self.teacher_path), "weights_fingerprint": self.weights_fp,
+                "tokenizer_fingerprint": self.tokenizer_fp, "engine": self.cfg.teacher.engine, "dtype": self.cfg.teacher.dtype}
+
+
+def _vocab_size(model_path: Path) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(str(model_path)).vocab_size)
+
+
+def _check_student_tokenizer(cfg: DistillConfig, teacher_tok_fp: str, teacher_vocab: int) -> None:
+    """A ``pretrained`` student must share the teacher's tokenizer (checked on tokenizers only)."""
+    if cfg.student.init != "pretrained":
+        return
+    from raykd.students import check_same_vocabulary
+
+    if cfg.student.model is None:
+        raise ValueError("student.init=pretrained needs student.model")
+    path = resolve_model_path(cfg.student.model)
+    check_same_vocabulary(teacher_tok_fp, tokenizer_fingerprint(load_tokenizer(path)), teacher_vocab, _vocab_size(path))
+
+
+def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[Path, Manifest]], dict[str, Any]]:
+    """Open or write the caches of both splits; start the teacher only if a split is missing.
+
+    Returns:
+        ``({split: (folder, manifest)}, stats)`` with ``stats`` = ``hit`` (every split found),
+        ``teacher_calls`` and ``label_s``.
+    """
+    from raykd.soft_labels.pipeline import find_cache, write_soft_labels
+    from raykd.teacher.deployment import start_teacher, stop_teacher
+
+    cfg = plan.cfg
+    caches = {split: find_cache(plan.cache_root, key) for split, key in plan.keys.items()}
+    missing = [split for split, found in caches.items() if found is None]
+    stats: dict[str, Any] = {"hit": not missing, "teacher_calls": 0, "label_s": 0.0}
+    if not missing:
+        return caches, stats  # type: ignore[return-value]
+    start = time.perf_counter()
+    handle, started = start_teacher(cfg.teacher, str(plan.teacher_path))
+    calls_before = handle.info.remote().result()["calls"]["score"]
+    try:
+        for split in missing:
+            docs = plan.train_docs if split == "train" else plan.eval_docs
+            log.info("labeling %s split: %d documents", split, len(docs))
+            caches[split] = write_soft_labels(
+                docs,
+                key=plan.keys[split],
+                cache_root=plan.cache_root,
+                app_name=cfg.teacher.name,
+                tokenizer_path=str(plan.teacher_path),
+                vocab_size=plan.vocab_size,
+                data=cfg.data,
+                labels=cfg.labels,
+                teacher_meta=plan.teacher_meta(),
+            )
+        stats["teacher_calls"] = handle.info.remote().result()["calls"]["score"] - calls_before
+    finally:
+        if started and not cfg.teacher.keep_alive:
+            stop_teacher(cfg.teacher.name)
+    stats["label_s"] = time.perf_counter() - start
+    return caches, stats  # type: ignore[return-value]
+
+
+def run_distill(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
+    """Run the main job and write its report into ``output_dir``.
+
+    Returns:
+        The report (also written as ``report.json``); see the README for its fields.
+
+    Raises:
+        raykd.config.ConfigError, ValueError, FileNotFoundError: bad input, before any compute.
+        raykd.soft_labels.cache.CacheError: a cache for this key exists but is corrupt.
+    """
+    from raykd.cluster import connect
+    from raykd.report import print_table, write_report
+    from raykd.students import build_student, count_parameters
+    from raykd.train.evaluate import evaluate_folder, teacher_metrics
+    from raykd.train.trainer import train_student
+
+    t0 = time.perf_counter()
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    plan = Plan(cfg)
+    log.info("train docs %d, eval docs %d, cache keys %s", len(plan.train_docs), len(plan.eval_docs),
+             {s: k.digest() for s, k in plan.keys.items()})
+    connect(cfg.ray)
+    caches, label_stats = ensure_soft_labels(plan)
+    train_dir, train_manifest = caches["train"]
+    eval_dir, eval_manifest = caches["eval"]
+    train_files, eval_files = shard_paths(train_dir, train_manifest), shard_paths(eval_dir, eval_manifest)
+
+    init_dir = build_student(cfg.student, plan.teacher_path, output_dir / "student_init")
+    t_train = time.perf_counter()
+    results = {}
+    for name, weights in cfg.train.students.items():
+        results[name] = train_student(
+            name,
+            student_path=init_dir,
+            shard_files=train_files,
+            weights=weights,
+            temperature=cfg.labels.temperature,
+            cfg=cfg.train,
+            storage_path=output_dir / "ray_train",
+        )
+    train_s = time.perf_counter() - t_train
+
+    t_eval = time.perf_counter()
+    from transformers import AutoModelForCausalLM
+
+    n_student = count_parameters(AutoModelForCausalLM.from_pretrained(str(init_dir)))
+    report: dict[str, Any] = {
+        "run_name": cfg.run_name,
+        "students": list(results),
+        "teacher": {**teacher_metrics(eval_files), "model": cfg.teacher.model, "params": _param_count(plan.teacher_path)},
+        "student_init": {**evaluate_folder(init_dir, eval_files, cfg.eval.batch_size), "params": n_student, "steps": 0},
+    }
+    for name, res in results.items():
+        report[name] = {
+            **evaluate_folder(res.model_dir, eval_files, cfg.eval.batch_size),
+            "params": n_student,
+            "objective": cfg.train.students[name],
+            "steps": res.steps,
+            "train_s": res.seconds,
+            "final_train_loss": res.history[-1]["loss"] if res.history else None,
+            "checkpoint": str(res.model_dir),
+        }
+    eval_s = time.perf_counter() - t_eval
+    report["cache"] = {
+        "path": str(train_dir),
+        "eval_path": str(eval_dir),
+        "key": train_manifest.key,
+        "rows": train_manifest.rows,
+        "tokens": train_manifest.tokens,
+        "bytes": train_manifest.bytes,
+        "bytes_per_token": train_manifest.bytes_per_token,
+        "k": cfg.labels.k,
+        "temperature": cfg.labels.temperature,
+        "hit": label_stats["hit"],
+        "teacher_calls": label_stats["teacher_calls"],
+        "eval_rows": eval_manifest.rows,
+        "eval_tokens": eval_manifest.tokens,
+    }
+    report["data"] = {"train_docs": len(plan.train_docs), "eval_docs": len(plan.eval_docs), "seq_len": cfg.data.seq_len}
+    report["timings"] = {"label_s": label_stats["label_s"], "train_s": train_s, "eval_s": eval_s, "total_s": time.perf_counter() - t0}
+    write_report(report, output_dir, {name: res.history for name, res in results.items()})
+    print_table(report)
+    return report
+
+
+def _param_count(model_path: Path) -> int:
+    """Parameter count from the safetensors header (no weights loaded); tied weights count once."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                shape = st.get_slice(name).get_shape()
+                n = 1
+                for s in shape:
+                    n *= s
+                total += n
+    return total

@@ -1,0 +1,95 @@
+"""Run reports: a table on screen, ``report.md``, ``report.json`` and a PNG of the loss curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+MODEL_ROWS = ("teacher", "student_init")
+
+
+def model_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, metrics) for the teacher, the untrained student and every trained student."""
+    rows = [(name, report[name]) for name in MODEL_ROWS if name in report]
+    rows += [(name, report[name]) for name in report.get("students", [])]
+    return rows
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}" if abs(value) < 1e6 else f"{value:.3e}"
+    return "-" if value is None else str(value)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown (models table, cache line, timings)."""
+    lines = [f"# raykd distill: {report['run_name']}", "", "| model | params | held-out ppl | top-1 agreement | objective | steps |", "|---|---|---|---|---|---|"]
+    for name, m in model_rows(report):
+        objective = ", ".join(f"{w} {k}" for k, w in m.get("objective", {}).items()) or "-"
+        lines.append(
+            f"| {name} | {_fmt(m.get('params'))} | {_fmt(m['ppl'], 2)} | {_fmt(m['top1_agreement'])} | {objective} | {_fmt(m.get('steps'))} |"
+        )
+    c = report["cache"]
+    lines += [
+        "",
+        f"Soft-label cache: `{c['path']}`: {c['rows']} rows, {c['tokens']} tokens, {c['bytes']:,} bytes "
+        f"({c['bytes_per_token']:.1f} B/token), k={c['k']}, temperature={c['temperature']}, "
+        f"hit={c['hit']}, teacher calls={c['teacher_calls']}.",
+        "",
+        "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(report: dict[str, Any]) -> None:
+    """Print the models table and the cache/timing lines with ``rich``."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"raykd distill: {report['run_name']}")
+    for col in ("model", "params", "held-out ppl", "top-1 agreement", "steps"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for name, m in model_rows(report):
+        table.add_row(name, _fmt(m.get("params")), _fmt(m["ppl"], 2), _fmt(m["top1_agreement"]), _fmt(m.get("steps")))
+    console = Console()
+    console.print(table)
+    c = report["cache"]
+    console.print(
+        f"cache {'HIT' if c['hit'] else 'written'}: {c['rows']} rows, {c['tokens']} tokens, "
+        f"{c['bytes_per_token']:.1f} B/token, teacher calls {c['teacher_calls']}"
+    )
+    console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()))
+
+
+def plot_losses(histories: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """PNG with one panel per logged term (``loss``, ``ce``, ``forward_kl`` ...) and one line per student."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    terms = sorted({k for h in histories.values() for row in h for k in row if k not in ("step", "lr")})
+    fig, axes = plt.subplots(1, len(terms), figsize=(5 * len(terms), 3.6), squeeze=False)
+    for ax, term in zip(axes[0], terms):
+        for name, hist in histories.items():
+            pts = [(r["step"], r[term]) for r in hist if term in r]
+            if pts:
+                ax.plot(*zip(*pts), label=name)
+        ax.set_title(term + (" (total, training)" if term == "loss" else " per token"))
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict[str, Any], output_dir: Path, histories: dict[str, list[dict[str, Any]]]) -> None:
+    """Write ``report.json``, ``report.md`` and ``loss_curves.png`` into ``output_dir``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if histories:
+        report["loss_curves"] = str(plot_losses(histories, output_dir / "loss_curves.png"))
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (output_dir / "report.md").write_text(render_markdown(report))

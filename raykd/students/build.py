@@ -1,0 +1,117 @@
+"""Building students.
+
+- :func:`layer_drop`: copy a decoder-only teacher and keep a subset of its layers (the
+  initialisation of DistilBERT, Sanh et al. 2019, taking every other layer, and of the
+  layer-dropped students in MiniDisc, Zhang et al. 2022). Embeddings, final norm and LM head are
+  copied, so the student shares the teacher's tokenizer and vocabulary.
+- :func:`check_same_vocabulary`: refuse a student whose tokenizer differs from the teacher's
+  before any compute starts (sparse soft labels are token ids of the teacher's vocabulary).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from raykd.config import StudentConfig
+
+
+class VocabularyMismatchError(ValueError):
+    """Teacher and student do not share a tokenizer and vocabulary."""
+
+
+def _decoder_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """Find the ``ModuleList`` of decoder layers (length ``config.num_hidden_layers``)."""
+    n = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) == n:
+                return module, child_name, child
+    raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
+
+
+def layer_drop(teacher: nn.Module, keep_layers: list[int]) -> nn.Module:
+    """A copy of ``teacher`` that keeps only ``keep_layers`` (in the given order).
+
+    Args:
+        teacher: a transformers model with ``config.num_hidden_layers``.
+        keep_layers: layer indices; negative values count from the end.
+
+    Returns:
+        A new model (the teacher is left unchanged) with ``len(keep_layers)`` layers.
+
+    Raises:
+        ValueError: an index is out of range or repeated.
+    """
+    n = teacher.config.num_hidden_layers
+    idx = [i % n if -n <= i < n else None for i in keep_layers]
+    if None in idx:
+        raise ValueError(f"student.keep_layers={keep_layers} out of range for a teacher with {n} layers")
+    if len(set(idx)) != len(idx):
+        raise ValueError(f"student.keep_layers={keep_layers} repeats a layer")
+    student = copy.deepcopy(teacher)
+    parent, attr, layers = _decoder_layers(student)
+    kept = nn.ModuleList([layers[i] for i in idx])
+    for new_idx, layer in enumerate(kept):  # KV-cache slots follow the new positions
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+    setattr(parent, attr, kept)
+    student.config.num_hidden_layers = len(idx)
+    layer_types = getattr(student.config, "layer_types", None)
+    if layer_types is not None and len(layer_types) == n:
+        student.config.layer_types = [layer_types[i] for i in idx]
+    return student
+
+
+def check_same_vocabulary(teacher_tok_fp: str, student_tok_fp: str, teacher_vocab: int, student_vocab: int) -> None:
+    """Raise :class:`VocabularyMismatchError` unless tokenizers and vocabulary sizes agree."""
+    if teacher_tok_fp != student_tok_fp or teacher_vocab != student_vocab:
+        raise VocabularyMismatchError(
+            f"teacher and student tokenizers differ (fingerprints {teacher_tok_fp} vs {student_tok_fp}, "
+            f"vocab {teacher_vocab} vs {student_vocab}). Top-k soft labels are teacher token ids, so the "
+            "student must share the teacher's tokenizer: use student.init=layer_drop, or a student "
+            "trained with the teacher's tokenizer"
+        )
+
+
+def build_student(cfg: StudentConfig, teacher_path: Path, out_dir: Path) -> Path:
+    """Create the student's initial weights in ``out_dir`` (a ``save_pretrained`` folder).
+
+    Raises:
+        VocabularyMismatchError: a ``pretrained`` student with another tokenizer or vocabulary.
+        ValueError: bad ``keep_layers``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from raykd.models import load_tokenizer, resolve_model_path, tokenizer_fingerprint
+
+    teacher_tok = load_tokenizer(teacher_path)
+    if cfg.init == "pretrained":
+        if cfg.model is None:
+            raise ValueError("student.init=pretrained needs student.model")
+        path = resolve_model_path(cfg.model)
+        student_tok = load_tokenizer(path)
+        check_same_vocabulary(
+            tokenizer_fingerprint(teacher_tok),
+            tokenizer_fingerprint(student_tok),
+            len(teacher_tok),
+            len(student_tok),
+        )
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    else:
+        base = resolve_model_path(cfg.model) if cfg.model else teacher_path
+        teacher = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        model = layer_drop(teacher, cfg.keep_layers)
+        del teacher
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    teacher_tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,76 @@
+"""Held-out evaluation from a soft-label cache: perplexity and top-1 agreement with the teacher.
+
+The eval split is labeled like the train split, so the teacher's own numbers come from the cache
+(``label_logprobs`` gives its perplexity, ``topk_ids[..., 0]`` its top-1 prediction) and a second
+run asks the teacher nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from raykd.soft_labels.schema import decode_batch
+
+
+def iter_cache_batches(shard_files: list[str], batch_size: int) -> Iterable[dict[str, np.ndarray]]:
+    """Decoded batches of at most ``batch_size`` rows, in shard order (no Ray needed)."""
+    for path in shard_files:
+        pf = pq.ParquetFile(path)
+        for rb in pf.iter_batches(batch_size=batch_size):
+            import pyarrow as pa
+
+            yield decode_batch(pa.Table.from_batches([rb]))
+
+
+def teacher_metrics(shard_files: list[str]) -> dict[str, float]:
+    """Teacher perplexity on the cached split (``exp`` of the mean negative ``label_logprobs``)."""
+    nll, n = 0.0, 0
+    for b in iter_cache_batches(shard_files, 256):
+        m = b["loss_mask"].astype(bool)
+        nll -= float(b["label_logprobs"][m].astype(np.float64).sum())
+        n += int(m.sum())
+    return {"ppl": math.exp(nll / max(n, 1)), "top1_agreement": 1.0, "tokens": n}
+
+
+@torch.inference_mode()
+def student_metrics(model, shard_files: list[str], batch_size: int = 16, device: str = "cpu") -> dict[str, float]:
+    """Perplexity of ``model`` on the split and top-1 agreement with the teacher.
+
+    Args:
+        model: causal LM returning ``logits [B, T, V]``.
+        shard_files: eval-split cache shards.
+
+    Returns:
+        ``ppl`` (exp of the mean next-token NLL over ``loss_mask`` positions),
+        ``top1_agreement`` (share of those positions where the student's argmax equals the
+        teacher's top-1 id), ``tokens`` (positions counted).
+    """
+    model.eval()
+    nll, agree, n = 0.0, 0, 0
+    for b in iter_cache_batches(shard_files, batch_size):
+        ids = torch.as_tensor(b["input_ids"], device=device)
+        am = torch.as_tensor(b["attention_mask"], device=device).long()
+        mask = torch.as_tensor(b["loss_mask"], device=device).bool()
+        logits = model(input_ids=ids, attention_mask=am).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        m = mask[:, :-1]
+        tok_lp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        nll -= float(tok_lp[m].double().sum())
+        teacher_top1 = torch.as_tensor(b["topk_ids"][:, :-1, 0], device=device)
+        agree += int((logits[:, :-1].argmax(-1) == teacher_top1)[m].sum())
+        n += int(m.sum())
+    return {"ppl": math.exp(nll / max(n, 1)), "top1_agreement": agree / max(n, 1), "tokens": n}
+
+
+def evaluate_folder(model_dir: Path, shard_files: list[str], batch_size: int = 16) -> dict[str, float]:
+    """Load a ``save_pretrained`` folder and run :func:`student_metrics` on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    return student_metrics(model, shard_files, batch_size)

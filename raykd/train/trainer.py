@@ -1,0 +1,106 @@
+"""Driver side of student training: a Ray Data view of the cache and a ``TorchTrainer``."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from raykd.config import TrainConfig
+from raykd.soft_labels.schema import decode_batch
+from raykd.train.loop import HISTORY_FILE, train_loop_per_worker
+
+
+@dataclass
+class TrainResult:
+    """A finished student run."""
+
+    name: str
+    model_dir: Path
+    history: list[dict[str, Any]]
+    seconds: float
+    steps: int
+
+
+def _decode(table: pa.Table) -> dict:
+    return decode_batch(table)
+
+
+def soft_label_dataset(shard_files: list[str], shuffle: bool, seed: int):
+    """Ray Dataset of decoded soft-label rows (numpy ``[T]`` / ``[T, K]`` tensors per row)."""
+    import ray
+
+    ds = ray.data.read_parquet(shard_files, columns=[
+        "input_ids", "attention_mask", "loss_mask", "topk_ids", "topk_logprobs", "tail_logmass", "label_logprobs",
+    ])
+    if shuffle:
+        ds = ds.randomize_block_order(seed=seed)
+    return ds.map_batches(_decode, batch_format="pyarrow", num_cpus=0.25)
+
+
+def train_student(
+    name: str,
+    *,
+    student_path: Path,
+    shard_files: list[str],
+    weights: dict[str, float],
+    temperature: float,
+    cfg: TrainConfig,
+    storage_path: Path,
+    params: dict[str, dict[str, float]] | None = None,
+) -> TrainResult:
+    """Train one student with Ray Train on a soft-label cache.
+
+    Args:
+        name: run name (also the Ray Train run folder under ``storage_path``; running again
+            with the same name and storage resumes from the last checkpoint).
+        student_path: initial weights folder (see :func:`raykd.students.build_student`).
+        shard_files: Parquet shards of the cache.
+        weights: objective ``{loss name: weight}``.
+        temperature: the cache's soft-label temperature.
+        cfg: workers, devices, batch, steps, optimizer.
+        storage_path: Ray Train storage (checkpoints).
+
+    Returns:
+        The final model folder (from the last checkpoint) and the per-step loss history.
+
+    Raises:
+        ray.train.TrainingFailedError: a worker failed more than ``cfg.max_failures`` times.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    loop_config = {
+        **cfg.model_dump(exclude={"students"}),
+        "student_path": str(student_path),
+        "weights": dict(weights),
+        "params": params or {},
+        "temperature": temperature,
+        "run_label": name,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage_path),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": soft_label_dataset(shard_files, cfg.shuffle, cfg.seed)},
+    )
+    start = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - start
+    if result.checkpoint is None:
+        raise RuntimeError(f"student {name} finished without a checkpoint")
+    model_dir = Path(result.checkpoint.path)
+    history = json.loads((model_dir / HISTORY_FILE).read_text())
+    return TrainResult(name=name, model_dir=model_dir, history=history, seconds=seconds, steps=len(history))
