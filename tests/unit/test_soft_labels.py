@@ -1,0 +1,163 @@
+"""Soft-label schema round trip, cache key, manifest, and the cache's refusal of bad folders."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raykd.data import Document
+from raykd.soft_labels.cache import CacheError, CacheKey, commit, documents_fingerprint, new_partial_dir, open_cache
+from raykd.soft_labels.schema import SCHEMA_VERSION, SchemaError, decode_batch, encode_batch, schema_metadata, soft_label_schema
+
+B, T, K = 3, 6, 4
+
+
+def _batch(vocab: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    block = {
+        "doc_id": np.array([f"d{i}" for i in range(B)], dtype=object),
+        "block_index": np.arange(B, dtype=np.int32),
+        "input_ids": rng.integers(0, vocab, (B, T)).astype(np.int32),
+        "attention_mask": np.ones((B, T), np.uint8),
+        "loss_mask": np.concatenate([np.ones((B, T - 1), np.uint8), np.zeros((B, 1), np.uint8)], 1),
+    }
+    lp = np.sort(np.log(rng.dirichlet(np.ones(K + 1), (B, T))), -1)[..., ::-1]
+    labels = {
+        "topk_ids": rng.integers(0, vocab, (B, T, K)),
+        "topk_logprobs": lp[..., :K].astype(np.float16),
+        "tail_logmass": lp[..., K].astype(np.float32),
+        "label_logprobs": rng.normal(-2, 1, (B, T)).astype(np.float32),
+    }
+    return block, labels
+
+
+def _key(**changes) -> CacheKey:
+    base = CacheKey("w" * 16, "t" * 16, "hf", "float32", K, 1.0, "d" * 16, T, 1, 4)
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.mark.parametrize("vocab,ids_type", [(1000, pa.uint16()), (70000, pa.int32())])
+def test_round_trip_and_id_dtype(vocab, ids_type):
+    block, labels = _batch(vocab)
+    labels["topk_ids"] = labels["topk_ids"].astype(np.uint16 if vocab <= 65536 else np.int32)
+    schema = soft_label_schema(T, K, vocab, {"cache_key": "abc"})
+    table = encode_batch(block, labels, schema)
+    assert table.schema.field("topk_ids").type.value_type == ids_type
+    assert schema_metadata(table.schema) == {"schema_version": str(SCHEMA_VERSION), "cache_key": "abc"}
+    out = decode_batch(table, with_ids=True)
+    np.testing.assert_array_equal(out["input_ids"], block["input_ids"])
+    np.testing.assert_array_equal(out["topk_ids"], labels["topk_ids"].astype(np.int64))
+    np.testing.assert_array_equal(out["topk_logprobs"], labels["topk_logprobs"])
+    np.testing.assert_array_equal(out["tail_logmass"], labels["tail_logmass"])
+    assert out["topk_ids"].shape == (B, T, K) and list(out["doc_id"]) == ["d0", "d1", "d2"]
+
+
+def test_parquet_keeps_schema_and_metadata(tmp_path):
+    block, labels = _batch(500)
+    schema = soft_label_schema(T, K, 500, {"cache_key": "xyz"})
+    pq.write_table(encode_batch(block, labels, schema), tmp_path / "s.parquet")
+    back = pq.read_table(tmp_path / "s.parquet")
+    assert back.schema.field("topk_logprobs").type == pa.list_(pa.float16(), T * K)
+    assert schema_metadata(back.schema)["cache_key"] == "xyz"
+    np.testing.assert_array_equal(decode_batch(back)["topk_logprobs"], labels["topk_logprobs"])
+
+
+def test_encode_rejects_wrong_k():
+    block, labels = _batch(500)
+    with pytest.raises(SchemaError, match="K=4"):
+        encode_batch(block, labels, soft_label_schema(T, K + 1, 500))
+
+
+def test_decode_rejects_foreign_table():
+    with pytest.raises(SchemaError, match="lacks columns"):
+        decode_batch(pa.table({"input_ids": [[1, 2]]}))
+
+
+def test_key_changes_with_every_field():
+    base = _key()
+    for change in [{"k": K + 1}, {"teacher_fingerprint": "x"}, {"temperature": 2.0}, {"data_fingerprint": "e"},
+                   {"tokenizer_fingerprint": "u"}, {"engine": "vllm"}, {"dtype": "bfloat16"}, {"seq_len": T + 1},
+                   {"schema_version": SCHEMA_VERSION + 1}]:
+        assert _key(**change).digest() != base.digest(), change
+    assert _key().digest() == base.digest()
+
+
+def test_documents_fingerprint_ignores_order_but_not_text():
+    docs = [Document("a", "x"), Document("b", "y")]
+    assert documents_fingerprint(docs) == documents_fingerprint(docs[::-1])
+    assert documents_fingerprint(docs) != documents_fingerprint([Document("a", "x"), Document("b", "z")])
+
+
+def _write_cache(root, key=None):
+    key = key or _key()
+    final = root / key.digest()
+    partial = new_partial_dir(final)
+    schema = soft_label_schema(T, K, 500, {"cache_key": key.digest()})
+    for i in range(2):
+        block, labels = _batch(500, seed=i)
+        pq.write_table(encode_batch(block, labels, schema), partial / f"part-{i}.parquet")
+    return final, commit(partial, final, key, {"model": "tiny"}, 1.5)
+
+
+def test_commit_writes_manifest_and_counts(tmp_path):
+    final, manifest = _write_cache(tmp_path)
+    assert final.is_dir() and not list(tmp_path.glob("*.partial-*"))
+    assert manifest.rows == 2 * B and manifest.tokens == 2 * B * T and manifest.loss_tokens == 2 * B * (T - 1)
+    assert manifest.bytes == sum(p.stat().st_size for p in final.glob("*.parquet"))
+    assert open_cache(final, expect=_key(), deep=True).key == manifest.key
+
+
+def test_open_cache_names_the_mismatching_field(tmp_path):
+    final, _ = _write_cache(tmp_path)
+    with pytest.raises(CacheError, match="k: cache has 4, run wants 8"):
+        open_cache(final, expect=_key(k=8))
+    with pytest.raises(CacheError, match="teacher_fingerprint"):
+        open_cache(final, expect=_key(teacher_fingerprint="other"))
+
+
+def test_open_cache_refuses_other_schema_version(tmp_path):
+    final, _ = _write_cache(tmp_path)
+    raw = json.loads((final / "manifest.json").read_text())
+    raw["schema_version"] = SCHEMA_VERSION + 1
+    (final / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(CacheError, match="schema version"):
+        open_cache(final)
+
+
+def test_corrupt_shard_is_named(tmp_path):
+    final, manifest = _write_cache(tmp_path)
+    shard = final / manifest.shards[0]["file"]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CacheError, match=shard.name):
+        open_cache(final)
+
+
+def test_missing_manifest_is_not_a_cache(tmp_path):
+    with pytest.raises(CacheError, match="not a finished"):
+        open_cache(tmp_path)
+
+
+def test_commit_never_overwrites_a_finished_cache(tmp_path):
+    final, first = _write_cache(tmp_path)
+    before = {p.name: p.read_bytes() for p in final.iterdir()}
+    with pytest.raises(CacheError, match="already exists"):
+        _write_cache(tmp_path)
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == before
+    assert len(list(tmp_path.glob("*.partial-*"))) == 1  # the new labels are kept, not lost
+
+
+def test_commit_refuses_shards_of_another_key(tmp_path):
+    key = _key()
+    final = tmp_path / key.digest()
+    partial = new_partial_dir(final)
+    block, labels = _batch(500)
+    pq.write_table(encode_batch(block, labels, soft_label_schema(T, K, 500, {"cache_key": "other"})), partial / "p.parquet")
+    with pytest.raises(CacheError, match="carries cache key other"):
+        commit(partial, final, key, {}, 0.0)
+    assert not final.exists()
