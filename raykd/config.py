@@ -113,7 +113,11 @@ class SoftLabelConfig(_Strict):
     cache_dir: str | None = None
     """Soft-label cache root (None: ``<user cache>/soft_labels``)."""
     rows_per_shard: int = Field(default=256, ge=1)
-    """Rows per Parquet shard (upper bound)."""
+    """Rows per Parquet shard (at least; Ray Data may write fewer files)."""
+    train_cache: str | None = None
+    """Use this finished cache folder for the train split instead of looking it up by key. It is
+    checked against the run's settings (schema version, teacher, tokenizer, k, temperature, data)
+    and refused, naming the differing fields, before any compute starts."""
 
 
 class StudentConfig(_Strict):

@@ -13,10 +13,8 @@ Order of work (every check that can fail runs before the first teacher forward o
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +94,13 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[Path, Manifest]], di
     from raykd.soft_labels.pipeline import find_cache, write_soft_labels
     from raykd.teacher.deployment import start_teacher, stop_teacher
 
+    from raykd.soft_labels.cache import open_cache
+
     cfg = plan.cfg
     caches = {split: find_cache(plan.cache_root, key) for split, key in plan.keys.items()}
+    if cfg.labels.train_cache:
+        folder = Path(cfg.labels.train_cache).expanduser()
+        caches["train"] = (folder, open_cache(folder, expect=plan.keys["train"], deep=True))
     missing = [split for split, found in caches.items() if found is None]
     stats: dict[str, Any] = {"hit": not missing, "teacher_calls": 0, "label_s": 0.0}
     if not missing:
@@ -125,7 +128,22 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[Path, Manifest]], di
         if started and not cfg.teacher.keep_alive:
             stop_teacher(cfg.teacher.name)
     stats["label_s"] = time.perf_counter() - start
+    _print_labeling(caches, missing, stats)
     return caches, stats  # type: ignore[return-value]
+
+
+def _print_labeling(caches: dict[str, Any], labeled: list[str], stats: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"soft labels ({stats['teacher_calls']} teacher calls, {stats['label_s']:.0f} s)")
+    for col in ("split", "rows", "tokens", "shards", "B/token", "label s", "tokens/s"):
+        table.add_column(col, justify="right")
+    for split in labeled:
+        _, m = caches[split]
+        table.add_row(split, str(m.rows), str(m.tokens), str(len(m.shards)), f"{m.bytes_per_token:.1f}",
+                      f"{m.label_seconds:.1f}", f"{m.tokens / max(m.label_seconds, 1e-9):.0f}")
+    Console().print(table)
 
 
 def run_distill(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:

@@ -108,7 +108,8 @@ class HFEngine:
     ) -> None:
         import torch
 
-        torch.set_num_threads(num_threads or os.cpu_count() or 1)
+        self.num_threads = num_threads or os.cpu_count() or 1
+        torch.set_num_threads(self.num_threads)
         self.device = pick_device(device)
         self.model_path = Path(model_path)
         self.tokenizer = load_tokenizer(self.model_path)
@@ -182,6 +183,9 @@ class HFEngine:
         out_label = np.zeros((b, t), dtype=np.float32)
         rows = max(1, self.max_tokens_per_forward // t)
         with self._lock, torch.inference_mode():
+            # OpenMP thread counts are per calling thread: Serve runs requests on worker threads
+            # that would otherwise inherit Ray's OMP_NUM_THREADS (1 per reserved CPU).
+            torch.set_num_threads(self.num_threads)
             for s in range(0, b, rows):
                 ids = torch.as_tensor(input_ids[s : s + rows], dtype=torch.long, device=self.device)
                 am = torch.as_tensor(mask[s : s + rows], dtype=torch.long, device=self.device)
@@ -264,6 +268,7 @@ class HFEngine:
             torch.manual_seed(seed)
         do_sample = temperature > 0
         with self._lock, torch.inference_mode():
+            torch.set_num_threads(self.num_threads)
             out = self.model.generate(
                 input_ids=ids.to(self.device),
                 attention_mask=am.to(self.device),

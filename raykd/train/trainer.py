@@ -103,4 +103,8 @@ def train_student(
         raise RuntimeError(f"student {name} finished without a checkpoint")
     model_dir = Path(result.checkpoint.path)
     history = json.loads((model_dir / HISTORY_FILE).read_text())
+    if history:
+        last = history[-1]
+        print(f"[{name}] trained {len(history)} steps in {seconds:.0f} s; final "
+              + " ".join(f"{k}={v:.4f}" for k, v in last.items() if k not in ("step", "lr")), flush=True)
     return TrainResult(name=name, model_dir=model_dir, history=history, seconds=seconds, steps=len(history))

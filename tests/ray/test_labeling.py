@@ -10,17 +10,13 @@ from raykd.soft_labels.cache import shard_paths
 from raykd.teacher.deployment import running_teacher
 from raykd.teacher.engine import HFEngine
 from raykd.train.evaluate import iter_cache_batches
-from tests.conftest import tiny_distill_config
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def first_run(ray_start, tiny_model, corpus_jsonl, tmp_path_factory):
-    cfg = tiny_distill_config(tiny_model, corpus_jsonl, tmp_path_factory.mktemp("cache"))
-    plan = Plan(cfg)
-    caches, stats = ensure_soft_labels(plan)
-    return cfg, plan, caches, stats
+def first_run(tiny_labeled):
+    return tiny_labeled
 
 
 def test_first_run_labels_both_splits(first_run):
@@ -70,3 +66,16 @@ def test_empty_text_column_fails_before_any_teacher_work(tmp_path, tiny_model):
     cfg = DistillConfig.model_validate({"data": {"source": "jsonl", "path": str(path)}, "teacher": {"model": str(tiny_model)}})
     with pytest.raises(ValueError, match="body"):
         Plan(cfg)
+
+
+def test_a_given_cache_of_other_settings_is_refused_naming_the_field(first_run):
+    from raykd.soft_labels.cache import CacheError
+
+    cfg, _, caches, _ = first_run
+    eval_dir, _ = caches["eval"]
+    wrong = cfg.model_copy(update={"labels": cfg.labels.model_copy(update={"train_cache": str(eval_dir)})})
+    with pytest.raises(CacheError, match="data_fingerprint"):
+        ensure_soft_labels(Plan(wrong))
+    train_dir, _ = caches["train"]
+    right = cfg.model_copy(update={"labels": cfg.labels.model_copy(update={"train_cache": str(train_dir)})})
+    assert ensure_soft_labels(Plan(right))[1]["hit"]

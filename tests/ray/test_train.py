@@ -5,20 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raykd.recipes.distill import Plan, ensure_soft_labels
 from raykd.soft_labels.cache import shard_paths
 from raykd.students import build_student
 from raykd.train.trainer import train_student
-from tests.conftest import tiny_distill_config
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def setup(ray_start, tiny_model, corpus_jsonl, tmp_path_factory):
-    cfg = tiny_distill_config(tiny_model, corpus_jsonl, tmp_path_factory.mktemp("cache"))
-    plan = Plan(cfg)
-    caches, _ = ensure_soft_labels(plan)
+def setup(tiny_labeled, tmp_path_factory):
+    cfg, plan, caches, _ = tiny_labeled
     folder, manifest = caches["train"]
     init = build_student(cfg.student, plan.teacher_path, tmp_path_factory.mktemp("init") / "student")
     return cfg, shard_paths(folder, manifest), init, tmp_path_factory.mktemp("runs")

@@ -1,0 +1,153 @@
+"""Request models and limits of the teacher's HTTP API (pure pydantic: importable without Ray).
+
+The models check the shape of a request (``extra="forbid"``, non-empty, rectangular);
+:func:`check_limits` checks it against the sizes one deployment accepts
+(:class:`HTTPConfig`). Checks that need the model (token ids inside the vocabulary, the
+model's context length) stay in the engine, see :meth:`raykd.teacher.engine.HFEngine.score`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TokenId = Annotated[int, Field(ge=-(2**31), lt=2**31)]
+"""A token id as JSON carries it; the vocabulary range is the engine's check (HTTP 400)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HTTPConfig(_Strict):
+    """The HTTP JSON API in front of one teacher (see :mod:`raykd.teacher.http`)."""
+
+    enabled: bool = True
+    """Expose this teacher over HTTP; False keeps it reachable by Serve handle only."""
+    route_prefix: str | None = None
+    """URL prefix of the teacher's routes (None: ``/teachers/<name>``)."""
+    token: str | None = None
+    """Bearer token every route except ``/healthz`` requires. Prefer ``token_env`` in files."""
+    token_env: str | None = "RAYKD_TEACHER_TOKEN"
+    """Environment variable read by ``raykd teacher up`` for the token when ``token`` is unset;
+    when neither is set the API is open."""
+    max_batch_size: int | None = Field(default=None, ge=1)
+    """Most sequences (``score``) or prompts (``generate``) per request (None: the teacher's
+    ``max_batch_size``)."""
+    max_seq_len: int = Field(default=2048, ge=1)
+    """Most tokens per ``score`` row ``T``."""
+    max_k: int = Field(default=256, ge=1)
+    """Largest top-k ``K`` a request may ask for."""
+    max_new_tokens: int = Field(default=512, ge=1)
+    """Most new tokens per ``generate`` or ``completions`` request."""
+    max_ongoing_requests: int = Field(default=32, ge=1)
+    """Requests one HTTP ingress replica handles at once."""
+    max_queued_requests: int = Field(default=64, ge=-1)
+    """Requests the HTTP proxy queues for the ingress before answering 503 (-1: unbounded)."""
+
+    @model_validator(mode="after")
+    def _prefix_form(self) -> HTTPConfig:
+        p = self.route_prefix
+        if p is not None and (not p.startswith("/") or (len(p) > 1 and p.endswith("/"))):
+            raise ValueError(f"route_prefix must start with '/' and not end with one, got {p!r}")
+        return self
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str
+
+
+class ScoreRequest(_Strict):
+    """``POST /v1/score``: teacher-forced top-k soft labels of a right-padded batch ``[B, T]``."""
+
+    input_ids: list[list[TokenId]] = Field(min_length=1)
+    """Token ids ``[B, T]``; every row has the same length."""
+    attention_mask: list[list[int]] | None = None
+    """0/1 mask ``[B, T]`` (1 = real token), or None for no padding."""
+    k: int = Field(default=32, ge=1)
+    """Top-k size ``K``."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Softmax temperature of ``topk_logprobs`` and ``tail_logmass``."""
+
+    @model_validator(mode="after")
+    def _rectangular(self) -> ScoreRequest:
+        lengths = sorted({len(row) for row in self.input_ids})
+        if lengths[0] == 0:
+            raise ValueError("input_ids: rows must not be empty")
+        if len(lengths) > 1:
+            raise ValueError(f"input_ids is ragged (row lengths {lengths}): right-pad every row to one length and send attention_mask")
+        if self.attention_mask is not None:
+            shape = (len(self.input_ids), lengths[0])
+            if len(self.attention_mask) != shape[0] or any(len(row) != shape[1] for row in self.attention_mask):
+                raise ValueError(f"attention_mask must have the shape of input_ids {list(shape)}")
+            if any(v not in (0, 1) for row in self.attention_mask for v in row):
+                raise ValueError("attention_mask values must be 0 or 1")
+        return self
+
+
+class GenerateRequest(_Strict):
+    """``POST /v1/generate``: completions with per-token top-k log-probabilities."""
+
+    prompts: list[str | list[ChatMessage]] = Field(min_length=1)
+    """Text prompts, or chat conversations (lists of ``{"role", "content"}``)."""
+    max_new_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=0.0, ge=0)
+    """0 is greedy decoding."""
+    k: int = Field(default=8, ge=1)
+    """Top-k size ``K`` of the returned log-probabilities."""
+    seed: int | None = None
+
+
+class CompletionRequest(_Strict):
+    """``POST /v1/completions`` (the OpenAI legacy completions API, the fields raykd supports)."""
+
+    model: str | None = None
+    """Must be the teacher's name when given."""
+    prompt: str | list[str]
+    max_tokens: int = Field(default=16, ge=1)
+    temperature: float = Field(default=1.0, ge=0)
+    logprobs: int | None = Field(default=None, ge=0)
+    """Top log-probabilities returned per generated token (None: no logprobs)."""
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> CompletionRequest:
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt: the list of prompts must not be empty")
+        return self
+
+
+def check_limits(req: ScoreRequest | GenerateRequest | CompletionRequest, cfg: HTTPConfig) -> None:
+    """Check a parsed request against the sizes this deployment accepts.
+
+    Args:
+        req: a parsed request.
+        cfg: the deployment's HTTP limits (``max_batch_size`` None: left to the teacher).
+
+    Raises:
+        ValueError: naming the field, the value and the limit (answered as HTTP 422).
+    """
+    if isinstance(req, ScoreRequest):
+        checks = [
+            ("input_ids: batch of {} rows", len(req.input_ids), "max_batch_size", cfg.max_batch_size),
+            ("input_ids: sequence length {}", len(req.input_ids[0]), "max_seq_len", cfg.max_seq_len),
+            ("k={}", req.k, "max_k", cfg.max_k),
+        ]
+    elif isinstance(req, GenerateRequest):
+        checks = [
+            ("prompts: batch of {} prompts", len(req.prompts), "max_batch_size", cfg.max_batch_size),
+            ("max_new_tokens={}", req.max_new_tokens, "max_new_tokens", cfg.max_new_tokens),
+            ("k={}", req.k, "max_k", cfg.max_k),
+        ]
+    else:
+        n = 1 if isinstance(req.prompt, str) else len(req.prompt)
+        checks = [
+            ("prompt: batch of {} prompts", n, "max_batch_size", cfg.max_batch_size),
+            ("max_tokens={}", req.max_tokens, "max_new_tokens", cfg.max_new_tokens),
+            ("logprobs={}", req.logprobs or 0, "max_k", cfg.max_k),
+        ]
+    for what, value, limit_name, limit in checks:
+        if limit is not None and value > limit:
+            raise ValueError(f"{what.format(value)} exceeds {limit_name}={limit}")
