@@ -3,6 +3,7 @@
     raykd distill --config jobs/configs/bbc_smollm2.yaml --output-dir runs/demo [key=value ...]
     raykd label   --config ... [key=value ...]     # only build (or find) the soft-label caches
     raykd methods                                  # list the registered distillation losses
+    raykd teacher up serve/teachers.yaml | down <name> | status   # the shared teacher service
 
 Each subcommand is a ``main_<name>(config, ...)`` function, so a job script, a test and the
 command line call the same code.
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from raykd.config import ConfigError, DistillConfig, load_config
+from raykd.teacher.service import add_teacher_commands, run_teacher_command
 
 
 def main_distill(cfg: DistillConfig, output_dir: str | Path) -> dict[str, Any]:
@@ -66,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--output-dir", required=True, help="where the report, checkpoints and plots go")
         s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     sub.add_parser("methods", help="list distillation losses")
+    add_teacher_commands(sub)
     return p
 
 
@@ -73,6 +76,8 @@ def cli(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the process exit code."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "teacher":
+        return run_teacher_command(args)
     if args.command == "methods":
         main_methods()
         return 0

@@ -218,17 +218,19 @@ def teacher_up(cfg: TeacherServiceConfig) -> dict[str, Any]:
                            "(stops every Serve app) and retry, or set http.enabled=false for each teacher")
     if want_http and base != f"http://{cfg.proxy.host}:{cfg.proxy.port}":
         log.warning("Serve's HTTP proxy already listens on %s; the proxy settings of this config are ignored", base)
+    new = [t for t in cfg.teachers if running_teacher(t.teacher.name) is None]
+    # Find every model before deploying any, so a typo fails before the first teacher loads.
+    apps = {t.teacher.name: served_teacher_app(t, str(resolve_model_path(t.teacher.model))) for t in new}
+    for t in new:
+        serve.run(apps[t.teacher.name], name=t.teacher.name, route_prefix=t.route_prefix, blocking=False)
+    running = _teacher_apps(_serve_details())
     out = []
-    for served in cfg.teachers:
-        name = served.teacher.name
-        started = running_teacher(name) is None
-        if started:
-            app = served_teacher_app(served, str(resolve_model_path(served.teacher.model)))
-            serve.run(app, name=name, route_prefix=served.route_prefix, blocking=False)
-        else:
+    for t in cfg.teachers:
+        name = t.teacher.name
+        if name not in apps:
             log.info("teacher %r is already running: left as it is (`raykd teacher down %s` to replace it)", name, name)
-        url = f"{base}{served.route_prefix}" if base and served.route_prefix else None
-        out.append({"name": name, "started": started, "url": url})
+        prefix = running[name].route_prefix if name in running else None
+        out.append({"name": name, "started": name in apps, "url": f"{base}{prefix}" if base and prefix else None})
     return {"address": ray.get_runtime_context().gcs_address, "teachers": out}
 
 
