@@ -71,15 +71,21 @@ class TeacherDeployment:
         return {**asdict(self.engine.info()), "calls": dict(self.calls)}
 
 
-def teacher_app(cfg: TeacherConfig, model_path: str) -> serve.Application:
-    """Bind a :class:`TeacherDeployment` for ``cfg`` (not yet running)."""
-    actor_options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
-    return TeacherDeployment.options(num_replicas=cfg.num_replicas, ray_actor_options=actor_options).bind(
-        model_path,
-        cfg.engine,
-        {"dtype": cfg.dtype, "device": cfg.device, "num_threads": cfg.num_threads},
-        cfg.max_batch_size,
-    )
+def teacher_app(cfg: TeacherConfig, model_path: str, **deployment_options: Any) -> serve.Application:
+    """Bind a :class:`TeacherDeployment` for ``cfg`` (not yet running).
+
+    Args:
+        cfg: the teacher's config (engine, dtype, threads, replicas, CPUs/GPUs).
+        model_path: resolved local model folder.
+        **deployment_options: extra ``Deployment.options`` (``max_ongoing_requests``,
+            ``max_queued_requests``, ``autoscaling_config`` replacing ``num_replicas``).
+    """
+    options: dict[str, Any] = {"ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}}
+    if "autoscaling_config" not in deployment_options:
+        options["num_replicas"] = cfg.num_replicas
+    options.update(deployment_options)
+    engine_kwargs = {"dtype": cfg.dtype, "device": cfg.device, "num_threads": cfg.num_threads}
+    return TeacherDeployment.options(**options).bind(model_path, cfg.engine, engine_kwargs, cfg.max_batch_size)
 
 
 def running_teacher(name: str) -> serve.handle.DeploymentHandle | None:

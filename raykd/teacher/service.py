@@ -114,21 +114,17 @@ def served_teacher_app(served: ServedTeacher, model_path: str):
     Returns:
         a ``serve.Application`` (not yet running).
     """
-    from raykd.teacher.deployment import TeacherDeployment
+    from raykd.teacher.deployment import teacher_app
     from raykd.teacher.http import HTTPIngress
 
     t = served.teacher
     options: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": t.num_cpus, "num_gpus": t.num_gpus},
         "max_ongoing_requests": served.max_ongoing_requests,
         "max_queued_requests": served.max_queued_requests,
     }
     if served.autoscaling:
         options["autoscaling_config"] = served.autoscaling
-    else:
-        options["num_replicas"] = t.num_replicas
-    engine_kwargs = {"dtype": t.dtype, "device": t.device, "num_threads": t.num_threads}
-    node = TeacherDeployment.options(**options).bind(model_path, t.engine, engine_kwargs, t.max_batch_size)
+    node = teacher_app(t, model_path, **options)
     if not served.http.enabled:
         return node
     http = served.http
