@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from raykd.losses.reduction import count_tokens, masked_sum
+from raykd.losses.reduction import count_tokens, masked_sum, shared_log_probs
 from raykd.losses.registry import LossSpec, get_loss
 from raykd.losses.targets import TeacherTargets
 
@@ -129,14 +129,15 @@ class Objective:
         """
         self._check_inputs(student_logits, labels, mask, targets, temperature)
         loss_sum, term_sums = None, {}
-        for name, weight in self.weights.items():
-            params = self.params.get(name, {})
-            kwargs = dict(targets=targets, labels=labels, temperature=temperature, **params)
-            with torch.set_grad_enabled(weight > 0 and torch.is_grad_enabled()):
-                term = masked_sum(self.specs[name].fn(student_logits, **kwargs), mask)
-            term_sums[name] = term.detach()
-            if weight > 0:
-                loss_sum = weight * term if loss_sum is None else loss_sum + weight * term
+        with shared_log_probs():
+            for name, weight in self.weights.items():
+                params = self.params.get(name, {})
+                kwargs = dict(targets=targets, labels=labels, temperature=temperature, **params)
+                with torch.set_grad_enabled(weight > 0 and torch.is_grad_enabled()):
+                    term = masked_sum(self.specs[name].fn(student_logits, **kwargs), mask)
+                term_sums[name] = term.detach()
+                if weight > 0:
+                    loss_sum = weight * term if loss_sum is None else loss_sum + weight * term
         return ObjectiveOutput(loss_sum=loss_sum, term_sums=term_sums, num_tokens=count_tokens(mask))
 
     def _check_inputs(self, student_logits: Tensor, labels: Tensor, mask: Tensor,

@@ -4,6 +4,10 @@ a distribution, masking and reduction. No loss masks or reduces by itself.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -26,7 +30,29 @@ def student_log_probs(student_logits: Tensor, temperature: float) -> Tensor:
     """
     if not 0.0 < temperature < float("inf"):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-    return torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    memo = _SHARED.get()
+    key = (student_logits.data_ptr(), tuple(student_logits.shape), temperature, torch.is_grad_enabled())
+    if memo is not None and key in memo:
+        return memo[key]
+    out = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    if memo is not None:
+        memo[key] = out
+    return out
+
+
+_SHARED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("raykd_shared_log_probs", default=None)
+
+
+@contextlib.contextmanager
+def shared_log_probs() -> Iterator[None]:
+    """Inside this block, :func:`student_log_probs` computes each (logits, temperature, grad
+    mode) once and hands the same tensor to every loss term (one ``[B, T, V]`` log-softmax
+    instead of one per term). :class:`raykd.losses.Objective` opens it around its terms."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
 
 
 def student_bucket_log_probs(student_log_probs: Tensor, topk_ids: Tensor) -> Tensor:

@@ -271,3 +271,35 @@ def test_accumulation_invariance_two_parts_equal_the_full_batch():
     (g_split,) = torch.autograd.grad(split, student)
     torch.testing.assert_close(split, full.loss_sum / full.num_tokens)
     torch.testing.assert_close(g_split, g_full)
+
+
+def test_objective_shares_one_log_softmax_and_keeps_gradients():
+    """Terms at the same temperature reuse one student log-softmax; gradients are unchanged."""
+    from raykd.losses import reduction
+
+    torch.manual_seed(3)
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    teacher_lp = torch.log_softmax(torch.randn(2, 5, 11), -1)
+    top_lp, top_ids = teacher_lp.topk(4, -1)
+    tail = torch.log1p(-top_lp.exp().sum(-1).clamp(max=1 - 1e-6))
+    targets = TeacherTargets.sparse(top_ids, top_lp, tail)
+    calls = []
+    real = torch.log_softmax
+
+    def counting(x, *a, **k):
+        calls.append(x.shape[-1])
+        return real(x, *a, **k)
+
+    reduction.torch.log_softmax = counting
+    try:
+        out = Objective({"forward_kl": 0.5, "ce": 0.5})(logits, labels, mask, targets, 1.0)
+    finally:
+        reduction.torch.log_softmax = real
+    assert calls.count(11) == 1  # one student log-softmax over V for both terms
+    (grad_shared,) = torch.autograd.grad(out.loss_sum, logits)
+    separate = 0.5 * masked_sum(get_loss("forward_kl").fn(logits, targets=targets, labels=labels, temperature=1.0), mask)
+    separate = separate + 0.5 * masked_sum(get_loss("ce").fn(logits, targets=None, labels=labels, temperature=1.0), mask)
+    (grad_separate,) = torch.autograd.grad(separate, logits)
+    torch.testing.assert_close(grad_shared, grad_separate)
