@@ -34,7 +34,7 @@ def make_corpus(n_docs: int, seed: int = 0) -> list[dict[str, str]]:
     return docs
 
 
-def build_tiny_model(folder: Path, *, num_layers: int = 4, seed: int = 0) -> Path:
+def build_tiny_model(folder: Path, *, num_layers: int = 4, seed: int = 0, vocab_size: int = 320) -> Path:
     """Save a tiny random LlamaForCausalLM and its byte-level BPE tokenizer into ``folder``."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -44,7 +44,7 @@ def build_tiny_model(folder: Path, *, num_layers: int = 4, seed: int = 0) -> Pat
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320,
+        vocab_size=vocab_size,
         special_tokens=["<pad>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
