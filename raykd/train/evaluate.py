@@ -54,15 +54,15 @@ def student_metrics(model, shard_files: list[str], batch_size: int = 16, device:
     model.eval()
     nll, agree, n = 0.0, 0, 0
     for b in iter_cache_batches(shard_files, batch_size):
-        ids = torch.as_tensor(b["input_ids"], device=device)
-        am = torch.as_tensor(b["attention_mask"], device=device).long()
-        mask = torch.as_tensor(b["loss_mask"], device=device).bool()
+        ids = torch.tensor(b["input_ids"], device=device)
+        am = torch.tensor(b["attention_mask"], device=device).long()
+        mask = torch.tensor(b["loss_mask"], device=device).bool()
         logits = model(input_ids=ids, attention_mask=am).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         m = mask[:, :-1]
         tok_lp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
         nll -= float(tok_lp[m].double().sum())
-        teacher_top1 = torch.as_tensor(b["topk_ids"][:, :-1, 0], device=device)
+        teacher_top1 = torch.tensor(b["topk_ids"][:, :-1, 0], device=device)
         agree += int((logits[:, :-1].argmax(-1) == teacher_top1)[m].sum())
         n += int(m.sum())
     return {"ppl": math.exp(nll / max(n, 1)), "top1_agreement": agree / max(n, 1), "tokens": n}
