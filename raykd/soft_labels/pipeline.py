@@ -1,9 +1,9 @@
 """Labeling: text -> blocks -> teacher ``score`` (Ray Serve) -> Parquet shards (Ray Data).
 
-The pipeline is one Ray Data plan: documents are tokenised into blocks by a ``map_batches``
-task, a pool of labeler actors sends batches to the teacher deployment (several requests in
-flight, so the teacher never waits for the next batch), each answer is encoded into the
-soft-label Arrow schema, and Ray Data writes the shards. Ray Data shows its own progress bars.
+The pipeline is one Ray Data plan: a pool of labeler actors tokenises batches of documents
+into blocks, sends them to the teacher deployment (several requests in flight, so the teacher
+never waits for the next batch), encodes each answer into the soft-label Arrow schema, and Ray
+Data writes the shards. Ray Data shows its own progress bars.
 """
 
 from __future__ import annotations
@@ -43,21 +43,38 @@ def _tokenize(batch: dict[str, np.ndarray], *, tokenizer_path: str, seq_len: int
 
 
 class _Labeler:
-    """Ray Data actor: one batch of blocks -> one teacher ``score`` call -> an Arrow table."""
+    """Ray Data actor: documents -> blocks -> teacher ``score`` calls -> one Arrow table.
 
-    def __init__(self, app_name: str, k: int, temperature: float, schema: pa.Schema):
+    Tokenising here rather than in a stage of its own saves a Ray Data operator (its tasks and
+    worker processes), which on a small machine competes with the teacher for the cores.
+    """
+
+    def __init__(self, app_name: str, k: int, temperature: float, schema: pa.Schema, tokenizer_path: str,
+                 seq_len: int, max_blocks_per_doc: int, min_tokens: int, batch_size: int):
         from ray import serve
 
         from raykd.teacher.deployment import DEPLOYMENT_NAME
 
         self.handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name)
-        self.k, self.temperature, self.schema = k, temperature, schema
+        self.k, self.temperature, self.schema, self.batch_size = k, temperature, schema, batch_size
+        self.block_args = {"tokenizer_path": tokenizer_path, "seq_len": seq_len,
+                           "max_blocks_per_doc": max_blocks_per_doc, "min_tokens": min_tokens}
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        labels = self.handle.score.remote(
-            batch["input_ids"], batch["attention_mask"], k=self.k, temperature=self.temperature
-        ).result()
-        return encode_batch(batch, labels, self.schema)
+    def __call__(self, docs: dict[str, np.ndarray]) -> pa.Table:
+        blocks = _tokenize(docs, **self.block_args)
+        n = len(blocks["input_ids"])
+        starts = range(0, n, self.batch_size)
+        pending = [  # every chunk in flight at once; the replica queues them
+            self.handle.score.remote(blocks["input_ids"][s : s + self.batch_size],
+                                     blocks["attention_mask"][s : s + self.batch_size],
+                                     k=self.k, temperature=self.temperature)
+            for s in starts
+        ]
+        tables = [
+            encode_batch({name: col[s : s + self.batch_size] for name, col in blocks.items()}, resp.result(), self.schema)
+            for s, resp in zip(starts, pending)
+        ]
+        return pa.concat_tables(tables) if tables else self.schema.empty_table()
 
 
 def write_soft_labels(
@@ -105,25 +122,24 @@ def write_soft_labels(
     items = [{"doc_id": d.doc_id, "text": d.text} for d in docs]
     n_blocks = max(1, min(len(items) // 32, 64))
     ds = ray.data.from_items(items, override_num_blocks=n_blocks)
-    ds = ds.map_batches(
-        _tokenize,
-        batch_format="numpy",
-        batch_size=64,
-        num_cpus=0.25,
-        fn_kwargs={
-            "tokenizer_path": tokenizer_path,
-            "seq_len": data.seq_len,
-            "max_blocks_per_doc": data.max_blocks_per_doc,
-            "min_tokens": data.min_tokens,
-        },
-    )
+    n_batches = -(-len(items) // labels.batch_size)
     ds = ds.map_batches(
         _Labeler,
         batch_format="numpy",
         batch_size=labels.batch_size,
-        concurrency=labels.num_labelers,
+        concurrency=max(1, min(labels.num_labelers, n_batches)),
         num_cpus=0.1,
-        fn_constructor_kwargs={"app_name": app_name, "k": labels.k, "temperature": labels.temperature, "schema": schema},
+        fn_constructor_kwargs={
+            "app_name": app_name,
+            "k": labels.k,
+            "temperature": labels.temperature,
+            "schema": schema,
+            "tokenizer_path": tokenizer_path,
+            "seq_len": data.seq_len,
+            "max_blocks_per_doc": data.max_blocks_per_doc,
+            "min_tokens": data.min_tokens,
+            "batch_size": labels.batch_size,
+        },
     )
     ds.write_parquet(
         str(partial),
