@@ -158,7 +158,7 @@ def run_distill(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
     """
     from raykd.cluster import connect
     from raykd.report import print_table, write_report
-    from raykd.students import build_student, count_parameters
+    from raykd.students import build_student
     from raykd.train.evaluate import evaluate_folder, teacher_metrics
     from raykd.train.trainer import train_student
 
@@ -191,9 +191,7 @@ def run_distill(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
     train_s = time.perf_counter() - t_train
 
     t_eval = time.perf_counter()
-    from transformers import AutoModelForCausalLM
-
-    n_student = count_parameters(AutoModelForCausalLM.from_pretrained(str(init_dir)))
+    n_student = _param_count(init_dir)
     report: dict[str, Any] = {
         "run_name": cfg.run_name,
         "students": list(results),

@@ -75,9 +75,15 @@ def topk_with_tail(logits, k: int, temperature: float):
     """
     import torch
 
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return topk_and_tail_of(torch.log_softmax(logits.float() / temperature, dim=-1), k)
+
+
+def topk_and_tail_of(logp, k: int):
+    """Top-k and log tail mass of log-probabilities ``logp`` ``[..., V]``, which it overwrites
+    (the tail is a ``logsumexp`` over ``logp`` with the top-k set to ``-inf``, in place: no copy
+    of the ``[..., V]`` tensor)."""
     top_lp, top_ids = logp.topk(k, dim=-1)
-    tail = logp.scatter_(-1, top_ids, float("-inf")).logsumexp(-1)  # in place: no [.., V] copy
+    tail = logp.scatter_(-1, top_ids, float("-inf")).logsumexp(-1)
     return top_lp, top_ids, tail
 
 
@@ -194,8 +200,7 @@ class HFEngine:
                 label = logp1[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * am[:, 1:]
                 out_label[s : s + rows, :-1] = label.cpu().numpy()
                 if temperature == 1.0:  # reuse the log-softmax
-                    top_lp, top_ids = logp1.topk(k, dim=-1)
-                    tail = logp1.scatter_(-1, top_ids, float("-inf")).logsumexp(-1)
+                    top_lp, top_ids, tail = topk_and_tail_of(logp1, k)
                 else:
                     del logp1
                     top_lp, top_ids, tail = topk_with_tail(logits, k, temperature)

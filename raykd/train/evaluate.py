@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -23,8 +24,6 @@ def iter_cache_batches(shard_files: list[str], batch_size: int) -> Iterable[dict
     for path in shard_files:
         pf = pq.ParquetFile(path)
         for rb in pf.iter_batches(batch_size=batch_size):
-            import pyarrow as pa
-
             yield decode_batch(pa.Table.from_batches([rb]))
 
 

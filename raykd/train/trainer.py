@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
 from raykd.config import TrainConfig
 from raykd.soft_labels.schema import decode_batch
 from raykd.train.loop import HISTORY_FILE, train_loop_per_worker
@@ -26,10 +24,6 @@ class TrainResult:
     steps: int
 
 
-def _decode(table: pa.Table) -> dict:
-    return decode_batch(table)
-
-
 def soft_label_dataset(shard_files: list[str], shuffle: bool, seed: int):
     """Ray Dataset of decoded soft-label rows (numpy ``[T]`` / ``[T, K]`` tensors per row)."""
     import ray
@@ -39,7 +33,7 @@ def soft_label_dataset(shard_files: list[str], shuffle: bool, seed: int):
     ])
     if shuffle:
         ds = ds.randomize_block_order(seed=seed)
-    return ds.map_batches(_decode, batch_format="pyarrow", num_cpus=0.25)
+    return ds.map_batches(decode_batch, batch_format="pyarrow", num_cpus=0.25)
 
 
 def train_student(
