@@ -2,7 +2,7 @@
 
     raykd distill --config jobs/configs/bbc_smollm2.yaml --output-dir runs/demo [key=value ...]
     raykd label   --config ... [key=value ...]     # only build (or find) the soft-label caches
-    raykd methods                                  # list the registered distillation losses
+    raykd methods [--verbose]                      # list the distillation methods and losses
     raykd teacher up serve/teachers.yaml | down <name> | status   # the shared teacher service
 
 Each subcommand is a ``main_<name>(config, ...)`` function, so a job script, a test and the
@@ -23,10 +23,10 @@ from raykd.teacher.service import add_teacher_commands, run_teacher_command
 
 
 def main_distill(cfg: DistillConfig, output_dir: str | Path) -> dict[str, Any]:
-    """Run the main job (see :mod:`raykd.recipes.distill`)."""
-    from raykd.recipes.distill import run_distill
+    """Run the main job with the recipe of ``cfg.method`` (see :mod:`raykd.methods`)."""
+    from raykd.methods import run_method
 
-    return run_distill(cfg, Path(output_dir))
+    return run_method(cfg, Path(output_dir))
 
 
 def main_label(cfg: DistillConfig) -> dict[str, Any]:
@@ -44,18 +44,26 @@ def main_label(cfg: DistillConfig) -> dict[str, Any]:
     return out
 
 
-def main_methods() -> list[tuple[str, str]]:
-    """Print every registered loss with the target forms it accepts and a one-line description."""
+def main_methods(verbose: bool = False) -> list[tuple[str, str]]:
+    """Print every distillation method (one line each, its config file), then every loss with
+    the target forms it accepts. ``verbose`` adds each method's paper and composition."""
     from raykd.losses import available_losses
+    from raykd.methods import available_methods
 
-    rows = []
-    for name, spec in sorted(available_losses().items()):
-        forms = "/".join(spec.forms) if spec.forms else "no teacher"
-        rows.append((name, f"[{forms}] {spec.description}"))
-    width = max(len(n) for n, _ in rows)
-    for name, text in rows:
-        print(f"{name:<{width}}  {text}")
-    return rows
+    methods = [(m.name, f"{m.description}  [{m.config_path.relative_to(m.config_path.parents[3])}]")
+               for m in available_methods().values()]
+    losses = [(name, f"[{'/'.join(spec.forms) if spec.forms else 'no teacher'}] {spec.description}")
+              for name, spec in available_losses().items()]
+    width = max(len(n) for n, _ in methods + losses)
+    for title, rows in (("methods (`method:` in a config; run with raykd distill --config <file>)", methods),
+                        ("losses (terms of train.students)", losses)):
+        print(title)
+        for name, text in rows:
+            print(f"  {name:<{width}}  {text}")
+            if verbose and title.startswith("methods"):
+                m = available_methods()[name]
+                print(f"  {'':<{width}}    paper: {m.paper}\n  {'':<{width}}    composes: {m.composes}")
+    return methods + losses
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "distill":
             s.add_argument("--output-dir", required=True, help="where the report, checkpoints and plots go")
         s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
-    sub.add_parser("methods", help="list distillation losses")
+    sub.add_parser("methods", help="list distillation methods and losses").add_argument(
+        "--verbose", action="store_true", help="also show each method's paper and how it composes")
     add_teacher_commands(sub)
     return p
 
@@ -79,7 +88,7 @@ def cli(argv: list[str] | None = None) -> int:
     if args.command == "teacher":
         return run_teacher_command(args)
     if args.command == "methods":
-        main_methods()
+        main_methods(args.verbose)
         return 0
     try:
         cfg = load_config(DistillConfig, args.config, args.overrides)

@@ -66,6 +66,12 @@ class DataConfig(_Strict):
     """How many consecutive ``T``-token blocks to take from each document."""
     min_tokens: int = Field(default=16, ge=2)
     """Drop documents (and trailing blocks) shorter than this many tokens."""
+    perturb_share: float = Field(default=0.0, ge=0.0, le=0.9)
+    """Robust distillation (GKD's ``distill_random_data``): replace this share of each train
+    document's tokens with random tokens before the teacher labels it (0 = off). The held-out
+    split is never perturbed. See :mod:`raykd.data.perturb`."""
+    perturb_seed: int = 0
+    """Seed of the token replacement."""
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
@@ -134,6 +140,11 @@ class StudentConfig(_Strict):
     the teacher when None."""
     keep_layers: list[int] = Field(default_factory=lambda: [0, 6, 12, 18, 24, 29])
     """Teacher layer indices kept by ``layer_drop`` (negative counts from the end)."""
+    vocab_size: int | None = Field(default=None, ge=8)
+    """GLMD vocabulary compression: give the student an embedding and LM head over this many
+    entries, the ``vocab_size - 1`` most frequent teacher token ids of the train split plus one
+    bucket for every other id (None: the teacher's full vocabulary). See
+    :mod:`raykd.students.vocab`."""
 
     @field_validator("keep_layers")
     @classmethod
@@ -143,6 +154,40 @@ class StudentConfig(_Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"student.keep_layers has duplicates: {v}")
         return v
+
+
+class PhaseConfig(_Strict):
+    """One phase of a training schedule (schedules are data; :func:`raykd.train.schedule.schedule_at`
+    applies them). A phase runs from the end of the previous one (or step 0) to ``until``."""
+
+    until: float = Field(gt=0, le=1)
+    """Share of ``train.max_steps`` at which the phase ends; the last phase must end at 1."""
+    weights: dict[str, float] | None = None
+    """Objective ``{loss name: weight}`` during the phase (None: each student's own)."""
+    weights_end: dict[str, float] | None = None
+    """If given, the weights move linearly from ``weights`` to these over the phase."""
+    temperature: float | None = Field(default=None, gt=0, le=100)
+    """Distillation temperature at the start of the phase (None: ``labels.temperature``)."""
+    temperature_end: float | None = Field(default=None, gt=0, le=100)
+    """If given, the temperature moves linearly to this by the end of the phase."""
+
+    @model_validator(mode="after")
+    def _ends_need_starts(self) -> PhaseConfig:
+        if self.weights_end is not None and self.weights is None:
+            raise ValueError("weights_end needs weights (the start of the interpolation)")
+        if self.temperature_end is not None and self.temperature is None:
+            raise ValueError("temperature_end needs temperature (the start of the interpolation)")
+        return self
+
+
+class MultiTeacherConfig(_Strict):
+    """Settings of the multi-teacher methods (the method decides how teachers are combined)."""
+
+    weight_temperature: float = Field(default=1.0, gt=0, le=100)
+    """Softness of per-example teacher weights (``mt_bert``, ``uncertainty``):
+    ``softmax(score / weight_temperature)`` over teachers."""
+    policy_lr: float = Field(default=0.05, gt=0, le=10)
+    """Learning rate of the teacher-selection policy (``rl_kd``)."""
 
 
 class TrainConfig(_Strict):
@@ -156,6 +201,11 @@ class TrainConfig(_Strict):
     )
     """One student per entry: name -> objective as ``{loss name: weight}`` (a weighted sum of
     registry losses; see ``raykd methods``). Weight 0 logs a term without training on it."""
+    loss_params: dict[str, dict[str, float]] = Field(default_factory=dict)
+    """Hyper-parameters of loss terms, e.g. ``{generalized_jsd: {beta: 0.9}}``."""
+    phases: list[PhaseConfig] = Field(default_factory=list)
+    """Schedule of the objective and temperature over training (empty: constant). Used by
+    PD, Annealing-KD and Continuation-KD; see ``raykd methods``."""
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
@@ -180,6 +230,21 @@ class TrainConfig(_Strict):
     max_failures: int = Field(default=0, ge=-1)
     """Worker failures Ray Train recovers from (from the last checkpoint); -1: unlimited."""
 
+    @field_validator("phases")
+    @classmethod
+    def _phases_cover_training(cls, v: list[PhaseConfig]) -> list[PhaseConfig]:
+        ends = [p.until for p in v]
+        if v and (ends != sorted(set(ends)) or ends[-1] != 1.0):
+            raise ValueError(f"train.phases must end at strictly increasing `until` shares, the last at 1.0; got {ends}")
+        return v
+
+    def objective_terms(self) -> list[str]:
+        """Every loss name any student or phase uses (the terms logged at every step)."""
+        names = {n for w in self.students.values() for n in w}
+        for p in self.phases:
+            names |= set(p.weights or {}) | set(p.weights_end or {})
+        return sorted(names)
+
 
 class EvalConfig(_Strict):
     batch_size: int = Field(default=16, ge=1)
@@ -189,9 +254,16 @@ class DistillConfig(_Strict):
     """The main job: teacher -> soft-label cache -> students -> evaluation and report."""
 
     run_name: str = "distill"
+    method: str = "kd"
+    """Distillation method (see ``raykd methods``); it names how the sections below compose
+    and is checked against them before any work starts."""
     ray: RayConfig = Field(default_factory=RayConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    extra_teachers: list[TeacherConfig] = Field(default_factory=list)
+    """More teachers for the multi-teacher methods; each labels the same data into its own
+    cache (keyed by its own fingerprint) and the caches are joined by row."""
+    multi_teacher: MultiTeacherConfig = Field(default_factory=MultiTeacherConfig)
     labels: SoftLabelConfig = Field(default_factory=SoftLabelConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -199,15 +271,28 @@ class DistillConfig(_Strict):
 
     @model_validator(mode="after")
     def _objectives_known(self) -> DistillConfig:
-        from raykd.losses.objective import validate_weights
+        from raykd.losses.objective import validate_params, validate_weights
+        from raykd.methods import get_method
 
         if not self.train.students:
             raise ValueError("train.students is empty: name at least one student and its objective")
-        for name, weights in self.train.students.items():
+        objectives = {f"train.students.{n}": w for n, w in self.train.students.items()}
+        for i, phase in enumerate(self.train.phases):
+            objectives.update({f"train.phases[{i}].{k}": getattr(phase, k) for k in ("weights", "weights_end")
+                               if getattr(phase, k) is not None})
+        for where, weights in objectives.items():
             try:
                 validate_weights(weights)
             except (KeyError, ValueError) as e:
-                raise ValueError(f"train.students.{name}: {e}") from None
+                raise ValueError(f"{where}: {e}") from None
+        try:
+            validate_params(self.train.loss_params, self.train.objective_terms())
+            get_method(self.method).check(self)
+        except KeyError as e:
+            raise ValueError(str(e.args[0])) from None
+        names = [t.name for t in (self.teacher, *self.extra_teachers)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teacher names must differ (each is its own deployment), got {names}")
         if self.train.batch_size % self.train.num_workers:
             raise ValueError(
                 f"train.batch_size={self.train.batch_size} must divide evenly over "

@@ -5,7 +5,7 @@ Pure torch, importable without Ray. Importing this package registers the losses 
 """
 
 from raykd.losses import kd  # noqa: F401  (registers the losses)
-from raykd.losses.objective import Objective, ObjectiveOutput, validate_weights
+from raykd.losses.objective import Objective, ObjectiveOutput, validate_params, validate_weights
 from raykd.losses.registry import LossSpec, available_losses, get_loss, register_loss
 from raykd.losses.targets import TeacherTargets
 
@@ -17,5 +17,6 @@ __all__ = [
     "available_losses",
     "get_loss",
     "register_loss",
+    "validate_params",
     "validate_weights",
 ]

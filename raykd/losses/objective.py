@@ -53,6 +53,21 @@ def validate_weights(weights: Mapping[str, float]) -> None:
         raise ValueError(f"all weights are zero in {dict(weights)}; give at least one term a weight > 0")
 
 
+def validate_params(params: Mapping[str, Mapping[str, float]], terms: list[str] | tuple[str, ...]) -> None:
+    """Check ``{loss name: {hyper-param: value}}`` against the objective's ``terms``.
+
+    Raises:
+        KeyError: an unknown loss name (the message lists the valid ones).
+        ValueError: params for a loss that is not a term, or a hyper-parameter the loss does
+            not accept (the message lists the ones it accepts).
+    """
+    for name, p in params.items():
+        spec = get_loss(name)
+        if name not in terms:
+            raise ValueError(f"params given for {name!r}, which is not a term of {sorted(terms)}")
+        _check_params(spec, p)
+
+
 def _check_params(spec: LossSpec, params: Mapping[str, float]) -> None:
     signature = inspect.signature(spec.fn).parameters
     accepted = sorted(
@@ -98,10 +113,7 @@ class Objective:
         self.weights = {name: float(w) for name, w in weights.items()}
         self.specs = {name: get_loss(name) for name in self.weights}
         self.params = {name: dict(p) for name, p in (params or {}).items()}
-        for name, p in self.params.items():
-            if name not in self.specs:
-                raise ValueError(f"params given for {name!r}, which is not a term of {sorted(self.specs)}")
-            _check_params(self.specs[name], p)
+        validate_params(self.params, list(self.specs))
 
     @property
     def needs_teacher(self) -> bool:

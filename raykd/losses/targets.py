@@ -122,3 +122,29 @@ def teacher_buckets(targets: TeacherTargets, temperature: float) -> tuple[Tensor
         return None, torch.log_softmax(targets.logits.float() / temperature, dim=-1)
     masses = torch.cat([targets.topk_logprobs.float(), targets.tail_logmass.float().unsqueeze(-1)], dim=-1)
     return targets.topk_ids, torch.log_softmax(masses, dim=-1)
+
+
+def retemper(targets: TeacherTargets, cached_temperature: float, temperature: float) -> TeacherTargets:
+    """Sparse targets cached at ``cached_temperature`` moved to ``temperature`` (Annealing-KD).
+
+    The cached log-probs are ``z / tau_c - log Z``; scaling them by ``tau_c / tau`` and
+    renormalising (which :func:`teacher_buckets` does) gives ``softmax(z / tau)`` exactly on the
+    top-k ids. The tail is one bucket whose member tokens are unknown, so it is re-tempered as if
+    it were one token: at ``tau > tau_c`` this under-states the tail mass (approximation).
+    Dense targets are returned unchanged (losses apply the temperature to the logits).
+
+    Args:
+        targets: sparse or dense teacher targets.
+        cached_temperature: the soft-label temperature of the cache ``tau_c`` > 0.
+        temperature: the wanted temperature ``tau`` > 0.
+
+    Raises:
+        ValueError: a temperature is not a positive finite number.
+    """
+    for t in (cached_temperature, temperature):
+        if not 0.0 < t < float("inf"):
+            raise ValueError(f"temperatures must be positive finite numbers, got {t}")
+    if targets.form == "dense" or cached_temperature == temperature:
+        return targets
+    f = cached_temperature / temperature
+    return TeacherTargets.sparse(targets.topk_ids, targets.topk_logprobs.float() * f, targets.tail_logmass.float() * f)

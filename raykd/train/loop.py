@@ -24,6 +24,8 @@ from typing import Any
 import torch
 
 from raykd.losses import Objective, TeacherTargets
+from raykd.losses.targets import retemper
+from raykd.train.schedule import schedule_at
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
@@ -46,6 +48,15 @@ def batch_to_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch
     labels[:, :-1] = torch.where(mask[:, :-1], ids[:, 1:], torch.full_like(ids[:, 1:], -100))
     targets = TeacherTargets.sparse(batch["topk_ids"].long(), batch["topk_logprobs"].float(), batch["tail_logmass"].float())
     return ids, batch["attention_mask"].long(), labels, mask, targets
+
+
+def objective_at(config: dict[str, Any], step: int) -> tuple[Objective, float]:
+    """The objective and temperature of 0-based ``step``, from the schedule in ``config``
+    (``phases``, ``weights``, ``terms``, ``loss_params``, ``temperature``, ``max_steps``)."""
+    weights, tau = schedule_at(config.get("phases") or [], step, config["max_steps"], config["weights"],
+                               config["temperature"], config.get("terms") or ())
+    params = {n: p for n, p in (config.get("loss_params") or {}).items() if n in weights}
+    return Objective(weights, params), tau
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -117,7 +128,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if state is not None:
         optim.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
-    objective = Objective(config["weights"], config.get("params"))
 
     per_worker = config["batch_size"] // world
     groups = _micro_batches(ray.train.get_dataset_shard("train"), per_worker, config["grad_accum"], config, device)
@@ -131,13 +141,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             dist.all_reduce(n_global)
         n_global = max(float(n_global.item()), 1.0)
         sums: dict[str, float] = {}
+        objective, tau = objective_at(config, step)
         for i, batch in enumerate(group):
             ids, am, labels, mask, targets = batch_to_inputs(batch)
+            targets = retemper(targets, config["temperature"], tau)
             sync = nullcontext() if (world == 1 or i == len(group) - 1) else model.no_sync()
             with sync:
                 with _autocast(config["autocast"], device):
                     logits = model(input_ids=ids, attention_mask=am).logits
-                out = objective(logits.float(), labels, mask, targets, config["temperature"])
+                out = objective(logits.float(), labels, mask, targets, tau)
                 (out.loss_sum * world / n_global).backward()
             for name, value in out.term_sums.items():
                 sums[name] = sums.get(name, 0.0) + float(value)
@@ -153,7 +165,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         totals = torch.tensor(list(sums.values()), device=device)
         if world > 1:
             dist.all_reduce(totals)
-        row = {"step": step, **{k: float(v) / n_global for k, v in zip(sums, totals.tolist())}, "lr": sched.get_last_lr()[0]}
+        row = {"step": step, **{k: float(v) / n_global for k, v in zip(sums, totals.tolist())}, "lr": sched.get_last_lr()[0],
+               "temperature": tau}
         history.append(row)
         last = step == config["max_steps"]
         if step % config["log_every"] == 0 or last:
@@ -161,7 +174,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             row_out = {**row, "tokens_per_s": tok_log * world / max(dt, 1e-9)}
             t_log, tok_log = time.perf_counter(), 0
             if rank == 0:
-                terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("step", "lr"))
+                terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("step", "lr", "temperature"))
                 print(f"[{config['run_label']}] step {step}/{config['max_steps']} {terms} tok/s={row_out['tokens_per_s']:.0f}", flush=True)
         if step % config["checkpoint_every"] == 0 or last:
             _report_checkpoint(core, optim, sched, step, history, rank, row)

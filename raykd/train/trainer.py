@@ -68,11 +68,15 @@ def train_student(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    terms = set(weights)
+    for phase in cfg.phases:
+        terms |= set(phase.weights or {}) | set(phase.weights_end or {})
     loop_config = {
         **cfg.model_dump(exclude={"students"}),
         "student_path": str(student_path),
         "weights": dict(weights),
-        "params": params or {},
+        "terms": sorted(terms),
+        "loss_params": {**cfg.loss_params, **(params or {})},
         "temperature": temperature,
         "run_label": name,
     }
@@ -100,5 +104,5 @@ def train_student(
     if history:
         last = history[-1]
         print(f"[{name}] trained {len(history)} steps in {seconds:.0f} s; final "
-              + " ".join(f"{k}={v:.4f}" for k, v in last.items() if k not in ("step", "lr")), flush=True)
+              + " ".join(f"{k}={v:.4f}" for k, v in last.items() if k not in ("step", "lr", "temperature")), flush=True)
     return TrainResult(name=name, model_dir=model_dir, history=history, seconds=seconds, steps=len(history))

@@ -1,0 +1,94 @@
+"""Compare the distillation methods on real inputs with one budget: held-out perplexity and top-1
+agreement with the teacher of each method's student.
+
+Runs each method's config (``jobs/configs/methods/<m>.yaml``: SmolLM2-135M teacher, BBC News,
+6-of-30-layer student) through ``raykd distill`` with the same budget overrides, one after the
+other in one process (one Ray cluster; the teacher's soft-label cache is shared, so the teacher
+labels the data once). Results are merged into ``<results>.json`` by method, so methods can be
+run in several batches, and the whole table is rewritten to ``<results>.md`` each time.
+
+    .venv/bin/python benchmarks/bench_methods.py --steps 40 --methods kd,pd,glmd
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+from raykd.config import DistillConfig, load_config
+from raykd.methods import available_methods, get_method, run_method
+
+COLUMNS = ("method", "student", "params", "held-out ppl", "top-1 agreement", "steps", "train s", "objective")
+
+
+def run_one(method: str, out_root: Path, budget: list[str]) -> dict:
+    """Run one method's config with the budget overrides; return its table row."""
+    cfg = load_config(DistillConfig, get_method(method).config_path, budget)
+    start = time.perf_counter()
+    report = run_method(cfg, out_root / method)
+    (student,) = report["students"]
+    s = report[student]
+    extra = {k: report[k] for k in report if k.startswith("teacher") and k != "teacher"}
+    return {
+        "method": method, "student": student, "params": s["params"], "ppl": s["ppl"],
+        "top1_agreement": s["top1_agreement"], "steps": s["steps"], "train_s": s["train_s"],
+        "objective": s["objective"], "phases": [p.model_dump(exclude_none=True) for p in cfg.train.phases],
+        "teacher_ppl": report["teacher"]["ppl"], "student_init_ppl": report["student_init"]["ppl"],
+        "extra_teachers": extra, "cache_hit": report["cache"]["hit"], "wall_s": time.perf_counter() - start,
+    }
+
+
+def write_table(results: dict, path_md: Path) -> str:
+    rows = [results["methods"][m] for m in available_methods() if m in results["methods"]]
+    b = results["budget"]
+    lines = [
+        f"# Distillation methods on BBC News, SmolLM2-135M-Instruct teacher ({b['machine']})", "",
+        f"Budget per method: {b['steps']} steps x batch {b['batch_size']} x {b['seq_len']} tokens "
+        f"({b['steps'] * b['batch_size']} blocks), AdamW lr {b['lr']}; student = 6 of 30 teacher layers; "
+        f"held-out: {b['eval_docs']} articles. Teacher ppl {rows[0]['teacher_ppl']:.2f} (agreement 1.0), "
+        f"untrained student ppl {rows[0]['student_init_ppl']:,.0f}." if rows else "", "",
+        "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS),
+    ]
+    for r in rows:
+        objective = " + ".join(f"{w:g} {n}" for n, w in r["objective"].items())
+        if r["phases"]:
+            objective += f"; phases {r['phases']}"
+        lines.append(f"| {r['method']} | {r['student']} | {r['params'] / 1e6:.1f}M | {r['ppl']:.1f} | "
+                     f"{r['top1_agreement']:.3f} | {r['steps']} | {r['train_s']:.0f} | {objective} |")
+    text = "\n".join(lines) + "\n"
+    path_md.write_text(text)
+    return text
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", default=",".join(available_methods()), help="comma-separated method names")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--out-dir", default="runs/bench_methods")
+    p.add_argument("--results", default="benchmarks/results/methods", help="path without .json/.md")
+    args = p.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        get_method(m)  # unknown names fail here, listing the valid ones
+    budget = [f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
+              f"train.checkpoint_every={args.steps}", f"train.warmup_steps={max(1, args.steps // 10)}"]
+    results_json = Path(args.results + ".json")
+    results = json.loads(results_json.read_text()) if results_json.exists() else {"methods": {}}
+    base = load_config(DistillConfig, get_method("kd").config_path, budget)
+    results["budget"] = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": base.data.seq_len,
+                         "lr": base.train.lr, "eval_docs": base.data.test_docs,
+                         "machine": f"{platform.machine()}, CPU only"}
+    results_json.parent.mkdir(parents=True, exist_ok=True)
+    for m in methods:
+        print(f"=== method {m} ===", flush=True)
+        results["methods"][m] = run_one(m, Path(args.out_dir), budget)
+        results_json.write_text(json.dumps(results, indent=2))
+        print(write_table(results, Path(args.results + ".md")), flush=True)
+
+
+if __name__ == "__main__":
+    main()

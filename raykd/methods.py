@@ -1,0 +1,300 @@
+"""The registry of distillation methods: named compositions of loss terms, schedules, teachers
+and recipes.
+
+A *loss* (:mod:`raykd.losses`) is one term; a *method* says how a whole run is put together:
+which terms (``train.students``), which schedule (``train.phases``), how many teachers and how
+they are combined (``extra_teachers`` + :attr:`Method.combine`), which student (``student``),
+which data (``data.perturb_share``), and which recipe function runs it. A config names its
+method (``method: annealing_kd``) and spells out every setting itself (a config is a complete
+``DistillConfig``; nothing is filled in behind the user's back); the method then *checks* that
+the config composes what the method means, before any teacher call or training step.
+
+Add a method with :func:`register_method`::
+
+    register_method(Method(
+        name="my_kd", description="one line for `raykd methods`", paper="Author et al. 2024, ...",
+        composes="what the config must hold", uses=frozenset({"phases"}),
+        recipe="raykd.recipes.distill:run_distill"))
+
+Pure Python: importing this module imports neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from raykd.config import DistillConfig
+
+FEATURES = ("phases", "teachers", "vocab", "perturb")
+"""Parts of a config beyond a plain single-teacher run; a method must declare the ones it uses.
+
+- ``phases``: ``train.phases`` is not empty (a schedule of objective and temperature);
+- ``teachers``: ``extra_teachers`` is not empty (several teachers joined by row);
+- ``vocab``: ``student.vocab_size`` is set (vocabulary compression);
+- ``perturb``: ``data.perturb_share > 0`` (teacher labels on perturbed text).
+"""
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "methods"
+
+
+class UnknownMethodError(KeyError):
+    """A method name that is not registered; the message lists the valid names."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered distillation method.
+
+    Attributes:
+        name: registry name, the ``method`` field of a config.
+        description: one line shown by ``raykd methods``.
+        paper: the paper (or source) the method follows.
+        composes: how the method composes loss terms, schedules, teachers and recipes (shown
+            by ``raykd methods --verbose``).
+        uses: config features (:data:`FEATURES`) the method may use.
+        requires: features the method must use (a subset of ``uses``).
+        combine: how several teachers' soft labels become one target (a name in
+            :mod:`raykd.losses.multi_teacher`), for methods that use ``teachers``.
+        recipe: ``"module:function"`` that runs a config of this method; called as
+            ``fn(cfg, output_dir)``. Resolved lazily, so the registry imports nothing heavy.
+        check: optional extra check ``fn(cfg) -> None`` raising ``ValueError``.
+    """
+
+    name: str
+    description: str
+    paper: str
+    composes: str
+    uses: frozenset[str] = frozenset()
+    requires: frozenset[str] = frozenset()
+    combine: str | None = None
+    recipe: str = "raykd.recipes.distill:run_distill"
+    check_fn: Callable[[DistillConfig], None] | None = field(default=None, repr=False)
+
+    @property
+    def config_path(self) -> Path:
+        """The method's config under ``jobs/configs/methods/``."""
+        return CONFIG_DIR / f"{self.name}.yaml"
+
+    def check(self, cfg: DistillConfig) -> None:
+        """Check that ``cfg`` composes this method (cheap; runs when the config is validated).
+
+        Raises:
+            ValueError: the config uses a feature the method does not, misses one it requires,
+                or fails the method's own check; the message says which and how to fix it.
+        """
+        used = config_features(cfg)
+        if extra := sorted(used - self.uses):
+            raise ValueError(f"method {self.name!r} does not use {extra} (set by the config); "
+                             f"pick a method that does (`raykd methods`) or remove them")
+        if missing := sorted(self.requires - used):
+            raise ValueError(f"method {self.name!r} needs {missing} in the config: {self.composes}")
+        if self.check_fn is not None:
+            self.check_fn(cfg)
+
+    def run(self, cfg: DistillConfig, output_dir: Path) -> Any:
+        """Run ``cfg`` with this method's recipe function."""
+        module, _, fn = self.recipe.partition(":")
+        return getattr(importlib.import_module(module), fn)(cfg, Path(output_dir))
+
+
+def config_features(cfg: DistillConfig) -> set[str]:
+    """The :data:`FEATURES` a config uses."""
+    flags = {
+        "phases": bool(cfg.train.phases),
+        "teachers": bool(cfg.extra_teachers),
+        "vocab": cfg.student.vocab_size is not None,
+        "perturb": cfg.data.perturb_share > 0,
+    }
+    return {name for name, on in flags.items() if on}
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Add ``method`` to the registry and return it.
+
+    Raises:
+        ValueError: the name is taken, or ``uses`` / ``requires`` name unknown features.
+    """
+    if method.name in _REGISTRY:
+        raise ValueError(f"method {method.name!r} is already registered")
+    if bad := sorted((method.uses | method.requires) - set(FEATURES)):
+        raise ValueError(f"method {method.name!r}: unknown features {bad}; known: {list(FEATURES)}")
+    if not method.requires <= method.uses:
+        raise ValueError(f"method {method.name!r}: requires {sorted(method.requires)} must be a subset of uses")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The registered method called ``name``.
+
+    Raises:
+        KeyError: (an :class:`UnknownMethodError`) the name is unknown; the message lists the
+            valid ones.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownMethodError(f"unknown method {name!r}; valid methods: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def available_methods() -> dict[str, Method]:
+    """All registered methods by name, in registration order (a copy)."""
+    return dict(_REGISTRY)
+
+
+def run_method(cfg: DistillConfig, output_dir: Path) -> Any:
+    """Run a config with the recipe of its method (what ``raykd distill`` does)."""
+    return get_method(cfg.method).run(cfg, output_dir)
+
+
+# ---- the checks a few methods add beyond their features ---------------------------------------
+
+
+def _objectives(cfg: DistillConfig) -> list[dict[str, float]]:
+    out = list(cfg.train.students.values())
+    for p in cfg.train.phases:
+        out += [w for w in (p.weights, p.weights_end) if w is not None]
+    return out
+
+
+def _teacher_terms(weights: dict[str, float]) -> list[str]:
+    from raykd.losses import get_loss
+
+    return [n for n, w in weights.items() if w > 0 and get_loss(n).needs_teacher]
+
+
+def _no_hard_labels(cfg: DistillConfig) -> None:
+    if bad := [w for w in _objectives(cfg) if w.get("ce", 0) > 0]:
+        raise ValueError(f"method {cfg.method!r} distils from logits only (no hard labels): "
+                         f"remove the `ce` term (or give it weight 0) in {bad}")
+
+
+def _pd(cfg: DistillConfig) -> None:
+    first, rest = cfg.train.phases[0], cfg.train.phases[1:]
+    if first.weights is None or _teacher_terms(first.weights) or first.weights_end is not None:
+        raise ValueError("method 'pd' pre-trains first: train.phases[0].weights must use no teacher "
+                         "term (e.g. {ce: 1.0}) and no weights_end")
+    if not rest:
+        raise ValueError("method 'pd' needs a second phase (the KD phase) after the pre-training phase")
+
+
+def _annealing(cfg: DistillConfig) -> None:
+    phases = cfg.train.phases
+    first = phases[0]
+    if len(phases) != 2 or first.temperature is None or first.temperature_end is None \
+            or first.temperature <= first.temperature_end:
+        raise ValueError("method 'annealing_kd' needs two phases: phase 1 anneals the temperature down "
+                         "(temperature > temperature_end), phase 2 trains on hard labels")
+    last = phases[-1].weights
+    if last is None or _teacher_terms(last) or last.get("ce", 0) <= 0:
+        raise ValueError("method 'annealing_kd': the last phase trains on hard labels only, e.g. weights: {ce: 1.0}")
+
+
+def _continuation(cfg: DistillConfig) -> None:
+    p = cfg.train.phases[0]
+    if len(cfg.train.phases) != 1 or p.temperature_end is None or p.weights_end is None \
+            or p.temperature <= p.temperature_end:
+        raise ValueError("method 'continuation_kd' needs one phase that anneals the temperature down "
+                         "(temperature > temperature_end) while the weights move (weights -> weights_end)")
+
+
+def _glmd_vocab(cfg: DistillConfig) -> None:
+    _no_hard_labels(cfg)
+    if cfg.student.init != "layer_drop":
+        raise ValueError("method 'glmd_vocab' compresses a layer-dropped student: set student.init=layer_drop")
+
+
+# ---- the logit-level methods -------------------------------------------------------------------
+
+register_method(Method(
+    name="kd",
+    description="soft + hard labels: weighted registry losses, constant temperature",
+    paper="Hinton, Vinyals & Dean 2015, Distilling the Knowledge in a Neural Network",
+    composes="train.students {forward_kl: w, ce: 1 - w} (any registry losses); no schedule, one teacher",
+))
+register_method(Method(
+    name="pd",
+    description="pre-train the student on the text (LM loss), then KD",
+    paper="Turc et al. 2019, Well-Read Students Learn Better (Pre-trained Distillation)",
+    composes="train.phases: [{until: s, weights: {ce: 1}}, {until: 1.0}] (the second phase uses each "
+             "student's own KD objective); one budget for both stages",
+    uses=frozenset({"phases"}), requires=frozenset({"phases"}), check_fn=_pd,
+))
+register_method(Method(
+    name="annealing_kd",
+    description="stage 1: KD to a teacher whose temperature is annealed down to 1; stage 2: hard labels",
+    paper="Jafari et al. 2021, Annealing Knowledge Distillation (EACL)",
+    composes="train.phases: [{weights: {forward_kl: 1}, temperature: tau_max, temperature_end: 1}, "
+             "{weights: {ce: 1}}]; sparse soft labels are re-tempered over the K + 1 buckets",
+    uses=frozenset({"phases"}), requires=frozenset({"phases"}), check_fn=_annealing,
+))
+register_method(Method(
+    name="continuation_kd",
+    description="one stage from a smoothed objective (high temperature, KD only) to the full one (KD + CE)",
+    paper="Jafari et al. 2022, Continuation KD: Improved Knowledge Distillation through the Lens of "
+          "Continuation Optimization (EMNLP Findings)",
+    composes="train.phases: [{weights: {forward_kl: 1, ce: 0}, weights_end: {forward_kl: a, ce: b}, "
+             "temperature: tau_max, temperature_end: 1}]",
+    uses=frozenset({"phases"}), requires=frozenset({"phases"}), check_fn=_continuation,
+))
+register_method(Method(
+    name="glmd",
+    description="logits only: no hard labels, no intermediate layers",
+    paper="Tan et al. 2023, Are Intermediate Layers and Labels Really Necessary? A General Language "
+          "Model Distillation Method (GLMD, Findings of ACL)",
+    composes="train.students with teacher terms only (no ce), one teacher",
+    check_fn=_no_hard_labels,
+))
+register_method(Method(
+    name="glmd_vocab",
+    description="GLMD with vocabulary compression: a smaller student embedding/LM head over a mapped vocabulary",
+    paper="Tan et al. 2023 (GLMD), vocabulary compression",
+    composes="as glmd, plus student.vocab_size: N (the N - 1 most frequent train token ids + one bucket); "
+             "soft labels are mapped into the compressed vocabulary (merged ids sum their mass)",
+    uses=frozenset({"vocab"}), requires=frozenset({"vocab"}), check_fn=_glmd_vocab,
+))
+register_method(Method(
+    name="robust_kd",
+    description="distil on perturbed inputs: a share of tokens replaced, the teacher labels the perturbed text",
+    paper="GKD (Tan et al. 2023, GKD: A General Knowledge Distillation Framework for Large-scale "
+          "Pre-trained Language Model), distill_random_data",
+    composes="data.perturb_share > 0 (train split only); teacher terms (hard labels of perturbed text are noise)",
+    uses=frozenset({"perturb"}), requires=frozenset({"perturb"}), check_fn=_no_hard_labels,
+))
+
+
+def _multi_teacher(name: str, description: str, paper: str, combine: str, weights: str) -> Method:
+    teachers = frozenset({"teachers"})
+    return register_method(Method(
+        name=name, description=description, paper=paper, uses=teachers, requires=teachers, combine=combine,
+        composes=f"extra_teachers: [...] (each labels the same blocks into its own cache, joined by row); {weights}",
+    ))
+
+
+_multi_teacher("tmkd", "several teachers, their soft labels averaged",
+               "Yang et al. 2020, Model Compression with Two-stage Multi-teacher Knowledge Distillation for Web "
+               "Question Answering System (TMKD, WSDM)", "mean", "targets = mean of the teachers' distributions")
+_multi_teacher("mt_bert", "several teachers weighted per example by how well each predicts the real text",
+               "Wu et al. 2021, One Teacher is Enough? Pre-trained Language Model Distillation from Multiple Teachers "
+               "(MT-BERT, Findings of ACL)", "truth",
+               "weights = softmax over teachers of each one's mean log-likelihood of the example's real next tokens "
+               "/ multi_teacher.weight_temperature")
+_multi_teacher("uncertainty", "several teachers weighted per token by their confidence (low entropy, more weight)",
+               "Li et al. 2021, Dynamic Knowledge Distillation for Pre-trained Language Models (uncertainty-based "
+               "weighting; here the teachers' entropy, as GKD's Uncertainty method)", "entropy",
+               "weights = softmax over teachers of -entropy / multi_teacher.weight_temperature")
+_multi_teacher("rl_kd", "a policy picks one teacher per example, rewarded by the student's loss drop",
+               "Yuan et al. 2021, Reinforced Multi-Teacher Selection for Knowledge Distillation (AAAI)", "policy",
+               "a linear softmax policy over per-teacher features (entropy, likelihood of the text) samples one "
+               "teacher per example; REINFORCE, reward = drop of the student's per-example CE over the step")

@@ -1,0 +1,90 @@
+"""The method registry, every shipped method config, and the schedules (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+
+from raykd.cli import main_methods
+from raykd.config import ConfigError, DistillConfig, load_config
+from raykd.methods import CONFIG_DIR, Method, available_methods, get_method, register_method
+from raykd.train.loop import objective_at
+from raykd.train.schedule import schedule_at
+
+METHODS = list(available_methods())
+
+
+def test_every_method_has_a_config_that_names_it_and_every_config_a_method():
+    assert sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) == sorted(METHODS)
+    for name in METHODS:
+        cfg = load_config(DistillConfig, get_method(name).config_path)
+        assert cfg.method == name and cfg.run_name == name
+
+
+def test_raykd_methods_lists_every_method_and_loss(capsys):
+    rows = dict(main_methods(verbose=True))
+    out = capsys.readouterr().out
+    for name in [*METHODS, "forward_kl", "ce", "generalized_jsd"]:
+        assert name in rows and f"  {name} " in out
+    assert "paper: Jafari et al. 2021" in out
+
+
+def test_unknown_method_lists_the_valid_ones():
+    with pytest.raises(KeyError, match="valid methods: .*annealing_kd.*kd"):
+        get_method("kdd")
+    with pytest.raises(ConfigError, match="unknown method 'kdd'; valid methods"):
+        load_config(DistillConfig, None, ["method=kdd"])
+
+
+def test_register_method_refuses_unknown_features_and_duplicates():
+    with pytest.raises(ValueError, match="unknown features"):
+        register_method(Method(name="x_kd", description="", paper="", composes="", uses=frozenset({"chains"})))
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(get_method("kd"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method=glmd", "train.students={s: {forward_kl: 0.5, ce: 0.5}}"], "no hard labels"),
+    (["method=kd", "train.phases=[{until: 1.0, temperature: 2.0}]"], "does not use \\['phases'\\]"),
+    (["method=pd"], "needs \\['phases'\\]"),
+    (["method=pd", "train.phases=[{until: 0.5, weights: {forward_kl: 1}}, {until: 1.0}]"], "pre-trains first"),
+    (["method=tmkd"], "needs \\['teachers'\\]"),
+    (["train.students={s: {forward_kl: 0.0, ce: 0.0}}"], "all weights are zero"),
+    (["train.students={s: {forward_kl: -1.0}}"], "must be finite and >= 0"),
+    (["train.students={s: {fwd_kl: 1.0}}"], "unknown loss 'fwd_kl'; valid losses: ce, forward_kl"),
+    (["train.phases=[{until: 0.5}]", "method=pd"], "the last at 1.0"),
+    (["train.loss_params={generalized_jsd: {beta: 0.5}}"], "not a term"),
+    (["train.students={s: {skew_kl: 1}}", "train.loss_params={skew_kl: {beta: 0.5}}"], "accepts \\['alpha'\\]"),
+    (["method=tmkd", "extra_teachers=[{name: teacher}]"], "teacher names must differ"),
+])
+def test_bad_method_configs_are_refused_at_load_time(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DistillConfig, None, overrides)
+
+
+def test_schedule_phases_and_linear_interpolation():
+    phases = [{"until": 0.5, "weights": {"ce": 1.0}, "weights_end": None, "temperature": 4.0, "temperature_end": 2.0},
+              {"until": 1.0, "weights": None, "weights_end": None, "temperature": None, "temperature_end": None}]
+    own = {"forward_kl": 0.5, "ce": 0.5}
+    assert schedule_at(phases, 0, 10, own, 1.0, ["forward_kl"]) == ({"ce": 1.0, "forward_kl": 0.0}, 4.0)
+    assert schedule_at(phases, 4, 10, own, 1.0) == ({"ce": 1.0}, pytest.approx(2.4))
+    assert schedule_at(phases, 5, 10, own, 1.0) == (own, 1.0)  # phase 2: the student's own objective
+    assert schedule_at([], 3, 10, own, 1.0) == (own, 1.0)
+
+
+@pytest.mark.parametrize("method", ["pd", "annealing_kd", "continuation_kd"])
+def test_shipped_schedules_start_and_end_where_the_method_says(method):
+    cfg = load_config(DistillConfig, get_method(method).config_path, ["train.max_steps=20"])
+    (weights,) = cfg.train.students.values()
+    loop_cfg = {"phases": [p.model_dump() for p in cfg.train.phases], "max_steps": 20, "weights": weights,
+                "temperature": cfg.labels.temperature, "terms": cfg.train.objective_terms(), "loss_params": {}}
+    first, t_first = objective_at(loop_cfg, 0)
+    last, t_last = objective_at(loop_cfg, 19)
+    if method == "pd":  # pre-training without the teacher, then the KD objective
+        assert first.weights == {"ce": 1.0, "forward_kl": 0.0} and last.weights == weights
+        assert not first.needs_teacher or first.weights["forward_kl"] == 0.0
+    elif method == "annealing_kd":  # hot teacher first, hard labels last
+        assert first.weights["forward_kl"] == 1.0 and t_first == 4.0
+        assert last.weights == {"ce": 1.0, "forward_kl": 0.0} and t_last == 1.0
+    else:  # smoothed objective first, the full one at the end
+        assert first.weights == {"ce": 0.0, "forward_kl": 1.0} and t_first == 4.0
+        assert last.weights["ce"] == pytest.approx(0.5 * 19 / 20) and t_last == pytest.approx(1.0 + 3.0 / 20)
