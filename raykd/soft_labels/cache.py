@@ -48,6 +48,9 @@ class CacheKey:
     seq_len: int
     max_blocks_per_doc: int
     min_tokens: int
+    logprobs_mode: str = "raw_logprobs"
+    """What the logprobs are: ``raw_logprobs`` = log-softmax of the unprocessed logits (at the
+    key's temperature); other modes (vLLM's processed logprobs) would give other numbers."""
     schema_version: int = SCHEMA_VERSION
 
     def digest(self) -> str:

