@@ -4,6 +4,8 @@
     raykd label   --config ... [key=value ...]     # only build (or find) the soft-label caches
     raykd methods [--verbose]                      # list the distillation methods and losses
     raykd teacher up serve/teachers.yaml | down <name> | status   # the shared teacher service
+    raykd tune minidisc|maxidisc --config tune/configs/minidisc_bbc.yaml --output-dir DIR [key=value ...]
+    raykd tune sweep --minidisc-dir DIR --maxidisc-dir DIR        # lambda sweep against MaxiDisc
 
 Each subcommand is a ``main_<name>(config, ...)`` function, so a job script, a test and the
 command line call the same code.
@@ -78,7 +80,45 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list distillation methods and losses").add_argument(
         "--verbose", action="store_true", help="also show each method's paper and how it composes")
     add_teacher_commands(sub)
+    _add_tune_commands(sub)
     return p
+
+
+def _add_tune_commands(sub) -> None:
+    """``raykd tune minidisc|maxidisc|sweep`` (teacher-assistant schedule search, tune/README.md)."""
+    tune = sub.add_parser("tune", help="teacher-assistant schedule search on Ray Tune (MiniDisc, MaxiDisc)")
+    tsub = tune.add_subparsers(dest="tune_command", required=True)
+    for name, help_ in (("minidisc", "pick the TA in one trial (lambda-tradeoff)"), ("maxidisc", "one Tune trial per candidate TA")):
+        s = tsub.add_parser(name, help=help_)
+        s.add_argument("--config", help="YAML config (e.g. tune/configs/minidisc_bbc.yaml)")
+        s.add_argument("--output-dir", required=True, help="where results.json and the PNG go")
+        s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. kd.steps=20")
+    s = tsub.add_parser("sweep", help="which TA each lambda picks, against the MaxiDisc ground truth")
+    s.add_argument("--minidisc-dir", required=True)
+    s.add_argument("--maxidisc-dir", required=True)
+    s.add_argument("--output-dir", help="where lambda_sweep.json goes (default: the MiniDisc dir)")
+
+
+def _config_error(e: ConfigError) -> int:
+    print(f"raykd: {e}", file=sys.stderr)
+    return 2
+
+
+def run_tune_command(args: argparse.Namespace) -> int:
+    """Dispatch ``raykd tune ...``; returns the exit code (2 for a bad config)."""
+    from raykd.recipes import schedule_search
+    from raykd.recipes.schedule_config import ScheduleConfig
+
+    if args.tune_command == "sweep":
+        schedule_search.main_sweep(args.minidisc_dir, args.maxidisc_dir, args.output_dir)
+        return 0
+    try:
+        cfg = load_config(ScheduleConfig, args.config, args.overrides)
+    except ConfigError as e:
+        return _config_error(e)
+    main = schedule_search.main_minidisc if args.tune_command == "minidisc" else schedule_search.main_maxidisc
+    main(cfg, args.output_dir)
+    return 0
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -87,6 +127,8 @@ def cli(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "teacher":
         return run_teacher_command(args)
+    if args.command == "tune":
+        return run_tune_command(args)
     if args.command == "methods":
         main_methods(args.verbose)
         return 0

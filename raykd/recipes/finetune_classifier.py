@@ -1,0 +1,127 @@
+"""Fine-tune an encoder (all-MiniLM-L6-v2 by default) into a topic-classification teacher, once.
+
+The result is a normal ``save_pretrained`` folder in the user cache,
+``<cache>/models/classifier-<key>``, where the key hashes everything that changes the weights
+(base weights, the training articles, labels, ``T`` and the optimisation settings): a second
+run with the same settings finds the folder and trains nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raykd.config import default_cache_root
+from raykd.data.documents import Document
+from raykd.models import load_tokenizer, resolve_model_path, weights_fingerprint
+from raykd.recipes.schedule_config import ClassifierTeacherConfig
+from raykd.soft_labels.cache import documents_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def tokenize_documents(tokenizer, docs: Sequence[Document], labels: Sequence[str], seq_len: int) -> dict[str, np.ndarray]:
+    """``doc_id`` [N], ``input_ids`` / ``attention_mask`` int64 [N, T] (truncated, right-padded),
+    ``label`` int64 [N] (index into ``labels``; -1 for a document without a known label)."""
+    enc = tokenizer([d.text for d in docs], truncation=True, max_length=seq_len, padding="max_length", return_tensors="np")
+    index = {name: i for i, name in enumerate(labels)}
+    return {
+        "doc_id": np.asarray([d.doc_id for d in docs], dtype=object),
+        "input_ids": enc["input_ids"].astype(np.int64),
+        "attention_mask": enc["attention_mask"].astype(np.int64),
+        "label": np.asarray([index.get(d.label, -1) for d in docs], dtype=np.int64),
+    }
+
+
+def finetune_key(cfg: ClassifierTeacherConfig, base: Path, train: Sequence[Document], labels: Sequence[str], seq_len: int) -> str:
+    """Hex key of a fine-tuning run (24 characters)."""
+    blob = json.dumps(
+        {
+            "base": weights_fingerprint(base),
+            "data": documents_fingerprint(train),
+            "labels": list(labels),
+            "seq_len": seq_len,
+            **cfg.model_dump(include={"steps", "batch_size", "lr", "freeze_embeddings", "seed"}),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def finetune_classifier(
+    cfg: ClassifierTeacherConfig, train: Sequence[Document], labels: Sequence[str], seq_len: int, cache_root: Path | None = None
+) -> Path:
+    """The fine-tuned classifier folder for these settings, training it first if it is not cached.
+
+    Args:
+        cfg: base model and optimisation settings.
+        train: training articles (``label`` set to one of ``labels``).
+        labels: class names, in class-index order.
+        seq_len: tokens per article ``T``.
+
+    Returns:
+        The model folder (``config.json`` with ``id2label``, ``model.safetensors``, tokenizer).
+
+    Raises:
+        ValueError: a training article has no label among ``labels``.
+        FileNotFoundError: the base model cannot be found.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    base = resolve_model_path(cfg.base_model)
+    root = (cache_root or default_cache_root()) / "models"
+    out = root / f"classifier-{finetune_key(cfg, base, train, labels, seq_len)}"
+    if (out / "config.json").is_file():
+        log.info("fine-tuned teacher found in %s", out)
+        return out
+    tokenizer = load_tokenizer(base)
+    data = tokenize_documents(tokenizer, train, labels, seq_len)
+    if (data["label"] < 0).any():
+        bad = data["doc_id"][data["label"] < 0][:3].tolist()
+        raise ValueError(f"training articles without a label among {list(labels)}: {bad}")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(base), num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}
+    )
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    rng = np.random.default_rng(cfg.seed)
+    order, t0 = np.empty(0, dtype=np.int64), time.time()
+    model.train()
+    for step in range(1, cfg.steps + 1):
+        if len(order) < cfg.batch_size:
+            order = np.concatenate([order, rng.permutation(len(data["label"]))])
+        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        out_ = model(
+            input_ids=torch.as_tensor(data["input_ids"][idx]),
+            attention_mask=torch.as_tensor(data["attention_mask"][idx]),
+            labels=torch.as_tensor(data["label"][idx]),
+        )
+        opt.zero_grad(set_to_none=True)
+        out_.loss.backward()
+        opt.step()
+        if step % 10 == 0 or step == cfg.steps:
+            log.info("fine-tune step %d/%d loss %.4f (%.0f s)", step, cfg.steps, float(out_.loss), time.time() - t0)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=root))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "raykd_finetune.json").write_text(json.dumps({"base": str(base), "seconds": time.time() - t0, **cfg.model_dump()}, indent=2))
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another run finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

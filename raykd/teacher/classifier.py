@@ -1,0 +1,138 @@
+"""A sequence-classification teacher engine: class logits as soft labels.
+
+Registered as ``classifier`` in :data:`raykd.teacher.engine.ENGINES`, so
+``TeacherConfig(engine="classifier")`` serves it through the same
+:class:`~raykd.teacher.deployment.TeacherDeployment` as the language-model teachers.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from raykd.models import load_tokenizer, pick_device, tokenizer_fingerprint, weights_fingerprint
+from raykd.teacher.engine import EngineInfo
+
+
+class NotAClassifierError(ValueError):
+    """The model folder holds no sequence-classification head."""
+
+
+def load_classifier(model_path: str | Path, dtype: str = "float32", device: str = "cpu"):
+    """Load a sequence-classification model (plain or saved by :func:`raykd.students.sparsify.save_dense`).
+
+    Raises:
+        FileNotFoundError: no ``config.json`` in ``model_path``.
+        NotAClassifierError: the config names no classification architecture or labels
+            (e.g. the bare all-MiniLM-L6-v2 encoder: fine-tune it first with
+            :mod:`raykd.recipes.finetune_classifier`).
+    """
+    import json
+
+    import torch
+
+    from raykd.students.sparsify import load_dense
+
+    path = Path(model_path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a model folder")
+    config = json.loads((path / "config.json").read_text())
+    archs = config.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs) or not config.get("id2label"):
+        raise NotAClassifierError(
+            f"{path} is not a sequence-classification model (architectures={archs}); the classifier engine "
+            "needs a model with a classification head: fine-tune one first (raykd tune minidisc does it once)"
+        )
+    return load_dense(path).to(device=device, dtype=getattr(torch, dtype)).eval()
+
+
+class ClassifierEngine:
+    """Teacher engine on an ``AutoModelForSequenceClassification`` folder.
+
+    Args:
+        model_path: local model folder with a classification head.
+        dtype: ``float32`` | ``bfloat16`` | ``float16``.
+        device: ``auto`` | ``cpu`` | ``cuda``.
+        num_threads: torch intra-op threads (None: every core).
+
+    Raises:
+        NotAClassifierError: the model has no classification head.
+    """
+
+    name = "classifier"
+
+    def __init__(self, model_path: str | Path, *, dtype: str = "float32", device: str = "auto", num_threads: int | None = None) -> None:
+        import torch
+
+        self.num_threads = num_threads or os.cpu_count() or 1
+        torch.set_num_threads(self.num_threads)
+        self.device = pick_device(device)
+        self.model_path = Path(model_path)
+        self.model = load_classifier(self.model_path, dtype, self.device)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.num_classes = int(self.model.config.num_labels)
+        self.vocab_size = int(self.model.config.vocab_size)
+        self.max_seq_len = int(getattr(self.model.config, "max_position_embeddings", 512))
+        self._lock = threading.Lock()
+        self._info = EngineInfo(
+            engine=self.name,
+            model_path=str(self.model_path),
+            weights_fingerprint=weights_fingerprint(self.model_path),
+            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
+            vocab_size=self.vocab_size,
+            dtype=dtype,
+            device=self.device,
+            max_k=self.num_classes,
+            max_seq_len=self.max_seq_len,
+            extra={"num_classes": self.num_classes, "id2label": {int(k): v for k, v in self.model.config.id2label.items()}},
+        )
+
+    def info(self) -> EngineInfo:
+        return self._info
+
+    def validate_score_request(self, input_ids: np.ndarray, k: int, temperature: float) -> None:
+        """Raise ``ValueError`` naming the problem for a request the engine cannot answer.
+
+        Shape, context, token-id and temperature checks are the language-model engine's own;
+        ``k`` must lie in ``[1, C]``.
+        """
+        from raykd.teacher.engine import HFEngine
+
+        HFEngine.validate_score_request(self, input_ids, 1, temperature)  # type: ignore[arg-type]
+        if not 1 <= k <= self.num_classes:
+            raise ValueError(f"k={k} must lie in [1, {self.num_classes}] (the number of classes) for this teacher")
+
+    def score(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *, k: int | None = None, temperature: float = 1.0
+    ) -> dict[str, np.ndarray]:
+        """Class logits and log-probabilities for a batch.
+
+        Args:
+            input_ids: int array ``[B, T]``.
+            attention_mask: 0/1 array ``[B, T]`` (1 = real token), or None for all ones.
+            k: accepted for parity with the language-model engines and checked to lie in
+                ``[1, C]``; classes are few, so the whole distribution is always returned.
+            temperature: softmax temperature of ``class_logprobs``.
+
+        Returns:
+            ``logits`` ``[B, C]`` float32 (raw, temperature not applied) and
+            ``class_logprobs`` ``[B, C]`` float32 (``log_softmax(logits / temperature)``).
+
+        Raises:
+            ValueError: empty batch, ids outside the vocabulary, too long, bad ``k`` or temperature.
+        """
+        import torch
+
+        input_ids = np.asarray(input_ids)
+        self.validate_score_request(input_ids, self.num_classes if k is None else k, temperature)
+        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
+        with self._lock, torch.inference_mode():
+            torch.set_num_threads(self.num_threads)
+            ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+            am = torch.as_tensor(mask, dtype=torch.long, device=self.device)
+            logits = self.model(input_ids=ids, attention_mask=am).logits.float()
+            logp = torch.log_softmax(logits / temperature, dim=-1)
+        return {"logits": logits.cpu().numpy(), "class_logprobs": logp.cpu().numpy()}

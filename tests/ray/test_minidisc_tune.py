@@ -1,0 +1,105 @@
+"""Tiny end-to-end MiniDisc and MaxiDisc runs on Ray Tune (a 2-layer BERT built from a config)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from raykd.data.documents import Document
+
+pytestmark = pytest.mark.ray
+
+_TOPICS = {"sport": ["match", "goal", "team", "coach"], "money": ["bank", "shares", "profit", "market"], "film": ["actor", "award", "cinema", "star"]}
+_FILLER = ["the", "a", "said", "on", "new", "day", "week", "today"]
+
+
+def make_labeled_docs(n: int = 66, seed: int = 0) -> list[Document]:
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        topic = list(_TOPICS)[i % 3]
+        words = [rng.choice(_TOPICS[topic] if rng.random() < 0.5 else _FILLER) for _ in range(14)]
+        docs.append(Document(doc_id=f"{topic}/{i:03d}", text=" ".join(words), label=topic))
+    return docs
+
+
+def build_tiny_classifier(folder, labels, seed: int = 0):
+    """A tiny random BertForSequenceClassification with a WordPiece tokenizer, saved to ``folder``."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    core.normalizer = normalizers.BertNormalizer(lowercase=True)
+    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    core.train_from_iterator([d.text for d in make_labeled_docs()], trainers.WordPieceTrainer(vocab_size=80, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"], show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                     max_position_embeddings=64, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    model = BertForSequenceClassification(cfg)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_schedule(tmp_path_factory):
+    from raykd.recipes.schedule_config import ScheduleConfig
+
+    folder = build_tiny_classifier(tmp_path_factory.mktemp("tiny_cls"), ["film", "money", "sport"])
+    cfg = ScheduleConfig.model_validate({
+        "run_name": "tiny",
+        "data": {"max_docs": None, "test_docs": 12, "dev_docs": 12, "seq_len": 16},
+        "teacher": {"model": str(folder), "name": "tiny-classifier", "num_threads": 1, "num_cpus": 0.5},
+        "labels": {"cache_dir": str(tmp_path_factory.mktemp("cache")), "batch_size": 16},
+        "sparsify": {"grid": [0.3, 0.6, 0.9], "target": 0.9, "importance_batches": 2},
+        "kd": {"steps": 4, "batch_size": 4, "lr": 1e-3, "reports": 2, "eval_batch_size": 16},
+        "minidisc": {"sandwich_steps": 2, "lambda_sweep": [0.0, 1.0]},
+        "maxidisc": {"max_concurrent_trials": 2, "cpus_per_trial": 1},
+    })
+    return cfg, make_labeled_docs()
+
+
+def test_minidisc_then_maxidisc_end_to_end(ray_start, tiny_schedule, tmp_path):
+    from raykd.recipes.schedule_search import main_maxidisc, main_minidisc, main_sweep
+
+    cfg, docs = tiny_schedule
+    mini = main_minidisc(cfg, tmp_path / "mini", docs=docs)
+    assert mini["trials_run"] == 1 and mini["chosen_ta"] in (0.3, 0.6)
+    assert [c["sparsity"] for c in mini["candidates"]] == [0.3, 0.6, 0.9]
+    assert mini["student"]["student_test_acc"] is not None
+    assert mini["labels"]["cache_hit"] is False and mini["labels"]["teacher_calls"] > 0
+    assert (tmp_path / "mini" / "minidisc.png").stat().st_size > 0
+    on_disk = json.loads((tmp_path / "mini" / "results.json").read_text())
+    assert on_disk["chosen_ta"] == mini["chosen_ta"]
+
+    # a second search finds the soft labels in the cache: the teacher is asked nothing
+    maxi = main_maxidisc(cfg.model_copy(update={"maxidisc": cfg.maxidisc.model_copy(update={"early_stopping": False})}), tmp_path / "maxi", docs=docs)
+    assert maxi["labels"]["cache_hit"] is True and maxi["labels"]["teacher_calls"] == 0
+    assert maxi["trials_run"] == 3 and not maxi["trials_failed"]  # direct + TAs 0.3, 0.6
+    assert maxi["best_ta"] in (0.3, 0.6) and maxi["direct"]["student_test_acc"] is not None
+    assert all(c["status"] == "done" for c in maxi["candidates"])
+    sweep = main_sweep(tmp_path / "mini", tmp_path / "maxi")
+    assert [r["lambda"] for r in sweep["sweep"]] == [0.0, 1.0]
+
+
+def test_failed_trial_does_not_sink_the_search(ray_start, tiny_schedule, tmp_path):
+    from raykd.recipes.maxidisc import maxidisc_trial
+    from raykd.recipes.schedule_search import main_maxidisc
+
+    cfg, docs = tiny_schedule
+
+    def flaky(config):
+        if config["ta_sparsity"] == 0.6:
+            raise RuntimeError("injected failure at TA sparsity 0.6")
+        maxidisc_trial(config)
+
+    cfg = cfg.model_copy(update={"maxidisc": cfg.maxidisc.model_copy(update={"include_direct": False})})
+    out = main_maxidisc(cfg, tmp_path / "maxi", docs=docs, trainable=flaky)
+    assert out["trials_run"] == 2
+    assert [f["ta_sparsity"] for f in out["trials_failed"]] == [0.6]
+    assert "injected failure" in out["trials_failed"][0]["error"]
+    assert out["best_ta"] == 0.3
