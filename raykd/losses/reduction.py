@@ -5,6 +5,7 @@ a distribution, masking and reduction. No loss masks or reduces by itself.
 from __future__ import annotations
 
 import contextlib
+import math
 import contextvars
 from collections.abc import Iterator
 
@@ -64,12 +65,16 @@ def student_bucket_log_probs(student_log_probs: Tensor, topk_ids: Tensor) -> Ten
 
     Args:
         student_log_probs: [B, T, V] fp32 log-probs (from :func:`student_log_probs`).
-        topk_ids: [B, T, K] int64 teacher top-k ids; negative ids (padding) are clamped to 0.
+        topk_ids: [B, T, K] int64 teacher top-k ids; negative ids are padding (slots freed by
+            merging duplicate ids, e.g. a multi-teacher mixture or a compressed vocabulary):
+            they get log-prob log(:data:`TINY`), the floor teacher log-probs get too, so the two
+            sides agree there and the slot adds nothing to any divergence.
 
     Returns:
         [B, T, K + 1] log-probs, the tail last.
     """
     top = student_log_probs.gather(-1, topk_ids.clamp(min=0))
+    top = torch.where(topk_ids >= 0, top, math.log(TINY))
     tail_mass = -torch.expm1(torch.logsumexp(top, dim=-1, keepdim=True))
     return torch.cat([top, tail_mass.clamp(min=TINY).log()], dim=-1)
 

@@ -185,14 +185,16 @@ def run_distill(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
     from raykd.train.trainer import train_student
 
     from raykd.methods import config_features
+    from raykd.recipes.multi_teacher import extra_teacher_plans, prepare_teachers
 
-    if pending := sorted(config_features(cfg) & {"teachers", "vocab", "perturb"}):
+    if pending := sorted(config_features(cfg) & {"vocab", "perturb"}):
         raise NotImplementedError(f"run_distill does not run {pending} yet (method {cfg.method!r})")
     t0 = time.perf_counter()
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     plan = Plan(cfg)
+    extra_plans = extra_teacher_plans(cfg, plan)  # [] for one teacher; tokenizers checked here
     log.info("train docs %d, eval docs %d, cache keys %s", len(plan.train_docs), len(plan.eval_docs),
              {s: k.digest() for s, k in plan.keys.items()})
     connect(cfg.ray)
@@ -200,6 +202,9 @@ def run_distill(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
     train_dir, train_manifest = caches["train"]
     eval_dir, eval_manifest = caches["eval"]
     train_files, eval_files = shard_paths(train_dir, train_manifest), shard_paths(eval_dir, eval_manifest)
+    teachers, teachers_report = None, {}
+    if extra_plans:
+        train_files, teachers, teachers_report = prepare_teachers(cfg, plan, caches, extra_plans, output_dir)
 
     init_dir = build_student(cfg.student, plan.teacher_path, output_dir / "student_init")
     t_train = time.perf_counter()
@@ -213,6 +218,7 @@ def run_distill(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
             temperature=cfg.labels.temperature,
             cfg=cfg.train,
             storage_path=output_dir / "ray_train",
+            teachers=teachers,
         )
     train_s = time.perf_counter() - t_train
 
@@ -236,6 +242,7 @@ def run_distill(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
             "checkpoint": str(res.model_dir),
             "model_dir": str(export_student(res.model_dir, init_dir, output_dir / "students" / name)),
         }
+    report.update(teachers_report)
     eval_s = time.perf_counter() - t_eval
     report["cache"] = {
         "path": str(train_dir),

@@ -26,6 +26,7 @@ import torch
 from raykd.losses import Objective, TeacherTargets
 from raykd.losses.targets import retemper
 from raykd.train.schedule import schedule_at
+from raykd.train.teachers import TeacherMix
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
@@ -48,6 +49,16 @@ def batch_to_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch
     labels[:, :-1] = torch.where(mask[:, :-1], ids[:, 1:], torch.full_like(ids[:, 1:], -100))
     targets = TeacherTargets.sparse(batch["topk_ids"].long(), batch["topk_logprobs"].float(), batch["tail_logmass"].float())
     return ids, batch["attention_mask"].long(), labels, mask, targets
+
+
+def step_inputs(batch: dict[str, torch.Tensor], cached_temperature: float, temperature: float,
+                mix: TeacherMix | None = None):
+    """:func:`batch_to_inputs`, with the targets of several teachers mixed into one (``mix``) and
+    moved from the cache's temperature to the step's (:func:`~raykd.losses.targets.retemper`)."""
+    ids, am, labels, mask, targets = batch_to_inputs(batch)
+    if mix is not None:
+        targets = mix(batch, mask)
+    return ids, am, labels, mask, retemper(targets, cached_temperature, temperature)
 
 
 def objective_at(config: dict[str, Any], step: int) -> tuple[Objective, float]:
@@ -94,8 +105,10 @@ def _micro_batches(shard, per_worker: int, grad_accum: int, cfg: dict[str, Any],
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point.
 
-    ``config`` keys: ``student_path`` (initial weights folder), ``weights`` / ``params`` (the
-    objective), ``temperature``, and the fields of :class:`raykd.config.TrainConfig`.
+    ``config`` keys: ``student_path`` (initial weights folder), ``weights`` / ``terms`` /
+    ``loss_params`` (the objective), ``temperature`` (the cache's), the fields of
+    :class:`raykd.config.TrainConfig` (``phases`` among them), and for several teachers
+    ``combine`` / ``num_teachers`` / ``weight_temperature`` / ``policy_lr``.
     """
     import ray.train
     import ray.train.torch
@@ -125,9 +138,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     core = model.module if hasattr(model, "module") else model
     optim = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(config["warmup_steps"], config["max_steps"]))
+    mix = None
+    if config.get("combine"):
+        mix = TeacherMix(config["combine"], config["num_teachers"], config["weight_temperature"], config["policy_lr"],
+                         config["seed"] + rank)
     if state is not None:
         optim.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
+        if mix is not None and state.get("mix"):
+            mix.load_state_dict(state["mix"])
 
     per_worker = config["batch_size"] // world
     groups = _micro_batches(ray.train.get_dataset_shard("train"), per_worker, config["grad_accum"], config, device)
@@ -143,14 +162,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sums: dict[str, float] = {}
         objective, tau = objective_at(config, step)
         for i, batch in enumerate(group):
-            ids, am, labels, mask, targets = batch_to_inputs(batch)
-            targets = retemper(targets, config["temperature"], tau)
+            ids, am, labels, mask, targets = step_inputs(batch, config["temperature"], tau, mix)
             sync = nullcontext() if (world == 1 or i == len(group) - 1) else model.no_sync()
             with sync:
                 with _autocast(config["autocast"], device):
                     logits = model(input_ids=ids, attention_mask=am).logits
                 out = objective(logits.float(), labels, mask, targets, tau)
                 (out.loss_sum * world / n_global).backward()
+            if mix is not None:
+                mix.remember((ids, am, labels, mask), logits)
             for name, value in out.term_sums.items():
                 sums[name] = sums.get(name, 0.0) + float(value)
             sums["loss"] = sums.get("loss", 0.0) + float(out.loss_sum.detach())
@@ -160,13 +180,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sched.step()
         optim.zero_grad(set_to_none=True)
         step += 1
+        extra = mix.after_step(model) if mix is not None else {}
         tok_log += n_local
 
         totals = torch.tensor(list(sums.values()), device=device)
         if world > 1:
             dist.all_reduce(totals)
         row = {"step": step, **{k: float(v) / n_global for k, v in zip(sums, totals.tolist())}, "lr": sched.get_last_lr()[0],
-               "temperature": tau}
+               "temperature": tau, **extra}
         history.append(row)
         last = step == config["max_steps"]
         if step % config["log_every"] == 0 or last:
@@ -174,21 +195,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             row_out = {**row, "tokens_per_s": tok_log * world / max(dt, 1e-9)}
             t_log, tok_log = time.perf_counter(), 0
             if rank == 0:
-                terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("step", "lr", "temperature"))
+                terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("step", "lr", "temperature") and "." not in k)
                 print(f"[{config['run_label']}] step {step}/{config['max_steps']} {terms} tok/s={row_out['tokens_per_s']:.0f}", flush=True)
         if step % config["checkpoint_every"] == 0 or last:
-            _report_checkpoint(core, optim, sched, step, history, rank, row)
+            _report_checkpoint(core, {"optim": optim.state_dict(), "sched": sched.state_dict(), "step": step,
+                                      "mix": mix.state_dict() if mix else None}, history, rank, row)
     ray.train.report({"step": step, "done": True})
 
 
-def _report_checkpoint(core, optim, sched, step: int, history: list[dict], rank: int, metrics: dict) -> None:
+def _report_checkpoint(core, state: dict[str, Any], history: list[dict], rank: int, metrics: dict) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
             core.save_pretrained(tmp)
-            torch.save({"optim": optim.state_dict(), "sched": sched.state_dict(), "step": step}, Path(tmp) / STATE_FILE)
+            torch.save(state, Path(tmp) / STATE_FILE)
             (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from raykd.config import TrainConfig
+from raykd.soft_labels.join import LABEL_COLUMNS, decode_joined, teacher_column
 from raykd.soft_labels.schema import decode_batch
 from raykd.train.loop import HISTORY_FILE, train_loop_per_worker
 
@@ -24,16 +26,21 @@ class TrainResult:
     steps: int
 
 
-def soft_label_dataset(shard_files: list[str], shuffle: bool, seed: int):
-    """Ray Dataset of decoded soft-label rows (numpy ``[T]`` / ``[T, K]`` tensors per row)."""
+def soft_label_dataset(shard_files: list[str], shuffle: bool, seed: int, num_teachers: int = 1):
+    """Ray Dataset of decoded soft-label rows (numpy ``[T]`` / ``[T, K]`` tensors per row).
+
+    With ``num_teachers > 1`` the shards are joined caches (:mod:`raykd.soft_labels.join`) and
+    each teacher's label columns are decoded too.
+    """
     import ray
 
-    ds = ray.data.read_parquet(shard_files, columns=[
-        "input_ids", "attention_mask", "loss_mask", "topk_ids", "topk_logprobs", "tail_logmass", "label_logprobs",
-    ])
+    columns = ["input_ids", "attention_mask", "loss_mask"] + [
+        teacher_column(i, name) for i in range(num_teachers) for name in LABEL_COLUMNS]
+    ds = ray.data.read_parquet(shard_files, columns=columns)
     if shuffle:
         ds = ds.randomize_block_order(seed=seed)
-    return ds.map_batches(decode_batch, batch_format="pyarrow", num_cpus=0.25)
+    decode = decode_batch if num_teachers == 1 else functools.partial(decode_joined, num_teachers=num_teachers)
+    return ds.map_batches(decode, batch_format="pyarrow", num_cpus=0.25)
 
 
 def train_student(
@@ -46,6 +53,7 @@ def train_student(
     cfg: TrainConfig,
     storage_path: Path,
     params: dict[str, dict[str, float]] | None = None,
+    teachers: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train one student with Ray Train on a soft-label cache.
 
@@ -58,6 +66,9 @@ def train_student(
         temperature: the cache's soft-label temperature.
         cfg: workers, devices, batch, steps, optimizer.
         storage_path: Ray Train storage (checkpoints).
+        params: loss hyper-parameters on top of ``cfg.loss_params``.
+        teachers: for joined multi-teacher shards, ``combine`` (the method's rule),
+            ``num_teachers``, ``weight_temperature`` and ``policy_lr``.
 
     Returns:
         The final model folder (from the last checkpoint) and the per-step loss history.
@@ -79,6 +90,7 @@ def train_student(
         "loss_params": {**cfg.loss_params, **(params or {})},
         "temperature": temperature,
         "run_label": name,
+        **(teachers or {}),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -92,7 +104,7 @@ def train_student(
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": soft_label_dataset(shard_files, cfg.shuffle, cfg.seed)},
+        datasets={"train": soft_label_dataset(shard_files, cfg.shuffle, cfg.seed, (teachers or {}).get("num_teachers", 1))},
     )
     start = time.perf_counter()
     result = trainer.fit()

@@ -43,3 +43,27 @@ def test_scheduled_method_runs(method, ray_start, tiny_model, corpus_jsonl, shar
     assert report["method"] == method and report[student]["steps"] == 4
     assert report[student]["ppl"] < report["student_init"]["ppl"]
     assert (tmp_path / "students" / student / "tokenizer.json").exists()  # servable as a teacher
+
+
+@pytest.fixture(scope="module")
+def second_teacher(tmp_path_factory):
+    """Another tiny teacher: same tokenizer, other weights (served as its own deployment)."""
+    from tests.conftest import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("teacher_b"), seed=1)
+
+
+@pytest.mark.parametrize("method", ["rl_kd", "mt_bert"])
+def test_multi_teacher_method_runs_on_joined_caches(method, ray_start, tiny_model, second_teacher, corpus_jsonl,
+                                                    shared_cache, tmp_path):
+    extra = [{"name": "tiny-teacher-b", "model": str(second_teacher), "num_threads": 1, "num_cpus": 0.5}]
+    cfg = method_config(method, tiny_model, corpus_jsonl, shared_cache, extra_teachers=extra,
+                        train={"max_steps": 3, "checkpoint_every": 3})
+    report = main_distill(cfg, tmp_path)
+    (student,) = report["students"]
+    assert report[student]["steps"] == 3 and report[student]["ppl"] < report["student_init"]["ppl"]
+    other = report["teacher_tiny-teacher-b"]
+    assert 0.0 <= other["top1_agreement"] < 1.0 and other["ppl"] != pytest.approx(report["teacher"]["ppl"])
+    history = __import__("json").loads((tmp_path / "ray_train").glob(f"{student}/checkpoint_*/history.json").__next__().read_text())
+    if method == "rl_kd":  # the policy chose teachers and was rewarded every step
+        assert all({"reward", "policy_loss", "chose_t0", "chose_t1"} <= set(row) for row in history)

@@ -1,0 +1,200 @@
+"""Several teachers, one target: per-token teacher weights and the sparse mixture they give.
+
+Every multi-teacher method turns M teachers' sparse soft labels into ONE :class:`TeacherTargets`
+that any registry loss accepts; methods differ only in the weights ``w [B, T, M]`` (summing to
+one over M):
+
+* ``mean``    TMKD (Yang et al. 2020): ``w = 1 / M``;
+* ``truth``   MT-BERT (Wu et al. 2021): per example, softmax over teachers of each teacher's mean
+  log-likelihood of the real next tokens (``label_logprobs``), divided by a temperature;
+* ``entropy`` Uncertainty: per token, softmax over teachers of minus the entropy of the teacher's
+  K + 1 buckets, divided by a temperature (a confident teacher counts more);
+* ``policy``  RL-KD (Yuan et al. 2021): one-hot, one teacher per example sampled by
+  :class:`TeacherPolicy`.
+
+The mixture of sparse distributions (:func:`mix_sparse`) lists the union of the teachers' top-k
+ids; an id's mass is ``sum_m w_m p_m(id)`` over the teachers that list it (a lower bound: a
+teacher's mass on an id outside its top-k is inside its tail), and the tail is
+``sum_m w_m tail_m`` so the K' + 1 buckets sum to one exactly. Duplicate ids are merged and the
+freed slots are padding (id -1, log-prob -inf), which the losses ignore. Pure torch, no Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from raykd.losses.targets import TeacherTargets, teacher_buckets
+
+
+def merge_duplicate_ids(ids: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum the probabilities of equal ids along the last axis; freed slots become padding.
+
+    Args:
+        ids: [B, T, N] int64 ids (negative ids are padding and carry no mass).
+        probs: [B, T, N] non-negative masses.
+
+    Returns:
+        ``(ids [B, T, N], probs [B, T, N])`` with each id at most once per position, merged ids
+        first (in increasing order), then padding (id -1, mass 0).
+    """
+    probs = torch.where(ids >= 0, probs, 0.0)
+    ids = torch.where(ids >= 0, ids, torch.iinfo(torch.int64).max)  # padding sorts last
+    sorted_ids, order = ids.sort(dim=-1)
+    sorted_p = probs.gather(-1, order)
+    first = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first[..., 1:] = sorted_ids[..., 1:] != sorted_ids[..., :-1]
+    group = first.long().cumsum(-1) - 1
+    out_p = torch.zeros_like(sorted_p).scatter_add_(-1, group, sorted_p)
+    out_ids = torch.full_like(sorted_ids, -1).scatter_(-1, group, sorted_ids)
+    out_ids = torch.where(out_ids == torch.iinfo(torch.int64).max, -1, out_ids)
+    return out_ids, torch.where(out_ids >= 0, out_p, 0.0)
+
+
+def mix_sparse(targets: Sequence[TeacherTargets], weights: Tensor) -> TeacherTargets:
+    """The weighted mixture of M sparse teachers as one sparse target with K' = sum of their K.
+
+    Args:
+        targets: M sparse teacher targets over the same [B, T].
+        weights: [B, T, M] (or broadcastable, e.g. [B, 1, M]) non-negative, summing to 1 over M.
+
+    Returns:
+        Sparse :class:`TeacherTargets`: ``topk_ids`` [B, T, K'] (-1 = padding),
+        ``topk_logprobs`` (log of the mixed masses, -inf on padding) and ``tail_logmass``.
+
+    Raises:
+        ValueError: a target is dense, or the shapes differ.
+    """
+    if any(t.form != "sparse" for t in targets):
+        raise ValueError("mix_sparse takes sparse teacher targets (top-k soft labels from the caches)")
+    if len({t.batch_shape for t in targets}) != 1:
+        raise ValueError(f"teachers disagree on [B, T]: {[t.batch_shape for t in targets]}")
+    ids, probs, tails = [], [], []
+    for m, t in enumerate(targets):
+        _, log_p = teacher_buckets(t, 1.0)  # renormalised K + 1 buckets (tail last)
+        w = weights[..., m : m + 1].float()
+        ids.append(t.topk_ids)
+        probs.append(w * log_p[..., :-1].exp())
+        tails.append(w * log_p[..., -1:].exp())
+    merged_ids, merged_p = merge_duplicate_ids(torch.cat(ids, -1), torch.cat(probs, -1))
+    tail = torch.cat(tails, -1).sum(-1)
+    return TeacherTargets.sparse(merged_ids, merged_p.log(), tail.log())
+
+
+def bucket_entropy(target: TeacherTargets) -> Tensor:
+    """[B, T] entropy (nats) of a sparse teacher's K + 1 buckets (the tail counted as one)."""
+    _, log_p = teacher_buckets(target, 1.0)
+    p = log_p.exp()
+    return -torch.where(p > 0, p * log_p, 0.0).sum(-1)
+
+
+def _softmax_weights(scores: Tensor, temperature: float) -> Tensor:
+    return torch.softmax(scores / temperature, dim=-1)
+
+
+def mean_weights(targets, label_logprobs, mask, temperature):  # noqa: ARG001 (one signature for all)
+    """TMKD: equal weights ``1 / M``, as [B, 1, M]."""
+    b = targets[0].batch_shape[0]
+    return torch.full((b, 1, len(targets)), 1.0 / len(targets))
+
+
+def truth_weights(targets, label_logprobs, mask, temperature):
+    """MT-BERT: per example, softmax over teachers of the mean log-likelihood of the real next
+    tokens over the valid positions, / ``temperature``; [B, 1, M]."""
+    m = mask.float().unsqueeze(-1)  # [B, T, 1]
+    mean_ll = (label_logprobs.float() * m).sum(1) / m.sum(1).clamp(min=1.0)  # [B, M]
+    return _softmax_weights(mean_ll, temperature).unsqueeze(1)
+
+
+def entropy_weights(targets, label_logprobs, mask, temperature):  # noqa: ARG001
+    """Uncertainty: per token, softmax over teachers of minus the bucket entropy / ``temperature``; [B, T, M]."""
+    return _softmax_weights(-torch.stack([bucket_entropy(t) for t in targets], -1), temperature)
+
+
+WeightFn = Callable[[Sequence[TeacherTargets], Tensor, Tensor, float], Tensor]
+COMBINERS: dict[str, WeightFn] = {"mean": mean_weights, "truth": truth_weights, "entropy": entropy_weights}
+"""Teacher-weight functions by name: ``fn(targets, label_logprobs [B, T, M], mask [B, T],
+temperature) -> weights [B, T or 1, M]``. ``policy`` weights come from :class:`TeacherPolicy`."""
+
+
+def teacher_weights(combine: str, targets: Sequence[TeacherTargets], label_logprobs: Tensor, mask: Tensor,
+                    temperature: float = 1.0) -> Tensor:
+    """Weights ``[B, T or 1, M]`` of the ``combine`` rule (see the module docstring).
+
+    Raises:
+        KeyError: an unknown rule; the message lists the valid ones.
+    """
+    if combine not in COMBINERS:
+        raise KeyError(f"unknown teacher combination {combine!r}; valid: {', '.join(sorted(COMBINERS))}, policy")
+    return COMBINERS[combine](targets, label_logprobs, mask, temperature)
+
+
+def teacher_features(targets: Sequence[TeacherTargets], label_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Per-example features of each teacher for the selection policy: mean bucket entropy and mean
+    log-likelihood of the real next tokens over the valid positions; [B, M, 2]."""
+    m = mask.float()
+    n = m.sum(1).clamp(min=1.0)
+    ent = torch.stack([(bucket_entropy(t) * m).sum(1) / n for t in targets], -1)
+    ll = (label_logprobs.float() * m.unsqueeze(-1)).sum(1) / n.unsqueeze(-1)
+    return torch.stack([ent, ll], -1)
+
+
+class TeacherPolicy(nn.Module):
+    """RL-KD's teacher-selection policy (Yuan et al. 2021, "Reinforced Multi-Teacher Selection for
+    Knowledge Distillation"), kept small: a linear score per teacher from its per-example features
+    (:func:`teacher_features`), a softmax over teachers, one teacher sampled per example, and a
+    REINFORCE update with a moving-average baseline.
+
+    Args:
+        num_features: F, features per teacher.
+        lr: learning rate of the policy's SGD.
+        baseline_decay: decay of the reward baseline's moving average.
+    """
+
+    def __init__(self, num_features: int = 2, lr: float = 0.05, baseline_decay: float = 0.9):
+        super().__init__()
+        self.score = nn.Linear(num_features, 1)
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)  # starts uniform over teachers
+        self.optim = torch.optim.SGD(self.parameters(), lr=lr)
+        self.baseline_decay = baseline_decay
+        self.register_buffer("baseline", torch.zeros(()))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.bool))
+
+    def probs(self, features: Tensor) -> Tensor:
+        """[B, M] selection probabilities from features [B, M, F] (standardised per batch)."""
+        f = (features - features.mean((0, 1), keepdim=True)) / features.std((0, 1), keepdim=True).clamp(min=1e-6)
+        return torch.softmax(self.score(f).squeeze(-1), dim=-1)
+
+    def select(self, features: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Sample one teacher per example: ``(actions [B] int64, one-hot weights [B, 1, M])``."""
+        with torch.no_grad():
+            p = self.probs(features)
+        actions = torch.multinomial(p, 1, generator=generator).squeeze(-1)
+        return actions, nn.functional.one_hot(actions, p.shape[-1]).float().unsqueeze(1)
+
+    def update(self, features: Tensor, actions: Tensor, rewards: Tensor) -> float:
+        """One REINFORCE step: raise the log-probability of actions with reward above the baseline.
+
+        Args:
+            features: [B, M, F] the features the actions were sampled from.
+            actions: [B] chosen teachers.
+            rewards: [B] rewards of those choices.
+
+        Returns:
+            The policy loss (for logging).
+        """
+        rewards = rewards.detach().float()
+        if not bool(self.seen):
+            self.baseline.fill_(float(rewards.mean()))
+            self.seen.fill_(True)
+        advantage = rewards - self.baseline
+        log_p = self.probs(features).clamp(min=1e-9).log().gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+        loss = -(advantage * log_p).mean()
+        self.optim.zero_grad()
+        loss.backward()
+        self.optim.step()
+        self.baseline.mul_(self.baseline_decay).add_((1 - self.baseline_decay) * rewards.mean())
+        return float(loss.detach())
