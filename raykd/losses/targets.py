@@ -148,3 +148,27 @@ def retemper(targets: TeacherTargets, cached_temperature: float, temperature: fl
         return targets
     f = cached_temperature / temperature
     return TeacherTargets.sparse(targets.topk_ids, targets.topk_logprobs.float() * f, targets.tail_logmass.float() * f)
+
+
+def merge_duplicate_ids(ids: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum the probabilities of equal ids along the last axis; freed slots become padding.
+
+    Args:
+        ids: [B, T, N] int64 ids (negative ids are padding and carry no mass).
+        probs: [B, T, N] non-negative masses.
+
+    Returns:
+        ``(ids [B, T, N], probs [B, T, N])`` with each id at most once per position, merged ids
+        first (in increasing order), then padding (id -1, mass 0).
+    """
+    probs = torch.where(ids >= 0, probs, 0.0)
+    ids = torch.where(ids >= 0, ids, torch.iinfo(torch.int64).max)  # padding sorts last
+    sorted_ids, order = ids.sort(dim=-1)
+    sorted_p = probs.gather(-1, order)
+    first = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first[..., 1:] = sorted_ids[..., 1:] != sorted_ids[..., :-1]
+    group = first.long().cumsum(-1) - 1
+    out_p = torch.zeros_like(sorted_p).scatter_add_(-1, group, sorted_p)
+    out_ids = torch.full_like(sorted_ids, -1).scatter_(-1, group, sorted_ids)
+    out_ids = torch.where(out_ids == torch.iinfo(torch.int64).max, -1, out_ids)
+    return out_ids, torch.where(out_ids >= 0, out_p, 0.0)

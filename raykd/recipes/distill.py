@@ -20,6 +20,7 @@ from typing import Any
 
 from raykd.config import DistillConfig, default_cache_root
 from raykd.data import Document, load_documents, split_documents
+from raykd.data.perturb import perturb_documents
 from raykd.models import load_tokenizer, resolve_model_path, tokenizer_fingerprint, weights_fingerprint
 from raykd.soft_labels.cache import CacheKey, Manifest, documents_fingerprint, shard_paths
 from raykd.teacher.engine import LOGPROBS_MODE, check_engine_request, resolve_engine
@@ -40,11 +41,16 @@ class Plan:
         self.engine = resolve_engine(cfg.teacher)
         check_engine_request(self.engine, cfg.teacher, k=cfg.labels.k, temperature=cfg.labels.temperature)
         tokenizer = load_tokenizer(self.teacher_path)
+        if cfg.data.perturb_share > 0:  # robust distillation: the teacher labels perturbed train text
+            self.train_docs = perturb_documents(self.train_docs, tokenizer, cfg.data.perturb_share, cfg.data.perturb_seed)
         self.tokenizer_fp = tokenizer_fingerprint(tokenizer)
         self.weights_fp = weights_fingerprint(self.teacher_path)
         self.vocab_size = _vocab_size(self.teacher_path)
         if cfg.labels.k > self.vocab_size:
             raise ValueError(f"labels.k={cfg.labels.k} exceeds the teacher vocabulary ({self.vocab_size})")
+        if cfg.student.vocab_size is not None and cfg.student.vocab_size >= self.vocab_size:
+            raise ValueError(f"student.vocab_size={cfg.student.vocab_size} must be smaller than the teacher "
+                             f"vocabulary ({self.vocab_size}) to compress it")
         _check_student_tokenizer(cfg, self.tokenizer_fp, self.vocab_size)
         self.cache_root = Path(cfg.labels.cache_dir).expanduser() if cfg.labels.cache_dir else default_cache_root() / "soft_labels"
         self.keys = {"train": self.key_for(self.train_docs), "eval": self.key_for(self.eval_docs)}
@@ -181,14 +187,12 @@ def run_distill(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
     from raykd.cluster import connect
     from raykd.report import print_table, write_report
     from raykd.students import build_student
+    from raykd.students.vocab import compress_student_folder
     from raykd.train.evaluate import evaluate_folder, teacher_metrics
     from raykd.train.trainer import train_student
 
-    from raykd.methods import config_features
     from raykd.recipes.multi_teacher import extra_teacher_plans, prepare_teachers
 
-    if pending := sorted(config_features(cfg) & {"vocab", "perturb"}):
-        raise NotImplementedError(f"run_distill does not run {pending} yet (method {cfg.method!r})")
     t0 = time.perf_counter()
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -207,6 +211,8 @@ def run_distill(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
         train_files, teachers, teachers_report = prepare_teachers(cfg, plan, caches, extra_plans, output_dir)
 
     init_dir = build_student(cfg.student, plan.teacher_path, output_dir / "student_init")
+    if cfg.student.vocab_size is not None:
+        compress_student_folder(init_dir, shard_paths(train_dir, train_manifest), cfg.student.vocab_size)
     t_train = time.perf_counter()
     results = {}
     for name, weights in cfg.train.students.items():
@@ -233,7 +239,7 @@ def run_distill(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
     }
     for name, res in results.items():
         report[name] = {
-            **evaluate_folder(res.model_dir, eval_files, cfg.eval.batch_size),
+            **evaluate_folder(res.model_dir, eval_files, cfg.eval.batch_size, vocab_dir=init_dir),
             "params": n_student,
             "objective": cfg.train.students[name],
             "steps": res.steps,

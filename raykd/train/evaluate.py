@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import torch
 
 from raykd.soft_labels.schema import decode_batch
+from raykd.students.vocab import VocabMap
 
 
 def iter_cache_batches(shard_files: list[str], batch_size: int) -> Iterable[dict[str, np.ndarray]]:
@@ -38,12 +39,16 @@ def teacher_metrics(shard_files: list[str]) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def student_metrics(model, shard_files: list[str], batch_size: int = 16, device: str = "cpu") -> dict[str, float]:
+def student_metrics(model, shard_files: list[str], batch_size: int = 16, device: str = "cpu",
+                    vocab: VocabMap | None = None) -> dict[str, float]:
     """Perplexity of ``model`` on the split and top-1 agreement with the teacher.
 
     Args:
         model: causal LM returning ``logits [B, T, V]``.
         shard_files: eval-split cache shards.
+        vocab: the compressed vocabulary of a GLMD student (None: the teacher's); its
+            distribution is mapped back to the teacher's ids (see :mod:`raykd.students.vocab`),
+            so perplexity and agreement are over the same tokens as for any other student.
 
     Returns:
         ``ppl`` (exp of the mean next-token NLL over ``loss_mask`` positions),
@@ -51,25 +56,43 @@ def student_metrics(model, shard_files: list[str], batch_size: int = 16, device:
         teacher's top-1 id), ``tokens`` (positions counted).
     """
     model.eval()
+    table = vocab.to_compressed().to(device) if vocab is not None else None
     nll, agree, n = 0.0, 0, 0
     for b in iter_cache_batches(shard_files, batch_size):
         ids = torch.tensor(b["input_ids"], device=device)
         am = torch.tensor(b["attention_mask"], device=device).long()
         mask = torch.tensor(b["loss_mask"], device=device).bool()
-        logits = model(input_ids=ids, attention_mask=am).logits.float()
+        logits = model(input_ids=ids if table is None else table[ids], attention_mask=am).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         m = mask[:, :-1]
-        tok_lp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        nxt = ids[:, 1:]
+        if table is None:
+            tok_lp, top1 = logp.gather(-1, nxt[..., None]).squeeze(-1), logits[:, :-1].argmax(-1)
+        else:
+            tok_lp, top1 = _compressed_to_teacher(logp, nxt, table, vocab)
         nll -= float(tok_lp[m].double().sum())
         teacher_top1 = torch.tensor(b["topk_ids"][:, :-1, 0], device=device)
-        agree += int((logits[:, :-1].argmax(-1) == teacher_top1)[m].sum())
+        agree += int((top1 == teacher_top1)[m].sum())
         n += int(m.sum())
     return {"ppl": math.exp(nll / max(n, 1)), "top1_agreement": agree / max(n, 1), "tokens": n}
 
 
-def evaluate_folder(model_dir: Path, shard_files: list[str], batch_size: int = 16) -> dict[str, float]:
-    """Load a ``save_pretrained`` folder and run :func:`student_metrics` on CPU."""
+def _compressed_to_teacher(logp: torch.Tensor, nxt: torch.Tensor, table: torch.Tensor, vocab: VocabMap):
+    """Log-prob of the real next teacher ids and the student's top-1 as a teacher id, for a
+    compressed-vocabulary student (``logp`` [B, T, N] over the compressed ids)."""
+    logf = vocab.other_log_freq().to(logp.device)
+    tok_lp = logp.gather(-1, table[nxt][..., None]).squeeze(-1) + logf[nxt]
+    back = torch.as_tensor(vocab.kept_ids, device=logp.device)
+    other_top = int(torch.where(table == vocab.other, logf, float("-inf")).argmax())
+    back = torch.cat([back, torch.tensor([other_top], device=logp.device)])
+    return tok_lp, back[logp.argmax(-1)]
+
+
+def evaluate_folder(model_dir: Path, shard_files: list[str], batch_size: int = 16,
+                    vocab_dir: Path | None = None) -> dict[str, float]:
+    """Load a ``save_pretrained`` folder and run :func:`student_metrics` on CPU; a vocabulary map
+    in ``vocab_dir`` (default ``model_dir``) marks a compressed-vocabulary student."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    return student_metrics(model, shard_files, batch_size)
+    return student_metrics(model, shard_files, batch_size, vocab=VocabMap.load(vocab_dir or model_dir))

@@ -26,6 +26,7 @@ import torch
 from raykd.losses import Objective, TeacherTargets
 from raykd.losses.targets import retemper
 from raykd.train.schedule import schedule_at
+from raykd.students.vocab import VocabMap, map_ids, map_targets
 from raykd.train.teachers import TeacherMix
 
 STATE_FILE = "train_state.pt"
@@ -52,12 +53,16 @@ def batch_to_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch
 
 
 def step_inputs(batch: dict[str, torch.Tensor], cached_temperature: float, temperature: float,
-                mix: TeacherMix | None = None):
-    """:func:`batch_to_inputs`, with the targets of several teachers mixed into one (``mix``) and
-    moved from the cache's temperature to the step's (:func:`~raykd.losses.targets.retemper`)."""
+                mix: TeacherMix | None = None, vocab_table: torch.Tensor | None = None):
+    """:func:`batch_to_inputs`, with the targets of several teachers mixed into one (``mix``),
+    ids, labels and targets mapped into a compressed student vocabulary (``vocab_table``, see
+    :mod:`raykd.students.vocab`), and the targets moved from the cache's temperature to the
+    step's (:func:`~raykd.losses.targets.retemper`)."""
     ids, am, labels, mask, targets = batch_to_inputs(batch)
     if mix is not None:
         targets = mix(batch, mask)
+    if vocab_table is not None:
+        ids, labels, targets = map_ids(ids, vocab_table), map_ids(labels, vocab_table), map_targets(targets, vocab_table)
     return ids, am, labels, mask, retemper(targets, cached_temperature, temperature)
 
 
@@ -142,6 +147,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config.get("combine"):
         mix = TeacherMix(config["combine"], config["num_teachers"], config["weight_temperature"], config["policy_lr"],
                          config["seed"] + rank)
+    vmap = VocabMap.load(config["student_path"])
+    vocab_table = vmap.to_compressed() if vmap is not None else None
     if state is not None:
         optim.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
@@ -162,7 +169,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sums: dict[str, float] = {}
         objective, tau = objective_at(config, step)
         for i, batch in enumerate(group):
-            ids, am, labels, mask, targets = step_inputs(batch, config["temperature"], tau, mix)
+            ids, am, labels, mask, targets = step_inputs(batch, config["temperature"], tau, mix, vocab_table)
             sync = nullcontext() if (world == 1 or i == len(group) - 1) else model.no_sync()
             with sync:
                 with _autocast(config["autocast"], device):

@@ -11,11 +11,11 @@ from raykd.losses import TeacherTargets, available_losses, get_loss
 from raykd.losses.multi_teacher import (
     TeacherPolicy,
     bucket_entropy,
-    merge_duplicate_ids,
     mix_sparse,
     teacher_features,
     teacher_weights,
 )
+from raykd.losses.targets import merge_duplicate_ids
 from raykd.soft_labels.join import CacheJoinError, decode_joined, join_caches
 from raykd.soft_labels.schema import encode_batch, soft_label_schema
 
