@@ -128,14 +128,16 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[Path, Manifest]], di
         folder = Path(cfg.labels.train_cache).expanduser()
         caches["train"] = (folder, open_cache(folder, expect=plan.keys["train"], deep=True))
     missing = [split for split, found in caches.items() if found is None]
-    stats: dict[str, Any] = {"hit": not missing, "teacher_calls": 0, "label_s": 0.0}
+    stats: dict[str, Any] = {"hit": not missing, "teacher_calls": 0, "label_s": 0.0, "teacher": None}
     if not missing:
         return caches, stats  # type: ignore[return-value]
     start = time.perf_counter()
     handle, started = start_teacher(cfg.teacher, str(plan.teacher_path))
+    info = handle.info.remote().result()
     if not started:
-        check_running_teacher(handle.info.remote().result(), plan)
-    calls_before = handle.info.remote().result()["calls"]["score"]
+        check_running_teacher(info, plan)
+    calls_before = info["calls"]["score"]
+    stats["teacher"] = {"name": cfg.teacher.name, "started_by_run": started, "engine": info["engine"], "replica": info["replica"]}
     try:
         for split in missing:
             docs = plan.train_docs if split == "train" else plan.eval_docs
@@ -262,6 +264,7 @@ def run_distill(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
         "temperature": cfg.labels.temperature,
         "hit": label_stats["hit"],
         "teacher_calls": label_stats["teacher_calls"],
+        "teacher": label_stats["teacher"],
         "eval_rows": eval_manifest.rows,
         "eval_tokens": eval_manifest.tokens,
     }
