@@ -8,6 +8,9 @@ labels the data once). Results are merged into ``<results>.json`` by method, so 
 run in several batches, and the whole table is rewritten to ``<results>.md`` each time.
 
     .venv/bin/python benchmarks/bench_methods.py --steps 40 --methods kd,pd,glmd
+    # a second batch elsewhere, merged into the main table afterwards:
+    .venv/bin/python benchmarks/bench_methods.py --methods tmkd --results runs/methods_b2
+    .venv/bin/python benchmarks/bench_methods.py --methods "" --merge runs/methods_b2.json
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--out-dir", default="runs/bench_methods")
     p.add_argument("--results", default="benchmarks/results/methods", help="path without .json/.md")
+    p.add_argument("--merge", nargs="*", default=[], help="results JSON files of other batches to merge in")
     args = p.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
@@ -83,11 +87,16 @@ def main() -> None:
                          "lr": base.train.lr, "eval_docs": base.data.test_docs,
                          "machine": f"{platform.machine()}, CPU only"}
     results_json.parent.mkdir(parents=True, exist_ok=True)
+    for other in args.merge:
+        results["methods"].update(json.loads(Path(other).read_text())["methods"])
     for m in methods:
         print(f"=== method {m} ===", flush=True)
-        results["methods"][m] = run_one(m, Path(args.out_dir), budget)
+        row = run_one(m, Path(args.out_dir), budget)
+        if results_json.exists():  # another batch may have written meanwhile: keep its rows
+            results["methods"] = {**json.loads(results_json.read_text())["methods"], **results["methods"]}
+        results["methods"][m] = row
         results_json.write_text(json.dumps(results, indent=2))
-        print(write_table(results, Path(args.results + ".md")), flush=True)
+    print(write_table(results, Path(args.results + ".md")), flush=True)
 
 
 if __name__ == "__main__":

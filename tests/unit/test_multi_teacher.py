@@ -141,3 +141,32 @@ def test_join_refuses_caches_whose_rows_differ_naming_the_first(tmp_path, docs_b
     b, _ = _write_cache(tmp_path / "b", docs_b, shift_row=shift)
     with pytest.raises(CacheJoinError, match=message):
         join_caches([a, b], ["A", "B"], tmp_path / "joined")
+
+
+@pytest.mark.parametrize("combine", ["mean", "truth", "entropy"])
+def test_mixed_objective_is_invariant_to_splitting_the_batch(combine):
+    """Teacher weights are per example or per token, so two micro-batches give the same token-summed
+    loss as one batch (what gradient accumulation relies on). The policy rule samples, so it is not."""
+    from raykd.losses import Objective
+    from raykd.train.loop import step_inputs
+    from raykd.train.teachers import TeacherMix
+
+    torch.manual_seed(4)
+    b, t, k, v = 4, 5, 3, 13
+    batch = {"input_ids": torch.randint(0, v, (b, t)), "attention_mask": torch.ones(b, t, dtype=torch.long),
+             "loss_mask": (torch.rand(b, t) > 0.2) & (torch.arange(t) < t - 1)}  # the last position has no target
+    for i, prefix in enumerate(["", "t1."]):
+        top, ids = torch.log_softmax(torch.randn(b, t, v) * (2 + i), -1).topk(k, -1)
+        batch.update({prefix + "topk_ids": ids, prefix + "topk_logprobs": top.half(),
+                      prefix + "tail_logmass": torch.log1p(-top.exp().sum(-1)), prefix + "label_logprobs": -torch.rand(b, t)})
+    student = torch.randn(b, t, v)
+    objective = Objective({"forward_kl": 0.5, "ce": 0.5})
+    mix = TeacherMix(combine, 2)
+
+    def loss(rows):
+        part = {key: val[rows] for key, val in batch.items()}
+        _, _, labels, mask, targets = step_inputs(part, 1.0, 2.0, mix)
+        return objective(student[rows], labels, mask, targets, 2.0).loss_sum
+
+    whole = loss(slice(0, b))
+    torch.testing.assert_close(loss(slice(0, 1)) + loss(slice(1, b)), whole, rtol=1e-5, atol=1e-5)
