@@ -196,6 +196,40 @@ class MultiTeacherConfig(_Strict):
     """Learning rate of the teacher-selection policy (``rl_kd``)."""
 
 
+class GenerationConfig(_Strict):
+    """Teacher generations that replace the training text (sequence-level KD, Kim & Rush 2016).
+
+    Each training document's first ``prompt_tokens`` tokens are the prompt; the teacher's
+    continuation (from ``generate``) follows it, and the prompt + continuation is the student's
+    training text (labeled by the teacher like any text, so word-level terms work too)."""
+
+    prompt_tokens: int = Field(default=32, ge=1, le=4096)
+    """Tokens of each document given to the teacher as the prompt."""
+    max_new_tokens: int = Field(default=96, ge=1, le=4096)
+    """Tokens the teacher generates per document (at most; it may stop at EOS)."""
+    temperature: float = Field(default=0.0, ge=0, le=10)
+    """0: greedy decoding (the mode approximation of Kim & Rush); > 0: sampling."""
+    seed: int = 0
+    """Sampling seed (with ``temperature > 0``)."""
+    batch_size: int = Field(default=8, ge=1)
+    """Prompts per teacher ``generate`` call."""
+
+
+class AssistantConfig(_Strict):
+    """One teacher assistant of a TAKD / DGKD chain (a layer-dropped copy of the teacher)."""
+
+    keep_layers: list[int]
+    """Teacher layers the assistant keeps (more than the student, fewer than the teacher)."""
+    max_steps: int | None = Field(default=None, ge=1)
+    """Training steps of this assistant (None: ``train.max_steps``)."""
+
+
+class ChainConfig(_Strict):
+    """The teacher assistants between the teacher and the student, in order (largest first)."""
+
+    assistants: list[AssistantConfig] = Field(min_length=1)
+
+
 class TrainConfig(_Strict):
     """Ray Train settings shared by every student of a run."""
 
@@ -270,6 +304,10 @@ class DistillConfig(_Strict):
     """More teachers for the multi-teacher methods; each labels the same data into its own
     cache (keyed by its own fingerprint) and the caches are joined by row."""
     multi_teacher: MultiTeacherConfig = Field(default_factory=MultiTeacherConfig)
+    generation: GenerationConfig | None = None
+    """Teacher generations as training text (``seqkd``)."""
+    chain: ChainConfig | None = None
+    """Teacher assistants of a ``takd`` / ``dgkd`` chain."""
     labels: SoftLabelConfig = Field(default_factory=SoftLabelConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -30,13 +30,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from raykd.config import DistillConfig
 
-FEATURES = ("phases", "teachers", "vocab", "perturb")
+FEATURES = ("phases", "teachers", "vocab", "perturb", "generate", "chain")
 """Parts of a config beyond a plain single-teacher run; a method must declare the ones it uses.
 
 - ``phases``: ``train.phases`` is not empty (a schedule of objective and temperature);
 - ``teachers``: ``extra_teachers`` is not empty (several teachers joined by row);
 - ``vocab``: ``student.vocab_size`` is set (vocabulary compression);
-- ``perturb``: ``data.perturb_share > 0`` (teacher labels on perturbed text).
+- ``perturb``: ``data.perturb_share > 0`` (teacher labels on perturbed text);
+- ``generate``: ``generation`` is set (teacher generations as training text);
+- ``chain``: ``chain`` is set (teacher assistants between teacher and student).
 """
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "methods"
@@ -112,6 +114,8 @@ def config_features(cfg: DistillConfig) -> set[str]:
         "teachers": bool(cfg.extra_teachers),
         "vocab": cfg.student.vocab_size is not None,
         "perturb": cfg.data.perturb_share > 0,
+        "generate": cfg.generation is not None,
+        "chain": cfg.chain is not None,
     }
     return {name for name, on in flags.items() if on}
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from raykd.config import DistillConfig, default_cache_root
@@ -70,6 +71,11 @@ class Plan:
             min_tokens=c.data.min_tokens,
             logprobs_mode=LOGPROBS_MODE,
         )
+
+    def set_train_docs(self, docs: list[Document]) -> None:
+        """Train on ``docs`` instead (e.g. teacher generations); the train cache key follows."""
+        self.train_docs = docs
+        self.keys["train"] = self.key_for(docs)
 
     def teacher_meta(self) -> dict[str, Any]:
         return {"model": self.cfg.teacher.model, "path": str(self.teacher_path), "weights_fingerprint": self.weights_fp,
@@ -176,8 +182,12 @@ def _print_labeling(caches: dict[str, Any], labeled: list[str], stats: dict[str,
     Console().print(table)
 
 
-def run_distill(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
+def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run the main job and write its report into ``output_dir``.
+
+    ``prepare`` (used by recipes built on this one, e.g. sequence-level KD) runs once Ray is
+    connected and before the soft labels: it may replace the plan's training documents (through
+    :meth:`Plan.set_train_docs`) and returns a dict stored in the report under ``prepare``.
 
     Returns:
         The report (also written as ``report.json``); see the README for its fields.
@@ -204,6 +214,7 @@ def run_distill(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
     log.info("train docs %d, eval docs %d, cache keys %s", len(plan.train_docs), len(plan.eval_docs),
              {s: k.digest() for s, k in plan.keys.items()})
     connect(cfg.ray)
+    prepared = prepare(plan) if prepare is not None else None
     caches, label_stats = ensure_soft_labels(plan)
     train_dir, train_manifest = caches["train"]
     eval_dir, eval_manifest = caches["eval"]
@@ -251,6 +262,8 @@ def run_distill(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
             "model_dir": str(export_student(res.model_dir, init_dir, output_dir / "students" / name)),
         }
     report.update(teachers_report)
+    if prepared is not None:
+        report["prepare"] = prepared
     eval_s = time.perf_counter() - t_eval
     report["cache"] = {
         "path": str(train_dir),
