@@ -81,8 +81,10 @@ def _label_splits(cfg: ScheduleConfig, teacher_path: Path, docs: dict[str, list[
         folder, manifest = find_class_cache(root, key)
         if manifest is None:
             if handle is None:
+                from raykd.cluster import connect
                 from raykd.teacher.deployment import start_teacher
 
+                connect(cfg.ray)  # Ray starts only when the teacher must be asked
                 handle, started = start_teacher(teacher_deployment_config(cfg, teacher_path), str(teacher_path))
             t0 = time.time()
             rows = tokenize_documents(tokenizer, docs[split], labels, cfg.data.seq_len)

@@ -42,8 +42,9 @@ def _start(cfg: ScheduleConfig, output_dir: Path, docs):
     from raykd.recipes.schedule_prepare import prepare
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    prepared = prepare(cfg, output_dir, docs)  # fine-tunes and labels first; starts Ray only to label
     connect(cfg.ray)
-    return prepare(cfg, output_dir, docs)
+    return prepared
 
 
 def _header(search: str, cfg: ScheduleConfig, prepared) -> dict[str, Any]:
