@@ -71,7 +71,7 @@ def _label_splits(cfg: ScheduleConfig, teacher_path: Path, docs: dict[str, list[
     from raykd.soft_labels.cache import documents_fingerprint
     from raykd.soft_labels.class_labels import class_cache_key, find_class_cache, label_rows
 
-    root = Path(cfg.labels.cache_dir).expanduser() if cfg.labels.cache_dir else default_cache_root() / "soft_labels"
+    root = Path(cfg.labels.cache_dir).expanduser().resolve() if cfg.labels.cache_dir else default_cache_root() / "soft_labels"
     root = root / "class_labels"
     tokenizer = load_tokenizer(teacher_path)
     w_fp, t_fp = weights_fingerprint(teacher_path), tokenizer_fingerprint(tokenizer)
@@ -146,6 +146,7 @@ def prepare(cfg: ScheduleConfig, output_dir: Path, docs: list[Document] | None =
     from raykd.teacher.classifier import load_classifier
 
     t0 = time.time()
+    output_dir = Path(output_dir).resolve()  # trials read these paths from their own folders
     splits = split_bbc(cfg, docs)
     labels = sorted({d.label for d in splits["train"] if d.label is not None}) if docs is not None else list(BBC_TOPICS)
     if cfg.teacher.model:

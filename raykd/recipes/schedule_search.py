@@ -82,7 +82,7 @@ def main_minidisc(cfg: ScheduleConfig, output_dir: str | Path, docs=None) -> dic
     from raykd.recipes.minidisc import minidisc_trial
 
     t0 = time.time()
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir).resolve()  # trials run in their own folders
     prepared = _start(cfg, output_dir, docs)
     result_file = output_dir / "minidisc_trial.json"
     space = {"schedule": cfg.model_dump(), "prepared": asdict(prepared), "result_file": str(result_file.resolve())}
@@ -136,7 +136,7 @@ def main_maxidisc(cfg: ScheduleConfig, output_dir: str | Path, docs=None, traina
     from raykd.recipes.maxidisc import best_trial, collect_trials, maxidisc_trial
 
     t0 = time.time()
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir).resolve()  # trials run in their own folders
     prepared = _start(cfg, output_dir, docs)
     sparsities = ([0.0] if cfg.maxidisc.include_direct else []) + cfg.sparsify.candidates
     space = {"schedule": cfg.model_dump(), "prepared": asdict(prepared), "ta_sparsity": tune.grid_search(sparsities)}

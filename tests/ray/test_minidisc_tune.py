@@ -63,12 +63,13 @@ def tiny_schedule(tmp_path_factory):
     return cfg, make_labeled_docs()
 
 
-def test_minidisc_then_maxidisc_end_to_end(ray_start, tiny_schedule, tmp_path):
+def test_minidisc_then_maxidisc_end_to_end(ray_start, tiny_schedule, tmp_path, monkeypatch):
     from raykd.recipes.maxidisc import maxidisc_trial
     from raykd.recipes.schedule_search import main_maxidisc, main_minidisc, main_sweep
 
     cfg, docs = tiny_schedule
-    mini = main_minidisc(cfg, tmp_path / "mini", docs=docs)
+    monkeypatch.chdir(tmp_path)  # a relative output dir must work: trials run in their own folders
+    mini = main_minidisc(cfg, "mini", docs=docs)
     assert mini["trials_run"] == 1 and mini["chosen_ta"] in (0.3, 0.6)
     assert [c["sparsity"] for c in mini["candidates"]] == [0.3, 0.6, 0.9]
     assert mini["student"]["student_test_acc"] is not None
