@@ -107,6 +107,57 @@ def _micro_batches(shard, per_worker: int, grad_accum: int, cfg: dict[str, Any],
         epoch += 1
 
 
+def _load_student(config: dict[str, Any], rank: int):
+    """The student to train: the initial weights, or the last checkpoint of a restarted run.
+
+    Returns:
+        ``(model, state, history, step)``; ``state`` (optimizer, scheduler, teacher mix) is None
+        for a fresh run.
+    """
+    import ray.train
+    from transformers import AutoModelForCausalLM
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return AutoModelForCausalLM.from_pretrained(config["student_path"], dtype=torch.float32), None, [], 0
+    with checkpoint.as_directory() as d:  # resume: weights, optimizer, scheduler, step and loss history
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        history = json.loads((Path(d) / HISTORY_FILE).read_text())
+    if rank == 0:
+        print(f"[{config['run_label']}] resuming from checkpoint at step {state['step']}", flush=True)
+    return model, state, history, state["step"]
+
+
+def _backward_group(model, group, objective: Objective, tau: float, config: dict[str, Any], world: int,
+                    n_global: float, device, mix: TeacherMix | None, vocab_table) -> dict[str, float]:
+    """Forward and backward every micro-batch of one optimizer step; returns the term sums."""
+    sums: dict[str, float] = {}
+    for i, batch in enumerate(group):
+        ids, am, labels, mask, targets = step_inputs(batch, config["temperature"], tau, mix, vocab_table)
+        sync = nullcontext() if (world == 1 or i == len(group) - 1) else model.no_sync()
+        with sync:
+            with _autocast(config["autocast"], device):
+                logits = model(input_ids=ids, attention_mask=am).logits
+            out = objective(logits.float(), labels, mask, targets, tau)
+            (out.loss_sum * world / n_global).backward()
+        if mix is not None:
+            mix.remember((ids, am, labels, mask), logits)
+        for name, value in out.term_sums.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+        sums["loss"] = sums.get("loss", 0.0) + float(out.loss_sum.detach())
+    return sums
+
+
+def _all_reduce(values: list[float], world: int, device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, device=device, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point.
 
@@ -117,8 +168,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """
     import ray.train
     import ray.train.torch
-    import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
 
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
@@ -126,18 +175,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(config["seed"])
 
-    step, history, state = 0, [], None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        model = AutoModelForCausalLM.from_pretrained(config["student_path"], dtype=torch.float32)
-    else:  # resume: weights, optimizer, scheduler, step and loss history
-        with checkpoint.as_directory() as d:
-            model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-            history = json.loads((Path(d) / HISTORY_FILE).read_text())
-        step = state["step"]
-        if rank == 0:
-            print(f"[{config['run_label']}] resuming from checkpoint at step {step}", flush=True)
+    model, state, history, step = _load_student(config, rank)
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     core = model.module if hasattr(model, "module") else model
@@ -162,25 +200,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while step < config["max_steps"]:
         group = next(groups)
         n_local = sum(int(b["loss_mask"].sum()) for b in group)
-        n_global = torch.tensor([float(n_local)], device=device)
-        if world > 1:
-            dist.all_reduce(n_global)
-        n_global = max(float(n_global.item()), 1.0)
-        sums: dict[str, float] = {}
+        n_global = max(_all_reduce([float(n_local)], world, device)[0], 1.0)
         objective, tau = objective_at(config, step)
-        for i, batch in enumerate(group):
-            ids, am, labels, mask, targets = step_inputs(batch, config["temperature"], tau, mix, vocab_table)
-            sync = nullcontext() if (world == 1 or i == len(group) - 1) else model.no_sync()
-            with sync:
-                with _autocast(config["autocast"], device):
-                    logits = model(input_ids=ids, attention_mask=am).logits
-                out = objective(logits.float(), labels, mask, targets, tau)
-                (out.loss_sum * world / n_global).backward()
-            if mix is not None:
-                mix.remember((ids, am, labels, mask), logits)
-            for name, value in out.term_sums.items():
-                sums[name] = sums.get(name, 0.0) + float(value)
-            sums["loss"] = sums.get("loss", 0.0) + float(out.loss_sum.detach())
+        sums = _backward_group(model, group, objective, tau, config, world, n_global, device, mix, vocab_table)
         if config["max_grad_norm"]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config["max_grad_norm"])
         optim.step()
@@ -190,20 +212,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         extra = mix.after_step(model) if mix is not None else {}
         tok_log += n_local
 
-        totals = torch.tensor(list(sums.values()), device=device)
-        if world > 1:
-            dist.all_reduce(totals)
-        row = {"step": step, **{k: float(v) / n_global for k, v in zip(sums, totals.tolist())}, "lr": sched.get_last_lr()[0],
+        totals = _all_reduce(list(sums.values()), world, device)
+        row = {"step": step, **{k: v / n_global for k, v in zip(sums, totals)}, "lr": sched.get_last_lr()[0],
                "temperature": tau, **extra}
         history.append(row)
         last = step == config["max_steps"]
+        if (step % config["log_every"] == 0 or last) and rank == 0:
+            tok_s = tok_log * world / max(time.perf_counter() - t_log, 1e-9)
+            terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("step", "lr", "temperature"))
+            print(f"[{config['run_label']}] step {step}/{config['max_steps']} {terms} tok/s={tok_s:.0f}", flush=True)
         if step % config["log_every"] == 0 or last:
-            dt = time.perf_counter() - t_log
-            row_out = {**row, "tokens_per_s": tok_log * world / max(dt, 1e-9)}
             t_log, tok_log = time.perf_counter(), 0
-            if rank == 0:
-                terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("step", "lr", "temperature") and "." not in k)
-                print(f"[{config['run_label']}] step {step}/{config['max_steps']} {terms} tok/s={row_out['tokens_per_s']:.0f}", flush=True)
         if step % config["checkpoint_every"] == 0 or last:
             _report_checkpoint(core, {"optim": optim.state_dict(), "sched": sched.state_dict(), "step": step,
                                       "mix": mix.state_dict() if mix else None}, history, rank, row)

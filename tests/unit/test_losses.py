@@ -303,3 +303,24 @@ def test_objective_shares_one_log_softmax_and_keeps_gradients():
     separate = separate + 0.5 * masked_sum(get_loss("ce").fn(logits, targets=None, labels=labels, temperature=1.0), mask)
     (grad_separate,) = torch.autograd.grad(separate, logits)
     torch.testing.assert_close(grad_shared, grad_separate)
+
+
+def test_every_registered_teacher_loss_is_covered_by_these_maths_tests():
+    from raykd.losses import available_losses
+
+    sparse_teacher_losses = {n for n, s in available_losses().items() if s.needs_teacher and "sparse" in s.forms}
+    assert sparse_teacher_losses == set(DIVERGENCES), "add a new loss to DIVERGENCES so the invariants cover it"
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("tau", [0.5, 4.0])
+def test_retempered_cache_equals_the_dense_teacher_at_the_new_temperature(name, tau):
+    """Annealing-KD re-tempers labels cached at tau_c = 1: exact when K = V (no tail)."""
+    from raykd.losses.targets import retemper
+
+    teacher, student = _logits(), _logits()
+    got = _loss(name, student, retemper(_sparse(teacher, V), 1.0, tau), tau)
+    want = _loss(name, student, TeacherTargets.dense(teacher), tau)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    dense = TeacherTargets.dense(teacher)
+    assert retemper(dense, 1.0, tau) is dense
