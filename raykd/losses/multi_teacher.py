@@ -15,7 +15,8 @@ one over M):
 The mixture of sparse distributions (:func:`mix_sparse`) lists the union of the teachers' top-k
 ids; an id's mass is ``sum_m w_m p_m(id)`` over the teachers that list it (a lower bound: a
 teacher's mass on an id outside its top-k is inside its tail), and the tail is
-``sum_m w_m tail_m`` so the K' + 1 buckets sum to one exactly. Duplicate ids are merged and the
+``sum_m w_m tail_m`` so the K' + 1 buckets sum to one exactly; a teacher with weight 0 lists no
+ids, so a one-hot weight gives exactly the chosen teacher. Duplicate ids are merged and the
 freed slots are padding (id -1, log-prob -inf), which the losses ignore. Pure torch, no Ray.
 """
 
@@ -51,7 +52,7 @@ def mix_sparse(targets: Sequence[TeacherTargets], weights: Tensor) -> TeacherTar
     for m, t in enumerate(targets):
         _, log_p = teacher_buckets(t, 1.0)  # renormalised K + 1 buckets (tail last)
         w = weights[..., m : m + 1].float()
-        ids.append(t.topk_ids)
+        ids.append(torch.where(w > 0, t.topk_ids, -1))  # a teacher with weight 0 lists nothing
         probs.append(w * log_p[..., :-1].exp())
         tails.append(w * log_p[..., -1:].exp())
     merged_ids, merged_p = merge_duplicate_ids(torch.cat(ids, -1), torch.cat(probs, -1))

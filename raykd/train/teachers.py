@@ -62,7 +62,7 @@ class TeacherMix:
         if self.policy is None:
             weights = teacher_weights(self.combine, targets, label_lp, mask, self.weight_temperature)
         else:
-            features = teacher_features(targets, label_lp, mask)
+            features = teacher_features(targets, label_lp, mask).cpu()  # the policy is small and lives on CPU
             actions, weights = self.policy.select(features, self.generator)
             self.pending.append({"features": features, "actions": actions})
             self.chosen += torch.bincount(actions, minlength=self.num_teachers).float()
@@ -88,8 +88,8 @@ class TeacherMix:
         rewards = [p["ce_before"] - self._ce_after(model, p["inputs"]) for p in self.pending]
         model.train(was_training)
         with torch.enable_grad():
-            loss = self.policy.update(torch.cat([p["features"] for p in self.pending]).cpu(),
-                                      torch.cat([p["actions"] for p in self.pending]).cpu(), torch.cat(rewards).cpu())
+            loss = self.policy.update(torch.cat([p["features"] for p in self.pending]),
+                                      torch.cat([p["actions"] for p in self.pending]), torch.cat(rewards).cpu())
         self.pending = []
         share = self.chosen / self.chosen.sum().clamp(min=1.0)
         return {"policy_loss": loss, "reward": float(torch.cat(rewards).mean()),

@@ -170,3 +170,19 @@ def test_mixed_objective_is_invariant_to_splitting_the_batch(combine):
 
     whole = loss(slice(0, b))
     torch.testing.assert_close(loss(slice(0, 1)) + loss(slice(1, b)), whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", TEACHER_LOSSES)
+def test_one_hot_weights_give_exactly_the_chosen_teacher(name):
+    """RL-KD picks one teacher per example: the other teacher's ids must not appear as zero-mass buckets."""
+    torch.manual_seed(5)
+    a, b = _topk(torch.randn(B, T, V) * 3, 4), _topk(torch.randn(B, T, V) * 3, 4)
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(B, 1, 2)
+    mixed = mix_sparse([a, b], w)
+    student = torch.randn(B, T, V)
+    fn = get_loss(name).fn
+    got = fn(student, targets=mixed, labels=None, temperature=1.0)
+    for row, chosen in enumerate([a, b]):
+        want = fn(student[row : row + 1], targets=TeacherTargets.sparse(chosen.topk_ids[row : row + 1],
+                  chosen.topk_logprobs[row : row + 1], chosen.tail_logmass[row : row + 1]), labels=None, temperature=1.0)
+        torch.testing.assert_close(got[row : row + 1], want, atol=1e-4, rtol=1e-4)
