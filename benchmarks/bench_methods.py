@@ -24,7 +24,7 @@ from pathlib import Path
 from raykd.config import DistillConfig, load_config
 from raykd.methods import available_methods, get_method, run_method
 
-COLUMNS = ("method", "student", "params", "held-out ppl", "top-1 agreement", "steps", "train s", "objective")
+COLUMNS = ("method", "params", "held-out ppl", "top-1 agreement", "ppl before training", "steps", "train s", "objective")
 
 
 def run_one(method: str, out_root: Path, budget: list[str]) -> dict:
@@ -44,6 +44,20 @@ def run_one(method: str, out_root: Path, budget: list[str]) -> dict:
     }
 
 
+def _terms(weights: dict) -> str:
+    return " + ".join(f"{w:g} {n}" for n, w in weights.items() if w) or "-"
+
+
+def _phase(p: dict) -> str:
+    """One phase in a few words: ``to 70%: 1 forward_kl, tau 4->1``."""
+    text = f"to {p['until']:.0%}: " + (_terms(p["weights"]) if p.get("weights") else "own objective")
+    if p.get("weights_end"):
+        text += f" -> {_terms(p['weights_end'])}"
+    if p.get("temperature") is not None:
+        text += f", tau {p['temperature']:g}" + (f"->{p['temperature_end']:g}" if p.get("temperature_end") else "")
+    return text
+
+
 def write_table(results: dict, path_md: Path) -> str:
     rows = [results["methods"][m] for m in available_methods() if m in results["methods"]]
     b = results["budget"]
@@ -56,11 +70,13 @@ def write_table(results: dict, path_md: Path) -> str:
         "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS),
     ]
     for r in rows:
-        objective = " + ".join(f"{w:g} {n}" for n, w in r["objective"].items())
-        if r["phases"]:
-            objective += f"; phases {r['phases']}"
-        lines.append(f"| {r['method']} | {r['student']} | {r['params'] / 1e6:.1f}M | {r['ppl']:.1f} | "
-                     f"{r['top1_agreement']:.3f} | {r['steps']} | {r['train_s']:.0f} | {objective} |")
+        objective = _terms(r["objective"]) + "".join(f"; {_phase(p)}" for p in r["phases"])
+        lines.append(f"| {r['method']} | {r['params'] / 1e6:.1f}M | {r['ppl']:.1f} | {r['top1_agreement']:.3f} | "
+                     f"{r['student_init_ppl']:,.0f} | {r['steps']} | {r['train_s']:.0f} | {objective} |")
+    extra = {name: t for r in rows for name, t in r["extra_teachers"].items()}
+    for name, t in extra.items():
+        lines.append(f"\nMulti-teacher rows add `{name.removeprefix('teacher_')}` ({t['model']}): held-out ppl "
+                     f"{t['ppl']:.1f}, top-1 agreement with the first teacher {t['top1_agreement']:.3f}.")
     text = "\n".join(lines) + "\n"
     path_md.write_text(text)
     return text
