@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from raykd.recipes.schedule_config import ScheduleConfig
-from raykd.recipes.ta_distill import ClassData, accuracy, distill_phase, importance_of, kd_loss, logits_of, batches, prune_to
+from raykd.recipes.ta_distill import ClassData, accuracy, batches, device_of, distill_phase, importance_of, kd_loss, logits_of, prune_to
 from raykd.students.sparsify import Masker, densify, masks_for_sparsity, prunable_params, unit_params
 
 
@@ -85,7 +85,7 @@ def sandwich_table(
     rng = np.random.default_rng(kd.seed + 7)
     params = [p for p in student.parameters() if p.requires_grad and not (kd.freeze_embeddings and p is student.get_input_embeddings().weight)]
     opt = torch.optim.AdamW(params, lr=kd.lr)
-    for b in batches(splits["train"], kd.batch_size, md.sandwich_steps, kd.seed + 3):
+    for b in batches(splits["train"], kd.batch_size, md.sandwich_steps, kd.seed + 3, device_of(student)):
         target = b["teacher_logits"] if teacher_fn is None else teacher_fn(b)
         widths = [grid[0], grid[-1], *rng.choice(grid, size=md.sandwich_random)]
         student.train()

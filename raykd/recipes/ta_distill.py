@@ -50,20 +50,26 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor | None, labels: Tenso
     return total
 
 
-def batch_of(data: ClassData, idx: np.ndarray) -> dict[str, Tensor]:
-    """Tensors of rows ``idx``: ``input_ids``, ``attention_mask`` [B, T]; ``label`` [B]; ``teacher_logits`` [B, C]."""
-    return {k: torch.as_tensor(data[k][idx]) for k in ("input_ids", "attention_mask", "label", "teacher_logits") if k in data}
+def batch_of(data: ClassData, idx: np.ndarray, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """Tensors of rows ``idx`` on ``device``: ``input_ids``, ``attention_mask`` [B, T]; ``label`` [B]; ``teacher_logits`` [B, C]."""
+    keys = ("input_ids", "attention_mask", "label", "teacher_logits")
+    return {k: torch.as_tensor(data[k][idx]).to(device) for k in keys if k in data}
 
 
-def batches(data: ClassData, batch_size: int, steps: int, seed: int):
-    """``steps`` random batches (epochs of a seeded permutation)."""
+def device_of(model: nn.Module) -> torch.device:
+    """The device of a model's parameters."""
+    return next(model.parameters()).device
+
+
+def batches(data: ClassData, batch_size: int, steps: int, seed: int, device: torch.device | str = "cpu"):
+    """``steps`` random batches (epochs of a seeded permutation) on ``device``."""
     rng = np.random.default_rng(seed)
     n, order = len(data["label"]), np.empty(0, dtype=np.int64)
     for _ in range(steps):
         if len(order) < batch_size:
             order = np.concatenate([order, rng.permutation(n)])
         idx, order = order[:batch_size], order[batch_size:]
-        yield batch_of(data, idx)
+        yield batch_of(data, idx, device)
 
 
 def logits_of(model: nn.Module, b: dict[str, Tensor]) -> Tensor:
@@ -77,7 +83,7 @@ def accuracy(model: nn.Module, data: ClassData, batch_size: int = 50) -> float:
     model.eval()
     correct = 0
     for s in range(0, len(data["label"]), batch_size):
-        b = batch_of(data, np.arange(s, min(s + batch_size, len(data["label"]))))
+        b = batch_of(data, np.arange(s, min(s + batch_size, len(data["label"]))), device_of(model))
         correct += int((logits_of(model, b).argmax(-1) == b["label"]).sum())
     return correct / max(len(data["label"]), 1)
 
@@ -114,7 +120,7 @@ def distill_phase(
     params = trainable_parameters(student, kd.freeze_embeddings)
     opt = torch.optim.AdamW(params, lr=kd.lr, weight_decay=0.0)
     losses = []
-    for step, b in enumerate(batches(data, kd.batch_size, steps or kd.steps, seed), start=1):
+    for step, b in enumerate(batches(data, kd.batch_size, steps or kd.steps, seed, device_of(student)), start=1):
         target = b.get("teacher_logits")
         if teacher is not None:
             with torch.no_grad():
@@ -136,7 +142,7 @@ def importance_of(model: nn.Module, data: ClassData, kd: KDConfig, n_batches: in
     """Taylor importance of ``model``'s units for the KD loss against the cached teacher logits."""
     return taylor_importance(
         model,
-        batches(data, kd.batch_size, n_batches, seed=kd.seed + 101),
+        batches(data, kd.batch_size, n_batches, seed=kd.seed + 101, device=device_of(model)),
         lambda m, b: kd_loss(logits_of(m, b), b["teacher_logits"], b["label"], kd),
     )
 

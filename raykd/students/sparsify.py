@@ -143,7 +143,7 @@ def _unit_scores(layer: nn.Module, d: int) -> tuple[Tensor, Tensor]:
         return (p.detach() * p.grad).abs() if p.grad is not None else torch.zeros_like(p)
 
     att, n_heads = layer.attention, _head_count(layer, d)
-    heads = torch.zeros(n_heads)
+    heads = torch.zeros(n_heads, device=att.output.dense.weight.device)
     if n_heads:
         for lin in (att.self.query, att.self.key, att.self.value):
             heads += wg(lin.weight).sum(1).view(n_heads, d).sum(1) + wg(lin.bias).view(n_heads, d).sum(1)
@@ -180,8 +180,8 @@ def taylor_importance(model: nn.Module, batches: Iterable[Any], loss_fn: Callabl
         loss_fn(model, batch).backward()
         for i, layer in enumerate(layers):
             h, n = _unit_scores(layer, d)
-            scores.heads[i] += h
-            scores.neurons[i] += n
+            scores.heads[i] += h.cpu()
+            scores.neurons[i] += n.cpu()
         seen += 1
     model.zero_grad(set_to_none=True)
     model.train(was_training)
@@ -290,6 +290,7 @@ class _NoHeads(nn.Module):
 
 def _keep_linear(layer: nn.Linear, index: Tensor, dim: int) -> nn.Linear:
     """A copy of ``layer`` that keeps ``index`` along ``dim`` (0: outputs, 1: inputs); may be empty."""
+    index = index.to(layer.weight.device)
     weight = layer.weight.detach().index_select(dim, index).clone()
     bias = layer.bias.detach().clone() if dim == 1 else layer.bias.detach()[index].clone()
     with warnings.catch_warnings():  # an empty layer's init is a no-op, and says so
