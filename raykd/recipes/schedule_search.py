@@ -38,29 +38,13 @@ def _tuner(trainable: Callable, param_space: dict[str, Any], cfg: ScheduleConfig
 
 
 def _start(cfg: ScheduleConfig, output_dir: Path, docs):
+    from raykd.cluster import connect
     from raykd.recipes.schedule_prepare import prepare
 
     output_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare(cfg, output_dir, docs)  # fine-tunes and labels first; starts Ray only to label
-    _connect_with_retry(cfg)
+    connect(cfg.ray)
     return prepared
-
-
-def _connect_with_retry(cfg: ScheduleConfig, attempts: int = 3) -> None:
-    """Start or join Ray; on a badly overloaded machine a local start can time out, so retry."""
-    import ray
-
-    from raykd.cluster import connect
-
-    for attempt in range(1, attempts + 1):
-        try:
-            connect(cfg.ray)
-            return
-        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception on a start timeout
-            log.warning("Ray did not start (attempt %d/%d): %s", attempt, attempts, str(e).splitlines()[0] if str(e) else e)
-            ray.shutdown()
-            if attempt == attempts:
-                raise
 
 
 def _header(search: str, cfg: ScheduleConfig, prepared) -> dict[str, Any]:
