@@ -26,6 +26,8 @@ def connect(cfg: RayConfig) -> bool:
         return False
     # Ray Train's worker print patch echoes every line twice on a local cluster.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    # The dashboard also serves the state API that Ray Train's controller polls.
+    # The dashboard also serves the state API that Ray Train's controller polls; on a busy small
+    # machine it can take longer than Ray's default 60 s to start.
+    os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
     ray.init(num_cpus=cfg.num_cpus, include_dashboard=True)
     return True

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+# A busy 2-core machine can take over a minute to start Ray's dashboard (Ray's default limit: 60 s).
+os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 _SUBJECTS = ["the market", "a minister", "the team", "our reporter", "the company", "a new film", "the band", "the court"]

@@ -52,6 +52,13 @@ def prompts_of(docs: list[Document], tokenizer: Any, prompt_tokens: int) -> list
     return [tokenizer.decode(x[:prompt_tokens]) for x in ids]
 
 
+def _read(folder: Path, columns: list[str]):
+    """The Parquet shards of a generation folder as one table (the metadata file left out)."""
+    import pyarrow.dataset as pads
+
+    return pads.dataset(sorted(str(p) for p in Path(folder).glob("*.parquet")), format="parquet").to_table(columns=columns)
+
+
 class _Generator:
     """Ray Data actor: a batch of prompts -> the teacher's completions (several calls in flight)."""
 
@@ -102,8 +109,6 @@ def generate_documents(
         ``(documents, stats)``: one document per input, ``doc_id + "#gen"``, text = prompt +
         completion (same ``label``); stats has ``hit``, ``path``, ``new_tokens``, ``generate_s``.
     """
-    import pyarrow.parquet as pq
-
     final = generations_dir(cache_root, teacher, docs, gen)
     hit = (final / DONE).is_file()
     start = time.perf_counter()
@@ -116,7 +121,7 @@ def generate_documents(
             _Generator, fn_constructor_args=(app_name, gen.model_dump()), batch_size=gen.batch_size * 2,
             concurrency=num_actors, num_cpus=0.25)
         ds.write_parquet(str(partial))
-        table = pq.read_table(partial)
+        table = _read(partial, ["new_tokens"])
         meta = {"rows": table.num_rows, "new_tokens": int(np.sum(table["new_tokens"].to_numpy())),
                 "generate_s": time.perf_counter() - start, "teacher": teacher, "generation": gen.model_dump()}
         (partial / DONE).write_text(json.dumps(meta, indent=2))
@@ -124,7 +129,7 @@ def generate_documents(
             shutil.rmtree(partial, ignore_errors=True)
         else:
             os.replace(partial, final)
-    table = pq.read_table(final, columns=["doc_id", "prompt", "completion"])
+    table = _read(final, ["doc_id", "prompt", "completion"])
     meta = json.loads((final / DONE).read_text())
     by_id = {d.doc_id: d for d in docs}
     out = [Document(f"{i}#gen", p + c, by_id[i].label)
