@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from raykd.models import load_tokenizer, pick_device, tokenizer_fingerprint, weights_fingerprint
-from raykd.teacher.engine import EngineInfo
+from raykd.models import load_tokenizer, pick_device
+from raykd.teacher.engine import EngineInfo, describe
 
 
 class NotAClassifierError(ValueError):
@@ -71,24 +71,15 @@ class ClassifierEngine:
         torch.set_num_threads(self.num_threads)
         self.device = pick_device(device)
         self.model_path = Path(model_path)
+        self.dtype = dtype
         self.model = load_classifier(self.model_path, dtype, self.device)
         self.tokenizer = load_tokenizer(self.model_path)
         self.num_classes = int(self.model.config.num_labels)
         self.vocab_size = int(self.model.config.vocab_size)
         self.max_seq_len = int(getattr(self.model.config, "max_position_embeddings", 512))
         self._lock = threading.Lock()
-        self._info = EngineInfo(
-            engine=self.name,
-            model_path=str(self.model_path),
-            weights_fingerprint=weights_fingerprint(self.model_path),
-            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
-            vocab_size=self.vocab_size,
-            dtype=dtype,
-            device=self.device,
-            max_k=self.num_classes,
-            max_seq_len=self.max_seq_len,
-            extra={"num_classes": self.num_classes, "id2label": {int(k): v for k, v in self.model.config.id2label.items()}},
-        )
+        id2label = {int(k): v for k, v in self.model.config.id2label.items()}
+        self._info = describe(self, max_k=self.num_classes, extra={"num_classes": self.num_classes, "id2label": id2label})
 
     def info(self) -> EngineInfo:
         return self._info

@@ -56,6 +56,23 @@ class EngineInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def describe(engine: Any, *, max_k: int, extra: dict[str, Any]) -> EngineInfo:
+    """The :class:`EngineInfo` of a built engine (its ``name``, ``model_path``, ``tokenizer``,
+    ``vocab_size``, ``dtype``, ``device`` and ``max_seq_len``; fingerprints computed here)."""
+    return EngineInfo(
+        engine=engine.name,
+        model_path=str(engine.model_path),
+        weights_fingerprint=weights_fingerprint(engine.model_path),
+        tokenizer_fingerprint=tokenizer_fingerprint(engine.tokenizer),
+        vocab_size=engine.vocab_size,
+        dtype=engine.dtype,
+        device=engine.device,
+        max_k=max_k,
+        max_seq_len=engine.max_seq_len,
+        extra=extra,
+    )
+
+
 def ids_dtype(vocab_size: int) -> np.dtype:
     """Smallest unsigned dtype that holds every token id: uint16 when V <= 65,536, else int32."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
@@ -172,18 +189,7 @@ class HFEngine:
         self.max_seq_len = int(getattr(self.model.config, "max_position_embeddings", 1 << 20))
         self.max_tokens_per_forward = max_tokens_per_forward
         self._lock = threading.Lock()  # one forward at a time; queued requests wait here
-        self._info = EngineInfo(
-            engine=self.name,
-            model_path=str(self.model_path),
-            weights_fingerprint=weights_fingerprint(self.model_path),
-            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
-            vocab_size=self.vocab_size,
-            dtype=dtype,
-            device=self.device,
-            max_k=self.vocab_size,
-            max_seq_len=self.max_seq_len,
-            extra={"torch_threads": torch.get_num_threads()},
-        )
+        self._info = describe(self, max_k=self.vocab_size, extra={"torch_threads": torch.get_num_threads()})
 
     def info(self) -> EngineInfo:
         return self._info

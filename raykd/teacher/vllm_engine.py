@@ -24,11 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from raykd.models import load_tokenizer, pick_device, tokenizer_fingerprint, weights_fingerprint
+from raykd.models import load_tokenizer, pick_device
 from raykd.teacher.engine import (
     LOGPROBS_MODE,
     EngineInfo,
     ScoreResult,
+    describe,
     encode_prompts,
     ids_dtype,
     validate_score_request,
@@ -120,18 +121,7 @@ class VLLMEngine:
         self._lock = threading.Lock()  # vLLM's offline LLM is not re-entrant
         import vllm
 
-        self._info = EngineInfo(
-            engine=self.name,
-            model_path=str(self.model_path),
-            weights_fingerprint=weights_fingerprint(self.model_path),
-            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
-            vocab_size=self.vocab_size,
-            dtype=dtype,
-            device=self.device,
-            max_k=self.max_k,
-            max_seq_len=self.max_seq_len,
-            extra={"vllm_version": vllm.__version__, "logprobs_mode": LOGPROBS_MODE},
-        )
+        self._info = describe(self, max_k=self.max_k, extra={"vllm_version": vllm.__version__, "logprobs_mode": LOGPROBS_MODE})
 
     def info(self) -> EngineInfo:
         return self._info
