@@ -32,7 +32,7 @@ def test_first_run_labels_both_splits(first_run):
 def test_second_run_is_a_hit_that_asks_the_teacher_nothing(first_run):
     cfg, _, caches, _ = first_run
     again, stats = ensure_soft_labels(Plan(cfg))
-    assert stats == {"hit": True, "teacher_calls": 0, "label_s": 0.0}
+    assert stats == {"hit": True, "teacher_calls": 0, "label_s": 0.0, "teacher": None}  # no teacher involved
     assert running_teacher(cfg.teacher.name) is None  # never started
     assert {s: str(p) for s, (p, _) in again.items()} == {s: str(p) for s, (p, _) in caches.items()}
 
