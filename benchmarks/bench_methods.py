@@ -11,6 +11,8 @@ run in several batches, and the whole table is rewritten to ``<results>.md`` eac
     # a second batch elsewhere, merged into the main table afterwards:
     .venv/bin/python benchmarks/bench_methods.py --methods tmkd --results runs/methods_b2
     .venv/bin/python benchmarks/bench_methods.py --methods "" --merge runs/methods_b2.json
+    # sequence-level KD generates with the vLLM engine (much faster generation on CPU):
+    .venv/bin/python benchmarks/bench_methods.py --methods seqkd --override teacher.engine=vllm generation.batch_size=32
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pathlib import Path
 from raykd.config import DistillConfig, load_config
 from raykd.methods import available_methods, get_method, run_method
 
-COLUMNS = ("method", "params", "held-out ppl", "top-1 agreement", "ppl before training", "steps", "train s", "objective")
+COLUMNS = ("method", "params", "held-out ppl", "top-1 agreement", "KL(teacher, student)", "ppl before training", "steps",
+           "train s", "objective")
 
 
 def run_one(method: str, out_root: Path, budget: list[str]) -> dict:
@@ -32,16 +35,49 @@ def run_one(method: str, out_root: Path, budget: list[str]) -> dict:
     cfg = load_config(DistillConfig, get_method(method).config_path, budget)
     start = time.perf_counter()
     report = run_method(cfg, out_root / method)
-    (student,) = report["students"]
+    wall_s = time.perf_counter() - start
+    chain = {}
+    if "final_vs_original_teacher" in report:  # a TA chain: the final stage's student, judged by the original teacher
+        (student,) = report["final_vs_original_teacher"]
+        judged = report["final_vs_original_teacher"][student]
+        chain = {"stages": [{k: v for k, v in st.items() if k != "keep_layers"} for st in report["stages"]],
+                 "teacher_ppl": report["teacher"]["ppl"]}
+        report = json.loads((out_root / method / "student" / "report.json").read_text())
+    else:
+        (student,) = report["students"]
+        judged = report[student]
     s = report[student]
-    extra = {k: report[k] for k in report if k.startswith("teacher") and k != "teacher"}
+    extra = {} if chain else {k: report[k] for k in report if k.startswith("teacher_")}
+    prepare = report.get("prepare", {}).get("generations")
     return {
-        "method": method, "student": student, "params": s["params"], "ppl": s["ppl"],
-        "top1_agreement": s["top1_agreement"], "steps": s["steps"], "train_s": s["train_s"],
+        "method": method, "student": student, "params": s["params"], "ppl": judged["ppl"],
+        "top1_agreement": judged["top1_agreement"], "kl": judged["kl"], "student_init_kl": report["student_init"]["kl"],
+        "steps": s["steps"], "train_s": s["train_s"],
         "objective": s["objective"], "phases": [p.model_dump(exclude_none=True) for p in cfg.train.phases],
-        "teacher_ppl": report["teacher"]["ppl"], "student_init_ppl": report["student_init"]["ppl"],
-        "extra_teachers": extra, "cache_hit": report["cache"]["hit"], "wall_s": time.perf_counter() - start,
+        "teacher_ppl": report["teacher"]["ppl"],
+        "student_init_ppl": report["student_init"]["ppl"],
+        "extra_teachers": extra, "cache_hit": report["cache"]["hit"], "wall_s": wall_s,
+        **chain, **({"generations": prepare} if prepare else {}),
     }
+
+
+def rescore(results: dict, out_root: Path, methods: list[str]) -> None:
+    """Add the held-out KL(teacher, student) to rows measured before it was reported, from the
+    students those runs exported (the ppl and agreement are recomputed and must match)."""
+    from raykd.soft_labels.cache import open_cache, shard_paths
+    from raykd.train.evaluate import evaluate_folder
+
+    for m in methods:
+        row, run = results["methods"][m], out_root / m
+        report = json.loads((run / ("student/report.json" if "stages" in row else "report.json")).read_text())
+        folder = Path(report["cache"]["eval_path"])
+        files = shard_paths(folder, open_cache(folder))
+        init = run / ("student/student_init" if "stages" in row else "student_init")
+        got = evaluate_folder(Path(report[row["student"]]["model_dir"]), files, vocab_dir=init)
+        if "stages" not in row and abs(got["ppl"] - row["ppl"]) > 1e-3 * row["ppl"]:
+            raise RuntimeError(f"{m}: rescored ppl {got['ppl']:.2f} != reported {row['ppl']:.2f}; is {run} another run?")
+        row["kl"], row["student_init_kl"] = got["kl"], evaluate_folder(init, files)["kl"]
+        print(f"{m}: kl {row['kl']:.3f} (untrained {row['student_init_kl']:.3f})", flush=True)
 
 
 def _terms(weights: dict) -> str:
@@ -71,7 +107,7 @@ def write_table(results: dict, path_md: Path) -> str:
     ]
     for r in rows:
         objective = _terms(r["objective"]) + "".join(f"; {_phase(p)}" for p in r["phases"])
-        lines.append(f"| {r['method']} | {r['params'] / 1e6:.1f}M | {r['ppl']:.1f} | {r['top1_agreement']:.3f} | "
+        lines.append(f"| {r['method']} | {r['params'] / 1e6:.1f}M | {r['ppl']:.1f} | {r['top1_agreement']:.3f} | {r.get('kl', float('nan')):.3f} | "
                      f"{r['student_init_ppl']:,.0f} | {r['steps']} | {r['train_s']:.0f} | {objective} |")
     extra = {name: t for r in rows for name, t in r["extra_teachers"].items()}
     for name, t in extra.items():
@@ -89,6 +125,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--out-dir", default="runs/bench_methods")
     p.add_argument("--results", default="benchmarks/results/methods", help="path without .json/.md")
+    p.add_argument("--override", nargs="*", default=[],
+                   help="extra dotted key=value overrides for the methods of this batch (recorded in their rows)")
+    p.add_argument("--rescore", action="store_true",
+                   help="only add the held-out KL to existing rows, from the students their runs exported")
     p.add_argument("--merge", nargs="*", default=[], help="results JSON files of other batches to merge in")
     args = p.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -105,9 +145,14 @@ def main() -> None:
     results_json.parent.mkdir(parents=True, exist_ok=True)
     for other in args.merge:
         results["methods"].update(json.loads(Path(other).read_text())["methods"])
+    if args.rescore:
+        rescore(results, Path(args.out_dir), [m for m in methods if m in results["methods"]])
+        results_json.write_text(json.dumps(results, indent=2))
+        methods = []
     for m in methods:
         print(f"=== method {m} ===", flush=True)
-        row = run_one(m, Path(args.out_dir), budget)
+        row = run_one(m, Path(args.out_dir), budget + args.override)
+        row["overrides"] = args.override
         if results_json.exists():  # another batch may have written meanwhile: keep its rows
             results["methods"] = {**json.loads(results_json.read_text())["methods"], **results["methods"]}
         results["methods"][m] = row

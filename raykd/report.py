@@ -24,11 +24,11 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown (models table, cache line, timings)."""
-    lines = [f"# raykd distill: {report['run_name']}", "", "| model | params | held-out ppl | top-1 agreement | objective | steps |", "|---|---|---|---|---|---|"]
+    lines = [f"# raykd distill: {report['run_name']}", "", "| model | params | held-out ppl | top-1 agreement | KL(teacher, student) | objective | steps |", "|---|---|---|---|---|---|---|"]
     for name, m in model_rows(report):
         objective = ", ".join(f"{w} {k}" for k, w in m.get("objective", {}).items()) or "-"
         lines.append(
-            f"| {name} | {_fmt(m.get('params'))} | {_fmt(m['ppl'], 2)} | {_fmt(m['top1_agreement'])} | {objective} | {_fmt(m.get('steps'))} |"
+            f"| {name} | {_fmt(m.get('params'))} | {_fmt(m['ppl'], 2)} | {_fmt(m['top1_agreement'])} | {_fmt(m.get('kl'))} | {objective} | {_fmt(m.get('steps'))} |"
         )
     c = report["cache"]
     lines += [
@@ -48,10 +48,10 @@ def print_table(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"raykd distill: {report['run_name']}")
-    for col in ("model", "params", "held-out ppl", "top-1 agreement", "steps"):
+    for col in ("model", "params", "held-out ppl", "top-1 agreement", "KL(teacher, student)", "steps"):
         table.add_column(col, justify="right" if col != "model" else "left")
     for name, m in model_rows(report):
-        table.add_row(name, _fmt(m.get("params")), _fmt(m["ppl"], 2), _fmt(m["top1_agreement"]), _fmt(m.get("steps")))
+        table.add_row(name, _fmt(m.get("params")), _fmt(m["ppl"], 2), _fmt(m["top1_agreement"]), _fmt(m.get("kl")), _fmt(m.get("steps")))
     console = Console()
     console.print(table)
     c = report["cache"]

@@ -200,7 +200,6 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
     from raykd.report import print_table, write_report
     from raykd.students import build_student
     from raykd.students.vocab import compress_student_folder
-    from raykd.train.evaluate import evaluate_folder, teacher_metrics
     from raykd.train.trainer import train_student
 
     from raykd.recipes.multi_teacher import extra_teacher_plans, prepare_teachers
@@ -227,21 +226,33 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
     if cfg.student.vocab_size is not None:
         compress_student_folder(init_dir, shard_paths(train_dir, train_manifest), cfg.student.vocab_size)
     t_train = time.perf_counter()
-    results = {}
-    for name, weights in cfg.train.students.items():
-        results[name] = train_student(
-            name,
-            student_path=init_dir,
-            shard_files=train_files,
-            weights=weights,
-            temperature=cfg.labels.temperature,
-            cfg=cfg.train,
-            storage_path=output_dir / "ray_train",
-            teachers=teachers,
-        )
+    results = {name: train_student(name, student_path=init_dir, shard_files=train_files, weights=weights,
+                                   temperature=cfg.labels.temperature, cfg=cfg.train,
+                                   storage_path=output_dir / "ray_train", teachers=teachers)
+               for name, weights in cfg.train.students.items()}
     train_s = time.perf_counter() - t_train
 
     t_eval = time.perf_counter()
+    report = evaluate_students(cfg, plan, init_dir, results, eval_files, output_dir)
+    report.update(teachers_report)
+    if prepared is not None:
+        report["prepare"] = prepared
+    eval_s = time.perf_counter() - t_eval
+    report["cache"] = _cache_report(cfg, (train_dir, train_manifest), (eval_dir, eval_manifest), label_stats)
+    report["data"] = {"train_docs": len(plan.train_docs), "eval_docs": len(plan.eval_docs), "seq_len": cfg.data.seq_len}
+    report["timings"] = {"label_s": label_stats["label_s"], "train_s": train_s, "eval_s": eval_s, "total_s": time.perf_counter() - t0}
+    write_report(report, output_dir, {name: res.history for name, res in results.items()})
+    print_table(report)
+    return report
+
+
+def evaluate_students(cfg: DistillConfig, plan: Plan, init_dir: Path, results: dict[str, Any], eval_files: list[str],
+                      output_dir: Path) -> dict[str, Any]:
+    """The report's model entries: the teacher, the untrained student and every trained student on
+    the held-out soft labels (perplexity of the real tokens, top-1 agreement with the teacher);
+    each trained student is exported as a servable folder under ``output_dir/students/<name>``."""
+    from raykd.train.evaluate import evaluate_folder, teacher_metrics
+
     n_student = _param_count(init_dir)
     report: dict[str, Any] = {
         "run_name": cfg.run_name,
@@ -261,11 +272,12 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
             "checkpoint": str(res.model_dir),
             "model_dir": str(export_student(res.model_dir, init_dir, output_dir / "students" / name)),
         }
-    report.update(teachers_report)
-    if prepared is not None:
-        report["prepare"] = prepared
-    eval_s = time.perf_counter() - t_eval
-    report["cache"] = {
+    return report
+
+
+def _cache_report(cfg: DistillConfig, train: tuple[Path, Any], eval_: tuple[Path, Any], label_stats: dict[str, Any]) -> dict[str, Any]:
+    (train_dir, train_manifest), (eval_dir, eval_manifest) = train, eval_
+    return {
         "path": str(train_dir),
         "eval_path": str(eval_dir),
         "key": train_manifest.key,
@@ -281,11 +293,6 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
         "eval_rows": eval_manifest.rows,
         "eval_tokens": eval_manifest.tokens,
     }
-    report["data"] = {"train_docs": len(plan.train_docs), "eval_docs": len(plan.eval_docs), "seq_len": cfg.data.seq_len}
-    report["timings"] = {"label_s": label_stats["label_s"], "train_s": train_s, "eval_s": eval_s, "total_s": time.perf_counter() - t0}
-    write_report(report, output_dir, {name: res.history for name, res in results.items()})
-    print_table(report)
-    return report
 
 
 def export_student(checkpoint: Path, init_dir: Path, out_dir: Path) -> Path:

@@ -1,4 +1,5 @@
-"""Held-out evaluation from a soft-label cache: perplexity and top-1 agreement with the teacher.
+"""Held-out evaluation from a soft-label cache: perplexity, top-1 agreement with the teacher and
+the forward KL from the teacher's cached distribution to the student's.
 
 The eval split is labeled like the train split, so the teacher's own numbers come from the cache
 (``label_logprobs`` gives its perplexity, ``topk_ids[..., 0]`` its top-1 prediction) and a second
@@ -16,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from raykd.losses.reduction import TINY, student_bucket_log_probs
+from raykd.losses.targets import TeacherTargets, teacher_buckets
 from raykd.soft_labels.schema import decode_batch
 from raykd.students.vocab import VocabMap
 
@@ -35,13 +38,14 @@ def teacher_metrics(shard_files: list[str]) -> dict[str, float]:
         m = b["loss_mask"].astype(bool)
         nll -= float(b["label_logprobs"][m].astype(np.float64).sum())
         n += int(m.sum())
-    return {"ppl": math.exp(nll / max(n, 1)), "top1_agreement": 1.0, "tokens": n}
+    return {"ppl": math.exp(nll / max(n, 1)), "top1_agreement": 1.0, "kl": 0.0, "tokens": n}
 
 
 @torch.inference_mode()
 def student_metrics(model, shard_files: list[str], batch_size: int = 16, device: str = "cpu",
                     vocab: VocabMap | None = None) -> dict[str, float]:
-    """Perplexity of ``model`` on the split and top-1 agreement with the teacher.
+    """Perplexity of ``model`` on the split, top-1 agreement with the teacher and the forward KL
+    from the teacher to the student.
 
     Args:
         model: causal LM returning ``logits [B, T, V]``.
@@ -53,11 +57,14 @@ def student_metrics(model, shard_files: list[str], batch_size: int = 16, device:
     Returns:
         ``ppl`` (exp of the mean next-token NLL over ``loss_mask`` positions),
         ``top1_agreement`` (share of those positions where the student's argmax equals the
-        teacher's top-1 id), ``tokens`` (positions counted).
+        teacher's top-1 id), ``kl`` (mean KL(teacher || student) in nats per position at
+        temperature 1, over the cache's K + 1 buckets: the top-k ids and the tail, as the
+        sparse ``forward_kl`` loss sees them; a lower bound on the full-vocabulary KL),
+        ``tokens`` (positions counted).
     """
     model.eval()
     table = vocab.to_compressed().to(device) if vocab is not None else None
-    nll, agree, n = 0.0, 0, 0
+    nll, agree, kl, n = 0.0, 0, 0.0, 0
     for b in iter_cache_batches(shard_files, batch_size):
         ids = torch.tensor(b["input_ids"], device=device)
         am = torch.tensor(b["attention_mask"], device=device).long()
@@ -73,8 +80,25 @@ def student_metrics(model, shard_files: list[str], batch_size: int = 16, device:
         nll -= float(tok_lp[m].double().sum())
         teacher_top1 = torch.tensor(b["topk_ids"][:, :-1, 0], device=device)
         agree += int((top1 == teacher_top1)[m].sum())
+        kl += float(_bucket_kl(logp, b, table, vocab)[m].double().sum())
         n += int(m.sum())
-    return {"ppl": math.exp(nll / max(n, 1)), "top1_agreement": agree / max(n, 1), "tokens": n}
+    return {"ppl": math.exp(nll / max(n, 1)), "top1_agreement": agree / max(n, 1), "kl": kl / max(n, 1), "tokens": n}
+
+
+def _bucket_kl(logp: torch.Tensor, b: dict[str, np.ndarray], table: torch.Tensor | None, vocab: VocabMap | None) -> torch.Tensor:
+    """[B, T-1] KL(teacher || student) over the K + 1 buckets of the cached top-k; ``logp``
+    [B, T-1, V or N] holds the student's log-probs (over the compressed ids N when ``table``)."""
+    dev = logp.device
+    targets = TeacherTargets.sparse(*(torch.tensor(b[k][:, :-1], device=dev) for k in ("topk_ids", "topk_logprobs", "tail_logmass")))
+    ids, log_p = teacher_buckets(targets, 1.0)
+    if table is None:
+        log_q = student_bucket_log_probs(logp, ids)
+    else:  # the compressed student mapped back onto teacher ids, as for its perplexity
+        top = logp.gather(-1, table[ids]) + vocab.other_log_freq().to(dev)[ids]
+        tail = -torch.expm1(torch.logsumexp(top, dim=-1, keepdim=True))
+        log_q = torch.cat([top, tail.clamp(min=TINY).log()], dim=-1)
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
 
 
 def _compressed_to_teacher(logp: torch.Tensor, nxt: torch.Tensor, table: torch.Tensor, vocab: VocabMap):

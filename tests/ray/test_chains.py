@@ -32,7 +32,10 @@ def test_seqkd_trains_on_cached_teacher_generations(ray_start, tiny_model, corpu
     assert Plan(plain).keys["train"].digest() != first["cache"]["key"]  # generated text: another cache
 
 
-@pytest.mark.parametrize("method", ["takd", "dgkd"])
+CHAINS = ["takd", "dgkd"]
+
+
+@pytest.mark.parametrize("method", CHAINS)
 def test_teacher_assistant_chain(method, ray_start, tiny_model, corpus_jsonl, tmp_path):
     from ray import serve
 

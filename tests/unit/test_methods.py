@@ -20,6 +20,14 @@ def test_every_method_has_a_config_that_names_it_and_every_config_a_method():
         assert cfg.method == name and cfg.run_name == name
 
 
+def test_every_method_config_has_a_short_run_in_the_ray_tests():
+    from tests.ray import test_chains, test_methods
+
+    covered = {*test_methods.SINGLE_TEACHER, *test_methods.MULTI_TEACHER, *test_methods.RUN_ELSEWHERE,
+               *test_chains.CHAINS, "seqkd"}
+    assert covered == set(METHODS), f"methods without a tiny-model run: {sorted(set(METHODS) - covered)}"
+
+
 def test_raykd_methods_lists_every_method_and_loss(capsys):
     rows = dict(main_methods(verbose=True))
     out = capsys.readouterr().out
