@@ -55,6 +55,9 @@ class Plan:
         _check_student_tokenizer(cfg, self.tokenizer_fp, self.vocab_size)
         self.cache_root = Path(cfg.labels.cache_dir).expanduser() if cfg.labels.cache_dir else default_cache_root() / "soft_labels"
         self.keys = {"train": self.key_for(self.train_docs), "eval": self.key_for(self.eval_docs)}
+        self.owns_teacher = False
+        """True once this run has started its teacher (e.g. a recipe's ``prepare`` step did): the
+        run then stops it after labeling, so its CPUs/GPUs are free for training."""
 
     def key_for(self, docs: list[Document]) -> CacheKey:
         c = self.cfg
@@ -136,10 +139,14 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[Path, Manifest]], di
     missing = [split for split, found in caches.items() if found is None]
     stats: dict[str, Any] = {"hit": not missing, "teacher_calls": 0, "label_s": 0.0, "teacher": None}
     if not missing:
+        if plan.owns_teacher and not cfg.teacher.keep_alive:
+            stop_teacher(cfg.teacher.name)
+            plan.owns_teacher = False
         return caches, stats  # type: ignore[return-value]
     start = time.perf_counter()
     handle, started = start_teacher(cfg.teacher, str(plan.teacher_path))
     info = handle.info.remote().result()
+    started = started or plan.owns_teacher
     if not started:
         check_running_teacher(info, plan)
     calls_before = info["calls"]["score"]
@@ -161,8 +168,9 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[Path, Manifest]], di
             )
         stats["teacher_calls"] = handle.info.remote().result()["calls"]["score"] - calls_before
     finally:
-        if started and not cfg.teacher.keep_alive:
+        if started and not cfg.teacher.keep_alive:  # free its resources for training
             stop_teacher(cfg.teacher.name)
+            plan.owns_teacher = False
     stats["label_s"] = time.perf_counter() - start
     _print_labeling(caches, missing, stats)
     return caches, stats  # type: ignore[return-value]

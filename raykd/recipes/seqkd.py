@@ -27,20 +27,21 @@ def run_seqkd(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
     if cfg.generation is None:
         raise ValueError("method 'seqkd' needs a `generation:` section (prompt_tokens, max_new_tokens, temperature)")
 
-    started_here: list[str] = []
+    plans: list[Plan] = []
 
     def generate(plan: Plan) -> dict[str, Any]:
         from raykd.models import load_tokenizer
         from raykd.soft_labels.generations import DONE, generate_documents, generations_dir
         from raykd.teacher.deployment import start_teacher
 
+        plans.append(plan)
         root = (Path(cfg.labels.cache_dir).expanduser().parent if cfg.labels.cache_dir else default_cache_root()) / "generations"
         teacher = plan.teacher_meta()
         if not (generations_dir(root, teacher, plan.train_docs, cfg.generation) / DONE).is_file():
-            # the teacher stays up for the labeling that follows; stopped below if this run started it
+            # the teacher stays up for the labeling that follows, which stops it if this run started it
             handle, started = start_teacher(cfg.teacher, str(plan.teacher_path))
             if started:
-                started_here.append(cfg.teacher.name)
+                plan.owns_teacher = True
             else:
                 check_running_teacher(handle.info.remote().result(), plan)
         docs, stats = generate_documents(
@@ -51,8 +52,8 @@ def run_seqkd(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
 
     try:
         return run_distill(cfg, output_dir, prepare=generate)
-    finally:
-        if started_here and not cfg.teacher.keep_alive:
+    finally:  # a failure between generating and labeling leaves the teacher this run started
+        if plans and plans[0].owns_teacher and not cfg.teacher.keep_alive:
             from raykd.teacher.deployment import stop_teacher
 
-            stop_teacher(started_here[0])
+            stop_teacher(cfg.teacher.name)

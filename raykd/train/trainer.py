@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,15 @@ from raykd.config import TrainConfig
 from raykd.soft_labels.join import LABEL_COLUMNS, decode_joined, teacher_column
 from raykd.soft_labels.schema import decode_batch
 from raykd.train.loop import HISTORY_FILE, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+DATA_CPUS = 0.25
+"""CPUs of each Ray Data task that reads and decodes the soft-label cache for training."""
+
+
+class InsufficientResourcesError(RuntimeError):
+    """The cluster cannot give a training run its workers and data tasks (it would wait forever)."""
 
 
 @dataclass
@@ -36,11 +46,78 @@ def soft_label_dataset(shard_files: list[str], shuffle: bool, seed: int, num_tea
 
     columns = ["input_ids", "attention_mask", "loss_mask"] + [
         teacher_column(i, name) for i in range(num_teachers) for name in LABEL_COLUMNS]
-    ds = ray.data.read_parquet(shard_files, columns=columns)
+    ds = ray.data.read_parquet(shard_files, columns=columns, ray_remote_args={"num_cpus": DATA_CPUS})
     if shuffle:
         ds = ds.randomize_block_order(seed=seed)
     decode = decode_batch if num_teachers == 1 else functools.partial(decode_joined, num_teachers=num_teachers)
-    return ds.map_batches(decode, batch_format="pyarrow", num_cpus=0.25)
+    return ds.map_batches(decode, batch_format="pyarrow", num_cpus=DATA_CPUS)
+
+
+def check_training_resources(cfg: TrainConfig, name: str, wait_s: float = 30.0) -> None:
+    """Refuse a training run that can never get its resources, instead of queueing it forever.
+
+    A run needs ``num_workers x cpus_per_worker`` CPUs (and a GPU per worker with ``use_gpu``)
+    plus :data:`DATA_CPUS` for the tasks reading the cache. When they are not free, this waits
+    up to ``wait_s`` seconds (a teacher replica may still be shutting down). If they are still
+    not free and the cluster *minus what running Serve replicas (teachers) hold* is too small,
+    the run could never start: e.g. a 2-CPU laptop where a kept-alive teacher holds one CPU and
+    the worker the other. Otherwise other jobs hold them and Ray queues the run until they finish.
+
+    Raises:
+        InsufficientResourcesError: what is needed, free and held by Serve, and what to change.
+    """
+    import ray
+
+    need = {"CPU": cfg.num_workers * cfg.cpus_per_worker + DATA_CPUS}
+    if cfg.use_gpu:
+        need["GPU"] = float(cfg.num_workers)
+    deadline = time.monotonic() + wait_s
+    while (short := _short(need, ray.available_resources())) and time.monotonic() < deadline:
+        time.sleep(1.0)  # polling the scheduler's view: there is no event for "resources released"
+    if not short:
+        return
+    total, serve_held = ray.cluster_resources(), _serve_held()
+    never = _short(need, {r: total.get(r, 0.0) - serve_held.get(r, 0.0) for r in need})
+    if not never:
+        log.warning("student %s: %s not free now; other jobs hold them, Ray queues the run", name, short)
+        return
+    have = ", ".join(f"{r}: needs {n:g}, cluster has {total.get(r, 0.0):g}, Serve replicas hold {serve_held.get(r, 0.0):g}"
+                     for r, n in never.items())
+    raise InsufficientResourcesError(
+        f"cannot train student {name!r} ({have}; {cfg.num_workers} worker(s) x {cfg.cpus_per_worker:g} CPU + "
+        f"{DATA_CPUS:g} CPU to read the soft-label cache). Serve applications running: {_serve_apps()}. Stop a "
+        "teacher you do not need (`raykd teacher down NAME`), give teachers fewer (`teacher.num_cpus`), lower "
+        "`train.cpus_per_worker` / `train.num_workers`, or start Ray with more (`ray.num_cpus`). The soft-label "
+        "caches are written; a rerun reuses them.")
+
+
+def _short(need: dict[str, float], have: dict[str, float]) -> dict[str, float]:
+    return {r: n for r, n in need.items() if have.get(r, 0.0) + 1e-6 < n}
+
+
+def _serve_held() -> dict[str, float]:
+    """Resources reserved by live Serve replica actors (empty if the state API is unavailable)."""
+    try:
+        from ray.util.state import list_actors
+
+        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000, raise_on_missing_output=False)
+    except Exception:  # noqa: BLE001  (no dashboard: assume nothing is held for good)
+        return {}
+    held: dict[str, float] = {}
+    for a in actors:
+        if a.class_name.startswith("ServeReplica"):
+            for r, n in (a.required_resources or {}).items():
+                held[r] = held.get(r, 0.0) + float(n)
+    return held
+
+
+def _serve_apps() -> str:
+    try:
+        from ray import serve
+
+        return ", ".join(sorted(serve.status().applications)) or "none"
+    except Exception:  # noqa: BLE001  (Serve not started)
+        return "none"
 
 
 def train_student(
@@ -74,11 +151,13 @@ def train_student(
         The final model folder (from the last checkpoint) and the per-step loss history.
 
     Raises:
+        InsufficientResourcesError: the cluster cannot give the run its workers (before training).
         ray.train.TrainingFailedError: a worker failed more than ``cfg.max_failures`` times.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    check_training_resources(cfg, name)
     terms = set(weights)
     for phase in cfg.phases:
         terms |= set(phase.weights or {}) | set(phase.weights_end or {})

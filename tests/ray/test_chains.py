@@ -21,6 +21,10 @@ def test_seqkd_trains_on_cached_teacher_generations(ray_start, tiny_model, corpu
     assert g["hit"] is False and g["rows"] == first["data"]["train_docs"] and g["new_tokens"] > 0
     assert first["prepare"]["example"]  # prompt + continuation
     assert first["seqkd"]["steps"] == 2 and first["cache"]["teacher_calls"] > 0
+    # the teacher started to generate was owned by the run: labeling stopped it before training
+    from ray import serve
+
+    assert first["cache"]["teacher"]["started_by_run"] is True and cfg.teacher.name not in serve.status().applications
 
     second = main_distill(cfg, tmp_path / "b")  # generations and soft labels both come from the caches
     assert second["prepare"]["generations"]["hit"] is True and second["cache"]["hit"] is True

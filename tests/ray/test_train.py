@@ -54,3 +54,39 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(setup):
     second = _train(setup, "resume", max_steps=6, checkpoint_every=2)
     assert [r["step"] for r in second.history] == [1, 2, 3, 4, 5, 6]
     assert second.history[:4] == first.history
+
+
+def test_a_run_that_can_never_get_its_cpus_is_refused_naming_the_serve_teacher(setup, ray_start):
+    """A Serve replica holding the CPUs for good is refused at once; a plain job's actor holding
+    them is only waited for (Ray queues the run until it ends)."""
+    import ray
+    from ray import serve
+
+    from raykd.train.trainer import InsufficientResourcesError, check_training_resources
+
+    cfg = setup[0].train.model_copy(update={"num_workers": 1, "cpus_per_worker": 1.0})
+    hog_cpus = ray.cluster_resources()["CPU"] - 0.5
+
+    @serve.deployment(ray_actor_options={"num_cpus": hog_cpus})
+    class Hog:
+        def __call__(self) -> str:
+            return "busy"
+
+    serve.run(Hog.bind(), name="cpu-hog-teacher", route_prefix=None)
+    try:
+        with pytest.raises(InsufficientResourcesError, match="cpu-hog-teacher.*raykd teacher down"):
+            check_training_resources(cfg, "student_kd", wait_s=0)
+    finally:
+        serve.delete("cpu-hog-teacher")
+
+    @ray.remote(num_cpus=hog_cpus)
+    class Job:
+        def ready(self) -> bool:
+            return True
+
+    job = Job.remote()
+    ray.get(job.ready.remote())
+    try:
+        check_training_resources(cfg, "student_kd", wait_s=0)  # not refused: the job will end
+    finally:
+        ray.kill(job)
