@@ -67,6 +67,7 @@ def rescore(results: dict, out_root: Path, methods: list[str]) -> None:
     from raykd.soft_labels.cache import open_cache, shard_paths
     from raykd.train.evaluate import evaluate_folder
 
+    init_kl: dict[float, float] = {}
     for m in methods:
         row, run = results["methods"][m], out_root / m
         report = json.loads((run / ("student/report.json" if "stages" in row else "report.json")).read_text())
@@ -76,8 +77,14 @@ def rescore(results: dict, out_root: Path, methods: list[str]) -> None:
         got = evaluate_folder(Path(report[row["student"]]["model_dir"]), files, vocab_dir=init)
         if "stages" not in row and abs(got["ppl"] - row["ppl"]) > 1e-3 * row["ppl"]:
             raise RuntimeError(f"{m}: rescored ppl {got['ppl']:.2f} != reported {row['ppl']:.2f}; is {run} another run?")
-        row["kl"], row["student_init_kl"] = got["kl"], evaluate_folder(init, files)["kl"]
+        if row["student_init_ppl"] not in init_kl:  # the same untrained student (same ppl): score it once
+            init_kl[row["student_init_ppl"]] = evaluate_folder(init, files)["kl"]
+        row["kl"], row["student_init_kl"] = got["kl"], init_kl[row["student_init_ppl"]]
         print(f"{m}: kl {row['kl']:.3f} (untrained {row['student_init_kl']:.3f})", flush=True)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _terms(weights: dict) -> str:
@@ -102,17 +109,30 @@ def write_table(results: dict, path_md: Path) -> str:
         f"Budget per method: {b['steps']} steps x batch {b['batch_size']} x {b['seq_len']} tokens "
         f"({b['steps'] * b['batch_size']} blocks), AdamW lr {b['lr']}; student = 6 of 30 teacher layers; "
         f"held-out: {b['eval_docs']} articles. Teacher ppl {rows[0]['teacher_ppl']:.2f} (agreement 1.0), "
-        f"untrained student ppl {rows[0]['student_init_ppl']:,.0f}." if rows else "", "",
+        f"untrained student ppl {rows[0]['student_init_ppl']:,.0f}"
+        + (f", KL {rows[0]['student_init_kl']:.3f}" if rows[0].get("student_init_kl") is not None else "")
+        + ". KL(teacher, student): nats per token over the teacher's top-32 + tail buckets." if rows else "", "",
         "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS),
     ]
     for r in rows:
         objective = _terms(r["objective"]) + "".join(f"; {_phase(p)}" for p in r["phases"])
-        lines.append(f"| {r['method']} | {r['params'] / 1e6:.1f}M | {r['ppl']:.1f} | {r['top1_agreement']:.3f} | {r.get('kl', float('nan')):.3f} | "
+        lines.append(f"| {r['method']} | {r['params'] / 1e6:.1f}M | {r['ppl']:.1f} | {r['top1_agreement']:.3f} | {_num(r.get('kl'))} | "
                      f"{r['student_init_ppl']:,.0f} | {r['steps']} | {r['train_s']:.0f} | {objective} |")
     extra = {name: t for r in rows for name, t in r["extra_teachers"].items()}
     for name, t in extra.items():
         lines.append(f"\nMulti-teacher rows add `{name.removeprefix('teacher_')}` ({t['model']}): held-out ppl "
                      f"{t['ppl']:.1f}, top-1 agreement with the first teacher {t['top1_agreement']:.3f}.")
+    for r in rows:
+        if r.get("overrides"):
+            lines.append(f"\n`{r['method']}` ran with `{' '.join(r['overrides'])}`.")
+        if r.get("generations"):
+            g = r["generations"]
+            lines.append(f"`{r['method']}` trained on {g['rows']} teacher continuations ({g['new_tokens']:,} generated tokens).")
+        for st in r.get("stages", [])[:-1]:
+            m = st[st["stage"]]
+            lines.append(f"\n`{r['method']}` stage `{st['stage']}` ({m['params'] / 1e6:.1f}M params, {m['steps']} steps, "
+                         f"taught by {len(st['teachers'])} teacher(s)): held-out ppl {m['ppl']:.1f}, top-1 agreement "
+                         f"with the teacher {m['top1_agreement']:.3f}; it then taught the final student.")
     text = "\n".join(lines) + "\n"
     path_md.write_text(text)
     return text
@@ -145,6 +165,8 @@ def main() -> None:
     results_json.parent.mkdir(parents=True, exist_ok=True)
     for other in args.merge:
         results["methods"].update(json.loads(Path(other).read_text())["methods"])
+    if args.merge:
+        results_json.write_text(json.dumps(results, indent=2))
     if args.rescore:
         rescore(results, Path(args.out_dir), [m for m in methods if m in results["methods"]])
         results_json.write_text(json.dumps(results, indent=2))
