@@ -47,7 +47,7 @@ def _at_temperature(student_logits: Tensor, targets: TeacherTargets | None, temp
     return log_p.clamp(min=LOG_FLOOR), log_q, temperature**2
 
 
-def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+def kl_divergence(log_a: Tensor, log_b: Tensor) -> Tensor:
     """KL(a || b) over the last axis; entries where a = 0 contribute 0 (no 0 * log 0 NaN)."""
     a = log_a.exp()
     return torch.where(a > 0, a * (log_a - log_b), 0.0).sum(-1)
@@ -78,7 +78,7 @@ def forward_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels
         [B, T] tau**2 * KL(p || q).
     """
     log_p, log_q, scale = _at_temperature(student_logits, targets, temperature)
-    return scale * _kl(log_p, log_q)
+    return scale * kl_divergence(log_p, log_q)
 
 
 @register_loss("reverse_kl", description="KL(q || p), mode-seeking (MiniLLM, Gu et al. 2023)")
@@ -91,7 +91,7 @@ def reverse_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels
         [B, T] tau**2 * KL(q || p).
     """
     log_p, log_q, scale = _at_temperature(student_logits, targets, temperature)
-    return scale * _kl(log_q, log_p)
+    return scale * kl_divergence(log_q, log_p)
 
 
 @register_loss("symmetric_kl", description="KL(p || q) + KL(q || p)")
@@ -103,7 +103,7 @@ def symmetric_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labe
         [B, T] tau**2 * (KL(p || q) + KL(q || p)).
     """
     log_p, log_q, scale = _at_temperature(student_logits, targets, temperature)
-    return scale * (_kl(log_p, log_q) + _kl(log_q, log_p))
+    return scale * (kl_divergence(log_p, log_q) + kl_divergence(log_q, log_p))
 
 
 @register_loss("generalized_jsd", description="JSD(beta); beta=0 forward KL, beta=1 reverse KL (GKD)")
@@ -130,11 +130,11 @@ def generalized_jsd(student_logits: Tensor, *, targets: TeacherTargets | None, l
     _check_range("generalized_jsd beta", beta, high_open=False)
     log_p, log_q, scale = _at_temperature(student_logits, targets, temperature)
     if beta == 0.0:
-        return scale * _kl(log_p, log_q)
+        return scale * kl_divergence(log_p, log_q)
     if beta == 1.0:
-        return scale * _kl(log_q, log_p)
+        return scale * kl_divergence(log_q, log_p)
     log_m = _log_mix(log_p, log_q, beta)
-    return scale * (beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m))
+    return scale * (beta * kl_divergence(log_p, log_m) + (1.0 - beta) * kl_divergence(log_q, log_m))
 
 
 @register_loss("skew_kl", description="KL(p || alpha p + (1 - alpha) q) (DistiLLM, Ko et al. 2024)")
@@ -151,7 +151,7 @@ def skew_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels: T
     """
     _check_range("skew_kl alpha", alpha, high_open=True)
     log_p, log_q, scale = _at_temperature(student_logits, targets, temperature)
-    return scale * _kl(log_p, _log_mix(log_p, log_q, alpha))
+    return scale * kl_divergence(log_p, _log_mix(log_p, log_q, alpha))
 
 
 @register_loss("skew_reverse_kl", description="KL(q || alpha q + (1 - alpha) p) (DistiLLM, Ko et al. 2024)")
@@ -168,7 +168,7 @@ def skew_reverse_kl(student_logits: Tensor, *, targets: TeacherTargets | None, l
     """
     _check_range("skew_reverse_kl alpha", alpha, high_open=True)
     log_p, log_q, scale = _at_temperature(student_logits, targets, temperature)
-    return scale * _kl(log_q, _log_mix(log_q, log_p, alpha))
+    return scale * kl_divergence(log_q, _log_mix(log_q, log_p, alpha))
 
 
 @register_loss("tvd", description="total variation distance 0.5 * sum |p - q|")

@@ -74,9 +74,14 @@ def student_bucket_log_probs(student_log_probs: Tensor, topk_ids: Tensor) -> Ten
         [B, T, K + 1] log-probs, the tail last.
     """
     top = student_log_probs.gather(-1, topk_ids.clamp(min=0))
-    top = torch.where(topk_ids >= 0, top, math.log(TINY))
-    tail_mass = -torch.expm1(torch.logsumexp(top, dim=-1, keepdim=True))
-    return torch.cat([top, tail_mass.clamp(min=TINY).log()], dim=-1)
+    return with_tail_bucket(torch.where(topk_ids >= 0, top, math.log(TINY)))
+
+
+def with_tail_bucket(top_log_probs: Tensor) -> Tensor:
+    """[..., K] log-probs of K distinct ids -> [..., K + 1] with the tail ``log(1 - sum_k q_k)``
+    last (clamped to :data:`TINY`, so it stays finite when the K ids hold all the mass)."""
+    tail_mass = -torch.expm1(torch.logsumexp(top_log_probs, dim=-1, keepdim=True))
+    return torch.cat([top_log_probs, tail_mass.clamp(min=TINY).log()], dim=-1)
 
 
 def masked_sum(per_token: Tensor, mask: Tensor) -> Tensor:

@@ -127,7 +127,7 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[Path, Manifest]], di
         ``teacher_calls`` and ``label_s``.
     """
     from raykd.soft_labels.pipeline import find_cache, write_soft_labels
-    from raykd.teacher.deployment import start_teacher, stop_teacher
+    from raykd.teacher.deployment import start_teacher
 
     from raykd.soft_labels.cache import open_cache
 
@@ -139,14 +139,12 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[Path, Manifest]], di
     missing = [split for split, found in caches.items() if found is None]
     stats: dict[str, Any] = {"hit": not missing, "teacher_calls": 0, "label_s": 0.0, "teacher": None}
     if not missing:
-        if plan.owns_teacher and not cfg.teacher.keep_alive:
-            stop_teacher(cfg.teacher.name)
-            plan.owns_teacher = False
+        release_teacher(plan)
         return caches, stats  # type: ignore[return-value]
     start = time.perf_counter()
     handle, started = start_teacher(cfg.teacher, str(plan.teacher_path))
     info = handle.info.remote().result()
-    started = started or plan.owns_teacher
+    plan.owns_teacher = started = started or plan.owns_teacher
     if not started:
         check_running_teacher(info, plan)
     calls_before = info["calls"]["score"]
@@ -168,12 +166,19 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[Path, Manifest]], di
             )
         stats["teacher_calls"] = handle.info.remote().result()["calls"]["score"] - calls_before
     finally:
-        if started and not cfg.teacher.keep_alive:  # free its resources for training
-            stop_teacher(cfg.teacher.name)
-            plan.owns_teacher = False
+        release_teacher(plan)
     stats["label_s"] = time.perf_counter() - start
     _print_labeling(caches, missing, stats)
     return caches, stats  # type: ignore[return-value]
+
+
+def release_teacher(plan: Plan) -> None:
+    """Stop the teacher this run started (unless ``keep_alive``), so training gets its CPUs/GPUs."""
+    if plan.owns_teacher and not plan.cfg.teacher.keep_alive:
+        from raykd.teacher.deployment import stop_teacher
+
+        stop_teacher(plan.cfg.teacher.name)
+        plan.owns_teacher = False
 
 
 def _print_labeling(caches: dict[str, Any], labeled: list[str], stats: dict[str, Any]) -> None:

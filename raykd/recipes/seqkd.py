@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from raykd.config import DistillConfig, default_cache_root
-from raykd.recipes.distill import Plan, check_running_teacher, run_distill
+from raykd.recipes.distill import Plan, check_running_teacher, release_teacher, run_distill
 
 
 def run_seqkd(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
@@ -53,7 +53,5 @@ def run_seqkd(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
     try:
         return run_distill(cfg, output_dir, prepare=generate)
     finally:  # a failure between generating and labeling leaves the teacher this run started
-        if plans and plans[0].owns_teacher and not cfg.teacher.keep_alive:
-            from raykd.teacher.deployment import stop_teacher
-
-            stop_teacher(cfg.teacher.name)
+        if plans:
+            release_teacher(plans[0])

@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from raykd.losses.reduction import TINY, student_bucket_log_probs
+from raykd.losses.kd import kl_divergence
+from raykd.losses.reduction import student_bucket_log_probs, with_tail_bucket
 from raykd.losses.targets import TeacherTargets, teacher_buckets
 from raykd.soft_labels.schema import decode_batch
 from raykd.students.vocab import VocabMap
@@ -94,18 +95,21 @@ def _bucket_kl(logp: torch.Tensor, b: dict[str, np.ndarray], table: torch.Tensor
     if table is None:
         log_q = student_bucket_log_probs(logp, ids)
     else:  # the compressed student mapped back onto teacher ids, as for its perplexity
-        top = logp.gather(-1, table[ids]) + vocab.other_log_freq().to(dev)[ids]
-        tail = -torch.expm1(torch.logsumexp(top, dim=-1, keepdim=True))
-        log_q = torch.cat([top, tail.clamp(min=TINY).log()], dim=-1)
-    p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+        log_q = with_tail_bucket(_teacher_id_log_probs(logp, ids, table, vocab.other_log_freq().to(dev)))
+    return kl_divergence(log_p, log_q)
+
+
+def _teacher_id_log_probs(logp: torch.Tensor, ids: torch.Tensor, table: torch.Tensor, logf: torch.Tensor) -> torch.Tensor:
+    """A compressed student's log-prob of teacher ``ids`` [..., K]: its entry's log-prob, plus the
+    id's log-frequency inside OTHER (0 for kept ids)."""
+    return logp.gather(-1, table[ids]) + logf[ids]
 
 
 def _compressed_to_teacher(logp: torch.Tensor, nxt: torch.Tensor, table: torch.Tensor, vocab: VocabMap):
     """Log-prob of the real next teacher ids and the student's top-1 as a teacher id, for a
     compressed-vocabulary student (``logp`` [B, T, N] over the compressed ids)."""
     logf = vocab.other_log_freq().to(logp.device)
-    tok_lp = logp.gather(-1, table[nxt][..., None]).squeeze(-1) + logf[nxt]
+    tok_lp = _teacher_id_log_probs(logp, nxt[..., None], table, logf).squeeze(-1)
     back = torch.as_tensor(vocab.kept_ids, device=logp.device)
     other_top = int(torch.where(table == vocab.other, logf, float("-inf")).argmax())
     back = torch.cat([back, torch.tensor([other_top], device=logp.device)])
