@@ -74,7 +74,7 @@ def main() -> None:
 
     from raykd.data import load_bbc_news, tokenize_to_blocks
     from raykd.models import load_tokenizer, resolve_model_path
-    from raykd.teacher.engine import build_engine
+    from raykd.teacher.engines import build_engine
 
     model_path = random_init_copy(args.model) if args.random_weights else resolve_model_path(args.model)
     docs = load_bbc_news()[: args.docs]

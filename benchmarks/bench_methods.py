@@ -1,7 +1,7 @@
 """Compare the distillation methods on real inputs with one budget: held-out perplexity and top-1
 agreement with the teacher of each method's student.
 
-Runs each method's config (``jobs/configs/methods/<m>.yaml``: SmolLM2-135M teacher, BBC News,
+Runs each method's config (``raykd/methods/configs/<m>.yaml``: SmolLM2-135M teacher, BBC News,
 6-of-30-layer student) through ``raykd distill`` with the same budget overrides, one after the
 other in one process (one Ray cluster; the teacher's soft-label cache is shared, so the teacher
 labels the data once). Results are merged into ``<results>.json`` by method, so methods can be

@@ -41,7 +41,7 @@ def main() -> None:
     from raykd.losses import Objective, TeacherTargets
     from raykd.models import load_causal_lm, load_tokenizer, resolve_model_path
     from raykd.students import layer_drop
-    from raykd.teacher.engine import topk_with_tail
+    from raykd.teacher.engines import topk_with_tail
     from raykd.train.loop import batch_to_inputs
 
     torch.manual_seed(0)

@@ -34,7 +34,7 @@ def main_distill(cfg: DistillConfig, output_dir: str | Path) -> dict[str, Any]:
 def main_label(cfg: DistillConfig) -> dict[str, Any]:
     """Find or write the soft-label caches of the train and eval splits; print where they are."""
     from raykd.cluster import connect
-    from raykd.recipes.distill import Plan, ensure_soft_labels
+    from raykd.soft_labels.plan import Plan, ensure_soft_labels
 
     plan = Plan(cfg)
     connect(cfg.ray)
@@ -106,8 +106,8 @@ def _config_error(e: ConfigError) -> int:
 
 def run_tune_command(args: argparse.Namespace) -> int:
     """Dispatch ``raykd tune ...``; returns the exit code (2 for a bad config)."""
-    from raykd.recipes import schedule_search
-    from raykd.recipes.schedule_config import ScheduleConfig
+    from raykd.recipes.ta_search import search as schedule_search
+    from raykd.recipes.ta_search.config import ScheduleConfig
 
     if args.tune_command == "sweep":
         schedule_search.main_sweep(args.minidisc_dir, args.maxidisc_dir, args.output_dir)

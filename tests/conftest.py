@@ -140,10 +140,10 @@ def tiny_distill_config(model: Path, corpus: Path, cache_dir: Path, **train_over
 def tiny_labeled(ray_start, tiny_model, corpus_jsonl, tmp_path_factory):
     """A tiny distill plan whose train and eval splits were labeled through Serve + Ray Data.
 
-    Returns ``(cfg, plan, caches, stats)`` as :func:`raykd.recipes.distill.ensure_soft_labels`
+    Returns ``(cfg, plan, caches, stats)`` as :func:`raykd.recipes.lm.distill.ensure_soft_labels`
     gives them on the first (labeling) run.
     """
-    from raykd.recipes.distill import Plan, ensure_soft_labels
+    from raykd.soft_labels.plan import Plan, ensure_soft_labels
 
     cfg = tiny_distill_config(tiny_model, corpus_jsonl, tmp_path_factory.mktemp("cache"))
     plan = Plan(cfg)

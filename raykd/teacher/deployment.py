@@ -15,7 +15,7 @@ import numpy as np
 from ray import serve
 
 from raykd.config import TeacherConfig
-from raykd.teacher.engine import resolve_engine
+from raykd.teacher.engines import resolve_engine
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class TeacherDeployment:
 
     Args:
         model_path: resolved local model folder (see :func:`raykd.models.resolve_model_path`).
-        engine: engine name (``hf``, ``vllm``, ``classifier``; see :data:`raykd.teacher.engine.ENGINES`).
+        engine: engine name (``hf``, ``vllm``, ``classifier``; see :data:`raykd.teacher.engines.ENGINES`).
         engine_kwargs: passed to the engine (``dtype``, ``device``, ``num_threads``, and for
             ``vllm`` ``max_k`` and ``gpu_memory_utilization``).
         max_batch_size: largest ``B`` one ``score`` call accepts.
@@ -39,7 +39,7 @@ class TeacherDeployment:
     """
 
     def __init__(self, model_path: str, engine: str = "hf", engine_kwargs: dict[str, Any] | None = None, max_batch_size: int = 64):
-        from raykd.teacher.engine import build_engine
+        from raykd.teacher.engines import build_engine
 
         self.engine = build_engine(engine, model_path, **(engine_kwargs or {}))
         self.max_batch_size = max_batch_size
@@ -48,7 +48,7 @@ class TeacherDeployment:
     def score(
         self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *, k: int = 32, temperature: float = 1.0
     ) -> dict[str, np.ndarray]:
-        """Top-k soft labels for ``input_ids`` ``[B, T]``; see :meth:`raykd.teacher.engine.HFEngine.score`.
+        """Top-k soft labels for ``input_ids`` ``[B, T]``; see :meth:`raykd.teacher.engines.hf.HFEngine.score`.
 
         Raises:
             ValueError: ``B`` above ``max_batch_size`` or any engine validation error.
@@ -60,7 +60,7 @@ class TeacherDeployment:
         return self.engine.score(input_ids, attention_mask, k=k, temperature=temperature)
 
     def generate(self, prompts: list[Any], **kwargs: Any) -> list[dict[str, Any]]:
-        """Completions with per-token top-k; see :meth:`raykd.teacher.engine.HFEngine.generate`."""
+        """Completions with per-token top-k; see :meth:`raykd.teacher.engines.hf.HFEngine.generate`."""
         if len(prompts) > self.max_batch_size:
             raise ValueError(f"{len(prompts)} prompts exceed max_batch_size={self.max_batch_size}")
         self.calls["generate"] += 1

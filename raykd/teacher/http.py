@@ -9,7 +9,7 @@ application's route prefix (``/teachers/<name>`` by default):
   ``vocab_size``, ``max_seq_len``, dtype, device, call counts) and this API's limits.
 - ``POST /v1/score`` (:class:`~raykd.teacher.schemas.ScoreRequest`): ``topk_ids`` and
   ``topk_logprobs`` ``[B, T, K]``, ``tail_logmass`` and ``label_logprobs`` ``[B, T]`` as
-  nested lists (see :meth:`raykd.teacher.engine.HFEngine.score`).
+  nested lists (see :meth:`raykd.teacher.engines.hf.HFEngine.score`).
 - ``POST /v1/generate`` (:class:`~raykd.teacher.schemas.GenerateRequest`): ``completions``,
   one per prompt: ``text``, ``token_ids`` ``[N]``, ``topk_ids`` / ``topk_logprobs`` ``[N, K]``,
   ``logprobs`` ``[N]``.

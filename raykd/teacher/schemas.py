@@ -3,24 +3,23 @@
 The models check the shape of a request (``extra="forbid"``, non-empty, rectangular);
 :func:`check_limits` checks it against the sizes one deployment accepts
 (:class:`HTTPConfig`). Checks that need the model (token ids inside the vocabulary, the
-model's context length) stay in the engine, see :meth:`raykd.teacher.engine.HFEngine.score`.
+model's context length) stay in the engine, see :meth:`raykd.teacher.engines.hf.HFEngine.score`.
 """
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from raykd.config import Strict
 
 TokenId = Annotated[int, Field(ge=-(2**31), lt=2**31)]
 """A token id as JSON carries it; the vocabulary range is the engine's check (HTTP 400)."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
-
-class HTTPConfig(_Strict):
+class HTTPConfig(Strict):
     """The HTTP JSON API in front of one teacher (see :mod:`raykd.teacher.http`)."""
 
     enabled: bool = True
@@ -54,12 +53,12 @@ class HTTPConfig(_Strict):
         return self
 
 
-class ChatMessage(_Strict):
+class ChatMessage(Strict):
     role: str
     content: str
 
 
-class ScoreRequest(_Strict):
+class ScoreRequest(Strict):
     """``POST /v1/score``: teacher-forced top-k soft labels of a right-padded batch ``[B, T]``."""
 
     input_ids: list[list[TokenId]] = Field(min_length=1)
@@ -87,7 +86,7 @@ class ScoreRequest(_Strict):
         return self
 
 
-class GenerateRequest(_Strict):
+class GenerateRequest(Strict):
     """``POST /v1/generate``: completions with per-token top-k log-probabilities."""
 
     prompts: list[str | list[ChatMessage]] = Field(min_length=1)
@@ -100,7 +99,7 @@ class GenerateRequest(_Strict):
     seed: int | None = None
 
 
-class CompletionRequest(_Strict):
+class CompletionRequest(Strict):
     """``POST /v1/completions`` (the OpenAI legacy completions API, the fields raykd supports)."""
 
     model: str | None = None

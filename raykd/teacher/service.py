@@ -25,19 +25,16 @@ import subprocess
 import sys
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from raykd.config import ConfigError, RayConfig, TeacherConfig, load_config
+from raykd.config import ConfigError, RayConfig, Strict, TeacherConfig, load_config
 from raykd.teacher.schemas import HTTPConfig
 
 log = logging.getLogger(__name__)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
-
-class ProxyConfig(_Strict):
+class ProxyConfig(Strict):
     """Where Serve's HTTP proxy listens (one per cluster, shared by every teacher)."""
 
     host: str = "127.0.0.1"
@@ -45,7 +42,7 @@ class ProxyConfig(_Strict):
     port: int = Field(default=8000, ge=1, le=65535)
 
 
-class ServedTeacher(_Strict):
+class ServedTeacher(Strict):
     """One teacher of the service and how it is served."""
 
     teacher: TeacherConfig
@@ -82,7 +79,7 @@ class ServedTeacher(_Strict):
         return self.http.route_prefix or f"/teachers/{self.teacher.name}"
 
 
-class TeacherServiceConfig(_Strict):
+class TeacherServiceConfig(Strict):
     """``raykd teacher up``: the teachers to run on a cluster and how to reach them."""
 
     ray: RayConfig = Field(default_factory=RayConfig)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +23,9 @@ from raykd.losses.reduction import student_bucket_log_probs, with_tail_bucket
 from raykd.losses.targets import TeacherTargets, teacher_buckets
 from raykd.soft_labels.schema import decode_batch
 from raykd.students.vocab import VocabMap
+
+if TYPE_CHECKING:
+    from raykd.config import DistillConfig
 
 
 def iter_cache_batches(shard_files: list[str], batch_size: int) -> Iterable[dict[str, np.ndarray]]:
@@ -124,3 +128,32 @@ def evaluate_folder(model_dir: Path, shard_files: list[str], batch_size: int = 1
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     return student_metrics(model, shard_files, batch_size, vocab=VocabMap.load(vocab_dir or model_dir))
+
+
+def evaluate_students(cfg: DistillConfig, teacher_path: Path, init_dir: Path, results: dict[str, Any], eval_files: list[str],
+                      output_dir: Path) -> dict[str, Any]:
+    """The report's model entries: the teacher, the untrained student and every trained student on
+    the held-out soft labels (perplexity of the real tokens, top-1 agreement with the teacher);
+    each trained student is exported as a servable folder under ``output_dir/students/<name>``."""
+    from raykd.train.export import export_student, param_count
+
+    n_student = param_count(init_dir)
+    report: dict[str, Any] = {
+        "run_name": cfg.run_name,
+        "method": cfg.method,
+        "students": list(results),
+        "teacher": {**teacher_metrics(eval_files), "model": cfg.teacher.model, "params": param_count(teacher_path)},
+        "student_init": {**evaluate_folder(init_dir, eval_files, cfg.eval.batch_size), "params": n_student, "steps": 0},
+    }
+    for name, res in results.items():
+        report[name] = {
+            **evaluate_folder(res.model_dir, eval_files, cfg.eval.batch_size, vocab_dir=init_dir),
+            "params": n_student,
+            "objective": cfg.train.students[name],
+            "steps": res.steps,
+            "train_s": res.seconds,
+            "final_train_loss": res.history[-1]["loss"] if res.history else None,
+            "checkpoint": str(res.model_dir),
+            "model_dir": str(export_student(res.model_dir, init_dir, output_dir / "students" / name)),
+        }
+    return report

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture(scope="module")
 def engines(tiny_model):
-    from raykd.teacher.engine import HFEngine
+    from raykd.teacher.engines.hf import HFEngine
 
     return HFEngine(tiny_model, device="cpu", num_threads=1), HFEngine(tiny_model, device="cuda")
 

@@ -31,7 +31,7 @@ def test_seqkd_trains_on_cached_teacher_generations(ray_start, tiny_model, corpu
     assert second["cache"]["teacher_calls"] == 0 and second["cache"]["key"] == first["cache"]["key"]
 
     plain = method_config("kd", tiny_model, corpus_jsonl, tmp_path / "cache")
-    from raykd.recipes.distill import Plan
+    from raykd.soft_labels.plan import Plan
 
     assert Plan(plain).keys["train"].digest() != first["cache"]["key"]  # generated text: another cache
 

@@ -105,7 +105,7 @@ def test_glmd_vocab_trains_a_smaller_student_evaluated_over_the_teacher_vocabula
 def test_robust_kd_labels_perturbed_text_in_its_own_cache(ray_start, tiny_model, corpus_jsonl, shared_cache, tmp_path):
     clean = method_config("kd", tiny_model, corpus_jsonl, shared_cache)
     cfg = method_config("robust_kd", tiny_model, corpus_jsonl, shared_cache, train={"max_steps": 2})
-    from raykd.recipes.distill import Plan
+    from raykd.soft_labels.plan import Plan
 
     assert Plan(cfg).keys["train"] != Plan(clean).keys["train"] and Plan(cfg).keys["eval"] == Plan(clean).keys["eval"]
     report = main_distill(cfg, tmp_path)

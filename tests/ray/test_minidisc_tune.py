@@ -47,7 +47,7 @@ def build_tiny_classifier(folder, labels, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def tiny_schedule(tmp_path_factory):
-    from raykd.recipes.schedule_config import ScheduleConfig
+    from raykd.recipes.ta_search.config import ScheduleConfig
 
     folder = build_tiny_classifier(tmp_path_factory.mktemp("tiny_cls"), ["film", "money", "sport"])
     cfg = ScheduleConfig.model_validate({
@@ -64,8 +64,8 @@ def tiny_schedule(tmp_path_factory):
 
 
 def test_minidisc_then_maxidisc_end_to_end(ray_start, tiny_schedule, tmp_path, monkeypatch):
-    from raykd.recipes.maxidisc import maxidisc_trial
-    from raykd.recipes.schedule_search import main_maxidisc, main_minidisc, main_sweep
+    from raykd.recipes.ta_search.maxidisc import maxidisc_trial
+    from raykd.recipes.ta_search.search import main_maxidisc, main_minidisc, main_sweep
 
     cfg, docs = tiny_schedule
     monkeypatch.chdir(tmp_path)  # a relative output dir must work: trials run in their own folders

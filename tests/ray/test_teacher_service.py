@@ -7,7 +7,7 @@ import pytest
 
 from raykd.config import TeacherConfig
 from raykd.teacher.deployment import running_teacher, start_teacher, stop_teacher
-from raykd.teacher.engine import HFEngine
+from raykd.teacher.engines.hf import HFEngine
 
 pytestmark = pytest.mark.ray
 

@@ -7,7 +7,7 @@ import pytest
 
 from raykd.config import TeacherConfig
 from raykd.teacher.deployment import start_teacher, stop_teacher
-from raykd.teacher.engine import HFEngine
+from raykd.teacher.engines.hf import HFEngine
 from tests.conftest import require_vllm
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

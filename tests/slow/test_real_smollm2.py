@@ -12,7 +12,7 @@ import pytest
 
 from raykd.cli import main_distill
 from raykd.config import load_config, DistillConfig
-from raykd.recipes.distill import Plan, ensure_soft_labels
+from raykd.soft_labels.plan import Plan, ensure_soft_labels
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

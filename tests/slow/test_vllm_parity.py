@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def engines(vllm_tiny_model):
     require_vllm()
-    from raykd.teacher.engine import HFEngine
-    from raykd.teacher.vllm_engine import VLLMEngine
+    from raykd.teacher.engines.hf import HFEngine
+    from raykd.teacher.engines.vllm import VLLMEngine
 
     hf = HFEngine(vllm_tiny_model, num_threads=1)
     vllm = VLLMEngine(vllm_tiny_model, max_k=16)

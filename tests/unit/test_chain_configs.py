@@ -7,7 +7,7 @@ import pytest
 from raykd.config import ConfigError, DistillConfig, GenerationConfig, load_config
 from raykd.data import Document
 from raykd.methods import get_method
-from raykd.recipes.takd import _served, _stage_config
+from raykd.recipes.lm.chains import _served, _stage_config
 from raykd.soft_labels.generations import generation_key, prompts_of
 
 

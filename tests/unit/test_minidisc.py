@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from raykd.config import ConfigError, load_config
-from raykd.recipes.minidisc import lambda_tradeoff, select_teacher_assistant, sweep_lambdas
-from raykd.recipes.schedule_config import ScheduleConfig
+from raykd.recipes.ta_search.minidisc import lambda_tradeoff, select_teacher_assistant, sweep_lambdas
+from raykd.recipes.ta_search.config import ScheduleConfig
 
 # dev accuracy of the sandwich student at each sparsity (a fixed table)
 TABLE = [
@@ -93,14 +93,14 @@ def _tiny_classifier(folder, with_head: bool = True):
 
 
 def test_teacher_without_classification_head_is_refused(tmp_path):
-    from raykd.teacher.classifier import ClassifierEngine, NotAClassifierError
+    from raykd.teacher.engines.classifier import ClassifierEngine, NotAClassifierError
 
     with pytest.raises(NotAClassifierError, match="classification head"):
         ClassifierEngine(_tiny_classifier(tmp_path / "enc", with_head=False), device="cpu", num_threads=1)
 
 
 def test_classifier_engine_scores_and_validates(tmp_path):
-    from raykd.teacher.classifier import ClassifierEngine
+    from raykd.teacher.engines.classifier import ClassifierEngine
 
     engine = ClassifierEngine(_tiny_classifier(tmp_path / "cls"), device="cpu", num_threads=1)
     ids = np.array([[2, 10, 11, 3], [2, 12, 3, 0]])
@@ -151,10 +151,10 @@ def test_class_label_cache_round_trip(tmp_path):
 
 
 def test_ta_chain_on_a_tiny_encoder(tmp_path):
-    from raykd.recipes.schedule_config import KDConfig, SparsifyConfig
-    from raykd.recipes.ta_distill import distill_chain, importance_of
+    from raykd.recipes.ta_search.config import KDConfig, SparsifyConfig
+    from raykd.recipes.ta_search.chain import distill_chain, importance_of
     from raykd.students.sparsify import prunable_params
-    from raykd.teacher.classifier import load_classifier
+    from raykd.teacher.engines.classifier import load_classifier
 
     teacher = load_classifier(_tiny_classifier(tmp_path / "cls"))
     rng = np.random.default_rng(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from raykd.config import DistillConfig
-from raykd.recipes.distill import Plan
+from raykd.soft_labels.plan import Plan
 from raykd.students import VocabularyMismatchError
 from tests.conftest import build_tiny_model, tiny_distill_config
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from raykd.teacher.engine import HFEngine, build_engine, ids_dtype, topk_with_tail
+from raykd.teacher.engines import build_engine, ids_dtype, topk_with_tail
+from raykd.teacher.engines.hf import HFEngine
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def test_auto_engine_picks_by_hardware(fields, expect):
     import importlib.util
 
     from raykd.config import TeacherConfig
-    from raykd.teacher.engine import resolve_engine
+    from raykd.teacher.engines import resolve_engine
 
     if expect == "vllm" and fields["engine"] == "auto" and importlib.util.find_spec("vllm") is None:
         expect = "hf"
@@ -121,7 +122,7 @@ def test_auto_engine_picks_by_hardware(fields, expect):
 
 def test_vllm_requests_it_cannot_answer_fail_before_work():
     from raykd.config import TeacherConfig
-    from raykd.teacher.engine import check_engine_request
+    from raykd.teacher.engines import check_engine_request
 
     cfg = TeacherConfig(engine="vllm", max_k=16)
     check_engine_request("vllm", cfg, k=16, temperature=1.0)

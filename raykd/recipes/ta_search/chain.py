@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from raykd.losses.kd import ce, forward_kl
 from raykd.losses.targets import TeacherTargets
-from raykd.recipes.schedule_config import KDConfig, SparsifyConfig
+from raykd.recipes.ta_search.config import KDConfig, SparsifyConfig
 from raykd.students.build import count_parameters, layer_drop
 from raykd.students.sparsify import Masks, densify, masks_for_sparsity, prunable_params, taylor_importance, unit_params
 

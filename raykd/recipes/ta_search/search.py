@@ -2,7 +2,7 @@
 
 Each ``main_*`` takes a config and an output folder, so the CLI, ``jobs/minidisc.py`` /
 ``jobs/maxidisc.py`` and the tests call the same function. Both searches first run
-:func:`~raykd.recipes.schedule_prepare.prepare` (teacher fine-tuned once, soft labels from the
+:func:`~raykd.recipes.ta_search.prepare.prepare` (teacher fine-tuned once, soft labels from the
 Serve teacher into the cache, teacher importance), then hand the trials to a Ray Tune ``Tuner``.
 """
 
@@ -16,9 +16,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from raykd.recipes.minidisc import lambda_tradeoff, sweep_lambdas
-from raykd.recipes.schedule_config import ScheduleConfig
-from raykd.recipes.schedule_report import plot_results, print_table, write_results
+from raykd.recipes.ta_search.minidisc import lambda_tradeoff, sweep_lambdas
+from raykd.recipes.ta_search.config import ScheduleConfig
+from raykd.recipes.ta_search.report import plot_results, print_table, write_results
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _tuner(trainable: Callable, param_space: dict[str, Any], cfg: ScheduleConfig
 
 def _start(cfg: ScheduleConfig, output_dir: Path, docs):
     from raykd.cluster import connect
-    from raykd.recipes.schedule_prepare import prepare
+    from raykd.recipes.ta_search.prepare import prepare
 
     output_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare(cfg, output_dir, docs)  # fine-tunes and labels first; starts Ray only to label
@@ -79,7 +79,7 @@ def main_minidisc(cfg: ScheduleConfig, output_dir: str | Path, docs=None) -> dic
         MaskError: ``sparsify.importance_file`` does not fit the teacher (before any trial).
         RuntimeError: the MiniDisc trial failed (its error is in the message).
     """
-    from raykd.recipes.minidisc import minidisc_trial
+    from raykd.recipes.ta_search.minidisc import minidisc_trial
 
     t0 = time.time()
     output_dir = Path(output_dir).resolve()  # trials run in their own folders
@@ -123,7 +123,7 @@ def main_maxidisc(cfg: ScheduleConfig, output_dir: str | Path, docs=None, traina
 
     Args:
         cfg, output_dir, docs: as :func:`main_minidisc`.
-        trainable: the trial function (default :func:`~raykd.recipes.maxidisc.maxidisc_trial`;
+        trainable: the trial function (default :func:`~raykd.recipes.ta_search.maxidisc.maxidisc_trial`;
             tests wrap it to make a trial fail).
 
     Raises:
@@ -133,7 +133,7 @@ def main_maxidisc(cfg: ScheduleConfig, output_dir: str | Path, docs=None, traina
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from raykd.recipes.maxidisc import best_trial, collect_trials, maxidisc_trial
+    from raykd.recipes.ta_search.maxidisc import best_trial, collect_trials, maxidisc_trial
 
     t0 = time.time()
     output_dir = Path(output_dir).resolve()  # trials run in their own folders

@@ -20,7 +20,7 @@ from raykd.config import TeacherConfig, default_cache_root
 from raykd.data.bbc import BBC_TOPICS, load_bbc_news
 from raykd.data.documents import Document
 from raykd.data.splits import split_documents
-from raykd.recipes.schedule_config import ScheduleConfig
+from raykd.recipes.ta_search.config import ScheduleConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ class Prepared:
 
 
 def check_teacher(path: Path) -> None:
-    """Raise :class:`~raykd.teacher.classifier.NotAClassifierError` unless ``path`` is a classifier."""
-    from raykd.teacher.classifier import load_classifier
+    """Raise :class:`~raykd.teacher.engines.classifier.NotAClassifierError` unless ``path`` is a classifier."""
+    from raykd.teacher.engines.classifier import load_classifier
 
     load_classifier(path)
 
@@ -67,7 +67,7 @@ def check_teacher(path: Path) -> None:
 def _label_splits(cfg: ScheduleConfig, teacher_path: Path, docs: dict[str, list[Document]], labels: list[str]) -> tuple[dict[str, str], dict[str, Any]]:
     """Find each split's class-label cache, or label it through the Serve teacher."""
     from raykd.models import load_tokenizer, tokenizer_fingerprint, weights_fingerprint
-    from raykd.recipes.finetune_classifier import tokenize_documents
+    from raykd.teacher.finetune import tokenize_documents
     from raykd.soft_labels.cache import documents_fingerprint
     from raykd.soft_labels.class_labels import class_cache_key, find_class_cache, label_rows
 
@@ -141,9 +141,9 @@ def prepare(cfg: ScheduleConfig, output_dir: Path, docs: list[Document] | None =
     """
     import torch
 
-    from raykd.recipes.finetune_classifier import finetune_classifier
-    from raykd.recipes.ta_distill import importance_of
-    from raykd.teacher.classifier import load_classifier
+    from raykd.teacher.finetune import finetune_classifier
+    from raykd.recipes.ta_search.chain import importance_of
+    from raykd.teacher.engines.classifier import load_classifier
 
     t0 = time.time()
     output_dir = Path(output_dir).resolve()  # trials read these paths from their own folders

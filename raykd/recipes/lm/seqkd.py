@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from raykd.config import DistillConfig, default_cache_root
-from raykd.recipes.distill import Plan, check_running_teacher, release_teacher, run_distill
+from raykd.recipes.lm.distill import run_distill
+from raykd.soft_labels.plan import Plan, release_teacher
+from raykd.teacher.running import check_running_teacher
 
 
 def run_seqkd(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
@@ -43,7 +45,7 @@ def run_seqkd(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
             if started:
                 plan.owns_teacher = True
             else:
-                check_running_teacher(handle.info.remote().result(), plan)
+                check_running_teacher(handle.info.remote().result(), cfg.teacher.name, plan.running_teacher_fields())
         docs, stats = generate_documents(
             plan.train_docs, app_name=cfg.teacher.name, tokenizer=load_tokenizer(plan.teacher_path),
             teacher=teacher, gen=cfg.generation, cache_root=root, num_actors=cfg.labels.num_labelers)

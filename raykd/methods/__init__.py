@@ -14,7 +14,7 @@ Add a method with :func:`register_method`::
     register_method(Method(
         name="my_kd", description="one line for `raykd methods`", paper="Author et al. 2024, ...",
         composes="what the config must hold", uses=frozenset({"phases"}),
-        recipe="raykd.recipes.distill:run_distill"))
+        recipe="raykd.recipes.lm.distill:run_distill"))
 
 Pure Python: importing this module imports neither torch nor Ray.
 """
@@ -25,10 +25,11 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from raykd.config import DistillConfig
+DistillConfig = Any
+"""A :class:`raykd.config.DistillConfig` (not imported: the config imports this registry to check
+a config's method, so this module stays below it)."""
 
 FEATURES = ("phases", "teachers", "vocab", "perturb", "generate", "chain")
 """Parts of a config beyond a plain single-teacher run; a method must declare the ones it uses.
@@ -41,7 +42,8 @@ FEATURES = ("phases", "teachers", "vocab", "perturb", "generate", "chain")
 - ``chain``: ``chain`` is set (teacher assistants between teacher and student).
 """
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "methods"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+"""The shipped config of every method (package data: present in a non-editable install too)."""
 
 
 class UnknownMethodError(KeyError):
@@ -77,12 +79,12 @@ class Method:
     uses: frozenset[str] = frozenset()
     requires: frozenset[str] = frozenset()
     combine: str | None = None
-    recipe: str = "raykd.recipes.distill:run_distill"
+    recipe: str = "raykd.recipes.lm.distill:run_distill"
     check_fn: Callable[[DistillConfig], None] | None = field(default=None, repr=False)
 
     @property
     def config_path(self) -> Path:
-        """The method's config under ``jobs/configs/methods/``."""
+        """The method's config under ``raykd/methods/configs/``."""
         return CONFIG_DIR / f"{self.name}.yaml"
 
     def check(self, cfg: DistillConfig) -> None:
@@ -321,7 +323,7 @@ register_method(Method(
     paper="Kim & Rush 2016, Sequence-Level Knowledge Distillation (EMNLP)",
     composes="generation: {prompt_tokens, max_new_tokens, temperature: 0 (greedy)}; the prompt + continuation "
              "replaces each training document; train.students {ce: 1} (Seq-KD) or with forward_kl (Seq-KD + Word-KD)",
-    uses=frozenset({"generate"}), requires=frozenset({"generate"}), recipe="raykd.recipes.seqkd:run_seqkd",
+    uses=frozenset({"generate"}), requires=frozenset({"generate"}), recipe="raykd.recipes.lm.seqkd:run_seqkd",
 ))
 register_method(Method(
     name="takd",
@@ -329,7 +331,7 @@ register_method(Method(
     paper="Mirzadeh et al. 2020, Improved Knowledge Distillation via Teacher Assistant (AAAI)",
     composes="chain.assistants: [{keep_layers: [...]}, ...] (largest first); each stage a main-job run whose "
              "exported student is served as the next stage's teacher",
-    uses=frozenset({"chain"}), requires=frozenset({"chain"}), recipe="raykd.recipes.takd:run_takd", check_fn=_chain,
+    uses=frozenset({"chain"}), requires=frozenset({"chain"}), recipe="raykd.recipes.lm.chains:run_takd", check_fn=_chain,
 ))
 register_method(Method(
     name="dgkd",
@@ -337,6 +339,6 @@ register_method(Method(
     paper="Son et al. 2021, Densely Guided Knowledge Distillation using Multiple Teacher Assistants (ICCV)",
     composes="as takd; each stage's teachers are the teacher and all earlier TAs, joined by row and averaged "
              "(tmkd's mean); no random teacher dropping",
-    uses=frozenset({"chain"}), requires=frozenset({"chain"}), combine="mean", recipe="raykd.recipes.takd:run_takd",
+    uses=frozenset({"chain"}), requires=frozenset({"chain"}), combine="mean", recipe="raykd.recipes.lm.chains:run_takd",
     check_fn=_chain,
 ))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from raykd.config import DistillConfig
-from raykd.recipes.distill import Plan, ensure_soft_labels
+from raykd.soft_labels.plan import Plan, ensure_soft_labels
 from raykd.soft_labels.cache import shard_paths
 from raykd.soft_labels.join import decode_joined, join_caches
 from raykd.students import check_same_vocabulary

@@ -10,7 +10,7 @@ Schedule for Language Model Compression", arXiv:2205.14570).
    among those strictly between the current teacher and the target
    (:func:`select_teacher_assistant`, a pure function).
 4. Teacher -> TA -> student at the target, exactly as one MaxiDisc trial does it
-   (:func:`raykd.recipes.ta_distill.distill_chain`), so the two searches differ only in how the
+   (:func:`raykd.recipes.ta_search.chain.distill_chain`), so the two searches differ only in how the
    TA is picked. With ``minidisc.iterations > 2`` the search repeats from the new TA.
 """
 
@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from raykd.recipes.schedule_config import ScheduleConfig
-from raykd.recipes.ta_distill import ClassData, accuracy, batches, device_of, distill_phase, importance_of, kd_loss, logits_of, prune_to
+from raykd.recipes.ta_search.config import ScheduleConfig
+from raykd.recipes.ta_search.chain import ClassData, accuracy, batches, device_of, distill_phase, importance_of, kd_loss, logits_of, prune_to
 from raykd.students.sparsify import Masker, densify, masks_for_sparsity, prunable_params, unit_params
 
 
@@ -111,7 +111,7 @@ def run_minidisc(cfg: ScheduleConfig, teacher: torch.nn.Module, importance, spli
         chosen, in order), ``chosen_ta``, ``sweep`` (the pick of each ``minidisc.lambda_sweep``
         lambda on the first hop's table), ``student`` (the chain's numbers), ``timings``.
     """
-    from raykd.recipes.ta_distill import distill_chain
+    from raykd.recipes.ta_search.chain import distill_chain
 
     sp, md, kd = cfg.sparsify, cfg.minidisc, cfg.kd
     base = prunable_params(teacher)
@@ -157,15 +157,15 @@ def minidisc_trial(config: dict[str, Any]) -> None:
     """Ray Tune function trainable: the whole MiniDisc search as one trial.
 
     ``config`` carries ``schedule`` (a :class:`ScheduleConfig` as a dict) and ``prepared`` (a
-    :class:`~raykd.recipes.schedule_prepare.Prepared` as a dict); the result dict is reported
+    :class:`~raykd.recipes.ta_search.prepare.Prepared` as a dict); the result dict is reported
     with the chain's last report and written to ``minidisc_trial.json`` in the trial folder.
     """
     import json
 
     from ray import tune
 
-    from raykd.recipes.schedule_prepare import Prepared, load_importance, load_splits
-    from raykd.teacher.classifier import load_classifier
+    from raykd.recipes.ta_search.prepare import Prepared, load_importance, load_splits
+    from raykd.teacher.engines.classifier import load_classifier
 
     cfg = ScheduleConfig.model_validate(config["schedule"])
     prepared = Prepared(**config["prepared"])

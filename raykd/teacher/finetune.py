@@ -24,7 +24,7 @@ import torch
 from raykd.config import default_cache_root
 from raykd.data.documents import Document
 from raykd.models import load_tokenizer, resolve_model_path, weights_fingerprint
-from raykd.recipes.schedule_config import ClassifierTeacherConfig
+from raykd.config import ClassifierTeacherConfig
 from raykd.soft_labels.cache import documents_fingerprint
 
 log = logging.getLogger(__name__)

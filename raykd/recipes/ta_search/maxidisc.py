@@ -12,21 +12,21 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from raykd.recipes.schedule_config import ScheduleConfig
+from raykd.recipes.ta_search.config import ScheduleConfig
 
 
 def maxidisc_trial(config: dict[str, Any]) -> None:
     """Ray Tune function trainable for one candidate: ``config["ta_sparsity"]`` (0 = direct).
 
     ``config`` also carries ``schedule`` (the :class:`ScheduleConfig` as a dict) and ``prepared``
-    (a :class:`~raykd.recipes.schedule_prepare.Prepared` as a dict).
+    (a :class:`~raykd.recipes.ta_search.prepare.Prepared` as a dict).
     """
     import torch
     from ray import tune
 
-    from raykd.recipes.schedule_prepare import Prepared, load_importance, load_splits
-    from raykd.recipes.ta_distill import distill_chain
-    from raykd.teacher.classifier import load_classifier
+    from raykd.recipes.ta_search.prepare import Prepared, load_importance, load_splits
+    from raykd.recipes.ta_search.chain import distill_chain
+    from raykd.teacher.engines.classifier import load_classifier
 
     cfg = ScheduleConfig.model_validate(config["schedule"])
     prepared = Prepared(**config["prepared"])

@@ -1,0 +1,111 @@
+"""The main job: served teacher -> keyed soft-label cache -> Ray Train students -> report.
+
+Order of work (every check that can fail runs before the first teacher forward or training step):
+
+1. load and split the text by document; resolve the teacher; fingerprint weights and tokenizer;
+   check the student's tokenizer; compute the cache keys of the train and eval splits;
+2. for each split, open the finished cache for its key (a hit asks the teacher nothing) or start
+   (or reuse) the teacher deployment and label the split into a new cache;
+3. build the initial student and train one student per ``train.students`` entry on Ray Train;
+4. evaluate the teacher (from the cache), the untrained student and each trained student on the
+   held-out split; write ``report.json``, ``report.md`` and ``loss_curves.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+from raykd.config import DistillConfig
+from raykd.soft_labels.cache import shard_paths
+from raykd.soft_labels.plan import Plan, ensure_soft_labels
+from raykd.train.evaluate import evaluate_students
+
+log = logging.getLogger(__name__)
+
+
+def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Run the main job and write its report into ``output_dir``.
+
+    ``prepare`` (used by recipes built on this one, e.g. sequence-level KD) runs once Ray is
+    connected and before the soft labels: it may replace the plan's training documents (through
+    :meth:`Plan.set_train_docs`) and returns a dict stored in the report under ``prepare``.
+
+    Returns:
+        The report (also written as ``report.json``); see the README for its fields.
+
+    Raises:
+        raykd.config.ConfigError, ValueError, FileNotFoundError: bad input, before any compute.
+        raykd.soft_labels.cache.CacheError: a cache for this key exists but is corrupt.
+    """
+    from raykd.cluster import connect
+    from raykd.report import print_table, write_report
+    from raykd.students import build_student
+    from raykd.students.vocab import compress_student_folder
+    from raykd.train.trainer import train_student
+
+    from raykd.recipes.lm.multi_teacher import extra_teacher_plans, prepare_teachers
+
+    t0 = time.perf_counter()
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    plan = Plan(cfg)
+    extra_plans = extra_teacher_plans(cfg, plan)  # [] for one teacher; tokenizers checked here
+    log.info("train docs %d, eval docs %d, cache keys %s", len(plan.train_docs), len(plan.eval_docs),
+             {s: k.digest() for s, k in plan.keys.items()})
+    connect(cfg.ray)
+    prepared = prepare(plan) if prepare is not None else None
+    caches, label_stats = ensure_soft_labels(plan)
+    train_dir, train_manifest = caches["train"]
+    eval_dir, eval_manifest = caches["eval"]
+    train_files, eval_files = shard_paths(train_dir, train_manifest), shard_paths(eval_dir, eval_manifest)
+    teachers, teachers_report = None, {}
+    if extra_plans:
+        train_files, teachers, teachers_report = prepare_teachers(cfg, plan, caches, extra_plans, output_dir)
+
+    init_dir = build_student(cfg.student, plan.teacher_path, output_dir / "student_init")
+    if cfg.student.vocab_size is not None:
+        compress_student_folder(init_dir, shard_paths(train_dir, train_manifest), cfg.student.vocab_size)
+    t_train = time.perf_counter()
+    results = {name: train_student(name, student_path=init_dir, shard_files=train_files, weights=weights,
+                                   temperature=cfg.labels.temperature, cfg=cfg.train,
+                                   storage_path=output_dir / "ray_train", teachers=teachers)
+               for name, weights in cfg.train.students.items()}
+    train_s = time.perf_counter() - t_train
+
+    t_eval = time.perf_counter()
+    report = evaluate_students(cfg, plan.teacher_path, init_dir, results, eval_files, output_dir)
+    report.update(teachers_report)
+    if prepared is not None:
+        report["prepare"] = prepared
+    eval_s = time.perf_counter() - t_eval
+    report["cache"] = _cache_report(cfg, (train_dir, train_manifest), (eval_dir, eval_manifest), label_stats)
+    report["data"] = {"train_docs": len(plan.train_docs), "eval_docs": len(plan.eval_docs), "seq_len": cfg.data.seq_len}
+    report["timings"] = {"label_s": label_stats["label_s"], "train_s": train_s, "eval_s": eval_s, "total_s": time.perf_counter() - t0}
+    write_report(report, output_dir, {name: res.history for name, res in results.items()})
+    print_table(report)
+    return report
+
+
+def _cache_report(cfg: DistillConfig, train: tuple[Path, Any], eval_: tuple[Path, Any], label_stats: dict[str, Any]) -> dict[str, Any]:
+    (train_dir, train_manifest), (eval_dir, eval_manifest) = train, eval_
+    return {
+        "path": str(train_dir),
+        "eval_path": str(eval_dir),
+        "key": train_manifest.key,
+        "rows": train_manifest.rows,
+        "tokens": train_manifest.tokens,
+        "bytes": train_manifest.bytes,
+        "bytes_per_token": train_manifest.bytes_per_token,
+        "k": cfg.labels.k,
+        "temperature": cfg.labels.temperature,
+        "hit": label_stats["hit"],
+        "teacher_calls": label_stats["teacher_calls"],
+        "teacher": label_stats["teacher"],
+        "eval_rows": eval_manifest.rows,
+        "eval_tokens": eval_manifest.tokens,
+    }
