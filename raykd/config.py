@@ -305,12 +305,13 @@ class TrainConfig(Strict):
             raise ValueError(f"train.phases must end at strictly increasing `until` shares, the last at 1.0; got {ends}")
         return v
 
+    def phase_terms(self) -> set[str]:
+        """Every loss name a phase of the schedule uses."""
+        return {n for p in self.phases for n in (*(p.weights or {}), *(p.weights_end or {}))}
+
     def objective_terms(self) -> list[str]:
         """Every loss name any student or phase uses (the terms logged at every step)."""
-        names = {n for w in self.students.values() for n in w}
-        for p in self.phases:
-            names |= set(p.weights or {}) | set(p.weights_end or {})
-        return sorted(names)
+        return sorted({n for w in self.students.values() for n in w} | self.phase_terms())
 
 
 class EvalConfig(Strict):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Iterable
@@ -109,6 +108,10 @@ def _shard_files(folder: Path) -> list[Path]:
 def commit(partial: Path, final_dir: Path, key: CacheKey, teacher: dict[str, Any], label_seconds: float) -> Manifest:
     """Check the shards of ``partial``, write the manifest, and rename it to ``final_dir``.
 
+    The one commit of every cache kind: token-level soft labels (``loss_mask`` counts the
+    labeled positions) and class-level labels (:mod:`raykd.soft_labels.class_labels`, no
+    ``loss_mask``: one label per row).
+
     Raises:
         CacheError: no shard was written, a shard is unreadable or carries another key, or
             ``final_dir`` already exists (it is never overwritten).
@@ -122,9 +125,10 @@ def commit(partial: Path, final_dir: Path, key: CacheKey, teacher: dict[str, Any
         got = schema_metadata(meta.schema.to_arrow_schema()).get("cache_key")
         if got != key.digest():
             raise CacheError(f"shard {path} carries cache key {got}, expected {key.digest()}")
-        table = pq.read_table(path, columns=["attention_mask", "loss_mask"])
+        per_token = "loss_mask" in meta.schema.to_arrow_schema().names
+        table = pq.read_table(path, columns=["attention_mask", "loss_mask"] if per_token else ["attention_mask"])
         n_tok = int(table.column("attention_mask").combine_chunks().flatten().to_numpy().sum())
-        n_loss = int(table.column("loss_mask").combine_chunks().flatten().to_numpy().sum())
+        n_loss = int(table.column("loss_mask").combine_chunks().flatten().to_numpy().sum()) if per_token else meta.num_rows
         size = path.stat().st_size
         shards.append({"file": path.name, "rows": meta.num_rows, "bytes": size, "tokens": n_tok})
         rows, tokens, loss_tokens, total = rows + meta.num_rows, tokens + n_tok, loss_tokens + n_loss, total + size
@@ -199,11 +203,3 @@ def open_cache(folder: Path, expect: CacheKey | None = None, *, deep: bool = Fal
 
 def shard_paths(folder: Path, manifest: Manifest) -> list[str]:
     return [str(Path(folder) / s["file"]) for s in manifest.shards]
-
-
-def remove_partials(root: Path, key: CacheKey, older_than_s: float = 24 * 3600) -> None:
-    """Delete abandoned ``<key>.partial-*`` folders older than ``older_than_s`` seconds."""
-    now = time.time()
-    for path in Path(root).glob(f"{key.digest()}.partial-*"):
-        if now - path.stat().st_mtime > older_than_s:
-            shutil.rmtree(path, ignore_errors=True)

@@ -1,7 +1,7 @@
 """Soft labels of a classification teacher: one row per document, the teacher's class logits.
 
 The cache reuses the soft-label cache's key, manifest and folder rules
-(:mod:`raykd.soft_labels.cache`): a folder named by the :class:`~raykd.soft_labels.cache.CacheKey`
+(:mod:`raykd.soft_labels.cache`, committed by the same :func:`~raykd.soft_labels.cache.commit`): a folder named by the :class:`~raykd.soft_labels.cache.CacheKey`
 digest, written into a private ``.partial-*`` folder and renamed when complete, so the same
 labeling asked for twice finds the finished folder and asks the teacher nothing. Class caches
 live under their own root (``<cache>/class_labels``) and carry ``engine="classifier"`` and
@@ -20,11 +20,8 @@ teacher_logits  fixed_size_list<float32>[C]    raw teacher logits (temperature n
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections import deque
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raykd.soft_labels.cache import CacheError, CacheKey, Manifest, cache_dir_for, new_partial_dir, open_cache
-from raykd.soft_labels.schema import META_PREFIX, schema_metadata
+from raykd.soft_labels.cache import CacheError, CacheKey, Manifest, cache_dir_for, commit, new_partial_dir, open_cache
+from raykd.soft_labels.schema import META_PREFIX
 
 CLASS_LABEL_COLUMNS = ("doc_id", "input_ids", "attention_mask", "label", "teacher_logits")
 
@@ -88,28 +85,6 @@ def encode_rows(rows: dict[str, np.ndarray], logits: np.ndarray, schema: pa.Sche
     )
 
 
-def _commit(partial: Path, final_dir: Path, key: CacheKey, teacher: dict[str, Any], label_seconds: float) -> Manifest:
-    shards, rows, tokens, total = [], 0, 0, 0
-    for path in sorted(partial.glob("*.parquet")):
-        meta = pq.read_metadata(path)
-        if schema_metadata(meta.schema.to_arrow_schema()).get("cache_key") != key.digest():
-            raise CacheError(f"shard {path} carries another cache key than {key.digest()}")
-        n_tok = int(pq.read_table(path, columns=["attention_mask"]).column(0).combine_chunks().flatten().to_numpy().sum())
-        size = path.stat().st_size
-        shards.append({"file": path.name, "rows": meta.num_rows, "bytes": size, "tokens": n_tok})
-        rows, tokens, total = rows + meta.num_rows, tokens + n_tok, total + size
-    if not shards:
-        raise CacheError(f"labeling wrote no shard into {partial}: was the split empty?")
-    manifest = Manifest(key=key.digest(), key_fields=asdict(key), teacher=teacher, rows=rows, tokens=tokens,
-                        loss_tokens=rows, bytes=total, shards=shards, label_seconds=label_seconds)
-    (partial / "manifest.json.tmp").write_text(json.dumps(asdict(manifest), indent=2))
-    os.replace(partial / "manifest.json.tmp", partial / "manifest.json")
-    if final_dir.exists():
-        raise CacheError(f"{final_dir} already exists; the new labels stay in {partial}")
-    os.rename(partial, final_dir)
-    return manifest
-
-
 def find_class_cache(root: Path, key: CacheKey) -> tuple[Path, Manifest | None]:
     """``(folder, manifest)`` of the finished cache for ``key``; manifest None when not labeled yet."""
     folder = cache_dir_for(root, key)
@@ -150,7 +125,7 @@ def label_rows(handle: Any, rows: dict[str, np.ndarray], root: Path, key: CacheK
     for i, s in enumerate(range(0, n, rows_per_shard)):
         part = {k: np.asarray(v)[s : s + rows_per_shard] for k, v in rows.items()}
         pq.write_table(encode_rows(part, logits[s : s + rows_per_shard], schema), partial / f"part-{i:05d}.parquet")
-    return _commit(partial, final_dir, key, teacher or {}, time.time() - t0)
+    return commit(partial, final_dir, key, teacher or {}, time.time() - t0)
 
 
 def read_class_cache(folder: Path, manifest: Manifest) -> dict[str, np.ndarray]:

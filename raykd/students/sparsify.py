@@ -116,14 +116,6 @@ class Masks:
         """Parameters the masks remove, given the size of one head and one neuron."""
         return sum(int((~m).sum()) * per_head for m in self.heads) + sum(int((~m).sum()) * per_neuron for m in self.neurons)
 
-    def to_json(self) -> dict[str, list[list[int]]]:
-        """JSON-friendly form: lists of 0/1 per layer."""
-        return {"heads": [m.int().tolist() for m in self.heads], "neurons": [m.int().tolist() for m in self.neurons]}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Masks:
-        return cls([torch.tensor(m, dtype=torch.bool) for m in data["heads"]], [torch.tensor(m, dtype=torch.bool) for m in data["neurons"]])
-
 
 def check_masks(model: nn.Module, masks: Masks) -> None:
     """Raise :class:`MaskError` unless ``masks`` has one mask per layer of the model's current sizes."""

@@ -26,6 +26,7 @@ from raykd.data.documents import Document
 from raykd.models import load_tokenizer, resolve_model_path, weights_fingerprint
 from raykd.config import ClassifierTeacherConfig
 from raykd.soft_labels.cache import documents_fingerprint
+from raykd.train.local import train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def finetune_key(cfg: ClassifierTeacherConfig, base: Path, train: Sequence[Docum
             "labels": list(labels),
             "seq_len": seq_len,
             **cfg.model_dump(include={"steps", "batch_size", "lr", "freeze_embeddings", "seed"}),
+            "loop": "objective-v1",  # trained through raykd.train.local (CE through the shared Objective)
         },
         sort_keys=True,
     )
@@ -95,26 +97,16 @@ def finetune_classifier(
     model = AutoModelForSequenceClassification.from_pretrained(
         str(base), num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}
     )
-    if cfg.freeze_embeddings:
+    if cfg.freeze_embeddings:  # no gradients for them at all (faster on CPU), not only no updates
         model.get_input_embeddings().weight.requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    rng = np.random.default_rng(cfg.seed)
-    order, t0 = np.empty(0, dtype=np.int64), time.time()
-    model.train()
-    for step in range(1, cfg.steps + 1):
-        if len(order) < cfg.batch_size:
-            order = np.concatenate([order, rng.permutation(len(data["label"]))])
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
-        out_ = model(
-            input_ids=torch.as_tensor(data["input_ids"][idx]),
-            attention_mask=torch.as_tensor(data["attention_mask"][idx]),
-            labels=torch.as_tensor(data["label"][idx]),
-        )
-        opt.zero_grad(set_to_none=True)
-        out_.loss.backward()
-        opt.step()
+    t0 = time.time()
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
         if step % 10 == 0 or step == cfg.steps:
-            log.info("fine-tune step %d/%d loss %.4f (%.0f s)", step, cfg.steps, float(out_.loss), time.time() - t0)
+            log.info("fine-tune step %d/%d loss %.4f (%.0f s)", step, cfg.steps, metrics["loss"], time.time() - t0)
+
+    train_classifier(model, data, {"ce": 1.0}, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+                     freeze_embeddings=cfg.freeze_embeddings, max_grad_norm=None, on_step=on_step)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=root))
     model.save_pretrained(tmp)

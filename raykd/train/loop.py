@@ -1,10 +1,13 @@
-"""The per-worker training loop run by Ray Train's ``TorchTrainer``.
+"""The per-worker training loop run by Ray Train's ``TorchTrainer`` for language-model students.
 
 Each optimizer step takes ``grad_accum`` micro-batches from this worker's shard of the
-soft-label dataset (``ray.train.get_dataset_shard``), counts their valid tokens, all-reduces the
-count, and back-propagates ``loss_sum * W / N_global`` per micro-batch (DDP averages gradients
-over the ``W`` workers). Every valid token then weighs ``1 / N_global``, so a step gives the same
-gradient for any split over workers and accumulation steps (see :mod:`raykd.losses.objective`).
+soft-label dataset (``ray.train.get_dataset_shard``) and runs :func:`raykd.train.step.train_step`
+(the step every student kind shares): the valid tokens are counted and all-reduced, and each
+micro-batch back-propagates ``loss_sum * W / N_global`` (DDP averages gradients over the ``W``
+workers). Every valid token then weighs ``1 / N_global``, so a step gives the same gradient for
+any split over workers and accumulation steps (see :mod:`raykd.losses.objective`).
+
+The loop's settings are one typed :class:`LoopConfig`.
 
 Checkpoints (model, optimizer, scheduler, step, loss history) are reported to Ray Train every
 ``checkpoint_every`` steps and at the end; a restarted run continues from the latest one.
@@ -13,20 +16,23 @@ Checkpoints (model, optimizer, scheduler, step, loss history) are reported to Ra
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 
+from raykd.config import Strict, TrainConfig
 from raykd.losses import Objective, TeacherTargets
 from raykd.losses.targets import retemper
-from raykd.train.schedule import schedule_at
 from raykd.students.vocab import VocabMap, map_ids, map_targets
+from raykd.train.schedule import schedule_at
+from raykd.train.step import StudentBatch, build_optimizer, run_steps
 from raykd.train.teachers import TeacherMix
 
 STATE_FILE = "train_state.pt"
@@ -66,23 +72,50 @@ def step_inputs(batch: dict[str, torch.Tensor], cached_temperature: float, tempe
     return ids, am, labels, mask, retemper(targets, cached_temperature, temperature)
 
 
-def objective_at(config: dict[str, Any], step: int) -> tuple[Objective, float]:
-    """The objective and temperature of 0-based ``step``, from the schedule in ``config``
-    (``phases``, ``weights``, ``terms``, ``loss_params``, ``temperature``, ``max_steps``)."""
-    weights, tau = schedule_at(config.get("phases") or [], step, config["max_steps"], config["weights"],
-                               config["temperature"], config.get("terms") or ())
-    params = {n: p for n, p in (config.get("loss_params") or {}).items() if n in weights}
-    return Objective(weights, params), tau
+def student_batch(batch: dict[str, torch.Tensor], cached_temperature: float, temperature: float,
+                  mix: TeacherMix | None = None, vocab_table: torch.Tensor | None = None) -> StudentBatch:
+    """:func:`step_inputs` as the :class:`~raykd.train.step.StudentBatch` of a causal-LM student."""
+    ids, am, labels, mask, targets = step_inputs(batch, cached_temperature, temperature, mix, vocab_table)
+    return StudentBatch({"input_ids": ids, "attention_mask": am}, labels, mask, targets)
 
 
-def _lr_lambda(warmup: int, total: int):
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+class LoopConfig(Strict):
+    """Everything a Ray Train worker needs to train one language-model student.
 
-    return fn
+    Built on the driver (:func:`raykd.train.trainer.train_student`) and handed to the workers as
+    a dict (``model_dump``); the worker validates it again, so a field that does not exist fails
+    on both sides with its name.
+    """
+
+    run_label: str
+    """Student name (log prefix, Ray Train run folder)."""
+    student_path: str
+    """Initial weights folder."""
+    weights: dict[str, float]
+    """The student's objective ``{loss name: weight}``."""
+    terms: list[str] = Field(default_factory=list)
+    """Every loss any phase uses (logged with weight 0 where unused)."""
+    loss_params: dict[str, dict[str, float]] = Field(default_factory=dict)
+    """Loss hyper-parameters, e.g. ``{generalized_jsd: {beta: 0.9}}``."""
+    temperature: float = Field(gt=0)
+    """The soft-label cache's temperature (targets are re-tempered from it)."""
+    train: TrainConfig
+    """Batch, steps, optimizer, schedule (``phases``), devices."""
+    combine: str | None = None
+    """Multi-teacher rule (:mod:`raykd.losses.multi_teacher`), None for one teacher."""
+    num_teachers: int = Field(default=1, ge=1)
+    weight_temperature: float = Field(default=1.0, gt=0)
+    policy_lr: float = Field(default=0.05, gt=0)
+    mlflow_uri: str | None = None
+    """Log every step's metrics to this MLflow tracking URI (Ray's ``setup_mlflow``), or None."""
+    mlflow_experiment: str = "raykd"
+
+    def objective_at(self, step: int) -> tuple[Objective, float]:
+        """The objective and temperature of 0-based ``step``, from ``train.phases``."""
+        weights, tau = schedule_at(self.train.phases, step, self.train.max_steps, self.weights, self.temperature,
+                                   self.terms)
+        params = {n: p for n, p in self.loss_params.items() if n in weights}
+        return Objective(weights, params), tau
 
 
 def _autocast(mode: str, device: torch.device):
@@ -92,22 +125,22 @@ def _autocast(mode: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _micro_batches(shard, per_worker: int, grad_accum: int, cfg: dict[str, Any], device):
-    """Endless iterator over lists of ``grad_accum`` micro-batches (epochs repeat the shard)."""
-    micro = per_worker // grad_accum
+def _micro_batches(shard, per_worker: int, train: TrainConfig, device):
+    """Endless iterator over lists of ``grad_accum`` decoded micro-batches (epochs repeat the shard)."""
+    micro = per_worker // train.grad_accum
     epoch = 0
     while True:
         group = []
-        kwargs = {"local_shuffle_buffer_size": 4 * micro, "local_shuffle_seed": cfg["seed"] + epoch} if cfg["shuffle"] else {}
+        kwargs = {"local_shuffle_buffer_size": 4 * micro, "local_shuffle_seed": train.seed + epoch} if train.shuffle else {}
         for batch in shard.iter_torch_batches(batch_size=micro, drop_last=True, device=device, **kwargs):
             group.append(batch)
-            if len(group) == grad_accum:
+            if len(group) == train.grad_accum:
                 yield group
                 group = []
         epoch += 1
 
 
-def _load_student(config: dict[str, Any], rank: int):
+def _load_student(cfg: LoopConfig, rank: int):
     """The student to train: the initial weights, or the last checkpoint of a restarted run.
 
     Returns:
@@ -119,34 +152,14 @@ def _load_student(config: dict[str, Any], rank: int):
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return AutoModelForCausalLM.from_pretrained(config["student_path"], dtype=torch.float32), None, [], 0
+        return AutoModelForCausalLM.from_pretrained(cfg.student_path, dtype=torch.float32), None, [], 0
     with checkpoint.as_directory() as d:  # resume: weights, optimizer, scheduler, step and loss history
         model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
         history = json.loads((Path(d) / HISTORY_FILE).read_text())
     if rank == 0:
-        print(f"[{config['run_label']}] resuming from checkpoint at step {state['step']}", flush=True)
+        print(f"[{cfg.run_label}] resuming from checkpoint at step {state['step']}", flush=True)
     return model, state, history, state["step"]
-
-
-def _backward_group(model, group, objective: Objective, tau: float, config: dict[str, Any], world: int,
-                    n_global: float, device, mix: TeacherMix | None, vocab_table) -> dict[str, float]:
-    """Forward and backward every micro-batch of one optimizer step; returns the term sums."""
-    sums: dict[str, float] = {}
-    for i, batch in enumerate(group):
-        ids, am, labels, mask, targets = step_inputs(batch, config["temperature"], tau, mix, vocab_table)
-        sync = nullcontext() if (world == 1 or i == len(group) - 1) else model.no_sync()
-        with sync:
-            with _autocast(config["autocast"], device):
-                logits = model(input_ids=ids, attention_mask=am).logits
-            out = objective(logits.float(), labels, mask, targets, tau)
-            (out.loss_sum * world / n_global).backward()
-        if mix is not None:
-            mix.remember((ids, am, labels, mask), logits)
-        for name, value in out.term_sums.items():
-            sums[name] = sums.get(name, 0.0) + float(value)
-        sums["loss"] = sums.get("loss", 0.0) + float(out.loss_sum.detach())
-    return sums
 
 
 def _all_reduce(values: list[float], world: int, device) -> list[float]:
@@ -158,75 +171,91 @@ def _all_reduce(values: list[float], world: int, device) -> list[float]:
     return t.tolist()
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point.
+class _Groups:
+    """The worker's micro-batch groups, each decoded for the step about to run (its temperature)."""
 
-    ``config`` keys: ``student_path`` (initial weights folder), ``weights`` / ``terms`` /
-    ``loss_params`` (the objective), ``temperature`` (the cache's), the fields of
-    :class:`raykd.config.TrainConfig` (``phases`` among them), and for several teachers
-    ``combine`` / ``num_teachers`` / ``weight_temperature`` / ``policy_lr``.
-    """
+    def __init__(self, raw, cfg: LoopConfig, mix: TeacherMix | None, vocab_table, step: int):
+        self.raw, self.cfg, self.mix, self.vocab_table, self.step = raw, cfg, mix, vocab_table, step
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[StudentBatch]:
+        _, tau = self.cfg.objective_at(self.step)
+        self.step += 1
+        return [student_batch(b, self.cfg.temperature, tau, self.mix, self.vocab_table) for b in next(self.raw)]
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point; ``config`` is a :class:`LoopConfig` as a dict."""
     import ray.train
     import ray.train.torch
 
+    cfg = LoopConfig.model_validate(config)
+    train = cfg.train
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
-    threads = config["torch_threads"] or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size()))
+    threads = train.torch_threads or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size()))
     torch.set_num_threads(threads)
-    torch.manual_seed(config["seed"])
+    torch.manual_seed(train.seed)
 
-    model, state, history, step = _load_student(config, rank)
+    model, state, history, step = _load_student(cfg, rank)
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     core = model.module if hasattr(model, "module") else model
-    optim = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(config["warmup_steps"], config["max_steps"]))
-    mix = None
-    if config.get("combine"):
-        mix = TeacherMix(config["combine"], config["num_teachers"], config["weight_temperature"], config["policy_lr"],
-                         config["seed"] + rank)
-    vmap = VocabMap.load(config["student_path"])
+    optim, sched = build_optimizer(list(model.parameters()), lr=train.lr, weight_decay=train.weight_decay,
+                                   schedule="cosine", warmup=train.warmup_steps, total=train.max_steps)
+    mix = TeacherMix(cfg.combine, cfg.num_teachers, cfg.weight_temperature, cfg.policy_lr, train.seed + rank) if cfg.combine else None
+    vmap = VocabMap.load(cfg.student_path)
     vocab_table = vmap.to_compressed() if vmap is not None else None
     if state is not None:
         optim.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
         if mix is not None and state.get("mix"):
             mix.load_state_dict(state["mix"])
+    tracker = _mlflow(cfg, rank)
 
-    per_worker = config["batch_size"] // world
-    groups = _micro_batches(ray.train.get_dataset_shard("train"), per_worker, config["grad_accum"], config, device)
-    model.train()
-    t_log, tok_log = time.perf_counter(), 0
-    while step < config["max_steps"]:
-        group = next(groups)
-        n_local = sum(int(b["loss_mask"].sum()) for b in group)
-        n_global = max(_all_reduce([float(n_local)], world, device)[0], 1.0)
-        objective, tau = objective_at(config, step)
-        sums = _backward_group(model, group, objective, tau, config, world, n_global, device, mix, vocab_table)
-        if config["max_grad_norm"]:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config["max_grad_norm"])
-        optim.step()
-        sched.step()
-        optim.zero_grad(set_to_none=True)
-        step += 1
+    raw = _micro_batches(ray.train.get_dataset_shard("train"), train.batch_size // world, train, device)
+    clock = {"t": time.perf_counter(), "positions": 0.0}
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
         extra = mix.after_step(model) if mix is not None else {}
-        tok_log += n_local
-
-        totals = _all_reduce(list(sums.values()), world, device)
-        row = {"step": step, **{k: v / n_global for k, v in zip(sums, totals)}, "lr": sched.get_last_lr()[0],
-               "temperature": tau, **extra}
+        positions = metrics.pop("positions")
+        row = {"step": step, **metrics, "lr": sched.get_last_lr()[0], **extra}
         history.append(row)
-        last = step == config["max_steps"]
-        if (step % config["log_every"] == 0 or last) and rank == 0:
-            tok_s = tok_log * world / max(time.perf_counter() - t_log, 1e-9)
-            terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("step", "lr", "temperature"))
-            print(f"[{config['run_label']}] step {step}/{config['max_steps']} {terms} tok/s={tok_s:.0f}", flush=True)
-        if step % config["log_every"] == 0 or last:
-            t_log, tok_log = time.perf_counter(), 0
-        if step % config["checkpoint_every"] == 0 or last:
+        clock["positions"] += positions
+        last = step == train.max_steps
+        if step % train.log_every == 0 or last:
+            if rank == 0:
+                tok_s = clock["positions"] / max(time.perf_counter() - clock["t"], 1e-9)
+                terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("step", "lr", "temperature"))
+                print(f"[{cfg.run_label}] step {step}/{train.max_steps} {terms} tok/s={tok_s:.0f}", flush=True)
+            clock["t"], clock["positions"] = time.perf_counter(), 0.0
+        if tracker is not None:
+            tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+        if step % train.checkpoint_every == 0 or last:
             _report_checkpoint(core, {"optim": optim.state_dict(), "sched": sched.state_dict(), "step": step,
                                       "mix": mix.state_dict() if mix else None}, history, rank, row)
-    ray.train.report({"step": step, "done": True})
+
+    run_steps(model, optim, _Groups(raw, cfg, mix, vocab_table, step), cfg.objective_at, max_steps=train.max_steps,
+              start=step, on_step=on_step, scheduler=sched, max_grad_norm=train.max_grad_norm, world=world,
+              all_reduce=partial(_all_reduce, world=world, device=device),
+              autocast=partial(_autocast, train.autocast, device),
+              on_logits=(lambda b, logits: mix.remember((b.inputs["input_ids"], b.inputs["attention_mask"], b.labels,
+                                                         b.mask), logits)) if mix is not None else None)
+    if tracker is not None:
+        tracker.end_run()
+    ray.train.report({"step": train.max_steps, "done": True})
+
+
+def _mlflow(cfg: LoopConfig, rank: int):
+    """Ray's MLflow integration on rank 0 (``ray.air.integrations.mlflow.setup_mlflow``), or None."""
+    if cfg.mlflow_uri is None or rank != 0:
+        return None
+    from ray.air.integrations.mlflow import setup_mlflow
+
+    return setup_mlflow(config=cfg.model_dump(include={"weights", "temperature"}), tracking_uri=cfg.mlflow_uri,
+                        experiment_name=cfg.mlflow_experiment, run_name=cfg.run_label, rank_zero_only=True)
 
 
 def _report_checkpoint(core, state: dict[str, Any], history: list[dict], rank: int, metrics: dict) -> None:

@@ -69,10 +69,13 @@ class TeacherMix:
         return mix_sparse(targets, weights.to(label_lp.device))
 
     def remember(self, inputs: tuple[Tensor, Tensor, Tensor, Tensor], logits: Tensor) -> None:
-        """Policy only: keep the micro-batch's inputs and the student's CE before the step."""
+        """Policy only: keep the micro-batch's inputs and the student's CE before the step (for the
+        oldest micro-batch whose choices have no inputs yet: micro-batches are remembered in the
+        order their targets were made)."""
         if self.policy is not None:
             ids, am, labels, mask = inputs
-            self.pending[-1].update(inputs=inputs, ce_before=per_example_ce(logits.detach(), labels, mask))
+            entry = next(p for p in self.pending if "inputs" not in p)
+            entry.update(inputs=inputs, ce_before=per_example_ce(logits.detach(), labels, mask))
 
     @torch.no_grad()
     def _ce_after(self, model, inputs) -> Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 from raykd.config import TrainConfig
 from raykd.soft_labels.join import LABEL_COLUMNS, decode_joined, teacher_column
 from raykd.soft_labels.schema import decode_batch
-from raykd.train.loop import HISTORY_FILE, train_loop_per_worker
+from raykd.train.loop import HISTORY_FILE, LoopConfig, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,8 @@ def train_student(
     storage_path: Path,
     params: dict[str, dict[str, float]] | None = None,
     teachers: dict[str, Any] | None = None,
+    mlflow_uri: str | None = None,
+    mlflow_experiment: str = "raykd",
 ) -> TrainResult:
     """Train one student with Ray Train on a soft-label cache.
 
@@ -146,6 +148,8 @@ def train_student(
         params: loss hyper-parameters on top of ``cfg.loss_params``.
         teachers: for joined multi-teacher shards, ``combine`` (the method's rule),
             ``num_teachers``, ``weight_temperature`` and ``policy_lr``.
+        mlflow_uri: also log every step's metrics to this MLflow tracking URI (experiment
+            ``mlflow_experiment``, one run per student) through Ray's MLflow integration.
 
     Returns:
         The final model folder (from the last checkpoint) and the per-step loss history.
@@ -158,22 +162,21 @@ def train_student(
     from ray.train.torch import TorchTrainer
 
     check_training_resources(cfg, name)
-    terms = set(weights)
-    for phase in cfg.phases:
-        terms |= set(phase.weights or {}) | set(phase.weights_end or {})
-    loop_config = {
-        **cfg.model_dump(exclude={"students"}),
-        "student_path": str(student_path),
-        "weights": dict(weights),
-        "terms": sorted(terms),
-        "loss_params": {**cfg.loss_params, **(params or {})},
-        "temperature": temperature,
-        "run_label": name,
+    loop = LoopConfig(
+        run_label=name,
+        student_path=str(student_path),
+        weights=dict(weights),
+        terms=sorted(set(weights) | cfg.phase_terms()),
+        loss_params={**cfg.loss_params, **(params or {})},
+        temperature=temperature,
+        train=cfg,
+        mlflow_uri=mlflow_uri,
+        mlflow_experiment=mlflow_experiment,
         **(teachers or {}),
-    }
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=loop.model_dump(),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),

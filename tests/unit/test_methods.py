@@ -7,7 +7,7 @@ import pytest
 from raykd.cli import main_methods
 from raykd.config import ConfigError, DistillConfig, load_config
 from raykd.methods import CONFIG_DIR, Method, available_methods, get_method, register_method
-from raykd.train.loop import objective_at
+from raykd.train.loop import LoopConfig
 from raykd.train.schedule import schedule_at
 
 METHODS = list(available_methods())
@@ -83,10 +83,10 @@ def test_schedule_phases_and_linear_interpolation():
 def test_shipped_schedules_start_and_end_where_the_method_says(method):
     cfg = load_config(DistillConfig, get_method(method).config_path, ["train.max_steps=20"])
     (weights,) = cfg.train.students.values()
-    loop_cfg = {"phases": [p.model_dump() for p in cfg.train.phases], "max_steps": 20, "weights": weights,
-                "temperature": cfg.labels.temperature, "terms": cfg.train.objective_terms(), "loss_params": {}}
-    first, t_first = objective_at(loop_cfg, 0)
-    last, t_last = objective_at(loop_cfg, 19)
+    loop_cfg = LoopConfig(run_label="s", student_path="-", weights=weights, temperature=cfg.labels.temperature,
+                          terms=cfg.train.objective_terms(), train=cfg.train)
+    first, t_first = loop_cfg.objective_at(0)
+    last, t_last = loop_cfg.objective_at(19)
     if method == "pd":  # pre-training without the teacher, then the KD objective
         assert first.weights == {"ce": 1.0, "forward_kl": 0.0} and last.weights == weights
         assert not first.needs_teacher or first.weights["forward_kl"] == 0.0

@@ -157,6 +157,7 @@ def test_ta_chain_on_a_tiny_encoder(tmp_path):
     from raykd.teacher.engines.classifier import load_classifier
 
     teacher = load_classifier(_tiny_classifier(tmp_path / "cls"))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
     rng = np.random.default_rng(0)
 
     def split(n):
@@ -173,4 +174,6 @@ def test_ta_chain_on_a_tiny_encoder(tmp_path):
     assert 0 <= res.student_test_acc <= 1
     with pytest.raises(ValueError, match="TA sparsity"):
         distill_chain(teacher, 0.8, importance_of(teacher, splits["train"], kd, 1), splits, kd, sp)
-    assert prunable_params(teacher) > 0
+    # the teacher is not changed by pruning, distilling or scoring
+    assert prunable_params(teacher) > res.ta_params - sum(p.numel() for p in teacher.get_input_embeddings().parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())

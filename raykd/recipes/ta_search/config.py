@@ -102,6 +102,10 @@ class KDConfig(Strict):
     torch_threads: int = Field(default=1, ge=1)
     """Torch threads per trial (one CPU each)."""
 
+    def objective(self) -> dict[str, float]:
+        """The phase's objective ``{loss name: weight}`` (zero weights left out)."""
+        return {n: w for n, w in (("forward_kl", self.kd_weight), ("ce", self.ce_weight)) if w}
+
     @model_validator(mode="after")
     def _some_loss(self) -> KDConfig:
         if self.kd_weight == 0 and self.ce_weight == 0:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ import numpy as np
 import torch
 
 from raykd.recipes.ta_search.config import ScheduleConfig
-from raykd.recipes.ta_search.chain import ClassData, accuracy, batches, device_of, distill_phase, importance_of, kd_loss, logits_of, prune_to
+from raykd.recipes.ta_search.chain import importance_of, kd_phase, prune_to
+from raykd.train.local import ClassData, accuracy, class_batches, device_of, logits_fn_of, train_classifier
 from raykd.students.sparsify import Masker, densify, masks_for_sparsity, prunable_params, unit_params
 
 
@@ -83,18 +85,16 @@ def sandwich_table(
     masks = {s: masks_for_sparsity(importance, s, *per) for s in grid}
     masker = Masker(student)
     rng = np.random.default_rng(kd.seed + 7)
-    params = [p for p in student.parameters() if p.requires_grad and not (kd.freeze_embeddings and p is student.get_input_embeddings().weight)]
-    opt = torch.optim.AdamW(params, lr=kd.lr)
-    for b in batches(splits["train"], kd.batch_size, md.sandwich_steps, kd.seed + 3, device_of(student)):
-        target = b["teacher_logits"] if teacher_fn is None else teacher_fn(b)
-        widths = [grid[0], grid[-1], *rng.choice(grid, size=md.sandwich_random)]
-        student.train()
-        opt.zero_grad(set_to_none=True)
-        for s in widths:
-            with masker.use(masks[float(s)]):
-                (kd_loss(logits_of(student, b), target, b["label"], kd) / len(widths)).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+
+    def sandwich_groups():
+        """Each step: one batch under the least sparse mask, the target's and random ones."""
+        for b in class_batches(splits["train"], kd.batch_size, md.sandwich_steps, kd.seed + 3, device_of(student)):
+            widths = [grid[0], grid[-1], *rng.choice(grid, size=md.sandwich_random)]
+            yield [replace(b, context=lambda m=masks[float(s)]: masker.use(m)) for s in widths]
+
+    train_classifier(student, splits["train"], kd.objective(), temperature=kd.temperature, steps=md.sandwich_steps,
+                     batch_size=kd.batch_size, lr=kd.lr, teacher=teacher_fn, freeze_embeddings=kd.freeze_embeddings,
+                     groups=sandwich_groups())
     masker.remove()
     table = []
     for s in grid:
@@ -134,14 +134,14 @@ def run_minidisc(cfg: ScheduleConfig, teacher: torch.nn.Module, importance, spli
         hops.append(s_ta)
         if len(hops) < md.iterations - 1:  # an intermediate TA: distil it now and search again from it
             nxt = prune_to(current, s_ta, base, cur_imp)
-            distill_phase(nxt, teacher_fn, splits["train"], kd, seed=kd.seed)
-            teacher_fn = lambda b, m=nxt: logits_of(m, b)  # noqa: E731
+            kd_phase(nxt, teacher_fn, splits["train"], kd, seed=kd.seed)
+            teacher_fn = logits_fn_of(nxt)
             current, cur_s, cur_imp = nxt, s_ta, importance_of(nxt, splits["train"], kd, sp.importance_batches)
     select_s = time.time() - t0
     ta = None
     if len(hops) > 1:  # the last TA is distilled from the previous one
         ta = prune_to(current, hops[-1], base, cur_imp)
-        distill_phase(ta, teacher_fn, splits["train"], kd, seed=kd.seed)
+        kd_phase(ta, teacher_fn, splits["train"], kd, seed=kd.seed)
     chain = distill_chain(teacher, hops[-1] if hops else 0.0, importance, splits, kd, sp, report=report, ta=ta)
     return {
         "table": first_table,

@@ -1,0 +1,218 @@
+"""One training step and one step loop for every student kind (no Ray).
+
+Every student, a causal LM on a Ray Train worker or a classifier inside a Tune trial, trains
+through the same three parts:
+
+- :class:`StudentBatch`: a micro-batch in the terms of :class:`~raykd.losses.Objective`
+  (model inputs, labels ``[B, P]``, mask ``[B, P]``, teacher targets over ``[B, P]``). A causal
+  LM has one position per token (``P = T``); a classifier one position per sequence (``P = 1``),
+  its class logits ``[B, C]`` seen as ``[B, 1, C]``.
+- :func:`train_step`: forward and backward of every micro-batch of one optimizer step, each
+  ``loss_sum`` divided by the *global* number of valid positions (all-reduced over workers and
+  summed over the accumulation micro-batches, see :mod:`raykd.losses.objective`), then gradient
+  clipping, the optimizer and the learning-rate schedule.
+- :func:`run_steps`: the step loop, calling back after every step (logging, checkpoints,
+  evaluation, Tune reports).
+
+The Ray Train worker (:mod:`raykd.train.loop`) adds the dataset shard, DDP and checkpoints on
+top; :mod:`raykd.train.local` adds in-memory classification data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from raykd.losses import Objective, TeacherTargets
+
+LogitsFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
+"""``(model, inputs) -> logits [B, P, V]``: how a student kind's logits are read."""
+
+
+def causal_lm_logits(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    """Next-token logits ``[B, T, V]`` of a causal LM (position ``t`` predicts token ``t + 1``)."""
+    return model(**inputs).logits
+
+
+def classifier_logits(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    """Class logits ``[B, C]`` of a sequence classifier as one position, ``[B, 1, C]``."""
+    return model(**inputs).logits[:, None, :]
+
+
+STUDENT_KINDS: dict[str, LogitsFn] = {"causal_lm": causal_lm_logits, "classifier": classifier_logits}
+"""Student kind -> how its logits are read."""
+
+
+@dataclass
+class StudentBatch:
+    """One micro-batch of a student.
+
+    Attributes:
+        inputs: model keyword inputs, e.g. ``input_ids`` / ``attention_mask`` ``[B, T]``.
+        labels: ``[B, P]`` hard labels (next-token or class ids), -100 where ignored.
+        mask: ``[B, P]`` bool, True where a position counts.
+        targets: teacher targets over ``[B, P]`` (and ``V``, if dense), or None when no term
+            needs a teacher or the teacher runs online (:func:`train_step`'s ``teacher``).
+        context: entered around this micro-batch's forward (e.g. a sparsity mask applied to the
+            student, as MiniDisc's sandwich rule does); None for none.
+    """
+
+    inputs: dict[str, Tensor]
+    labels: Tensor
+    mask: Tensor
+    targets: TeacherTargets | None = None
+    context: Callable[[], AbstractContextManager] | None = None
+
+    @property
+    def num_positions(self) -> int:
+        """Valid positions of this micro-batch (the denominator's share)."""
+        return int(self.mask.sum())
+
+
+def objective_loss(model: nn.Module, batch: StudentBatch, objective: Objective, temperature: float,
+                   logits_fn: LogitsFn = causal_lm_logits) -> Tensor:
+    """The objective's mean over the valid positions of one batch (a scalar with grad), e.g. the
+    loss a Taylor importance score differentiates."""
+    logits = logits_fn(model, batch.inputs)
+    out = objective(logits.float(), batch.labels, batch.mask, batch.targets, temperature)
+    return out.loss_sum / max(batch.num_positions, 1)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    group: Sequence[StudentBatch],
+    objective: Objective,
+    temperature: float,
+    *,
+    logits_fn: LogitsFn = causal_lm_logits,
+    scheduler: Any = None,
+    max_grad_norm: float | None = None,
+    world: int = 1,
+    all_reduce: Callable[[list[float]], list[float]] | None = None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    teacher: Callable[[StudentBatch], TeacherTargets] | None = None,
+    on_logits: Callable[[StudentBatch, Tensor], None] | None = None,
+) -> dict[str, float]:
+    """One optimizer step over the micro-batches ``group`` (gradient accumulation).
+
+    Each micro-batch's ``loss_sum * world / N`` is back-propagated, ``N`` being the valid
+    positions of the whole step over all workers, so every position weighs ``1 / N`` however
+    the step is split (DDP averages gradients over the ``world`` workers; the factor cancels).
+
+    Args:
+        model: the student (a DDP-wrapped model skips the gradient sync but on the last
+            micro-batch).
+        optimizer: its optimizer; scheduler: a learning-rate scheduler stepped after it, or None.
+        group: the step's micro-batches (at least one).
+        objective: the step's weighted loss terms; temperature: the teacher terms' tau.
+        logits_fn: the student kind's logits (:data:`STUDENT_KINDS`).
+        max_grad_norm: clip the global gradient norm to this (None: no clipping).
+        world: number of data-parallel workers; all_reduce: sums a list of floats over them
+            (None for one worker).
+        autocast: context of the student's forward (mixed precision).
+        teacher: computes targets of a micro-batch online (a frozen teacher in the same
+            process), replacing ``batch.targets``.
+        on_logits: called with every micro-batch and its logits (e.g. a teacher-selection
+            policy that learns from the student's loss).
+
+    Returns:
+        Per-position means over the step: every term (weight 0 included), ``loss``, and
+        ``positions`` (``N``).
+
+    Raises:
+        ValueError: an empty group, or what :class:`~raykd.losses.Objective` raises.
+    """
+    if not group:
+        raise ValueError("a training step needs at least one micro-batch")
+    reduce = all_reduce or (lambda values: values)
+    n_global = max(reduce([float(sum(b.num_positions for b in group))])[0], 1.0)
+    sums: dict[str, float] = {}
+    for i, batch in enumerate(group):
+        targets = teacher(batch) if teacher is not None else batch.targets
+        last = i == len(group) - 1
+        sync = model.no_sync() if (world > 1 and not last and hasattr(model, "no_sync")) else nullcontext()
+        with sync:
+            with batch.context() if batch.context is not None else nullcontext(), autocast():
+                logits = logits_fn(model, batch.inputs)
+            out = objective(logits.float(), batch.labels, batch.mask, targets, temperature)
+            (out.loss_sum * world / n_global).backward()
+        if on_logits is not None:
+            on_logits(batch, logits)
+        for name, value in out.term_sums.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+        sums["loss"] = sums.get("loss", 0.0) + float(out.loss_sum.detach())
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    totals = reduce(list(sums.values()))
+    return {**{k: v / n_global for k, v in zip(sums, totals)}, "positions": n_global}
+
+
+def run_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    groups: Iterator[Sequence[StudentBatch]],
+    objective_at: Callable[[int], tuple[Objective, float]],
+    *,
+    max_steps: int,
+    start: int = 0,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    **step_kwargs: Any,
+) -> list[dict[str, float]]:
+    """Train from step ``start`` to ``max_steps``: one :func:`train_step` per group of ``groups``.
+
+    Args:
+        objective_at: 0-based step -> ``(objective, temperature)`` (a schedule, or constant).
+        on_step: called after every step with the 1-based step and its metrics (and whatever
+            the caller adds to them, e.g. the learning rate).
+        step_kwargs: passed to :func:`train_step` (``logits_fn``, ``scheduler``, ...).
+
+    Returns:
+        The metrics of every step run here, in order.
+    """
+    history = []
+    model.train()
+    for step in range(start, max_steps):
+        objective, tau = objective_at(step)
+        metrics = {**train_step(model, optimizer, next(groups), objective, tau, **step_kwargs), "temperature": tau}
+        history.append(metrics)
+        if on_step is not None:
+            on_step(step + 1, metrics)
+    model.eval()
+    return history
+
+
+def lr_multiplier(kind: Literal["cosine", "constant"], warmup: int, total: int) -> Callable[[int], float]:
+    """The learning-rate factor of 0-based step ``step`` (for ``LambdaLR``).
+
+    ``cosine``: linear warm-up over ``warmup`` steps, then a cosine decay to 0.1 of the peak at
+    ``total``; ``constant``: 1 throughout.
+    """
+    if kind == "constant":
+        return lambda step: 1.0
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return fn
+
+
+def build_optimizer(params: Sequence[nn.Parameter], *, lr: float, weight_decay: float = 0.0,
+                    schedule: Literal["cosine", "constant"] = "constant", warmup: int = 0,
+                    total: int = 1) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``params`` and its learning-rate schedule (:func:`lr_multiplier`)."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(schedule, warmup, total))
