@@ -273,7 +273,10 @@ class TrainConfig(Strict):
     phases: list[PhaseConfig] = Field(default_factory=list)
     """Schedule of the objective and temperature over training (empty: constant). Used by
     PD, Annealing-KD and Continuation-KD; see ``raykd methods``."""
-    num_workers: int = Field(default=1, ge=1)
+    num_workers: int = Field(default=1, ge=0)
+    """Ray Train workers (DDP over them). 0 is Ray Train's local mode: the same loop runs in the
+    driver process, with no worker actors to start (fastest for small runs and tests) and no
+    recovery from worker failures (``max_failures`` does not apply)."""
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
     """Logical CPUs Ray reserves per worker (leave room for Ray Data's read tasks)."""
@@ -314,6 +317,26 @@ class TrainConfig(Strict):
         return sorted({n for w in self.students.values() for n in w} | self.phase_terms())
 
 
+class TrackingConfig(Strict):
+    """Where training metrics go besides the report (the ``mlflow`` extra: ``pip install raykd[tracking]``)."""
+
+    mlflow_uri: str | None = None
+    """MLflow tracking URI (``http://...``, ``sqlite:///...``, or ``file:///...`` for a local file
+    store); every student's step metrics are logged there through Ray's MLflow integration, one
+    MLflow run per student. None: no MLflow."""
+    experiment: str = "raykd"
+    """MLflow experiment name (created if missing)."""
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _mlflow_installed(cls, v: str | None) -> str | None:
+        import importlib.util
+
+        if v is not None and importlib.util.find_spec("mlflow") is None:
+            raise ValueError("tracking.mlflow_uri is set but MLflow is not installed: pip install 'raykd[tracking]'")
+        return v
+
+
 class EvalConfig(Strict):
     batch_size: int = Field(default=16, ge=1)
 
@@ -340,6 +363,7 @@ class DistillConfig(Strict):
     student: StudentConfig = Field(default_factory=StudentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _objectives_known(self) -> DistillConfig:
@@ -365,7 +389,7 @@ class DistillConfig(Strict):
         names = [t.name for t in (self.teacher, *self.extra_teachers)]
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must differ (each is its own deployment), got {names}")
-        if self.train.batch_size % self.train.num_workers:
+        if self.train.batch_size % max(self.train.num_workers, 1):
             raise ValueError(
                 f"train.batch_size={self.train.batch_size} must divide evenly over "
                 f"train.num_workers={self.train.num_workers}"

@@ -109,6 +109,9 @@ class LoopConfig(Strict):
     mlflow_uri: str | None = None
     """Log every step's metrics to this MLflow tracking URI (Ray's ``setup_mlflow``), or None."""
     mlflow_experiment: str = "raykd"
+    checkpoint_root: str | None = None
+    """Ray Train's local mode (``train.num_workers = 0``) keeps no checkpoint of its own: the loop
+    then writes them into ``<checkpoint_root>/checkpoint_<step>`` (the last two kept)."""
 
     def objective_at(self, step: int) -> tuple[Objective, float]:
         """The objective and temperature of 0-based ``step``, from ``train.phases``."""
@@ -235,7 +238,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
         if step % train.checkpoint_every == 0 or last:
             _report_checkpoint(core, {"optim": optim.state_dict(), "sched": sched.state_dict(), "step": step,
-                                      "mix": mix.state_dict() if mix else None}, history, rank, row)
+                                      "mix": mix.state_dict() if mix else None}, history, rank, row,
+                               cfg.checkpoint_root)
 
     run_steps(model, optim, _Groups(raw, cfg, mix, vocab_table, step), cfg.objective_at, max_steps=train.max_steps,
               start=step, on_step=on_step, scheduler=sched, max_grad_norm=train.max_grad_norm, world=world,
@@ -245,7 +249,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                          b.mask), logits)) if mix is not None else None)
     if tracker is not None:
         tracker.end_run()
-    ray.train.report({"step": train.max_steps, "done": True})
 
 
 def _mlflow(cfg: LoopConfig, rank: int):
@@ -254,18 +257,42 @@ def _mlflow(cfg: LoopConfig, rank: int):
         return None
     from ray.air.integrations.mlflow import setup_mlflow
 
-    return setup_mlflow(config=cfg.model_dump(include={"weights", "temperature"}), tracking_uri=cfg.mlflow_uri,
-                        experiment_name=cfg.mlflow_experiment, run_name=cfg.run_label, rank_zero_only=True)
+    if cfg.mlflow_uri.startswith("file:"):  # a file store asked for by name (MLflow 3 wants an explicit opt-in)
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return setup_mlflow(config={"weights": cfg.weights, **cfg.train.model_dump(include={"lr", "batch_size", "max_steps"})},
+                        tracking_uri=cfg.mlflow_uri, experiment_name=cfg.mlflow_experiment, run_name=cfg.run_label,
+                        rank_zero_only=True, create_experiment_if_not_exists=True)
 
 
-def _report_checkpoint(core, state: dict[str, Any], history: list[dict], rank: int, metrics: dict) -> None:
+def _save(core, state: dict[str, Any], history: list[dict], folder: Path) -> None:
+    core.save_pretrained(folder)
+    torch.save(state, folder / STATE_FILE)
+    (folder / HISTORY_FILE).write_text(json.dumps(history))
+
+
+def _report_checkpoint(core, state: dict[str, Any], history: list[dict], rank: int, metrics: dict,
+                       checkpoint_root: str | None = None) -> None:
+    """Report ``metrics`` with a checkpoint (weights, optimizer state, history) from rank 0.
+
+    Ray Train persists the reported folder into the run's storage; in local mode
+    (``checkpoint_root`` set) the folder itself is the persistent checkpoint.
+    """
+    import shutil
+
     import ray.train
 
+    if checkpoint_root is not None:
+        root = Path(checkpoint_root)
+        folder = root / f"checkpoint_{state['step']:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        _save(core, state, history, folder)
+        for old in sorted(root.glob("checkpoint_*"))[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            core.save_pretrained(tmp)
-            torch.save(state, Path(tmp) / STATE_FILE)
-            (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
+            _save(core, state, history, Path(tmp))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)

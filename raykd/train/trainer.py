@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raykd import console
 from raykd.config import TrainConfig
 from raykd.soft_labels.join import LABEL_COLUMNS, decode_joined, teacher_column
 from raykd.soft_labels.schema import decode_batch
@@ -46,7 +47,7 @@ def soft_label_dataset(shard_files: list[str], shuffle: bool, seed: int, num_tea
 
     columns = ["input_ids", "attention_mask", "loss_mask"] + [
         teacher_column(i, name) for i in range(num_teachers) for name in LABEL_COLUMNS]
-    ds = ray.data.read_parquet(shard_files, columns=columns, ray_remote_args={"num_cpus": DATA_CPUS})
+    ds = ray.data.read_parquet(shard_files, columns=columns, num_cpus=DATA_CPUS)
     if shuffle:
         ds = ds.randomize_block_order(seed=seed)
     decode = decode_batch if num_teachers == 1 else functools.partial(decode_joined, num_teachers=num_teachers)
@@ -69,7 +70,7 @@ def check_training_resources(cfg: TrainConfig, name: str, wait_s: float = 30.0) 
     import ray
 
     need = {"CPU": cfg.num_workers * cfg.cpus_per_worker + DATA_CPUS}
-    if cfg.use_gpu:
+    if cfg.use_gpu and cfg.num_workers:
         need["GPU"] = float(cfg.num_workers)
     deadline = time.monotonic() + wait_s
     while (short := _short(need, ray.available_resources())) and time.monotonic() < deadline:
@@ -172,19 +173,20 @@ def train_student(
         train=cfg,
         mlflow_uri=mlflow_uri,
         mlflow_experiment=mlflow_experiment,
+        checkpoint_root=None if cfg.num_workers else str(Path(storage_path) / name),
         **(teachers or {}),
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop.model_dump(),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
-        ),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker} if cfg.num_workers else None),
         run_config=RunConfig(
             name=name,
             storage_path=str(storage_path),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[console.train_progress(name, cfg.max_steps)],  # this student's progress bar on the driver
         ),
         datasets={"train": soft_label_dataset(shard_files, cfg.shuffle, cfg.seed, (teachers or {}).get("num_teachers", 1))},
     )
@@ -195,8 +197,6 @@ def train_student(
         raise RuntimeError(f"student {name} finished without a checkpoint")
     model_dir = Path(result.checkpoint.path)
     history = json.loads((model_dir / HISTORY_FILE).read_text())
-    if history:
-        last = history[-1]
-        print(f"[{name}] trained {len(history)} steps in {seconds:.0f} s; final "
-              + " ".join(f"{k}={v:.4f}" for k, v in last.items() if k not in ("step", "lr", "temperature")), flush=True)
+    final = {k: v for k, v in (history[-1] if history else {}).items() if k not in ("step", "lr", "temperature")}
+    console.finish_progress(name, final, steps=len(history))  # the bar's last state: steps, time, final loss terms
     return TrainResult(name=name, model_dir=model_dir, history=history, seconds=seconds, steps=len(history))

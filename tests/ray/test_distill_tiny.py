@@ -26,7 +26,7 @@ def _get(report, dotted):
 
 
 def test_distill_twice(ray_start, tiny_model, corpus_jsonl, tmp_path):
-    cfg = tiny_distill_config(tiny_model, corpus_jsonl, tmp_path / "cache")
+    cfg = tiny_distill_config(tiny_model, corpus_jsonl, tmp_path / "cache", num_workers=1)  # students on Ray Train workers
     first = main_distill(cfg, tmp_path / "run1")
     on_disk = json.loads((tmp_path / "run1" / "report.json").read_text())
     for key in REQUIRED:

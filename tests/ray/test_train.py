@@ -22,7 +22,7 @@ def setup(tiny_labeled, tmp_path_factory):
 
 def _train(setup, name, **overrides):
     cfg, files, init, runs = setup
-    train_cfg = cfg.train.model_copy(update={"shuffle": False, **overrides})
+    train_cfg = cfg.train.model_copy(update={"shuffle": False, "num_workers": 1, **overrides})
     return train_student(name, student_path=init, shard_files=files, weights={"forward_kl": 0.5, "ce": 0.5},
                          temperature=1.0, cfg=train_cfg, storage_path=runs)
 
@@ -39,9 +39,17 @@ def test_one_worker_equals_two_workers(setup):
     assert abs(a.mean() - b.mean()) / a.mean() < 0.03
 
 
+def test_local_mode_equals_one_worker(setup):
+    """``train.num_workers=0`` (Ray Train's local mode, used by most tests) trains exactly as one worker."""
+    local = _train(setup, "local", num_workers=0, max_steps=3, checkpoint_every=2)
+    worker = _train(setup, "worker", num_workers=1, max_steps=3, checkpoint_every=2)
+    assert [r["loss"] for r in local.history] == pytest.approx([r["loss"] for r in worker.history], rel=1e-6)
+    assert local.model_dir.name == "checkpoint_000003" and (local.model_dir / "model.safetensors").exists()
+
+
 def test_grad_accumulation_matches_one_big_batch(setup):
-    plain = _train(setup, "acc1", max_steps=3, checkpoint_every=3)
-    accum = _train(setup, "acc2", max_steps=3, checkpoint_every=3, grad_accum=2)
+    plain = _train(setup, "acc1", num_workers=0, max_steps=3, checkpoint_every=3)
+    accum = _train(setup, "acc2", num_workers=0, max_steps=3, checkpoint_every=3, grad_accum=2)
     a = np.array([r["loss"] for r in plain.history])
     b = np.array([r["loss"] for r in accum.history])
     np.testing.assert_allclose(a, b, rtol=1e-4)  # same rows, same order: equal up to float error
@@ -90,3 +98,21 @@ def test_a_run_that_can_never_get_its_cpus_is_refused_naming_the_serve_teacher(s
         check_training_resources(cfg, "student_kd", wait_s=0)  # not refused: the job will end
     finally:
         ray.kill(job)
+
+
+def test_metrics_reach_mlflow_through_rays_integration(setup, tmp_path, monkeypatch):
+    """`tracking.mlflow_uri` (a local file store): one MLflow run per student with every step's loss."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for an opt-in to read a file store
+    uri = (tmp_path / "mlruns").as_uri()
+    cfg, files, init, runs = setup
+    res = train_student("tracked", student_path=init, shard_files=files, weights={"forward_kl": 0.5, "ce": 0.5},
+                        temperature=1.0, cfg=cfg.train.model_copy(update={"max_steps": 3, "checkpoint_every": 3,
+                                                                          "num_workers": 1}),
+                        storage_path=runs, mlflow_uri=uri, mlflow_experiment="raykd-test")
+    client = mlflow.tracking.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("raykd-test").experiment_id])
+    assert run.info.run_name == "tracked"
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert losses == pytest.approx([r["loss"] for r in res.history])
