@@ -12,7 +12,7 @@ from raykd.teacher.engines.hf import HFEngine
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    return HFEngine(tiny_model, num_threads=1)
+    return HFEngine(tiny_model, num_threads=1, device="cpu")  # compared with CPU tensors, also on a GPU machine
 
 
 def _ids(engine, b=3, t=12, seed=0):

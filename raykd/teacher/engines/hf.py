@@ -16,10 +16,133 @@ from raykd.teacher.engines.base import (
     describe,
     encode_prompts,
     ids_dtype,
-    topk_and_tail_of,
-    topk_with_tail,
     validate_score_request,
 )
+
+SAFE_MEMORY_FRACTION = 0.5
+"""Share of the free device memory a ``score`` chunk may plan to use (the rest covers what the
+estimate of :func:`score_bytes_per_token` leaves out: allocator rounding, kernels' workspaces)."""
+
+CPU_TOKENS_PER_FORWARD = 4096
+"""Tokens per forward on CPU when ``max_tokens_per_forward`` is not given."""
+
+
+def score_bytes_per_token(
+    vocab_size: int,
+    k: int,
+    *,
+    logit_bytes: int,
+    hidden_size: int,
+    intermediate_size: int,
+    temperature: float = 1.0,
+    fused: bool = True,
+    group_size: int | None = None,
+) -> int:
+    """Device bytes one scored token holds at the peak of a ``score`` chunk (an estimate).
+
+    Counts the ``[rows, T, V]`` logits, the fp32 temporaries of
+    :func:`raykd.teacher.engines.topk.topk_and_tail` (none of size ``V`` with the fused kernel
+    and the grouped top-k; one ``[.., V]`` fp32 buffer without the kernel or for a small
+    vocabulary; one more for a temperature other than 1), the top-k candidates, the outputs, and
+    the forward's transient activations (twice ``4 * hidden + 3 * intermediate`` values).
+
+    Args:
+        vocab_size: ``V``.
+        k: ``K``.
+        logit_bytes: bytes per logit (2 for bf16/fp16 models, 4 for fp32).
+        hidden_size, intermediate_size: the model's widths (activations).
+        temperature: a value other than 1 adds the fp32 ``logits / temperature``.
+        fused: whether the Triton pass runs (:func:`raykd.teacher.engines.topk.triton_available`).
+        group_size: tokens per group of the grouped top-k (default: the module's).
+
+    Returns:
+        Bytes per token (> 0).
+    """
+    from raykd.teacher.engines import topk
+
+    group_size = topk.DEFAULT_GROUP_SIZE if group_size is None else group_size
+    groups = topk.num_groups(vocab_size, k, group_size)
+    per_logit = logit_bytes + (4 if temperature != 1.0 else 0)
+    if groups:
+        stats = 8 * groups if fused else 4 * vocab_size
+        candidates = (k * group_size + vocab_size % group_size) * (per_logit + 8)
+    else:
+        stats, candidates = 0, 4 * vocab_size
+    activations = 2 * logit_bytes * (4 * hidden_size + 3 * intermediate_size)
+    outputs = k * (8 + 4 + 4) + 32
+    return vocab_size * per_logit + stats + candidates + activations + outputs
+
+
+def chunk_rows(
+    batch: int,
+    seq_len: int,
+    bytes_per_token: int,
+    free_bytes: int,
+    *,
+    fraction: float = SAFE_MEMORY_FRACTION,
+    max_tokens: int | None = None,
+) -> int:
+    """Rows per forward so that a chunk fits in ``fraction`` of the free device memory.
+
+    Args:
+        batch: rows in the request ``B``.
+        seq_len: tokens per row ``T``.
+        bytes_per_token: device bytes a scored token holds (:func:`score_bytes_per_token`).
+        free_bytes: free device memory, bytes.
+        fraction: share of ``free_bytes`` to plan with, in (0, 1].
+        max_tokens: optional cap on the tokens of one chunk.
+
+    Returns:
+        Rows per chunk in ``[1, batch]`` (1 even when one row does not fit: the forward then
+        raises the device's out-of-memory error).
+
+    Raises:
+        ValueError: a non-positive ``batch``, ``seq_len``, ``bytes_per_token`` or
+            ``max_tokens``, a negative ``free_bytes``, or ``fraction`` outside (0, 1].
+    """
+    if batch < 1 or seq_len < 1 or bytes_per_token < 1 or free_bytes < 0:
+        raise ValueError(f"need batch, seq_len, bytes_per_token >= 1 and free_bytes >= 0, got "
+                         f"{batch}, {seq_len}, {bytes_per_token}, {free_bytes}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    rows = int(fraction * free_bytes) // (seq_len * bytes_per_token)
+    if max_tokens is not None:
+        rows = min(rows, max_tokens // seq_len)
+    return max(1, min(batch, rows))
+
+
+class _ToHost:
+    """Copies packed chunks to the host. On CUDA: one pinned, non-blocking copy per chunk on a
+    side stream, started once the chunk's kernels are queued, so it overlaps the next chunk's
+    forward; on CPU the packed tensor is already there."""
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
+
+    def start(self, packed):
+        """Start copying ``packed`` (uint8 ``[n]``); returns a ticket for :meth:`wait`."""
+        import torch
+
+        if self.stream is None:
+            return packed, None, None
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(packed.device))
+        with torch.cuda.stream(self.stream):
+            host.copy_(packed, non_blocking=True)
+            copied = self.stream.record_event()
+        return host, copied, packed  # packed stays referenced until the copy is done
+
+    @staticmethod
+    def wait(ticket) -> np.ndarray:
+        """The host bytes of a started copy (waits for that copy only)."""
+        host, copied, _ = ticket
+        if copied is not None:
+            copied.synchronize()
+        return host.numpy()
 
 
 class HFEngine:
@@ -32,7 +155,8 @@ class HFEngine:
         num_threads: torch intra-op threads (None: every core of the machine). Ray actors start
             with one thread per logical CPU they reserve, which halves a 2-core forward; the
             engine sets threads explicitly instead.
-        max_tokens_per_forward: rows are scored in chunks of at most this many tokens, bounding
+        max_tokens_per_forward: a cap on the tokens of one forward. None: 4,096 on CPU; on CUDA
+            the chunk is sized from the free device memory (:func:`chunk_rows`), which bounds
             the ``[rows, T, V]`` logits held at once.
     """
 
@@ -45,7 +169,7 @@ class HFEngine:
         dtype: str = "float32",
         device: str = "auto",
         num_threads: int | None = None,
-        max_tokens_per_forward: int = 4096,
+        max_tokens_per_forward: int | None = None,
     ) -> None:
         import torch
 
@@ -59,6 +183,8 @@ class HFEngine:
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.max_seq_len = int(getattr(self.model.config, "max_position_embeddings", 1 << 20))
         self.max_tokens_per_forward = max_tokens_per_forward
+        self._on_cuda = torch.device(self.device).type == "cuda"
+        self._to_host = _ToHost(self.device)
         self._lock = threading.Lock()  # one forward at a time; queued requests wait here
         self._info = describe(self, max_k=self.vocab_size, extra={"torch_threads": torch.get_num_threads()})
 
@@ -70,6 +196,31 @@ class HFEngine:
         validate_score_request(input_ids, k, temperature, vocab_size=self.vocab_size,
                                max_seq_len=self.max_seq_len, max_k=self.vocab_size)
 
+    def rows_per_chunk(self, batch: int, seq_len: int, k: int, temperature: float = 1.0) -> int:
+        """Rows of one forward in :meth:`score`: ``max_tokens_per_forward // T`` on CPU (4,096
+        tokens by default); on CUDA from the free device memory (:func:`chunk_rows`), capped by
+        ``max_tokens_per_forward`` when given."""
+        import torch
+
+        from raykd.teacher.engines.topk import triton_available
+
+        if not self._on_cuda:
+            return max(1, (self.max_tokens_per_forward or CPU_TOKENS_PER_FORWARD) // seq_len)
+        dev = torch.device(self.device)
+        free, _ = torch.cuda.mem_get_info(dev)
+        free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)  # cached, unused
+        cfg = self.model.config
+        hidden = int(getattr(cfg, "hidden_size", 0) or 0)
+        per_token = score_bytes_per_token(
+            self.vocab_size, k,
+            logit_bytes=self.model.get_output_embeddings().weight.element_size(),
+            hidden_size=hidden,
+            intermediate_size=int(getattr(cfg, "intermediate_size", 0) or 4 * hidden),
+            temperature=temperature,
+            fused=triton_available(),
+        )
+        return chunk_rows(batch, seq_len, per_token, free, max_tokens=self.max_tokens_per_forward)
+
     def score(
         self,
         input_ids: np.ndarray,
@@ -79,6 +230,11 @@ class HFEngine:
         temperature: float = 1.0,
     ) -> ScoreResult:
         """Teacher-forced top-k soft labels for a batch.
+
+        Rows are scored in chunks (:meth:`rows_per_chunk`). Each chunk's top-k, tail mass,
+        label log-prob and packing into the result dtypes run on the model's device
+        (:mod:`raykd.teacher.engines.topk`); the chunk then reaches the host in one copy, which
+        on CUDA is pinned and overlaps the next chunk's forward.
 
         Args:
             input_ids: int array ``[B, T]``.
@@ -96,38 +252,47 @@ class HFEngine:
 
         input_ids = np.asarray(input_ids)
         self.validate_score_request(input_ids, k, temperature)
-        mask = np.ones_like(input_ids, dtype=np.int64) if attention_mask is None else np.asarray(attention_mask)
+        # An all-ones mask is no mask: the model then skips building (and checking) one.
+        mask = None if attention_mask is None or np.all(attention_mask) else np.asarray(attention_mask)
         b, t = input_ids.shape
-        out_ids = np.empty((b, t, k), dtype=ids_dtype(self.vocab_size))
-        out_lp = np.empty((b, t, k), dtype=np.float16)
-        out_tail = np.empty((b, t), dtype=np.float32)
-        out_label = np.zeros((b, t), dtype=np.float32)
-        rows = max(1, self.max_tokens_per_forward // t)
+        out = {
+            "topk_ids": np.empty((b, t, k), dtype=ids_dtype(self.vocab_size)),
+            "topk_logprobs": np.empty((b, t, k), dtype=np.float16),
+            "tail_logmass": np.empty((b, t), dtype=np.float32),
+            "label_logprobs": np.empty((b, t), dtype=np.float32),
+        }
         with self._lock, torch.inference_mode():
             # OpenMP thread counts are per calling thread: Serve runs requests on worker threads
             # that would otherwise inherit Ray's OMP_NUM_THREADS (1 per reserved CPU).
             torch.set_num_threads(self.num_threads)
+            ids = torch.as_tensor(input_ids, dtype=torch.long).to(self.device)  # one upload
+            am = None if mask is None else torch.as_tensor(mask, dtype=torch.long).to(self.device)
+            rows = self.rows_per_chunk(b, t, k, temperature)
+            pending = None
             for s in range(0, b, rows):
-                ids = torch.as_tensor(input_ids[s : s + rows], dtype=torch.long, device=self.device)
-                am = torch.as_tensor(mask[s : s + rows], dtype=torch.long, device=self.device)
-                logits = self.model(input_ids=ids, attention_mask=am).logits
-                logp1 = torch.log_softmax(logits.float(), dim=-1)
-                label = logp1[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * am[:, 1:]
-                out_label[s : s + rows, :-1] = label.cpu().numpy()
-                if temperature == 1.0:  # reuse the log-softmax
-                    top_lp, top_ids, tail = topk_and_tail_of(logp1, k)
-                else:
-                    del logp1
-                    top_lp, top_ids, tail = topk_with_tail(logits, k, temperature)
-                out_ids[s : s + rows] = top_ids.cpu().numpy().astype(out_ids.dtype)
-                out_lp[s : s + rows] = top_lp.cpu().numpy().astype(np.float16)
-                out_tail[s : s + rows] = tail.cpu().numpy()
-        return {
-            "topk_ids": out_ids,
-            "topk_logprobs": out_lp,
-            "tail_logmass": out_tail,
-            "label_logprobs": out_label,
-        }
+                chunk = self._score_chunk(ids[s : s + rows], None if am is None else am[s : s + rows], k, temperature)
+                ticket = self._to_host.start(chunk)  # queued behind the chunk's kernels
+                if pending is not None:  # the previous chunk's copy ran under this forward
+                    self._store(out, *pending)
+                pending = (s, min(b, s + rows), ticket)
+            self._store(out, *pending)
+        return out
+
+    def _score_chunk(self, ids, am, k: int, temperature: float):
+        """Packed soft labels (uint8 ``[n]``, on the device) of one chunk ``ids`` ``[R, T]``."""
+        from raykd.teacher.engines.topk import pack_soft_labels, soft_labels_of_logits
+
+        logits = self.model(input_ids=ids, attention_mask=am, use_cache=False).logits
+        labels = soft_labels_of_logits(logits, ids, am, k=k, temperature=temperature)
+        return pack_soft_labels(labels, self.vocab_size)
+
+    def _store(self, out: ScoreResult, start: int, stop: int, ticket) -> None:
+        from raykd.teacher.engines.topk import unpack_soft_labels
+
+        t, k = out["topk_ids"].shape[1:]
+        arrays = unpack_soft_labels(self._to_host.wait(ticket), stop - start, t, k, self.vocab_size)
+        for name, a in arrays.items():
+            out[name][start:stop] = a
 
     def generate(
         self,
