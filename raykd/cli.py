@@ -1,6 +1,7 @@
 """The ``raykd`` command.
 
     raykd distill --config jobs/configs/bbc_smollm2.yaml --output-dir runs/demo [key=value ...]
+    raykd distill --method annealing_kd --output-dir DIR [key=value ...]   # a method's shipped config
     raykd label   --config ... [key=value ...]     # only build (or find) the soft-label caches
     raykd methods [--verbose]                      # list the distillation methods and losses
     raykd teacher up serve/teachers.yaml | down <name> | status   # the shared teacher service
@@ -8,19 +9,19 @@
     raykd tune sweep --minidisc-dir DIR --maxidisc-dir DIR        # lambda sweep against MaxiDisc
 
 Each subcommand is a ``main_<name>(config, ...)`` function, so a job script, a test and the
-command line call the same code.
+command line call the same code. Every subcommand takes ``--verbose``; exit codes: see :func:`cli`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-from raykd.config import ConfigError, DistillConfig, load_config
+from raykd import console
+from raykd.config import DistillConfig, load_config
 from raykd.teacher.service import add_teacher_commands, run_teacher_command
 
 
@@ -68,20 +69,36 @@ def main_methods(verbose: bool = False) -> list[tuple[str, str]]:
     return methods + losses
 
 
+VERBOSE_HELP = "show everything: Ray's own output, INFO logs and tracebacks (default: progress, results, warnings)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raykd", description="Ray-native knowledge distillation")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("distill", "teacher -> soft-label cache -> students -> report"), ("label", "build or find the soft-label caches")):
         s = sub.add_parser(name, help=help_)
-        s.add_argument("--config", help="YAML config (default: built-in defaults)")
+        source = s.add_mutually_exclusive_group()
+        source.add_argument("--config", help="YAML config (default: built-in defaults)")
+        source.add_argument("--method", help="run a method from its shipped config (`raykd methods` lists them)")
         if name == "distill":
             s.add_argument("--output-dir", required=True, help="where the report, checkpoints and plots go")
         s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
-    sub.add_parser("methods", help="list distillation methods and losses").add_argument(
-        "--verbose", action="store_true", help="also show each method's paper and how it composes")
+    sub.add_parser("methods", help="list distillation methods and losses (--verbose: with papers and compositions)")
     add_teacher_commands(sub)
     _add_tune_commands(sub)
+    _add_verbose(p)
     return p
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--verbose`` after any (sub)command too, e.g. ``raykd distill ... --verbose``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if "--verbose" not in sub._option_string_actions:
+                    sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+                _add_verbose(sub)
 
 
 def _add_tune_commands(sub) -> None:
@@ -99,32 +116,21 @@ def _add_tune_commands(sub) -> None:
     s.add_argument("--output-dir", help="where lambda_sweep.json goes (default: the MiniDisc dir)")
 
 
-def _config_error(e: ConfigError) -> int:
-    print(f"raykd: {e}", file=sys.stderr)
-    return 2
-
-
 def run_tune_command(args: argparse.Namespace) -> int:
-    """Dispatch ``raykd tune ...``; returns the exit code (2 for a bad config)."""
+    """Dispatch ``raykd tune ...``; returns the exit code."""
     from raykd.recipes.ta_search import search as schedule_search
     from raykd.recipes.ta_search.config import ScheduleConfig
 
     if args.tune_command == "sweep":
         schedule_search.main_sweep(args.minidisc_dir, args.maxidisc_dir, args.output_dir)
         return 0
-    try:
-        cfg = load_config(ScheduleConfig, args.config, args.overrides)
-    except ConfigError as e:
-        return _config_error(e)
+    cfg = load_config(ScheduleConfig, args.config, args.overrides)
     main = schedule_search.main_minidisc if args.tune_command == "minidisc" else schedule_search.main_maxidisc
     main(cfg, args.output_dir)
     return 0
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """Console-script entry point; returns the process exit code."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _run_command(args: argparse.Namespace) -> int:
     if args.command == "teacher":
         return run_teacher_command(args)
     if args.command == "tune":
@@ -132,16 +138,32 @@ def cli(argv: list[str] | None = None) -> int:
     if args.command == "methods":
         main_methods(args.verbose)
         return 0
-    try:
-        cfg = load_config(DistillConfig, args.config, args.overrides)
-    except ConfigError as e:
-        print(f"raykd: {e}", file=sys.stderr)
-        return 2
-    if args.command == "distill":
-        main_distill(cfg, args.output_dir)
-    else:
+    config = args.config
+    if args.method:
+        from raykd.methods import get_method
+
+        config = get_method(args.method).config_path
+    cfg = load_config(DistillConfig, config, args.overrides)
+    if args.command == "label":
         main_label(cfg)
+        return 0
+    from raykd.report import print_files
+
+    print_files(main_distill(cfg, args.output_dir), Path(args.output_dir))
     return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the process exit code.
+
+    0: done; 2: a user error (``error: <what and how to fix>`` on stderr, no traceback); 1: any
+    other error. ``--verbose`` shows Ray's own output, INFO logs and tracebacks on the console;
+    without it they go to ``<output-dir>/logs/`` (see :mod:`raykd.console`).
+    """
+    args = _parser().parse_args(argv)
+    output_dir = getattr(args, "output_dir", None)
+    log_dir = Path(output_dir) / "logs" if output_dir else None
+    return console.run(lambda: _run_command(args), verbose=args.verbose, log_dir=log_dir)
 
 
 if __name__ == "__main__":

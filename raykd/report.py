@@ -22,6 +22,13 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "-" if value is None else str(value)
 
 
+def _count(n: Any) -> str:
+    """A parameter count as the README writes it: 134.5M, 47.4K."""
+    if not isinstance(n, int):
+        return _fmt(n)
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown (models table, cache line, timings)."""
     lines = [f"# raykd distill: {report['run_name']}", "", "| model | params | held-out ppl | top-1 agreement | KL(teacher, student) | objective | steps |", "|---|---|---|---|---|---|---|"]
@@ -51,7 +58,7 @@ def print_table(report: dict[str, Any]) -> None:
     for col in ("model", "params", "held-out ppl", "top-1 agreement", "KL(teacher, student)", "steps"):
         table.add_column(col, justify="right" if col != "model" else "left")
     for name, m in model_rows(report):
-        table.add_row(name, _fmt(m.get("params")), _fmt(m["ppl"], 2), _fmt(m["top1_agreement"]), _fmt(m.get("kl")), _fmt(m.get("steps")))
+        table.add_row(name, _count(m.get("params")), _fmt(m["ppl"], 2), _fmt(m["top1_agreement"]), _fmt(m.get("kl")), _fmt(m.get("steps")))
     console = Console()
     console.print(table)
     c = report["cache"]
@@ -60,6 +67,25 @@ def print_table(report: dict[str, Any]) -> None:
         f"{c['bytes_per_token']:.1f} B/token, teacher calls {c['teacher_calls']}"
     )
     console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()))
+
+
+def print_files(report: dict[str, Any], output_dir: Path) -> None:
+    """Print where a run's files are: the report, the exported students, the logs."""
+    students = [_short(report[name]["model_dir"]) for name in report.get("students", []) if "model_dir" in report.get(name, {})]
+    lines = [f"report:   {_short(output_dir / 'report.md')} (report.json, loss_curves.png beside it)"]
+    if students:
+        lines.append("students: " + ", ".join(students))
+    lines.append(f"logs:     {_short(output_dir / 'logs')}/ (raykd.log; Ray's own logs under ray/)")
+    print("\n".join(lines))
+
+
+def _short(path: str | Path) -> str:
+    """``path`` relative to the working directory when it lies below it."""
+    path = Path(path).absolute()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def plot_losses(histories: dict[str, list[dict[str, Any]]], path: Path) -> Path:

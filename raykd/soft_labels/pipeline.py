@@ -3,7 +3,8 @@
 The pipeline is one Ray Data plan: a pool of labeler actors tokenises batches of documents
 into blocks, sends them to the teacher deployment (several requests in flight, so the teacher
 never waits for the next batch), encodes each answer into the soft-label Arrow schema, and Ray
-Data writes the shards. Ray Data shows its own progress bars.
+Data writes the shards. Each labeler counts its documents and tokens into the driver's progress
+bar (:func:`raykd.console.progress`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from raykd import console
 from raykd.config import DataConfig, SoftLabelConfig
 from raykd.data import Document, tokenize_to_blocks
 from raykd.soft_labels.cache import CacheKey, Manifest, cache_dir_for, commit, new_partial_dir, open_cache
@@ -50,13 +52,13 @@ class _Labeler:
     """
 
     def __init__(self, app_name: str, k: int, temperature: float, schema: pa.Schema, tokenizer_path: str,
-                 seq_len: int, max_blocks_per_doc: int, min_tokens: int, batch_size: int):
+                 seq_len: int, max_blocks_per_doc: int, min_tokens: int, batch_size: int, progress: console.ProgressSink):
         from ray import serve
 
         from raykd.teacher.deployment import DEPLOYMENT_NAME
 
         self.handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name)
-        self.k, self.temperature, self.schema, self.batch_size = k, temperature, schema, batch_size
+        self.k, self.temperature, self.schema, self.batch_size, self.progress = k, temperature, schema, batch_size, progress
         self.block_args = {"tokenizer_path": tokenizer_path, "seq_len": seq_len,
                            "max_blocks_per_doc": max_blocks_per_doc, "min_tokens": min_tokens}
 
@@ -74,6 +76,7 @@ class _Labeler:
             encode_batch({name: col[s : s + self.batch_size] for name, col in blocks.items()}, resp.result(), self.schema)
             for s, resp in zip(starts, pending)
         ]
+        self.progress.add(len(docs["doc_id"]), tokens=int(np.sum(blocks["attention_mask"])) if n else 0)
         return pa.concat_tables(tables) if tables else self.schema.empty_table()
 
 
@@ -123,31 +126,35 @@ def write_soft_labels(
     n_blocks = max(1, min(len(items) // 32, 64))
     ds = ray.data.from_items(items, override_num_blocks=n_blocks)
     n_batches = -(-len(items) // labels.batch_size)
-    ds = ds.map_batches(
-        _Labeler,
-        batch_format="numpy",
-        batch_size=labels.batch_size,
-        concurrency=max(1, min(labels.num_labelers, n_batches)),
-        num_cpus=0.1,
-        fn_constructor_kwargs={
-            "app_name": app_name,
-            "k": labels.k,
-            "temperature": labels.temperature,
-            "schema": schema,
-            "tokenizer_path": tokenizer_path,
-            "seq_len": data.seq_len,
-            "max_blocks_per_doc": data.max_blocks_per_doc,
-            "min_tokens": data.min_tokens,
-            "batch_size": labels.batch_size,
-        },
-    )
-    ds.write_parquet(
-        str(partial),
-        schema=schema,
-        min_rows_per_file=labels.rows_per_shard,
-        ray_remote_args={"num_cpus": 0.1},
-        compression="zstd",
-    )
+    # More labelers than input blocks or batches would idle (and Ray Data warns about it).
+    labelers = max(1, min(labels.num_labelers, n_batches, n_blocks))
+    with console.progress("labeling", total=len(items), unit="doc", rate_of="tokens") as progress:
+        ds = ds.map_batches(
+            _Labeler,
+            batch_format="numpy",
+            batch_size=labels.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=labelers),
+            num_cpus=0.1,
+            fn_constructor_kwargs={
+                "app_name": app_name,
+                "k": labels.k,
+                "temperature": labels.temperature,
+                "schema": schema,
+                "tokenizer_path": tokenizer_path,
+                "seq_len": data.seq_len,
+                "max_blocks_per_doc": data.max_blocks_per_doc,
+                "min_tokens": data.min_tokens,
+                "batch_size": labels.batch_size,
+                "progress": progress,
+            },
+        )
+        ds.write_parquet(
+            str(partial),
+            schema=schema,
+            min_rows_per_file=labels.rows_per_shard,
+            ray_remote_args={"num_cpus": 0.1},
+            compression="zstd",
+        )
     seconds = time.perf_counter() - start
     manifest = commit(partial, final_dir, key, teacher_meta, seconds)
     return final_dir, manifest

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raykd import console
 from raykd.config import DistillConfig, default_cache_root
 from raykd.data import Document, load_documents, split_documents
 from raykd.data.perturb import perturb_documents
@@ -29,6 +30,22 @@ class Plan:
     """What a distill run will do, settled before any expensive work."""
 
     def __init__(self, cfg: DistillConfig):
+        """Settle the plan of ``cfg``: reads the documents, the teacher's tokenizer and model
+        config (no weights are loaded) and fingerprints the teacher's files.
+
+        Raises:
+            ValueError: a setting does not fit the data or the models (e.g. ``labels.k`` above
+                the vocabulary, ``student.keep_layers`` out of range, a student with another
+                tokenizer: :class:`raykd.students.VocabularyMismatchError`).
+            FileNotFoundError: the data or a model cannot be found (the message says how to get it).
+        """
+        with console.user_errors(ValueError, FileNotFoundError):  # bad input: `raykd` prints error: ..., exits 2
+            self._settle(cfg)
+        self.owns_teacher = False
+        """True once this run has started its teacher (e.g. a recipe's ``prepare`` step did): the
+        run then stops it after labeling, so its CPUs/GPUs are free for training."""
+
+    def _settle(self, cfg: DistillConfig) -> None:
         self.cfg = cfg
         docs = load_documents(cfg.data)
         self.train_docs, self.eval_docs = split_documents(
@@ -42,18 +59,17 @@ class Plan:
             self.train_docs = perturb_documents(self.train_docs, tokenizer, cfg.data.perturb_share, cfg.data.perturb_seed)
         self.tokenizer_fp = tokenizer_fingerprint(tokenizer)
         self.weights_fp = weights_fingerprint(self.teacher_path)
-        self.vocab_size = _vocab_size(self.teacher_path)
+        teacher_config = _model_config(self.teacher_path)
+        self.vocab_size = int(teacher_config.vocab_size)
         if cfg.labels.k > self.vocab_size:
             raise ValueError(f"labels.k={cfg.labels.k} exceeds the teacher vocabulary ({self.vocab_size})")
         if cfg.student.vocab_size is not None and cfg.student.vocab_size >= self.vocab_size:
             raise ValueError(f"student.vocab_size={cfg.student.vocab_size} must be smaller than the teacher "
                              f"vocabulary ({self.vocab_size}) to compress it")
         _check_student_tokenizer(cfg, self.tokenizer_fp, self.vocab_size)
+        _check_layer_drops(cfg, teacher_config)
         self.cache_root = Path(cfg.labels.cache_dir).expanduser() if cfg.labels.cache_dir else default_cache_root() / "soft_labels"
         self.keys = {"train": self.key_for(self.train_docs), "eval": self.key_for(self.eval_docs)}
-        self.owns_teacher = False
-        """True once this run has started its teacher (e.g. a recipe's ``prepare`` step did): the
-        run then stops it after labeling, so its CPUs/GPUs are free for training."""
 
     def key_for(self, docs: list[Document]) -> CacheKey:
         c = self.cfg
@@ -87,10 +103,28 @@ class Plan:
                 "tokenizer_fingerprint": self.tokenizer_fp, "engine": self.engine, "dtype": self.cfg.teacher.dtype}
 
 
-def _vocab_size(model_path: Path) -> int:
+def _model_config(model_path: Path):
+    """The model's ``config.json`` as a transformers config (no weights are read)."""
     from transformers import AutoConfig
 
-    return int(AutoConfig.from_pretrained(str(model_path)).vocab_size)
+    return AutoConfig.from_pretrained(str(model_path))
+
+
+def _vocab_size(model_path: Path) -> int:
+    return int(_model_config(model_path).vocab_size)
+
+
+def _check_layer_drops(cfg: DistillConfig, teacher_config) -> None:
+    """Every layer-dropped model of the run (the student, each chain assistant) keeps layers
+    its source model has, so a bad index fails here rather than after labeling."""
+    from raykd.students.build import check_keep_layers
+
+    if cfg.student.init == "layer_drop":
+        source = _model_config(resolve_model_path(cfg.student.model)) if cfg.student.model else teacher_config
+        check_keep_layers(cfg.student.keep_layers, source.num_hidden_layers, "student.keep_layers",
+                          "the student's source model" if cfg.student.model else "the teacher")
+    for i, assistant in enumerate(cfg.chain.assistants if cfg.chain is not None else []):
+        check_keep_layers(assistant.keep_layers, teacher_config.num_hidden_layers, f"chain.assistants[{i}].keep_layers", "the teacher")
 
 
 def _check_student_tokenizer(cfg: DistillConfig, teacher_tok_fp: str, teacher_vocab: int) -> None:
@@ -126,33 +160,38 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[Path, Manifest]], di
     stats: dict[str, Any] = {"hit": not missing, "teacher_calls": 0, "label_s": 0.0, "teacher": None}
     if not missing:
         release_teacher(plan)
+        print("soft labels found in the cache (" + ", ".join(f"{s} {m.rows:,} rows" for s, (_, m) in caches.items())
+              + f"): no teacher calls; {caches['train'][0]}")
         return caches, stats  # type: ignore[return-value]
     start = time.perf_counter()
-    handle, started = start_teacher(cfg.teacher, str(plan.teacher_path))
-    info = handle.info.remote().result()
-    plan.owns_teacher = started = started or plan.owns_teacher
-    if not started:
-        check_running_teacher(info, plan)
-    calls_before = info["calls"]["score"]
-    stats["teacher"] = {"name": cfg.teacher.name, "started_by_run": started, "engine": info["engine"], "replica": info["replica"]}
-    try:
-        for split in missing:
-            docs = plan.train_docs if split == "train" else plan.eval_docs
-            log.info("labeling %s split: %d documents", split, len(docs))
-            caches[split] = write_soft_labels(
-                docs,
-                key=plan.keys[split],
-                cache_root=plan.cache_root,
-                app_name=cfg.teacher.name,
-                tokenizer_path=str(plan.teacher_path),
-                vocab_size=plan.vocab_size,
-                data=cfg.data,
-                labels=cfg.labels,
-                teacher_meta=plan.teacher_meta(),
-            )
-        stats["teacher_calls"] = handle.info.remote().result()["calls"]["score"] - calls_before
-    finally:
-        release_teacher(plan)
+    docs_of = {"train": plan.train_docs, "eval": plan.eval_docs}
+    # One bar for every split, open while the teacher starts; each write_soft_labels counts into it.
+    with console.progress("labeling", total=sum(len(docs_of[s]) for s in missing), unit="doc", rate_of="tokens"):
+        handle, started = start_teacher(cfg.teacher, str(plan.teacher_path))
+        info = handle.info.remote().result()
+        plan.owns_teacher = started = started or plan.owns_teacher
+        if not started:
+            with console.user_errors(ValueError):
+                check_running_teacher(info, cfg.teacher.name, plan.running_teacher_fields())
+        calls_before = info["calls"]["score"]
+        stats["teacher"] = {"name": cfg.teacher.name, "started_by_run": started, "engine": info["engine"], "replica": info["replica"]}
+        try:
+            for split in missing:
+                log.info("labeling %s split: %d documents", split, len(docs_of[split]))
+                caches[split] = write_soft_labels(
+                    docs_of[split],
+                    key=plan.keys[split],
+                    cache_root=plan.cache_root,
+                    app_name=cfg.teacher.name,
+                    tokenizer_path=str(plan.teacher_path),
+                    vocab_size=plan.vocab_size,
+                    data=cfg.data,
+                    labels=cfg.labels,
+                    teacher_meta=plan.teacher_meta(),
+                )
+            stats["teacher_calls"] = handle.info.remote().result()["calls"]["score"] - calls_before
+        finally:
+            release_teacher(plan)
     stats["label_s"] = time.perf_counter() - start
     _print_labeling(caches, missing, stats)
     return caches, stats  # type: ignore[return-value]
@@ -168,14 +207,11 @@ def release_teacher(plan: Plan) -> None:
 
 
 def _print_labeling(caches: dict[str, Any], labeled: list[str], stats: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"soft labels ({stats['teacher_calls']} teacher calls, {stats['label_s']:.0f} s)")
-    for col in ("split", "rows", "tokens", "shards", "B/token", "label s", "tokens/s"):
-        table.add_column(col, justify="right")
+    """One line under the labeling bar: what was written (the details are in raykd.log)."""
+    splits = []
     for split in labeled:
         _, m = caches[split]
-        table.add_row(split, str(m.rows), str(m.tokens), str(len(m.shards)), f"{m.bytes_per_token:.1f}",
-                      f"{m.label_seconds:.1f}", f"{m.tokens / max(m.label_seconds, 1e-9):.0f}")
-    Console().print(table)
+        splits.append(f"{split} {m.rows:,} rows / {m.tokens:,} tokens ({m.bytes_per_token:.1f} B/token)")
+        log.info("%s cache: %d rows, %d tokens, %d shards, %.1f B/token, %.1f s, %.0f tokens/s", split, m.rows, m.tokens,
+                 len(m.shards), m.bytes_per_token, m.label_seconds, m.tokens / max(m.label_seconds, 1e-9))
+    print(f"soft labels written: {', '.join(splits)}; {stats['teacher_calls']} teacher calls, {stats['label_s']:.0f} s")

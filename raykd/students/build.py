@@ -47,11 +47,7 @@ def layer_drop(teacher: nn.Module, keep_layers: list[int]) -> nn.Module:
         ValueError: an index is out of range or repeated.
     """
     n = teacher.config.num_hidden_layers
-    idx = [i % n if -n <= i < n else None for i in keep_layers]
-    if None in idx:
-        raise ValueError(f"student.keep_layers={keep_layers} out of range for a teacher with {n} layers")
-    if len(set(idx)) != len(idx):
-        raise ValueError(f"student.keep_layers={keep_layers} repeats a layer")
+    idx = check_keep_layers(keep_layers, n)
     student = copy.deepcopy(teacher)
     parent, attr, layers = _decoder_layers(student)
     kept = nn.ModuleList([layers[i] for i in idx])
@@ -65,6 +61,31 @@ def layer_drop(teacher: nn.Module, keep_layers: list[int]) -> nn.Module:
     if layer_types is not None and len(layer_types) == n:
         student.config.layer_types = [layer_types[i] for i in idx]
     return student
+
+
+def check_keep_layers(keep_layers: list[int], num_layers: int, field: str = "student.keep_layers",
+                      source: str = "the teacher") -> list[int]:
+    """The layers ``keep_layers`` names in a model of ``num_layers`` layers, as indices ``0..n-1``.
+
+    Needs only the model's config, so a plan can check it before any labeling.
+
+    Args:
+        keep_layers: layer indices; negative values count from the end.
+        num_layers: ``config.num_hidden_layers`` of the model the layers are taken from.
+        field, source: the config field and the model, for the message.
+
+    Raises:
+        ValueError: an index is out of range or two name the same layer.
+    """
+    n = num_layers
+    bad = [i for i in keep_layers if not -n <= i < n]
+    if bad:
+        raise ValueError(f"{field}={keep_layers}: {bad} out of range for {source}, which has {n} layers "
+                         f"(use indices 0..{n - 1}, or -1..-{n} from the end)")
+    idx = [i % n for i in keep_layers]
+    if len(set(idx)) != len(idx):
+        raise ValueError(f"{field}={keep_layers} names a layer twice (negative indices count from the end of {n} layers)")
+    return idx
 
 
 def check_same_vocabulary(teacher_tok_fp: str, student_tok_fp: str, teacher_vocab: int, student_vocab: int) -> None:

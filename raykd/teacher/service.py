@@ -27,7 +27,8 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from raykd.config import ConfigError, RayConfig, Strict, TeacherConfig, load_config
+from raykd import console
+from raykd.config import RayConfig, Strict, TeacherConfig, load_config
 from raykd.teacher.schemas import HTTPConfig
 
 log = logging.getLogger(__name__)
@@ -299,8 +300,14 @@ def _print_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
 
 
 def run_teacher_command(args: argparse.Namespace) -> int:
-    """Run a parsed ``raykd teacher ...`` command; returns the exit code (2: bad config, 1: error)."""
-    try:
+    """Run a parsed ``raykd teacher ...`` command; returns the exit code (2: a bad config, an
+    unknown teacher, a model not found or a Serve setup to change: ``error: ...`` on stderr)."""
+    return console.run(lambda: _teacher_command(args))
+
+
+def _teacher_command(args: argparse.Namespace) -> None:
+    # Each raises ValueError / RuntimeError / FileNotFoundError for input to fix (see their docstrings).
+    with console.user_errors(ValueError, RuntimeError, FileNotFoundError):
         if args.teacher_command == "up":
             out = teacher_up(load_config(TeacherServiceConfig, args.config, args.overrides))
             if args.json:
@@ -318,10 +325,3 @@ def run_teacher_command(args: argparse.Namespace) -> int:
                 _print_table(rows, ("name", "status", "replicas", "url", "weights_fingerprint"))
             else:
                 print("no teachers running")
-    except ConfigError as e:
-        print(f"raykd: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        print(f"raykd: {e}", file=sys.stderr)
-        return 1
-    return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,9 +23,6 @@ from raykd.losses.reduction import student_bucket_log_probs, with_tail_bucket
 from raykd.losses.targets import TeacherTargets, teacher_buckets
 from raykd.soft_labels.schema import decode_batch
 from raykd.students.vocab import VocabMap
-
-if TYPE_CHECKING:
-    from raykd.config import DistillConfig
 
 
 def iter_cache_batches(shard_files: list[str], batch_size: int) -> Iterable[dict[str, np.ndarray]]:
@@ -130,26 +127,37 @@ def evaluate_folder(model_dir: Path, shard_files: list[str], batch_size: int = 1
     return student_metrics(model, shard_files, batch_size, vocab=VocabMap.load(vocab_dir or model_dir))
 
 
-def evaluate_students(cfg: DistillConfig, teacher_path: Path, init_dir: Path, results: dict[str, Any], eval_files: list[str],
-                      output_dir: Path) -> dict[str, Any]:
-    """The report's model entries: the teacher, the untrained student and every trained student on
-    the held-out soft labels (perplexity of the real tokens, top-1 agreement with the teacher);
-    each trained student is exported as a servable folder under ``output_dir/students/<name>``."""
+def evaluate_students(teacher: dict[str, Any], init_dir: Path, results: dict[str, Any], eval_files: list[str],
+                      output_dir: Path, *, batch_size: int, objectives: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The report's model entries on the held-out soft labels: the teacher (from the cache), the
+    untrained student and every trained student (perplexity of the real next tokens, top-1
+    agreement with the teacher, forward KL from the teacher's buckets).
+
+    Args:
+        teacher: ``model`` (its name) and ``path`` (its folder, for the parameter count).
+        init_dir: the untrained student's folder (tokenizer and vocabulary map of every student).
+        results: ``{name: TrainResult}`` of the trained students.
+        eval_files: the held-out cache's shards.
+        output_dir: each trained student is exported as a servable folder ``students/<name>``.
+        batch_size: rows per evaluation forward.
+        objectives: each student's ``{loss: weight}`` (reported beside its numbers).
+
+    Returns:
+        ``{"students", "teacher", "student_init", <name>...}`` entries of the report.
+    """
     from raykd.train.export import export_student, param_count
 
     n_student = param_count(init_dir)
     report: dict[str, Any] = {
-        "run_name": cfg.run_name,
-        "method": cfg.method,
         "students": list(results),
-        "teacher": {**teacher_metrics(eval_files), "model": cfg.teacher.model, "params": param_count(teacher_path)},
-        "student_init": {**evaluate_folder(init_dir, eval_files, cfg.eval.batch_size), "params": n_student, "steps": 0},
+        "teacher": {**teacher_metrics(eval_files), "model": teacher["model"], "params": param_count(Path(teacher["path"]))},
+        "student_init": {**evaluate_folder(init_dir, eval_files, batch_size), "params": n_student, "steps": 0},
     }
     for name, res in results.items():
         report[name] = {
-            **evaluate_folder(res.model_dir, eval_files, cfg.eval.batch_size, vocab_dir=init_dir),
+            **evaluate_folder(res.model_dir, eval_files, batch_size, vocab_dir=init_dir),
             "params": n_student,
-            "objective": cfg.train.students[name],
+            "objective": objectives[name],
             "steps": res.steps,
             "train_s": res.seconds,
             "final_train_loss": res.history[-1]["loss"] if res.history else None,

@@ -16,6 +16,7 @@ Checkpoints (model, optimizer, scheduler, step, loss history) are reported to Ra
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -34,6 +35,8 @@ from raykd.students.vocab import VocabMap, map_ids, map_targets
 from raykd.train.schedule import schedule_at
 from raykd.train.step import StudentBatch, build_optimizer, run_steps
 from raykd.train.teachers import TeacherMix
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
@@ -161,7 +164,7 @@ def _load_student(cfg: LoopConfig, rank: int):
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
         history = json.loads((Path(d) / HISTORY_FILE).read_text())
     if rank == 0:
-        print(f"[{cfg.run_label}] resuming from checkpoint at step {state['step']}", flush=True)
+        log.info("[%s] resuming from checkpoint at step %d", cfg.run_label, state["step"])
     return model, state, history, state["step"]
 
 
@@ -232,7 +235,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 tok_s = clock["positions"] / max(time.perf_counter() - clock["t"], 1e-9)
                 terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("step", "lr", "temperature"))
-                print(f"[{cfg.run_label}] step {step}/{train.max_steps} {terms} tok/s={tok_s:.0f}", flush=True)
+                log.info("[%s] step %d/%d %s tok/s=%.0f", cfg.run_label, step, train.max_steps, terms, tok_s)
             clock["t"], clock["positions"] = time.perf_counter(), 0.0
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
@@ -240,6 +243,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _report_checkpoint(core, {"optim": optim.state_dict(), "sched": sched.state_dict(), "step": step,
                                       "mix": mix.state_dict() if mix else None}, history, rank, row,
                                cfg.checkpoint_root)
+        elif step % train.log_every == 0:  # metrics only (every worker reports: Ray Train counts reports)
+            ray.train.report(row)
 
     run_steps(model, optim, _Groups(raw, cfg, mix, vocab_table, step), cfg.objective_at, max_steps=train.max_steps,
               start=step, on_step=on_step, scheduler=sched, max_grad_norm=train.max_grad_norm, world=world,

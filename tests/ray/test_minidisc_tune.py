@@ -72,9 +72,9 @@ def test_minidisc_then_maxidisc_end_to_end(ray_start, tiny_schedule, tmp_path, m
     mini = main_minidisc(cfg, "mini", docs=docs)
     assert mini["trials_run"] == 1 and mini["chosen_ta"] in (0.3, 0.6)
     assert [c["sparsity"] for c in mini["candidates"]] == [0.3, 0.6, 0.9]
-    assert mini["student"]["student_test_acc"] is not None
+    assert 0.0 <= mini["student"]["student_test_acc"] <= 1.0  # NaN (never evaluated) fails here
     assert mini["labels"]["cache_hit"] is False and mini["labels"]["teacher_calls"] > 0
-    assert (tmp_path / "mini" / "minidisc.png").stat().st_size > 0
+    assert (tmp_path / "mini" / "minidisc.png").stat().st_size > 1000
     on_disk = json.loads((tmp_path / "mini" / "results.json").read_text())
     assert on_disk["chosen_ta"] == mini["chosen_ta"]
 
@@ -90,7 +90,7 @@ def test_minidisc_then_maxidisc_end_to_end(ray_start, tiny_schedule, tmp_path, m
     assert maxi["trials_run"] == 3  # direct + TAs 0.3, 0.6
     assert [f["ta_sparsity"] for f in maxi["trials_failed"]] == [0.6]
     assert "injected failure" in maxi["trials_failed"][0]["error"]
-    assert maxi["best_ta"] == 0.3 and maxi["direct"]["student_test_acc"] is not None
+    assert maxi["best_ta"] == 0.3 and 0.0 <= maxi["direct"]["student_test_acc"] <= 1.0
     assert [c["status"] for c in maxi["candidates"]] == ["done", "error"]
     sweep = main_sweep(tmp_path / "mini", tmp_path / "maxi")
     assert [r["lambda"] for r in sweep["sweep"]] == [0.0, 1.0]

@@ -247,7 +247,7 @@ def test_up_status_down_round_trip_with_two_named_teachers(proxy, tiny_model, tm
         assert rows[name]["status"] == "RUNNING" and rows[name]["replicas"] == 1 and len(rows[name]["weights_fingerprint"]) == 16
     assert teacher_up(TeacherServiceConfig.model_validate(cfg))["teachers"][1]["started"] is False  # running: kept
 
-    assert run_teacher_command(parser.parse_args(["teacher", "down", "no-such"])) == 1
+    assert run_teacher_command(parser.parse_args(["teacher", "down", "no-such"])) == 2  # a user error: `error: ...`, exit 2
     err = capsys.readouterr().err
     assert "no teacher named 'no-such'" in err and "rt-a" in err and "rt-b" in err
     teacher_down("rt-a")

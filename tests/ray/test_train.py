@@ -27,9 +27,13 @@ def _train(setup, name, **overrides):
                          temperature=1.0, cfg=train_cfg, storage_path=runs)
 
 
-def test_one_worker_equals_two_workers(setup):
-    """Same global batch, same steps: the loss curves agree (data order differs between splits)."""
+def test_one_worker_equals_two_workers_and_local_mode(setup):
+    """Same global batch, same steps: the loss curves agree (data order differs between splits);
+    ``train.num_workers=0`` (Ray Train's local mode, used by most tests) trains exactly as one worker."""
     one = _train(setup, "w1", num_workers=1, max_steps=8, checkpoint_every=8)
+    local = _train(setup, "w0", num_workers=0, max_steps=8, checkpoint_every=4)
+    assert [r["loss"] for r in local.history] == pytest.approx([r["loss"] for r in one.history], rel=1e-6)
+    assert local.model_dir.name == "checkpoint_000008" and (local.model_dir / "model.safetensors").exists()
     two = _train(setup, "w2", num_workers=2, max_steps=8, checkpoint_every=8, cpus_per_worker=0.5)
     a = np.array([r["loss"] for r in one.history])
     b = np.array([r["loss"] for r in two.history])
@@ -37,14 +41,6 @@ def test_one_worker_equals_two_workers(setup):
     assert a[-1] < a[0] and b[-1] < b[0]  # both learn
     np.testing.assert_allclose(a, b, rtol=0.08)
     assert abs(a.mean() - b.mean()) / a.mean() < 0.03
-
-
-def test_local_mode_equals_one_worker(setup):
-    """``train.num_workers=0`` (Ray Train's local mode, used by most tests) trains exactly as one worker."""
-    local = _train(setup, "local", num_workers=0, max_steps=3, checkpoint_every=2)
-    worker = _train(setup, "worker", num_workers=1, max_steps=3, checkpoint_every=2)
-    assert [r["loss"] for r in local.history] == pytest.approx([r["loss"] for r in worker.history], rel=1e-6)
-    assert local.model_dir.name == "checkpoint_000003" and (local.model_dir / "model.safetensors").exists()
 
 
 def test_grad_accumulation_matches_one_big_batch(setup):

@@ -79,7 +79,9 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
     train_s = time.perf_counter() - t_train
 
     t_eval = time.perf_counter()
-    report = evaluate_students(cfg, plan.teacher_path, init_dir, results, eval_files, output_dir)
+    report = {"run_name": cfg.run_name, "method": cfg.method,
+              **evaluate_students({"model": cfg.teacher.model, "path": plan.teacher_path}, init_dir, results, eval_files,
+                                  output_dir, batch_size=cfg.eval.batch_size, objectives=cfg.train.students)}
     report.update(teachers_report)
     if prepared is not None:
         report["prepare"] = prepared

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -126,3 +127,12 @@ class ClassifierEngine:
             logits = self.model(input_ids=ids, attention_mask=am).logits.float()
             logp = torch.log_softmax(logits / temperature, dim=-1)
         return {"logits": logits.cpu().numpy(), "class_logprobs": logp.cpu().numpy()}
+
+    def generate(self, prompts: list[Any], *, max_new_tokens: int = 64, temperature: float = 0.0, k: int = 8,
+                 seed: int | None = None) -> list[dict[str, Any]]:
+        """A classification teacher writes no text.
+
+        Raises:
+            NotImplementedError: always; generate with a causal-LM teacher (``hf`` or ``vllm``).
+        """
+        raise NotImplementedError("a classification teacher does not generate text; use an hf or vllm teacher")
