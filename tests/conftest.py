@@ -140,9 +140,10 @@ def tiny_distill_config(model: Path, corpus: Path, cache_dir: Path, **train_over
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_labeled(ray_start, tiny_model, corpus_jsonl, tmp_path_factory):
-    """A tiny distill plan whose train and eval splits were labeled through Serve + Ray Data.
+    """A tiny distill plan whose train and eval splits were labeled through Serve + Ray Data, once
+    per test run (every module that needs a labeled cache shares it).
 
     Returns ``(cfg, plan, caches, stats)`` as :func:`raykd.recipes.lm.distill.ensure_soft_labels`
     gives them on the first (labeling) run.
