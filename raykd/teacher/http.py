@@ -15,8 +15,17 @@ application's route prefix (``/teachers/<name>`` by default):
   ``logprobs`` ``[N]``.
 - ``POST /v1/completions``: the OpenAI legacy completions API (``choices[].text``,
   ``choices[].logprobs`` with ``tokens`` / ``token_logprobs`` / ``top_logprobs``).
+- ``POST /v1/chat/completions`` (:class:`~raykd.teacher.schemas.ChatCompletionRequest`): the
+  OpenAI chat completions API, one choice (``n=1``), the chat template applied by the engine;
+  ``logprobs=true`` and ``top_logprobs`` (0-20) give ``choices[0].logprobs.content[i]`` =
+  ``{token, logprob, bytes, top_logprobs}``.
+- ``GET /v1/models``: the OpenAI model list, the one teacher served here (its ``id`` is the
+  ``model`` the OpenAI routes accept).
 
-Errors are JSON ``{"detail": "<field>: <problem>"}``: 401 missing or wrong bearer token;
+The OpenAI routes work with the ``openai`` client: ``OpenAI(base_url=f"{url}/v1", api_key=token)``.
+
+Errors are JSON ``{"detail": "<field>: <problem>"}`` (repeated as ``error.message``, the
+field OpenAI clients read): 401 missing or wrong bearer token;
 422 malformed JSON, a bad shape, or a size over this API's limits; 400 a request the engine
 rejects (token ids outside the vocabulary, longer than the model's context); 404 an unknown
 ``model``; 503 the teacher is busy (its ``max_queued_requests`` is reached), retry later.
@@ -39,12 +48,28 @@ from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from raykd.teacher.schemas import CompletionRequest, GenerateRequest, HTTPConfig, ScoreRequest, check_limits
+from raykd.teacher.engines.base import encode_prompts
+from raykd.teacher.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    HTTPConfig,
+    ScoreRequest,
+    check_limits,
+)
 
 INGRESS_NAME = "TeacherHTTP"
 
 app = FastAPI(title="raykd teacher", description="Teacher soft labels and completions over HTTP.")
+
+
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error body both plain callers (``detail``) and OpenAI clients (``error.message``) read."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    error = {"message": detail, "type": kind, "param": None, "code": status}
+    return JSONResponse(status_code=status, content={"detail": detail, "error": error}, headers=headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -58,7 +83,13 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         loc = ".".join(str(x) for x in err["loc"] if x != "body")
         msg = str(err["msg"]).removeprefix("Value error, ")
         problems.append(f"{loc}: {msg}" if loc else msg)
-    return JSONResponse(status_code=422, content={"detail": "; ".join(problems)})
+    return _error(422, "; ".join(problems))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Every HTTP error (also an unknown route's 404) in the body of :func:`_error`."""
+    return _error(exc.status_code, str(exc.detail), exc.headers)
 
 
 async def _require_token(authorization: str | None = Header(default=None)) -> None:
@@ -69,6 +100,29 @@ def _root_cause(err: BaseException) -> BaseException:
     while isinstance(err, RayTaskError) and err.cause is not None and err.cause is not err:
         err = err.cause
     return err
+
+
+def _finish_reason(out: dict[str, Any], tok: Any) -> str:
+    """OpenAI's ``finish_reason`` of one engine output: ``stop`` at EOS, else ``length``."""
+    ids = out["token_ids"]
+    return "stop" if ids and ids[-1] == tok.eos_token_id else "length"
+
+
+def _token_logprobs(out: dict[str, Any], tok: Any, top: int) -> list[tuple[str, float | None, list[tuple[str, float | None]]]]:
+    """Per generated token of one engine output: its text, its log-probability and the
+    ``top`` most likely alternatives as ``(text, logprob)`` (``-inf`` becomes None)."""
+    chosen = _jsonable(out["logprobs"])
+    alt_ids = np.asarray(out["topk_ids"])[:, :top].tolist()
+    alt_lps = _jsonable(np.asarray(out["topk_logprobs"])[:, :top])
+    return [
+        (tok.decode([t]), lp, [(tok.decode([a]), alp) for a, alp in zip(ids, lps)])
+        for t, lp, ids, lps in zip(out["token_ids"], chosen, alt_ids, alt_lps)
+    ]
+
+
+def _chat_logprob(token: str, logprob: float | None) -> dict[str, Any]:
+    """One token of OpenAI's chat ``logprobs.content`` (``bytes``: its UTF-8 bytes)."""
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
 
 def _jsonable(a: Any) -> list:
@@ -98,6 +152,7 @@ class HTTPIngress:
         self.cfg = cfg
         self.name = serve.get_replica_context().app_name
         self._tokenizer = None
+        self._created = int(time.time())
 
     def authorize(self, authorization: str | None) -> None:
         """Raise 401 unless ``authorization`` is ``Bearer <token>`` (or no token is set)."""
@@ -110,7 +165,7 @@ class HTTPIngress:
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
-    def _limits(self, req: ScoreRequest | GenerateRequest | CompletionRequest) -> None:
+    def _limits(self, req: ScoreRequest | GenerateRequest | CompletionRequest | ChatCompletionRequest) -> None:
         try:
             check_limits(req, self.cfg)
         except ValueError as e:
@@ -162,35 +217,63 @@ class HTTPIngress:
             self._tokenizer = await asyncio.to_thread(load_tokenizer, info["model_path"])
         return self._tokenizer
 
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.name:
+            raise HTTPException(404, detail=f"model: {model!r} is not served here; this route serves {self.name!r}")
+
+    async def _openai_generate(self, prompts: list[Any], *, max_tokens: int, temperature: float, top: int, seed: int | None):
+        """Generate for an OpenAI route: the engine's outputs, the tokenizer and the ``usage`` block."""
+        outs = await self._call("generate", prompts, max_new_tokens=max_tokens, temperature=temperature, k=max(1, top), seed=seed)
+        tok = await self._load_tokenizer()
+        prompt_tokens = sum(len(ids) for ids in encode_prompts(tok, prompts))
+        generated = sum(len(o["token_ids"]) for o in outs)
+        return outs, tok, {"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated}
+
+    def _openai_response(self, kind: str, choices: list[dict[str, Any]], usage: dict[str, int]) -> JSONResponse:
+        prefix = {"text_completion": "cmpl", "chat.completion": "chatcmpl"}[kind]
+        return JSONResponse(
+            {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": self.name,
+             "choices": choices, "usage": usage}
+        )
+
+    @app.get("/v1/models", dependencies=[Depends(_require_token)])
+    async def models(self) -> dict[str, Any]:
+        """OpenAI model list: the one teacher this route serves."""
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self._created, "owned_by": "raykd"}]}
+
     @app.post("/v1/completions", dependencies=[Depends(_require_token)])
     async def completions(self, req: CompletionRequest) -> JSONResponse:
         """OpenAI-style text completions; ``logprobs=n`` adds the top-``n`` per token."""
-        if req.model is not None and req.model != self.name:
-            raise HTTPException(404, detail=f"model: {req.model!r} is not served here; this route serves {self.name!r}")
+        self._check_model(req.model)
         self._limits(req)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        outs = await self._call(
-            "generate", prompts, max_new_tokens=req.max_tokens, temperature=req.temperature, k=max(1, req.logprobs or 0), seed=req.seed
+        outs, tok, usage = await self._openai_generate(
+            prompts, max_tokens=req.max_tokens, temperature=req.temperature, top=req.logprobs or 0, seed=req.seed
         )
-        tok = await self._load_tokenizer()
-        choices, generated = [], 0
+        choices = []
         for i, o in enumerate(outs):
-            ids = o["token_ids"]
-            generated += len(ids)
-            choice = {"index": i, "text": o["text"], "logprobs": None,
-                      "finish_reason": "stop" if ids and ids[-1] == tok.eos_token_id else "length"}
+            choice = {"index": i, "text": o["text"], "logprobs": None, "finish_reason": _finish_reason(o, tok)}
             if req.logprobs is not None:
-                top = None
-                if req.logprobs > 0:
-                    top = [
-                        {tok.decode([int(t)]): float(lp) for t, lp in zip(row_ids[: req.logprobs], row_lp[: req.logprobs])}
-                        for row_ids, row_lp in zip(o["topk_ids"], o["topk_logprobs"])
-                    ]
-                choice["logprobs"] = {"tokens": [tok.decode([t]) for t in ids], "token_logprobs": _jsonable(o["logprobs"]), "top_logprobs": top}
+                rows = _token_logprobs(o, tok, req.logprobs)
+                top = [{t: lp for t, lp in alts} for _, _, alts in rows] if req.logprobs > 0 else None
+                choice["logprobs"] = {"tokens": [t for t, _, _ in rows], "token_logprobs": [lp for _, lp, _ in rows], "top_logprobs": top}
             choices.append(choice)
-        prompt_tokens = sum(len(tok(p)["input_ids"]) for p in prompts)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated}
-        return JSONResponse(
-            {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": self.name,
-             "choices": choices, "usage": usage}
+        return self._openai_response("text_completion", choices, usage)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(_require_token)])
+    async def chat_completions(self, req: ChatCompletionRequest) -> JSONResponse:
+        """OpenAI-style chat completion (one choice); ``logprobs`` / ``top_logprobs`` as OpenAI."""
+        self._check_model(req.model)
+        self._limits(req)
+        conversation = [m.model_dump() for m in req.messages]
+        (o,), tok, usage = await self._openai_generate(
+            [conversation], max_tokens=req.new_tokens, temperature=req.temperature, top=req.top_logprobs or 0, seed=req.seed
         )
+        logprobs = None
+        if req.logprobs:
+            rows = _token_logprobs(o, tok, req.top_logprobs or 0)
+            content = [_chat_logprob(t, lp) | {"top_logprobs": [_chat_logprob(*a) for a in alts]} for t, lp, alts in rows]
+            logprobs = {"content": content, "refusal": None}
+        choice = {"index": 0, "message": {"role": "assistant", "content": o["text"]}, "logprobs": logprobs,
+                  "finish_reason": _finish_reason(o, tok)}
+        return self._openai_response("chat.completion", [choice], usage)

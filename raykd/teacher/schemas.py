@@ -54,6 +54,8 @@ class HTTPConfig(Strict):
 
 
 class ChatMessage(Strict):
+    """One turn of a chat conversation (the chat template of the teacher's tokenizer renders it)."""
+
     role: str
     content: str
 
@@ -118,7 +120,51 @@ class CompletionRequest(Strict):
         return self
 
 
-def check_limits(req: ScoreRequest | GenerateRequest | CompletionRequest, cfg: HTTPConfig) -> None:
+class ChatCompletionRequest(Strict):
+    """``POST /v1/chat/completions`` (the OpenAI chat completions API, the fields raykd supports).
+
+    The conversation is rendered by the teacher tokenizer's chat template (with a generation
+    prompt) in the engine, as ``/v1/generate`` does for chat prompts.
+    """
+
+    model: str | None = None
+    """Must be the teacher's name when given."""
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Most new tokens (OpenAI's older name of ``max_completion_tokens``)."""
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    """Most new tokens (None and ``max_tokens`` None: 16, as ``/v1/completions``)."""
+    temperature: float = Field(default=1.0, ge=0)
+    """0 is greedy decoding."""
+    seed: int | None = None
+    logprobs: bool = False
+    """Return the log-probability of each generated token."""
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    """Alternatives returned per generated token (0-20, as OpenAI; needs ``logprobs``)."""
+    n: int = 1
+    """Choices per request: only 1 is supported."""
+    stream: bool = False
+    """Streaming is not supported (only False)."""
+
+    @model_validator(mode="after")
+    def _supported(self) -> ChatCompletionRequest:
+        if self.n != 1:
+            raise ValueError(f"n: only n=1 is supported, got n={self.n}; send one request per choice (vary seed to sample)")
+        if self.stream:
+            raise ValueError("stream: streaming is not supported; send stream=false")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs=true")
+        if self.max_tokens is not None and self.max_completion_tokens is not None and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_tokens and max_completion_tokens differ: send only one of them")
+        return self
+
+    @property
+    def new_tokens(self) -> int:
+        """Most new tokens to generate."""
+        return self.max_completion_tokens or self.max_tokens or 16
+
+
+def check_limits(req: ScoreRequest | GenerateRequest | CompletionRequest | ChatCompletionRequest, cfg: HTTPConfig) -> None:
     """Check a parsed request against the sizes this deployment accepts.
 
     Args:
@@ -139,6 +185,11 @@ def check_limits(req: ScoreRequest | GenerateRequest | CompletionRequest, cfg: H
             ("prompts: batch of {} prompts", len(req.prompts), "max_batch_size", cfg.max_batch_size),
             ("max_new_tokens={}", req.max_new_tokens, "max_new_tokens", cfg.max_new_tokens),
             ("k={}", req.k, "max_k", cfg.max_k),
+        ]
+    elif isinstance(req, ChatCompletionRequest):
+        checks = [
+            ("max_tokens={}", req.new_tokens, "max_new_tokens", cfg.max_new_tokens),
+            ("top_logprobs={}", req.top_logprobs or 0, "max_k", cfg.max_k),
         ]
     else:
         n = 1 if isinstance(req.prompt, str) else len(req.prompt)
