@@ -82,6 +82,39 @@ class DataConfig(Strict):
         return self
 
 
+class TeacherAutoscalingConfig(Strict):
+    """Serve's ``autoscaling_config`` of the teacher deployment, passed to Serve as given (fields
+    left at None are not passed, so Serve's defaults apply). See Ray Serve's "Autoscaling" guide."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    """Fewest replicas Serve keeps (0 lets an idle teacher scale to zero)."""
+    max_replicas: int = Field(default=1, ge=1)
+    """Most replicas Serve starts; each takes the replica's CPUs/GPUs."""
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    """Requests in flight per replica Serve aims for (keep ``labels.num_labelers`` at least
+    ``max_replicas * target_ongoing_requests`` so every replica stays busy)."""
+    initial_replicas: int | None = Field(default=None, ge=0)
+    """Replicas at start (None: ``min_replicas``); must lie in ``[min_replicas, max_replicas]``."""
+    upscale_delay_s: float | None = Field(default=None, ge=0)
+    """Seconds the load must stay high before Serve adds a replica (None: Serve's default)."""
+    downscale_delay_s: float | None = Field(default=None, ge=0)
+    """Seconds the load must stay low before Serve removes a replica (None: Serve's default)."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> TeacherAutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"teacher.autoscaling: min_replicas={self.min_replicas} exceeds "
+                             f"max_replicas={self.max_replicas}; set min_replicas <= max_replicas")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(f"teacher.autoscaling: initial_replicas={self.initial_replicas} lies outside "
+                             f"[min_replicas, max_replicas] = [{self.min_replicas}, {self.max_replicas}]")
+        return self
+
+    def serve_config(self) -> dict[str, Any]:
+        """The ``autoscaling_config`` dict handed to Serve (None fields left out)."""
+        return self.model_dump(exclude_none=True)
+
+
 class TeacherConfig(Strict):
     """The teacher model and the Serve deployment that hosts it."""
 
@@ -101,9 +134,21 @@ class TeacherConfig(Strict):
     num_threads: int | None = Field(default=None, ge=1)
     """Torch intra-op threads of the replica (None: all cores of the node)."""
     num_replicas: int = Field(default=1, ge=1)
+    """Fixed number of replicas; not used when ``autoscaling`` is set."""
+    autoscaling: TeacherAutoscalingConfig | None = None
+    """Serve autoscaling of the replicas (min/max replicas, target ongoing requests); when set,
+    it replaces ``num_replicas``, which is then not passed to Serve."""
     num_cpus: float = Field(default=1.0, ge=0)
     """Logical CPUs reserved per replica (threads are set by ``num_threads``)."""
     num_gpus: float = Field(default=0.0, ge=0)
+    """GPUs reserved per replica when ``tensor_parallel_size * pipeline_parallel_size == 1``
+    (above 1 the replica reserves that many whole GPUs through a placement group instead)."""
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    """``vllm`` engine: GPUs one layer is split over (vLLM's ``tensor_parallel_size``)."""
+    pipeline_parallel_size: int = Field(default=1, ge=1)
+    """``vllm`` engine: pipeline stages (vLLM's ``pipeline_parallel_size``). With
+    ``tensor_parallel_size * pipeline_parallel_size > 1`` each replica reserves that many GPUs in a
+    ``STRICT_PACK`` placement group (all on one node), and vLLM runs its workers on them."""
     max_batch_size: int = Field(default=64, ge=1)
     """Largest batch one ``score`` call accepts."""
     max_k: int = Field(default=64, ge=1, le=4096)
@@ -114,6 +159,32 @@ class TeacherConfig(Strict):
     reserves (None: 0.85 on GPU, 0.2 on CPU)."""
     keep_alive: bool = False
     """Leave the teacher deployment running after the job (for reuse by other runs)."""
+
+    @property
+    def gpus_per_replica(self) -> float:
+        """GPUs one replica reserves: ``tensor_parallel_size * pipeline_parallel_size`` when
+        above 1, else ``num_gpus``."""
+        parallel = self.tensor_parallel_size * self.pipeline_parallel_size
+        return float(parallel) if parallel > 1 else self.num_gpus
+
+    @model_validator(mode="after")
+    def _parallel(self) -> TeacherConfig:
+        parallel = self.tensor_parallel_size * self.pipeline_parallel_size
+        if parallel == 1:
+            return self
+        sizes = f"tensor_parallel_size={self.tensor_parallel_size} x pipeline_parallel_size={self.pipeline_parallel_size}"
+        if self.engine in ("hf", "classifier"):
+            raise ValueError(f"teacher.{sizes} needs the vllm engine; teacher.engine={self.engine!r} runs on one "
+                             "device: set teacher.engine=vllm (or auto on a GPU cluster)")
+        if self.device == "cpu":
+            raise ValueError(f"teacher.{sizes} reserves one GPU per worker; teacher.device='cpu' has none")
+        if self.num_gpus not in (0, parallel):
+            raise ValueError(f"teacher.num_gpus={self.num_gpus} conflicts with teacher.{sizes}: the replica reserves "
+                             f"{parallel} GPUs through a placement group; leave num_gpus at 0 (or set it to {parallel})")
+        if self.num_cpus <= 0:
+            raise ValueError(f"teacher.num_cpus must be > 0 with teacher.{sizes} (it sizes the replica's own "
+                             "placement-group bundle, which Ray refuses empty)")
+        return self
 
 
 class ClassifierTeacherConfig(Strict):

@@ -83,13 +83,26 @@ def resolve_engine(teacher: Any) -> str:
     return name
 
 
-def check_engine_request(engine: str, teacher: Any, *, k: int, temperature: float) -> None:
-    """Refuse, before any work, labels the chosen engine cannot produce.
+def check_engine_request(engine: str, teacher: Any, *, k: int | None = None, temperature: float = 1.0) -> None:
+    """Refuse, before any work, a teacher or labels the chosen engine cannot produce.
+
+    Args:
+        engine: the resolved engine name (see :func:`resolve_engine`).
+        teacher: the :class:`raykd.config.TeacherConfig`.
+        k: top-k of the labels (None: only the teacher itself is checked).
+        temperature: labelling temperature.
 
     Raises:
-        ValueError: ``vllm`` with ``k`` above ``teacher.max_k`` or ``temperature != 1``.
+        ValueError: tensor/pipeline parallelism on an engine other than ``vllm`` (for example
+            ``auto`` resolved to ``hf``); ``vllm`` with ``k`` above ``teacher.max_k`` or
+            ``temperature != 1``.
     """
-    if engine != "vllm":
+    tp, pp = getattr(teacher, "tensor_parallel_size", 1), getattr(teacher, "pipeline_parallel_size", 1)
+    if tp * pp > 1 and engine != "vllm":
+        raise ValueError(f"teacher.tensor_parallel_size={tp} x pipeline_parallel_size={pp} needs the vllm engine, "
+                         f"but the teacher runs on {engine!r} (a single-device engine): install vLLM "
+                         "(pip install -e .[vllm]) and set teacher.engine=vllm, or use parallel sizes of 1")
+    if engine != "vllm" or k is None:
         return
     if k > teacher.max_k:
         raise ValueError(f"labels.k={k} exceeds teacher.max_k={teacher.max_k} of the vllm engine; raise teacher.max_k")

@@ -62,6 +62,10 @@ class VLLMEngine:
         gpu_memory_utilization: share of GPU memory vLLM takes; on CPU the share of host memory
             it reserves (None: 0.85 on GPU, 0.2 on CPU).
         enforce_eager: skip CUDA graphs / torch.compile (faster start, slower steady state).
+        tensor_parallel_size: GPUs one layer is split over (vLLM's ``tensor_parallel_size``).
+        pipeline_parallel_size: pipeline stages (vLLM's ``pipeline_parallel_size``). With a
+            product above 1 vLLM runs its workers as Ray actors in the replica's placement group
+            (see :func:`raykd.teacher.deployment.deployment_options`).
         engine_kwargs: further ``vllm.LLM`` keyword arguments.
 
     Raises:
@@ -82,6 +86,8 @@ class VLLMEngine:
         max_model_len: int | None = None,
         gpu_memory_utilization: float | None = None,
         enforce_eager: bool = True,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if not vllm_available():
@@ -107,17 +113,13 @@ class VLLMEngine:
         self.max_seq_len = int(max_model_len or min(getattr(config, "max_position_embeddings", 4096), 4096))
         self.max_k = int(max_k)
         self.dtype = dtype
-        self.llm = LLM(
-            model=str(self.model_path),
-            dtype=dtype,
-            max_model_len=self.max_seq_len,
-            max_logprobs=self.max_k,
-            logprobs_mode=LOGPROBS_MODE,
-            gpu_memory_utilization=gpu_memory_utilization or (0.85 if platform == "cuda" else 0.2),
-            enforce_eager=enforce_eager,
-            seed=0,
-            **(engine_kwargs or {}),
-        )
+        self.llm = LLM(**vllm_engine_args(
+            self.model_path, dtype=dtype, max_model_len=self.max_seq_len, max_k=self.max_k, platform=platform,
+            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+            tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+            engine_kwargs=engine_kwargs,
+        ))
+        self._flat = sampling_has_flat_logprobs()
         self._lock = threading.Lock()  # vLLM's offline LLM is not re-entrant
         import vllm
 
@@ -165,8 +167,7 @@ class VLLMEngine:
         self.validate_score_request(input_ids, k, temperature)
         b, t = input_ids.shape
         lengths = np.full(b, t) if attention_mask is None else np.asarray(attention_mask).sum(1).astype(int)
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, logprobs=k,
-                                detokenize=False, flat_logprobs=True)
+        params = SamplingParams(**scoring_params(k, max_k=self.max_k, flat_logprobs=self._flat))
         prompts = [TokensPrompt(prompt_token_ids=input_ids[i, : max(1, lengths[i])].tolist()) for i in range(b)]
         with self._lock:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -177,8 +178,8 @@ class VLLMEngine:
         out_label = np.zeros((b, t), dtype=np.float32)
         for i, out in enumerate(outputs):
             n = max(1, lengths[i])
-            prompt = _flat_rows(out.prompt_logprobs, k)  # positions 1..n-1 (position 0 is None)
-            last = _flat_rows(out.outputs[0].logprobs, k)  # the distribution after the row
+            prompt = _flat_rows(out.prompt_logprobs, k, prompts[i]["prompt_token_ids"][1:])  # positions 1..n-1
+            last = _flat_rows(out.outputs[0].logprobs, k, out.outputs[0].token_ids[:1])  # the distribution after the row
             ids = np.concatenate([prompt[0], last[0]])  # [n, K+1]: actual/sampled token, then top-k
             lps = np.concatenate([prompt[1], last[1]])
             out_ids[i, :n] = ids[:, 1:]
@@ -213,14 +214,15 @@ class VLLMEngine:
         longest = max(len(e) for e in encoded)
         if longest + max_new_tokens > self.max_seq_len:
             raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the context {self.max_seq_len}")
+        flat = {"flat_logprobs": True} if self._flat else {}
         params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, logprobs=k, seed=seed,
-                                flat_logprobs=True, skip_special_tokens=True)
+                                skip_special_tokens=True, **flat)
         with self._lock:
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=e) for e in encoded], params, use_tqdm=False)
         results = []
         for out in outputs:
             gen = out.outputs[0]
-            ids, lps = _flat_rows(gen.logprobs, k)
+            ids, lps = _flat_rows(gen.logprobs, k, gen.token_ids)
             results.append(
                 {
                     "text": gen.text,
@@ -240,15 +242,107 @@ class VLLMEngine:
             self.llm = None
 
 
-def _flat_rows(flat: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(ids [N, K+1], logprobs [N, K+1])`` from vLLM ``FlatLogprobs``: per position the
-    actual (or sampled) token first, then the top-k in rank order; empty positions (the prompt's
-    first token) are dropped."""
-    ids = np.asarray(flat.token_ids, dtype=np.int64)
-    lps = np.asarray(flat.logprobs, dtype=np.float32)
-    if ids.size % (k + 1):
-        raise RuntimeError(f"vLLM returned {ids.size} logprobs, not a multiple of K+1={k + 1}")
-    return ids.reshape(-1, k + 1), lps.reshape(-1, k + 1)
+def vllm_engine_args(
+    model_path: str | Path,
+    *,
+    dtype: str,
+    max_model_len: int,
+    max_k: int,
+    platform: str,
+    gpu_memory_utilization: float | None = None,
+    enforce_eager: bool = True,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    engine_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM`` for a teacher (pure: imports no vLLM).
+
+    Capture settings: ``logprobs_mode="raw_logprobs"`` (log-softmax of the unprocessed logits)
+    and ``max_logprobs=max_k`` (every request has ``K <= max_k``). With
+    ``tensor_parallel_size * pipeline_parallel_size > 1`` the workers run on Ray
+    (``distributed_executor_backend="ray"``) inside the Serve replica's placement group.
+
+    Args:
+        platform: ``cuda`` or ``cpu``, the installed vLLM build (sets the memory default).
+        gpu_memory_utilization: None: 0.85 on ``cuda``, 0.2 on ``cpu``.
+        engine_kwargs: further ``LLM`` arguments; they override the ones above.
+    """
+    args: dict[str, Any] = {
+        "model": str(model_path),
+        "dtype": dtype,
+        "max_model_len": int(max_model_len),
+        "max_logprobs": int(max_k),
+        "logprobs_mode": LOGPROBS_MODE,
+        "gpu_memory_utilization": gpu_memory_utilization or (0.85 if platform == "cuda" else 0.2),
+        "enforce_eager": enforce_eager,
+        "seed": 0,
+        "tensor_parallel_size": int(tensor_parallel_size),
+        "pipeline_parallel_size": int(pipeline_parallel_size),
+    }
+    if tensor_parallel_size * pipeline_parallel_size > 1:
+        args["distributed_executor_backend"] = "ray"
+    args.update(engine_kwargs or {})
+    return args
+
+
+def scoring_params(k: int, *, max_k: int, flat_logprobs: bool = True) -> dict[str, Any]:
+    """Keyword arguments of the scoring ``vllm.SamplingParams`` (pure: imports no vLLM).
+
+    Teacher forcing over the prompt (``prompt_logprobs=k``) plus exactly one greedy decoding step
+    (``max_tokens=1``) for the position after the row; no detokenisation (``detokenize=False``);
+    ``flat_logprobs`` (one flat array instead of a dict per position) where the installed vLLM
+    has it (:func:`sampling_has_flat_logprobs`).
+
+    Raises:
+        ValueError: ``k`` outside ``[1, max_k]`` (vLLM's ``max_logprobs``).
+    """
+    if not 1 <= k <= max_k:
+        raise ValueError(f"k={k} must lie in [1, max_k={max_k}] (vLLM's max_logprobs); raise teacher.max_k")
+    params: dict[str, Any] = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k, "logprobs": k, "detokenize": False}
+    if flat_logprobs:
+        params["flat_logprobs"] = True
+    return params
+
+
+def sampling_has_flat_logprobs() -> bool:
+    """Whether the installed vLLM's ``SamplingParams`` takes ``flat_logprobs`` (vLLM >= 0.11)."""
+    from vllm import SamplingParams
+
+    fields = getattr(SamplingParams, "__struct_fields__", None)
+    if fields is not None:
+        return "flat_logprobs" in fields
+    import inspect
+
+    return "flat_logprobs" in inspect.signature(SamplingParams).parameters
+
+
+def _flat_rows(logprobs: Any, k: int, actual_ids: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids [N, K+1], logprobs [N, K+1])`` of vLLM's logprobs: per position the actual (or
+    sampled) token first, then the top-k in rank order; empty positions (the prompt's first
+    token) are dropped.
+
+    Takes ``FlatLogprobs`` (``token_ids`` / ``logprobs`` arrays) or, on vLLM builds without it,
+    the list of ``{token_id: Logprob}`` dicts, whose actual token comes from ``actual_ids``
+    (one id per non-empty position).
+    """
+    if hasattr(logprobs, "token_ids"):
+        ids = np.asarray(logprobs.token_ids, dtype=np.int64)
+        lps = np.asarray(logprobs.logprobs, dtype=np.float32)
+        if ids.size % (k + 1):
+            raise RuntimeError(f"vLLM returned {ids.size} logprobs, not a multiple of K+1={k + 1}")
+        return ids.reshape(-1, k + 1), lps.reshape(-1, k + 1)
+    positions = [p for p in logprobs if p is not None]
+    if actual_ids is None or len(actual_ids) != len(positions):
+        raise RuntimeError(f"vLLM returned {len(positions)} logprob positions for {0 if actual_ids is None else len(actual_ids)} tokens")
+    ids = np.empty((len(positions), k + 1), dtype=np.int64)
+    lps = np.empty((len(positions), k + 1), dtype=np.float32)
+    for n, (pos, actual) in enumerate(zip(positions, actual_ids)):
+        top = sorted((v.rank, int(t), v.logprob) for t, v in pos.items() if v.rank is not None and v.rank <= k)[:k]
+        if len(top) != k:
+            raise RuntimeError(f"vLLM returned {len(top)} top logprobs for a position, not K={k}")
+        ids[n] = [actual] + [t for _, t, _ in top]
+        lps[n] = [pos[actual].logprob] + [lp for *_, lp in top]
+    return ids, lps
 
 
 def _log1mexp_sum(topk_logprobs: np.ndarray) -> np.ndarray:
