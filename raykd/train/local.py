@@ -135,7 +135,7 @@ def train_classifier(
     optimizer, _ = build_optimizer(params, lr=lr)
     if groups is None:
         groups = ([b] for b in class_batches(data, batch_size, steps, seed, device_of(student)))
-    history = run_steps(student, optimizer, groups, lambda step: (objective, temperature), max_steps=steps,
+    history = run_steps(student, optimizer, lambda _tau: next(groups), lambda step: (objective, temperature), max_steps=steps,
                         on_step=on_step, logits_fn=classifier_logits, max_grad_norm=max_grad_norm,
                         teacher=online_teacher(teacher))
     return [h["loss"] for h in history]

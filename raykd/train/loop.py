@@ -177,21 +177,6 @@ def _all_reduce(values: list[float], world: int, device) -> list[float]:
     return t.tolist()
 
 
-class _Groups:
-    """The worker's micro-batch groups, each decoded for the step about to run (its temperature)."""
-
-    def __init__(self, raw, cfg: LoopConfig, mix: TeacherMix | None, vocab_table, step: int):
-        self.raw, self.cfg, self.mix, self.vocab_table, self.step = raw, cfg, mix, vocab_table, step
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> list[StudentBatch]:
-        _, tau = self.cfg.objective_at(self.step)
-        self.step += 1
-        return [student_batch(b, self.cfg.temperature, tau, self.mix, self.vocab_table) for b in next(self.raw)]
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point; ``config`` is a :class:`LoopConfig` as a dict."""
     import ray.train
@@ -246,7 +231,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         elif step % train.log_every == 0:  # metrics only (every worker reports: Ray Train counts reports)
             ray.train.report(row)
 
-    run_steps(model, optim, _Groups(raw, cfg, mix, vocab_table, step), cfg.objective_at, max_steps=train.max_steps,
+    def next_group(tau: float) -> list[StudentBatch]:  # decoded for the step's temperature
+        return [student_batch(b, cfg.temperature, tau, mix, vocab_table) for b in next(raw)]
+
+    run_steps(model, optim, next_group, cfg.objective_at, max_steps=train.max_steps,
               start=step, on_step=on_step, scheduler=sched, max_grad_norm=train.max_grad_norm, world=world,
               all_reduce=partial(_all_reduce, world=world, device=device),
               autocast=partial(_autocast, train.autocast, device),

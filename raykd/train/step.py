@@ -21,7 +21,7 @@ top; :mod:`raykd.train.local` adds in-memory classification data.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -161,7 +161,7 @@ def train_step(
 def run_steps(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    groups: Iterator[Sequence[StudentBatch]],
+    next_group: Callable[[float], Sequence[StudentBatch]],
     objective_at: Callable[[int], tuple[Objective, float]],
     *,
     max_steps: int,
@@ -169,9 +169,11 @@ def run_steps(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     **step_kwargs: Any,
 ) -> list[dict[str, float]]:
-    """Train from step ``start`` to ``max_steps``: one :func:`train_step` per group of ``groups``.
+    """Train from step ``start`` to ``max_steps``: one :func:`train_step` per group of micro-batches.
 
     Args:
+        next_group: the step's temperature -> its micro-batches (targets re-tempered to it where
+            the caller needs that).
         objective_at: 0-based step -> ``(objective, temperature)`` (a schedule, or constant).
         on_step: called after every step with the 1-based step and its metrics (and whatever
             the caller adds to them, e.g. the learning rate).
@@ -184,7 +186,7 @@ def run_steps(
     model.train()
     for step in range(start, max_steps):
         objective, tau = objective_at(step)
-        metrics = {**train_step(model, optimizer, next(groups), objective, tau, **step_kwargs), "temperature": tau}
+        metrics = {**train_step(model, optimizer, next_group(tau), objective, tau, **step_kwargs), "temperature": tau}
         history.append(metrics)
         if on_step is not None:
             on_step(step + 1, metrics)
