@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.s3_server"]  # the `s3_server` fixture: a real S3-compatible server (moto) on loopback
+
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 # A busy 2-core machine can take over a minute to start Ray's dashboard (Ray's default limit: 60 s).
 os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
@@ -131,7 +133,7 @@ def tiny_distill_config(model: Path, corpus: Path, cache_dir: Path, **train_over
     return DistillConfig.model_validate(
         {
             "run_name": "tiny",
-            "data": {"source": "jsonl", "path": str(corpus), "id_column": "id", "test_docs": 10, "seq_len": 32, "min_tokens": 8},
+            "data": {"source": "jsonl", "path": str(corpus), "id_column": "id", "splits": {"train": 0.8, "eval": 0.2}, "seq_len": 32, "min_tokens": 8},
             "teacher": {"name": "tiny-teacher", "model": str(model), "num_threads": 1, "num_cpus": 0.5},
             "labels": {"k": 8, "batch_size": 8, "cache_dir": str(cache_dir), "num_labelers": 1},
             "student": {"keep_layers": [0, 3]},

@@ -52,7 +52,7 @@ def bbc_news_folder() -> Path:
     )
 
 
-def _decode(raw: bytes, path: Path) -> str:
+def _decode(raw: bytes, path: object) -> str:
     """UTF-8 if the bytes are valid UTF-8, else Latin-1 (a few articles store ``£`` as 0xA3)."""
     try:
         return raw.decode("utf-8")
@@ -61,12 +61,25 @@ def _decode(raw: bytes, path: Path) -> str:
         return raw.decode("latin-1")
 
 
-def _read_article(path: Path) -> str:
-    """Headline + ``"\\n\\n"`` + body, each stripped; line endings normalised to ``\\n``."""
-    text = _decode(path.read_bytes(), path).replace("\r\n", "\n").replace("\r", "\n").strip()
+def read_article(raw: bytes, where: object = "") -> str:
+    """An article file's bytes as headline + ``"\\n\\n"`` + body, each stripped; line endings
+    normalised to ``\\n``; UTF-8, else Latin-1 (``where`` names the file in the debug log)."""
+    text = _decode(raw, where).replace("\r\n", "\n").replace("\r", "\n").strip()
     headline, _, body = text.partition("\n")
     headline, body = headline.strip(), body.strip()
     return f"{headline}\n\n{body}" if body else headline
+
+
+def topic_of_folder(folder: str) -> str:
+    """The topic label of a corpus folder name (``sports`` -> ``sport``).
+
+    Raises:
+        ValueError: the folder is not one of the corpus's topic folders.
+    """
+    for topic, names in _FOLDER_NAMES.items():
+        if folder in names:
+            return topic
+    raise ValueError(f"{folder!r} is not a BBC News topic folder (topics: {', '.join(BBC_TOPICS)})")
 
 
 def _topic_folder(root: Path, topic: str) -> Path:
@@ -94,7 +107,7 @@ def load_bbc_news() -> list[Document]:
     docs: list[Document] = []
     for topic in BBC_TOPICS:
         for path in sorted(_topic_folder(root, topic).glob("*.txt")):
-            text = _read_article(path)
+            text = read_article(path.read_bytes(), path)
             if text:
                 docs.append(Document(doc_id=f"{topic}/{path.stem}", text=text, label=topic))
     return docs

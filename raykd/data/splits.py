@@ -1,9 +1,13 @@
-"""Seeded train/test split by document."""
+"""Splits by document: a seeded hash of the id (the streamed data path) or a seeded shuffle of an
+in-memory list (the classification recipes)."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Sequence
+
+import numpy as np
 
 from raykd.data.documents import Document
 
@@ -54,3 +58,64 @@ def split_documents(
     test = ordered[n - test_docs :]
     train = ordered[: keep - test_docs]
     return train, test
+
+
+_SPLIT_ORDER = ("train", "eval", "test")
+
+
+def unit_hash(doc_ids, salt: str, seed: int) -> np.ndarray:
+    """A uniform value in ``[0, 1)`` per document id, stable across runs, machines and Python
+    versions (SHA-256 of ``salt``, ``seed`` and the id; not Python's salted ``hash``).
+
+    Args:
+        doc_ids: ``[D]`` ids (str).
+        salt: separates independent uses (``"split"``, ``"sample"``).
+        seed: ``data.split_seed``.
+
+    Returns:
+        float64 ``[D]``.
+    """
+    prefix = f"raykd\0{salt}\0{seed}\0".encode()
+    values = [int.from_bytes(hashlib.sha256(prefix + str(d).encode()).digest()[:8], "big") for d in doc_ids]
+    return np.asarray(values, dtype=np.float64) / float(1 << 64)
+
+
+def hash_split(doc_ids, splits: dict[str, float], seed: int) -> np.ndarray:
+    """The split of each document by a seeded hash of its id: no shuffle, no global view.
+
+    The hash's unit interval is cut in the order train, eval, test, with each split's fraction,
+    so a document's split depends only on its id, the fractions and the seed. Splitting by
+    document (never by block) keeps held-out text out of training.
+
+    Args:
+        doc_ids: ``[D]`` ids.
+        splits: fractions by split name (``data.splits``; they sum to 1).
+        seed: ``data.split_seed``.
+
+    Returns:
+        object ``[D]`` of split names.
+    """
+    u = unit_hash(doc_ids, "split", seed)
+    names = [s for s in _SPLIT_ORDER if splits.get(s, 0.0) > 0]
+    edges = np.cumsum([splits[s] for s in names])
+    edges[-1] = 1.0  # fractions summing to 1 within rounding: the last interval takes the rest
+    return np.asarray(names, dtype=object)[np.searchsorted(edges, u, side="right").clip(max=len(names) - 1)]
+
+
+def in_sample(doc_ids, sample: float, seed: int) -> np.ndarray:
+    """Which documents ``data.sample`` keeps: ``unit_hash(id, "sample") < sample``.
+
+    Independent of the split hash, so a sample has the split's proportions; a smaller sample's
+    documents are a subset of a larger one's.
+
+    Returns:
+        bool ``[D]``.
+    """
+    if sample >= 1.0:
+        return np.ones(len(doc_ids), dtype=bool)
+    return unit_hash(doc_ids, "sample", seed) < sample
+
+
+def select_split(doc_ids, split: str, splits: dict[str, float], sample: float, seed: int) -> np.ndarray:
+    """bool ``[D]``: the documents of ``split`` within the sample."""
+    return in_sample(doc_ids, sample, seed) & (hash_split(doc_ids, splits, seed) == split)

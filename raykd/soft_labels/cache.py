@@ -1,32 +1,45 @@
-"""The soft-label cache: a folder of Parquet shards plus ``manifest.json``, named by its key.
+"""The soft-label cache: committed *parts* plus a ledger, named by the cache key.
 
 The key hashes everything that changes the labels: schema version, teacher weights and
-tokenizer fingerprints, engine and dtype, ``K``, temperature, the data (a hash of the
-documents' ids and text) and how it was cut into blocks. The same labeling asked for twice
-finds the finished folder and calls the teacher zero times; any change is a new folder.
+tokenizer fingerprints, engine and dtype, ``K``, temperature, the data (the source's identity
+and the selection of documents: split, fractions, seed, sample) and how it is cut into blocks.
 
-A cache is written into ``<key>.partial-<uuid>/`` and renamed to ``<key>/`` only when complete
-(manifest last), so a crash never leaves a folder that looks finished, and a finished folder is
-never written to again.
+A cache folder (a local path or a URI, through :mod:`raykd.storage`) holds::
+
+    <root>/<key digest>/
+        parts/<part>.parquet     the shard of one part (absent when the part had no rows)
+        ledger/<part>.json       the part's commit record: key, part id, document ids, a
+                                 fingerprint of its input, rows, tokens, bytes, teacher calls
+        manifest.json            the index of the parts a finished labeling planned
+
+A part commits on its own: its shard is written first (locally to a temporary name, then
+renamed; on an object store as one object, which becomes visible all at once), then its ledger
+entry, last and atomically. A part is done iff its ledger entry exists, so a run that is killed
+anywhere and started again labels only the parts without one, and a finished part is never
+written again. New documents become new parts. ``manifest.json`` is written when every planned
+part is in the ledger; it is what training opens.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raykd.soft_labels.schema import SCHEMA_VERSION, schema_metadata
+from raykd import storage
+from raykd.soft_labels.schema import SCHEMA_VERSION
 
 MANIFEST = "manifest.json"
+PARTS = "parts"
+LEDGER = "ledger"
+_TMP = ".tmp"
 
 
 class CacheError(RuntimeError):
@@ -44,6 +57,9 @@ class CacheKey:
     k: int
     temperature: float
     data_fingerprint: str
+    """The data's identity: for a streamed source, a hash of the source (kind, location,
+    columns) and the selection (split, fractions, seed, sample, perturbation); for an
+    in-memory list, a hash of its documents (:func:`documents_fingerprint`)."""
     seq_len: int
     max_blocks_per_doc: int
     min_tokens: int
@@ -58,13 +74,23 @@ class CacheKey:
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def fingerprint(value: Any) -> str:
+    """16 hex characters of the SHA-256 of ``value``'s canonical JSON."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
 def documents_fingerprint(docs: Iterable[Any]) -> str:
     """Hash of a document list (ids and texts, in id order); order of the input does not matter."""
+    return rows_fingerprint([d.doc_id for d in docs], [d.text for d in docs])
+
+
+def rows_fingerprint(doc_ids, texts) -> str:
+    """Hash of ``(id, text)`` pairs in id order: the content fingerprint of a part's input."""
     h = hashlib.sha256()
-    for doc in sorted(docs, key=lambda d: d.doc_id):
-        h.update(doc.doc_id.encode())
+    for doc_id, text in sorted(zip(map(str, doc_ids), map(str, texts))):
+        h.update(doc_id.encode())
         h.update(b"\0")
-        h.update(doc.text.encode())
+        h.update(text.encode())
         h.update(b"\1")
     return h.hexdigest()[:16]
 
@@ -81,7 +107,14 @@ class Manifest:
     loss_tokens: int
     bytes: int
     shards: list[dict[str, Any]]
+    """One entry per non-empty part: ``file`` (relative to the cache folder), ``rows``,
+    ``bytes``, ``tokens``, ``part`` (the part id)."""
     label_seconds: float
+    parts: list[str] = field(default_factory=list)
+    """Digests of every planned part (empty parts included)."""
+    docs: int = 0
+    teacher_calls: int = 0
+    """``score`` calls over every part, counted by the labelers (survives replica restarts)."""
     created_at: float = field(default_factory=time.time)
     schema_version: int = SCHEMA_VERSION
 
@@ -90,86 +123,171 @@ class Manifest:
         return self.bytes / max(self.tokens, 1)
 
 
-def cache_dir_for(root: Path, key: CacheKey) -> Path:
-    return Path(root) / key.digest()
+def cache_dir_for(root: Any, key: CacheKey) -> str:
+    """The cache folder of ``key`` under ``root`` (a path or URI)."""
+    return storage.join(str(root), key.digest())
 
 
-def new_partial_dir(final_dir: Path) -> Path:
-    """A fresh private folder to write shards into before :func:`commit`."""
-    path = final_dir.parent / f"{final_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    path.mkdir(parents=True)
-    return path
+def part_file(cache_dir: str, part: str) -> str:
+    return storage.join(cache_dir, PARTS, f"{part}.parquet")
 
 
-def _shard_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.parquet"))
+def ledger_file(cache_dir: str, part: str) -> str:
+    return storage.join(cache_dir, LEDGER, f"{part}.json")
 
 
-def commit(partial: Path, final_dir: Path, key: CacheKey, teacher: dict[str, Any], label_seconds: float) -> Manifest:
-    """Check the shards of ``partial``, write the manifest, and rename it to ``final_dir``.
+def count_tokens(table: pa.Table) -> tuple[int, int]:
+    """``(tokens, loss_tokens)`` of a shard table: real tokens, and labeled positions
+    (``loss_mask``; one per row for class-level labels, which have none)."""
+    from raykd.soft_labels import schema
 
-    The one commit of every cache kind: token-level soft labels (``loss_mask`` counts the
-    labeled positions) and class-level labels (:mod:`raykd.soft_labels.class_labels`, no
-    ``loss_mask``: one label per row).
+    if hasattr(schema, "count_tokens"):
+        return schema.count_tokens(table)
+    tokens = int(table.column("attention_mask").combine_chunks().flatten().to_numpy().sum()) if table.num_rows else 0
+    if "loss_mask" not in table.column_names:
+        return tokens, table.num_rows
+    return tokens, int(table.column("loss_mask").combine_chunks().flatten().to_numpy().sum()) if table.num_rows else 0
+
+
+def write_part(cache_dir: str, key: CacheKey, part: str, table: pa.Table | None, *, part_id: str,
+               doc_ids: Iterable[str] = (), input_fingerprint: str = "", teacher_calls: int = 0,
+               seconds: float = 0.0) -> dict[str, Any]:
+    """Commit one part: its shard (if it has rows), then its ledger entry, atomically and last.
+
+    The one commit of every cache kind: token-level soft labels and class-level labels
+    (:mod:`raykd.soft_labels.class_labels`).
+
+    Args:
+        cache_dir: the cache folder (path or URI).
+        key: the cache key; recorded in the entry, checked when the cache is resumed or opened.
+        part: the part's digest (names its files).
+        table: the part's rows in the cache's schema, or None / empty for a part with none.
+        part_id: readable part identity (``file:start-stop``).
+        doc_ids: the ids of the documents the part labeled.
+        input_fingerprint: :func:`rows_fingerprint` of the part's input documents.
+        teacher_calls: ``score`` calls this part made.
+        seconds: wall time of the part.
+
+    Returns:
+        The ledger entry.
 
     Raises:
-        CacheError: no shard was written, a shard is unreadable or carries another key, or
-            ``final_dir`` already exists (it is never overwritten).
+        CacheError: the part is already committed (a finished part is never rewritten).
     """
-    shards, rows, tokens, loss_tokens, total = [], 0, 0, 0, 0
-    files = _shard_files(partial)
-    if not files:
-        raise CacheError(f"labeling wrote no shard into {partial}: was the data empty?")
-    for path in files:
-        meta = pq.read_metadata(path)
-        got = schema_metadata(meta.schema.to_arrow_schema()).get("cache_key")
-        if got != key.digest():
-            raise CacheError(f"shard {path} carries cache key {got}, expected {key.digest()}")
-        per_token = "loss_mask" in meta.schema.to_arrow_schema().names
-        table = pq.read_table(path, columns=["attention_mask", "loss_mask"] if per_token else ["attention_mask"])
-        n_tok = int(table.column("attention_mask").combine_chunks().flatten().to_numpy().sum())
-        n_loss = int(table.column("loss_mask").combine_chunks().flatten().to_numpy().sum()) if per_token else meta.num_rows
-        size = path.stat().st_size
-        shards.append({"file": path.name, "rows": meta.num_rows, "bytes": size, "tokens": n_tok})
-        rows, tokens, loss_tokens, total = rows + meta.num_rows, tokens + n_tok, loss_tokens + n_loss, total + size
-    manifest = Manifest(
-        key=key.digest(),
-        key_fields=asdict(key),
-        teacher=teacher,
-        rows=rows,
-        tokens=tokens,
-        loss_tokens=loss_tokens,
-        bytes=total,
-        shards=shards,
-        label_seconds=label_seconds,
-    )
-    tmp = partial / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(asdict(manifest), indent=2))
-    os.replace(tmp, partial / MANIFEST)
-    if final_dir.exists():
-        raise CacheError(f"{final_dir} already exists; the new labels stay in {partial}")
-    os.rename(partial, final_dir)
+    ledger = ledger_file(cache_dir, part)
+    if storage.exists(ledger):
+        raise CacheError(f"part {part_id} is already committed in {cache_dir}; a finished part is never rewritten")
+    entry: dict[str, Any] = {"key": key.digest(), "part": part, "part_id": part_id, "doc_ids": [str(d) for d in doc_ids],
+                             "input_fingerprint": input_fingerprint, "teacher_calls": int(teacher_calls),
+                             "seconds": round(seconds, 3), "rows": 0, "tokens": 0, "loss_tokens": 0, "bytes": 0,
+                             "file": None, "schema_version": SCHEMA_VERSION, "created_at": time.time()}
+    if table is not None and table.num_rows:
+        target = part_file(cache_dir, part)
+        fs, path = storage.resolve(target)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        if storage.is_uri(target):  # one PUT: the object appears whole or not at all
+            pq.write_table(table, path, filesystem=fs, compression="zstd")
+        else:
+            tmp = f"{path}.{uuid.uuid4().hex[:8]}{_TMP}"
+            pq.write_table(table, tmp, filesystem=fs, compression="zstd")
+            fs.move(tmp, path)
+        tokens, loss_tokens = count_tokens(table)
+        entry.update(rows=table.num_rows, tokens=tokens, loss_tokens=loss_tokens, bytes=fs.get_file_info(path).size,
+                     file=f"{PARTS}/{part}.parquet")
+    storage.write_json(ledger, entry, indent=None)
+    return entry
+
+
+def done_parts(cache_dir: str) -> set[str]:
+    """Digests of the parts committed in ``cache_dir`` (by listing the ledger; no entry is read)."""
+    return {f.rsplit("/", 1)[-1][: -len(".json")] for f in storage.list_files(storage.join(cache_dir, LEDGER), ".json")}
+
+
+def read_entry(cache_dir: str, part: str, key: CacheKey | None = None) -> dict[str, Any]:
+    """A part's ledger entry, checked against ``key`` and its shard.
+
+    Raises:
+        CacheError: the entry is unreadable, was written for another cache key, or its shard is
+            missing or of another size (a corrupt part). The message says how to relabel just
+            that part; nothing is deleted.
+    """
+    where = ledger_file(cache_dir, part)
+    try:
+        entry = storage.read_json(where)
+    except Exception as e:  # noqa: BLE001
+        raise CacheError(f"the ledger entry {where} is unreadable ({e}); delete it to relabel that part") from None
+    if key is not None and entry.get("key") != key.digest():
+        raise CacheError(f"the ledger entry {where} was written for cache key {entry.get('key')}, not {key.digest()} "
+                         "(a part ledger from another cache); move it out of this cache folder")
+    if entry.get("file"):
+        shard = storage.join(cache_dir, entry["file"])
+        info = storage.file_info(shard)
+        if not info.is_file or info.size != entry["bytes"]:
+            got = f"{info.size} bytes" if info.is_file else "missing"
+            raise CacheError(f"part {entry['part_id']} is corrupt: its shard {shard} is {got}, its ledger entry says "
+                             f"{entry['bytes']} bytes; delete {where} (and the shard) and run again to relabel that part")
+    return entry
+
+
+def remove_partials(cache_dir: str) -> int:
+    """Delete the temporary shard files an interrupted run left in ``cache_dir``; returns how many.
+
+    A temporary file is one whose part has no ledger entry yet, so no finished part is touched.
+    (Two runs labeling the same cache at once are not supported.)
+    """
+    removed = 0
+    for f in storage.list_files(storage.join(cache_dir, PARTS), _TMP):
+        storage.delete_file(f)
+        removed += 1
+    return removed
+
+
+def finalize(cache_dir: str, key: CacheKey, parts: list[str], teacher: dict[str, Any], label_seconds: float) -> Manifest:
+    """Write ``manifest.json`` for the planned ``parts`` once every one is in the ledger.
+
+    Entries are read one at a time (the driver never holds every part's ids).
+
+    Raises:
+        CacheError: a planned part has no ledger entry, or an entry fails :func:`read_entry`.
+    """
+    missing = sorted(set(parts) - done_parts(cache_dir))
+    if missing:
+        raise CacheError(f"{len(missing)} of {len(parts)} parts of {cache_dir} are not labeled yet (e.g. {missing[0]})")
+    shards, rows, tokens, loss_tokens, total, docs, calls = [], 0, 0, 0, 0, 0, 0
+    for part in parts:
+        e = read_entry(cache_dir, part, key)
+        if e["file"]:
+            shards.append({"file": e["file"], "rows": e["rows"], "bytes": e["bytes"], "tokens": e["tokens"], "part": e["part_id"]})
+        rows, tokens, loss_tokens, total = rows + e["rows"], tokens + e["tokens"], loss_tokens + e["loss_tokens"], total + e["bytes"]
+        docs, calls = docs + len(e["doc_ids"]), calls + e["teacher_calls"]
+    if not rows:
+        raise CacheError(f"labeling wrote no rows into {cache_dir}: was the data (or this split of it) empty?")
+    manifest = Manifest(key=key.digest(), key_fields=asdict(key), teacher=teacher, rows=rows, tokens=tokens,
+                        loss_tokens=loss_tokens, bytes=total, shards=shards, label_seconds=label_seconds,
+                        parts=list(parts), docs=docs, teacher_calls=calls)
+    storage.write_json(storage.join(cache_dir, MANIFEST), asdict(manifest))  # atomic: the cache is finished or not
     return manifest
 
 
-def open_cache(folder: Path, expect: CacheKey | None = None, *, deep: bool = False) -> Manifest:
+def open_cache(folder: Any, expect: CacheKey | None = None, *, deep: bool = False, parts: list[str] | None = None) -> Manifest:
     """Open a finished cache folder and check it before any training starts.
 
     Args:
-        folder: the cache folder (holds ``manifest.json`` and shards).
+        folder: the cache folder (path or URI).
         expect: if given, the cache must have been made with exactly these settings; a
             mismatch names the differing fields (another teacher, tokenizer, K, schema ...).
         deep: also read every shard's footer (catches truncated or corrupt files).
+        parts: if given, the manifest must cover exactly these part digests.
 
     Raises:
         CacheError: no manifest, another schema version or settings, a shard missing, of
             another size than recorded, or (``deep``) unreadable.
     """
-    folder = Path(folder)
-    mpath = folder / MANIFEST
-    if not mpath.is_file():
+    folder = str(folder)
+    mpath = storage.join(folder, MANIFEST)
+    if not storage.is_file(mpath):
         raise CacheError(f"{folder} is not a finished soft-label cache (no {MANIFEST}); relabel or point to another folder")
-    raw = json.loads(mpath.read_text())
+    raw = storage.read_json(mpath)
     if raw.get("schema_version") != SCHEMA_VERSION:
         raise CacheError(
             f"cache {folder} has schema version {raw.get('schema_version')}, this raykd reads version "
@@ -177,29 +295,30 @@ def open_cache(folder: Path, expect: CacheKey | None = None, *, deep: bool = Fal
         )
     manifest = Manifest(**raw)
     if expect is not None and manifest.key != expect.digest():
-        diff = {
-            name: (manifest.key_fields.get(name), value)
-            for name, value in asdict(expect).items()
-            if manifest.key_fields.get(name) != value
-        }
+        diff = {name: (manifest.key_fields.get(name), value) for name, value in asdict(expect).items()
+                if manifest.key_fields.get(name) != value}
         detail = ", ".join(f"{n}: cache has {a!r}, run wants {b!r}" for n, (a, b) in diff.items())
         raise CacheError(f"cache {folder} was made for other settings ({detail}); relabel or use the matching settings")
+    if parts is not None and sorted(manifest.parts) != sorted(parts):
+        raise CacheError(f"cache {folder} covers {len(manifest.parts)} parts, the data now has {len(parts)}")
     for shard in manifest.shards:
-        path = folder / shard["file"]
-        if not path.is_file():
-            raise CacheError(f"shard {path} listed in the manifest is missing; relabel into a new cache")
-        if path.stat().st_size != shard["bytes"]:
-            raise CacheError(
-                f"shard {path} is {path.stat().st_size} bytes, the manifest says {shard['bytes']}: it is "
-                "corrupt or was changed; move the cache folder aside and relabel"
-            )
+        path = storage.join(folder, shard["file"])
+        info = storage.file_info(path)
+        if not info.is_file:
+            raise CacheError(f"shard {path} listed in the manifest is missing; delete its ledger entry to relabel its part")
+        if info.size != shard["bytes"]:
+            raise CacheError(f"shard {path} is {info.size} bytes, the manifest says {shard['bytes']}: it is corrupt or "
+                             "was changed; delete it and its ledger entry, and run again to relabel that part")
         if deep:
             try:
-                pq.read_metadata(path)
-            except Exception as e:  # noqa: BLE001
-                raise CacheError(f"shard {path} is not readable Parquet ({e}); move the cache aside and relabel") from e
+                with storage.open_input(path) as f:
+                    pq.read_metadata(f)
+            except Exception as e:
+                raise CacheError(f"shard {path} is not readable Parquet ({e}); delete it and its ledger entry to relabel") from e
     return manifest
 
 
-def shard_paths(folder: Path, manifest: Manifest) -> list[str]:
-    return [str(Path(folder) / s["file"]) for s in manifest.shards]
+def shard_paths(folder: Any, manifest: Manifest) -> list[str]:
+    """Locations of a cache's shards (paths or URIs, as the folder is)."""
+    return [storage.join(str(folder), s["file"]) for s in manifest.shards]
+

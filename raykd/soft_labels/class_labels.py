@@ -1,9 +1,10 @@
 """Soft labels of a classification teacher: one row per document, the teacher's class logits.
 
-The cache reuses the soft-label cache's key, manifest and folder rules
-(:mod:`raykd.soft_labels.cache`, committed by the same :func:`~raykd.soft_labels.cache.commit`): a folder named by the :class:`~raykd.soft_labels.cache.CacheKey`
-digest, written into a private ``.partial-*`` folder and renamed when complete, so the same
-labeling asked for twice finds the finished folder and asks the teacher nothing. Class caches
+The cache reuses the soft-label cache's key, parts, ledger and manifest
+(:mod:`raykd.soft_labels.cache`, committed by the same :func:`~raykd.soft_labels.cache.write_part`
+and :func:`~raykd.soft_labels.cache.finalize`): a folder named by the
+:class:`~raykd.soft_labels.cache.CacheKey` digest whose parts are row ranges of the labeled rows,
+so the same labeling asked for twice finds the finished folder and asks the teacher nothing. Class caches
 live under their own root (``<cache>/class_labels``) and carry ``engine="classifier"`` and
 ``k = C`` in their key.
 
@@ -29,7 +30,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raykd.soft_labels.cache import CacheError, CacheKey, Manifest, cache_dir_for, commit, new_partial_dir, open_cache
+from raykd import storage
+from raykd.soft_labels.cache import (
+    CacheError,
+    CacheKey,
+    Manifest,
+    cache_dir_for,
+    done_parts,
+    finalize,
+    fingerprint,
+    open_cache,
+    write_part,
+)
 from raykd.soft_labels.schema import META_PREFIX
 
 CLASS_LABEL_COLUMNS = ("doc_id", "input_ids", "attention_mask", "label", "teacher_logits")
@@ -88,7 +100,7 @@ def encode_rows(rows: dict[str, np.ndarray], logits: np.ndarray, schema: pa.Sche
 def find_class_cache(root: Path, key: CacheKey) -> tuple[Path, Manifest | None]:
     """``(folder, manifest)`` of the finished cache for ``key``; manifest None when not labeled yet."""
     folder = cache_dir_for(root, key)
-    return folder, (open_cache(folder, key) if (folder / "manifest.json").is_file() else None)
+    return Path(folder), (open_cache(folder, key) if storage.is_file(storage.join(folder, "manifest.json")) else None)
 
 
 def label_rows(handle: Any, rows: dict[str, np.ndarray], root: Path, key: CacheKey, *, num_classes: int,
@@ -107,8 +119,7 @@ def label_rows(handle: Any, rows: dict[str, np.ndarray], root: Path, key: CacheK
         CacheError: the teacher returned another number of classes, or the commit failed.
     """
     t0 = time.time()
-    final_dir = cache_dir_for(root, key)
-    partial = new_partial_dir(final_dir)
+    folder = cache_dir_for(root, key)
     n, seq_len = rows["input_ids"].shape
     schema = class_label_schema(seq_len, num_classes, key)
     pending: deque = deque()
@@ -122,10 +133,15 @@ def label_rows(handle: Any, rows: dict[str, np.ndarray], root: Path, key: CacheK
             if got.shape[1] != num_classes:
                 raise CacheError(f"the teacher returned {got.shape[1]} classes, the task has {num_classes}")
             logits[done_sl] = got
-    for i, s in enumerate(range(0, n, rows_per_shard)):
-        part = {k: np.asarray(v)[s : s + rows_per_shard] for k, v in rows.items()}
-        pq.write_table(encode_rows(part, logits[s : s + rows_per_shard], schema), partial / f"part-{i:05d}.parquet")
-    return commit(partial, final_dir, key, teacher or {}, time.time() - t0)
+    parts, done = [], done_parts(folder)
+    for s in range(0, n, rows_per_shard):  # one part per shard of rows
+        chunk = {k: np.asarray(v)[s : s + rows_per_shard] for k, v in rows.items()}
+        part = fingerprint(["rows", s, [str(d) for d in chunk["doc_id"]]])
+        parts.append(part)
+        if part not in done:
+            write_part(folder, key, part, encode_rows(chunk, logits[s : s + rows_per_shard], schema),
+                       part_id=f"rows:{s}-{s + len(chunk['doc_id'])}", doc_ids=chunk["doc_id"])
+    return finalize(folder, key, parts, teacher or {}, time.time() - t0)
 
 
 def read_class_cache(folder: Path, manifest: Manifest) -> dict[str, np.ndarray]:
@@ -135,7 +151,7 @@ def read_class_cache(folder: Path, manifest: Manifest) -> dict[str, np.ndarray]:
         ``doc_id`` [N] (object), ``input_ids`` int64 [N, T], ``attention_mask`` int64 [N, T],
         ``label`` int64 [N], ``teacher_logits`` float32 [N, C].
     """
-    table = pa.concat_tables([pq.read_table(Path(folder) / s["file"]) for s in manifest.shards])
+    table = pa.concat_tables([pq.read_table(storage.join(str(folder), s["file"])) for s in manifest.shards])
     missing = set(CLASS_LABEL_COLUMNS) - set(table.column_names)
     if missing:
         raise CacheError(f"{folder} is not a class-label cache (missing columns {sorted(missing)})")

@@ -1,10 +1,16 @@
-"""Labeling: text -> blocks -> teacher ``score`` (Ray Serve) -> Parquet shards (Ray Data).
+"""Labeling: parts of a source -> documents -> blocks -> teacher ``score`` (Ray Serve) -> committed parts.
 
-The pipeline is one Ray Data plan: a pool of labeler actors tokenises batches of documents
-into blocks, sends them to the teacher deployment (several requests in flight, so the teacher
-never waits for the next batch), encodes each answer into the soft-label Arrow schema, and Ray
-Data writes the shards. Each labeler counts its documents and tokens into the driver's progress
-bar (:func:`raykd.console.progress`).
+One Ray Data plan over the parts still missing from the caches: each row is one
+:class:`~raykd.data.sources.PartSpec` (the driver holds nothing bigger). A pool of labeler
+actors reads a part where it runs, keeps the documents of each split that still needs it (by
+document-id hash), tokenises them into blocks, sends every chunk to the teacher deployment at
+once (the replicas queue them, so the teacher never waits for the next batch), encodes the
+answers into the soft-label schema and commits the part into each split's cache
+(:func:`raykd.soft_labels.cache.write_part`: shard, then ledger entry). Each labeler counts its
+documents and tokens into the driver's progress bar (:func:`raykd.console.progress`).
+
+A part is the unit of work, of commit and of resume: Ray Data's readers would mix rows of
+several parts in one block and one batch, and a part can only be committed whole.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +27,55 @@ import pyarrow as pa
 
 from raykd import console
 from raykd.config import DataConfig, SoftLabelConfig
-from raykd.data import Document, tokenize_to_blocks
-from raykd.soft_labels.cache import CacheKey, Manifest, cache_dir_for, commit, new_partial_dir, open_cache
+from raykd.data import tokenize_to_blocks
+from raykd.data.documents import Document
+from raykd.data.sources import PartSpec, read_part
+from raykd.data.splits import select_split
+from raykd.soft_labels.cache import CacheKey, ledger_file, rows_fingerprint, write_part
 from raykd.soft_labels.schema import encode_batch, soft_label_schema
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which documents of a part a cache holds: one split of the id hash within the sample, or
+    every document (``split=None``, e.g. generated documents that are all training data)."""
+
+    split: str | None
+    splits: tuple[tuple[str, float], ...] = ()
+    seed: int = 0
+    sample: float = 1.0
+    perturb_share: float = 0.0
+    perturb_seed: int = 0
+
+    @classmethod
+    def of(cls, split: str, data: DataConfig) -> Selection:
+        """Split ``split`` of ``data``'s hash split and sample; train documents perturbed as
+        ``data.perturb_share`` says (the held-out split never is)."""
+        share = data.perturb_share if split == "train" else 0.0
+        return cls(split, tuple(sorted(data.splits.items())), data.split_seed, data.sample, share, data.perturb_seed)
+
+    def identity(self) -> dict[str, Any]:
+        """What goes into the cache key."""
+        if self.split is None:
+            return {"split": "all", "perturb": [self.perturb_share, self.perturb_seed] if self.perturb_share else None}
+        return {"split": self.split, "splits": dict(self.splits), "seed": self.seed, "sample": self.sample,
+                "perturb": [self.perturb_share, self.perturb_seed] if self.perturb_share else None}
+
+    def mask(self, doc_ids: np.ndarray) -> np.ndarray:
+        if self.split is None:
+            return np.ones(len(doc_ids), dtype=bool)
+        return select_split(doc_ids, self.split, dict(self.splits), self.sample, self.seed)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One cache a labeling run fills: its key, folder and selection."""
+
+    key: CacheKey
+    cache_dir: str
+    selection: Selection
 
 
 @functools.lru_cache(maxsize=4)
@@ -34,139 +85,127 @@ def _tokenizer(path: str):
     return load_tokenizer(Path(path))
 
 
-def _tokenize(batch: dict[str, np.ndarray], *, tokenizer_path: str, seq_len: int, max_blocks_per_doc: int, min_tokens: int):
-    return tokenize_to_blocks(
-        batch,
-        _tokenizer(tokenizer_path),
-        seq_len=seq_len,
-        max_blocks_per_doc=max_blocks_per_doc,
-        min_tokens=min_tokens,
-    )
+class _PartLabeler:
+    """Ray Data actor: one part -> documents per target -> blocks -> ``score`` calls -> committed parts."""
 
-
-class _Labeler:
-    """Ray Data actor: documents -> blocks -> teacher ``score`` calls -> one Arrow table.
-
-    Tokenising here rather than in a stage of its own saves a Ray Data operator (its tasks and
-    worker processes), which on a small machine competes with the teacher for the cores.
-    """
-
-    def __init__(self, app_name: str, k: int, temperature: float, schema: pa.Schema, tokenizer_path: str,
-                 seq_len: int, max_blocks_per_doc: int, min_tokens: int, batch_size: int, progress: console.ProgressSink):
+    def __init__(self, app_name: str, targets: dict[str, Target], data: DataConfig, k: int, temperature: float,
+                 vocab_size: int, tokenizer_path: str, batch_size: int, progress: console.ProgressSink):
         from ray import serve
 
         from raykd.teacher.deployment import DEPLOYMENT_NAME
 
         self.handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name)
-        self.k, self.temperature, self.schema, self.batch_size, self.progress = k, temperature, schema, batch_size, progress
-        self.block_args = {"tokenizer_path": tokenizer_path, "seq_len": seq_len,
-                           "max_blocks_per_doc": max_blocks_per_doc, "min_tokens": min_tokens}
+        self.targets, self.data, self.k, self.temperature = targets, data, k, temperature
+        self.tokenizer_path, self.batch_size, self.progress = tokenizer_path, batch_size, progress
+        self.schemas = {
+            name: soft_label_schema(data.seq_len, k, vocab_size,
+                                    {"cache_key": t.key.digest(), "k": k, "temperature": temperature, "seq_len": data.seq_len})
+            for name, t in targets.items()
+        }
 
-    def __call__(self, docs: dict[str, np.ndarray]) -> pa.Table:
-        blocks = _tokenize(docs, **self.block_args)
-        n = len(blocks["input_ids"])
-        starts = range(0, n, self.batch_size)
-        pending = [  # every chunk in flight at once; the replica queues them
-            self.handle.score.remote(blocks["input_ids"][s : s + self.batch_size],
-                                     blocks["attention_mask"][s : s + self.batch_size],
-                                     k=self.k, temperature=self.temperature)
-            for s in starts
-        ]
-        tables = [
-            encode_batch({name: col[s : s + self.batch_size] for name, col in blocks.items()}, resp.result(), self.schema)
-            for s, resp in zip(starts, pending)
-        ]
-        self.progress.add(len(docs["doc_id"]), tokens=int(np.sum(blocks["attention_mask"])) if n else 0)
-        return pa.concat_tables(tables) if tables else self.schema.empty_table()
+    def _blocks(self, rows: dict[str, np.ndarray], selection: Selection) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        keep = selection.mask(rows["doc_id"])
+        ids, texts = rows["doc_id"][keep], rows["text"][keep]
+        tokenizer = _tokenizer(self.tokenizer_path)
+        if selection.perturb_share > 0:
+            from raykd.data.perturb import perturb_documents
+
+            docs = perturb_documents([Document(str(i), str(t)) for i, t in zip(ids, texts)], tokenizer,
+                                     selection.perturb_share, selection.perturb_seed)
+            texts = np.array([d.text for d in docs], dtype=object)
+        d = self.data
+        blocks = tokenize_to_blocks({"doc_id": ids, "text": texts}, tokenizer, seq_len=d.seq_len,
+                                    max_blocks_per_doc=d.max_blocks_per_doc, min_tokens=d.min_tokens)
+        return blocks, ids
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {"part": [], "target": [], "docs": [], "rows": [], "tokens": [], "calls": []}
+        for i in range(len(batch["name"])):
+            spec = PartSpec.from_row({k: v[i] for k, v in batch.items() if k != "targets"})
+            for name, stats in self._label(spec, str(batch["targets"][i]).split(",")).items():
+                for field, value in (("part", spec.part_id), ("target", name), *stats.items()):
+                    out[field].append(value)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def _label(self, spec: PartSpec, names: list[str]) -> dict[str, dict[str, int]]:
+        start = time.perf_counter()
+        digest = spec.digest()
+        # a retried part skips the targets it already committed (its ledger entry exists)
+        from raykd import storage
+
+        names = [n for n in names if not storage.exists(ledger_file(self.targets[n].cache_dir, digest))]
+        rows = read_part(spec, self.data)
+        input_fp = rows_fingerprint(rows["doc_id"], rows["text"])
+        work = {n: self._blocks(rows, self.targets[n].selection) for n in names}
+        pending = {  # every chunk of every target in flight at once; the replicas queue them
+            n: [self.handle.score.remote(b["input_ids"][s : s + self.batch_size], b["attention_mask"][s : s + self.batch_size],
+                                         k=self.k, temperature=self.temperature)
+                for s in range(0, len(b["input_ids"]), self.batch_size)]
+            for n, (b, _) in work.items()
+        }
+        stats, tokens = {}, 0
+        for n, (blocks, ids) in work.items():
+            tables = [encode_batch({c: col[j * self.batch_size : (j + 1) * self.batch_size] for c, col in blocks.items()},
+                                   resp.result(), self.schemas[n])
+                      for j, resp in enumerate(pending[n])]
+            table = pa.concat_tables(tables) if tables else None
+            t = self.targets[n]
+            entry = write_part(t.cache_dir, t.key, digest, table, part_id=spec.part_id, doc_ids=ids,
+                               input_fingerprint=input_fp, teacher_calls=len(pending[n]),
+                               seconds=time.perf_counter() - start)
+            stats[n] = {"docs": len(ids), "rows": entry["rows"], "tokens": entry["tokens"], "calls": len(pending[n])}
+            tokens += entry["tokens"]
+        self.progress.add(len(rows["doc_id"]), tokens=tokens)
+        return stats
 
 
-def write_soft_labels(
-    docs: list[Document],
-    *,
-    key: CacheKey,
-    cache_root: Path,
-    app_name: str,
-    tokenizer_path: str,
-    vocab_size: int,
-    data: DataConfig,
-    labels: SoftLabelConfig,
-    teacher_meta: dict[str, Any],
-) -> tuple[Path, Manifest]:
-    """Label ``docs`` with the running teacher ``app_name`` and commit a cache for ``key``.
+def label_parts(parts: list[PartSpec], todo: dict[str, list[str]], targets: dict[str, Target], *, app_name: str,
+                tokenizer_path: str, vocab_size: int, data: DataConfig, labels: SoftLabelConfig) -> dict[str, dict[str, int]]:
+    """Label the parts ``todo`` names through the running teacher and commit each into its targets' caches.
 
     Args:
-        docs: documents of one split.
-        key: the cache key (see :class:`raykd.soft_labels.cache.CacheKey`).
-        cache_root: folder that holds caches by key.
+        parts: the source's parts (:func:`raykd.data.sources.plan_parts`).
+        todo: for each part digest to label, the names of the targets that miss it.
+        targets: the caches to fill, by name (e.g. ``train``, ``eval``).
         app_name: Serve application name of the teacher.
-        tokenizer_path: folder of the tokenizer the key was made with.
+        tokenizer_path: folder of the tokenizer the keys were made with.
         vocab_size: teacher vocabulary ``V`` (picks the id dtype).
-        data: block settings (``seq_len``, ``max_blocks_per_doc``, ``min_tokens``).
-        labels: ``k``, ``temperature``, ``batch_size``, ``num_labelers``, ``rows_per_shard``.
-        teacher_meta: teacher identity recorded in the manifest.
+        data: block settings (``seq_len``, ``max_blocks_per_doc``, ``min_tokens``) and columns.
+        labels: ``k``, ``temperature``, ``batch_size`` (sequences per ``score`` call), ``num_labelers``.
 
     Returns:
-        ``(cache folder, manifest)``.
+        Per target: ``parts``, ``docs``, ``rows``, ``tokens`` and ``calls`` (``score`` calls,
+        counted by the labelers, so a teacher replica that restarts loses none of the count).
 
     Raises:
-        CacheError: nothing was written, or a finished cache for ``key`` appeared meanwhile.
+        ray.exceptions.RayTaskError: a part failed after Ray Data's retries (the parts committed
+            before stay committed; a rerun labels the rest).
     """
     import ray
 
-    final_dir = cache_dir_for(cache_root, key)
-    partial = new_partial_dir(final_dir)
-    schema = soft_label_schema(
-        data.seq_len,
-        labels.k,
-        vocab_size,
-        {"cache_key": key.digest(), "k": labels.k, "temperature": labels.temperature, "seq_len": data.seq_len},
-    )
-    start = time.perf_counter()
-    items = [{"doc_id": d.doc_id, "text": d.text} for d in docs]
-    n_blocks = max(1, min(len(items) // 32, 64))
-    ds = ray.data.from_items(items, override_num_blocks=n_blocks)
-    n_batches = -(-len(items) // labels.batch_size)
-    # More labelers than input blocks or batches would idle (and Ray Data warns about it).
-    labelers = max(1, min(labels.num_labelers, n_batches, n_blocks))
-    with console.progress("labeling", total=len(items), unit="doc", rate_of="tokens") as progress:
-        ds = ds.map_batches(
-            _Labeler,
-            batch_format="numpy",
-            batch_size=labels.batch_size,
+    rows = [spec.to_row() | {"targets": ",".join(todo[spec.digest()])} for spec in parts if spec.digest() in todo]
+    totals = {name: {"parts": 0, "docs": 0, "rows": 0, "tokens": 0, "calls": 0} for name in targets}
+    if not rows:
+        return totals
+    labelers = max(1, min(labels.num_labelers, len(rows)))
+    with console.progress("labeling", total=sum(spec.rows for spec in parts if spec.digest() in todo), unit="doc",
+                          rate_of="tokens") as progress:
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+            _PartLabeler,
+            batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=labelers),
             num_cpus=0.1,
+            max_restarts=2,
+            max_task_retries=2,
             fn_constructor_kwargs={
-                "app_name": app_name,
-                "k": labels.k,
-                "temperature": labels.temperature,
-                "schema": schema,
-                "tokenizer_path": tokenizer_path,
-                "seq_len": data.seq_len,
-                "max_blocks_per_doc": data.max_blocks_per_doc,
-                "min_tokens": data.min_tokens,
-                "batch_size": labels.batch_size,
+                "app_name": app_name, "targets": targets, "data": data, "k": labels.k, "temperature": labels.temperature,
+                "vocab_size": vocab_size, "tokenizer_path": tokenizer_path, "batch_size": labels.batch_size,
                 "progress": progress,
             },
         )
-        ds.write_parquet(
-            str(partial),
-            schema=schema,
-            min_rows_per_file=labels.rows_per_shard,
-            ray_remote_args={"num_cpus": 0.1},
-            compression="zstd",
-        )
-    seconds = time.perf_counter() - start
-    manifest = commit(partial, final_dir, key, teacher_meta, seconds)
-    return final_dir, manifest
-
-
-def find_cache(cache_root: Path, key: CacheKey) -> tuple[Path, Manifest] | None:
-    """The finished cache for ``key``, checked (sizes and footers), or None if there is none.
-
-    Raises:
-        CacheError: a folder for ``key`` exists but is corrupt (the error names the shard).
-    """
-    folder = cache_dir_for(cache_root, key)
-    if not folder.exists():
-        return None
-    return folder, open_cache(folder, expect=key, deep=True)
+        for row in ds.iter_rows():
+            t = totals[row["target"]]
+            t["parts"] += 1
+            for field in ("docs", "rows", "tokens", "calls"):
+                t[field] += int(row[field])
+    return totals

@@ -14,12 +14,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raykd import console
-from raykd.config import DistillConfig, default_cache_root
-from raykd.data import Document, load_documents, split_documents
-from raykd.data.perturb import perturb_documents
-from raykd.models import load_tokenizer, resolve_model_path, tokenizer_fingerprint, weights_fingerprint
-from raykd.soft_labels.cache import CacheKey, Manifest, documents_fingerprint
+from raykd import console, storage
+from raykd.config import DataConfig, DistillConfig, default_cache_root
+from raykd.data import Document
+from raykd.data.sources import (
+    PartSpec,
+    check_unique_ids,
+    iter_documents,
+    plan_parts,
+    source_identity,
+)
+from raykd.models import (
+    load_tokenizer,
+    resolve_model_path,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+)
+from raykd.soft_labels.cache import (
+    CacheKey,
+    Manifest,
+    documents_fingerprint,
+    fingerprint,
+)
+from raykd.soft_labels.pipeline import Selection, Target
 from raykd.teacher.engines import LOGPROBS_MODE, check_engine_request, resolve_engine
 from raykd.teacher.running import check_running_teacher
 
@@ -27,11 +44,19 @@ log = logging.getLogger(__name__)
 
 
 class Plan:
-    """What a distill run will do, settled before any expensive work."""
+    """What a distill run will do, settled before any expensive work.
+
+    Attributes:
+        sources: per split, the data settings and parts it is labeled from (``train`` and
+            ``eval`` share the source's parts; :meth:`set_train_docs` gives ``train`` its own).
+        selections: per split, which documents of its source's parts it holds.
+        keys: per split, the cache key.
+    """
 
     def __init__(self, cfg: DistillConfig):
-        """Settle the plan of ``cfg``: reads the documents, the teacher's tokenizer and model
-        config (no weights are loaded) and fingerprints the teacher's files.
+        """Settle the plan of ``cfg``: cuts the source into parts (metadata only, no document is
+        read into the driver), reads the teacher's tokenizer and model config (no weights are
+        loaded) and fingerprints the teacher's files.
 
         Raises:
             ValueError: a setting does not fit the data or the models (e.g. ``labels.k`` above
@@ -40,23 +65,23 @@ class Plan:
             FileNotFoundError: the data or a model cannot be found (the message says how to get it).
         """
         with console.user_errors(ValueError, FileNotFoundError):  # bad input: `raykd` prints error: ..., exits 2
-            self._settle(cfg)
+            self._settle(cfg)  # (raykd.storage.StorageError is a ValueError)
         self.owns_teacher = False
         """True once this run has started its teacher (e.g. a recipe's ``prepare`` step did): the
         run then stops it after labeling, so its CPUs/GPUs are free for training."""
 
     def _settle(self, cfg: DistillConfig) -> None:
         self.cfg = cfg
-        docs = load_documents(cfg.data)
-        self.train_docs, self.eval_docs = split_documents(
-            docs, test_docs=cfg.data.test_docs, seed=cfg.data.split_seed, max_docs=cfg.data.max_docs
-        )
+        root = cfg.labels.cache_dir or str(default_cache_root() / "soft_labels")
+        storage.resolve(root, setting="labels.cache_dir")  # a missing filesystem fails here
+        self.cache_root = root if storage.is_uri(root) else str(Path(root).expanduser())
+        parts = plan_parts(cfg.data)
+        self.sources: dict[str, tuple[DataConfig, list[PartSpec]]] = {"train": (cfg.data, parts), "eval": (cfg.data, parts)}
+        self.selections = {split: Selection.of(split, cfg.data) for split in ("train", "eval")}
         self.teacher_path = resolve_model_path(cfg.teacher.model)
         self.engine = resolve_engine(cfg.teacher)
         check_engine_request(self.engine, cfg.teacher, k=cfg.labels.k, temperature=cfg.labels.temperature)
         tokenizer = load_tokenizer(self.teacher_path)
-        if cfg.data.perturb_share > 0:  # robust distillation: the teacher labels perturbed train text
-            self.train_docs = perturb_documents(self.train_docs, tokenizer, cfg.data.perturb_share, cfg.data.perturb_seed)
         self.tokenizer_fp = tokenizer_fingerprint(tokenizer)
         self.weights_fp = weights_fingerprint(self.teacher_path)
         teacher_config = _model_config(self.teacher_path)
@@ -68,11 +93,13 @@ class Plan:
                              f"vocabulary ({self.vocab_size}) to compress it")
         _check_student_tokenizer(cfg, self.tokenizer_fp, self.vocab_size)
         _check_layer_drops(cfg, teacher_config)
-        self.cache_root = Path(cfg.labels.cache_dir).expanduser() if cfg.labels.cache_dir else default_cache_root() / "soft_labels"
-        self.keys = {"train": self.key_for(self.train_docs), "eval": self.key_for(self.eval_docs)}
+        self.keys = {split: self.key_for(split) for split in self.sources}
 
-    def key_for(self, docs: list[Document]) -> CacheKey:
+    def key_for(self, split: str) -> CacheKey:
+        """The cache key of ``split``: the teacher, the labels' settings, the source's identity
+        and the split's selection."""
         c = self.cfg
+        data = {"source": source_identity(self.sources[split][0]), "selection": self.selections[split].identity()}
         return CacheKey(
             teacher_fingerprint=self.weights_fp,
             tokenizer_fingerprint=self.tokenizer_fp,
@@ -80,17 +107,47 @@ class Plan:
             dtype=c.teacher.dtype,
             k=c.labels.k,
             temperature=c.labels.temperature,
-            data_fingerprint=documents_fingerprint(docs),
+            data_fingerprint=fingerprint(data),
             seq_len=c.data.seq_len,
             max_blocks_per_doc=c.data.max_blocks_per_doc,
             min_tokens=c.data.min_tokens,
             logprobs_mode=LOGPROBS_MODE,
         )
 
+    def targets(self) -> dict[str, Target]:
+        """The cache each split is labeled into."""
+        from raykd.soft_labels.cache import cache_dir_for
+
+        return {split: Target(key, cache_dir_for(self.cache_root, key), self.selections[split]) for split, key in self.keys.items()}
+
+    def documents(self, split: str) -> list[Document]:
+        """The documents of ``split``, read into the driver part by part (for recipes that need
+        a list, such as sequence-level KD's prompts; the labeling path never does this)."""
+        data, parts = self.sources[split]
+        selection, docs = self.selections[split], []
+        for doc in iter_documents(data, parts):
+            if selection.mask([doc.doc_id])[0]:
+                docs.append(doc)
+        return docs
+
     def set_train_docs(self, docs: list[Document]) -> None:
-        """Train on ``docs`` instead (e.g. teacher generations); the train cache key follows."""
-        self.train_docs = docs
-        self.keys["train"] = self.key_for(docs)
+        """Train on ``docs`` instead (e.g. teacher generations): they are written once as a
+        Parquet source under the cache root, every one in the train split, and the train cache
+        key follows."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        location = storage.join(self.cache_root, "documents", f"{documents_fingerprint(docs)}.parquet")
+        if not storage.exists(location):
+            table = pa.table({"doc_id": [d.doc_id for d in docs], "text": [d.text for d in docs]})
+            fs, path = storage.resolve(location)
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            pq.write_table(table, path + ".tmp", filesystem=fs)
+            fs.move(path + ".tmp", path)
+        data = self.cfg.data.model_copy(update={"source": "parquet", "path": location, "id_column": "doc_id", "text_column": "text"})
+        self.sources["train"] = (data, plan_parts(data))
+        self.selections["train"] = Selection(None)
+        self.keys["train"] = self.key_for("train")
 
     def running_teacher_fields(self) -> dict[str, Any]:
         """What a running teacher must match to label for this plan (see
@@ -139,62 +196,104 @@ def _check_student_tokenizer(cfg: DistillConfig, teacher_tok_fp: str, teacher_vo
     check_same_vocabulary(teacher_tok_fp, tokenizer_fingerprint(load_tokenizer(path)), teacher_vocab, _vocab_size(path))
 
 
-def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[Path, Manifest]], dict[str, Any]]:
-    """Open or write the caches of both splits; start the teacher only if a split is missing.
+def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[str, Manifest]], dict[str, Any]]:
+    """Open the finished caches of both splits, or label the parts they miss.
+
+    Everything is checked before the teacher starts: the parts already committed (their ledger
+    entries must carry this cache's key and their shards the recorded size), and ids that repeat
+    across files. Temporary files of an interrupted run are removed (and the user told so).
+    Then only the missing parts are labeled, and each split's manifest is written.
 
     Returns:
         ``({split: (folder, manifest)}, stats)`` with ``stats`` = ``hit`` (every split found),
-        ``teacher_calls`` and ``label_s``.
+        ``teacher_calls`` (``score`` calls of this run, counted by the labelers), ``label_s``,
+        ``parts`` (labeled / planned) and ``teacher``.
+
+    Raises:
+        raykd.soft_labels.cache.CacheError: a committed part is corrupt or from another key
+            (shown as ``error: ...``, exit 2; nothing is deleted).
     """
-    from raykd.soft_labels.pipeline import find_cache, write_soft_labels
+    from raykd.soft_labels.cache import (
+        CacheError,
+        done_parts,
+        finalize,
+        open_cache,
+        read_entry,
+        remove_partials,
+    )
+    from raykd.soft_labels.pipeline import label_parts
     from raykd.teacher.deployment import start_teacher
 
-    from raykd.soft_labels.cache import open_cache
-
     cfg = plan.cfg
-    caches = {split: find_cache(plan.cache_root, key) for split, key in plan.keys.items()}
+    targets = plan.targets()
+    planned = {split: [p.digest() for p in plan.sources[split][1]] for split in targets}
+    caches: dict[str, Any] = {}
+    for split, t in targets.items():
+        if storage.is_file(storage.join(t.cache_dir, "manifest.json")):
+            with console.user_errors(CacheError):
+                m = open_cache(t.cache_dir, expect=t.key, deep=True)
+            if sorted(m.parts) == sorted(planned[split]):
+                caches[split] = (t.cache_dir, m)
     if cfg.labels.train_cache:
-        folder = Path(cfg.labels.train_cache).expanduser()
-        caches["train"] = (folder, open_cache(folder, expect=plan.keys["train"], deep=True))
-    missing = [split for split, found in caches.items() if found is None]
-    stats: dict[str, Any] = {"hit": not missing, "teacher_calls": 0, "label_s": 0.0, "teacher": None}
+        folder = cfg.labels.train_cache
+        with console.user_errors(CacheError):
+            caches["train"] = (folder, open_cache(folder, expect=plan.keys["train"], deep=True))
+    missing = [split for split in targets if split not in caches]
+    stats: dict[str, Any] = {"hit": not missing, "teacher_calls": 0, "label_s": 0.0, "teacher": None, "parts": {}}
     if not missing:
         release_teacher(plan)
         print("soft labels found in the cache (" + ", ".join(f"{s} {m.rows:,} rows" for s, (_, m) in caches.items())
               + f"): no teacher calls; {caches['train'][0]}")
-        return caches, stats  # type: ignore[return-value]
+        return caches, stats
+
+    todo_by_source: dict[int, dict[str, list[str]]] = {}  # the splits that share a source are labeled in one pass
+    with console.user_errors(CacheError, ValueError):
+        for split in missing:
+            t = targets[split]
+            done = done_parts(t.cache_dir) & set(planned[split])
+            for part in done:
+                read_entry(t.cache_dir, part, t.key)  # corrupt or foreign parts fail here, before any teacher call
+            if removed := remove_partials(t.cache_dir):
+                print(f"removed {removed} unfinished shard file(s) an interrupted run left in {t.cache_dir}")
+            todo = todo_by_source.setdefault(id(plan.sources[split][1]), {})
+            for part in planned[split]:
+                if part not in done:
+                    todo.setdefault(part, []).append(split)
+            stats["parts"][split] = {"planned": len(planned[split]), "done_before": len(done)}
+            if done:
+                print(f"{split}: resuming, {len(done)} of {len(planned[split])} parts already labeled")
+        for split in missing:
+            check_unique_ids(*plan.sources[split])
+
     start = time.perf_counter()
-    docs_of = {"train": plan.train_docs, "eval": plan.eval_docs}
-    # One bar for every split, open while the teacher starts; each write_soft_labels counts into it.
-    with console.progress("labeling", total=sum(len(docs_of[s]) for s in missing), unit="doc", rate_of="tokens"):
+    if any(todo_by_source.values()):
         handle, started = start_teacher(cfg.teacher, str(plan.teacher_path))
         info = handle.info.remote().result()
         plan.owns_teacher = started = started or plan.owns_teacher
         if not started:
             with console.user_errors(ValueError):
                 check_running_teacher(info, cfg.teacher.name, plan.running_teacher_fields())
-        calls_before = info["calls"]["score"]
         stats["teacher"] = {"name": cfg.teacher.name, "started_by_run": started, "engine": info["engine"], "replica": info["replica"]}
         try:
-            for split in missing:
-                log.info("labeling %s split: %d documents", split, len(docs_of[split]))
-                caches[split] = write_soft_labels(
-                    docs_of[split],
-                    key=plan.keys[split],
-                    cache_root=plan.cache_root,
-                    app_name=cfg.teacher.name,
-                    tokenizer_path=str(plan.teacher_path),
-                    vocab_size=plan.vocab_size,
-                    data=cfg.data,
-                    labels=cfg.labels,
-                    teacher_meta=plan.teacher_meta(),
-                )
-            stats["teacher_calls"] = handle.info.remote().result()["calls"]["score"] - calls_before
+            for split_of_source in {id(plan.sources[s][1]): s for s in missing}.values():
+                data, parts = plan.sources[split_of_source]
+                todo = todo_by_source[id(parts)]
+                names = {s for splits in todo.values() for s in splits}
+                log.info("labeling %d of %d parts for %s", len(todo), len(parts), sorted(names))
+                totals = label_parts(parts, todo, {s: targets[s] for s in names}, app_name=cfg.teacher.name,
+                                     tokenizer_path=str(plan.teacher_path), vocab_size=plan.vocab_size, data=data, labels=cfg.labels)
+                for s, tot in totals.items():
+                    stats["teacher_calls"] += tot["calls"]
+                    stats["parts"][s]["labeled"] = tot["parts"]
         finally:
             release_teacher(plan)
     stats["label_s"] = time.perf_counter() - start
+    with console.user_errors(CacheError):
+        for split in missing:
+            t = targets[split]
+            caches[split] = (t.cache_dir, finalize(t.cache_dir, t.key, planned[split], plan.teacher_meta(), stats["label_s"]))
     _print_labeling(caches, missing, stats)
-    return caches, stats  # type: ignore[return-value]
+    return caches, stats
 
 
 def release_teacher(plan: Plan) -> None:

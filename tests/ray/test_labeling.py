@@ -23,8 +23,9 @@ def test_first_run_labels_both_splits(first_run):
     cfg, plan, caches, stats = first_run
     assert not stats["hit"] and stats["teacher_calls"] >= 2
     train_dir, manifest = caches["train"]
-    assert manifest.rows == len(plan.train_docs)  # one block per short document
-    assert manifest.key == plan.keys["train"].digest() and train_dir.name == manifest.key
+    assert manifest.rows == manifest.docs == len(plan.documents("train"))  # one block per short document
+    assert manifest.key == plan.keys["train"].digest() and train_dir.endswith(manifest.key)
+    assert stats["teacher_calls"] == manifest.teacher_calls + caches["eval"][1].teacher_calls  # counted by the labelers
     assert 0 < manifest.bytes_per_token < 200
     assert running_teacher(cfg.teacher.name) is None  # started by the run, stopped after it
 
@@ -32,7 +33,7 @@ def test_first_run_labels_both_splits(first_run):
 def test_second_run_is_a_hit_that_asks_the_teacher_nothing(first_run):
     cfg, _, caches, _ = first_run
     again, stats = ensure_soft_labels(Plan(cfg))
-    assert stats == {"hit": True, "teacher_calls": 0, "label_s": 0.0, "teacher": None}  # no teacher involved
+    assert stats == {"hit": True, "teacher_calls": 0, "label_s": 0.0, "teacher": None, "parts": {}}  # no teacher involved
     assert running_teacher(cfg.teacher.name) is None  # never started
     assert {s: str(p) for s, (p, _) in again.items()} == {s: str(p) for s, (p, _) in caches.items()}
 

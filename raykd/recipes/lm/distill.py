@@ -55,8 +55,7 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
     (output_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     plan = Plan(cfg)
     extra_plans = extra_teacher_plans(cfg, plan)  # [] for one teacher; tokenizers checked here
-    log.info("train docs %d, eval docs %d, cache keys %s", len(plan.train_docs), len(plan.eval_docs),
-             {s: k.digest() for s, k in plan.keys.items()})
+    log.info("%d parts of data, cache keys %s", len(plan.sources["train"][1]), {s: k.digest() for s, k in plan.keys.items()})
     connect(cfg.ray)
     prepared = prepare(plan) if prepare is not None else None
     caches, label_stats = ensure_soft_labels(plan)
@@ -87,7 +86,8 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
         report["prepare"] = prepared
     eval_s = time.perf_counter() - t_eval
     report["cache"] = _cache_report(cfg, (train_dir, train_manifest), (eval_dir, eval_manifest), label_stats)
-    report["data"] = {"train_docs": len(plan.train_docs), "eval_docs": len(plan.eval_docs), "seq_len": cfg.data.seq_len}
+    report["data"] = {"train_docs": train_manifest.docs, "eval_docs": eval_manifest.docs, "seq_len": cfg.data.seq_len,
+                      "splits": cfg.data.splits, "sample": cfg.data.sample, "parts": len(train_manifest.parts)}
     report["timings"] = {"label_s": label_stats["label_s"], "train_s": train_s, "eval_s": eval_s, "total_s": time.perf_counter() - t0}
     write_report(report, output_dir, {name: res.history for name, res in results.items()})
     print_table(report)
@@ -108,6 +108,7 @@ def _cache_report(cfg: DistillConfig, train: tuple[Path, Any], eval_: tuple[Path
         "temperature": cfg.labels.temperature,
         "hit": label_stats["hit"],
         "teacher_calls": label_stats["teacher_calls"],
+        "parts": label_stats.get("parts", {}),
         "teacher": label_stats["teacher"],
         "eval_rows": eval_manifest.rows,
         "eval_tokens": eval_manifest.tokens,

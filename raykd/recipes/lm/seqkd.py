@@ -39,7 +39,8 @@ def run_seqkd(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
         plans.append(plan)
         root = (Path(cfg.labels.cache_dir).expanduser().parent if cfg.labels.cache_dir else default_cache_root()) / "generations"
         teacher = plan.teacher_meta()
-        if not (generations_dir(root, teacher, plan.train_docs, cfg.generation) / DONE).is_file():
+        train_docs = plan.documents("train")  # the prompts: read into the driver (a seqkd run is small)
+        if not (generations_dir(root, teacher, train_docs, cfg.generation) / DONE).is_file():
             # the teacher stays up for the labeling that follows, which stops it if this run started it
             handle, started = start_teacher(cfg.teacher, str(plan.teacher_path))
             if started:
@@ -47,7 +48,7 @@ def run_seqkd(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
             else:
                 check_running_teacher(handle.info.remote().result(), cfg.teacher.name, plan.running_teacher_fields())
         docs, stats = generate_documents(
-            plan.train_docs, app_name=cfg.teacher.name, tokenizer=load_tokenizer(plan.teacher_path),
+            train_docs, app_name=cfg.teacher.name, tokenizer=load_tokenizer(plan.teacher_path),
             teacher=teacher, gen=cfg.generation, cache_root=root, num_actors=cfg.labels.num_labelers)
         plan.set_train_docs(docs)
         return {"generations": stats, "example": docs[0].text[:300]}
