@@ -27,10 +27,12 @@ from raykd.students.vocab import VocabMap
 
 def iter_cache_batches(shard_files: list[str], batch_size: int) -> Iterable[dict[str, np.ndarray]]:
     """Decoded batches of at most ``batch_size`` rows, in shard order (no Ray needed)."""
+    from raykd import storage
+
     for path in shard_files:
-        pf = pq.ParquetFile(path)
-        for rb in pf.iter_batches(batch_size=batch_size):
-            yield decode_batch(pa.Table.from_batches([rb]))
+        with storage.open_input(path) as f:
+            for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
+                yield decode_batch(pa.Table.from_batches([rb]))
 
 
 def teacher_metrics(shard_files: list[str]) -> dict[str, float]:

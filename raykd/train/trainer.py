@@ -41,13 +41,19 @@ def soft_label_dataset(shard_files: list[str], shuffle: bool, seed: int, num_tea
     """Ray Dataset of decoded soft-label rows (numpy ``[T]`` / ``[T, K]`` tensors per row).
 
     With ``num_teachers > 1`` the shards are joined caches (:mod:`raykd.soft_labels.join`) and
-    each teacher's label columns are decoded too.
+    each teacher's label columns are decoded too. Shards may be local paths or URIs of one
+    filesystem (``s3://``, ``gs://``): the filesystem object is resolved once here and travels to
+    the read tasks with its endpoint and credentials (:mod:`raykd.storage`).
     """
     import ray
 
+    from raykd import storage
+
     columns = ["input_ids", "attention_mask", "loss_mask"] + [
         teacher_column(i, name) for i in range(num_teachers) for name in LABEL_COLUMNS]
-    ds = ray.data.read_parquet(shard_files, columns=columns, num_cpus=DATA_CPUS)
+    fs, _ = storage.resolve(shard_files[0], setting="labels.cache_dir")
+    paths = [storage.resolve(f)[1] for f in shard_files]
+    ds = ray.data.read_parquet(paths, columns=columns, num_cpus=DATA_CPUS, filesystem=fs)
     if shuffle:
         ds = ds.randomize_block_order(seed=seed)
     decode = decode_batch if num_teachers == 1 else functools.partial(decode_joined, num_teachers=num_teachers)

@@ -32,7 +32,7 @@ def test_distill_console_is_short_and_logs_go_to_the_output_dir(ray_start, tiny_
     assert "Traceback" not in console and "(RayTrainWorker" not in console and "INFO" not in console
 
     log = (out_dir / "logs" / "raykd.log").read_text()
-    assert "INFO raykd." in log and "labeling train split" in log
+    assert "INFO raykd." in log and "labeling 1 of 1 parts for" in log
     sessions = list((out_dir / "logs" / "ray").iterdir())  # a link to this (shared) Ray's session logs
     assert len(sessions) == 1 and sessions[0].name.startswith("session_")
     assert any(p.name.startswith("worker-") for p in sessions[0].iterdir())
