@@ -374,6 +374,22 @@ class ChainConfig(Strict):
     assistants: list[AssistantConfig] = Field(min_length=1)
 
 
+def check_custom_resources(resources: dict[str, float], builtin_fields: str) -> dict[str, float]:
+    """Validate a ``{resource name: amount}`` of custom Ray resources (node labels such as
+    ``train_node`` given to ``ray start --resources``); returns it unchanged.
+
+    Raises:
+        ValueError: a built-in resource (``CPU``, ``GPU``, ``memory``, ``object_store_memory``:
+            set ``builtin_fields`` instead) or an amount that is not above 0.
+    """
+    for name, amount in resources.items():
+        if name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ValueError(f"{name!r} is not a custom resource; set {builtin_fields} instead")
+        if amount <= 0:
+            raise ValueError(f"{name}={amount:g} must be > 0 (leave the resource out to not reserve it)")
+    return resources
+
+
 class TrainConfig(Strict):
     """Ray Train settings shared by every student of a run."""
 
@@ -397,6 +413,11 @@ class TrainConfig(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
     """Logical CPUs Ray reserves per worker (leave room for Ray Data's read tasks)."""
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each worker reserves besides ``cpus_per_worker`` (and a GPU with
+    ``use_gpu``), to place the workers on chosen nodes: ``{train_node: 1}`` runs them only on nodes
+    started with ``ray start --resources='{"train_node": 4}'``. Not used with ``num_workers=0``
+    (the loop runs in the driver)."""
     torch_threads: int | None = Field(default=None, ge=1)
     """Torch intra-op threads per worker (None: the node's cores divided by the workers)."""
     shuffle: bool = True
@@ -416,6 +437,11 @@ class TrainConfig(Strict):
     seed: int = 0
     max_failures: int = Field(default=0, ge=-1)
     """Worker failures Ray Train recovers from (from the last checkpoint); -1: unlimited."""
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        return check_custom_resources(v, "train.cpus_per_worker / train.use_gpu")
 
     @field_validator("phases")
     @classmethod

@@ -20,19 +20,15 @@ import json
 import logging
 import os
 import re
-import shutil
-import subprocess
-import sys
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
 from raykd import console
-from raykd.config import RayConfig, Strict, TeacherConfig, load_config
+from raykd.config import RayConfig, Strict, TeacherAutoscalingConfig, TeacherConfig, check_custom_resources, load_config
 from raykd.teacher.schemas import HTTPConfig
 
 log = logging.getLogger(__name__)
-
 
 
 class ProxyConfig(Strict):
@@ -48,9 +44,14 @@ class ServedTeacher(Strict):
 
     teacher: TeacherConfig
     """The model and its replicas (``name`` is the Serve application name)."""
-    autoscaling: dict[str, Any] | None = None
-    """Serve ``autoscaling_config`` (``min_replicas``, ``max_replicas``,
-    ``target_ongoing_requests``, ...); replaces ``teacher.num_replicas`` when set."""
+    autoscaling: TeacherAutoscalingConfig | None = None
+    """The same setting as ``teacher.autoscaling`` (set it in one of the two places): Serve's
+    ``autoscaling_config`` (``min_replicas``, ``max_replicas``, ``target_ongoing_requests``, ...);
+    replaces ``teacher.num_replicas`` when set."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each replica reserves besides its CPUs/GPUs, to place the teacher on
+    chosen nodes: ``{teacher_node: 1}`` runs it only on nodes started with
+    ``ray start --resources='{"teacher_node": 4}'`` (at most 4 replicas there)."""
     max_ongoing_requests: int = Field(default=4, ge=1)
     """Requests one teacher replica works on at once (the engine runs one forward at a time)."""
     max_queued_requests: int = Field(default=64, ge=-1)
@@ -59,18 +60,24 @@ class ServedTeacher(Strict):
     http: HTTPConfig = Field(default_factory=HTTPConfig)
     """The HTTP API of this teacher (``http.enabled=false``: handle access only)."""
 
-    @field_validator("autoscaling")
+    @field_validator("resources")
     @classmethod
-    def _valid_autoscaling(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None:
-            from ray.serve.config import AutoscalingConfig
+    def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        return check_custom_resources(v, "teacher.num_cpus / teacher.num_gpus")
 
-            try:
-                AutoscalingConfig(**v)
-            except Exception as e:  # noqa: BLE001 - Serve's own validation error, re-worded
-                why = "; ".join(str(err["msg"]).removeprefix("Value error, ") for err in e.errors()) if hasattr(e, "errors") else str(e)
-                raise ValueError(f"not a valid Serve autoscaling_config: {why}") from None
-        return v
+    @model_validator(mode="after")
+    def _autoscaling_once(self) -> ServedTeacher:
+        if self.autoscaling is not None and self.teacher.autoscaling is not None:
+            raise ValueError(f"teacher {self.teacher.name!r}: autoscaling is set twice (autoscaling and "
+                             "teacher.autoscaling); keep teacher.autoscaling only")
+        return self
+
+    @property
+    def teacher_config(self) -> TeacherConfig:
+        """``teacher`` with ``autoscaling`` folded in (the one config the deployment is built from)."""
+        if self.autoscaling is None:
+            return self.teacher
+        return self.teacher.model_copy(update={"autoscaling": self.autoscaling})
 
     @property
     def route_prefix(self) -> str | None:
@@ -115,13 +122,12 @@ def served_teacher_app(served: ServedTeacher, model_path: str):
     from raykd.teacher.deployment import teacher_app
     from raykd.teacher.http import HTTPIngress
 
-    t = served.teacher
+    t = served.teacher_config
     options: dict[str, Any] = {
         "max_ongoing_requests": served.max_ongoing_requests,
         "max_queued_requests": served.max_queued_requests,
+        **placement_options(served),
     }
-    if served.autoscaling:
-        options["autoscaling_config"] = served.autoscaling
     node = teacher_app(t, model_path, **options)
     if not served.http.enabled:
         return node
@@ -134,13 +140,66 @@ def served_teacher_app(served: ServedTeacher, model_path: str):
     return ingress.bind(node, http)
 
 
+def placement_options(served: ServedTeacher) -> dict[str, Any]:
+    """Serve ``Deployment.options`` that add ``served.resources`` to each replica (empty when there
+    are none): to the replica actor, and with tensor/pipeline parallelism also to the replica's own
+    (first) placement-group bundle, which the actor runs in (pure: starts nothing)."""
+    from raykd.teacher.deployment import deployment_options
+
+    if not served.resources:
+        return {}
+    base = deployment_options(served.teacher_config)
+    out: dict[str, Any] = {"ray_actor_options": {**base["ray_actor_options"], "resources": dict(served.resources)}}
+    if "placement_group_bundles" in base:
+        first, *rest = base["placement_group_bundles"]
+        out["placement_group_bundles"] = [{**first, **served.resources}, *rest]
+    return out
+
+
+def _replica_resources(served: ServedTeacher) -> dict[str, float]:
+    """Resources one replica needs on a single node: its CPUs, GPUs and ``resources``."""
+    t = served.teacher_config
+    need = {"CPU": t.num_cpus, "GPU": t.gpus_per_replica, **served.resources}
+    return {r: n for r, n in need.items() if n > 0}
+
+
+def check_placeable(served: ServedTeacher, nodes: list[dict[str, float]]) -> None:
+    """Refuse a teacher no node of the cluster can ever hold, before any model loads (a replica
+    that fits nowhere would wait for resources forever).
+
+    Args:
+        served: the teacher and its placement (``teacher.num_cpus``/``num_gpus``, ``resources``).
+        nodes: total resources of each alive node (e.g. ``[n["Resources"] for n in ray.nodes()]``).
+
+    Raises:
+        ValueError: as :func:`raykd.teacher.deployment.check_cluster_resources` (GPUs), or no
+            single node has every resource one replica needs (the message lists the nodes).
+    """
+    from raykd.teacher.deployment import check_cluster_resources
+
+    t = served.teacher_config
+    check_cluster_resources(t, [float(n.get("GPU", 0.0)) for n in nodes])
+    need = _replica_resources(served)
+    if any(all(n.get(r, 0.0) + 1e-9 >= amount for r, amount in need.items()) for n in nodes):
+        return
+    have = "; ".join(f"node {i}: " + ", ".join(f"{r}={n.get(r, 0.0):g}" for r in need) for i, n in enumerate(nodes))
+    custom = json.dumps(served.resources) if served.resources else "{...}"
+    raise ValueError(f"teacher {t.name!r}: one replica needs {need} on one node, but no node has all of it "
+                     f"({have or 'no alive nodes'}). Add such a node (`ray start --address=... --resources='{custom}'`), "
+                     "or lower teacher.num_cpus / num_gpus or the teacher's `resources`")
+
+
 def _connect(ray_cfg: RayConfig | None, *, start: bool) -> bool:
     """Join the cluster (``ray.address``, ``$RAY_ADDRESS`` or a running local one).
 
     With ``start``, a missing local cluster is started with ``ray start --head`` so it outlives
-    this process. Returns False when there is no cluster to join and ``start`` is False.
+    this process; it runs this process's Python environment, also for jobs submitted to it
+    (:func:`raykd.cluster.start_node`). Returns False when there is no cluster to join and
+    ``start`` is False.
     """
     import ray
+
+    from raykd.cluster import start_node
 
     if ray.is_initialized():
         return True
@@ -153,11 +212,9 @@ def _connect(ray_cfg: RayConfig | None, *, start: bool) -> bool:
             raise
         if not start:
             return False
-    cmd = [shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--disable-usage-stats"]
-    if ray_cfg and ray_cfg.num_cpus:
-        cmd.append(f"--num-cpus={ray_cfg.num_cpus}")
-    log.info("no Ray cluster running: starting one (`ray stop` stops it): %s", " ".join(cmd))
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    args = ["--head", *([f"--num-cpus={ray_cfg.num_cpus}"] if ray_cfg and ray_cfg.num_cpus else [])]
+    log.info("no Ray cluster running: starting one with `ray start %s` (`ray stop` stops it)", " ".join(args))
+    start_node(*args)
     ray.init(address="auto", log_to_driver=False)
     return True
 
@@ -196,6 +253,8 @@ def teacher_up(cfg: TeacherServiceConfig) -> dict[str, Any]:
         RuntimeError: HTTP is wanted but Serve already runs on this cluster without a proxy
             (started by a run with HTTP off): ``serve shutdown`` first, or turn HTTP off.
         FileNotFoundError: a teacher model cannot be found (from ``resolve_model_path``).
+        ValueError: no node of the cluster can hold a replica of a teacher to start (see
+            :func:`check_placeable`); nothing is deployed then.
     """
     import ray
     from ray import serve
@@ -204,6 +263,10 @@ def teacher_up(cfg: TeacherServiceConfig) -> dict[str, Any]:
     from raykd.teacher.deployment import running_teacher
 
     _connect(cfg.ray, start=True)
+    new = [t for t in cfg.teachers if running_teacher(t.teacher.name) is None]
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    for t in new:  # every teacher to start is checked before the first one deploys
+        check_placeable(t, nodes)
     want_http = any(t.http.enabled for t in cfg.teachers)
     serve.start(proxy_location="HeadOnly" if want_http else "Disabled", http_options=cfg.proxy.model_dump())
     base = _base_url(_serve_details())
@@ -212,7 +275,6 @@ def teacher_up(cfg: TeacherServiceConfig) -> dict[str, Any]:
                            "(stops every Serve app) and retry, or set http.enabled=false for each teacher")
     if want_http and base != f"http://{cfg.proxy.host}:{cfg.proxy.port}":
         log.warning("Serve's HTTP proxy already listens on %s; the proxy settings of this config are ignored", base)
-    new = [t for t in cfg.teachers if running_teacher(t.teacher.name) is None]
     # Find every model before deploying any, so a typo fails before the first teacher loads.
     apps = {t.teacher.name: served_teacher_app(t, str(resolve_model_path(t.teacher.model))) for t in new}
     for t in new:

@@ -78,6 +78,8 @@ def check_training_resources(cfg: TrainConfig, name: str, wait_s: float = 30.0) 
     need = {"CPU": cfg.num_workers * cfg.cpus_per_worker + DATA_CPUS}
     if cfg.use_gpu and cfg.num_workers:
         need["GPU"] = float(cfg.num_workers)
+    if cfg.num_workers:  # custom resources (e.g. a node's `train_node`): none on any node would wait forever
+        need.update({r: a * cfg.num_workers for r, a in cfg.resources_per_worker.items()})
     deadline = time.monotonic() + wait_s
     while (short := _short(need, ray.available_resources())) and time.monotonic() < deadline:
         time.sleep(1.0)  # polling the scheduler's view: there is no event for "resources released"
@@ -186,7 +188,7 @@ def train_student(
         train_loop_per_worker,
         train_loop_config=loop.model_dump(),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker} if cfg.num_workers else None),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **cfg.resources_per_worker} if cfg.num_workers else None),
         run_config=RunConfig(
             name=name,
             storage_path=str(storage_path),

@@ -1,0 +1,245 @@
+"""A two-node Ray cluster on this machine, started the way ``raykd teacher up`` starts one, with
+raykd's virtualenv left off ``PATH`` (as when a user calls ``.venv/bin/raykd`` without activating
+it): jobs submitted to it run raykd's own Python, and ``ray job submit -- python jobs/distill.py``
+runs the main job with the teacher on one node, the Train worker on the other and the soft-label
+cache in a folder both nodes share.
+
+The pytest process never joins these nodes (``ray.init``), so the shared ``ray_start`` Ray of the
+ray tier is not touched; every Ray call here goes through a subprocess or the dashboard's HTTP
+state API. The nodes are stopped by their process groups, never by ``ray stop`` (which stops every
+Ray node of the user on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raykd.cluster import start_node
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+"""Folder of the test's (and raykd's) interpreter: the ``.venv/bin`` the nodes must run from."""
+TEACHER = "two-node-teacher"
+
+
+@dataclass
+class TwoNodes:
+    """The running cluster: where to reach it and which node carries which custom resource."""
+
+    gcs: str
+    """``HOST:PORT`` of the head node's GCS (``ray.address`` of a driver)."""
+    dashboard: str
+    """``http://HOST:PORT`` of the dashboard (``ray job submit --address``, the state API)."""
+    env: dict[str, str]
+    """Environment of every command the test runs against the cluster (venv not on ``PATH``)."""
+    node_of: dict[str, str]
+    """Node id of each custom resource: ``teacher_node`` (the head) and ``train_node``."""
+
+
+def data_section(corpus: Path) -> dict:
+    """The ``data`` section of the job's config (kept in this one place: its fields are changing)."""
+    return {"source": "jsonl", "path": str(corpus), "id_column": "id", "splits": {"train": 0.8, "eval": 0.2}, "seq_len": 32,
+            "min_tokens": 8, "part_docs": 20}
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports that are free now (held open together so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _node_ports() -> list[str]:
+    """Ports of one node's own servers, all explicit: Ray's defaults (52365, 6379, ...) would clash
+    with the second node and with other Ray clusters on this machine."""
+    names = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "runtime-env-agent-port", "metrics-export-port")
+    return [f"--{name}={port}" for name, port in zip(names, _free_ports(len(names)))]
+
+
+def _user_path_without_venv() -> str:
+    """``PATH`` of a user who did not activate raykd's virtualenv."""
+    return os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p) != VENV_BIN)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of group ``pgid`` is still running (zombies do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process exited while we looked
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _stop_groups(pgids: list[int], grace_s: float = 5.0) -> None:
+    """Stop nodes: SIGTERM to their process groups, SIGKILL to what is left after ``grace_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pgid in pgids:
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while any(map(_group_alive, pgids)) and time.monotonic() < deadline:
+            time.sleep(0.2)  # polling /proc: there is no event for "a process group is empty"
+    assert not any(map(_group_alive, pgids)), f"Ray processes of groups {pgids} survived SIGKILL"
+
+
+def _wait_for_nodes(dashboard: str, resources: tuple[str, ...], timeout_s: float = 120.0) -> dict[str, str]:
+    """Node id of each custom resource in ``resources``, once every one is on an alive node."""
+    from ray.util.state import list_nodes
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = list_nodes(address=dashboard, filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False)
+        node_of = {r: n.node_id for n in nodes for r in resources if (n.resources_total or {}).get(r)}
+        if len(node_of) == len(resources) or time.monotonic() > deadline:
+            assert len(node_of) == len(resources), f"nodes with {resources} not all alive after {timeout_s:g} s: {nodes}"
+            return node_of
+        time.sleep(0.5)  # polling the GCS's node table: no event to wait on from outside the cluster
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A head node (2 CPUs, ``teacher_node``) and a worker node (2 CPUs, ``train_node``), started by
+    :func:`raykd.cluster.start_node` from an environment whose ``PATH`` lacks the virtualenv."""
+    tmp = tempfile.mkdtemp(prefix="rkd2n", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    # RAY_AUTH_MODE: a new head turns on token auth when ~/.ray/auth_token exists, a joining node
+    # does not; one explicit mode for both nodes and every client (the nodes listen on 127.0.0.1).
+    env = {**os.environ, "PATH": _user_path_without_venv(), "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "disabled"}
+    for var in ("RAY_ADDRESS", "VIRTUAL_ENV"):
+        env.pop(var, None)
+    gcs_port, dashboard_port, client_port = _free_ports(3)
+    groups = []
+    try:
+        groups.append(start_node(
+            "--head", f"--temp-dir={tmp}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+            '--resources={"teacher_node": 1}', f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_port}", *_node_ports(), env=env))
+        groups.append(start_node(  # its own temp dir, as on another machine: the head's session folder is not shared
+            f"--address=127.0.0.1:{gcs_port}", f"--temp-dir={tmp}/w", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+            '--resources={"train_node": 1}', *_node_ports(), env=env))
+        dashboard = f"http://127.0.0.1:{dashboard_port}"
+        node_of = _wait_for_nodes(dashboard, ("teacher_node", "train_node"))
+        assert node_of["teacher_node"] != node_of["train_node"]
+        yield TwoNodes(gcs=f"127.0.0.1:{gcs_port}", dashboard=dashboard, env=env, node_of=node_of)
+    finally:
+        _stop_groups(groups)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _submit(cluster: TwoNodes, entrypoint: list[str], *options: str, cwd: Path, timeout_s: float = 900.0) -> str:
+    """``ray job submit`` (this venv's Ray CLI) and wait for the job; returns its output.
+
+    Fails the test, with the end of the job's output, when the job does not succeed.
+    """
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", cluster.dashboard, *options,
+           "--", *entrypoint]
+    proc = subprocess.run(cmd, env=cluster.env, cwd=cwd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "succeeded" in out, f"job failed (exit {proc.returncode}):\n{out[-4000:]}"
+    return out
+
+
+def _actors(cluster: TwoNodes, class_name: str) -> list:
+    from ray.util.state import list_actors
+
+    return list_actors(address=cluster.dashboard, filters=[("class_name", "=", class_name)], detail=True, limit=1000,
+                       raise_on_missing_output=False)
+
+
+def test_jobs_on_a_cluster_raykd_started_run_raykds_python(two_nodes, tmp_path):
+    """The bug of issue 10: a cluster that `raykd teacher up` started from ``.venv/bin/raykd`` ran
+    its jobs in the first ``python`` on ``PATH`` (no torch there)."""
+    assert shutil.which("python", path=two_nodes.env["PATH"]) != sys.executable  # the user's PATH misses the venv
+    (tmp_path / "probe.py").write_text("import sys, torch, raykd\nprint('PROBE', sys.executable)\n")
+    out = _submit(two_nodes, ["python", "probe.py"], "--working-dir", str(tmp_path), cwd=tmp_path, timeout_s=300)
+    probe = next(line.split() for line in out.splitlines() if line.startswith("PROBE "))
+    assert probe[1] == sys.executable, f"the job ran {probe[1]}, not raykd's {sys.executable}"
+
+
+def _teacher_up(cluster: TwoNodes, teachers: list[dict], folder: Path) -> subprocess.CompletedProcess:
+    """``.venv/bin/raykd teacher up`` (venv not activated) of ``teachers`` on the cluster."""
+    path = folder / "teachers.yaml"
+    path.write_text(yaml.safe_dump({"ray": {"address": cluster.gcs}, "teachers": teachers}))
+    return subprocess.run([str(VENV_BIN / "raykd"), "teacher", "up", str(path), "--json"], env=cluster.env, cwd=folder,
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_teacher_and_train_worker_on_their_nodes_through_ray_job_submit(two_nodes, tiny_model, corpus_jsonl, s3_server, tmp_path):
+    """`raykd teacher up` places the teacher on the ``teacher_node`` (and refuses, deploying nothing,
+    a teacher no node can hold); `ray job submit` runs jobs/distill.py, which reads the corpus from
+    the S3 store, labels through that teacher into the cache on the S3 store and trains its one
+    Ray Train worker on the ``train_node``."""
+    from raykd import storage
+
+    shared = s3_server.uri("two-nodes/cache")  # the soft-label cache every node reaches
+    corpus = s3_server.uri("two-nodes/corpus/articles.jsonl")
+    storage.write_bytes(corpus, corpus_jsonl.read_bytes())
+    teacher = {"teacher": {"name": TEACHER, "model": str(tiny_model), "num_threads": 1, "num_cpus": 0.5},
+               "resources": {"teacher_node": 1}, "http": {"enabled": False}}
+    nowhere = {**teacher, "teacher": {**teacher["teacher"], "name": "nowhere"}, "resources": {"gpu_node": 1}}
+    up = _teacher_up(two_nodes, [teacher, nowhere], tmp_path)  # no node has gpu_node: nothing may deploy
+    assert up.returncode == 2 and "teacher 'nowhere'" in up.stderr and "no node has all of it" in up.stderr, up.stderr[-4000:]
+    assert not [a for a in _actors(two_nodes, f"ServeReplica:{TEACHER}:Teacher") if a.state == "ALIVE"]
+    up = _teacher_up(two_nodes, [teacher], tmp_path)
+    assert up.returncode == 0, up.stderr[-4000:]
+    assert json.loads(up.stdout)["teachers"] == [{"name": TEACHER, "started": True, "url": None}]
+    replicas = [a for a in _actors(two_nodes, f"ServeReplica:{TEACHER}:Teacher") if a.state == "ALIVE"]
+    assert [a.node_id for a in replicas] == [two_nodes.node_of["teacher_node"]]
+
+    config = {
+        "run_name": "two-nodes",
+        "data": data_section(corpus),
+        "teacher": {"name": TEACHER, "model": str(tiny_model), "num_threads": 1, "num_cpus": 0.5},
+        "labels": {"k": 8, "batch_size": 8, "cache_dir": str(shared), "num_labelers": 1},
+        "student": {"keep_layers": [0, 3]},
+        "train": {"students": {"student_kd": {"forward_kl": 0.5, "ce": 0.5}}, "num_workers": 1,
+                  "resources_per_worker": {"train_node": 1}, "batch_size": 4, "max_steps": 2, "warmup_steps": 1,
+                  "checkpoint_every": 2, "log_every": 1, "torch_threads": 1},
+        "eval": {"batch_size": 8},
+    }
+    (tmp_path / "distill.yaml").write_text(yaml.safe_dump(config))
+    out_dir = tmp_path / "run"
+    start = time.perf_counter()
+    runtime_env = yaml.safe_load((REPO / "jobs/runtime_env.yaml").read_text())
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **s3_server.env}  # the store's endpoint and keys
+    (tmp_path / "runtime_env.yaml").write_text(yaml.safe_dump(runtime_env))
+    _submit(two_nodes, ["python", "jobs/distill.py", "--config", str(tmp_path / "distill.yaml"), "--output-dir", str(out_dir)],
+            "--runtime-env", str(tmp_path / "runtime_env.yaml"), cwd=REPO)
+    print(f"ray job submit jobs/distill.py: {time.perf_counter() - start:.0f} s")
+
+    report = json.loads((out_dir / "report.json").read_text())
+    cache = report["cache"]
+    assert cache["path"].startswith(shared + "/") and cache["eval_path"].startswith(shared + "/")
+    assert storage.is_file(storage.join(cache["path"], "manifest.json"))
+    assert cache["hit"] is False and cache["teacher_calls"] > 0 and cache["rows"] > 0
+    teacher = cache["teacher"]
+    assert teacher["name"] == TEACHER and teacher["started_by_run"] is False  # labeled by the placed teacher
+    assert any(a.name.endswith(teacher["replica"]) for a in replicas), (teacher, [a.name for a in replicas])
+    assert report["student_kd"]["steps"] == 2
+    workers = _actors(two_nodes, "RayTrainWorker")
+    assert workers and {a.node_id for a in workers} == {two_nodes.node_of["train_node"]}
