@@ -262,7 +262,8 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[str, Manifest]], dic
             stats["parts"][split] = {"planned": len(planned[split]), "done_before": len(done)}
             if done:
                 print(f"{split}: resuming, {len(done)} of {len(planned[split])} parts already labeled")
-        for split in missing:
+        _remove_old_partial_folders(plan.cache_root)
+        for split in {id(plan.sources[s][1]): s for s in missing}.values():  # once per source
             check_unique_ids(*plan.sources[split])
 
     start = time.perf_counter()
@@ -294,6 +295,20 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[str, Manifest]], dic
             caches[split] = (t.cache_dir, finalize(t.cache_dir, t.key, planned[split], plan.teacher_meta(), stats["label_s"]))
     _print_labeling(caches, missing, stats)
     return caches, stats
+
+
+def _remove_old_partial_folders(cache_root: str) -> None:
+    """Delete the ``<key>.partial-*`` folders that raykd before the part ledger left behind when a
+    labeling run was interrupted (they never become caches), and say so."""
+    fs, root = storage.resolve(cache_root)
+    from pyarrow.fs import FileSelector, FileType
+
+    stale = [i.path for i in fs.get_file_info(FileSelector(root, allow_not_found=True))
+             if i.type == FileType.Directory and ".partial-" in i.base_name]
+    for path in stale:
+        fs.delete_dir(path)
+    if stale:
+        print(f"removed {len(stale)} unfinished cache folder(s) (*.partial-*) that interrupted runs left in {cache_root}")
 
 
 def release_teacher(plan: Plan) -> None:

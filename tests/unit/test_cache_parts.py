@@ -130,3 +130,13 @@ def test_temporary_shards_of_an_interrupted_run_are_removed(tmp_path):
     assert remove_partials(folder) == 1 and not stale.exists()
     assert done_parts(folder) == {"p0", "p1", "p2"}
     assert ledger_file(folder, "p0").endswith("ledger/p0.json")
+
+
+def test_partial_folders_of_the_old_layout_are_removed_and_reported(tmp_path, capsys):
+    from raykd.soft_labels.plan import _remove_old_partial_folders
+
+    (tmp_path / "abc.partial-1234abcd" / "x").mkdir(parents=True)
+    (tmp_path / "finished").mkdir()
+    _remove_old_partial_folders(str(tmp_path))
+    assert not (tmp_path / "abc.partial-1234abcd").exists() and (tmp_path / "finished").exists()
+    assert "removed 1 unfinished cache folder" in capsys.readouterr().out
