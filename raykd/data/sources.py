@@ -489,10 +489,10 @@ def check_unique_ids(cfg: DataConfig, parts: list[PartSpec]) -> None:
         return {"doc_id": np.array(out_ids, dtype=object), "part": np.array(out_parts, dtype=object)}
 
     ds = ray.data.from_items([p.to_row() for p in parts]).map_batches(ids, batch_size=1, num_cpus=0.25)
-    repeated = ds.groupby("doc_id").count().filter(lambda r: r["count()"] > 1).take(1)
+    repeated = ds.groupby("doc_id").count().rename_columns({"count()": "n"}).filter(expr="n > 1").take(1)
     if repeated:
         doc_id = repeated[0]["doc_id"]
-        where = ds.filter(lambda r: r["doc_id"] == doc_id).take(2)
+        where = ds.filter(expr=f"doc_id == {doc_id!r}").take(2)
         raise duplicate_id_error(doc_id, cfg, " and ".join(r["part"] for r in where))
 
 

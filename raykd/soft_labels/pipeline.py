@@ -137,9 +137,11 @@ class _PartLabeler:
         rows = read_part(spec, self.data)
         input_fp = rows_fingerprint(rows["doc_id"], rows["text"])
         work = {n: self._blocks(rows, self.targets[n].selection) for n in names}
-        pending = {  # every chunk of every target in flight at once; the replicas queue them
-            n: [self.handle.score.remote(b["input_ids"][s : s + self.batch_size], b["attention_mask"][s : s + self.batch_size],
-                                         k=self.k, temperature=self.temperature)
+        from raykd.teacher.deployment import ResentCall
+
+        pending = {  # every chunk of every target in flight at once; the replicas queue them; resent if a replica dies
+            n: [ResentCall(self.handle.score, b["input_ids"][s : s + self.batch_size], b["attention_mask"][s : s + self.batch_size],
+                           k=self.k, temperature=self.temperature)
                 for s in range(0, len(b["input_ids"]), self.batch_size)]
             for n, (b, _) in work.items()
         }

@@ -4,6 +4,11 @@ One Serve application per named teacher (application name = ``TeacherConfig.name
 one :class:`TeacherDeployment` whose replicas each own an engine. Callers inside Ray (Ray Data
 labelers, Train workers, Tune trials, other jobs) use the deployment handle:
 ``handle.score.remote(input_ids, attention_mask, k=..., temperature=...).result()``.
+
+The calls an application answered are counted in one small named actor per application
+(:class:`TeacherCallCounter`), not in the replicas: a replica that Serve restarts starts empty,
+so counts kept in it would lose every call the dead replica answered, and with several
+replicas each one would know only its own share.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import logging
 from typing import Any
 
 import numpy as np
+import ray
 from ray import serve
 
 from raykd.config import TeacherConfig
@@ -20,6 +26,55 @@ from raykd.teacher.engines import check_engine_request, resolve_engine
 log = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "Teacher"
+COUNTER_NAMESPACE = "raykd"
+"""Ray namespace of the per-application :class:`TeacherCallCounter` actors (callers of any
+namespace, Serve replicas included, find them by name there)."""
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class TeacherCallCounter:
+    """The ``score`` / ``generate`` calls one teacher application answered, per replica.
+
+    A detached actor named :func:`counter_name` that outlives the application's replicas: each
+    replica sends ``add`` fire-and-forget after a call is answered (a local enqueue, off the
+    request's critical path), and :meth:`TeacherDeployment.info` asks for :meth:`totals`.
+    Chosen over Ray's metrics (``ray.util.metrics.Counter``) because those are exported to
+    Prometheus every few seconds and read back only through a metrics server, while ``info()``
+    must answer exactly, at once, on any cluster. :func:`stop_teacher` kills the counter with
+    its application, so a new application of the same name counts from zero.
+
+    Calls still in flight when a replica dies are not counted (they were never answered); the
+    caller's resent call is counted once, on the replica that answers it. If the counter's own
+    process dies, Ray restarts it empty.
+    """
+
+    def __init__(self) -> None:
+        self.calls: dict[str, dict[str, int]] = {}
+
+    def add(self, replica: str, method: str, n: int = 1) -> None:
+        """Count ``n`` answered ``method`` calls of ``replica`` (a Serve replica id)."""
+        per = self.calls.setdefault(replica, {"score": 0, "generate": 0})
+        per[method] = per.get(method, 0) + n
+
+    def totals(self) -> dict[str, Any]:
+        """``{"calls": {method: n}, "calls_by_replica": {replica: {method: n}}}``; ``calls``
+        sums every replica the application ever had, the dead ones included."""
+        total = {"score": 0, "generate": 0}
+        for per in self.calls.values():
+            for method, n in per.items():
+                total[method] = total.get(method, 0) + n
+        return {"calls": total, "calls_by_replica": {r: dict(per) for r, per in self.calls.items()}}
+
+
+def counter_name(app_name: str) -> str:
+    """Actor name of the call counter of teacher application ``app_name``."""
+    return f"teacher_calls:{app_name}"
+
+
+def call_counter(app_name: str) -> ray.actor.ActorHandle:
+    """The call counter of ``app_name``, created (detached, 0 CPUs) if it does not exist yet."""
+    return TeacherCallCounter.options(name=counter_name(app_name), namespace=COUNTER_NAMESPACE,
+                                      lifetime="detached", get_if_exists=True).remote()
 
 
 @serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=4, health_check_period_s=30)
@@ -43,7 +98,9 @@ class TeacherDeployment:
 
         self.engine = build_engine(engine, model_path, **(engine_kwargs or {}))
         self.max_batch_size = max_batch_size
-        self.calls = {"score": 0, "generate": 0}
+        context = serve.get_replica_context()
+        self.replica = context.replica_id.unique_id
+        self.counter = call_counter(context.app_name)
 
     def score(
         self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *, k: int = 32, temperature: float = 1.0
@@ -56,24 +113,79 @@ class TeacherDeployment:
         input_ids = np.asarray(input_ids)
         if input_ids.ndim == 2 and input_ids.shape[0] > self.max_batch_size:
             raise ValueError(f"batch of {input_ids.shape[0]} exceeds max_batch_size={self.max_batch_size}")
-        self.calls["score"] += 1
-        return self.engine.score(input_ids, attention_mask, k=k, temperature=temperature)
+        labels = self.engine.score(input_ids, attention_mask, k=k, temperature=temperature)
+        self.counter.add.remote(self.replica, "score")  # fire-and-forget: the answer does not wait for it
+        return labels
 
     def generate(self, prompts: list[Any], **kwargs: Any) -> list[dict[str, Any]]:
         """Completions with per-token top-k; see :meth:`raykd.teacher.engines.hf.HFEngine.generate`."""
         if len(prompts) > self.max_batch_size:
             raise ValueError(f"{len(prompts)} prompts exceed max_batch_size={self.max_batch_size}")
-        self.calls["generate"] += 1
-        return self.engine.generate(prompts, **kwargs)
+        completions = self.engine.generate(prompts, **kwargs)
+        self.counter.add.remote(self.replica, "generate")
+        return completions
 
-    def info(self) -> dict[str, Any]:
-        """Engine identity (fingerprints, vocabulary, dtype, device) and call counts."""
+    async def info(self) -> dict[str, Any]:
+        """Engine identity (fingerprints, vocabulary, dtype, device) and call counts.
+
+        Returns:
+            The engine's info fields, plus ``calls`` (``{"score": n, "generate": n}`` answered by
+            the whole application: every replica, including replicas Serve has since replaced),
+            ``calls_by_replica`` (the same per replica id), ``replica`` (the id of the replica
+            answering) and ``pid`` (its process). This replica's own answered calls are always
+            included (Ray runs one caller's actor calls in order); another replica's last calls
+            may arrive a few milliseconds after its answers.
+        """
         from dataclasses import asdict
 
         import os
 
-        replica = serve.get_replica_context().replica_id.unique_id
-        return {**asdict(self.engine.info()), "calls": dict(self.calls), "replica": replica, "pid": os.getpid()}
+        counts = await self.counter.totals.remote()
+        return {**asdict(self.engine.info()), **counts, "replica": self.replica, "pid": os.getpid()}
+
+
+class ResentCall:
+    """A teacher call that is sent again when the replica serving it dies before answering.
+
+    ``score`` and ``info`` are pure functions of their arguments, so sending one again cannot
+    duplicate or change anything: the caller keeps the one answer it receives (a resent sampled
+    ``generate`` draws a new sample, still one). Serve routes the resent call to a live replica,
+    or holds it until it has replaced the dead one. Errors the teacher raises (bad input) are
+    not resent.
+
+    Args:
+        method: a deployment handle method, e.g. ``handle.score``.
+        *args, **kwargs: the call's arguments.
+        attempts: sends in all (the first included) before the replica loss is raised.
+
+    Example:
+        ``ResentCall(handle.score, input_ids, attention_mask, k=32).result()``
+    """
+
+    def __init__(self, method: serve.handle.DeploymentHandle, *args: Any, attempts: int = 3, **kwargs: Any):
+        if attempts < 1:
+            raise ValueError(f"attempts={attempts}: a call needs at least one send")
+        self.method, self.args, self.kwargs, self.attempts = method, args, kwargs, attempts
+        self.sends = 1
+        self.response = method.remote(*args, **kwargs)  # sent now: callers keep several in flight
+
+    def result(self, timeout_s: float | None = None) -> Any:
+        """The answer, waiting up to ``timeout_s`` seconds per send.
+
+        Raises:
+            ray.exceptions.RayActorError: the replicas died ``attempts`` times during this call.
+            Exception: what the teacher raised (not resent) or Serve's timeout error.
+        """
+        while True:
+            try:
+                return self.response.result(timeout_s=timeout_s)
+            except ray.exceptions.RayActorError as e:  # the replica died (or is unreachable) before answering
+                if self.sends >= self.attempts:
+                    raise
+                log.warning("a teacher replica died during a call (%s); sending it again (send %d of %d)",
+                            type(e).__name__, self.sends + 1, self.attempts)
+                self.sends += 1
+                self.response = self.method.remote(*self.args, **self.kwargs)
 
 
 def teacher_app(cfg: TeacherConfig, model_path: str, **extra_options: Any) -> serve.Application:
@@ -203,8 +315,12 @@ def start_teacher(cfg: TeacherConfig, model_path: str) -> tuple[serve.handle.Dep
 
 
 def stop_teacher(name: str) -> None:
-    """Delete the teacher application ``name`` (no error if it is not running)."""
+    """Delete the teacher application ``name`` and its call counter (no error if it is not running)."""
     try:
         serve.delete(name)
     except Exception:  # noqa: BLE001
+        pass
+    try:
+        ray.kill(ray.get_actor(counter_name(name), namespace=COUNTER_NAMESPACE))
+    except ValueError:  # no counter: the application never started a replica
         pass

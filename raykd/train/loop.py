@@ -9,8 +9,13 @@ any split over workers and accumulation steps (see :mod:`raykd.losses.objective`
 
 The loop's settings are one typed :class:`LoopConfig`.
 
-Checkpoints (model, optimizer, scheduler, step, loss history) are reported to Ray Train every
-``checkpoint_every`` steps and at the end; a restarted run continues from the latest one.
+Checkpoints (model, optimizer, scheduler, step, loss history, position in the data) are
+reported to Ray Train every ``checkpoint_every`` steps and at the end. A run restarted after a
+worker failure (``train.max_failures``, Ray Train's ``FailureConfig``) or rerun under the same
+name continues from the latest one: the history keeps the checkpoint's steps and appends the
+steps trained after it, so steps that ran between the checkpoint and the failure appear once,
+as retrained; the data resumes at the checkpoint's group of micro-batches, so with one worker
+the resumed timeline trains exactly as a run that never failed.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
+RESUMES_FILE = "resumed_from.json"
+"""JSON list of the steps a run resumed from (one per restart), beside the history."""
 
 
 def batch_to_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, TeacherTargets]:
@@ -131,27 +138,40 @@ def _autocast(mode: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _micro_batches(shard, per_worker: int, train: TrainConfig, device):
-    """Endless iterator over lists of ``grad_accum`` decoded micro-batches (epochs repeat the shard)."""
+def _micro_batches(shard, per_worker: int, train: TrainConfig, device, position: dict[str, int]):
+    """Endless iterator over lists of ``grad_accum`` decoded micro-batches (epochs repeat the shard).
+
+    Args:
+        position: ``{"epoch": e, "group": g}``, where the data stands: the first group yielded is
+            group ``g`` of epoch ``e`` (the groups before it are read and dropped, so a resumed run
+            sees the data a run without a failure would). Updated as groups are handed out, so a
+            checkpoint taken after a step records where the next step starts.
+    """
     micro = per_worker // train.grad_accum
-    epoch = 0
+    skip = position["group"]
     while True:
-        group = []
-        kwargs = {"local_shuffle_buffer_size": 4 * micro, "local_shuffle_seed": train.seed + epoch} if train.shuffle else {}
+        group, groups = [], 0
+        kwargs = ({"local_shuffle_buffer_size": 4 * micro, "local_shuffle_seed": train.seed + position["epoch"]}
+                  if train.shuffle else {})
         for batch in shard.iter_torch_batches(batch_size=micro, drop_last=True, device=device, **kwargs):
             group.append(batch)
-            if len(group) == train.grad_accum:
+            if len(group) < train.grad_accum:
+                continue
+            groups += 1
+            if groups > skip:
+                position["group"] = groups
                 yield group
-                group = []
-        epoch += 1
+            group = []
+        skip = max(0, skip - groups)  # a position past the epoch's end (an older checkpoint) carries over
+        position["epoch"], position["group"] = position["epoch"] + 1, 0
 
 
 def _load_student(cfg: LoopConfig, rank: int):
     """The student to train: the initial weights, or the last checkpoint of a restarted run.
 
     Returns:
-        ``(model, state, history, step)``; ``state`` (optimizer, scheduler, teacher mix) is None
-        for a fresh run.
+        ``(model, state, history, step)``; ``state`` (optimizer, scheduler, teacher mix, data
+        position, ``resumed_from``) is None for a fresh run.
     """
     import ray.train
     from transformers import AutoModelForCausalLM
@@ -191,6 +211,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(train.seed)
 
     model, state, history, step = _load_student(cfg, rank)
+    # Where the data stands; checkpoints older than this field held one group per step from epoch 0.
+    position = dict(state.get("data") or {"epoch": 0, "group": step}) if state is not None else {"epoch": 0, "group": 0}
+    resumed_from = [*state.get("resumed_from", []), step] if state is not None else []
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     core = model.module if hasattr(model, "module") else model
@@ -206,7 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             mix.load_state_dict(state["mix"])
     tracker = _mlflow(cfg, rank)
 
-    raw = _micro_batches(ray.train.get_dataset_shard("train"), train.batch_size // world, train, device)
+    raw = _micro_batches(ray.train.get_dataset_shard("train"), train.batch_size // world, train, device, position)
     clock = {"t": time.perf_counter(), "positions": 0.0}
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
@@ -226,8 +249,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
         if step % train.checkpoint_every == 0 or last:
             _report_checkpoint(core, {"optim": optim.state_dict(), "sched": sched.state_dict(), "step": step,
-                                      "mix": mix.state_dict() if mix else None}, history, rank, row,
-                               cfg.checkpoint_root)
+                                      "mix": mix.state_dict() if mix else None, "data": dict(position),
+                                      "resumed_from": resumed_from}, history, rank, row, cfg.checkpoint_root)
         elif step % train.log_every == 0:  # metrics only (every worker reports: Ray Train counts reports)
             ray.train.report(row)
 
@@ -261,6 +284,7 @@ def _save(core, state: dict[str, Any], history: list[dict], folder: Path) -> Non
     core.save_pretrained(folder)
     torch.save(state, folder / STATE_FILE)
     (folder / HISTORY_FILE).write_text(json.dumps(history))
+    (folder / RESUMES_FILE).write_text(json.dumps(state.get("resumed_from", [])))
 
 
 def _report_checkpoint(core, state: dict[str, Any], history: list[dict], rank: int, metrics: dict,

@@ -6,7 +6,7 @@ import functools
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,12 @@ from raykd import console
 from raykd.config import TrainConfig
 from raykd.soft_labels.join import LABEL_COLUMNS, decode_joined, teacher_column
 from raykd.soft_labels.schema import decode_batch
-from raykd.train.loop import HISTORY_FILE, LoopConfig, train_loop_per_worker
+from raykd.train.loop import (
+    HISTORY_FILE,
+    RESUMES_FILE,
+    LoopConfig,
+    train_loop_per_worker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +38,14 @@ class TrainResult:
     name: str
     model_dir: Path
     history: list[dict[str, Any]]
+    """One row per step ``1..steps`` of the run's surviving timeline (a step retrained after a
+    restart appears once, as retrained)."""
     seconds: float
     steps: int
+    resumed_from: list[int] = field(default_factory=list)
+    """The step of the checkpoint each restart continued from, in order: a worker failure Ray
+    Train recovered from (``train.max_failures``) or a rerun under the same name; empty for a
+    run that never restarted."""
 
 
 def soft_label_dataset(shard_files: list[str], shuffle: bool, seed: int, num_teachers: int = 1):
@@ -107,9 +118,12 @@ def _short(need: dict[str, float], have: dict[str, float]) -> dict[str, float]:
 def _serve_held() -> dict[str, float]:
     """Resources reserved by live Serve replica actors (empty if the state API is unavailable)."""
     try:
+        import ray
         from ray.util.state import list_actors
 
-        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000, raise_on_missing_output=False)
+        # the connected cluster's state API (another local cluster on the machine must not answer)
+        actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
+                             detail=True, limit=10_000, raise_on_missing_output=False)
     except Exception:  # noqa: BLE001  (no dashboard: assume nothing is held for good)
         return {}
     held: dict[str, float] = {}
@@ -161,7 +175,8 @@ def train_student(
             ``mlflow_experiment``, one run per student) through Ray's MLflow integration.
 
     Returns:
-        The final model folder (from the last checkpoint) and the per-step loss history.
+        The final model folder (from the last checkpoint), the per-step loss history and the
+        steps the run resumed from (worker failures recovered through ``cfg.max_failures``).
 
     Raises:
         InsufficientResourcesError: the cluster cannot give the run its workers (before training).
@@ -205,6 +220,11 @@ def train_student(
         raise RuntimeError(f"student {name} finished without a checkpoint")
     model_dir = Path(result.checkpoint.path)
     history = json.loads((model_dir / HISTORY_FILE).read_text())
+    resumes = model_dir / RESUMES_FILE  # absent in checkpoints written before restarts were recorded
+    resumed_from = json.loads(resumes.read_text()) if resumes.exists() else []
+    if resumed_from:
+        log.info("student %s resumed from the checkpoint(s) of step(s) %s", name, resumed_from)
     final = {k: v for k, v in (history[-1] if history else {}).items() if k not in ("step", "lr", "temperature")}
     console.finish_progress(name, final, steps=len(history))  # the bar's last state: steps, time, final loss terms
-    return TrainResult(name=name, model_dir=model_dir, history=history, seconds=seconds, steps=len(history))
+    return TrainResult(name=name, model_dir=model_dir, history=history, seconds=seconds, steps=len(history),
+                       resumed_from=resumed_from)

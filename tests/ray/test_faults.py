@@ -1,0 +1,227 @@
+"""Faults in flight: a SIGKILLed Ray Train worker or Serve teacher replica in the middle of the
+work. Training resumes from its last checkpoint and keeps one timeline; labeling loses and
+duplicates no block; the teacher's call count survives the restart and sums over replicas.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from raykd.soft_labels.cache import shard_paths
+from raykd.students import build_student
+from raykd.teacher.deployment import (
+    COUNTER_NAMESPACE,
+    DEPLOYMENT_NAME,
+    counter_name,
+    start_teacher,
+    stop_teacher,
+)
+from raykd.train.trainer import train_student
+from tests.conftest import tiny_distill_config
+from tests.faults import (
+    TRAIN_WORKER_CLASS,
+    KillWhen,
+    alive_actor_pids,
+    serve_replica_class,
+    sigkill,
+    wait_for,
+)
+
+pytestmark = pytest.mark.ray
+
+MAX_STEPS = 16
+CHECKPOINT_EVERY = 2
+
+
+@pytest.fixture(scope="module")
+def student_setup(tiny_labeled, tmp_path_factory):
+    cfg, plan, caches, _ = tiny_labeled
+    folder, manifest = caches["train"]
+    init = build_student(cfg.student, plan.teacher_path, tmp_path_factory.mktemp("init") / "student")
+    return cfg, shard_paths(folder, manifest), init, tmp_path_factory.mktemp("runs")
+
+
+def _train(student_setup, name: str, **overrides):
+    cfg, files, init, runs = student_setup
+    train_cfg = cfg.train.model_copy(update={"shuffle": False, "num_workers": 1, "max_steps": MAX_STEPS,
+                                             "checkpoint_every": CHECKPOINT_EVERY, "log_every": 1, **overrides})
+    return train_student(name, student_path=init, shard_files=files, weights={"forward_kl": 0.5, "ce": 0.5},
+                         temperature=1.0, cfg=train_cfg, storage_path=runs)
+
+
+def _registered_checkpoint_step(run_dir: Path) -> int | None:
+    """Step of the latest checkpoint Ray Train's controller has registered for the run in
+    ``run_dir`` (the one a restarted worker group resumes from), or None."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being written
+        return None
+    return None if latest is None else int(latest["metrics"]["step"])
+
+
+def _one(pids: list[int]) -> int | None:
+    return pids[0] if len(pids) == 1 else None
+
+
+def test_a_killed_train_worker_resumes_from_its_last_checkpoint(student_setup, monkeypatch):
+    """SIGKILL the one worker once the controller has registered a checkpoint: Ray Train restarts
+    it (``max_failures=1``), the run resumes from that checkpoint, and the finished history is one
+    timeline, steps 1..N each once, equal to a run that never failed."""
+    # Ray Train's controller polls its workers (reports, liveness) every 2 s by default: poll every
+    # 0.1 s so the checkpoint is registered, and the dead worker noticed, with most steps still to run.
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    run_dir = student_setup[3] / "killed"
+    killer = KillWhen(victim=lambda: _one(alive_actor_pids(TRAIN_WORKER_CLASS)),
+                      ready=lambda: _registered_checkpoint_step(run_dir), timeout_s=300,
+                      what="the first registered checkpoint")
+    killer.start()
+    killed = _train(student_setup, "killed", max_failures=1)
+    victim = killer.join_checked()
+
+    assert victim not in alive_actor_pids(TRAIN_WORKER_CLASS)
+    steps = [row["step"] for row in killed.history]
+    assert steps == list(range(1, MAX_STEPS + 1)), f"gap or repeat in the history after the restart: {steps}"
+    (resumed,) = killed.resumed_from  # one restart, from a registered checkpoint, before the end
+    assert resumed % CHECKPOINT_EVERY == 0 and CHECKPOINT_EVERY <= resumed < MAX_STEPS
+    # The surviving timeline trains as a run that never failed (local mode trains as one worker,
+    # see tests/ray/test_train.py): the restored data position, optimizer and scheduler make the
+    # steps retrained after the restart the same steps.
+    straight = _train(student_setup, "straight", num_workers=0)
+    assert straight.resumed_from == []
+    for a, b in zip(straight.history, killed.history, strict=True):
+        assert b == pytest.approx(a, rel=1e-5), f"step {a['step']} differs after resuming at step {resumed}"
+
+
+def _score_args(vocab_size: int, batch: int, seq_len: int = 16, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(3, vocab_size, size=(batch, seq_len), dtype=np.int64), np.ones((batch, seq_len), dtype=np.int64)
+
+
+def _counter_totals(app: str) -> dict:
+    import ray
+
+    return ray.get(ray.get_actor(counter_name(app), namespace=COUNTER_NAMESPACE).totals.remote())
+
+
+def _replica_restarted(app: str, old_pid: int) -> int | None:
+    """PID of the running replica once Serve replaced ``old_pid`` (one replica)."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None or status.deployments[DEPLOYMENT_NAME].replica_states != {"RUNNING": 1}:
+        return None
+    pid = _one(alive_actor_pids(serve_replica_class(app, DEPLOYMENT_NAME)))
+    return pid if pid not in (None, old_pid) else None
+
+
+def test_the_call_count_survives_a_replica_restart(tiny_labeled):
+    cfg, plan, _, _ = tiny_labeled
+    teacher = cfg.teacher.model_copy(update={"name": "tiny-teacher-counted"})
+    ids, mask = _score_args(plan.vocab_size, batch=2)
+    handle, _ = start_teacher(teacher, str(plan.teacher_path))
+    try:
+        for _ in range(3):
+            handle.score.remote(ids, mask, k=4).result(timeout_s=120)
+        before = handle.info.remote().result(timeout_s=60)
+        assert before["calls"] == {"score": 3, "generate": 0}
+
+        sigkill(before["pid"])
+        wait_for(lambda: _replica_restarted(teacher.name, before["pid"]), timeout_s=180,
+                 what="Serve to replace the killed replica")
+        for _ in range(2):
+            handle.score.remote(ids, mask, k=4).result(timeout_s=120)
+        after = handle.info.remote().result(timeout_s=60)
+        assert after["pid"] != before["pid"] and after["replica"] != before["replica"]
+        assert after["calls"]["score"] == 3 + 2, "the calls the killed replica answered were lost"
+        assert after["calls_by_replica"] == {before["replica"]: {"score": 3, "generate": 0},
+                                             after["replica"]: {"score": 2, "generate": 0}}
+    finally:
+        stop_teacher(teacher.name)
+    with pytest.raises(ValueError):  # the counter goes with its application
+        _counter_totals(teacher.name)
+
+
+def test_the_call_count_sums_over_replicas(tiny_labeled):
+    cfg, plan, _, _ = tiny_labeled
+    teacher = cfg.teacher.model_copy(update={"name": "tiny-teacher-summed", "num_replicas": 2})
+    ids, mask = _score_args(plan.vocab_size, batch=2)
+    handle, _ = start_teacher(teacher, str(plan.teacher_path))
+    try:
+        calls = 24
+        for response in [handle.score.remote(ids, mask, k=4) for _ in range(calls)]:  # concurrent: both replicas serve
+            response.result(timeout_s=120)
+        # every answer was sent after its count; another replica's count may land a moment later
+        totals = wait_for(lambda: (t := _counter_totals(teacher.name))["calls"]["score"] >= calls and t,
+                          timeout_s=30, what=f"{calls} counted score calls")
+        assert totals["calls"]["score"] == calls
+        per_replica = {r: c["score"] for r, c in totals["calls_by_replica"].items()}
+        assert len(per_replica) == 2 and all(n > 0 for n in per_replica.values()), per_replica
+        answers = {}
+        for _ in range(20):  # info() from either replica reports the application's total
+            for info in [handle.info.remote().result(timeout_s=60) for _ in range(4)]:
+                answers[info["replica"]] = info["calls"]["score"]
+            if len(answers) == 2:
+                break
+        assert answers == {r: calls for r in per_replica}
+    finally:
+        stop_teacher(teacher.name)
+
+
+def _read_cache(folder: Path, manifest) -> dict[str, np.ndarray]:
+    table = pq.read_table(shard_paths(folder, manifest))
+    order = np.lexsort((table["block_index"].to_numpy(), np.asarray(table["doc_id"].to_pylist())))
+    return {name: np.asarray(table[name].to_pylist())[order] for name in table.column_names}
+
+
+def test_a_killed_teacher_replica_loses_and_duplicates_nothing(tiny_labeled, tiny_model, corpus_jsonl, tmp_path):
+    """SIGKILL the teacher's only replica once it has answered a score call of a labeling run:
+    Serve restarts it, the in-flight calls are sent again, and the finished caches hold every
+    block exactly once, as the uninterrupted labeling of the same documents wrote them."""
+    from raykd.soft_labels.plan import Plan, ensure_soft_labels
+
+    _, _, reference, _ = tiny_labeled
+    cfg = tiny_distill_config(tiny_model, corpus_jsonl, tmp_path / "cache")
+    cfg.teacher.name = "tiny-teacher-killed"
+    cfg.teacher.keep_alive = True  # read its call count after labeling
+    cfg.labels.batch_size = 2  # many small calls, so the kill lands with most of them still to come
+    plan = Plan(cfg)
+    app = cfg.teacher.name
+
+    def answered_a_call() -> bool:
+        try:
+            return _counter_totals(app)["calls"]["score"] >= 1
+        except ValueError:  # no counter yet: the replica is still starting
+            return False
+
+    killer = KillWhen(victim=lambda: _one(alive_actor_pids(serve_replica_class(app, DEPLOYMENT_NAME))),
+                      ready=answered_a_call, timeout_s=300, what="the replica's first answered score call")
+    killer.start()
+    try:
+        caches, stats = ensure_soft_labels(plan)
+        victim = killer.join_checked()
+        totals = _counter_totals(app)
+    finally:
+        stop_teacher(app)
+
+    assert stats["hit"] is False
+    by_replica = totals["calls_by_replica"]
+    assert len(by_replica) == 2 and all(c["score"] > 0 for c in by_replica.values()), (
+        f"the kill (pid {victim}) did not land in the middle of labeling: {by_replica}")
+    for split, (folder, manifest) in caches.items():
+        got, want = _read_cache(folder, manifest), _read_cache(*reference[split])
+        keys = list(zip(got["doc_id"], got["block_index"]))
+        assert len(keys) == len(set(keys)), f"{split}: duplicated (doc_id, block_index) rows"
+        assert manifest.rows == reference[split][1].rows == len(keys)
+        assert keys == list(zip(want["doc_id"], want["block_index"])), f"{split}: lost or extra blocks"
+        np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+        np.testing.assert_array_equal(got["loss_mask"], want["loss_mask"])
+        # other batch shapes than the reference's: equal within float16 rounding of the stored values
+        np.testing.assert_allclose(got["topk_logprobs"], want["topk_logprobs"], rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(got["label_logprobs"], want["label_logprobs"], rtol=1e-4, atol=1e-4)
+        assert (got["topk_ids"] == want["topk_ids"]).mean() > 0.999
