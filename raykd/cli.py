@@ -162,8 +162,53 @@ def cli(argv: list[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     output_dir = getattr(args, "output_dir", None)
+    remote = output_dir if output_dir and _on_object_storage(output_dir) else None
+    if remote:  # the run writes into a local staging folder, uploaded to the URI when the command ends
+        args.output_dir = output_dir = str(_staging_dir(remote))
     log_dir = Path(output_dir) / "logs" if output_dir else None
-    return console.run(lambda: _run_command(args), verbose=args.verbose, log_dir=log_dir)
+
+    def command() -> int:
+        if remote:
+            from raykd import storage
+
+            with console.user_errors(ValueError):
+                storage.check(remote, setting="--output-dir")  # a bad URI fails before any work
+        return _run_command(args)
+
+    code = console.run(command, verbose=args.verbose, log_dir=log_dir)
+    if remote and Path(output_dir).exists():
+        code = _upload_run(Path(output_dir), remote) or code
+    return code
+
+
+def _on_object_storage(location: str) -> bool:
+    return "://" in location and not location.startswith("file://")
+
+
+def _staging_dir(uri: str) -> Path:
+    """The local folder a run for output URI ``uri`` writes into (the same for a rerun, so Ray
+    Train resumes from its checkpoints)."""
+    import hashlib
+
+    from raykd.config import default_cache_root
+
+    return default_cache_root() / "runs" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
+def _upload_run(folder: Path, uri: str) -> int:
+    """Copy the run folder to ``uri`` (pyarrow.fs); 0 on success, 1 (with ``error: ...``) on failure."""
+    import pyarrow.fs
+
+    from raykd import storage
+
+    try:
+        fs, path = storage.resolve(uri, setting="--output-dir")
+        pyarrow.fs.copy_files(str(folder), path, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)
+    except Exception as e:  # noqa: BLE001  (the run itself is done; say where its files are)
+        print(f"error: could not upload the run folder to {uri} ({e}); it is in {folder}", file=sys.stderr)
+        return 1
+    print(f"run folder uploaded to {uri} (local copy: {folder})")
+    return 0
 
 
 if __name__ == "__main__":

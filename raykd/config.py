@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -437,6 +444,18 @@ class TrainConfig(Strict):
     seed: int = 0
     max_failures: int = Field(default=0, ge=-1)
     """Worker failures Ray Train recovers from (from the last checkpoint); -1: unlimited."""
+    checkpoint_dir: str | None = None
+    """Ray Train storage for checkpoints: a path or an ``s3://``/``gs://`` URI every node reaches
+    (None: ``<output-dir>/ray_train``). Object storage needs ``num_workers >= 1`` (local mode
+    checkpoints into a local folder)."""
+
+    @model_validator(mode="after")
+    def _remote_checkpoints_need_workers(self) -> TrainConfig:
+        if self.checkpoint_dir and "://" in self.checkpoint_dir and not self.checkpoint_dir.startswith("file://") \
+                and self.num_workers == 0:
+            raise ValueError(f"train.checkpoint_dir={self.checkpoint_dir!r} is on object storage, which Ray Train's local "
+                             "mode (train.num_workers=0) cannot write; set train.num_workers >= 1 or use a local folder")
+        return self
 
     @field_validator("resources_per_worker")
     @classmethod

@@ -73,7 +73,7 @@ class Plan:
     def _settle(self, cfg: DistillConfig) -> None:
         self.cfg = cfg
         root = cfg.labels.cache_dir or str(default_cache_root() / "soft_labels")
-        storage.resolve(root, setting="labels.cache_dir")  # a missing filesystem fails here
+        storage.check(root, setting="labels.cache_dir")  # a missing filesystem or bucket fails here
         self.cache_root = root if storage.is_uri(root) else str(Path(root).expanduser())
         parts = plan_parts(cfg.data)
         self.sources: dict[str, tuple[DataConfig, list[PartSpec]]] = {"train": (cfg.data, parts), "eval": (cfg.data, parts)}

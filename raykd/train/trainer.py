@@ -5,12 +5,15 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raykd import console
+import pyarrow.fs
+
+from raykd import console, storage
 from raykd.config import TrainConfig
 from raykd.soft_labels.join import LABEL_COLUMNS, decode_joined, teacher_column
 from raykd.soft_labels.schema import decode_batch
@@ -151,7 +154,7 @@ def train_student(
     weights: dict[str, float],
     temperature: float,
     cfg: TrainConfig,
-    storage_path: Path,
+    storage_path: str | Path,
     params: dict[str, dict[str, float]] | None = None,
     teachers: dict[str, Any] | None = None,
     mlflow_uri: str | None = None,
@@ -167,7 +170,9 @@ def train_student(
         weights: objective ``{loss name: weight}``.
         temperature: the cache's soft-label temperature.
         cfg: workers, devices, batch, steps, optimizer.
-        storage_path: Ray Train storage (checkpoints).
+        storage_path: Ray Train storage (checkpoints): a local folder or a URI (``s3://``,
+            ``gs://``) resolved through :mod:`raykd.storage`; from object storage the final
+            checkpoint is downloaded into a local folder for evaluation and export.
         params: loss hyper-parameters on top of ``cfg.loss_params``.
         teachers: for joined multi-teacher shards, ``combine`` (the method's rule),
             ``num_teachers``, ``weight_temperature`` and ``policy_lr``.
@@ -186,6 +191,11 @@ def train_student(
     from ray.train.torch import TorchTrainer
 
     check_training_resources(cfg, name)
+    fs, fs_path = storage.resolve(storage_path, setting="train.checkpoint_dir")
+    local = isinstance(fs, pyarrow.fs.LocalFileSystem)
+    if not local and not cfg.num_workers:
+        raise storage.StorageError(f"train.checkpoint_dir={storage_path!r} is on object storage, which Ray Train's local "
+                                   "mode (train.num_workers=0) cannot write; set train.num_workers >= 1")
     loop = LoopConfig(
         run_label=name,
         student_path=str(student_path),
@@ -196,7 +206,7 @@ def train_student(
         train=cfg,
         mlflow_uri=mlflow_uri,
         mlflow_experiment=mlflow_experiment,
-        checkpoint_root=None if cfg.num_workers else str(Path(storage_path) / name),
+        checkpoint_root=None if cfg.num_workers else str(Path(fs_path) / name),
         **(teachers or {}),
     )
     trainer = TorchTrainer(
@@ -206,7 +216,8 @@ def train_student(
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **cfg.resources_per_worker} if cfg.num_workers else None),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage_path),
+            storage_path=fs_path,
+            storage_filesystem=None if local else fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=[console.train_progress(name, cfg.max_steps)],  # this student's progress bar on the driver
@@ -218,7 +229,8 @@ def train_student(
     seconds = time.perf_counter() - start
     if result.checkpoint is None:
         raise RuntimeError(f"student {name} finished without a checkpoint")
-    model_dir = Path(result.checkpoint.path)
+    model_dir = (Path(result.checkpoint.path) if local
+                 else Path(result.checkpoint.to_directory(tempfile.mkdtemp(prefix=f"raykd-{name}-"))))
     history = json.loads((model_dir / HISTORY_FILE).read_text())
     resumes = model_dir / RESUMES_FILE  # absent in checkpoints written before restarts were recorded
     resumed_from = json.loads(resumes.read_text()) if resumes.exists() else []

@@ -46,3 +46,26 @@ def test_label_train_and_hit_with_corpus_and_cache_on_s3(ray_start, s3_server, t
 
     again, stats = ensure_soft_labels(Plan(cfg))
     assert stats["hit"] and stats["teacher_calls"] == 0 and again["train"][0] == folder
+
+
+def test_distill_with_output_dir_and_checkpoints_on_s3(ray_start, s3_server, tiny_model, corpus_jsonl, tmp_path, monkeypatch):
+    """`raykd distill --output-dir s3://...`: the run is staged locally and uploaded; checkpoints go
+    straight to `train.checkpoint_dir` on the store (Ray Train storage with the resolved filesystem)."""
+    import json
+
+    import yaml
+
+    from raykd.cli import cli
+
+    monkeypatch.setenv("RAYKD_CACHE", str(tmp_path / "user_cache"))  # where the staging folder goes
+    cfg = tiny_distill_config(tiny_model, corpus_jsonl, tmp_path / "labels", num_workers=1, max_steps=2,
+                              checkpoint_every=2, checkpoint_dir=s3_server.uri("ckpt"))
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"students": {"student_kd": {"forward_kl": 1.0}}})})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+    out = s3_server.uri("runs/tiny")
+    assert cli(["distill", "--config", str(path), "--output-dir", out]) == 0
+    report = json.loads(storage.read_bytes(storage.join(out, "report.json")))
+    assert report["student_kd"]["steps"] == 2
+    assert storage.list_files(storage.join(out, "logs"), ".log")  # the run's logs came along
+    assert any(f.endswith("model.safetensors") for f in storage.list_files(s3_server.uri("ckpt"), recursive=True))

@@ -80,3 +80,20 @@ def test_a_given_cache_of_other_settings_is_refused_naming_the_field(first_run):
     train_dir, _ = caches["train"]
     right = cfg.model_copy(update={"labels": cfg.labels.model_copy(update={"train_cache": str(train_dir)})})
     assert ensure_soft_labels(Plan(right))[1]["hit"]
+
+
+def test_an_id_repeated_across_files_is_refused_before_any_teacher_call(ray_start, tiny_model, tmp_path):
+    import json
+
+    from tests.conftest import make_corpus, tiny_distill_config
+
+    docs = make_corpus(30, seed=3)
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs[:20]))
+    (folder / "b.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs[19:]))  # doc0019 in both files
+    cfg = tiny_distill_config(tiny_model, folder, tmp_path / "cache")
+    cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"name": "dup-teacher"})})
+    with pytest.raises(ValueError, match=r"'doc0019' appears twice.*a\.jsonl.*b\.jsonl|'doc0019' appears twice.*b\.jsonl.*a\.jsonl"):
+        ensure_soft_labels(Plan(cfg))
+    assert running_teacher("dup-teacher") is None  # refused before the teacher started

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from raykd.config import ConfigError, DistillConfig, load_config, parse_overrides
+from raykd.config import ConfigError, DistillConfig, load_config, parse_overrides, TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,3 +76,10 @@ def test_yaml_cannot_execute_code(tmp_path):
     p.write_text("run_name: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(Exception, match="could not determine a constructor|ConstructorError|python/object"):
         load_config(DistillConfig, p)
+
+
+def test_checkpoints_on_object_storage_need_train_workers():
+    with pytest.raises(ValueError, match="local mode.*num_workers >= 1"):
+        TrainConfig(num_workers=0, checkpoint_dir="s3://bucket/ckpt")
+    assert TrainConfig(num_workers=1, checkpoint_dir="s3://bucket/ckpt").checkpoint_dir == "s3://bucket/ckpt"
+    assert TrainConfig(num_workers=0, checkpoint_dir="/tmp/ckpt").num_workers == 0
