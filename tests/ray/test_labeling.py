@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raykd.soft_labels.plan import Plan, ensure_soft_labels
 from raykd.soft_labels.cache import shard_paths
+from raykd.soft_labels.plan import Plan, ensure_soft_labels
 from raykd.teacher.deployment import running_teacher
 from raykd.teacher.engines.hf import HFEngine
 from raykd.train.evaluate import iter_cache_batches
