@@ -66,3 +66,16 @@ def test_verbose_is_accepted_before_and_after_the_subcommand(capsys, argv):
 def test_an_unknown_method_lists_the_valid_ones(capsys, tmp_path):
     code, _, err = _run(capsys, ["distill", "--method", "nope", "--output-dir", str(tmp_path)])
     assert code == 2 and err.startswith("error: unknown method 'nope'; valid methods: ") and "annealing_kd" in err
+
+
+@pytest.mark.parametrize("setting", ["labels.cache_dir=hdfs://namenode/cache", "data.path=hdfs://namenode/corpus.jsonl"])
+def test_a_uri_whose_filesystem_is_missing_is_a_user_error(capsys, tmp_path, corpus_jsonl, setting):
+    code, out, err = _run(capsys, ["label", "data.source=jsonl", f"data.path={corpus_jsonl}", "data.id_column=id",
+                                   f"labels.cache_dir={tmp_path / 'cache'}", setting])
+    assert code == 2 and err.startswith("error: ") and "hdfs" in err, err
+    assert "Traceback" not in out + err and not (tmp_path / "cache").exists()
+
+
+def test_split_fractions_that_do_not_sum_to_one_are_a_user_error(capsys):
+    code, _, err = _run(capsys, ["label", "data.splits={train: 0.7, eval: 0.2}"])
+    assert code == 2 and "sum to 0.9" in err
