@@ -35,6 +35,11 @@ def _special_ids(tokenizer: Any) -> tuple[int | None, int]:
     return bos, 0 if pad is None else int(pad)
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id a short block is right-padded with: the tokenizer's pad id, else its EOS id, else 0."""
+    return _special_ids(tokenizer)[1]
+
+
 def tokenize_to_blocks(
     batch: dict[str, np.ndarray],
     tokenizer: Any,

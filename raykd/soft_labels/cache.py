@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raykd import storage
-from raykd.soft_labels.schema import SCHEMA_VERSION
+from raykd.soft_labels.schema import SCHEMA_VERSION, count_tokens
 
 MANIFEST = "manifest.json"
 PARTS = "parts"
@@ -134,19 +134,6 @@ def part_file(cache_dir: str, part: str) -> str:
 
 def ledger_file(cache_dir: str, part: str) -> str:
     return storage.join(cache_dir, LEDGER, f"{part}.json")
-
-
-def count_tokens(table: pa.Table) -> tuple[int, int]:
-    """``(tokens, loss_tokens)`` of a shard table: real tokens, and labeled positions
-    (``loss_mask``; one per row for class-level labels, which have none)."""
-    from raykd.soft_labels import schema
-
-    if hasattr(schema, "count_tokens"):
-        return schema.count_tokens(table)
-    tokens = int(table.column("attention_mask").combine_chunks().flatten().to_numpy().sum()) if table.num_rows else 0
-    if "loss_mask" not in table.column_names:
-        return tokens, table.num_rows
-    return tokens, int(table.column("loss_mask").combine_chunks().flatten().to_numpy().sum()) if table.num_rows else 0
 
 
 def write_part(cache_dir: str, key: CacheKey, part: str, table: pa.Table | None, *, part_id: str,

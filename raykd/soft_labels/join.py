@@ -4,8 +4,10 @@ Each teacher labels the same blocks into its own cache, keyed by its own fingerp
 may write rows in any order, so every cache is sorted by ``(doc_id, block_index)`` and then the
 rows must match one for one: the same document, block and ``input_ids``. The first row that
 does not is named in the error, before any training starts. The joined shards keep teacher 0's
-columns under their usual names and add each further teacher ``i``'s label columns as
-``t<i>.topk_ids``, ``t<i>.topk_logprobs``, ``t<i>.tail_logmass``, ``t<i>.label_logprobs``.
+columns under their usual names and add each further teacher ``i``'s stored label columns
+(:data:`~raykd.soft_labels.schema.LABEL_COLUMNS`) as ``t<i>.<name>``; :func:`decode_joined` gives
+teacher ``i``'s decoded arrays as ``t<i>.topk_ids``, ``t<i>.topk_logprobs``, ``t<i>.tail_logmass``,
+``t<i>.label_logprobs``. Every cache must be of the current schema version.
 
 The join reads the caches on the driver (pyarrow); a cache that does not fit in memory would
 need a distributed join (left for later).
@@ -20,9 +22,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raykd.soft_labels.schema import decode_batch
+from raykd.soft_labels.schema import (
+    DECODED_LABELS,
+    LABEL_COLUMNS,
+    SCHEMA_VERSION,
+    SchemaError,
+    decode_batch,
+)
 
-LABEL_COLUMNS = ("topk_ids", "topk_logprobs", "tail_logmass", "label_logprobs")
+__all__ = ["LABEL_COLUMNS", "CacheJoinError", "decode_joined", "join_caches", "teacher_column"]
 
 
 class CacheJoinError(ValueError):
@@ -36,6 +44,9 @@ def teacher_column(i: int, name: str) -> str:
 
 def _sorted_table(shard_files: list[str]) -> pa.Table:
     table = pa.concat_tables([pq.read_table(f) for f in shard_files]).combine_chunks()
+    if missing := set(LABEL_COLUMNS) - set(table.column_names):
+        raise SchemaError(f"shards {shard_files[:1]}... lack columns {sorted(missing)}: not a soft-label cache of schema "
+                          f"v{SCHEMA_VERSION}; relabel it")
     return table.take(pc.sort_indices(table, sort_keys=[("doc_id", "ascending"), ("block_index", "ascending")]))
 
 
@@ -45,14 +56,27 @@ def _first_mismatch(a: pa.Table, b: pa.Table) -> int | None:
     bad = np.zeros(n, dtype=bool)
     for col in ("doc_id", "block_index"):
         bad |= np.asarray(a.column(col).to_pylist()[:n], dtype=object) != np.asarray(b.column(col).to_pylist()[:n], dtype=object)
-    ids_a = a.column("input_ids").combine_chunks().flatten().to_numpy().reshape(a.num_rows, -1)[:n]
-    ids_b = b.column("input_ids").combine_chunks().flatten().to_numpy().reshape(b.num_rows, -1)[:n]
-    if ids_a.shape != ids_b.shape:
-        return 0
-    bad |= (ids_a != ids_b).any(1)
+    bad |= _lists_differ(a.column("input_ids").combine_chunks()[:n], b.column("input_ids").combine_chunks()[:n])
     if bad.any():
         return int(bad.argmax())
     return None if a.num_rows == b.num_rows else n
+
+
+def _lists_differ(a: pa.Array, b: pa.Array) -> np.ndarray:
+    """[n] bool: row ``r`` of the two list arrays (same length ``n``) differs in length or values."""
+    len_a = a.value_lengths().to_numpy(zero_copy_only=False)
+    len_b = b.value_lengths().to_numpy(zero_copy_only=False)
+    bad = len_a != len_b
+    same = np.flatnonzero(~bad)
+    if same.size:
+        lengths = len_a[same]
+        within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        start_a = (np.cumsum(len_a) - len_a)[same]
+        start_b = (np.cumsum(len_b) - len_b)[same]
+        va, vb = a.flatten().to_numpy(zero_copy_only=False), b.flatten().to_numpy(zero_copy_only=False)
+        diff = va[np.repeat(start_a, lengths) + within] != vb[np.repeat(start_b, lengths) + within]
+        bad[same] = np.bincount(np.repeat(np.arange(same.size), lengths), weights=diff, minlength=same.size) > 0
+    return bad
 
 
 def join_caches(shard_lists: list[list[str]], names: list[str], out_dir: Path, rows_per_shard: int = 256) -> list[str]:
@@ -70,13 +94,14 @@ def join_caches(shard_lists: list[list[str]], names: list[str], out_dir: Path, r
     Raises:
         CacheJoinError: the caches differ in their rows; the message gives the first mismatching
             row's index (in ``(doc_id, block_index)`` order), its document and block in both caches.
+        SchemaError: a cache is not of the current schema version (relabel it).
     """
     tables = [_sorted_table(files) for files in shard_lists]
     base = tables[0]
     for i, other in enumerate(tables[1:], start=1):
         row = _first_mismatch(base, other)
         if row is not None:
-            def where(t: pa.Table) -> str:
+            def where(t: pa.Table, row: int = row) -> str:
                 return f"doc {t['doc_id'][row].as_py()!r} block {t['block_index'][row].as_py()}" if row < t.num_rows else "no row"
             raise CacheJoinError(
                 f"the caches of teachers {names[0]!r} ({base.num_rows} rows) and {names[i]!r} ({other.num_rows} rows) "
@@ -104,5 +129,5 @@ def decode_joined(table: pa.Table, num_teachers: int) -> dict[str, np.ndarray]:
     for i in range(1, num_teachers):
         view = table.select(base + [teacher_column(i, n) for n in LABEL_COLUMNS]).rename_columns(base + list(LABEL_COLUMNS))
         decoded = decode_batch(view)
-        out.update({teacher_column(i, n): decoded[n] for n in LABEL_COLUMNS})
+        out.update({teacher_column(i, n): decoded[n] for n in DECODED_LABELS})
     return out

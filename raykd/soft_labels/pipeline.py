@@ -97,9 +97,11 @@ class _PartLabeler:
         self.handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name)
         self.targets, self.data, self.k, self.temperature = targets, data, k, temperature
         self.tokenizer_path, self.batch_size, self.progress = tokenizer_path, batch_size, progress
+        from raykd.data.blocks import pad_id
+
         self.schemas = {
-            name: soft_label_schema(data.seq_len, k, vocab_size,
-                                    {"cache_key": t.key.digest(), "k": k, "temperature": temperature, "seq_len": data.seq_len})
+            name: soft_label_schema(data.seq_len, k, vocab_size, {"cache_key": t.key.digest(), "temperature": temperature},
+                                    pad_id=pad_id(_tokenizer(tokenizer_path)))
             for name, t in targets.items()
         }
 
