@@ -197,6 +197,25 @@ def _with_explicit_keys(fs: pafs.S3FileSystem) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**options)
 
 
+_FORWARDED_ENV = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def worker_env() -> dict[str, str]:
+    """The storage credentials and endpoints of this process's environment (``AWS_*``,
+    ``GOOGLE_APPLICATION_CREDENTIALS``), for the ``runtime_env`` of Ray tasks and actors that
+    resolve locations themselves (labelers read their parts by location). Empty when none is set.
+
+    Workers of a cluster started before these variables were set would otherwise not see them.
+    """
+    return {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV)}
+
+
+def remote_args() -> dict[str, Any]:
+    """Ray remote options that forward :func:`worker_env` (``{}`` when there is nothing to forward)."""
+    env = worker_env()
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
 def check(location: Location, *, setting: str | None = None) -> None:
     """Fail fast on a location that cannot be used, with one cheap request (a bucket lookup).
 

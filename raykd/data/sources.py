@@ -150,7 +150,7 @@ def _map(fn, args: list[tuple]) -> list:
 
     if not ray.is_initialized() or len(args) < 2:
         return [fn(*a) for a in args]
-    remote = ray.remote(num_cpus=0.25)(fn)
+    remote = ray.remote(num_cpus=0.25, **storage.remote_args())(fn)
     return ray.get([remote.remote(*a) for a in args])
 
 
@@ -488,7 +488,8 @@ def check_unique_ids(cfg: DataConfig, parts: list[PartSpec]) -> None:
             out_parts.extend([spec.part_id] * len(got))
         return {"doc_id": np.array(out_ids, dtype=object), "part": np.array(out_parts, dtype=object)}
 
-    ds = ray.data.from_items([p.to_row() for p in parts]).map_batches(ids, batch_size=1, num_cpus=0.25)
+    ds = ray.data.from_items([p.to_row() for p in parts]).map_batches(ids, batch_size=1, num_cpus=0.25,
+                                                                      **storage.remote_args())
     repeated = ds.groupby("doc_id").count().rename_columns({"count()": "n"}).filter(expr="n > 1").take(1)
     if repeated:
         doc_id = repeated[0]["doc_id"]

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raykd import console
+from raykd import console, storage
 from raykd.config import DataConfig, SoftLabelConfig
 from raykd.data import tokenize_to_blocks
 from raykd.data.documents import Document
@@ -133,8 +133,6 @@ class _PartLabeler:
         start = time.perf_counter()
         digest = spec.digest()
         # a retried part skips the targets it already committed (its ledger entry exists)
-        from raykd import storage
-
         names = [n for n in names if not storage.exists(ledger_file(self.targets[n].cache_dir, digest))]
         rows = read_part(spec, self.data)
         input_fp = rows_fingerprint(rows["doc_id"], rows["text"])
@@ -201,6 +199,7 @@ def label_parts(parts: list[PartSpec], todo: dict[str, list[str]], targets: dict
             num_cpus=0.1,
             max_restarts=2,
             max_task_retries=2,
+            **storage.remote_args(),  # the labelers read parts and write shards by location
             fn_constructor_kwargs={
                 "app_name": app_name, "targets": targets, "data": data, "k": labels.k, "temperature": labels.temperature,
                 "vocab_size": vocab_size, "tokenizer_path": tokenizer_path, "batch_size": labels.batch_size,
