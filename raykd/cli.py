@@ -7,6 +7,7 @@
     raykd teacher up serve/teachers.yaml | down <name> | status   # the shared teacher service
     raykd tune minidisc|maxidisc --config tune/configs/minidisc_bbc.yaml --output-dir DIR [key=value ...]
     raykd tune sweep --minidisc-dir DIR --maxidisc-dir DIR        # lambda sweep against MaxiDisc
+    raykd muki --config jobs/configs/muki_bbc.yaml --output-dir DIR [key=value ...]   # MUKI vs KD, UHC, DFA
 
 Each subcommand is a ``main_<name>(config, ...)`` function, so a job script, a test and the
 command line call the same code. Every subcommand takes ``--verbose``; exit codes: see :func:`cli`.
@@ -87,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list distillation methods and losses (--verbose: with papers and compositions)")
     add_teacher_commands(sub)
     _add_tune_commands(sub)
+    s = sub.add_parser("muki", help="MUKI: integrate teachers of disjoint class subsets (vs vanilla KD, UHC, DFA)")
+    s.add_argument("--config", help="YAML config (e.g. jobs/configs/muki_bbc.yaml)")
+    s.add_argument("--output-dir", required=True, help="where results.json, results.md and muki.png go")
+    s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. student.steps=20")
     _add_verbose(p)
     return p
 
@@ -130,7 +135,27 @@ def run_tune_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def main_muki(cfg, output_dir: str | Path) -> dict[str, Any]:
+    """``raykd muki``: :func:`raykd.recipes.muki.run.main_muki` on a
+    :class:`~raykd.recipes.muki.config.MukiConfig`. Bad partitions, teacher labels or head sizes
+    are user errors, raised before any training."""
+    from raykd.console import user_errors
+    from raykd.recipes.muki.prepare import check_plan
+    from raykd.recipes.muki.run import main_muki as run_muki
+
+    with user_errors(ValueError, FileNotFoundError):
+        from raykd.data.bbc import load_bbc_news
+
+        check_plan(cfg, sorted({d.label for d in load_bbc_news() if d.label is not None}))
+    return run_muki(cfg, output_dir)
+
+
 def _run_command(args: argparse.Namespace) -> int:
+    if args.command == "muki":
+        from raykd.recipes.muki.config import MukiConfig
+
+        main_muki(load_config(MukiConfig, args.config, args.overrides), args.output_dir)
+        return 0
     if args.command == "teacher":
         return run_teacher_command(args)
     if args.command == "tune":

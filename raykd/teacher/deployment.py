@@ -117,6 +117,23 @@ class TeacherDeployment:
         self.counter.add.remote(self.replica, "score")  # fire-and-forget: the answer does not wait for it
         return labels
 
+    def score_mc(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, **kwargs: Any) -> dict[str, np.ndarray]:
+        """Monte-Carlo dropout scoring of a classifier teacher (MUKI's uncertainty); see
+        :meth:`raykd.teacher.engines.classifier.ClassifierEngine.score_mc`.
+
+        Raises:
+            ValueError: ``B`` above ``max_batch_size``, an engine without MC scoring (only the
+                classifier engine has it), or the engine's own errors.
+        """
+        input_ids = np.asarray(input_ids)
+        if input_ids.ndim == 2 and input_ids.shape[0] > self.max_batch_size:
+            raise ValueError(f"batch of {input_ids.shape[0]} exceeds max_batch_size={self.max_batch_size}")
+        if not hasattr(self.engine, "score_mc"):
+            raise ValueError(f"the {type(self.engine).__name__} has no Monte-Carlo dropout scoring; use engine: classifier")
+        out = self.engine.score_mc(input_ids, attention_mask, **kwargs)
+        self.counter.add.remote(self.replica, "score_mc")
+        return out
+
     def generate(self, prompts: list[Any], **kwargs: Any) -> list[dict[str, Any]]:
         """Completions with per-token top-k; see :meth:`raykd.teacher.engines.hf.HFEngine.generate`."""
         if len(prompts) > self.max_batch_size:
@@ -136,9 +153,8 @@ class TeacherDeployment:
             included (Ray runs one caller's actor calls in order); another replica's last calls
             may arrive a few milliseconds after its answers.
         """
-        from dataclasses import asdict
-
         import os
+        from dataclasses import asdict
 
         counts = await self.counter.totals.remote()
         return {**asdict(self.engine.info()), **counts, "replica": self.replica, "pid": os.getpid()}

@@ -1,0 +1,197 @@
+"""The student rows of the MUKI table: three baselines and four MUKI variants, by name.
+
+Each row is a registry loss (:mod:`raykd.losses`) on targets built from the cached teacher
+labels, trained through the shared step (:func:`raykd.train.step.run_steps`); no row sees a
+gold label in training (the dev split's gold labels pick the checkpoint).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from raykd.losses import Objective
+from raykd.losses.muki import (
+    FeatureAmalgamation,
+    attach_aux_loss,
+    concat_logits,
+    integrate,
+    integrated_targets,
+    margin_weights,
+    pad_to_label_space,
+    uncertainty_score,
+)
+from raykd.recipes.muki.config import IntegrationConfig, StudentConfig
+from raykd.recipes.muki.labels import TeacherLabels
+from raykd.teacher.engines.classifier import pooled_features
+from raykd.train.local import ClassData, class_batch, trainable_parameters
+from raykd.train.step import StudentBatch, build_optimizer, classifier_logits, run_steps
+
+
+@dataclass(frozen=True)
+class Integration:
+    """One student row.
+
+    Attributes:
+        loss: the registry loss the student trains on.
+        target: ``concat`` (the teachers' raw logits side by side) or ``integrated`` (MUKI).
+        mode: ``hard`` / ``soft`` integration (MUKI rows).
+        reweight: weight each example by ``|s_top1 - s_top2|``.
+        mc: scores from Monte-Carlo dropout (else one deterministic pass, the ablation).
+        features: add DFA's feature amalgamation.
+    """
+
+    name: str
+    description: str
+    loss: str
+    target: str
+    mode: str | None = None
+    reweight: bool = False
+    mc: bool = False
+    features: bool = False
+
+
+INTEGRATIONS: dict[str, Integration] = {
+    i.name: i
+    for i in (
+        Integration("kd", "vanilla KD: KL to softmax(concatenated teacher logits / T), x T^2", "forward_kl", "concat"),
+        Integration("uhc", "UHC: student renormalised over each teacher's classes, one KL per teacher", "uhc_kl", "concat"),
+        Integration("dfa", "DFA: vanilla KD + feature amalgamation (encode/decode MSE, student-to-code MSE)", "forward_kl", "concat", features=True),
+        Integration("muki_hard", "MUKI hard: the most certain teacher (MC-dropout scores)", "muki_kd", "integrated", "hard", mc=True),
+        Integration("muki_soft", "MUKI soft: teachers weighted by softmax(s / 0.2)", "muki_kd", "integrated", "soft", mc=True),
+        Integration("muki_soft_reweight", "MUKI soft, each example weighted by |s_top1 - s_top2|", "muki_kd", "integrated", "soft", True, mc=True),
+        Integration("muki_no_mc", "MUKI soft + re-weighting, scores from one deterministic pass (no MC)", "muki_kd", "integrated", "soft", True),
+    )
+}
+"""Student rows by name (the names of :data:`raykd.recipes.muki.config.METHODS`)."""
+
+
+def build_targets(row: Integration, teachers: Sequence[TeacherLabels], blocks: Sequence[Sequence[int]], num_classes: int,
+                  cfg: IntegrationConfig) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The train split's target logits ``[N, C]`` of ``row``, and per-example diagnostics.
+
+    Returns:
+        ``(targets, info)``: ``info`` holds the ``scores`` ``[N, M]`` and the share of examples
+        whose most certain teacher is the one that knows the gold class (MUKI rows).
+    """
+    logits = [torch.as_tensor(t.logits["train"]) for t in teachers]
+    if row.target == "concat":
+        return concat_logits(logits, blocks, num_classes).numpy(), {}
+    tau = cfg.muki_temperature
+    probs = [torch.softmax(z.float() / tau, -1) for z in logits]
+    if row.mc:
+        scores = torch.stack([uncertainty_score(torch.as_tensor(t.mean_probs)) for t in teachers], -1)
+    else:
+        scores = torch.stack([uncertainty_score(p) for p in probs], -1)
+    p = integrate(pad_to_label_space(probs, blocks, num_classes), scores, row.mode, cfg.score_temperature)
+    w = margin_weights(scores) if row.reweight else None
+    return integrated_targets(p, w).numpy(), {"scores": scores.numpy()}
+
+
+def objective_of(row: Integration, blocks: Sequence[Sequence[int]], cfg: IntegrationConfig) -> tuple[Objective, float]:
+    """The row's objective and temperature."""
+    params = {"uhc_kl": {"blocks": [list(b) for b in blocks]}} if row.loss == "uhc_kl" else None
+    tau = cfg.muki_temperature if row.target == "integrated" else cfg.kd_temperature
+    return Objective({row.loss: 1.0}, params), tau
+
+
+class AmalgamatingStudent(nn.Module):
+    """A classifier student with DFA's :class:`~raykd.losses.muki.FeatureAmalgamation` attached.
+
+    ``forward(input_ids, attention_mask, teacher_features)`` returns the student's logits; with
+    ``teacher_features`` ``[B, sum H_i]`` the weighted feature losses are attached to them
+    (:func:`~raykd.losses.muki.attach_aux_loss`), so the shared step back-propagates them with
+    the KD term. Without features (evaluation) it is the plain student.
+    """
+
+    def __init__(self, student: nn.Module, teacher_widths: Sequence[int], amalgamation_weight: float = 1.0,
+                 reconstruction_weight: float = 1.0):
+        super().__init__()
+        self.student = student
+        self.amalgamation = FeatureAmalgamation(student.config.hidden_size, teacher_widths)
+        self.weights = (amalgamation_weight, reconstruction_weight)
+        self.last: dict[str, float] = {}
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.student.get_input_embeddings()
+
+    def forward(self, input_ids, attention_mask=None, teacher_features=None):
+        if teacher_features is None:
+            return self.student(input_ids=input_ids, attention_mask=attention_mask)
+        out = self.student(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        amal, rec = self.amalgamation(pooled_features(self.student, out.hidden_states), teacher_features.float())
+        self.last = {"amalgamation": float(amal.detach().mean()), "reconstruction": float(rec.detach().mean())}
+        return SimpleNamespace(logits=attach_aux_loss(out.logits, self.weights[0] * amal + self.weights[1] * rec))
+
+
+def row_batches(data: ClassData, batch_size: int, steps: int, seed: int, features: np.ndarray | None = None) -> Iterator[StudentBatch]:
+    """``steps`` seeded batches (epochs of a permutation), with ``teacher_features`` in the
+    inputs when given (DFA)."""
+    rng = np.random.default_rng(seed)
+    n, order = len(data["label"]), np.empty(0, dtype=np.int64)
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order = np.concatenate([order, rng.permutation(n)])
+        idx, order = order[:batch_size], order[batch_size:]
+        batch = class_batch(data, idx)
+        if features is not None:
+            batch.inputs["teacher_features"] = torch.as_tensor(features[idx])
+        yield batch
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: ClassData, batch_size: int) -> np.ndarray:
+    """Arg-max class of every row ``[N]``."""
+    model.eval()
+    out = []
+    for s in range(0, len(data["label"]), batch_size):
+        b = class_batch(data, np.arange(s, min(s + batch_size, len(data["label"]))))
+        out.append(classifier_logits(model, b.inputs)[:, 0].argmax(-1).numpy())
+    return np.concatenate(out)
+
+
+def train_row(student: nn.Module, train: ClassData, dev: ClassData, objective: Objective, temperature: float,
+              st: StudentConfig, seed: int, features: np.ndarray | None = None, dfa: tuple[Sequence[int], float, float] | None = None,
+              on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train one student row and keep the checkpoint with the best dev accuracy.
+
+    Args:
+        student: a fresh classifier (changed in place; ends at the best dev checkpoint).
+        train: rows with ``teacher_logits`` (the row's targets) and placeholder labels.
+        dev: rows with gold labels (selection only).
+        features, dfa: teacher features ``[N, sum H_i]`` and ``(teacher widths, amalgamation
+            weight, reconstruction weight)`` for DFA.
+
+    Returns:
+        ``best_step``, ``dev_acc``, ``losses`` (per step) and DFA's last feature losses.
+    """
+    model = student if dfa is None else AmalgamatingStudent(student, *dfa)
+    optimizer, _ = build_optimizer(trainable_parameters(model, st.freeze_embeddings), lr=st.lr)
+    batches = row_batches(train, st.batch_size, st.steps, seed, features)
+    best = {"dev_acc": -1.0, "best_step": 0, "state": None}
+
+    def after(step: int, metrics: dict[str, float]) -> None:
+        if on_step is not None:
+            on_step(step, metrics)
+        if step % st.eval_every and step != st.steps:
+            return
+        acc = float((predict(student, dev, st.eval_batch_size) == dev["label"]).mean())
+        if acc > best["dev_acc"]:
+            best.update(dev_acc=acc, best_step=step, state=copy.deepcopy(student.state_dict()))
+        model.train()  # evaluation switched dropout off
+
+    history = run_steps(model, optimizer, lambda _tau: [next(batches)], lambda _step: (objective, temperature), max_steps=st.steps,
+                        on_step=after, logits_fn=classifier_logits, max_grad_norm=1.0)
+    student.load_state_dict(best.pop("state"))
+    student.eval()
+    out = {**best, "losses": [round(h["loss"], 5) for h in history]}
+    if dfa is not None:
+        out["dfa_last"] = model.last
+    return out

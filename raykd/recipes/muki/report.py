@@ -1,0 +1,87 @@
+"""The MUKI results: ``results.json``, a markdown table (mean +/- std over seeds) and ``muki.png``
+(test accuracy per row, over all classes and per teacher's class subset)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value); NaN for none."""
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    if not v:
+        return float("nan"), float("nan")
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+def _cell(values: list[float]) -> str:
+    m, s = mean_std(values)
+    if math.isnan(m):
+        return "-"
+    return f"{m:.3f}" if len(values) == 1 else f"{m:.3f} +/- {s:.3f}"
+
+
+def write_results(output_dir: Path, results: dict[str, Any]) -> Path:
+    """``results.json`` (NaN written as null)."""
+    path = output_dir / "results.json"
+    path.write_text(json.dumps(results, indent=2, default=float).replace("NaN", "null"))
+    return path
+
+
+def table_markdown(results: dict[str, Any]) -> str:
+    """One markdown table per partition: test accuracy over all classes and per subset."""
+    out = []
+    for part in results["partitions"]:
+        subsets = [" + ".join(b) for b in part["teachers"]]
+        out.append(f"**Partition `{part['name']}`**: " + " | ".join(f"teacher {i}: {{{s}}}" for i, s in enumerate(subsets)))
+        out.append("")
+        out.append("| row | test acc (all classes) | " + " | ".join(f"acc on teacher {i}'s classes" for i in range(len(subsets)))
+                   + " | target arg-max = gold (train) | most certain teacher = gold class's teacher (train) |")
+        out.append("|---|---|" + "---|" * len(subsets) + "---|---|")
+        for r in part["rows"]:
+            picks, target = r.get("score_picks_gold_teacher"), r.get("train_target_acc")
+            out.append(f"| {r['row']} | {_cell(r['overall'])} | " + " | ".join(_cell(x) for x in r["subsets"])
+                       + f" | {'-' if target is None else f'{target:.3f}'} | {'-' if picks is None else f'{picks:.3f}'} |")
+        out.append("")
+    n = results.get("split_sizes", {})
+    if n:
+        out.append(f"Test accuracy on {n.get('test')} held-out articles; mean +/- std over seeds {results['config']['seeds']} "
+                   f"(teachers and the oracle are deterministic: one value). Train {n.get('train')}, dev {n.get('dev')} articles.")
+    return "\n".join(out)
+
+
+def plot_results(output_dir: Path, results: dict[str, Any]) -> Path:
+    """``muki.png``: per partition, bars of test accuracy (mean, std as error bars) per row,
+    over all classes and per teacher's subset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = results["partitions"]
+    fig, axes = plt.subplots(len(parts), 1, figsize=(11, 4.6 * len(parts)), squeeze=False)
+    for ax, part in zip(axes[:, 0], parts):
+        rows = part["rows"]
+        groups = [("all classes", [r["overall"] for r in rows])] + [
+            (f"teacher {i}'s classes", [r["subsets"][i] for r in rows]) for i in range(len(part["teachers"]))]
+        x = np.arange(len(rows))
+        width = 0.8 / len(groups)
+        for g, (label, values) in enumerate(groups):
+            stats = [mean_std(v) for v in values]
+            ax.bar(x + (g - (len(groups) - 1) / 2) * width, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=2, label=label)
+        ax.set_xticks(x, [r["row"].split(" (")[0] for r in rows], rotation=25, ha="right", fontsize=8)
+        ax.set_ylabel("test accuracy")
+        ax.set_ylim(0.0, 1.02)
+        ax.set_title(f"partition {part['name']}: " + " | ".join("{" + ", ".join(b) + "}" for b in part["teachers"]), fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(groups))
+    fig.tight_layout()
+    path = output_dir / "muki.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,96 @@
+"""A tiny end-to-end MUKI run: 2 tiny BERT teachers on disjoint class subsets, served, cached,
+every student row trained through the shared step; the rerun asks no teacher anything."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from raykd.data.documents import Document
+
+pytestmark = pytest.mark.ray
+
+_TOPICS = {"film": ["actor", "award", "cinema", "star"], "money": ["bank", "shares", "profit", "market"],
+           "sport": ["match", "goal", "team", "coach"], "tech": ["phone", "chip", "web", "software"]}
+_FILLER = ["the", "a", "said", "on", "new", "day", "week", "today"]
+
+
+def _docs(n: int = 80, seed: int = 0) -> list[Document]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        topic = list(_TOPICS)[i % 4]
+        words = [rng.choice(_TOPICS[topic] if rng.random() < 0.5 else _FILLER) for _ in range(12)]
+        out.append(Document(doc_id=f"{topic}/{i:03d}", text=" ".join(words), label=topic))
+    return out
+
+
+def _tiny_encoder(folder, docs):
+    """A tiny random BertModel (no head: teachers and student get theirs) and a WordPiece tokenizer."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    core.normalizer = normalizers.BertNormalizer(lowercase=True)
+    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    core.train_from_iterator([d.text for d in docs], trainers.WordPieceTrainer(vocab_size=80, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"], show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                         max_position_embeddings=64)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def test_muki_tiny_end_to_end_and_cached_rerun(ray_start, tmp_path, monkeypatch):
+    from raykd.recipes.muki.config import METHODS, MukiConfig
+    from raykd.recipes.muki.run import main_muki
+
+    monkeypatch.setenv("RAYKD_CACHE", str(tmp_path / "cache"))  # the fine-tuned teachers go here
+    docs = _docs()
+    base = _tiny_encoder(tmp_path / "base", docs)
+    cfg = MukiConfig.model_validate({
+        "run_name": "tiny",
+        "data": {"seq_len": 16, "test_share": 0.25, "dev_share": 0.15},
+        "partitions": [{"name": "mixed", "teachers": [["film", "sport"], ["money", "tech"]]}],
+        "teacher": {"base_model": base, "steps": 6, "batch_size": 8, "lr": 1e-3, "name": "tiny-muki", "num_threads": 1, "num_cpus": 0.5},
+        "labels": {"cache_dir": str(tmp_path / "labels"), "batch_size": 16},
+        "mc": {"passes": 3, "scope": "encoder"},
+        "student": {"base_model": base, "steps": 4, "batch_size": 8, "lr": 1e-3, "eval_every": 2, "eval_batch_size": 32},
+        "seeds": [0, 1],
+        "publish": str(tmp_path / "bench" / "muki_tiny"),
+    })
+    first = main_muki(cfg, tmp_path / "out", docs=docs)
+    assert [p["name"] for p in first["partitions"]] == ["mixed"]
+    assert first["partitions"][0]["teachers"] == [["film", "sport"], ["money", "tech"]]
+    rows = {r["row"]: r for r in first["partitions"][0]["rows"]}
+    assert set(METHODS) <= set(rows) and "oracle (all classes)" in rows
+    for name in METHODS:
+        assert len(rows[name]["overall"]) == 2 and all(0.0 <= a <= 1.0 for a in rows[name]["overall"])
+        assert len(rows[name]["subsets"]) == 2
+    assert "dfa_last" in rows["dfa"]["seeds"][0]
+    assert 0.0 <= rows["muki_soft"]["score_picks_gold_teacher"] <= 1.0
+    costs = first["costs"]
+    assert costs["teacher_calls"] > 0 and costs["cache_misses"] > 0
+    n_train = first["split_sizes"]["train"]
+    assert costs["mc_passes"] == 3 * n_train * 2  # M x train articles x 2 subset teachers
+    for f in ("results.json", "results.md", "muki.png"):
+        assert (tmp_path / "out" / f).stat().st_size > 0
+    assert "| muki_soft_reweight |" in (tmp_path / "out" / "results.md").read_text()
+    assert (tmp_path / "bench" / "muki_tiny.md").read_text() == (tmp_path / "out" / "results.md").read_text()
+    assert costs["encoder_passes"] == (3 + 1) * n_train * 2 + n_train  # MC + deterministic pass per subset teacher; oracle once
+
+    # the rerun (two rows, one seed) reads every teacher label from the caches and starts no teacher
+    rerun = cfg.model_copy(update={"methods": ["muki_soft_reweight", "dfa"], "seeds": [0]})
+    again = main_muki(rerun, tmp_path / "again", docs=docs)
+    assert again["costs"]["teacher_calls"] == 0 and again["costs"]["cache_misses"] == 0 and again["costs"]["mc_passes"] == 0
+    assert again["costs"]["cache_hits"] == 3  # 2 subset teachers + the oracle
+    from ray import serve
+
+    assert not serve.status().applications  # no teacher deployed on the rerun
+    b = {r["row"]: r for r in json.loads((tmp_path / "again" / "results.json").read_text())["partitions"][0]["rows"]}
+    for name in ("muki_soft_reweight", "dfa"):
+        assert b[name]["overall"] == rows[name]["overall"][:1]  # same labels, same seed: same student
