@@ -75,7 +75,8 @@ def run_size(n_docs: int, args, model: Path, tmp: Path, address: str) -> dict:
     corpus = tmp / f"corpus-{n_docs}"
     corpus_bytes = write_corpus(corpus, n_docs, args.docs_per_file)
     cfg = {
-        "data": {"source": "jsonl", "path": str(corpus), "id_column": "id", "seq_len": args.seq_len, "min_tokens": 8,
+        "data": {"source": "jsonl", "path": str(corpus), "id_column": None if args.no_id_column else "id",
+                 "seq_len": args.seq_len, "min_tokens": 8,
                  "part_docs": args.docs_per_file, "splits": {"train": 0.9, "eval": 0.1}},
         "teacher": {"name": f"mem-teacher-{n_docs}", "model": str(model), "num_threads": 1, "num_cpus": 0.5},
         "labels": {"k": 8, "batch_size": 64, "cache_dir": str(tmp / f"cache-{n_docs}"), "num_labelers": 1},
@@ -94,8 +95,9 @@ def run_size(n_docs: int, args, model: Path, tmp: Path, address: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--docs", type=int, default=5000, help="N (the second run labels 10N)")
-    p.add_argument("--docs-per-file", type=int, default=500)
+    p.add_argument("--docs-per-file", type=int, default=1000, help="also the part size (data.part_docs default: 1000)")
     p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--no-id-column", action="store_true", help="ids <file>:<row> (no cross-file id check)")
     p.add_argument("--out", default="bench_driver_memory.json")
     args = p.parse_args()
 

@@ -465,12 +465,14 @@ def iter_documents(cfg: DataConfig, parts: list[PartSpec] | None = None) -> Iter
             yield Document(doc_id=str(doc_id), text=str(text), label=label)
 
 
-def check_unique_ids(cfg: DataConfig, parts: list[PartSpec]) -> None:
+def check_unique_ids(cfg: DataConfig, parts: list[PartSpec], buckets: int = 16) -> None:
     """Refuse a source whose id column repeats an id across parts (files), before any teacher call.
 
-    Within a part :func:`read_part` checks it. Across parts the ids are grouped by Ray Data
-    (a distributed group-by on the id alone), so no list of ids is collected on the driver.
-    Sources without ``data.id_column`` number rows per file and cannot repeat.
+    Within a part :func:`read_part` checks it. Across parts it is a distributed hash check in
+    Ray tasks: one task per part reads it and splits its ids into ``buckets`` by hash, and one
+    task per bucket looks for an id that two parts hold. Only a repeated id (if any) comes back
+    to the driver, never a list of ids. Sources without ``data.id_column`` number rows per file
+    and cannot repeat.
 
     Raises:
         ValueError: an id appears in two parts; the message names it, both parts and the fix.
@@ -479,22 +481,33 @@ def check_unique_ids(cfg: DataConfig, parts: list[PartSpec]) -> None:
         return
     import ray
 
-    def ids(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out_ids, out_parts = [], []
-        for row in range(len(batch["name"])):
-            spec = PartSpec.from_row({k: v[row] for k, v in batch.items()})
-            got = read_part(spec, cfg)["doc_id"]
-            out_ids.extend(got)
-            out_parts.extend([spec.part_id] * len(got))
-        return {"doc_id": np.array(out_ids, dtype=object), "part": np.array(out_parts, dtype=object)}
+    options = {"num_cpus": 0.25, **storage.remote_args()}
+    split = ray.remote(**options)(_ids_by_bucket).options(num_returns=buckets)
+    by_part = [split.remote(spec, cfg, buckets) for spec in parts]  # [parts][buckets] refs
+    check = ray.remote(**options)(_first_repeat)
+    found = [r for r in ray.get([check.remote(*[refs[b] for refs in by_part]) for b in range(buckets)]) if r]
+    if found:
+        doc_id, first, second = found[0]
+        raise duplicate_id_error(doc_id, cfg, f"{first} and {second}")
 
-    ds = ray.data.from_items([p.to_row() for p in parts]).map_batches(ids, batch_size=1, num_cpus=0.25,
-                                                                      **storage.remote_args())
-    repeated = ds.groupby("doc_id").count().rename_columns({"count()": "n"}).filter(expr="n > 1").take(1)
-    if repeated:
-        doc_id = repeated[0]["doc_id"]
-        where = ds.filter(expr=f"doc_id == {doc_id!r}").take(2)
-        raise duplicate_id_error(doc_id, cfg, " and ".join(r["part"] for r in where))
+
+def _ids_by_bucket(spec: PartSpec, cfg: DataConfig, buckets: int) -> tuple[tuple[str, list[str]], ...]:
+    """The part's ids split into ``buckets`` by a stable hash, each tagged with the part id."""
+    out: list[list[str]] = [[] for _ in range(buckets)]
+    for doc_id in read_part(spec, cfg)["doc_id"]:
+        out[int.from_bytes(hashlib.blake2b(str(doc_id).encode(), digest_size=4).digest(), "big") % buckets].append(str(doc_id))
+    return tuple((spec.part_id, ids) for ids in out)
+
+
+def _first_repeat(*bucket: tuple[str, list[str]]) -> tuple[str, str, str] | None:
+    """``(id, first part, second part)`` of the first id two parts of one bucket share, or None."""
+    seen: dict[str, str] = {}
+    for part_id, ids in bucket:
+        for doc_id in ids:
+            if doc_id in seen:
+                return doc_id, seen[doc_id], part_id
+            seen[doc_id] = part_id
+    return None
 
 
 def load_documents(cfg: DataConfig) -> list[Document]:
