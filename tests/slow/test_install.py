@@ -55,8 +55,8 @@ def test_a_method_runs_from_its_shipped_config(installed, tiny_model, corpus_jso
     """``raykd distill --method kd`` from the installed package, on the tiny teacher (its own Ray)."""
     out = tmp_path / "run"
     overrides = [f"teacher.model={tiny_model}", "teacher.num_threads=1", "teacher.num_cpus=0.5", "data.source=jsonl",
-                 f"data.path={corpus_jsonl}", "data.id_column=id", "data.test_docs=10", "data.seq_len=32",
-                 "data.min_tokens=8", "data.max_docs=null", f"labels.cache_dir={tmp_path / 'cache'}", "labels.k=8",
+                 f"data.path={corpus_jsonl}", "data.id_column=id", "data.splits={train: 0.8, eval: 0.2}",
+                 "data.seq_len=32", "data.min_tokens=8", "data.sample=1.0", f"labels.cache_dir={tmp_path / 'cache'}", "labels.k=8",
                  "labels.num_labelers=1", "student.keep_layers=[0, 3]", "train.max_steps=2", "train.batch_size=4",
                  "train.num_workers=0", "train.torch_threads=1", "ray.num_cpus=2", "eval.batch_size=8"]
     proc = subprocess.run([str(installed / "bin" / "raykd"), "distill", "--method", "kd", "--output-dir", str(out),
