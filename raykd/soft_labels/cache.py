@@ -129,10 +129,12 @@ def cache_dir_for(root: Any, key: CacheKey) -> str:
 
 
 def part_file(cache_dir: str, part: str) -> str:
+    """Location of part ``part``'s shard (``<cache>/parts/<part>.parquet``)."""
     return storage.join(cache_dir, PARTS, f"{part}.parquet")
 
 
 def ledger_file(cache_dir: str, part: str) -> str:
+    """Location of part ``part``'s ledger entry (``<cache>/ledger/<part>.json``); it exists iff the part is committed."""
     return storage.join(cache_dir, LEDGER, f"{part}.json")
 
 
