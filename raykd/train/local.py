@@ -53,13 +53,19 @@ def class_batch(data: ClassData, idx: np.ndarray, device: torch.device | str = "
 def class_batches(data: ClassData, batch_size: int, steps: int, seed: int,
                   device: torch.device | str = "cpu") -> Iterator[StudentBatch]:
     """``steps`` random batches (epochs of a seeded permutation) on ``device``."""
+    for idx in batch_indices(len(data["label"]), batch_size, steps, seed):
+        yield class_batch(data, idx, device)
+
+
+def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> Iterator[np.ndarray]:
+    """``steps`` index arrays ``[batch_size]`` over ``n`` rows: epochs of a seeded permutation."""
     rng = np.random.default_rng(seed)
-    n, order = len(data["label"]), np.empty(0, dtype=np.int64)
+    order = np.empty(0, dtype=np.int64)
     for _ in range(steps):
         if len(order) < batch_size:
             order = np.concatenate([order, rng.permutation(n)])
         idx, order = order[:batch_size], order[batch_size:]
-        yield class_batch(data, idx, device)
+        yield idx
 
 
 @torch.no_grad()

@@ -31,7 +31,12 @@ from raykd.losses.muki import (
 from raykd.recipes.muki.config import IntegrationConfig, StudentConfig
 from raykd.recipes.muki.labels import TeacherLabels
 from raykd.teacher.engines.classifier import pooled_features
-from raykd.train.local import ClassData, class_batch, trainable_parameters
+from raykd.train.local import (
+    ClassData,
+    batch_indices,
+    class_batch,
+    trainable_parameters,
+)
 from raykd.train.step import StudentBatch, build_optimizer, classifier_logits, run_steps
 
 
@@ -132,14 +137,9 @@ class AmalgamatingStudent(nn.Module):
 
 
 def row_batches(data: ClassData, batch_size: int, steps: int, seed: int, features: np.ndarray | None = None) -> Iterator[StudentBatch]:
-    """``steps`` seeded batches (epochs of a permutation), with ``teacher_features`` in the
-    inputs when given (DFA)."""
-    rng = np.random.default_rng(seed)
-    n, order = len(data["label"]), np.empty(0, dtype=np.int64)
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order = np.concatenate([order, rng.permutation(n)])
-        idx, order = order[:batch_size], order[batch_size:]
+    """``steps`` seeded batches (:func:`raykd.train.local.batch_indices`), with
+    ``teacher_features`` in the inputs when given (DFA)."""
+    for idx in batch_indices(len(data["label"]), batch_size, steps, seed):
         batch = class_batch(data, idx)
         if features is not None:
             batch.inputs["teacher_features"] = torch.as_tensor(features[idx])
