@@ -465,14 +465,20 @@ def iter_documents(cfg: DataConfig, parts: list[PartSpec] | None = None) -> Iter
             yield Document(doc_id=str(doc_id), text=str(text), label=label)
 
 
-def check_unique_ids(cfg: DataConfig, parts: list[PartSpec], buckets: int = 16) -> None:
+IDS_PER_BUCKET = 1_000_000
+"""Document ids one :class:`_IdBucket` actor holds at most (about 100 MB of Python strings)."""
+
+
+def check_unique_ids(cfg: DataConfig, parts: list[PartSpec], max_buckets: int = 64) -> None:
     """Refuse a source whose id column repeats an id across parts (files), before any teacher call.
 
-    Within a part :func:`read_part` checks it. Across parts it is a distributed hash check in
-    Ray tasks: one task per part reads it and splits its ids into ``buckets`` by hash, and one
-    task per bucket looks for an id that two parts hold. Only a repeated id (if any) comes back
-    to the driver, never a list of ids. Sources without ``data.id_column`` number rows per file
-    and cannot repeat.
+    Within a part :func:`read_part` checks it. Across parts it is a distributed hash check: one
+    Ray task per part reads the part and sends its ids, split by a stable hash, straight to
+    bucket actors (one per :data:`IDS_PER_BUCKET` planned rows, at most ``max_buckets``); each
+    bucket keeps the first part of every id it saw. The ids go from the tasks to the actors and
+    never through the driver (a small task result would be stored in the driver's memory, its
+    owner); only a repeated id, if any, comes back. Sources without ``data.id_column`` number
+    rows per file and cannot repeat.
 
     Raises:
         ValueError: an id appears in two parts; the message names it, both parts and the fix.
@@ -481,33 +487,49 @@ def check_unique_ids(cfg: DataConfig, parts: list[PartSpec], buckets: int = 16) 
         return
     import ray
 
-    options = {"num_cpus": 0.25, **storage.remote_args()}
-    split = ray.remote(**options)(_ids_by_bucket).options(num_returns=buckets)
-    by_part = [split.remote(spec, cfg, buckets) for spec in parts]  # [parts][buckets] refs
-    check = ray.remote(**options)(_first_repeat)
-    found = [r for r in ray.get([check.remote(*[refs[b] for refs in by_part]) for b in range(buckets)]) if r]
+    n = max(1, min(max_buckets, -(-sum(p.rows for p in parts) // IDS_PER_BUCKET)))
+    bucket = ray.remote(num_cpus=0)(_IdBucket)  # holds ids, computes little
+    buckets = [bucket.remote() for _ in range(n)]
+    try:
+        send = ray.remote(num_cpus=0.25, **storage.remote_args())(_send_ids)
+        ray.get([send.remote(spec, cfg, buckets) for spec in parts])
+        found = [r for r in ray.get([b.first_repeat.remote() for b in buckets]) if r]
+    finally:
+        for b in buckets:
+            ray.kill(b)
     if found:
         doc_id, first, second = found[0]
         raise duplicate_id_error(doc_id, cfg, f"{first} and {second}")
 
 
-def _ids_by_bucket(spec: PartSpec, cfg: DataConfig, buckets: int) -> tuple[tuple[str, list[str]], ...]:
-    """The part's ids split into ``buckets`` by a stable hash, each tagged with the part id."""
-    out: list[list[str]] = [[] for _ in range(buckets)]
+def _send_ids(spec: PartSpec, cfg: DataConfig, buckets: list) -> None:
+    """Send the part's ids to the bucket actors, split by a stable hash (blake2b of the id)."""
+    import ray
+
+    out: list[list[str]] = [[] for _ in buckets]
     for doc_id in read_part(spec, cfg)["doc_id"]:
-        out[int.from_bytes(hashlib.blake2b(str(doc_id).encode(), digest_size=4).digest(), "big") % buckets].append(str(doc_id))
-    return tuple((spec.part_id, ids) for ids in out)
+        out[int.from_bytes(hashlib.blake2b(str(doc_id).encode(), digest_size=4).digest(), "big") % len(buckets)].append(str(doc_id))
+    ray.get([b.add.remote(spec.part_id, ids) for b, ids in zip(buckets, out) if ids])
 
 
-def _first_repeat(*bucket: tuple[str, list[str]]) -> tuple[str, str, str] | None:
-    """``(id, first part, second part)`` of the first id two parts of one bucket share, or None."""
-    seen: dict[str, str] = {}
-    for part_id, ids in bucket:
+class _IdBucket:
+    """Ids of one hash bucket with the part that first held each; remembers the first repeat."""
+
+    def __init__(self) -> None:
+        self.first_part: dict[str, str] = {}
+        self.repeat: tuple[str, str, str] | None = None
+
+    def add(self, part_id: str, ids: list[str]) -> None:
+        if self.repeat is not None:
+            return
         for doc_id in ids:
-            if doc_id in seen:
-                return doc_id, seen[doc_id], part_id
-            seen[doc_id] = part_id
-    return None
+            first = self.first_part.setdefault(doc_id, part_id)
+            if first != part_id:  # a part's own ids are unique (read_part checks them)
+                self.repeat = (doc_id, first, part_id)
+                return
+
+    def first_repeat(self) -> tuple[str, str, str] | None:
+        return self.repeat
 
 
 def load_documents(cfg: DataConfig) -> list[Document]:

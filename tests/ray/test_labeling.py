@@ -87,8 +87,10 @@ def test_a_given_cache_of_other_settings_is_refused_naming_the_field(first_run):
     assert ensure_soft_labels(Plan(right))[1]["hit"]
 
 
-def test_an_id_repeated_across_files_is_refused_before_any_teacher_call(ray_start, tiny_model, tmp_path):
+def test_an_id_repeated_across_files_is_refused_before_any_teacher_call(ray_start, tiny_model, tmp_path, monkeypatch):
     import json
+
+    import raykd.data.sources
 
     from tests.conftest import make_corpus, tiny_distill_config
 
@@ -99,6 +101,10 @@ def test_an_id_repeated_across_files_is_refused_before_any_teacher_call(ray_star
     (folder / "b.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs[19:]))  # doc0019 in both files
     cfg = tiny_distill_config(tiny_model, folder, tmp_path / "cache")
     cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"name": "dup-teacher"})})
-    with pytest.raises(ValueError, match=r"[ab]\.jsonl:0-\d+ and [ab]\.jsonl:0-\d+: document id 'doc0019' appears twice"):
+    repeated = r"[ab]\.jsonl:0-\d+ and [ab]\.jsonl:0-\d+: document id 'doc0019' appears twice"
+    with pytest.raises(ValueError, match=repeated):  # one bucket actor holds every id
+        ensure_soft_labels(Plan(cfg))
+    monkeypatch.setattr(raykd.data.sources, "IDS_PER_BUCKET", 7)  # 31 rows: 5 bucket actors
+    with pytest.raises(ValueError, match=repeated):
         ensure_soft_labels(Plan(cfg))
     assert running_teacher("dup-teacher") is None  # refused before the teacher started
