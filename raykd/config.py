@@ -381,6 +381,21 @@ class ChainConfig(Strict):
     assistants: list[AssistantConfig] = Field(min_length=1)
 
 
+class AgnosticStageConfig(Strict):
+    """A task-agnostic distillation stage run before the main job's (task) stage, as GLMD's seed
+    runs it (Tan et al. 2023: distillation temperature 15, then 1 in the task stage). The stage
+    trains the student on the same blocks; the task stage starts from its weights."""
+
+    steps: int = Field(ge=1)
+    """Optimizer steps of the stage (the task stage keeps ``train.max_steps``)."""
+    temperature: float = Field(default=15.0, gt=0, le=100)
+    """Distillation temperature of the stage."""
+    teacher: Literal["online", "cache"] = "online"
+    """``online``: the teacher runs in the Train workers and gives dense targets (the default: at
+    temperature 15 the top-32 cache's buckets give a loss gradient with cosine 0.10 to the dense
+    one, ``benchmarks/results/glmd_temperature.json``); ``cache``: the top-k cache re-tempered."""
+
+
 def check_custom_resources(resources: dict[str, float], builtin_fields: str) -> dict[str, float]:
     """Validate a ``{resource name: amount}`` of custom Ray resources (node labels such as
     ``train_node`` given to ``ray start --resources``); returns it unchanged.
@@ -444,6 +459,12 @@ class TrainConfig(Strict):
     seed: int = 0
     max_failures: int = Field(default=0, ge=-1)
     """Worker failures Ray Train recovers from (from the last checkpoint); -1: unlimited."""
+    online_teacher: bool = False
+    """The teacher runs inside every Train worker (frozen, no gradients) and gives dense targets
+    ``[B, T, V]`` over its whole vocabulary; the soft-label cache then supplies only the blocks.
+    For objectives a top-k cache cannot carry, e.g. GLMD's temperature-15 stage, where the top 32
+    ids hold 0.2% of SmolLM2's mass (``benchmarks/results/glmd_temperature.json``). Costs a teacher
+    forward per micro-batch and the teacher's memory in every worker."""
     checkpoint_dir: str | None = None
     """Ray Train storage for checkpoints: a path or an ``s3://``/``gs://`` URI every node reaches
     (None: ``<output-dir>/ray_train``). Object storage needs ``num_workers >= 1`` (local mode
@@ -521,6 +542,8 @@ class DistillConfig(Strict):
     """Teacher generations as training text (``seqkd``)."""
     chain: ChainConfig | None = None
     """Teacher assistants of a ``takd`` / ``dgkd`` chain."""
+    agnostic_stage: AgnosticStageConfig | None = None
+    """GLMD's task-agnostic stage before the task stage (``glmd``)."""
     labels: SoftLabelConfig = Field(default_factory=SoftLabelConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -548,6 +571,9 @@ class DistillConfig(Strict):
             get_method(self.method).check(self)
         except KeyError as e:
             raise ValueError(str(e.args[0])) from None
+        if self.train.online_teacher and (self.extra_teachers or self.student.vocab_size is not None):
+            raise ValueError("train.online_teacher gives one teacher's dense logits over its own vocabulary: it works "
+                             "without extra_teachers and without student.vocab_size")
         names = [t.name for t in (self.teacher, *self.extra_teachers)]
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must differ (each is its own deployment), got {names}")

@@ -31,7 +31,7 @@ DistillConfig = Any
 """A :class:`raykd.config.DistillConfig` (not imported: the config imports this registry to check
 a config's method, so this module stays below it)."""
 
-FEATURES = ("phases", "teachers", "vocab", "perturb", "generate", "chain")
+FEATURES = ("phases", "teachers", "vocab", "perturb", "generate", "chain", "agnostic_stage")
 """Parts of a config beyond a plain single-teacher run; a method must declare the ones it uses.
 
 - ``phases``: ``train.phases`` is not empty (a schedule of objective and temperature);
@@ -39,7 +39,8 @@ FEATURES = ("phases", "teachers", "vocab", "perturb", "generate", "chain")
 - ``vocab``: ``student.vocab_size`` is set (vocabulary compression);
 - ``perturb``: ``data.perturb_share > 0`` (teacher labels on perturbed text);
 - ``generate``: ``generation`` is set (teacher generations as training text);
-- ``chain``: ``chain`` is set (teacher assistants between teacher and student).
+- ``chain``: ``chain`` is set (teacher assistants between teacher and student);
+- ``agnostic_stage``: ``agnostic_stage`` is set (a task-agnostic stage before the task stage).
 """
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -118,6 +119,7 @@ def config_features(cfg: DistillConfig) -> set[str]:
         "perturb": cfg.data.perturb_share > 0,
         "generate": cfg.generation is not None,
         "chain": cfg.chain is not None,
+        "agnostic_stage": cfg.agnostic_stage is not None,
     }
     return {name for name, on in flags.items() if on}
 
@@ -256,11 +258,14 @@ register_method(Method(
 ))
 register_method(Method(
     name="glmd",
-    description="logits only: no hard labels, no intermediate layers",
+    description="logits only (no hard labels, no intermediate layers); a task-agnostic stage at temperature 15, "
+                "then the task stage at 1",
     paper="Tan et al. 2023, Are Intermediate Layers and Labels Really Necessary? A General Language "
           "Model Distillation Method (GLMD, Findings of ACL)",
-    composes="train.students with teacher terms only (no ce), one teacher",
-    check_fn=_no_hard_labels,
+    composes="train.students with teacher terms only (no ce), one teacher; agnostic_stage: {steps, temperature: 15, "
+             "teacher: online} runs first (dense online teacher) and the task stage starts from its student; "
+             "without agnostic_stage, the task stage alone",
+    uses=frozenset({"agnostic_stage", "phases"}), recipe="raykd.recipes.lm.glmd:run_glmd", check_fn=_no_hard_labels,
 ))
 register_method(Method(
     name="glmd_vocab",

@@ -25,6 +25,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -119,6 +120,8 @@ class LoopConfig(Strict):
     mlflow_uri: str | None = None
     """Log every step's metrics to this MLflow tracking URI (Ray's ``setup_mlflow``), or None."""
     mlflow_experiment: str = "raykd"
+    online_teacher: str | None = None
+    """Folder of a teacher run in the worker for dense targets (``train.online_teacher``), or None."""
     checkpoint_root: str | None = None
     """Ray Train's local mode (``train.num_workers = 0``) keeps no checkpoint of its own: the loop
     then writes them into ``<checkpoint_root>/checkpoint_<step>`` (the last two kept)."""
@@ -228,6 +231,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if mix is not None and state.get("mix"):
             mix.load_state_dict(state["mix"])
     tracker = _mlflow(cfg, rank)
+    teacher = online_teacher(cfg.online_teacher, device) if cfg.online_teacher else None
 
     raw = _micro_batches(ray.train.get_dataset_shard("train"), train.batch_size // world, train, device, position)
     clock = {"t": time.perf_counter(), "positions": 0.0}
@@ -260,11 +264,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run_steps(model, optim, next_group, cfg.objective_at, max_steps=train.max_steps,
               start=step, on_step=on_step, scheduler=sched, max_grad_norm=train.max_grad_norm, world=world,
               all_reduce=partial(_all_reduce, world=world, device=device),
-              autocast=partial(_autocast, train.autocast, device),
+              autocast=partial(_autocast, train.autocast, device), teacher=teacher,
               on_logits=(lambda b, logits: mix.remember((b.inputs["input_ids"], b.inputs["attention_mask"], b.labels,
                                                          b.mask), logits)) if mix is not None else None)
     if tracker is not None:
         tracker.end_run()
+
+
+def online_teacher(path: str, device: torch.device) -> Callable[[StudentBatch], TeacherTargets]:
+    """A frozen causal-LM teacher in this process: a micro-batch -> dense targets ``[B, T, V]``
+    (fp32 logits of the batch's own ``input_ids``; the loss applies the temperature)."""
+    from raykd.models import load_causal_lm
+
+    model = load_causal_lm(Path(path)).to(device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def targets(batch: StudentBatch) -> TeacherTargets:
+        return TeacherTargets.dense(model(**batch.inputs, use_cache=False).logits.float())
+
+    return targets
 
 
 def _mlflow(cfg: LoopConfig, rank: int):

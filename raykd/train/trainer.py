@@ -159,6 +159,7 @@ def train_student(
     teachers: dict[str, Any] | None = None,
     mlflow_uri: str | None = None,
     mlflow_experiment: str = "raykd",
+    online_teacher: str | Path | None = None,
 ) -> TrainResult:
     """Train one student with Ray Train on a soft-label cache.
 
@@ -173,6 +174,8 @@ def train_student(
         storage_path: Ray Train storage (checkpoints): a local folder or a URI (``s3://``,
             ``gs://``) resolved through :mod:`raykd.storage`; from object storage the final
             checkpoint is downloaded into a local folder for evaluation and export.
+        online_teacher: with ``cfg.online_teacher``, the teacher folder each worker loads for
+            dense targets (the cache then supplies only the blocks).
         params: loss hyper-parameters on top of ``cfg.loss_params``.
         teachers: for joined multi-teacher shards, ``combine`` (the method's rule),
             ``num_teachers``, ``weight_temperature`` and ``policy_lr``.
@@ -190,6 +193,8 @@ def train_student(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    if cfg.online_teacher and online_teacher is None:
+        raise ValueError("train.online_teacher is set but no teacher folder was given to train_student")
     check_training_resources(cfg, name)
     fs, fs_path = storage.resolve(storage_path, setting="train.checkpoint_dir")
     local = isinstance(fs, pyarrow.fs.LocalFileSystem)
@@ -207,6 +212,7 @@ def train_student(
         mlflow_uri=mlflow_uri,
         mlflow_experiment=mlflow_experiment,
         checkpoint_root=None if cfg.num_workers else str(Path(fs_path) / name),
+        online_teacher=str(online_teacher) if cfg.online_teacher else None,
         **(teachers or {}),
     )
     trainer = TorchTrainer(

@@ -36,6 +36,11 @@ def test_seqkd_trains_on_cached_teacher_generations(ray_start, tiny_model, corpu
     assert Plan(plain).keys["train"].digest() != first["cache"]["key"]  # generated text: another cache
 
 
+CHAINS = ["dgkd"]
+SAME_PATH_AS = {"takd": "dgkd"}
+"""Chains without a run of their own: TAKD runs DGKD's stages with the last teacher only."""
+
+
 def test_teacher_assistant_chain(ray_start, tiny_model, corpus_jsonl, tmp_path):
     """DGKD end to end: a TA is trained, served, and teaches the student with the original teacher.
     TAKD runs the same stages with the last teacher only (its stage configs:

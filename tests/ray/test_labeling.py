@@ -91,7 +91,6 @@ def test_an_id_repeated_across_files_is_refused_before_any_teacher_call(ray_star
     import json
 
     import raykd.data.sources
-
     from tests.conftest import make_corpus, tiny_distill_config
 
     docs = make_corpus(30, seed=3)

@@ -17,9 +17,9 @@ from tests.conftest import tiny_distill_config
 
 pytestmark = pytest.mark.ray
 
-SINGLE_TEACHER = ["kd", "pd", "annealing_kd", "continuation_kd", "glmd"]
+SINGLE_TEACHER = ["kd", "pd", "annealing_kd", "continuation_kd"]
 MULTI_TEACHER = ["tmkd", "mt_bert", "uncertainty", "rl_kd"]
-RUN_ELSEWHERE = {"glmd_vocab", "robust_kd"}  # their own tests below
+RUN_ELSEWHERE = {"glmd", "glmd_vocab", "robust_kd"}  # their own tests below
 
 
 def method_config(method: str, tiny_model, corpus, cache_dir, **extra) -> DistillConfig:
@@ -89,6 +89,25 @@ def test_multi_teacher_method_runs_on_joined_caches(method, ray_start, tiny_mode
     history = __import__("json").loads((tmp_path / "ray_train").glob(f"{student}/checkpoint_*/history.json").__next__().read_text())
     if method == "rl_kd":  # the policy chose teachers and was rewarded every step
         assert all({"reward", "policy_loss", "chose_t0", "chose_t1"} <= set(row) for row in history)
+
+
+def test_glmd_runs_a_task_agnostic_stage_with_the_teacher_online_then_the_task_stage(
+        ray_start, peaked_teacher, second_teacher, corpus_jsonl, shared_cache, tmp_path):
+    import json
+
+    cfg = method_config("glmd", peaked_teacher, corpus_jsonl, shared_cache, train={"max_steps": 2, "checkpoint_every": 2},
+                        agnostic_stage={"steps": 3, "temperature": 15.0, "teacher": "online"},
+                        student={"init": "pretrained", "model": str(second_teacher)})
+    report = main_distill(cfg, tmp_path)
+    agnostic, task = report["stages"]
+    assert (agnostic["temperature"], agnostic["teacher"], agnostic["steps"]) == (15.0, "online", 3)
+    assert (task["temperature"], task["steps"]) == (1.0, 2) and report["glmd"]["steps"] == 2
+    history = max((tmp_path / "agnostic" / "ray_train" / "glmd").glob("checkpoint_*/history.json"))
+    assert [row["temperature"] for row in json.loads(history.read_text())] == [15.0] * 3
+    # the task stage starts from the agnostic stage's student, on the same (hit) cache
+    assert report["student_init"]["ppl"] == pytest.approx(agnostic["ppl"], rel=1e-4)
+    assert report["cache"]["hit"] is True and report["cache"]["teacher_calls"] == 0
+    assert json.loads((tmp_path / "report.json").read_text())["stages"][1]["stage"] == "task"
 
 
 def test_glmd_vocab_trains_a_smaller_student_evaluated_over_the_teacher_vocabulary(ray_start, tiny_model, corpus_jsonl,

@@ -6,7 +6,13 @@ import pytest
 
 from raykd.cli import main_methods
 from raykd.config import ConfigError, DistillConfig, load_config
-from raykd.methods import CONFIG_DIR, Method, available_methods, get_method, register_method
+from raykd.methods import (
+    CONFIG_DIR,
+    Method,
+    available_methods,
+    get_method,
+    register_method,
+)
 from raykd.train.loop import LoopConfig
 from raykd.train.schedule import schedule_at
 
@@ -24,7 +30,7 @@ def test_every_method_config_has_a_short_run_in_the_ray_tests():
     from tests.ray import test_chains, test_methods
 
     covered = {*test_methods.SINGLE_TEACHER, *test_methods.MULTI_TEACHER, *test_methods.RUN_ELSEWHERE,
-               *test_chains.CHAINS, "seqkd"}
+               *test_chains.CHAINS, *test_chains.SAME_PATH_AS, "seqkd"}
     assert covered == set(METHODS), f"methods without a tiny-model run: {sorted(set(METHODS) - covered)}"
 
 

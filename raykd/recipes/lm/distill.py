@@ -73,7 +73,8 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
     results = {name: train_student(name, student_path=init_dir, shard_files=train_files, weights=weights,
                                    temperature=cfg.labels.temperature, cfg=cfg.train,
                                    storage_path=cfg.train.checkpoint_dir or output_dir / "ray_train", teachers=teachers,
-                                   mlflow_uri=cfg.tracking.mlflow_uri, mlflow_experiment=cfg.tracking.experiment)
+                                   mlflow_uri=cfg.tracking.mlflow_uri, mlflow_experiment=cfg.tracking.experiment,
+                                   online_teacher=plan.teacher_path)
                for name, weights in cfg.train.students.items()}
     train_s = time.perf_counter() - t_train
 
