@@ -102,7 +102,12 @@ def main() -> None:
     from raykd.cluster import connect
     from raykd.config import DataConfig, RayConfig, SoftLabelConfig, TeacherConfig
     from raykd.data import load_bbc_news, plan_parts, tokenize_to_blocks
-    from raykd.models import load_tokenizer, resolve_model_path, tokenizer_fingerprint, weights_fingerprint
+    from raykd.models import (
+        load_tokenizer,
+        resolve_model_path,
+        tokenizer_fingerprint,
+        weights_fingerprint,
+    )
     from raykd.soft_labels.cache import CacheKey, cache_dir_for, finalize
     from raykd.soft_labels.pipeline import Selection, Target, label_parts
     from raykd.teacher.deployment import start_teacher, stop_teacher
