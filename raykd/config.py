@@ -459,6 +459,13 @@ class TrainConfig(Strict):
     seed: int = 0
     max_failures: int = Field(default=0, ge=-1)
     """Worker failures Ray Train recovers from (from the last checkpoint); -1: unlimited."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """``ddp``: each worker holds the whole student; ``fsdp``: parameters, gradients and optimizer
+    state are sharded over the workers (FSDP2, :mod:`raykd.train.parallel`); with one worker FSDP
+    has nothing to shard and runs as DDP (a warning)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them (less memory, about a
+    third more compute)."""
     online_teacher: bool = False
     """The teacher runs inside every Train worker (frozen, no gradients) and gives dense targets
     ``[B, T, V]`` over its whole vocabulary; the soft-label cache then supplies only the blocks.

@@ -38,6 +38,14 @@ from raykd.config import Strict, TrainConfig
 from raykd.losses import Objective, TeacherTargets
 from raykd.losses.targets import retemper
 from raykd.students.vocab import VocabMap, map_ids, map_targets
+from raykd.train.parallel import (
+    full_model_state,
+    full_optimizer_state,
+    load_optimizer_state,
+    prepare_student,
+    shard,
+    unwrapped,
+)
 from raykd.train.schedule import schedule_at
 from raykd.train.step import StudentBatch, build_optimizer, run_steps
 from raykd.train.teachers import TeacherMix
@@ -217,21 +225,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Where the data stands; checkpoints older than this field held one group per step from epoch 0.
     position = dict(state.get("data") or {"epoch": 0, "group": step}) if state is not None else {"epoch": 0, "group": 0}
     resumed_from = [*state.get("resumed_from", []), step] if state is not None else []
-    model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
-    core = model.module if hasattr(model, "module") else model
+    bf16 = train.autocast == "bf16" or (train.autocast == "auto" and device.type == "cuda")
+    model = prepare_student(model, train.strategy, world, device, bf16=bf16,
+                            gradient_checkpointing=train.gradient_checkpointing)
+    core = unwrapped(model)
     optim, sched = build_optimizer(list(model.parameters()), lr=train.lr, weight_decay=train.weight_decay,
                                    schedule="cosine", warmup=train.warmup_steps, total=train.max_steps)
     mix = TeacherMix(cfg.combine, cfg.num_teachers, cfg.weight_temperature, cfg.policy_lr, train.seed + rank) if cfg.combine else None
     vmap = VocabMap.load(cfg.student_path)
     vocab_table = vmap.to_compressed() if vmap is not None else None
     if state is not None:
-        optim.load_state_dict(state["optim"])
+        load_optimizer_state(model, optim, state["optim"])
         sched.load_state_dict(state["sched"])
         if mix is not None and state.get("mix"):
             mix.load_state_dict(state["mix"])
     tracker = _mlflow(cfg, rank)
-    teacher = online_teacher(cfg.online_teacher, device) if cfg.online_teacher else None
+    sharded = train.strategy == "fsdp" and world > 1
+    teacher = online_teacher(cfg.online_teacher, device, world if sharded else 1) if cfg.online_teacher else None
 
     raw = _micro_batches(ray.train.get_dataset_shard("train"), train.batch_size // world, train, device, position)
     clock = {"t": time.perf_counter(), "positions": 0.0}
@@ -252,7 +263,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
         if step % train.checkpoint_every == 0 or last:
-            _report_checkpoint(core, {"optim": optim.state_dict(), "sched": sched.state_dict(), "step": step,
+            _report_checkpoint(core, full_model_state(model), {"optim": full_optimizer_state(model, optim),
+                                                                "sched": sched.state_dict(), "step": step,
                                       "mix": mix.state_dict() if mix else None, "data": dict(position),
                                       "resumed_from": resumed_from}, history, rank, row, cfg.checkpoint_root)
         elif step % train.log_every == 0:  # metrics only (every worker reports: Ray Train counts reports)
@@ -271,12 +283,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tracker.end_run()
 
 
-def online_teacher(path: str, device: torch.device) -> Callable[[StudentBatch], TeacherTargets]:
+def online_teacher(path: str, device: torch.device, shards: int = 1) -> Callable[[StudentBatch], TeacherTargets]:
     """A frozen causal-LM teacher in this process: a micro-batch -> dense targets ``[B, T, V]``
-    (fp32 logits of the batch's own ``input_ids``; the loss applies the temperature)."""
+    (fp32 logits of the batch's own ``input_ids``; the loss applies the temperature). With
+    ``shards`` > 1 it is sharded over the workers as an FSDP student is (every worker must call it
+    for every micro-batch)."""
     from raykd.models import load_causal_lm
 
-    model = load_causal_lm(Path(path)).to(device).eval().requires_grad_(False)
+    model = load_causal_lm(Path(path)).eval().requires_grad_(False)
+    model = shard(model, shards, device) if shards > 1 else model.to(device)
 
     @torch.no_grad()
     def targets(batch: StudentBatch) -> TeacherTargets:
@@ -298,16 +313,16 @@ def _mlflow(cfg: LoopConfig, rank: int):
                         rank_zero_only=True, create_experiment_if_not_exists=True)
 
 
-def _save(core, state: dict[str, Any], history: list[dict], folder: Path) -> None:
-    core.save_pretrained(folder)
+def _save(core, weights: dict[str, torch.Tensor], state: dict[str, Any], history: list[dict], folder: Path) -> None:
+    core.save_pretrained(folder, state_dict=weights)
     torch.save(state, folder / STATE_FILE)
     (folder / HISTORY_FILE).write_text(json.dumps(history))
     (folder / RESUMES_FILE).write_text(json.dumps(state.get("resumed_from", [])))
 
 
-def _report_checkpoint(core, state: dict[str, Any], history: list[dict], rank: int, metrics: dict,
-                       checkpoint_root: str | None = None) -> None:
-    """Report ``metrics`` with a checkpoint (weights, optimizer state, history) from rank 0.
+def _report_checkpoint(core, weights: dict[str, torch.Tensor], state: dict[str, Any], history: list[dict], rank: int,
+                       metrics: dict, checkpoint_root: str | None = None) -> None:
+    """Report ``metrics`` with a checkpoint (the whole ``weights``, optimizer state, history) from rank 0.
 
     Ray Train persists the reported folder into the run's storage; in local mode
     (``checkpoint_root`` set) the folder itself is the persistent checkpoint.
@@ -320,7 +335,7 @@ def _report_checkpoint(core, state: dict[str, Any], history: list[dict], rank: i
         root = Path(checkpoint_root)
         folder = root / f"checkpoint_{state['step']:06d}"
         folder.mkdir(parents=True, exist_ok=True)
-        _save(core, state, history, folder)
+        _save(core, weights, state, history, folder)
         for old in sorted(root.glob("checkpoint_*"))[:-2]:
             shutil.rmtree(old, ignore_errors=True)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
@@ -328,6 +343,6 @@ def _report_checkpoint(core, state: dict[str, Any], history: list[dict], rank: i
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            _save(core, state, history, Path(tmp))
+            _save(core, weights, state, history, Path(tmp))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)

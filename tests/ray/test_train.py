@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from raykd.soft_labels.cache import shard_paths
 from raykd.students import build_student
@@ -41,6 +43,13 @@ def test_one_worker_equals_two_workers_and_local_mode(setup):
     assert a[-1] < a[0] and b[-1] < b[0]  # both learn
     np.testing.assert_allclose(a, b, rtol=0.08)
     assert abs(a.mean() - b.mean()) / a.mean() < 0.03
+    # FSDP over the same 2 workers (gloo on CPU) trains as DDP: same data split, same maths
+    sharded = _train(setup, "f2", num_workers=2, strategy="fsdp", max_steps=8, checkpoint_every=8, cpus_per_worker=0.5)
+    np.testing.assert_allclose([r["loss"] for r in sharded.history], b, rtol=1e-4)
+    ddp_weights, fsdp_weights = (load_file(r.model_dir / "model.safetensors") for r in (two, sharded))
+    assert ddp_weights.keys() == fsdp_weights.keys()  # the whole model, gathered from the shards
+    for name, w in ddp_weights.items():
+        torch.testing.assert_close(fsdp_weights[name], w, rtol=1e-3, atol=1e-4)
 
 
 def test_grad_accumulation_matches_one_big_batch(setup):
@@ -51,13 +60,17 @@ def test_grad_accumulation_matches_one_big_batch(setup):
     np.testing.assert_allclose(a, b, rtol=1e-4)  # same rows, same order: equal up to float error
 
 
-def test_a_stopped_run_resumes_from_its_last_checkpoint(setup):
-    first = _train(setup, "resume", max_steps=4, checkpoint_every=2)
+def test_a_stopped_run_resumes_from_its_last_checkpoint_on_other_workers(setup):
+    """A run sharded with FSDP over 2 workers, stopped, continues on 1 DDP worker: checkpoints
+    hold the whole model and the optimizer state by parameter name."""
+    first = _train(setup, "resume", num_workers=2, strategy="fsdp", cpus_per_worker=0.5, max_steps=4, checkpoint_every=2)
     assert [r["step"] for r in first.history] == [1, 2, 3, 4]
     # the same run name and storage with a larger budget continues at step 5, not from scratch
     second = _train(setup, "resume", max_steps=6, checkpoint_every=2)
     assert [r["step"] for r in second.history] == [1, 2, 3, 4, 5, 6]
-    assert second.history[:4] == first.history
+    assert second.history[:4] == first.history and second.resumed_from == [4]
+    saved = torch.load(first.model_dir / "train_state.pt", weights_only=False)["optim"]
+    assert saved["by_name"] and "model.embed_tokens.weight" in saved["state"]
 
 
 def test_a_run_that_can_never_get_its_cpus_is_refused_naming_the_serve_teacher(setup, ray_start):
