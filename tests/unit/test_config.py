@@ -83,3 +83,13 @@ def test_checkpoints_on_object_storage_need_train_workers():
         TrainConfig(num_workers=0, checkpoint_dir="s3://bucket/ckpt")
     assert TrainConfig(num_workers=1, checkpoint_dir="s3://bucket/ckpt").checkpoint_dir == "s3://bucket/ckpt"
     assert TrainConfig(num_workers=0, checkpoint_dir="/tmp/ckpt").num_workers == 0
+
+
+def test_the_gpu_cluster_example_is_a_valid_config():
+    """jobs/configs/gpu_example.yaml (run on GPUs only): vLLM teacher, FSDP student over GPU workers."""
+    cfg = load_config(DistillConfig, REPO / "jobs/configs/gpu_example.yaml")
+    assert cfg.teacher.engine == "vllm" and cfg.teacher.num_gpus == 1
+    assert cfg.train.strategy == "fsdp" and cfg.train.use_gpu and cfg.train.num_workers == 4
+    assert cfg.train.gradient_checkpointing and cfg.train.autocast == "bf16"
+    assert cfg.train.batch_size % cfg.train.num_workers == 0
+    assert max(cfg.student.keep_layers) < 24  # SmolLM2-1.7B has 24 layers
