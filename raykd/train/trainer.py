@@ -74,6 +74,22 @@ def soft_label_dataset(shard_files: list[str], shuffle: bool, seed: int, num_tea
     return ds.map_batches(decode, batch_format="pyarrow", num_cpus=DATA_CPUS)
 
 
+def check_student_gpus(cfg: TrainConfig, node_gpus: list[float]) -> None:
+    """Refuse ``train.use_gpu`` on a cluster without GPUs before any work (Ray would queue the
+    workers forever).
+
+    Args:
+        cfg: the training settings.
+        node_gpus: GPUs of each alive node (e.g. :func:`raykd.teacher.deployment.cluster_node_gpus`).
+
+    Raises:
+        ValueError: ``use_gpu`` with workers, and no node has a GPU.
+    """
+    if cfg.use_gpu and cfg.num_workers and sum(node_gpus) <= 0:
+        raise ValueError(f"train.use_gpu=true, but the Ray cluster has no GPU ({len(node_gpus)} node(s)); "
+                         "set train.use_gpu=false or add GPU nodes")
+
+
 def check_training_resources(cfg: TrainConfig, name: str, wait_s: float = 30.0) -> None:
     """Refuse a training run that can never get its resources, instead of queueing it forever.
 

@@ -93,3 +93,13 @@ def test_the_gpu_cluster_example_is_a_valid_config():
     assert cfg.train.gradient_checkpointing and cfg.train.autocast == "bf16"
     assert cfg.train.batch_size % cfg.train.num_workers == 0
     assert max(cfg.student.keep_layers) < 24  # SmolLM2-1.7B has 24 layers
+
+
+def test_use_gpu_on_a_cluster_without_gpus_is_refused():
+    from raykd.train.trainer import check_student_gpus
+
+    cfg = load_config(DistillConfig, None, ["train.use_gpu=true", "train.num_workers=2"]).train
+    with pytest.raises(ValueError, match="train.use_gpu=true, but the Ray cluster has no GPU \\(2 node"):
+        check_student_gpus(cfg, [0.0, 0.0])
+    check_student_gpus(cfg, [0.0, 8.0])  # one GPU node is enough to start
+    check_student_gpus(cfg.model_copy(update={"num_workers": 0}), [0.0])  # local mode: no workers to place

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from raykd import console
 from raykd.config import DistillConfig
 from raykd.soft_labels.cache import shard_paths
 from raykd.soft_labels.plan import Plan, ensure_soft_labels
@@ -42,12 +43,11 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
         raykd.soft_labels.cache.CacheError: a cache for this key exists but is corrupt.
     """
     from raykd.cluster import connect
+    from raykd.recipes.lm.multi_teacher import extra_teacher_plans, prepare_teachers
     from raykd.report import print_table, write_report
     from raykd.students import build_student
     from raykd.students.vocab import compress_student_folder
     from raykd.train.trainer import train_student
-
-    from raykd.recipes.lm.multi_teacher import extra_teacher_plans, prepare_teachers
 
     t0 = time.perf_counter()
     output_dir = Path(output_dir).resolve()
@@ -57,6 +57,11 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
     extra_plans = extra_teacher_plans(cfg, plan)  # [] for one teacher; tokenizers checked here
     log.info("%d parts of data, cache keys %s", len(plan.sources["train"][1]), {s: k.digest() for s, k in plan.keys.items()})
     connect(cfg.ray)
+    from raykd.teacher.deployment import cluster_node_gpus
+    from raykd.train.trainer import check_student_gpus
+
+    with console.user_errors(ValueError):
+        check_student_gpus(cfg.train, cluster_node_gpus())  # before any teacher starts
     prepared = prepare(plan) if prepare is not None else None
     caches, label_stats = ensure_soft_labels(plan)
     train_dir, train_manifest = caches["train"]
