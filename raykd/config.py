@@ -49,6 +49,9 @@ class RayConfig(Strict):
     """CPUs of a newly started local Ray (None: all cores)."""
 
 
+VocabMapping = Literal["bucket", "decoder", "cosine", "euclidean"]
+"""How a compressed student vocabulary maps the teacher's ids (``student.vocab_map``)."""
+
 SPLITS = ("train", "eval", "test")
 """Split names, in the order their hash intervals are laid out (see :mod:`raykd.data.splits`)."""
 
@@ -297,11 +300,26 @@ class StudentConfig(Strict):
     the teacher when None."""
     keep_layers: list[int] = Field(default_factory=lambda: [0, 6, 12, 18, 24, 29])
     """Teacher layer indices kept by ``layer_drop`` (negative counts from the end)."""
-    vocab_size: int | None = Field(default=None, ge=8)
-    """GLMD vocabulary compression: give the student an embedding and LM head over this many
-    entries, the ``vocab_size - 1`` most frequent teacher token ids of the train split plus one
-    bucket for every other id (None: the teacher's full vocabulary). See
-    :mod:`raykd.students.vocab`."""
+    vocab_size: int | float | None = None
+    """GLMD vocabulary compression: give the student an embedding and LM head over N entries, N
+    this count (at least 8) or this fraction in (0, 1) of the teacher vocabulary (rounded down,
+    as the seed's ``map_vocab_size``); None keeps the teacher's full vocabulary. ``vocab_map``
+    says which ids keep an entry. See :mod:`raykd.students.vocab`."""
+    vocab_map: VocabMapping = "bucket"
+    """How ``vocab_size`` maps the teacher's ids onto N entries, ranked by train-split frequency.
+    ``bucket``: the N - 1 most frequent ids keep an entry, every other id shares one OTHER entry
+    (its row the frequency-weighted mean of theirs). ``decoder`` / ``cosine`` / ``euclidean``
+    (GLMD's seed): the N most frequent ids keep an entry and every other id is read as the kept id
+    whose teacher input embedding has the largest dot product / cosine / smallest Euclidean
+    distance with its own."""
+
+    @field_validator("vocab_size")
+    @classmethod
+    def _count_or_fraction(cls, v: int | float | None) -> int | float | None:
+        if isinstance(v, float) and not 0 < v < 1 or isinstance(v, int) and v < 8:
+            raise ValueError(f"student.vocab_size={v} must be a count of at least 8 or a fraction in (0, 1) "
+                             "of the teacher vocabulary")
+        return v
 
     @field_validator("keep_layers")
     @classmethod

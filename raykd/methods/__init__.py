@@ -36,7 +36,7 @@ FEATURES = ("phases", "teachers", "vocab", "perturb", "generate", "chain", "agno
 
 - ``phases``: ``train.phases`` is not empty (a schedule of objective and temperature);
 - ``teachers``: ``extra_teachers`` is not empty (several teachers joined by row);
-- ``vocab``: ``student.vocab_size`` is set (vocabulary compression);
+- ``vocab``: ``student.vocab_size`` is set (vocabulary compression, mapped as ``student.vocab_map``);
 - ``perturb``: ``data.perturb_share > 0`` (teacher labels on perturbed text);
 - ``generate``: ``generation`` is set (teacher generations as training text);
 - ``chain``: ``chain`` is set (teacher assistants between teacher and student);
@@ -270,9 +270,12 @@ register_method(Method(
 register_method(Method(
     name="glmd_vocab",
     description="GLMD with vocabulary compression: a smaller student embedding/LM head over a mapped vocabulary",
-    paper="Tan et al. 2023 (GLMD), vocabulary compression",
-    composes="as glmd, plus student.vocab_size: N (the N - 1 most frequent train token ids + one bucket); "
-             "soft labels are mapped into the compressed vocabulary (merged ids sum their mass)",
+    paper="Tan et al. 2023 (GLMD), vocabulary compression (the seed's build_map_vocab_for_student)",
+    composes="as glmd, plus student.vocab_size: N (a count or a fraction of V) and student.vocab_map: "
+             "decoder (the N most frequent train ids kept, every other id read as the kept id whose teacher "
+             "embedding has the largest dot product with its own; cosine and euclidean also), or bucket "
+             "(N - 1 kept + one OTHER entry); soft labels are mapped into the compressed vocabulary "
+             "(merged ids sum their mass, where the seed renormalises over the kept ids)",
     uses=frozenset({"vocab"}), requires=frozenset({"vocab"}), check_fn=_glmd_vocab,
 ))
 register_method(Method(

@@ -37,6 +37,7 @@ from raykd.soft_labels.cache import (
     fingerprint,
 )
 from raykd.soft_labels.pipeline import Selection, Target
+from raykd.students.vocab import resolve_vocab_size
 from raykd.teacher.engines import LOGPROBS_MODE, check_engine_request, resolve_engine
 from raykd.teacher.running import check_running_teacher
 
@@ -88,9 +89,8 @@ class Plan:
         self.vocab_size = int(teacher_config.vocab_size)
         if cfg.labels.k > self.vocab_size:
             raise ValueError(f"labels.k={cfg.labels.k} exceeds the teacher vocabulary ({self.vocab_size})")
-        if cfg.student.vocab_size is not None and cfg.student.vocab_size >= self.vocab_size:
-            raise ValueError(f"student.vocab_size={cfg.student.vocab_size} must be smaller than the teacher "
-                             f"vocabulary ({self.vocab_size}) to compress it")
+        if cfg.student.vocab_size is not None:
+            resolve_vocab_size(cfg.student.vocab_size, self.vocab_size)
         _check_student_tokenizer(cfg, self.tokenizer_fp, self.vocab_size)
         _check_layer_drops(cfg, teacher_config)
         self.keys = {split: self.key_for(split) for split in self.sources}

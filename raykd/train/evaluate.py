@@ -98,25 +98,22 @@ def _bucket_kl(logp: torch.Tensor, b: dict[str, np.ndarray], table: torch.Tensor
     if table is None:
         log_q = student_bucket_log_probs(logp, ids)
     else:  # the compressed student mapped back onto teacher ids, as for its perplexity
-        log_q = with_tail_bucket(_teacher_id_log_probs(logp, ids, table, vocab.other_log_freq().to(dev)))
+        log_q = with_tail_bucket(_teacher_id_log_probs(logp, ids, table, vocab.group_log_freq().to(dev)))
     return kl_divergence(log_p, log_q)
 
 
 def _teacher_id_log_probs(logp: torch.Tensor, ids: torch.Tensor, table: torch.Tensor, logf: torch.Tensor) -> torch.Tensor:
     """A compressed student's log-prob of teacher ``ids`` [..., K]: its entry's log-prob, plus the
-    id's log-frequency inside OTHER (0 for kept ids)."""
+    id's log-frequency share inside its entry's group (0 for an id alone in its entry)."""
     return logp.gather(-1, table[ids]) + logf[ids]
 
 
 def _compressed_to_teacher(logp: torch.Tensor, nxt: torch.Tensor, table: torch.Tensor, vocab: VocabMap):
     """Log-prob of the real next teacher ids and the student's top-1 as a teacher id, for a
     compressed-vocabulary student (``logp`` [B, T, N] over the compressed ids)."""
-    logf = vocab.other_log_freq().to(logp.device)
+    logf = vocab.group_log_freq().to(logp.device)
     tok_lp = _teacher_id_log_probs(logp, nxt[..., None], table, logf).squeeze(-1)
-    back = torch.as_tensor(vocab.kept_ids, device=logp.device)
-    other_top = int(torch.where(table == vocab.other, logf, float("-inf")).argmax())
-    back = torch.cat([back, torch.tensor([other_top], device=logp.device)])
-    return tok_lp, back[logp.argmax(-1)]
+    return tok_lp, vocab.group_top_ids().to(logp.device)[logp.argmax(-1)]
 
 
 def evaluate_folder(model_dir: Path, shard_files: list[str], batch_size: int = 16,

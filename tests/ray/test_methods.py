@@ -8,6 +8,8 @@ teacher is not asked again; every config is also checked without Ray in tests/un
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from raykd.cli import main_distill
@@ -112,13 +114,13 @@ def test_glmd_runs_a_task_agnostic_stage_with_the_teacher_online_then_the_task_s
 
 def test_glmd_vocab_trains_a_smaller_student_evaluated_over_the_teacher_vocabulary(ray_start, tiny_model, corpus_jsonl,
                                                                                  shared_cache, tmp_path):
-    cfg = method_config("glmd_vocab", tiny_model, corpus_jsonl, shared_cache, student={"vocab_size": 64},
+    cfg = method_config("glmd_vocab", tiny_model, corpus_jsonl, shared_cache, student={"vocab_size": 64, "vocab_map": "decoder"},
                         train={"max_steps": 3, "checkpoint_every": 3})
     report = main_distill(cfg, tmp_path)
     student = report["glmd_vocab"]
     assert student["params"] < report["teacher"]["params"] and student["steps"] == 3
     assert student["ppl"] < report["student_init"]["ppl"] and student["tokens"] == report["student_init"]["tokens"]
-    assert (tmp_path / "students" / "glmd_vocab" / "vocab_map.json").exists()
+    assert json.loads((tmp_path / "students" / "glmd_vocab" / "vocab_map.json").read_text())["mapping"] == "decoder"
 
 
 def test_robust_kd_labels_perturbed_text_in_its_own_cache(ray_start, tiny_model, corpus_jsonl, shared_cache, tmp_path):

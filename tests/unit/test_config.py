@@ -39,6 +39,19 @@ def test_range_checks():
         load_config(DistillConfig, None, ["labels.temperature=-1"])
 
 
+def test_student_vocab_size_is_a_count_or_a_fraction_and_the_map_a_known_name():
+    from raykd.methods import get_method
+
+    glmd_vocab = get_method("glmd_vocab").config_path
+    assert load_config(DistillConfig, glmd_vocab).student.vocab_map == "decoder"
+    assert load_config(DistillConfig, glmd_vocab, ["student.vocab_size=0.5"]).student.vocab_size == 0.5
+    for bad in ("1.0", "7", "0.0"):
+        with pytest.raises(ConfigError, match=f"student.vocab_size={bad} must be a count of at least 8 or a fraction"):
+            load_config(DistillConfig, glmd_vocab, [f"student.vocab_size={bad}"])
+    with pytest.raises(ConfigError, match="student.vocab_map"):
+        load_config(DistillConfig, glmd_vocab, ["student.vocab_map=dot"])
+
+
 def test_unknown_loss_lists_the_valid_names():
     with pytest.raises(ConfigError, match="forward_kl"):
         load_config(DistillConfig, None, ["train.students={s: {forward_kll: 1.0}}"])

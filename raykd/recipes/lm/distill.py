@@ -73,7 +73,8 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
 
     init_dir = build_student(cfg.student, plan.teacher_path, output_dir / "student_init")
     if cfg.student.vocab_size is not None:
-        compress_student_folder(init_dir, shard_paths(train_dir, train_manifest), cfg.student.vocab_size)
+        compress_student_folder(init_dir, shard_paths(train_dir, train_manifest), cfg.student.vocab_size,
+                                cfg.student.vocab_map, plan.teacher_path)
     t_train = time.perf_counter()
     results = {name: train_student(name, student_path=init_dir, shard_files=train_files, weights=weights,
                                    temperature=cfg.labels.temperature, cfg=cfg.train,
