@@ -110,6 +110,7 @@ def test_glmd_runs_a_task_agnostic_stage_with_the_teacher_online_then_the_task_s
     assert report["student_init"]["ppl"] == pytest.approx(agnostic["ppl"], rel=1e-4)
     assert report["cache"]["hit"] is True and report["cache"]["teacher_calls"] == 0
     assert json.loads((tmp_path / "report.json").read_text())["stages"][1]["stage"] == "task"
+    assert "| agnostic | 15 | online | 3 |" in (tmp_path / "report.md").read_text()
 
 
 def test_glmd_vocab_trains_a_smaller_student_evaluated_over_the_teacher_vocabulary(ray_start, tiny_model, corpus_jsonl,

@@ -85,8 +85,25 @@ def run_glmd(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
         {"stage": "task", "temperature": cfg.labels.temperature, "teacher": "cache", "steps": report[name]["steps"],
          **_metrics(report[name])},
     ]
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
+    _write(report, output_dir, output_dir / "task")
     return report
+
+
+def _write(report: dict[str, Any], output_dir: Path, task_dir: Path) -> None:
+    """``report.json`` and ``report.md`` (the task stage's table, then one line per stage) and the
+    task stage's loss curves in ``output_dir``."""
+    import shutil
+
+    from raykd.report import render_markdown
+
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    lines = ["", "| stage | temperature | teacher | steps | held-out ppl | top-1 agreement | KL(teacher, student) |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {s['stage']} | {s['temperature']:g} | {s['teacher']} | {s['steps']} | {s['ppl']:.2f} | "
+              f"{s['top1_agreement']:.3f} | {s['kl']:.3f} |" for s in report["stages"]]
+    (output_dir / "report.md").write_text(render_markdown(report) + "\n".join(lines) + "\n")
+    if (task_dir / "loss_curves.png").exists():
+        shutil.copy2(task_dir / "loss_curves.png", output_dir / "loss_curves.png")
 
 
 def _metrics(entry: dict[str, Any]) -> dict[str, Any]:
