@@ -14,23 +14,31 @@ per micro-batch would give the tokens of short micro-batches more weight). Where
 gradients over W workers, divide by N / W instead so the factor 1 / W cancels.
 
 Terms with weight 0 are still computed, under ``torch.no_grad``, so they can be logged.
+
+Feature terms (``kind="features"``, :mod:`raykd.losses.features`) read the student's and the
+teacher's features through an explicit :class:`~raykd.losses.features.LayerMap`; their learned
+projections (created only when the widths differ) belong to the objective
+(:meth:`Objective.parameters`): train them with the student; they are not part of the student
+and are dropped at export.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from raykd.losses.features import Features, LayerMap, build_projections, to_positions
 from raykd.losses.reduction import count_tokens, masked_sum, shared_log_probs
 from raykd.losses.registry import LossSpec, get_loss
 from raykd.losses.targets import TeacherTargets
 
-_COMMON_ARGS = {"targets", "labels", "temperature"}
+_COMMON_ARGS = {"targets", "labels", "temperature", "layer_map", "projections"}
 
 
 def validate_weights(weights: Mapping[str, float]) -> None:
@@ -53,7 +61,7 @@ def validate_weights(weights: Mapping[str, float]) -> None:
         raise ValueError(f"all weights are zero in {dict(weights)}; give at least one term a weight > 0")
 
 
-def validate_params(params: Mapping[str, Mapping[str, float]], terms: list[str] | tuple[str, ...]) -> None:
+def validate_params(params: Mapping[str, Mapping[str, Any]], terms: list[str] | tuple[str, ...]) -> None:
     """Check ``{loss name: {hyper-param: value}}`` against the objective's ``terms``.
 
     Raises:
@@ -101,27 +109,58 @@ class Objective:
         weights: ``{loss name: weight}``; see :func:`validate_weights`.
         params: optional ``{loss name: {hyper-param: value}}``, e.g.
             ``{"generalized_jsd": {"beta": 0.9}}``; defaults come from the loss functions.
+        layer_map: the ``(student layer, teacher layer)`` pairs of the feature terms (required
+            when there is one).
+        widths: ``(student width, teacher width)`` of the hidden states; the feature terms'
+            projections are created when they differ.
 
     Raises:
         KeyError: an unknown loss name (the message lists the valid ones).
-        ValueError: invalid weights, or params for a loss that is not a term or that the loss
-            does not accept.
+        ValueError: invalid weights, params for a loss that is not a term or that the loss
+            does not accept, or a feature term without a layer map.
     """
 
-    def __init__(self, weights: Mapping[str, float], params: Mapping[str, Mapping[str, float]] | None = None):
+    def __init__(self, weights: Mapping[str, float], params: Mapping[str, Mapping[str, Any]] | None = None, *,
+                 layer_map: LayerMap | None = None, widths: tuple[int, int] | None = None):
         validate_weights(weights)
         self.weights = {name: float(w) for name, w in weights.items()}
         self.specs = {name: get_loss(name) for name in self.weights}
         self.params = {name: dict(p) for name, p in (params or {}).items()}
         validate_params(self.params, list(self.specs))
+        if self.needs_features and layer_map is None:
+            raise ValueError(f"feature terms {self._feature_terms()} need a layer map: Objective(..., layer_map="
+                             "LayerMap.from_keep_layers(keep_layers, teacher_layers)) or explicit (student, teacher) pairs")
+        self.layer_map = layer_map
+        self.projections = nn.ModuleDict({
+            name: build_projections(self.specs[name].projections, *widths)
+            for name in self._feature_terms() if widths is not None and self.specs[name].projections
+        })
+
+    def _feature_terms(self) -> list[str]:
+        return [n for n, s in self.specs.items() if s.kind == "features"]
 
     @property
     def needs_teacher(self) -> bool:
-        """Whether any term (weight 0 included, it is still logged) needs teacher targets."""
-        return any(spec.needs_teacher for spec in self.specs.values())
+        """Whether any logit term (weight 0 included, it is still logged) needs teacher targets."""
+        return any(spec.needs_teacher and spec.kind == "logits" for spec in self.specs.values())
+
+    @property
+    def needs_features(self) -> bool:
+        """Whether any term reads student and teacher features."""
+        return bool(self._feature_terms())
+
+    @property
+    def needs_attention(self) -> bool:
+        """Whether any feature term reads the attention's queries, keys and values."""
+        return any(self.specs[n].attention for n in self._feature_terms())
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The learned projections of the feature terms (none when the widths agree): give them
+        to the optimizer with the student's parameters."""
+        return self.projections.parameters()
 
     def __call__(self, student_logits: Tensor, labels: Tensor, mask: Tensor, targets: TeacherTargets | None,
-                 temperature: float) -> ObjectiveOutput:
+                 temperature: float, features: tuple[Features, Features] | None = None) -> ObjectiveOutput:
         """Compute every term on one micro-batch.
 
         Args:
@@ -131,6 +170,9 @@ class Objective:
             targets: teacher targets over the same [B, T] (and V, if dense), or None when no
                 term needs a teacher.
             temperature: softmax temperature tau > 0 of the teacher terms.
+            features: ``(student, teacher)`` features of this micro-batch, needed by feature
+                terms (each returns per-token or per-sequence losses, reduced to the ``[B, P]``
+                positions by :func:`~raykd.losses.features.to_positions`).
 
         Returns:
             :class:`ObjectiveOutput` with the weighted sum, per-term sums and token count.
@@ -140,17 +182,44 @@ class Objective:
                 it does not accept, teacher ids fall outside V, or a masked-in label is < 0.
         """
         self._check_inputs(student_logits, labels, mask, targets, temperature)
+        self._check_features(features)
         loss_sum, term_sums = None, {}
         with shared_log_probs():
             for name, weight in self.weights.items():
-                params = self.params.get(name, {})
-                kwargs = dict(targets=targets, labels=labels, temperature=temperature, **params)
                 with torch.set_grad_enabled(weight > 0 and torch.is_grad_enabled()):
-                    term = masked_sum(self.specs[name].fn(student_logits, **kwargs), mask)
+                    term = masked_sum(self._term(name, student_logits, labels, targets, temperature, features), mask)
                 term_sums[name] = term.detach()
                 if weight > 0:
                     loss_sum = weight * term if loss_sum is None else loss_sum + weight * term
         return ObjectiveOutput(loss_sum=loss_sum, term_sums=term_sums, num_tokens=count_tokens(mask))
+
+    def _term(self, name: str, student_logits: Tensor, labels: Tensor, targets: TeacherTargets | None,
+              temperature: float, features: tuple[Features, Features] | None) -> Tensor:
+        """One term's unreduced loss over the ``[B, P]`` positions."""
+        spec, params = self.specs[name], self.params.get(name, {})
+        if spec.kind == "logits":
+            return spec.fn(student_logits, targets=targets, labels=labels, temperature=temperature, **params)
+        student, teacher = features
+        projections = dict(self.projections[name]) if name in self.projections else {}
+        loss = spec.fn(student, teacher, layer_map=self.layer_map, projections=projections, **params)
+        return to_positions(loss, student.token_mask, labels.shape[1])
+
+    def _check_features(self, features: tuple[Features, Features] | None) -> None:
+        if not self.needs_features:
+            return
+        if features is None:
+            raise ValueError(f"feature terms {self._feature_terms()} need (student, teacher) features, got None; "
+                             "train with a feature teacher (raykd.train.features.FeatureTeacher) or cached teacher features")
+        student, teacher = features
+        self.layer_map.check(student, teacher)
+        if self.needs_attention and not (student.has_attention() and teacher.has_attention()):
+            raise ValueError(f"terms {[n for n in self._feature_terms() if self.specs[n].attention]} need attention "
+                             "features; capture them with attention=True")
+        if student.width != teacher.width:
+            missing = [n for n in self._feature_terms() if self.specs[n].projections and n not in self.projections]
+            if missing:
+                raise ValueError(f"student width {student.width} != teacher width {teacher.width}, and terms {missing} "
+                                 "have no projection: build the Objective with widths=(student, teacher)")
 
     def _check_inputs(self, student_logits: Tensor, labels: Tensor, mask: Tensor,
                       targets: TeacherTargets | None, temperature: float) -> None:
@@ -160,7 +229,7 @@ class Objective:
                f"labels {tuple(labels.shape)} and mask {tuple(mask.shape)} must be [B, T] = {shape[:2]}")
         _check(0.0 < temperature < math.inf, f"temperature must be positive and finite, got {temperature}")
         for name, spec in self.specs.items():
-            if spec.needs_teacher and (targets is None or targets.form not in spec.forms):
+            if spec.kind == "logits" and spec.needs_teacher and (targets is None or targets.form not in spec.forms):
                 got = "None" if targets is None else f"{targets.form} targets"
                 raise ValueError(f"loss {name!r} accepts teacher targets of forms {spec.forms}, got {got}")
         if not all(spec.needs_teacher for spec in self.specs.values()):  # a term reads the hard labels

@@ -8,6 +8,10 @@ A loss is a pure function with the signature::
 It returns the loss unreduced; masking and reduction happen once, in
 :mod:`raykd.losses.reduction`. Losses are registered when :mod:`raykd.losses` imports the
 modules that define them.
+
+Feature (intermediate-layer) losses live in the same registry with ``kind="features"``: they
+read the student's and the teacher's :class:`~raykd.losses.features.Features` instead of logits
+(signature in :mod:`raykd.losses.features`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import Tensor
 
 LossFn = Callable[..., Tensor]
 FORMS = ("sparse", "dense")
+KINDS = ("logits", "features")
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,12 @@ class LossSpec:
             loss needs no teacher.
         needs_teacher: whether ``targets`` must be given.
         description: one line shown by ``raykd methods``.
+        kind: ``"logits"`` (reads student logits and teacher targets) or ``"features"`` (reads
+            student and teacher :class:`~raykd.losses.features.Features`).
+        attention: a feature loss that needs the attention's queries, keys and values (the
+            forward then runs eager attention and records them).
+        projections: names of the learned projections (student width -> teacher width) a
+            feature loss uses when the widths differ.
     """
 
     name: str
@@ -39,6 +50,9 @@ class LossSpec:
     forms: tuple[str, ...]
     needs_teacher: bool
     description: str
+    kind: str = "logits"
+    attention: bool = False
+    projections: tuple[str, ...] = ()
 
 
 class UnknownLossError(KeyError):
@@ -54,17 +68,23 @@ _REGISTRY: dict[str, LossSpec] = {}
 def register_loss(
     name: str,
     *,
-    forms: tuple[str, ...] = FORMS,
+    forms: tuple[str, ...] | None = None,
     needs_teacher: bool = True,
     description: str,
+    kind: str = "logits",
+    attention: bool = False,
+    projections: tuple[str, ...] = (),
 ) -> Callable[[LossFn], LossFn]:
     """Decorator that registers a loss function under ``name``.
 
     Args:
         name: registry name.
-        forms: teacher target forms the loss accepts, a subset of ``("sparse", "dense")``.
+        forms: teacher target forms the loss accepts, a subset of ``("sparse", "dense")``
+            (default: both for a logit loss, none for a feature loss).
         needs_teacher: False for losses on hard labels only; they must have ``forms=()``.
         description: one line for listings.
+        kind, attention, projections: see :class:`LossSpec`; a feature loss has ``forms=()``
+            and ``needs_teacher=True`` (it needs the teacher's features, not its targets).
 
     Returns:
         The decorator; it returns the function unchanged.
@@ -73,16 +93,21 @@ def register_loss(
         ValueError: ``name`` is already registered, or ``forms`` is invalid or does not
             agree with ``needs_teacher``.
     """
-    forms = tuple(forms)
+    forms = tuple(forms) if forms is not None else (FORMS if kind == "logits" else ())
     if name in _REGISTRY:
         raise ValueError(f"loss {name!r} is already registered")
+    if kind not in KINDS:
+        raise ValueError(f"loss {name!r}: kind {kind!r} must be one of {KINDS}")
     if any(f not in FORMS for f in forms):
         raise ValueError(f"loss {name!r}: forms {forms} must be a subset of {FORMS}")
-    if needs_teacher == (not forms):
-        raise ValueError(f"loss {name!r}: a loss needs a teacher exactly when it accepts target forms")
+    if kind == "features" and (forms or not needs_teacher):
+        raise ValueError(f"feature loss {name!r} reads teacher features: give forms=() and needs_teacher=True")
+    if kind == "logits" and (needs_teacher == (not forms) or attention or projections):
+        raise ValueError(f"loss {name!r}: a logit loss needs a teacher exactly when it accepts target forms, "
+                         "and has no attention or projections")
 
     def decorate(fn: LossFn) -> LossFn:
-        _REGISTRY[name] = LossSpec(name, fn, forms, needs_teacher, description)
+        _REGISTRY[name] = LossSpec(name, fn, forms, needs_teacher, description, kind, attention, tuple(projections))
         return fn
 
     return decorate

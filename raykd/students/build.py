@@ -33,6 +33,16 @@ def _decoder_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
 
 
+def transformer_layers(model: nn.Module) -> nn.ModuleList:
+    """The ``ModuleList`` of a transformers model's blocks (``config.num_hidden_layers`` of them:
+    a decoder's layers, or an encoder's such as BERT's ``encoder.layer``).
+
+    Raises:
+        ValueError: no such list.
+    """
+    return _decoder_layers(model)[2]
+
+
 def layer_drop(teacher: nn.Module, keep_layers: list[int]) -> nn.Module:
     """A copy of ``teacher`` that keeps only ``keep_layers`` (in the given order).
 

@@ -12,6 +12,7 @@ Objective's sum divided by the batch's valid positions, as for tokens.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,6 +113,8 @@ def train_classifier(
     max_grad_norm: float | None = 1.0,
     groups: Iterator[list[StudentBatch]] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    objective: Objective | None = None,
+    feature_teacher: Callable[[StudentBatch], tuple[TeacherTargets | None, Any]] | None = None,
 ) -> list[float]:
     """Train a classification student with AdamW at a constant learning rate.
 
@@ -128,6 +131,10 @@ def train_classifier(
         groups: the micro-batch groups of every step instead of ``data``'s seeded batches (e.g.
             MiniDisc's sandwich: one batch under several masks).
         on_step: called with the 1-based step and its metrics after every update.
+        objective: a ready objective instead of ``weights`` (e.g. with feature terms, a layer map
+            and projections; its projections train with the student).
+        feature_teacher: an online teacher giving logits and features in one forward
+            (:class:`raykd.train.features.FeatureTeacher`).
 
     Returns:
         The loss of every step (per-row mean).
@@ -136,14 +143,14 @@ def train_classifier(
         KeyError, ValueError: an unknown loss or bad weights (see :class:`~raykd.losses.Objective`);
             a teacher term with neither cached nor online teacher logits.
     """
-    objective = Objective({n: w for n, w in weights.items() if w})
-    params = trainable_parameters(student, freeze_embeddings)
+    objective = objective or Objective({n: w for n, w in weights.items() if w})
+    params = trainable_parameters(student, freeze_embeddings) + list(objective.parameters())
     optimizer, _ = build_optimizer(params, lr=lr)
     if groups is None:
         groups = ([b] for b in class_batches(data, batch_size, steps, seed, device_of(student)))
     history = run_steps(student, optimizer, lambda _tau: next(groups), lambda step: (objective, temperature), max_steps=steps,
                         on_step=on_step, logits_fn=classifier_logits, max_grad_norm=max_grad_norm,
-                        teacher=online_teacher(teacher))
+                        teacher=online_teacher(teacher), feature_teacher=feature_teacher)
     return [h["loss"] for h in history]
 
 

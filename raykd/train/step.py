@@ -30,6 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from raykd.losses import Objective, TeacherTargets
+from raykd.losses.features import Features
+from raykd.train.features import capture_features
 
 LogitsFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 """``(model, inputs) -> logits [B, P, V]``: how a student kind's logits are read."""
@@ -61,6 +63,8 @@ class StudentBatch:
             needs a teacher or the teacher runs online (:func:`train_step`'s ``teacher``).
         context: entered around this micro-batch's forward (e.g. a sparsity mask applied to the
             student, as MiniDisc's sandwich rule does); None for none.
+        teacher_features: the teacher's features of these rows (cached), for feature terms; None
+            when no term reads features or the teacher runs online (``feature_teacher``).
     """
 
     inputs: dict[str, Tensor]
@@ -68,6 +72,7 @@ class StudentBatch:
     mask: Tensor
     targets: TeacherTargets | None = None
     context: Callable[[], AbstractContextManager] | None = None
+    teacher_features: Features | None = None
 
     @property
     def num_positions(self) -> int:
@@ -99,6 +104,7 @@ def train_step(
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     teacher: Callable[[StudentBatch], TeacherTargets] | None = None,
     on_logits: Callable[[StudentBatch, Tensor], None] | None = None,
+    feature_teacher: Callable[[StudentBatch], tuple[TeacherTargets | None, Features]] | None = None,
 ) -> dict[str, float]:
     """One optimizer step over the micro-batches ``group`` (gradient accumulation).
 
@@ -121,6 +127,10 @@ def train_step(
             process), replacing ``batch.targets``.
         on_logits: called with every micro-batch and its logits (e.g. a teacher-selection
             policy that learns from the student's loss).
+        feature_teacher: an online teacher giving ``(targets, features)`` of a micro-batch in one
+            forward (:class:`raykd.train.features.FeatureTeacher`); its targets replace
+            ``batch.targets`` unless None, its features ``batch.teacher_features``. The student's
+            own features are captured around its forward when the objective has feature terms.
 
     Returns:
         Per-position means over the step: every term (weight 0 included), ``loss``, and
@@ -136,12 +146,19 @@ def train_step(
     sums: dict[str, float] = {}
     for i, batch in enumerate(group):
         targets = teacher(batch) if teacher is not None else batch.targets
+        teacher_features = batch.teacher_features
+        if feature_teacher is not None:
+            online, teacher_features = feature_teacher(batch)
+            targets = online if online is not None else targets
         last = i == len(group) - 1
         sync = model.no_sync() if (world > 1 and not last and hasattr(model, "no_sync")) else nullcontext()
         with sync:
-            with batch.context() if batch.context is not None else nullcontext(), autocast():
+            with batch.context() if batch.context is not None else nullcontext(), autocast(), \
+                    capture_features(model, batch.inputs, attention=objective.needs_attention,
+                                     enabled=objective.needs_features) as captured:
                 logits = logits_fn(model, batch.inputs)
-            out = objective(logits.float(), batch.labels, batch.mask, targets, temperature)
+            features = (captured.features, teacher_features) if captured is not None else None
+            out = objective(logits.float(), batch.labels, batch.mask, targets, temperature, features)
             (out.loss_sum * world / n_global).backward()
         if on_logits is not None:
             on_logits(batch, logits)

@@ -1,0 +1,246 @@
+"""What a feature (intermediate-layer) loss sees: the inside of a forward pass, a checked layer
+mapping, learned projections, and the reduction of a feature loss to the objective's positions.
+
+A feature loss is registered in the one loss registry (:func:`raykd.losses.register_loss` with
+``kind="features"``) and has the signature::
+
+    fn(student: Features, teacher: Features, *, layer_map: LayerMap,
+       projections: dict[str, nn.Module], **hyper_params) -> [B, T] per-token or [B] per-sequence
+
+It returns the loss unreduced; :func:`to_positions` turns it into the objective's ``[B, P]``
+(``P = T`` for a causal LM, ``P = 1`` for a classifier), and :class:`~raykd.losses.Objective`
+masks, sums and weighs it with the logit terms. Pure torch: how the features are read from a
+model lives in :mod:`raykd.train.features`.
+
+Layer numbering: layer ``i`` is the output of transformer block ``i`` (0-based), before any
+final norm; the embeddings are the input of block 0 (:attr:`Features.embeddings`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(eq=False)
+class Features:
+    """The features of one forward pass over a batch ``[B, T]``.
+
+    Attributes:
+        embeddings: ``[B, T, H]`` input of block 0 (word + position embeddings, after any
+            embedding norm).
+        hidden: one ``[B, T, H]`` per block, its output.
+        queries, keys, values: one ``[B, heads, T, d]`` per block, as the attention used them
+            (a decoder's queries and keys after the rotary embedding; keys and values with the
+            model's key-value heads, fewer than ``heads`` under grouped-query attention);
+            empty when attention was not captured.
+        attention_masks: one additive ``[B, 1, T, T]`` mask per block (0 where a key may be
+            seen, a very negative number where not: padding, and the future in a decoder), or
+            ``None`` entries for no mask.
+        scaling: the score scale of the attention (``1 / sqrt(d)``).
+        token_mask: ``[B, T]`` bool, True at real (non-padding) tokens.
+    """
+
+    embeddings: Tensor | None
+    hidden: list[Tensor]
+    token_mask: Tensor
+    queries: list[Tensor] = field(default_factory=list)
+    keys: list[Tensor] = field(default_factory=list)
+    values: list[Tensor] = field(default_factory=list)
+    attention_masks: list[Tensor | None] = field(default_factory=list)
+    scaling: float | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.hidden)
+
+    @property
+    def width(self) -> int:
+        return self.hidden[0].shape[-1]
+
+    def has_attention(self) -> bool:
+        return len(self.queries) == len(self.hidden) > 0
+
+    def scores(self, layer: int, masked: bool = True) -> Tensor:
+        """Attention scores ``[B, heads, T, T]`` of block ``layer``: ``q k^T * scaling`` (keys
+        repeated over grouped-query heads), plus the additive mask when ``masked``."""
+        q, k = self.queries[layer], _repeat_heads(self.keys[layer], self.queries[layer].shape[1])
+        s = (q.float() @ k.float().transpose(-1, -2)) * self.scaling
+        mask = self.attention_masks[layer]
+        return s if mask is None or not masked else s + mask.float()[..., : s.shape[-1]]
+
+    def probs(self, layer: int) -> Tensor:
+        """Attention distributions ``[B, heads, T, T]`` of block ``layer`` (softmax of the scores)."""
+        return torch.softmax(self.scores(layer), dim=-1)
+
+    def key_mask(self, layer: int) -> Tensor:
+        """``[B, 1, T, T]`` bool: True where query ``i`` may attend to key ``j`` in block ``layer``
+        (padding keys out; a decoder's future keys out)."""
+        mask = self.attention_masks[layer]
+        b, t = self.token_mask.shape
+        if mask is None:
+            return self.token_mask[:, None, None, :].expand(b, 1, t, t)
+        return mask[..., :t] > torch.finfo(mask.dtype).min / 2
+
+    def slice(self, rows: Tensor | slice) -> Features:
+        """The features of batch rows ``rows`` (e.g. a micro-batch of cached features)."""
+        pick = lambda xs: [x[rows] if x is not None else None for x in xs]  # noqa: E731
+        return Features(None if self.embeddings is None else self.embeddings[rows], pick(self.hidden),
+                        self.token_mask[rows], pick(self.queries), pick(self.keys), pick(self.values),
+                        pick(self.attention_masks), self.scaling)
+
+
+def _repeat_heads(x: Tensor, heads: int) -> Tensor:
+    """``[B, kv, T, d]`` -> ``[B, heads, T, d]`` (grouped-query attention shares each kv head)."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """An explicit, checked ``(student layer, teacher layer)`` list.
+
+    Student layers strictly increase, and so do their teacher layers (a layer is never matched
+    to an earlier teacher layer than the one before it). The default for a layer-dropped student
+    is :meth:`from_keep_layers`: student layer ``i`` matches the teacher layer it was copied from.
+    Nothing maps ``(i, i)`` silently (DistillKit's ``layer_mapping: all`` does, and matches the
+    wrong layers of a layer-dropped student).
+
+    Attributes:
+        pairs: ``((s, t), ...)``, 0-based block indices.
+        student_layers, teacher_layers: the two models' block counts.
+
+    Raises:
+        ValueError: an empty list, an index out of range, a student layer named twice, or
+            indices that do not increase (the message names the pair and the ranges).
+    """
+
+    pairs: tuple[tuple[int, int], ...]
+    student_layers: int
+    teacher_layers: int
+
+    def __post_init__(self):
+        pairs = tuple((int(s), int(t)) for s, t in self.pairs)
+        object.__setattr__(self, "pairs", pairs)
+        if not pairs:
+            raise ValueError("the layer map is empty; give (student layer, teacher layer) pairs")
+        if len(pairs) > self.student_layers:
+            raise ValueError(f"layer map has {len(pairs)} pairs for a student of {self.student_layers} layers; "
+                             "give at most one pair per student layer")
+        for s, t in pairs:
+            if not (0 <= s < self.student_layers and 0 <= t < self.teacher_layers):
+                raise ValueError(f"layer pair {(s, t)} is out of range: student layers 0..{self.student_layers - 1}, "
+                                 f"teacher layers 0..{self.teacher_layers - 1}")
+        for (s0, t0), (s1, t1) in zip(pairs, pairs[1:]):
+            if not (s1 > s0 and t1 > t0):
+                raise ValueError(f"layer map {list(pairs)}: pairs must increase in both layers, got {(s0, t0)} then {(s1, t1)}")
+
+    @classmethod
+    def from_keep_layers(cls, keep_layers: Sequence[int], teacher_layers: int) -> LayerMap:
+        """Student layer ``i`` <-> teacher layer ``keep_layers[i]`` (the stride a layer-dropped
+        student was built from, :func:`raykd.students.build.layer_drop`)."""
+        from raykd.students.build import check_keep_layers
+
+        idx = check_keep_layers(list(keep_layers), teacher_layers, field="keep_layers")
+        return cls(tuple(enumerate(idx)), len(idx), teacher_layers)
+
+    @property
+    def last(self) -> tuple[int, int]:
+        """The deepest pair (what last-layer methods such as DistilBERT and MiniLM match)."""
+        return self.pairs[-1]
+
+    def check(self, student: Features, teacher: Features) -> None:
+        """Raise ``ValueError`` unless the features have the layer counts this map was built for."""
+        if (student.num_layers, teacher.num_layers) != (self.student_layers, self.teacher_layers):
+            raise ValueError(f"layer map built for {self.student_layers} student / {self.teacher_layers} teacher layers, "
+                             f"got features of {student.num_layers} / {teacher.num_layers}; rebuild it for these models")
+
+
+def projection(projections: dict[str, nn.Module], name: str, x: Tensor) -> Tensor:
+    """``projections[name](x)`` (a learned linear map student width -> teacher width) when the
+    term has one, else ``x`` (widths equal)."""
+    proj = projections.get(name)
+    return x if proj is None else proj(x)
+
+
+def build_projections(names: Sequence[str], student_width: int, teacher_width: int) -> nn.ModuleDict:
+    """``nn.Linear(student_width, teacher_width)`` per name, only when the widths differ (else empty)."""
+    if student_width == teacher_width:
+        return nn.ModuleDict()
+    return nn.ModuleDict({n: nn.Linear(student_width, teacher_width) for n in names})
+
+
+def to_positions(loss: Tensor, token_mask: Tensor, positions: int) -> Tensor:
+    """A feature loss, per token ``[B, T]`` or per sequence ``[B]``, as the objective's ``[B, P]``.
+
+    - per token, ``P = T`` (causal LM): unchanged, padding set to 0;
+    - per token, ``P = 1`` (classifier): its mean over the row's real tokens;
+    - per sequence, ``P = 1``: one value per row;
+    - per sequence, ``P = T``: spread evenly over the row's real tokens (so the row's tokens sum
+      to the sequence loss).
+
+    Raises:
+        ValueError: ``P`` is neither 1 nor ``T``, or the shapes disagree.
+    """
+    mask = token_mask.bool()
+    b, t = mask.shape
+    if positions not in (1, t):
+        raise ValueError(f"a feature loss needs P = 1 (classifier) or P = T = {t} (causal LM) positions, got {positions}")
+    if loss.dim() == 2:
+        if loss.shape != mask.shape:
+            raise ValueError(f"per-token feature loss {tuple(loss.shape)} != token mask {tuple(mask.shape)}")
+        loss = torch.where(mask, loss, 0.0)
+        if positions == t:
+            return loss
+        return (loss.sum(1) / mask.sum(1).clamp(min=1))[:, None]
+    if loss.shape != (b,):
+        raise ValueError(f"per-sequence feature loss must be [B] = [{b}], got {tuple(loss.shape)}")
+    if positions == 1:
+        return loss[:, None]
+    return mask * (loss / mask.sum(1).clamp(min=1))[:, None]
+
+
+def masked_token_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """``[B, T, ...]`` -> ``[B, ...]``: mean over the real tokens of each row."""
+    m = mask.to(x.dtype).view(*mask.shape, *([1] * (x.dim() - 2)))
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def relation_kl(teacher_logits: Tensor, student_logits: Tensor, allowed: Tensor) -> Tensor:
+    """KL(softmax(teacher) || softmax(student)) over the last axis, restricted to ``allowed``.
+
+    Args:
+        teacher_logits, student_logits: ``[..., T]`` unnormalised scores.
+        allowed: bool, broadcastable: True where an entry takes part (e.g. non-padding keys).
+
+    Returns:
+        ``[...]`` KL per row (0 for a row with no allowed entry).
+    """
+    neg = torch.finfo(torch.float32).min
+    log_p = torch.log_softmax(teacher_logits.float().masked_fill(~allowed, neg), -1)
+    log_q = torch.log_softmax(student_logits.float().masked_fill(~allowed, neg), -1)
+    p = log_p.exp()
+    return torch.where(allowed & (p > 0), p * (log_p - log_q), 0.0).sum(-1)
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """``[B, h, T, d]`` -> ``[B, heads, T, h * d / heads]`` (the heads concatenated, then split
+    again into ``heads`` relation heads, as MiniLMv2 does).
+
+    Raises:
+        ValueError: the width ``h * d`` is not divisible by ``heads``.
+    """
+    b, h, t, d = x.shape
+    if (h * d) % heads:
+        raise ValueError(f"width {h * d} is not divisible by {heads} relation heads; choose relation_heads dividing "
+                         "both the student's and the teacher's query/key/value widths")
+    return x.transpose(1, 2).reshape(b, t, heads, h * d // heads).transpose(1, 2)
+
+
+def scaled_relation(x: Tensor) -> Tensor:
+    """``[B, h, T, d]`` -> ``[B, h, T, T]``: ``x x^T / sqrt(d)`` (a self-relation's scores)."""
+    x = x.float()
+    return x @ x.transpose(-1, -2) / math.sqrt(x.shape[-1])

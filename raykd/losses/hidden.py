@@ -1,0 +1,145 @@
+"""Feature losses on hidden states: DistilBERT's cosine, PKD, TinyBERT, ALP-KD.
+
+Each is registered with ``kind="features"`` and follows the signature of
+:mod:`raykd.losses.features`: ``fn(student, teacher, *, layer_map, projections, **hp)``, returning
+a per-token ``[B, T]`` or per-sequence ``[B]`` loss (``[B]`` when only the first token is used).
+
+Notation: ``h_s^i`` / ``h_t^j`` the ``[B, T, H]`` output of student block ``i`` / teacher block
+``j``; ``(i, j)`` runs over the layer map's pairs; ``W`` a learned projection from the student's
+width to the teacher's, present only when the widths differ.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from raykd.losses.features import Features, LayerMap, projection
+from raykd.losses.registry import register_loss
+
+
+def _tokens(x: Tensor, first_token_only: bool) -> Tensor:
+    """``[B, T, H]`` -> itself, or the first token ``[B, H]`` ([CLS] of a BERT-style encoder)."""
+    return x[:, 0] if first_token_only else x
+
+
+@register_loss("distilbert_cos", kind="features", projections=("hidden",),
+               description="1 - cos(h_s, h_t) of the last mapped hidden states (DistilBERT, Sanh et al. 2019)")
+def distilbert_cos(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module]) -> Tensor:
+    """DistilBERT's cosine embedding loss; Sanh et al. 2019, "DistilBERT, a distilled version of
+    BERT: smaller, faster, cheaper and lighter". Used with KD and CE (``L = a L_ce + b L_kd +
+    c L_cos``).
+
+    Matches the direction of the hidden states of the layer map's *last* pair, per token:
+    ``1 - cos(W h_s^i, h_t^j)``. The paper aligns the final hidden states; that is this loss when
+    the map's last pair is ``(L_s - 1, L_t - 1)`` (the default map of a student built from teacher
+    layers ``0, 2, 4`` of 6 ends at ``(2, 4)``, not at the teacher's last layer: give the pair
+    explicitly for the paper's choice).
+
+    Returns:
+        ``[B, T]`` in ``[0, 2]``.
+    """
+    i, j = layer_map.last
+    s = projection(projections, "hidden", student.hidden[i])
+    return 1.0 - F.cosine_similarity(s.float(), teacher.hidden[j].float(), dim=-1)
+
+
+@register_loss("pkd", kind="features", projections=("hidden",),
+               description="MSE of L2-normalised hidden states at the mapped layers (Patient KD, Sun et al. 2019)")
+def pkd(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],
+        first_token_only: bool = True) -> Tensor:
+    """Patient knowledge distillation; Sun et al. 2019, "Patient Knowledge Distillation for BERT
+    Model Compression" (EMNLP).
+
+    ``L_PT = sum_(i, j) || W h_s^i / ||W h_s^i|| - h_t^j / ||h_t^j|| ||_2^2`` over the layer map's
+    pairs. The paper matches the [CLS] token (``first_token_only=True``, the default; a decoder
+    has no [CLS]: give ``first_token_only=False`` for every token) at the intermediate layers
+    chosen by PKD-Skip (every k-th layer, the stride) or PKD-Last (the last k); the last layer
+    is left to KD. Here the layer map chooses the pairs: give the intermediate ones.
+
+    Returns:
+        ``[B]`` (first token) or ``[B, T]``, each in ``[0, 4 * pairs]``.
+    """
+    out = 0.0
+    for i, j in layer_map.pairs:
+        s = _tokens(projection(projections, "hidden", student.hidden[i]), first_token_only).float()
+        t = _tokens(teacher.hidden[j], first_token_only).float()
+        out = out + (F.normalize(s, dim=-1) - F.normalize(t, dim=-1)).pow(2).sum(-1)
+    return out
+
+
+def _check_heads(name: str, s: Tensor, t: Tensor) -> None:
+    if s.shape[1] != t.shape[1]:
+        raise ValueError(f"{name} matches attention head by head: the student has {s.shape[1]} heads, the teacher "
+                         f"{t.shape[1]}; use a student with as many heads (or minilmv2, which needs none)")
+
+
+def attention_score_mse(student: Features, teacher: Features, i: int, j: int) -> Tensor:
+    """``[B, T]``: per query token, the mean over heads and allowed keys of the squared difference
+    of the (unnormalised) attention scores of student block ``i`` and teacher block ``j``."""
+    s, t = student.scores(i, masked=False), teacher.scores(j, masked=False)
+    _check_heads("tinybert", s, t)
+    allowed = teacher.key_mask(j).expand_as(t)
+    sq = torch.where(allowed, (s - t).pow(2), 0.0)
+    return sq.sum(-1).sum(1) / allowed.sum(-1).sum(1).clamp(min=1)
+
+
+@register_loss("tinybert", kind="features", attention=True, projections=("embeddings", "hidden"),
+               description="MSE of embeddings, hidden states and attention scores (TinyBERT, Jiao et al. 2020)")
+def tinybert(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],
+             embeddings: bool = True) -> Tensor:
+    """TinyBERT's intermediate-layer distillation; Jiao et al. 2020, "TinyBERT: Distilling BERT
+    for Natural Language Understanding" (Findings of EMNLP).
+
+    Per token, ``MSE(E_s W_e, E_t)`` (embedding layer, when ``embeddings``) plus, for every pair
+    ``(i, j)`` of the layer map, ``MSE(h_s^i W_h, h_t^j)`` (mean over the width) and the mean
+    over heads and keys of ``(A_s^i - A_t^j)^2``, ``A = Q K^T / sqrt(d)`` the attention scores
+    before the softmax (the paper's choice, which it found to converge faster than the
+    normalised distributions). Needs as many student heads as teacher heads.
+
+    Unfaithful details: the paper's code also includes masked (padding) keys in the attention
+    mean, with their scores set to 0 on both sides; here padding keys (and a decoder's future
+    keys) are left out of the mean. The paper's prediction-layer loss is the ``forward_kl``
+    term of the same objective; its two-stage (general, then task) schedule is not here.
+
+    Returns:
+        ``[B, T]``.
+    """
+    out = 0.0
+    if embeddings:
+        e = projection(projections, "embeddings", student.embeddings).float()
+        out = out + (e - teacher.embeddings.float()).pow(2).mean(-1)
+    for i, j in layer_map.pairs:
+        h = projection(projections, "hidden", student.hidden[i]).float()
+        out = out + (h - teacher.hidden[j].float()).pow(2).mean(-1) + attention_score_mse(student, teacher, i, j)
+    return out
+
+
+@register_loss("alp_kd", kind="features", projections=("hidden",),
+               description="MSE to an attention-weighted mix of all teacher layers per student layer (ALP-KD, Passban et al. 2021)")
+def alp_kd(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],
+           first_token_only: bool = True) -> Tensor:
+    """Attention-based layer projection; Passban et al. 2021, "ALP-KD: Attention-Based Layer
+    Projection for Knowledge Distillation" (AAAI).
+
+    For each student layer ``i`` of the layer map (its teacher side is not used: every teacher
+    layer takes part), ``alpha_j = softmax_j(<W h_s^i, h_t^j>)`` over all teacher blocks ``j``,
+    ``c^i = sum_j alpha_j h_t^j`` and the loss ``sum_i MSE(W h_s^i, c^i)`` (mean over the width).
+    The paper computes the weights and the loss on the [CLS] token (``first_token_only=True``);
+    ``False`` does it per token.
+
+    Unfaithful detail: the paper's weights use the raw dot product; so does this, so with wide
+    models the softmax is close to one-hot on the most similar layer (as in the paper).
+
+    Returns:
+        ``[B]`` (first token) or ``[B, T]``, non-negative.
+    """
+    ts = torch.stack([_tokens(h, first_token_only).float() for h in teacher.hidden], dim=-2)  # [..., L_t, H]
+    out = 0.0
+    for i, _ in layer_map.pairs:
+        s = _tokens(projection(projections, "hidden", student.hidden[i]), first_token_only).float()
+        alpha = torch.softmax((ts @ s.unsqueeze(-1)).squeeze(-1), dim=-1)  # [..., L_t]
+        mix = (alpha.unsqueeze(-1) * ts).sum(-2)
+        out = out + (s - mix).pow(2).mean(-1)
+    return out

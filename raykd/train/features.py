@@ -1,0 +1,170 @@
+"""Reading features out of a forward pass, for the feature losses (:mod:`raykd.losses.features`).
+
+:func:`capture_features` wraps one forward of a transformers model (student or teacher, encoder
+or decoder) and records, without changing its output:
+
+- the input of block 0 (the embeddings) and the output of every block (forward hooks on the
+  model's block list, :func:`raykd.students.build.transformer_layers`): block outputs *before*
+  any final norm, so a layer-dropped student's block ``i`` equals the teacher block it was
+  copied from, whichever is last;
+- with ``attention=True``, each block's attention queries, keys, values and additive mask, as the
+  attention used them (a decoder's after the rotary embedding): for the length of the ``with``
+  block the model runs :func:`capture_attention`, an eager attention registered with transformers'
+  ``AttentionInterface`` under the name ``raykd_capture``, which records its inputs and computes
+  exactly what eager attention computes.
+
+:class:`FeatureTeacher` is the online teacher of the feature methods: one no-grad forward per
+micro-batch gives both the teacher's logits (dense targets) and its features.
+:func:`teacher_features` runs it once over a data set instead (the cached form).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from raykd.losses import TeacherTargets
+from raykd.losses.features import Features, _repeat_heads
+
+ATTENTION_NAME = "raykd_capture"
+_RECORD: contextvars.ContextVar[list | None] = contextvars.ContextVar("raykd_attention_record", default=None)
+
+
+def capture_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                      scaling: float | None = None, dropout: float = 0.0, **kwargs) -> tuple[Tensor, Tensor]:
+    """Eager attention that also records ``(query, key, value, mask, scaling)`` when a capture is on.
+
+    Args:
+        query: ``[B, heads, T, d]``; key, value: ``[B, kv_heads, T, d]``.
+        attention_mask: additive ``[B, 1, T, T]`` mask or None.
+
+    Returns:
+        ``([B, T, heads, d]`` output, ``[B, heads, T, T]`` attention probabilities).
+    """
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    record = _RECORD.get()
+    if record is not None:
+        record.append((query, key, value, attention_mask, scaling))
+    k, v = _repeat_heads(key, query.shape[1]), _repeat_heads(value, query.shape[1])
+    scores = query @ k.transpose(-1, -2) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : k.shape[-2]]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.nn.functional.dropout(probs, p=dropout, training=module.training) @ v
+    return out.transpose(1, 2).contiguous(), probs
+
+
+_REGISTERED: list[bool] = []
+
+
+def _register() -> None:
+    """Register :func:`capture_attention` (and transformers' eager mask for it), once."""
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(ATTENTION_NAME, capture_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)
+    _REGISTERED.append(True)
+
+
+@dataclass
+class Capture:
+    """What one :func:`capture_features` block recorded; :attr:`features` is set when it ends."""
+
+    token_mask: Tensor
+    embeddings: Tensor | None = None
+    hidden: list[Tensor] = field(default_factory=list)
+    attention: list = field(default_factory=list)
+    features: Features | None = None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DDP
+
+
+@contextlib.contextmanager
+def capture_features(model: nn.Module, inputs: dict[str, Tensor], *, attention: bool = False,
+                     enabled: bool = True) -> Iterator[Capture | None]:
+    """Record the features of the forward passes of ``model`` run inside the block.
+
+    Args:
+        model: a transformers model (or a DDP wrapper of one).
+        inputs: the forward's inputs; ``attention_mask`` ``[B, T]`` (or all ones) gives
+            :attr:`Features.token_mask`.
+        attention: also record queries, keys, values and masks (eager attention for the block).
+        enabled: False yields None and records nothing (no hooks, the model's own attention).
+
+    Yields:
+        A :class:`Capture` whose ``features`` is filled in when the block ends.
+
+    Raises:
+        ValueError: the forward ran no block, or ran them more than once.
+    """
+    if not enabled:
+        yield None
+        return
+    from raykd.students.build import transformer_layers
+
+    if attention:
+        _register()
+    inner = _unwrap(model)
+    layers = transformer_layers(inner)
+    ids = inputs.get("input_ids", inputs.get("inputs_embeds"))
+    token_mask = inputs.get("attention_mask")
+    token_mask = torch.ones(ids.shape[:2], dtype=torch.bool, device=ids.device) if token_mask is None else token_mask.bool()
+    cap = Capture(token_mask)
+
+    def pre_hook(_module, args, kwargs):
+        cap.embeddings = args[0] if args else kwargs["hidden_states"]
+
+    def hook(_module, _args, out):
+        cap.hidden.append(out[0] if isinstance(out, tuple) else out)
+
+    handles = [layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    handles += [layer.register_forward_hook(hook) for layer in layers]
+    before = inner.config._attn_implementation
+    token = _RECORD.set(cap.attention if attention else None)
+    try:
+        if attention and before != ATTENTION_NAME:
+            inner.set_attn_implementation(ATTENTION_NAME)
+        yield cap
+    finally:
+        _RECORD.reset(token)
+        for h in handles:
+            h.remove()
+        if attention and before != ATTENTION_NAME:
+            inner.set_attn_implementation(before)
+    n = len(layers)
+    if len(cap.hidden) != n or (attention and len(cap.attention) != n):
+        raise ValueError(f"captured {len(cap.hidden)} block outputs and {len(cap.attention)} attentions for a model of {n} "
+                         "blocks; run exactly one forward inside capture_features")
+    q, k, v, m, s = zip(*cap.attention) if attention else ((), (), (), (), (None,))
+    cap.features = Features(cap.embeddings, cap.hidden, token_mask, list(q), list(k), list(v), list(m), s[0])
+
+
+class FeatureTeacher:
+    """The online teacher of the feature methods: one no-grad forward gives its logits and features.
+
+    Args:
+        model: the frozen teacher (put in eval mode here).
+        logits_fn: how its logits are read (:data:`raykd.train.step.STUDENT_KINDS`); they become
+            dense targets ``[B, P, V]``.
+        attention: capture queries, keys and values too (an objective's ``needs_attention``).
+    """
+
+    def __init__(self, model: nn.Module, logits_fn, *, attention: bool):
+        self.model, self.logits_fn, self.attention = model.eval(), logits_fn, attention
+
+    @torch.no_grad()
+    def __call__(self, batch) -> tuple[TeacherTargets, Features]:
+        """A :class:`~raykd.train.step.StudentBatch` -> (dense targets, teacher features)."""
+        with capture_features(self.model, batch.inputs, attention=self.attention) as cap:
+            logits = self.logits_fn(self.model, batch.inputs)
+        return TeacherTargets.dense(logits.float()), cap.features
