@@ -56,8 +56,8 @@ def main_methods(verbose: bool = False) -> list[tuple[str, str]]:
 
     methods = [(m.name, f"{m.description}  [{m.config_path.relative_to(m.config_path.parents[3])}]")
                for m in available_methods().values()]
-    losses = [(name, f"[{'/'.join(spec.forms) if spec.forms else 'no teacher'}] {spec.description}")
-              for name, spec in available_losses().items()]
+    losses = [(name, f"[{'/'.join(spec.forms) if spec.forms else ('features' if spec.kind == 'features' else 'no teacher')}] "
+                     f"{spec.description}") for name, spec in available_losses().items()]
     width = max(len(n) for n, _ in methods + losses)
     for title, rows in (("methods (`method:` in a config; run with raykd distill --config <file>)", methods),
                         ("losses (terms of train.students)", losses)):

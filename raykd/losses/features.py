@@ -43,6 +43,11 @@ class Features:
             ``None`` entries for no mask.
         scaling: the score scale of the attention (``1 / sqrt(d)``).
         token_mask: ``[B, T]`` bool, True at real (non-padding) tokens.
+        causal: where a block's mask is None, whether a query sees only the keys up to itself
+            (a compact cached form drops the ``[B, 1, T, T]`` masks and keeps this flag).
+
+    A compact cached form may hold ``None`` for the blocks a method does not read
+    (:func:`raykd.train.features.compact`).
     """
 
     embeddings: Tensor | None
@@ -53,6 +58,7 @@ class Features:
     values: list[Tensor] = field(default_factory=list)
     attention_masks: list[Tensor | None] = field(default_factory=list)
     scaling: float | None = None
+    causal: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -60,18 +66,20 @@ class Features:
 
     @property
     def width(self) -> int:
-        return self.hidden[0].shape[-1]
+        return next(h for h in self.hidden if h is not None).shape[-1]
 
     def has_attention(self) -> bool:
-        return len(self.queries) == len(self.hidden) > 0
+        return len(self.queries) == len(self.hidden) > 0 and any(q is not None for q in self.queries)
 
     def scores(self, layer: int, masked: bool = True) -> Tensor:
         """Attention scores ``[B, heads, T, T]`` of block ``layer``: ``q k^T * scaling`` (keys
-        repeated over grouped-query heads), plus the additive mask when ``masked``."""
+        repeated over grouped-query heads); with ``masked``, keys a query may not see (:meth:`key_mask`)
+        set to the fp32 minimum."""
         q, k = self.queries[layer], _repeat_heads(self.keys[layer], self.queries[layer].shape[1])
         s = (q.float() @ k.float().transpose(-1, -2)) * self.scaling
-        mask = self.attention_masks[layer]
-        return s if mask is None or not masked else s + mask.float()[..., : s.shape[-1]]
+        if not masked:
+            return s
+        return s.masked_fill(~self.key_mask(layer), torch.finfo(torch.float32).min)
 
     def probs(self, layer: int) -> Tensor:
         """Attention distributions ``[B, heads, T, T]`` of block ``layer`` (softmax of the scores)."""
@@ -80,10 +88,11 @@ class Features:
     def key_mask(self, layer: int) -> Tensor:
         """``[B, 1, T, T]`` bool: True where query ``i`` may attend to key ``j`` in block ``layer``
         (padding keys out; a decoder's future keys out)."""
-        mask = self.attention_masks[layer]
+        mask = self.attention_masks[layer] if self.attention_masks else None
         b, t = self.token_mask.shape
         if mask is None:
-            return self.token_mask[:, None, None, :].expand(b, 1, t, t)
+            keys = self.token_mask[:, None, None, :].expand(b, 1, t, t)
+            return keys & torch.ones(t, t, dtype=torch.bool, device=keys.device).tril() if self.causal else keys
         return mask[..., :t] > torch.finfo(mask.dtype).min / 2
 
     def slice(self, rows: Tensor | slice) -> Features:
@@ -91,7 +100,7 @@ class Features:
         pick = lambda xs: [x[rows] if x is not None else None for x in xs]  # noqa: E731
         return Features(None if self.embeddings is None else self.embeddings[rows], pick(self.hidden),
                         self.token_mask[rows], pick(self.queries), pick(self.keys), pick(self.values),
-                        pick(self.attention_masks), self.scaling)
+                        pick(self.attention_masks), self.scaling, self.causal)
 
 
 def _repeat_heads(x: Tensor, heads: int) -> Tensor:

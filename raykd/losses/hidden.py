@@ -143,3 +143,40 @@ def alp_kd(student: Features, teacher: Features, *, layer_map: LayerMap, project
         mix = (alpha.unsqueeze(-1) * ts).sum(-2)
         out = out + (s - mix).pow(2).mean(-1)
     return out
+
+
+def random_layer_map(student_layers: int, teacher_layers: int, epoch: int, seed: int = 0) -> LayerMap:
+    """RAIL-KD's map of one epoch: ``student_layers`` teacher blocks drawn at random without
+    replacement (seeded by ``(seed, epoch)``), sorted, matched to the student blocks in order.
+
+    Raises:
+        ValueError: the student has more blocks than the teacher.
+    """
+    if student_layers > teacher_layers:
+        raise ValueError(f"a student of {student_layers} blocks cannot be mapped onto {teacher_layers} teacher blocks")
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    picked = sorted(torch.randperm(teacher_layers, generator=g)[:student_layers].tolist())
+    return LayerMap(tuple(enumerate(picked)), student_layers, teacher_layers)
+
+
+@register_loss("rail_kd", kind="features", projections=("hidden",),
+               description="normalised [CLS] MSE on a layer map re-drawn at random every epoch (RAIL-KD, Haidar et al. 2022)")
+def rail_kd(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],
+            first_token_only: bool = True) -> Tensor:
+    """Random intermediate layer mapping; Haidar et al. 2022, "RAIL-KD: RAndom Intermediate Layer
+    Mapping for Knowledge Distillation" (Findings of NAACL).
+
+    The loss of one step is PKD's on the layer map (``sum_(i, j) ||W h_s^i / ||.|| - h_t^j /
+    ||.|| ||^2`` on [CLS]); what makes it RAIL-KD is the map, re-drawn every epoch by
+    :func:`random_layer_map` (the training loop rebuilds the objective with it, e.g. through
+    ``run_steps``' ``objective_at``; a fixed map is plain PKD).
+
+    Unfaithful details: the paper's layer-wise variant projects both sides with separate linear
+    maps to a common width before normalising; here only a width mismatch gets a projection
+    (student -> teacher). The paper draws from the teacher's intermediate layers only; pass
+    ``teacher_layers`` accordingly.
+
+    Returns:
+        ``[B]`` (first token) or ``[B, T]``, each in ``[0, 4 * pairs]``.
+    """
+    return pkd(student, teacher, layer_map=layer_map, projections=projections, first_token_only=first_token_only)

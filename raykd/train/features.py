@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -168,3 +168,43 @@ class FeatureTeacher:
         with capture_features(self.model, batch.inputs, attention=self.attention) as cap:
             logits = self.logits_fn(self.model, batch.inputs)
         return TeacherTargets.dense(logits.float()), cap.features
+
+
+def compact(f: Features, *, hidden: Sequence[int] = (), attention: Sequence[int] = (), embeddings: bool = False,
+            first_token_only: bool = False, causal: bool = False, dtype: torch.dtype = torch.float16) -> Features:
+    """The compact form of teacher features to cache: only the blocks a method reads, in ``dtype``,
+    on the CPU, without the ``[B, 1, T, T]`` masks (rebuilt from the token mask and ``causal``).
+
+    Args:
+        f: features of a batch (detached, e.g. from :class:`FeatureTeacher`).
+        hidden: blocks whose outputs are kept; attention: blocks whose queries, keys and values
+            are kept; embeddings: keep the embeddings.
+        first_token_only: keep only the first token of the hidden states (PKD, ALP-KD on [CLS]).
+        causal: the model is a decoder (see :attr:`Features.causal`).
+
+    Returns:
+        :class:`Features` with ``None`` for every block not kept.
+    """
+    keep = lambda x: None if x is None else x.detach().to("cpu", dtype)  # noqa: E731
+    n = f.num_layers
+    h = [keep(f.hidden[i][:, :1] if first_token_only else f.hidden[i]) if i in set(hidden) else None for i in range(n)]
+    att = set(attention)
+    qkv = [[keep(xs[i]) if i in att else None for i in range(n)] for xs in (f.queries, f.keys, f.values)] if att else [[], [], []]
+    return Features(keep(f.embeddings) if embeddings else None, h, f.token_mask.cpu(), *qkv,
+                    [None] * n if att else [], f.scaling, causal)
+
+
+def concat_features(parts: Sequence[Features]) -> Features:
+    """Features of several batches (same layout) as one, rows in order."""
+    cat = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
+    first = parts[0]
+    per_layer = lambda name: [cat([getattr(p, name)[i] for p in parts]) for i in range(len(getattr(first, name)))]  # noqa: E731
+    return Features(cat([p.embeddings for p in parts]), per_layer("hidden"), torch.cat([p.token_mask for p in parts]),
+                    per_layer("queries"), per_layer("keys"), per_layer("values"), list(first.attention_masks),
+                    first.scaling, first.causal)
+
+
+def feature_bytes(f: Features) -> int:
+    """Bytes of the tensors a (compact) :class:`Features` holds, token mask excluded."""
+    tensors = [f.embeddings, *f.hidden, *f.queries, *f.keys, *f.values, *f.attention_masks]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)

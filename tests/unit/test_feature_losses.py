@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from raykd.losses import Objective, available_losses, get_loss
 from raykd.losses.features import Features, LayerMap, to_positions
 
-FEATURE_LOSSES = ["distilbert_cos", "pkd", "tinybert", "alp_kd", "minilm", "minilmv2"]
+FEATURE_LOSSES = ["distilbert_cos", "pkd", "tinybert", "alp_kd", "minilm", "minilmv2", "rail_kd", "ckd", "mgskd",
+                  "lrc_bert"]
+NOT_ZERO_AT_EQUALITY = {"alp_kd", "lrc_bert"}  # checks of their own below
 B, T = 3, 6
 
 
@@ -48,7 +50,7 @@ def test_every_feature_loss_is_covered_here():
     assert {n for n, s in available_losses().items() if s.kind == "features"} == set(FEATURE_LOSSES)
 
 
-@pytest.mark.parametrize("name", [n for n in FEATURE_LOSSES if n != "alp_kd"])
+@pytest.mark.parametrize("name", [n for n in FEATURE_LOSSES if n not in NOT_ZERO_AT_EQUALITY])
 @pytest.mark.parametrize("causal", [False, True])
 def test_zero_when_the_student_equals_the_teacher(name, causal):
     t = make_features(3, 16, 4, seed=0, causal=causal)
@@ -235,3 +237,94 @@ def test_objective_mixes_feature_and_logit_terms_and_checks_its_inputs():
     assert sum(p.numel() for p in with_proj.parameters()) == 8 * 16 + 16
     assert not list(Objective({"pkd": 1.0}, layer_map=lm, widths=(16, 16)).parameters())
     assert with_proj(logits, labels, mask, None, 1.0, features=(narrow, t)).loss_sum.requires_grad
+
+
+def _huber(x):
+    x = x.abs()
+    return torch.where(x < 1, 0.5 * x**2, x - 0.5)
+
+
+def _cos(a, b):
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+def test_ckd_direct_formula():
+    s, t = make_features(2, 16, 4, seed=16), make_features(3, 16, 4, seed=17)
+    got = _loss("ckd", s, t)
+    mask = _token_mask()
+    want = torch.zeros(B, T)
+    pairs = ((0, 0), (1, 2))
+    for b in range(B):
+        keys = mask[b].nonzero().flatten()
+        for i in range(T):
+            for a, c in pairs:
+                want[b, i] += torch.stack([_huber(_cos(s.hidden[a][b, i], s.hidden[a][b, k]) - _cos(t.hidden[c][b, i], t.hidden[c][b, k]))
+                                           for k in keys]).mean()
+            want[b, i] += _huber(_cos(s.hidden[0][b, i], s.hidden[1][b, i]) - _cos(t.hidden[0][b, i], t.hidden[2][b, i]))
+    torch.testing.assert_close(got[mask], want[mask], rtol=1e-4, atol=1e-5)  # padding is masked out by the objective
+
+
+def test_mgskd_direct_formula():
+    s, t = make_features(2, 16, 4, seed=18), make_features(3, 16, 4, seed=19)
+    got = _loss("mgskd", s, t, span=4)
+    mask = _token_mask()
+
+    def rel_loss(xs, xt):  # mean over all pairs of the Huber loss of the cosine relations
+        n = len(xs)
+        return torch.stack([_huber(_cos(xs[p], xs[q]) - _cos(xt[p], xt[q])) for p in range(n) for q in range(n)]).mean()
+
+    want = torch.zeros(B)
+    for a, c in ((0, 0), (1, 2)):
+        pooled_s = torch.stack([s.hidden[a][r][mask[r]].mean(0) for r in range(B)])
+        pooled_t = torch.stack([t.hidden[c][r][mask[r]].mean(0) for r in range(B)])
+        for b in range(B):
+            real = mask[b].nonzero().flatten()
+            want[b] += rel_loss(s.hidden[a][b, real], t.hidden[c][b, real])
+            spans = [w for w in (range(0, 4), range(4, 6)) if mask[b, list(w)].any()]
+            span_s = torch.stack([s.hidden[a][b, [k for k in w if mask[b, k]]].mean(0) for w in spans])
+            span_t = torch.stack([t.hidden[c][b, [k for k in w if mask[b, k]]].mean(0) for w in spans])
+            want[b] += rel_loss(span_s, span_t)
+            want[b] += torch.stack([_huber(_cos(pooled_s[b], pooled_s[q]) - _cos(pooled_t[b], pooled_t[q])) for q in range(B)]).mean()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_rail_kd_is_pkd_on_a_map_redrawn_every_epoch():
+    from raykd.losses.hidden import random_layer_map
+
+    s, t = make_features(2, 16, 4, seed=20), make_features(6, 16, 4, seed=21)
+    maps = [random_layer_map(2, 6, epoch, seed=0) for epoch in range(8)]
+    assert all(m.student_layers == 2 and m.teacher_layers == 6 for m in maps)  # LayerMap checked range and order
+    assert len({m.pairs for m in maps}) > 1  # re-drawn
+    assert random_layer_map(2, 6, 3, seed=0) == maps[3]  # seeded
+    for m in maps[:3]:
+        torch.testing.assert_close(_loss("rail_kd", s, t, pairs=m.pairs), _loss("pkd", s, t, pairs=m.pairs))
+    with pytest.raises(ValueError, match="cannot be mapped"):
+        random_layer_map(4, 3, 0)
+
+
+def test_lrc_bert_contrastive_checks():
+    t = make_features(2, 16, 4, seed=22)
+    lm = LayerMap(((0, 0), (1, 1)), 2, 2)
+    fn = lambda s, **hp: get_loss("lrc_bert").fn(s, t, layer_map=lm, projections={}, **hp)  # noqa: E731
+    mask = _token_mask()
+    # direct formula
+    s = make_features(2, 16, 4, seed=23)
+    want = torch.zeros(B)
+    for i in range(2):
+        zs = torch.stack([s.hidden[i][r][mask[r]].mean(0) for r in range(B)])
+        zt = torch.stack([t.hidden[i][r][mask[r]].mean(0) for r in range(B)])
+        for r in range(B):
+            sims = torch.stack([_cos(zs[r], zt[q]) for q in range(B)]) / 0.1
+            want[r] += -(sims[r] - torch.logsumexp(sims, 0))
+    torch.testing.assert_close(fn(s), want, rtol=1e-4, atol=1e-5)
+    # the student equal to its teacher scores better than the same student with its rows shuffled
+    aligned = fn(t).sum()
+    perm = torch.tensor([1, 2, 0])
+    shuffled = Features(None, [h[perm] for h in t.hidden], t.token_mask)
+    assert (fn(shuffled) >= 0).all() and fn(shuffled).sum() > aligned + 1.0
+    # one row: no negatives, the loss is 0
+    one = Features(None, [h[:1] for h in t.hidden], t.token_mask[:1])
+    single = get_loss("lrc_bert").fn(one, one, layer_map=lm, projections={})
+    torch.testing.assert_close(single, torch.zeros(1))
+    with pytest.raises(ValueError, match="tau"):
+        fn(s, tau=0.0)

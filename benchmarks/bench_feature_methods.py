@@ -1,0 +1,246 @@
+"""Intermediate-layer (feature) distillation methods against logit KD and CE on BBC News topics,
+at a low-data budget; and the cost of their teacher features, online against cached.
+
+Teacher: all-MiniLM-L6-v2 fine-tuned on all training articles (5 topics; cached by
+:func:`raykd.teacher.finetune.finetune_classifier`). Student: the teacher's layers 0, 2, 4 (and its
+embeddings and classification head), :func:`raykd.students.build.layer_drop`; the layer map is the
+default one of that student, ``(0, 0), (1, 2), (2, 4)``. Every student trains through the shared
+objective and step (:func:`raykd.train.local.train_classifier`) on ``--share`` of the training
+articles (stratified, one fixed subset), for ``--steps`` steps, once per seed; test accuracy of the
+final step (no checkpoint selection).
+
+    .venv/bin/python benchmarks/bench_feature_methods.py                 # table + results
+    .venv/bin/python benchmarks/bench_feature_methods.py --rows ce,kd --seeds 0
+
+Writes ``benchmarks/results/feature_methods_bbc.json`` and ``.md`` (``--results`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raykd.losses import Objective
+from raykd.losses.features import LayerMap
+from raykd.train.features import FeatureTeacher, compact, concat_features, feature_bytes
+from raykd.train.local import accuracy, batch_indices, class_batch
+from raykd.train.step import StudentBatch, build_optimizer, classifier_logits, train_step
+
+KEEP = [0, 2, 4]
+KD = {"forward_kl": 0.5, "ce": 0.5}
+ROWS: dict[str, tuple[dict[str, float], dict[str, dict]]] = {
+    "ce": ({"ce": 1.0}, {}),
+    "kd": (KD, {}),
+    "kd+distilbert_cos": ({**KD, "distilbert_cos": 1.0}, {}),
+    "kd+pkd": ({**KD, "pkd": 100.0}, {}),  # PKD's beta in 10..1000; its [CLS] loss is small
+    "kd+tinybert": ({**KD, "tinybert": 1.0}, {}),
+    "kd+minilm": ({**KD, "minilm": 1.0}, {}),
+    "kd+minilmv2": ({**KD, "minilmv2": 1.0}, {"minilmv2": {"relation_heads": 12}}),
+    "kd+alp_kd": ({**KD, "alp_kd": 1.0}, {}),
+}
+
+
+def cache_layout(weights: dict[str, float], layer_map: LayerMap, teacher_layers: int) -> dict:
+    """What the compact teacher cache of a row keeps (:func:`raykd.train.features.compact`)."""
+    mapped = [t for _, t in layer_map.pairs]
+    last = layer_map.last[1]
+    need = {"hidden": set(), "attention": set(), "embeddings": False, "first_token_only": False}
+    for name in weights:
+        if name == "distilbert_cos":
+            need["hidden"].add(last)
+        elif name == "pkd":
+            need["hidden"].update(mapped)
+            need["first_token_only"] = True
+        elif name == "tinybert":
+            need["hidden"].update(mapped)
+            need["attention"].update(mapped)
+            need["embeddings"] = True
+        elif name in ("minilm", "minilmv2"):
+            need["attention"].add(last)
+        elif name == "alp_kd":
+            need["hidden"].update(range(teacher_layers))
+            need["first_token_only"] = True
+    if need["first_token_only"] and ({"distilbert_cos", "tinybert"} & set(weights)):
+        need["first_token_only"] = False
+    return need
+
+
+def teacher_cache(teacher, data: dict[str, np.ndarray], layout: dict, batch_size: int = 32):
+    """The teacher's class logits ``[N, C]`` and compact features of every row, one pass."""
+    online = FeatureTeacher(teacher, classifier_logits, attention=bool(layout["attention"]))
+    logits, parts = [], []
+    for s in range(0, len(data["label"]), batch_size):
+        b = class_batch(data, np.arange(s, min(s + batch_size, len(data["label"]))))
+        targets, f = online(b)
+        logits.append(targets.logits[:, 0].numpy())
+        parts.append(compact(f, hidden=sorted(layout["hidden"]), attention=sorted(layout["attention"]),
+                             embeddings=layout["embeddings"], first_token_only=layout["first_token_only"]))
+    return np.concatenate(logits), concat_features(parts)
+
+
+def batches(data, cached, batch_size: int, steps: int, seed: int):
+    """Seeded batches carrying their rows' cached teacher features (None when there are none)."""
+    for idx in batch_indices(len(data["label"]), batch_size, steps, seed):
+        b = class_batch(data, idx)
+        if cached is not None:
+            b.teacher_features = cached.slice(torch.as_tensor(idx))
+        yield [b]
+
+
+def train_row(teacher, data, test, weights, params, *, steps, batch_size, lr, seed, temperature, online: bool, cached):
+    """One student: layer-dropped from the teacher, trained, tested. Returns (accuracy, s/step, loss)."""
+    from raykd.students.build import layer_drop
+
+    torch.manual_seed(seed)
+    student = layer_drop(teacher, KEEP)
+    layer_map = LayerMap.from_keep_layers(KEEP, teacher.config.num_hidden_layers)
+    objective = Objective(weights, params, layer_map=layer_map)
+    feature_teacher = FeatureTeacher(teacher, classifier_logits, attention=objective.needs_attention) \
+        if objective.needs_features and online else None
+    optimizer, _ = build_optimizer(list(student.parameters()) + list(objective.parameters()), lr=lr)
+    student.train()
+    start, losses = time.perf_counter(), []
+    for group in batches(data, None if online else cached, batch_size, steps, seed):
+        losses.append(train_step(student, optimizer, group, objective, temperature, logits_fn=classifier_logits,
+                                 max_grad_norm=1.0, feature_teacher=feature_teacher)["loss"])
+    per_step = (time.perf_counter() - start) / steps
+    return accuracy(student, test), per_step, losses[-1]
+
+
+def measure(teacher, data, layouts, *, steps: int, batch_size: int, temperature: float) -> list[dict]:
+    """Bytes per token of each row's compact cache, and s/step online vs cached, same batches."""
+    out = []
+    n_tokens = int(data["attention_mask"].size)
+    for row, (weights, params) in ROWS.items():
+        if row not in layouts:
+            continue
+        t0 = time.perf_counter()
+        logits, cached = teacher_cache(teacher, data, layouts[row])
+        cache_s = time.perf_counter() - t0
+        times = {}
+        for online in (True, False):
+            _, per_step, _ = train_row(teacher, {**data, "teacher_logits": logits}, {k: v[:2] for k, v in data.items()},
+                                       weights, params, steps=steps, batch_size=batch_size, lr=1e-4, seed=0,
+                                       temperature=temperature, online=online, cached=cached)
+            times["online" if online else "cached"] = per_step
+        out.append({"row": row, "compact_bytes_per_token": feature_bytes(cached) / n_tokens,
+                    "cache_build_s": round(cache_s, 1), "online_s_per_step": round(times["online"], 3),
+                    "cached_s_per_step": round(times["cached"], 3)})
+        print(json.dumps(out[-1]))
+    return out
+
+
+def full_bytes_per_token(teacher, data) -> float:
+    """Bytes per token of every block's hidden state and Q/K/V in fp16 (the uncompacted form)."""
+    _, f = FeatureTeacher(teacher, classifier_logits, attention=True)(class_batch(data, np.arange(4)))
+    n = teacher.config.num_hidden_layers
+    full = compact(f, hidden=range(n), attention=range(n), embeddings=True)
+    return feature_bytes(full) / f.token_mask.numel()
+
+
+def load(args):
+    from raykd.config import ClassifierTeacherConfig
+    from raykd.data.bbc import load_bbc_news
+    from raykd.models import load_tokenizer
+    from raykd.recipes.muki.prepare import stratified_split
+    from raykd.teacher.finetune import finetune_classifier, tokenize_documents
+    from transformers import AutoModelForSequenceClassification
+
+    docs = load_bbc_news()
+    labels = sorted({d.label for d in docs})
+    splits = stratified_split(docs, test_share=0.2, dev_share=0.1, seed=0)
+    cfg = ClassifierTeacherConfig(steps=args.teacher_steps, batch_size=16, lr=1e-4, num_threads=args.threads)
+    folder = finetune_classifier(cfg, splits["train"], labels, args.seq_len)
+    tok = load_tokenizer(folder)
+    train_all = splits["train"]
+    small = stratified_split(train_all, test_share=args.share, dev_share=0.0001, seed=1)["test"]  # args.share per class
+    teacher = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    return (teacher, labels, folder, tokenize_documents(tok, small, labels, args.seq_len),
+            tokenize_documents(tok, splits["test"], labels, args.seq_len), len(train_all))
+
+
+def to_markdown(results: dict) -> str:
+    s = results["setup"]
+    lines = [f"BBC News, 5 topics; teacher all-MiniLM-L6-v2 fine-tuned on all {s['train_articles_all']} training "
+             f"articles (test acc {results['teacher_test_acc']:.3f}); student = teacher layers {KEEP}; "
+             f"student data: {s['student_articles']} articles ({s['share']:.0%} of train, stratified); {s['steps']} steps "
+             f"of {s['batch_size']}, lr {s['lr']}, T = {s['seq_len']} tokens, KD temperature {s['temperature']}; "
+             f"{len(s['seeds'])} seeds; test set {s['test_articles']} articles; final-step accuracy.", "",
+             "| row | objective | test accuracy (mean ± std) | per seed | s/step |", "|---|---|---|---|---|"]
+    for r in results["rows"]:
+        acc = np.asarray(r["acc"])
+        lines.append(f"| {r['row']} | `{json.dumps(r['weights'])}` | {acc.mean():.3f} ± {acc.std():.3f} | "
+                     f"{', '.join(f'{a:.3f}' for a in acc)} | {np.mean(r['s_per_step']):.2f} |")
+    if results.get("cost"):
+        lines += ["", f"Teacher features, full fp16 form (embeddings + every block's hidden state and Q/K/V): "
+                  f"{results['full_bytes_per_token']:.0f} B/token.", "",
+                  "| row | compact cache B/token | cache build s | online s/step | cached s/step |", "|---|---|---|---|---|"]
+        for c in results["cost"]:
+            lines.append(f"| {c['row']} | {c['compact_bytes_per_token']:.0f} | {c['cache_build_s']} | "
+                         f"{c['online_s_per_step']} | {c['cached_s_per_step']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--share", type=float, default=0.1)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--teacher-steps", type=int, default=100)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--measure-steps", type=int, default=5, help="steps timed online vs cached (0: skip)")
+    p.add_argument("--mode", choices=("cached", "online"), default="cached", help="teacher features of the table's runs")
+    p.add_argument("--results", default="benchmarks/results/feature_methods_bbc")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    rows, seeds = args.rows.split(","), [int(s) for s in args.seeds.split(",")]
+    teacher, labels, folder, train, test, n_train_all = load(args)
+    teacher_acc = accuracy(teacher, test)
+    print(f"teacher {folder.name}: test acc {teacher_acc:.3f}; student rows {len(train['label'])}, test {len(test['label'])}")
+    layer_map = LayerMap.from_keep_layers(KEEP, teacher.config.num_hidden_layers)
+    layouts = {r: cache_layout(ROWS[r][0], layer_map, teacher.config.num_hidden_layers) for r in rows}
+    cost = measure(teacher, train, {r: layouts[r] for r in rows if r not in ("ce", "kd")}, steps=args.measure_steps,
+                   batch_size=args.batch_size, temperature=args.temperature) if args.measure_steps else []
+    results = {"setup": {"share": args.share, "student_articles": len(train["label"]), "train_articles_all": n_train_all,
+                         "test_articles": len(test["label"]), "steps": args.steps, "batch_size": args.batch_size,
+                         "lr": args.lr, "seq_len": args.seq_len, "temperature": args.temperature, "seeds": seeds,
+                         "keep_layers": KEEP, "layer_map": layer_map.pairs, "teacher_folder": folder.name,
+                         "teacher_steps": args.teacher_steps, "mode": args.mode, "threads": args.threads,
+                         "machine": platform.processor() or platform.machine()},
+               "teacher_test_acc": teacher_acc, "full_bytes_per_token": full_bytes_per_token(teacher, train),
+               "cost": cost, "rows": []}
+    for row in rows:
+        weights, params = ROWS[row]
+        logits, cached = teacher_cache(teacher, train, layouts[row])
+        entry = {"row": row, "weights": weights, "params": params, "acc": [], "s_per_step": [], "final_loss": []}
+        for seed in seeds:
+            acc, per_step, loss = train_row(teacher, {**train, "teacher_logits": logits}, test, weights, params,
+                                            steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed,
+                                            temperature=args.temperature, online=args.mode == "online", cached=cached)
+            entry["acc"].append(acc)
+            entry["s_per_step"].append(round(per_step, 3))
+            entry["final_loss"].append(loss)
+            print(f"{row:<22} seed {seed}: test acc {acc:.3f} ({per_step:.2f} s/step, final loss {loss:.4f})", flush=True)
+        results["rows"].append(entry)
+    results["wall_s"] = round(time.perf_counter() - t0, 1)
+    out = Path(args.results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=float))
+    out.with_suffix(".md").write_text(to_markdown(results))
+    print(to_markdown(results))
+
+
+if __name__ == "__main__":
+    main()
