@@ -43,6 +43,10 @@ ROWS: dict[str, tuple[dict[str, float], dict[str, dict]]] = {
     "kd+minilm": ({**KD, "minilm": 1.0}, {}),
     "kd+minilmv2": ({**KD, "minilmv2": 1.0}, {"minilmv2": {"relation_heads": 12}}),
     "kd+alp_kd": ({**KD, "alp_kd": 1.0}, {}),
+    "kd+rail_kd": ({**KD, "rail_kd": 100.0}, {}),  # as PKD, on a map re-drawn every epoch
+    "kd+ckd": ({**KD, "ckd": 1.0}, {}),
+    "kd+mgskd": ({**KD, "mgskd": 1.0}, {}),
+    "kd+lrc_bert": ({**KD, "lrc_bert": 0.1}, {}),  # InfoNCE is ~log(B) per pair at the start
 }
 
 
@@ -63,10 +67,12 @@ def cache_layout(weights: dict[str, float], layer_map: LayerMap, teacher_layers:
             need["embeddings"] = True
         elif name in ("minilm", "minilmv2"):
             need["attention"].add(last)
-        elif name == "alp_kd":
+        elif name in ("alp_kd", "rail_kd"):
             need["hidden"].update(range(teacher_layers))
             need["first_token_only"] = True
-    if need["first_token_only"] and ({"distilbert_cos", "tinybert"} & set(weights)):
+        elif name in ("ckd", "mgskd", "lrc_bert"):
+            need["hidden"].update(mapped)
+    if need["first_token_only"] and ({"distilbert_cos", "tinybert", "ckd", "mgskd", "lrc_bert"} & set(weights)):
         need["first_token_only"] = False
     return need
 
@@ -94,19 +100,28 @@ def batches(data, cached, batch_size: int, steps: int, seed: int):
 
 
 def train_row(teacher, data, test, weights, params, *, steps, batch_size, lr, seed, temperature, online: bool, cached):
-    """One student: layer-dropped from the teacher, trained, tested. Returns (accuracy, s/step, loss)."""
+    """One student: layer-dropped from the teacher, trained, tested. Returns (accuracy, s/step, loss).
+
+    RAIL-KD's objective gets a new random layer map every epoch (its widths agree: no projection)."""
+    from raykd.losses.hidden import random_layer_map
     from raykd.students.build import layer_drop
 
     torch.manual_seed(seed)
     student = layer_drop(teacher, KEEP)
-    layer_map = LayerMap.from_keep_layers(KEEP, teacher.config.num_hidden_layers)
+    student.get_input_embeddings().weight.requires_grad_(False)  # frozen word embeddings (as the teacher's fine-tuning)
+    n_teacher = teacher.config.num_hidden_layers
+    layer_map = LayerMap.from_keep_layers(KEEP, n_teacher)
     objective = Objective(weights, params, layer_map=layer_map)
     feature_teacher = FeatureTeacher(teacher, classifier_logits, attention=objective.needs_attention) \
         if objective.needs_features and online else None
-    optimizer, _ = build_optimizer(list(student.parameters()) + list(objective.parameters()), lr=lr)
+    trainable = [p for p in student.parameters() if p.requires_grad] + list(objective.parameters())
+    optimizer, _ = build_optimizer(trainable, lr=lr)
     student.train()
     start, losses = time.perf_counter(), []
-    for group in batches(data, None if online else cached, batch_size, steps, seed):
+    per_epoch = max(1, len(data["label"]) // batch_size)
+    for step, group in enumerate(batches(data, None if online else cached, batch_size, steps, seed)):
+        if "rail_kd" in weights and step % per_epoch == 0:
+            objective = Objective(weights, params, layer_map=random_layer_map(len(KEEP), n_teacher, step // per_epoch, seed))
         losses.append(train_step(student, optimizer, group, objective, temperature, logits_fn=classifier_logits,
                                  max_grad_norm=1.0, feature_teacher=feature_teacher)["loss"])
     per_step = (time.perf_counter() - start) / steps
@@ -170,7 +185,7 @@ def to_markdown(results: dict) -> str:
     lines = [f"BBC News, 5 topics; teacher all-MiniLM-L6-v2 fine-tuned on all {s['train_articles_all']} training "
              f"articles (test acc {results['teacher_test_acc']:.3f}); student = teacher layers {KEEP}; "
              f"student data: {s['student_articles']} articles ({s['share']:.0%} of train, stratified); {s['steps']} steps "
-             f"of {s['batch_size']}, lr {s['lr']}, T = {s['seq_len']} tokens, KD temperature {s['temperature']}; "
+             f"of {s['batch_size']} (word embeddings frozen), lr {s['lr']}, T = {s['seq_len']} tokens, KD temperature {s['temperature']}; "
              f"{len(s['seeds'])} seeds; test set {s['test_articles']} articles; final-step accuracy.", "",
              "| row | objective | test accuracy (mean ± std) | per seed | s/step |", "|---|---|---|---|---|"]
     for r in results["rows"]:
@@ -192,27 +207,32 @@ def main() -> None:
     p.add_argument("--rows", default=",".join(ROWS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--share", type=float, default=0.1)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--teacher-steps", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--measure-steps", type=int, default=5, help="steps timed online vs cached (0: skip)")
+    p.add_argument("--measure-steps", type=int, default=3, help="steps timed online vs cached (0: skip)")
+    p.add_argument("--measure-rows", default="kd+pkd,kd+tinybert", help="rows whose cost is measured")
     p.add_argument("--mode", choices=("cached", "online"), default="cached", help="teacher features of the table's runs")
+    p.add_argument("--max-test", type=int, default=None, help="first N test articles only (a smoke run)")
     p.add_argument("--results", default="benchmarks/results/feature_methods_bbc")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     rows, seeds = args.rows.split(","), [int(s) for s in args.seeds.split(",")]
     teacher, labels, folder, train, test, n_train_all = load(args)
+    if args.max_test:
+        test = {k: v[: args.max_test] for k, v in test.items()}
     teacher_acc = accuracy(teacher, test)
     print(f"teacher {folder.name}: test acc {teacher_acc:.3f}; student rows {len(train['label'])}, test {len(test['label'])}")
     layer_map = LayerMap.from_keep_layers(KEEP, teacher.config.num_hidden_layers)
     layouts = {r: cache_layout(ROWS[r][0], layer_map, teacher.config.num_hidden_layers) for r in rows}
-    cost = measure(teacher, train, {r: layouts[r] for r in rows if r not in ("ce", "kd")}, steps=args.measure_steps,
-                   batch_size=args.batch_size, temperature=args.temperature) if args.measure_steps else []
+    measured = [r for r in args.measure_rows.split(",") if r]
+    cost = measure(teacher, train, {r: cache_layout(ROWS[r][0], layer_map, teacher.config.num_hidden_layers) for r in measured},
+                   steps=args.measure_steps, batch_size=args.batch_size, temperature=args.temperature) if args.measure_steps else []
     results = {"setup": {"share": args.share, "student_articles": len(train["label"]), "train_articles_all": n_train_all,
                          "test_articles": len(test["label"]), "steps": args.steps, "batch_size": args.batch_size,
                          "lr": args.lr, "seq_len": args.seq_len, "temperature": args.temperature, "seeds": seeds,
@@ -221,9 +241,14 @@ def main() -> None:
                          "machine": platform.processor() or platform.machine()},
                "teacher_test_acc": teacher_acc, "full_bytes_per_token": full_bytes_per_token(teacher, train),
                "cost": cost, "rows": []}
+    union = {"hidden": set().union(*(lay["hidden"] for lay in layouts.values())),
+             "attention": set().union(*(lay["attention"] for lay in layouts.values())),
+             "embeddings": any(lay["embeddings"] for lay in layouts.values()),
+             "first_token_only": all(lay["first_token_only"] for lay in layouts.values() if lay["hidden"])}
+    logits, cached = teacher_cache(teacher, train, union)  # one teacher pass serves every row
+    results["setup"]["table_cache_bytes_per_token"] = feature_bytes(cached) / int(train["attention_mask"].size)
     for row in rows:
         weights, params = ROWS[row]
-        logits, cached = teacher_cache(teacher, train, layouts[row])
         entry = {"row": row, "weights": weights, "params": params, "acc": [], "s_per_step": [], "final_loss": []}
         for seed in seeds:
             acc, per_step, loss = train_row(teacher, {**train, "teacher_logits": logits}, test, weights, params,
@@ -234,12 +259,15 @@ def main() -> None:
             entry["final_loss"].append(loss)
             print(f"{row:<22} seed {seed}: test acc {acc:.3f} ({per_step:.2f} s/step, final loss {loss:.4f})", flush=True)
         results["rows"].append(entry)
-    results["wall_s"] = round(time.perf_counter() - t0, 1)
-    out = Path(args.results)
+        results["wall_s"] = round(time.perf_counter() - t0, 1)
+        write(Path(args.results), results)  # after every row: a long run that stops keeps its finished rows
+    print(to_markdown(results))
+
+
+def write(out: Path, results: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=float))
     out.with_suffix(".md").write_text(to_markdown(results))
-    print(to_markdown(results))
 
 
 if __name__ == "__main__":
