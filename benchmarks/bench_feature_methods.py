@@ -171,19 +171,19 @@ def load(args):
     labels = sorted({d.label for d in docs})
     splits = stratified_split(docs, test_share=0.2, dev_share=0.1, seed=0)
     cfg = ClassifierTeacherConfig(steps=args.teacher_steps, batch_size=16, lr=1e-4, num_threads=args.threads)
-    folder = finetune_classifier(cfg, splits["train"], labels, args.seq_len)
+    folder = finetune_classifier(cfg, splits["train"], labels, args.teacher_seq_len)
     tok = load_tokenizer(folder)
     train_all = splits["train"]
     small = stratified_split(train_all, test_share=args.share, dev_share=0.0001, seed=1)["test"]  # args.share per class
     teacher = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
     return (teacher, labels, folder, tokenize_documents(tok, small, labels, args.seq_len),
-            tokenize_documents(tok, splits["test"], labels, args.seq_len), len(train_all))
+            tokenize_documents(tok, splits["test"][:: args.test_every], labels, args.seq_len), len(train_all))
 
 
 def to_markdown(results: dict) -> str:
     s = results["setup"]
     lines = [f"BBC News, 5 topics; teacher all-MiniLM-L6-v2 fine-tuned on all {s['train_articles_all']} training "
-             f"articles (test acc {results['teacher_test_acc']:.3f}); student = teacher layers {KEEP}; "
+             f"articles at T = {s.get('teacher_seq_len')} (test acc at the students' T: {results['teacher_test_acc']:.3f}); student = teacher layers {KEEP}; "
              f"student data: {s['student_articles']} articles ({s['share']:.0%} of train, stratified); {s['steps']} steps "
              f"of {s['batch_size']} (word embeddings frozen), lr {s['lr']}, T = {s['seq_len']} tokens, KD temperature {s['temperature']}; "
              f"{len(s['seeds'])} seeds; test set {s['test_articles']} articles; final-step accuracy.", "",
@@ -211,7 +211,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per article of the students (and the teacher's inputs)")
+    p.add_argument("--teacher-seq-len", type=int, default=128, help="tokens per article of the teacher's fine-tuning")
+    p.add_argument("--test-every", type=int, default=1, help="every n-th test article (the test split is stratified)")
     p.add_argument("--teacher-steps", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--measure-steps", type=int, default=3, help="steps timed online vs cached (0: skip)")
@@ -237,7 +239,8 @@ def main() -> None:
                          "test_articles": len(test["label"]), "steps": args.steps, "batch_size": args.batch_size,
                          "lr": args.lr, "seq_len": args.seq_len, "temperature": args.temperature, "seeds": seeds,
                          "keep_layers": KEEP, "layer_map": layer_map.pairs, "teacher_folder": folder.name,
-                         "teacher_steps": args.teacher_steps, "mode": args.mode, "threads": args.threads,
+                         "teacher_steps": args.teacher_steps, "teacher_seq_len": args.teacher_seq_len,
+                         "test_every": args.test_every, "mode": args.mode, "threads": args.threads,
                          "machine": platform.processor() or platform.machine()},
                "teacher_test_acc": teacher_acc, "full_bytes_per_token": full_bytes_per_token(teacher, train),
                "cost": cost, "rows": []}

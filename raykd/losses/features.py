@@ -151,9 +151,10 @@ class LayerMap:
     def from_keep_layers(cls, keep_layers: Sequence[int], teacher_layers: int) -> LayerMap:
         """Student layer ``i`` <-> teacher layer ``keep_layers[i]`` (the stride a layer-dropped
         student was built from, :func:`raykd.students.build.layer_drop`)."""
-        from raykd.students.build import check_keep_layers
-
-        idx = check_keep_layers(list(keep_layers), teacher_layers, field="keep_layers")
+        bad = [i for i in keep_layers if not -teacher_layers <= i < teacher_layers]
+        if bad:
+            raise ValueError(f"keep_layers={list(keep_layers)}: {bad} out of range for a teacher of {teacher_layers} layers")
+        idx = [i % teacher_layers for i in keep_layers]
         return cls(tuple(enumerate(idx)), len(idx), teacher_layers)
 
     @property
