@@ -215,6 +215,11 @@ class TeacherConfig(Strict):
     reserves (None: 0.85 on GPU, 0.2 on CPU)."""
     keep_alive: bool = False
     """Leave the teacher deployment running after the job (for reuse by other runs)."""
+    start: bool = True
+    """Start the teacher deployment when the run needs one and none of this name is running.
+    ``false``: never start one, only use a running teacher (``raykd teacher up``); a run that
+    needs a teacher (labeling a cache miss, on-policy training) and finds none fails before any
+    compute."""
 
     @property
     def gpus_per_replica(self) -> float:
@@ -382,6 +387,47 @@ class GenerationConfig(Strict):
     """Sampling seed (with ``temperature > 0``)."""
     batch_size: int = Field(default=8, ge=1)
     """Prompts per teacher ``generate`` call."""
+
+
+class OnPolicyConfig(Strict):
+    """On-policy distillation: the student samples continuations itself and the served teacher
+    scores them during training (GKD, Agarwal et al. 2024; DistiLLM, Ko et al. 2024; MiniLLM,
+    Gu et al. 2023; see :mod:`raykd.train.on_policy`).
+
+    Each optimizer step is on-policy with probability ``on_policy_share``: its micro-batches are
+    then the student's own samples (prompt = the first ``prompt_tokens`` tokens of each cached
+    block, continued by ``max_new_tokens`` tokens from the student's ``generate``), scored by the
+    running teacher (top-``labels.k`` + tail, at ``labels.temperature``), and the loss runs on
+    the sampled positions only. Other steps train on the cache as an off-policy run does."""
+
+    on_policy_share: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Share of on-policy steps (GKD's lambda; 0: off-policy only, 1: on-policy only)."""
+    prompt_tokens: int = Field(default=32, ge=1, le=4096)
+    """Tokens of each cached block used as the prompt (a shorter block is its own prompt)."""
+    max_new_tokens: int = Field(default=64, ge=1, le=4096)
+    """Tokens the student samples per prompt (``prompt_tokens + max_new_tokens`` must fit the
+    teacher's and the student's context)."""
+    temperature: float = Field(default=1.0, ge=0.0, le=10.0)
+    """Student sampling temperature (GKD's student temperature); 0 is greedy decoding."""
+    stop_at_eos: bool = True
+    """End a sample at the student's EOS (later positions are masked). ``false`` samples all
+    ``max_new_tokens``, so every sample has the same length (MiniLLM's length-normalised form)."""
+    teacher_batch: int = Field(default=4, ge=1)
+    """Sequences per teacher ``score`` call; a step's calls are all sent before the first answer
+    is awaited (several in flight)."""
+    replay_size: int = Field(default=0, ge=0)
+    """DistiLLM's replay buffer: the student samples (with their teacher targets) kept, the
+    oldest dropped first (0: no buffer)."""
+    replay_share: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Share of on-policy steps that reuse samples drawn from the replay buffer (no sampling and
+    no teacher call) once it holds a step's worth; needs ``replay_size``."""
+
+    @model_validator(mode="after")
+    def _replay(self) -> OnPolicyConfig:
+        if self.replay_share > 0 and self.replay_size == 0:
+            raise ValueError(f"on_policy.replay_share={self.replay_share} needs a replay buffer: set "
+                             "on_policy.replay_size (samples kept), or replay_share=0")
+        return self
 
 
 class AssistantConfig(Strict):
@@ -569,6 +615,9 @@ class DistillConfig(Strict):
     """Teacher assistants of a ``takd`` / ``dgkd`` chain."""
     agnostic_stage: AgnosticStageConfig | None = None
     """GLMD's task-agnostic stage before the task stage (``glmd``)."""
+    on_policy: OnPolicyConfig | None = None
+    """Train on the student's own samples scored by the served teacher (``gkd``, ``distillm``,
+    ``minillm``)."""
     labels: SoftLabelConfig = Field(default_factory=SoftLabelConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -599,6 +648,8 @@ class DistillConfig(Strict):
         if self.train.online_teacher and (self.extra_teachers or self.student.vocab_size is not None):
             raise ValueError("train.online_teacher gives one teacher's dense logits over its own vocabulary: it works "
                              "without extra_teachers and without student.vocab_size")
+        if self.on_policy is not None:
+            self._check_on_policy()
         names = [t.name for t in (self.teacher, *self.extra_teachers)]
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must differ (each is its own deployment), got {names}")
@@ -608,6 +659,16 @@ class DistillConfig(Strict):
                 f"train.num_workers={self.train.num_workers}"
             )
         return self
+
+    def _check_on_policy(self) -> None:
+        """What an on-policy run cannot combine with (the model contexts are checked in the plan)."""
+        op = self.on_policy
+        if self.extra_teachers or self.student.vocab_size is not None or self.train.online_teacher:
+            raise ValueError("on_policy samples are scored by the one served teacher over its own vocabulary: it works "
+                             "without extra_teachers, student.vocab_size and train.online_teacher")
+        if op.replay_size and op.replay_size < self.train.batch_size // max(self.train.num_workers, 1):
+            raise ValueError(f"on_policy.replay_size={op.replay_size} holds less than one step of samples per worker "
+                             f"(train.batch_size / workers = {self.train.batch_size // max(self.train.num_workers, 1)})")
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

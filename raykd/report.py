@@ -88,6 +88,11 @@ def _short(path: str | Path) -> str:
         return str(path)
 
 
+NOT_PLOTTED = ("step", "lr", "on_policy", "replayed", "teacher_calls", "data_s", "sample_s", "teacher_wait_s", "update_s")
+"""History fields that are not loss terms: the step, the learning rate, and an on-policy step's kind,
+teacher calls and time split (:mod:`raykd.train.on_policy`)."""
+
+
 def plot_losses(histories: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     """PNG with one panel per logged term (``loss``, ``ce``, ``forward_kl`` ...) and one line per student."""
     import matplotlib
@@ -95,7 +100,7 @@ def plot_losses(histories: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    terms = sorted({k for h in histories.values() for row in h for k in row if k not in ("step", "lr")})
+    terms = sorted({k for h in histories.values() for row in h for k in row if k not in NOT_PLOTTED})
     fig, axes = plt.subplots(1, len(terms), figsize=(5 * len(terms), 3.6), squeeze=False)
     for ax, term in zip(axes[0], terms):
         for name, hist in histories.items():

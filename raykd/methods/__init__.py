@@ -31,7 +31,7 @@ DistillConfig = Any
 """A :class:`raykd.config.DistillConfig` (not imported: the config imports this registry to check
 a config's method, so this module stays below it)."""
 
-FEATURES = ("phases", "teachers", "vocab", "perturb", "generate", "chain", "agnostic_stage")
+FEATURES = ("phases", "teachers", "vocab", "perturb", "generate", "chain", "agnostic_stage", "on_policy")
 """Parts of a config beyond a plain single-teacher run; a method must declare the ones it uses.
 
 - ``phases``: ``train.phases`` is not empty (a schedule of objective and temperature);
@@ -40,7 +40,8 @@ FEATURES = ("phases", "teachers", "vocab", "perturb", "generate", "chain", "agno
 - ``perturb``: ``data.perturb_share > 0`` (teacher labels on perturbed text);
 - ``generate``: ``generation`` is set (teacher generations as training text);
 - ``chain``: ``chain`` is set (teacher assistants between teacher and student);
-- ``agnostic_stage``: ``agnostic_stage`` is set (a task-agnostic stage before the task stage).
+- ``agnostic_stage``: ``agnostic_stage`` is set (a task-agnostic stage before the task stage);
+- ``on_policy``: ``on_policy`` is set (the student's own samples scored by the served teacher).
 """
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -120,6 +121,7 @@ def config_features(cfg: DistillConfig) -> set[str]:
         "generate": cfg.generation is not None,
         "chain": cfg.chain is not None,
         "agnostic_stage": cfg.agnostic_stage is not None,
+        "on_policy": getattr(cfg, "on_policy", None) is not None,
     }
     return {name for name, on in flags.items() if on}
 
@@ -349,4 +351,64 @@ register_method(Method(
              "(tmkd's mean); no random teacher dropping",
     uses=frozenset({"chain"}), requires=frozenset({"chain"}), combine="mean", recipe="raykd.recipes.lm.chains:run_takd",
     check_fn=_chain,
+))
+
+
+# ---- on-policy methods: the student's own samples, scored by the served teacher ----------------
+
+
+def _on_policy_terms(loss: str, share: tuple[float, float] | None = None) -> Callable[[DistillConfig], None]:
+    """The check of an on-policy method: teacher terms only (CE on the student's own samples would
+    teach it its own samples), ``loss`` among them, and ``on_policy_share`` within ``share``."""
+
+    def check(cfg: DistillConfig) -> None:
+        _no_hard_labels(cfg)
+        if missing := [w for w in _objectives(cfg) if w.get(loss, 0) <= 0]:
+            raise ValueError(f"method {cfg.method!r} trains on {loss}: give it a weight > 0 in {missing}")
+        if share is not None and not share[0] <= cfg.on_policy.on_policy_share <= share[1]:
+            raise ValueError(f"method {cfg.method!r} needs on_policy.on_policy_share in [{share[0]:g}, {share[1]:g}], "
+                             f"got {cfg.on_policy.on_policy_share:g}")
+
+    return check
+
+
+def _minillm(cfg: DistillConfig) -> None:
+    _on_policy_terms("reverse_kl", share=(1.0, 1.0))(cfg)
+    if cfg.on_policy.stop_at_eos:
+        raise ValueError("method 'minillm' normalises each sample by its length through equal lengths: set "
+                         "on_policy.stop_at_eos=false (every sample then has max_new_tokens tokens)")
+
+
+_ON_POLICY = frozenset({"on_policy"})
+
+register_method(Method(
+    name="gkd",
+    description="generalized KD: a share of the steps on the student's own samples, scored by the served teacher; "
+                "generalized JSD(beta)",
+    paper="Agarwal et al. 2024, On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes "
+          "(GKD, ICLR)",
+    composes="on_policy: {on_policy_share: lambda, temperature: student sampling temperature, prompt_tokens, "
+             "max_new_tokens}; train.students {generalized_jsd: 1}; train.loss_params {generalized_jsd: {beta}}; "
+             "off-policy steps read the cache (real text labeled by the teacher)",
+    uses=_ON_POLICY, requires=_ON_POLICY, check_fn=_on_policy_terms("generalized_jsd"),
+))
+register_method(Method(
+    name="distillm",
+    description="skew KL on a mix of cached text and student samples, the samples kept in a replay buffer and reused",
+    paper="Ko et al. 2024, DistiLLM: Towards Streamlined Distillation for Large Language Models (ICML)",
+    composes="train.students {skew_kl: 1} (train.loss_params {skew_kl: {alpha: 0.1}}); on_policy: {on_policy_share, "
+             "replay_size, replay_share}. Simplified: a fixed on_policy_share instead of the adaptive scheduler that "
+             "raises it when the validation loss rises; an on-policy step reuses buffered samples with probability "
+             "replay_share, else samples afresh and adds to the buffer (oldest dropped)",
+    uses=_ON_POLICY, requires=_ON_POLICY, check_fn=_on_policy_terms("skew_kl"),
+))
+register_method(Method(
+    name="minillm",
+    description="reverse KL on the student's own samples only (MiniLLM's length-normalised single-step term)",
+    paper="Gu et al. 2023, MiniLLM: Knowledge Distillation of Large Language Models (ICLR 2024)",
+    composes="on_policy: {on_policy_share: 1, stop_at_eos: false}; train.students {reverse_kl: 1}: the per-token "
+             "reverse KL over the teacher's top-k + tail buckets on every sampled position; all samples have "
+             "max_new_tokens tokens, so the token mean is the mean of each sample's length-normalised sum. Left "
+             "out: the long-term policy-gradient term, teacher-mixed sampling and the pre-training loss",
+    uses=_ON_POLICY, requires=_ON_POLICY, check_fn=_minillm,
 ))

@@ -9,8 +9,10 @@ the teacher deployment.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,9 @@ class Plan:
         self.owns_teacher = False
         """True once this run has started its teacher (e.g. a recipe's ``prepare`` step did): the
         run then stops it after labeling, so its CPUs/GPUs are free for training."""
+        self.hold_teacher = cfg.on_policy is not None
+        """The teacher stays up after labeling: on-policy training scores the student's samples
+        with it (:func:`teacher_for_training` releases it afterwards)."""
 
     def _settle(self, cfg: DistillConfig) -> None:
         self.cfg = cfg
@@ -93,6 +98,7 @@ class Plan:
             resolve_vocab_size(cfg.student.vocab_size, self.vocab_size)
         _check_student_tokenizer(cfg, self.tokenizer_fp, self.vocab_size)
         _check_layer_drops(cfg, teacher_config)
+        _check_sampling_length(cfg, teacher_config)
         self.keys = {split: self.key_for(split) for split in self.sources}
 
     def key_for(self, split: str) -> CacheKey:
@@ -184,6 +190,22 @@ def _check_layer_drops(cfg: DistillConfig, teacher_config) -> None:
         check_keep_layers(assistant.keep_layers, teacher_config.num_hidden_layers, f"chain.assistants[{i}].keep_layers", "the teacher")
 
 
+def _check_sampling_length(cfg: DistillConfig, teacher_config) -> None:
+    """On-policy samples (prompt + continuation) fit the teacher's and the student's context."""
+    if cfg.on_policy is None:
+        return
+    length = cfg.on_policy.prompt_tokens + cfg.on_policy.max_new_tokens
+    models = {"teacher": teacher_config}
+    if cfg.student.init == "pretrained" or cfg.student.model:
+        models["student"] = _model_config(resolve_model_path(cfg.student.model))
+    for who, config in models.items():
+        context = getattr(config, "max_position_embeddings", None)
+        if context is not None and length > context:
+            raise ValueError(f"on_policy.prompt_tokens + on_policy.max_new_tokens = {cfg.on_policy.prompt_tokens} + "
+                             f"{cfg.on_policy.max_new_tokens} = {length} tokens exceeds the {who}'s context "
+                             f"(max_position_embeddings={context}); lower on_policy.max_new_tokens or prompt_tokens")
+
+
 def _check_student_tokenizer(cfg: DistillConfig, teacher_tok_fp: str, teacher_vocab: int) -> None:
     """A ``pretrained`` student must share the teacher's tokenizer (checked on tokenizers only)."""
     if cfg.student.init != "pretrained":
@@ -222,7 +244,7 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[str, Manifest]], dic
         remove_partials,
     )
     from raykd.soft_labels.pipeline import label_parts
-    from raykd.teacher.deployment import start_teacher
+    from raykd.teacher.deployment import check_teacher_reachable, start_teacher
 
     cfg = plan.cfg
     targets = plan.targets()
@@ -268,6 +290,8 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[str, Manifest]], dic
 
     start = time.perf_counter()
     if any(todo_by_source.values()):
+        with console.user_errors(ValueError):
+            check_teacher_reachable(cfg.teacher, "labeling the missing soft labels")
         handle, started = start_teacher(cfg.teacher, str(plan.teacher_path))
         info = handle.info.remote().result()
         plan.owns_teacher = started = started or plan.owns_teacher
@@ -313,7 +337,7 @@ def _remove_old_partial_folders(cache_root: str) -> None:
 
 def release_teacher(plan: Plan) -> None:
     """Stop the teacher this run started (unless ``keep_alive``), so training gets its CPUs/GPUs."""
-    if plan.owns_teacher and not plan.cfg.teacher.keep_alive:
+    if plan.owns_teacher and not plan.cfg.teacher.keep_alive and not plan.hold_teacher:
         from raykd.teacher.deployment import stop_teacher
 
         stop_teacher(plan.cfg.teacher.name)
@@ -329,3 +353,34 @@ def _print_labeling(caches: dict[str, Any], labeled: list[str], stats: dict[str,
         log.info("%s cache: %d rows, %d tokens, %d shards, %.1f B/token, %.1f s, %.0f tokens/s", split, m.rows, m.tokens,
                  len(m.shards), m.bytes_per_token, m.label_seconds, m.tokens / max(m.label_seconds, 1e-9))
     print(f"soft labels written: {', '.join(splits)}; {stats['teacher_calls']} teacher calls, {stats['label_s']:.0f} s")
+
+
+@contextlib.contextmanager
+def teacher_for_training(plan: Plan) -> Iterator[str | None]:
+    """The teacher application on-policy training scores with, up for the block.
+
+    Yields None when the run has no ``on_policy``. Otherwise starts the teacher (or reuses a
+    running one, checked to be the run's teacher; with ``teacher.start=false`` only a running
+    one) and yields its application name; afterwards the teacher is released as after labeling
+    (stopped if this run started it, unless ``teacher.keep_alive``).
+
+    Raises:
+        raykd.teacher.deployment.TeacherNotRunningError: none runs and ``teacher.start`` is false.
+        ValueError: the running teacher is not the run's teacher.
+    """
+    if plan.cfg.on_policy is None:
+        yield None
+        return
+    from raykd.teacher.deployment import start_teacher
+
+    cfg = plan.cfg.teacher
+    try:
+        with console.user_errors(ValueError):
+            handle, started = start_teacher(cfg, str(plan.teacher_path))
+            plan.owns_teacher = plan.owns_teacher or started
+            if not plan.owns_teacher:
+                check_running_teacher(handle.info.remote().result(), cfg.name, plan.running_teacher_fields())
+        yield cfg.name
+    finally:
+        plan.hold_teacher = False
+        release_teacher(plan)

@@ -310,6 +310,27 @@ def running_teacher(name: str) -> serve.handle.DeploymentHandle | None:
     return serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=name)
 
 
+class TeacherNotRunningError(ValueError):
+    """``teacher.start`` is false and no teacher of that name is running."""
+
+
+def check_teacher_reachable(cfg: TeacherConfig, why: str) -> None:
+    """Refuse, before any compute, a run that needs a teacher it may not start and cannot find.
+
+    Args:
+        cfg: the teacher's config; nothing is checked when ``cfg.start`` is true.
+        why: what the run needs the teacher for (for the message).
+
+    Raises:
+        TeacherNotRunningError: ``teacher.start`` is false and no application ``cfg.name`` runs.
+    """
+    if not cfg.start and running_teacher(cfg.name) is None:
+        raise TeacherNotRunningError(
+            f"{why} needs the teacher {cfg.name!r}, which is not running, and teacher.start=false forbids starting "
+            f"one: start it first (`raykd teacher up`, with the name {cfg.name!r}), set teacher.name to a running "
+            "teacher, or set teacher.start=true")
+
+
 def start_teacher(cfg: TeacherConfig, model_path: str) -> tuple[serve.handle.DeploymentHandle, bool]:
     """Start the teacher application, or reuse a running one of the same name.
 
@@ -318,11 +339,13 @@ def start_teacher(cfg: TeacherConfig, model_path: str) -> tuple[serve.handle.Dep
 
     Raises:
         ValueError: as :func:`check_cluster_resources` (checked before anything deploys).
+        TeacherNotRunningError: none is running and ``cfg.start`` is false.
     """
     handle = running_teacher(cfg.name)
     if handle is not None:
         log.info("reusing running teacher %r", cfg.name)
         return handle, False
+    check_teacher_reachable(cfg, "this run")
     check_cluster_resources(cfg, cluster_node_gpus())
     serve.start(proxy_location="Disabled")
     log.info("starting teacher %r from %s", cfg.name, model_path)

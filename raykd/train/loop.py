@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from raykd.config import Strict, TrainConfig
+from raykd.config import OnPolicyConfig, Strict, TrainConfig
 from raykd.losses import Objective, TeacherTargets
 from raykd.losses.targets import retemper
 from raykd.students.vocab import VocabMap, map_ids, map_targets
@@ -130,6 +130,11 @@ class LoopConfig(Strict):
     mlflow_experiment: str = "raykd"
     online_teacher: str | None = None
     """Folder of a teacher run in the worker for dense targets (``train.online_teacher``), or None."""
+    on_policy: OnPolicyConfig | None = None
+    """On-policy steps (:mod:`raykd.train.on_policy`): the student's samples scored by the running
+    teacher application ``teacher_app`` (top-``teacher_k``, at ``temperature``), or None."""
+    teacher_app: str | None = None
+    teacher_k: int = Field(default=32, ge=1)
     checkpoint_root: str | None = None
     """Ray Train's local mode (``train.num_workers = 0``) keeps no checkpoint of its own: the loop
     then writes them into ``<checkpoint_root>/checkpoint_<step>`` (the last two kept)."""
@@ -243,12 +248,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tracker = _mlflow(cfg, rank)
     sharded = train.strategy == "fsdp" and world > 1
     teacher = online_teacher(cfg.online_teacher, device, world if sharded else 1) if cfg.online_teacher else None
+    sampler = _on_policy_sampler(cfg, core, rank)
+    if sampler is not None and state is not None and state.get("on_policy"):
+        sampler.load_state_dict(state["on_policy"])
 
     raw = _micro_batches(ray.train.get_dataset_shard("train"), train.batch_size // world, train, device, position)
-    clock = {"t": time.perf_counter(), "positions": 0.0}
+    clock = {"t": time.perf_counter(), "positions": 0.0, "data_s": 0.0, "ready": 0.0}
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         extra = mix.after_step(model) if mix is not None else {}
+        if sampler is not None:  # the step's time split (the update: from the group being ready to here)
+            extra.update(sampler.last, data_s=clock["data_s"], update_s=time.perf_counter() - clock["ready"])
         positions = metrics.pop("positions")
         row = {"step": step, **metrics, "lr": sched.get_last_lr()[0], **extra}
         history.append(row)
@@ -266,12 +276,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _report_checkpoint(core, full_model_state(model), {"optim": full_optimizer_state(model, optim),
                                                                 "sched": sched.state_dict(), "step": step,
                                       "mix": mix.state_dict() if mix else None, "data": dict(position),
-                                      "resumed_from": resumed_from}, history, rank, row, cfg.checkpoint_root)
+                                      "resumed_from": resumed_from,
+                                      "on_policy": sampler.state_dict() if sampler is not None else None},
+                                     history, rank, row, cfg.checkpoint_root)
         elif step % train.log_every == 0:  # metrics only (every worker reports: Ray Train counts reports)
             ray.train.report(row)
 
     def next_group(tau: float) -> list[StudentBatch]:  # decoded for the step's temperature
-        return [student_batch(b, cfg.temperature, tau, mix, vocab_table) for b in next(raw)]
+        start = time.perf_counter()
+        group = [student_batch(b, cfg.temperature, tau, mix, vocab_table) for b in next(raw)]
+        clock["data_s"] = time.perf_counter() - start
+        if sampler is not None:
+            group = sampler(group, tau)
+        clock["ready"] = time.perf_counter()
+        return group
 
     run_steps(model, optim, next_group, cfg.objective_at, max_steps=train.max_steps,
               start=step, on_step=on_step, scheduler=sched, max_grad_norm=train.max_grad_norm, world=world,
@@ -298,6 +316,18 @@ def online_teacher(path: str, device: torch.device, shards: int = 1) -> Callable
         return TeacherTargets.dense(model(**batch.inputs, use_cache=False).logits.float())
 
     return targets
+
+
+def _on_policy_sampler(cfg: LoopConfig, core, rank: int):
+    """The on-policy sampler of ``cfg.on_policy`` calling the served teacher, or None."""
+    if cfg.on_policy is None:
+        return None
+    from raykd.train.on_policy import OnPolicySampler, served_score
+
+    if cfg.teacher_app is None:
+        raise ValueError("on_policy training needs the running teacher's application name (teacher_app)")
+    score = served_score(cfg.teacher_app, cfg.teacher_k, cfg.temperature)
+    return OnPolicySampler(cfg.on_policy, core, score, cached_temperature=cfg.temperature, seed=cfg.train.seed, rank=rank)
 
 
 def _mlflow(cfg: LoopConfig, rank: int):

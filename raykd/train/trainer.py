@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow.fs
 
 from raykd import console, storage
-from raykd.config import TrainConfig
+from raykd.config import OnPolicyConfig, TrainConfig
 from raykd.soft_labels.join import LABEL_COLUMNS, decode_joined, teacher_column
 from raykd.soft_labels.schema import decode_batch
 from raykd.train.loop import (
@@ -176,6 +176,9 @@ def train_student(
     mlflow_uri: str | None = None,
     mlflow_experiment: str = "raykd",
     online_teacher: str | Path | None = None,
+    on_policy: OnPolicyConfig | None = None,
+    teacher_app: str | None = None,
+    teacher_k: int = 32,
 ) -> TrainResult:
     """Train one student with Ray Train on a soft-label cache.
 
@@ -192,6 +195,8 @@ def train_student(
             checkpoint is downloaded into a local folder for evaluation and export.
         online_teacher: with ``cfg.online_teacher``, the teacher folder each worker loads for
             dense targets (the cache then supplies only the blocks).
+        on_policy: on-policy steps (:mod:`raykd.train.on_policy`), scored by the running teacher
+            application ``teacher_app`` at top-``teacher_k`` and the cache's ``temperature``.
         params: loss hyper-parameters on top of ``cfg.loss_params``.
         teachers: for joined multi-teacher shards, ``combine`` (the method's rule),
             ``num_teachers``, ``weight_temperature`` and ``policy_lr``.
@@ -211,6 +216,8 @@ def train_student(
 
     if cfg.online_teacher and online_teacher is None:
         raise ValueError("train.online_teacher is set but no teacher folder was given to train_student")
+    if on_policy is not None and teacher_app is None:
+        raise ValueError("on_policy training needs a running teacher: pass teacher_app (its Serve application name)")
     check_training_resources(cfg, name)
     fs, fs_path = storage.resolve(storage_path, setting="train.checkpoint_dir")
     local = isinstance(fs, pyarrow.fs.LocalFileSystem)
@@ -229,6 +236,9 @@ def train_student(
         mlflow_experiment=mlflow_experiment,
         checkpoint_root=None if cfg.num_workers else str(Path(fs_path) / name),
         online_teacher=str(online_teacher) if cfg.online_teacher else None,
+        on_policy=on_policy,
+        teacher_app=teacher_app,
+        teacher_k=teacher_k,
         **(teachers or {}),
     )
     trainer = TorchTrainer(

@@ -22,7 +22,7 @@ from typing import Any
 from raykd import console
 from raykd.config import DistillConfig
 from raykd.soft_labels.cache import shard_paths
-from raykd.soft_labels.plan import Plan, ensure_soft_labels
+from raykd.soft_labels.plan import Plan, ensure_soft_labels, teacher_for_training
 from raykd.train.evaluate import evaluate_students
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,11 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
 
     with console.user_errors(ValueError):
         check_student_gpus(cfg.train, cluster_node_gpus())  # before any teacher starts
+    if cfg.on_policy is not None:  # the teacher scores the student's samples: it must be reachable
+        from raykd.teacher.deployment import check_teacher_reachable
+
+        with console.user_errors(ValueError):
+            check_teacher_reachable(cfg.teacher, "on-policy training (on_policy)")
     prepared = prepare(plan) if prepare is not None else None
     caches, label_stats = ensure_soft_labels(plan)
     train_dir, train_manifest = caches["train"]
@@ -76,12 +81,14 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
         compress_student_folder(init_dir, shard_paths(train_dir, train_manifest), cfg.student.vocab_size,
                                 cfg.student.vocab_map, plan.teacher_path)
     t_train = time.perf_counter()
-    results = {name: train_student(name, student_path=init_dir, shard_files=train_files, weights=weights,
-                                   temperature=cfg.labels.temperature, cfg=cfg.train,
-                                   storage_path=cfg.train.checkpoint_dir or output_dir / "ray_train", teachers=teachers,
-                                   mlflow_uri=cfg.tracking.mlflow_uri, mlflow_experiment=cfg.tracking.experiment,
-                                   online_teacher=plan.teacher_path)
-               for name, weights in cfg.train.students.items()}
+    with teacher_for_training(plan) as teacher_app:  # on-policy runs: the served teacher stays up (else None)
+        results = {name: train_student(name, student_path=init_dir, shard_files=train_files, weights=weights,
+                                       temperature=cfg.labels.temperature, cfg=cfg.train,
+                                       storage_path=cfg.train.checkpoint_dir or output_dir / "ray_train",
+                                       teachers=teachers, mlflow_uri=cfg.tracking.mlflow_uri,
+                                       mlflow_experiment=cfg.tracking.experiment, online_teacher=plan.teacher_path,
+                                       on_policy=cfg.on_policy, teacher_app=teacher_app, teacher_k=cfg.labels.k)
+                   for name, weights in cfg.train.students.items()}
     train_s = time.perf_counter() - t_train
 
     t_eval = time.perf_counter()
@@ -89,6 +96,11 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
               **evaluate_students({"model": cfg.teacher.model, "path": plan.teacher_path}, init_dir, results, eval_files,
                                   output_dir, batch_size=cfg.eval.batch_size, objectives=cfg.train.students)}
     report.update(teachers_report)
+    if cfg.on_policy is not None:
+        from raykd.train.on_policy import time_split
+
+        for name, res in results.items():
+            report[name]["time_split"] = time_split(res.history)
     if prepared is not None:
         report["prepare"] = prepared
     eval_s = time.perf_counter() - t_eval
