@@ -215,7 +215,7 @@ def main() -> None:
     p.add_argument("--teacher-seq-len", type=int, default=128, help="tokens per article of the teacher's fine-tuning")
     p.add_argument("--test-every", type=int, default=1, help="every n-th test article (the test split is stratified)")
     p.add_argument("--teacher-steps", type=int, default=100)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads; on a shared 2-core machine 2 threads ran 7x slower than 1")
     p.add_argument("--measure-steps", type=int, default=3, help="steps timed online vs cached (0: skip)")
     p.add_argument("--measure-rows", default="kd+pkd,kd+tinybert", help="rows whose cost is measured")
     p.add_argument("--mode", choices=("cached", "online"), default="cached", help="teacher features of the table's runs")

@@ -65,8 +65,10 @@ class Features:
         return len(self.hidden)
 
     @property
-    def width(self) -> int:
-        return next(h for h in self.hidden if h is not None).shape[-1]
+    def width(self) -> int | None:
+        """Hidden width ``H`` (None for a compact form that kept no hidden state)."""
+        kept = [h for h in (*self.hidden, self.embeddings) if h is not None]
+        return kept[0].shape[-1] if kept else None
 
     def has_attention(self) -> bool:
         return len(self.queries) == len(self.hidden) > 0 and any(q is not None for q in self.queries)

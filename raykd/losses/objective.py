@@ -215,7 +215,7 @@ class Objective:
         if self.needs_attention and not (student.has_attention() and teacher.has_attention()):
             raise ValueError(f"terms {[n for n in self._feature_terms() if self.specs[n].attention]} need attention "
                              "features; capture them with attention=True")
-        if student.width != teacher.width:
+        if None not in (student.width, teacher.width) and student.width != teacher.width:
             missing = [n for n in self._feature_terms() if self.specs[n].projections and n not in self.projections]
             if missing:
                 raise ValueError(f"student width {student.width} != teacher width {teacher.width}, and terms {missing} "

@@ -192,3 +192,35 @@ def test_online_feature_teacher_equals_cached_teacher_features():
         runs.append([train_step(student, opt, [b], obj, 1.0, logits_fn=classifier_logits,
                                 feature_teacher=None if cached else online)["loss"] for b in copy.copy(batches)])
     np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,keep", [
+    ("pkd", dict(hidden=[0, 2], first_token_only=True)),
+    ("tinybert", dict(hidden=[0, 2], attention=[0, 2], embeddings=True)),
+    ("minilmv2", dict(attention=[2])),
+    ("distilbert_cos", dict(hidden=[2])),
+])
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_compact_cached_form_gives_the_loss_of_the_full_features(name, keep, kind):
+    """The cache keeps only the blocks a method reads, without the [B, 1, T, T] masks."""
+    from raykd.train.features import compact, feature_bytes
+
+    teacher, logits_fn, batch = ((tiny_bert(), classifier_logits, _class_batch()) if kind == "bert"
+                                 else (tiny_llama(), causal_lm_logits, _lm_batch()))
+    if name == "pkd" and kind == "llama":
+        keep = dict(hidden=[0, 2])
+    student = layer_drop(teacher, [0, 2])
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    obj = _objective(name, LayerMap.from_keep_layers([0, 2], 4))
+    params = {"pkd": {"first_token_only": kind == "bert"}}.get(name)
+    if params:
+        obj = Objective({name: 1.0}, {name: params}, layer_map=LayerMap.from_keep_layers([0, 2], 4))
+    _, full = FeatureTeacher(teacher, logits_fn, attention=obj.needs_attention)(batch)
+    small = compact(full, **keep, causal=kind == "llama", dtype=torch.float32)
+    assert feature_bytes(small) < feature_bytes(full)
+    with torch.no_grad(), capture_features(student, batch.inputs, attention=obj.needs_attention) as cap:
+        logits = logits_fn(student, batch.inputs)
+    got = [float(obj(logits.float(), batch.labels, batch.mask, None, 1.0, (cap.features, f)).term_sums[name]) for f in (full, small)]
+    assert got[1] == pytest.approx(got[0], rel=1e-5, abs=1e-6)
