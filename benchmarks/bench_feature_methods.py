@@ -224,7 +224,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    rows, seeds = args.rows.split(","), [int(s) for s in args.seeds.split(",")]
+    rows, seeds = [r for r in args.rows.split(",") if r], [int(s) for s in args.seeds.split(",")]  # --rows "": cost only
     teacher, labels, folder, train, test, n_train_all = load(args)
     if args.max_test:
         test = {k: v[: args.max_test] for k, v in test.items()}
@@ -244,12 +244,15 @@ def main() -> None:
                          "machine": platform.processor() or platform.machine()},
                "teacher_test_acc": teacher_acc, "full_bytes_per_token": full_bytes_per_token(teacher, train),
                "cost": cost, "rows": []}
+    if not rows:
+        write(Path(args.results), results)
     union = {"hidden": set().union(*(lay["hidden"] for lay in layouts.values())),
              "attention": set().union(*(lay["attention"] for lay in layouts.values())),
              "embeddings": any(lay["embeddings"] for lay in layouts.values()),
              "first_token_only": all(lay["first_token_only"] for lay in layouts.values() if lay["hidden"])}
-    logits, cached = teacher_cache(teacher, train, union)  # one teacher pass serves every row
-    results["setup"]["table_cache_bytes_per_token"] = feature_bytes(cached) / int(train["attention_mask"].size)
+    logits, cached = teacher_cache(teacher, train, union) if rows else (None, None)  # one teacher pass serves every row
+    if rows:
+        results["setup"]["table_cache_bytes_per_token"] = feature_bytes(cached) / int(train["attention_mask"].size)
     for row in rows:
         weights, params = ROWS[row]
         entry = {"row": row, "weights": weights, "params": params, "acc": [], "s_per_step": [], "final_loss": []}
