@@ -8,6 +8,7 @@
     raykd tune minidisc|maxidisc --config tune/configs/minidisc_bbc.yaml --output-dir DIR [key=value ...]
     raykd tune sweep --minidisc-dir DIR --maxidisc-dir DIR        # lambda sweep against MaxiDisc
     raykd muki --config jobs/configs/muki_bbc.yaml --output-dir DIR [key=value ...]   # MUKI vs KD, UHC, DFA
+    raykd mckd --config jobs/configs/mckd_bbc.yaml --output-dir DIR [key=value ...]   # MCKD vs the LLM, vanilla KD
 
 Each subcommand is a ``main_<name>(config, ...)`` function, so a job script, a test and the
 command line call the same code. Every subcommand takes ``--verbose``; exit codes: see :func:`cli`.
@@ -92,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="YAML config (e.g. jobs/configs/muki_bbc.yaml)")
     s.add_argument("--output-dir", required=True, help="where results.json, results.md and muki.png go")
     s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. student.steps=20")
+    s = sub.add_parser("mckd", help="MCKD: multistage collaborative distillation from an LLM's few-shot pseudo-labels")
+    s.add_argument("--config", help="YAML config (e.g. jobs/configs/mckd_bbc.yaml)")
+    s.add_argument("--output-dir", required=True, help="where results.json, results.md, mckd.png and the stages go")
+    s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. stages=2")
     _add_verbose(p)
     return p
 
@@ -150,7 +155,21 @@ def main_muki(cfg, output_dir: str | Path) -> dict[str, Any]:
     return run_muki(cfg, output_dir)
 
 
+def main_mckd(cfg, output_dir: str | Path) -> dict[str, Any]:
+    """``raykd mckd``: :func:`raykd.recipes.mckd.run.main_mckd` on a
+    :class:`~raykd.recipes.mckd.config.MckdConfig`. Bad input (gold examples, verbalisers, halves,
+    the student's labels) is a user error, raised before any LLM call."""
+    from raykd.recipes.mckd.run import main_mckd as run_mckd
+
+    return run_mckd(cfg, output_dir)
+
+
 def _run_command(args: argparse.Namespace) -> int:
+    if args.command == "mckd":
+        from raykd.recipes.mckd.config import MckdConfig
+
+        main_mckd(load_config(MckdConfig, args.config, args.overrides), args.output_dir)
+        return 0
     if args.command == "muki":
         from raykd.recipes.muki.config import MukiConfig
 

@@ -134,6 +134,22 @@ class TeacherDeployment:
         self.counter.add.remote(self.replica, "score_mc")
         return out
 
+    def score_continuations(self, prefix: str, texts: list[str], continuations: list[str], **kwargs: Any) -> dict[str, np.ndarray]:
+        """Summed log-probs of each continuation after ``prefix + text`` (verbaliser scoring of
+        pseudo-labels); see :meth:`raykd.teacher.engines.hf.HFEngine.score_continuations`.
+
+        Raises:
+            ValueError: more texts than ``max_batch_size``, an engine without it (only LM
+                engines have it), or the engine's own errors.
+        """
+        if len(texts) > self.max_batch_size:
+            raise ValueError(f"{len(texts)} texts exceed max_batch_size={self.max_batch_size}")
+        if not hasattr(self.engine, "score_continuations"):
+            raise ValueError(f"the {type(self.engine).__name__} cannot score continuations; use engine: hf")
+        out = self.engine.score_continuations(prefix, texts, continuations, **kwargs)
+        self.counter.add.remote(self.replica, "score")
+        return out
+
     def generate(self, prompts: list[Any], **kwargs: Any) -> list[dict[str, Any]]:
         """Completions with per-token top-k; see :meth:`raykd.teacher.engines.hf.HFEngine.generate`."""
         if len(prompts) > self.max_batch_size:

@@ -371,3 +371,38 @@ class HFEngine:
                 }
             )
         return results
+
+    def score_continuations(self, prefix: str, texts: list[str], continuations: list[str], *,
+                            batch_size: int = 8) -> dict[str, np.ndarray]:
+        """Summed log-probs of each continuation after ``prefix + text`` (verbaliser scoring).
+
+        The prefix's keys and values are computed once per call and reused for every text
+        (:func:`raykd.teacher.engines.continuations.continuation_logprobs`). The prefix is
+        encoded with the tokenizer's special tokens (a BOS), texts and continuations without.
+
+        Args:
+            prefix: text shared by every row (instruction and demonstrations; may be empty).
+            texts: ``B`` texts, each ending in the prompt's cue (e.g. ``"...\\nTopic:"``).
+            continuations: ``C`` verbalisers as they follow the cue (e.g. ``" sport"``).
+            batch_size: texts per forward.
+
+        Returns:
+            ``scores`` float32 ``[B, C]``, ``tokens`` int64 ``[B]`` (text tokens read per row)
+            and ``prefix_tokens``.
+
+        Raises:
+            ValueError: an empty text or continuation after tokenisation.
+        """
+        import torch
+
+        from raykd.teacher.engines.continuations import continuation_logprobs
+
+        tok = self.tokenizer
+        prefix_ids = tok(prefix, add_special_tokens=True)["input_ids"] if prefix else []
+        text_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        cont_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in continuations]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        with self._lock:
+            torch.set_num_threads(self.num_threads)
+            scores = continuation_logprobs(self.model, prefix_ids, text_ids, cont_ids, pad_id=pad, batch_size=batch_size)
+        return {"scores": scores, "tokens": np.array([len(t) for t in text_ids]), "prefix_tokens": np.array(len(prefix_ids))}
