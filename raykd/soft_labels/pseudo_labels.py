@@ -154,10 +154,15 @@ def classification_prompt(instruction: str, template: str, demos: Sequence[tuple
     return f"{instruction}\n\n{shots}" if instruction else shots
 
 
-def chat_prompt(instruction: str, template: str, demos: Sequence[tuple[str, str]], text: str) -> list[dict[str, str]]:
-    """A few-shot chat for ``generate``: each demonstration a user turn (``template`` filled with
-    its text) and the assistant's answer; the document last. The turns before it are the same
-    for every document."""
+def chat_prompt(instruction: str, template: str, demos: Sequence[tuple[str, str]], text: str,
+                chat: bool = True) -> list[dict[str, str]] | str:
+    """A few-shot prompt for ``generate``: each demonstration a user turn (``template`` filled
+    with its text) and the assistant's answer; the document last. Everything before the document
+    is the same for every document. ``chat=False`` (a tokenizer without a chat template): the
+    same as plain text, one ``template`` and answer line per demonstration."""
+    if not chat:
+        shots = "".join(f"{template.format(text=t)}\n{answer}\n\n" for t, answer in demos)
+        return f"{instruction}\n\n{shots}{template.format(text=text)}\n" if instruction else f"{shots}{template.format(text=text)}\n"
     turns = [{"role": "system", "content": instruction}] if instruction else []
     for t, answer in demos:
         turns += [{"role": "user", "content": template.format(text=t)}, {"role": "assistant", "content": answer}]

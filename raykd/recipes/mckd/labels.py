@@ -143,7 +143,8 @@ class LLMLabeler:
         handle, t0 = self._serve(), time.time()
         ids = [d.doc_id for d in docs]
         if self.generation:
-            prompts = [chat_prompt(lc.instruction, lc.template, demos, t) for t in texts]
+            chat = getattr(self.tokenizer, "chat_template", None) is not None
+            prompts = [chat_prompt(lc.instruction, lc.template, demos, t, chat) for t in texts]
             out, tokens = generate_through(handle, prompts, batch_size=lc.batch_size, max_new_tokens=lc.max_new_tokens)
             labels = PseudoLabels(ids, texts=out)
             per_doc = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
