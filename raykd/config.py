@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -27,6 +28,16 @@ from pydantic import (
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the field and the fix."""
+
+
+def _distinct_seeds(v: list[int]) -> list[int]:
+    if not v or len(set(v)) != len(v):
+        raise ValueError(f"seeds must be a non-empty list without repeats, got {v}")
+    return v
+
+
+Seeds = Annotated[list[int], AfterValidator(_distinct_seeds)]
+"""A recipe's seeds: a non-empty list without repeats (the table's mean +/- std runs over them)."""
 
 
 class Strict(BaseModel):

@@ -12,6 +12,28 @@ import numpy as np
 from raykd.data.documents import Document
 
 
+def shuffled_by_class(docs: Sequence[Document], seed: int, max_docs: int | None = None,
+                      why: str = "the recipe needs labeled articles") -> dict[str, list[Document]]:
+    """Each class's documents, sorted by id and shuffled with ``random.Random(seed)`` (classes in
+    sorted order); with ``max_docs`` each class keeps its share of ``max_docs`` (at least 3).
+
+    Raises:
+        ValueError: a document without a label (``why`` says what the labels are for).
+    """
+    by_class: dict[str, list[Document]] = {}
+    for d in docs:
+        if d.label is None:
+            raise ValueError(f"article {d.doc_id!r} has no label; {why}")
+        by_class.setdefault(d.label, []).append(d)
+    keep = 1.0 if max_docs is None else min(1.0, max_docs / max(len(docs), 1))
+    out = {}
+    for label in sorted(by_class):
+        members = sorted(by_class[label], key=lambda d: d.doc_id)
+        random.Random(seed).shuffle(members)
+        out[label] = members[: max(3, round(len(members) * keep))]
+    return out
+
+
 def split_documents(
     docs: Sequence[Document], *, test_docs: int, seed: int, max_docs: int | None = None
 ) -> tuple[list[Document], list[Document]]:

@@ -38,7 +38,13 @@ import pyarrow.parquet as pq
 
 from raykd import storage
 from raykd.data.documents import Document
-from raykd.soft_labels.cache import CacheKey, cache_dir_for, finalize, open_cache, write_part
+from raykd.soft_labels.cache import (
+    CacheKey,
+    cache_dir_for,
+    finalize,
+    open_cache,
+    write_part,
+)
 from raykd.soft_labels.schema import META_PREFIX
 
 

@@ -36,7 +36,7 @@ def _tiny_bert(folder, docs):
 def _config(tmp_path, labeler_model, student_model, **extra):
     from raykd.recipes.mckd.config import MckdConfig
 
-    return MckdConfig.model_validate({**{
+    return MckdConfig.model_validate({
         "run_name": "tiny",
         "data": {"test_share": 0.2, "gold": 12, "seq_len": 12, "target_tokens": 4},
         "labeler": {"model": str(labeler_model), "name": "tiny-mckd-labeler", "verbalisers": {t: f" {t}" for t in _TOPICS},
@@ -44,7 +44,7 @@ def _config(tmp_path, labeler_model, student_model, **extra):
                     "batch_size": 8, "num_threads": 1, "num_cpus": 0.5, "cache_dir": str(tmp_path / "pseudo")},
         "student": {"base_model": str(student_model), "steps": 3, "batch_size": 8, "lr": 1e-3, "eval_every": 2, "eval_batch_size": 16,
                     "num_threads": 1},
-        "stages": 1, "supervised_extra": 0, "seeds": [0]}, **extra})
+        "stages": 1, "supervised_extra": 0, "seeds": [0], **extra})
 
 
 def test_mckd_tiny_classification_rerun_and_resume(ray_start, tiny_model, tmp_path):

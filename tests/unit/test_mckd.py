@@ -13,7 +13,12 @@ import torch
 
 from raykd.data.documents import Document
 from raykd.recipes.mckd.config import MckdConfig
-from raykd.recipes.mckd.prepare import check_plan, cross_relabel, gold_split, split_halves
+from raykd.recipes.mckd.prepare import (
+    check_plan,
+    cross_relabel,
+    gold_split,
+    split_halves,
+)
 from raykd.soft_labels.pseudo_labels import (
     PseudoLabels,
     check_verbalisers,

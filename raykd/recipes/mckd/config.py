@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from raykd.config import RayConfig, Strict
+from raykd.config import RayConfig, Seeds, Strict
 
 
 class MckdDataConfig(Strict):
@@ -134,7 +134,7 @@ class MckdConfig(Strict):
     """Ablation: stage students relabel with their probabilities (KL) instead of arg-max (CE)."""
     supervised_extra: int = Field(default=500, ge=0)
     """Also a student on this many gold labels of the unlabeled pool (a reference; 0: none)."""
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    seeds: Seeds = Field(default_factory=lambda: [0, 1, 2])
     """Seeds of the halves, students and batch order; the table gives mean +/- std over them."""
     publish: str | None = None
     """Also copy the results to ``<publish>.json``, ``.md`` (and ``.png``)."""
@@ -151,13 +151,6 @@ class MckdConfig(Strict):
     def _share(cls, v: float) -> float:
         if not 0 < v < 1:
             raise ValueError(f"split_share={v} leaves a half empty; it must lie strictly between 0 and 1 (0.5 in the paper)")
-        return v
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, v: list[int]) -> list[int]:
-        if not v or len(set(v)) != len(v):
-            raise ValueError(f"seeds must be a non-empty list without repeats, got {v}")
         return v
 
     @model_validator(mode="after")

@@ -65,7 +65,12 @@ class LLMLabeler:
     """
 
     def __init__(self, cfg: MckdConfig, classes: list[str], gold: Sequence[Document], stats: dict[str, Any]):
-        from raykd.models import load_tokenizer, resolve_model_path, tokenizer_fingerprint, weights_fingerprint
+        from raykd.models import (
+            load_tokenizer,
+            resolve_model_path,
+            tokenizer_fingerprint,
+            weights_fingerprint,
+        )
 
         self.cfg, self.lc, self.classes, self.gold, self.stats = cfg, cfg.labeler, classes, list(gold), stats
         self.path = resolve_model_path(self.lc.model)

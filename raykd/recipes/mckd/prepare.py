@@ -10,12 +10,12 @@ algorithm, with the models abstracted away so its bookkeeping is tested on its o
 from __future__ import annotations
 
 import random
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from raykd.data.documents import Document
+from raykd.data.splits import shuffled_by_class
 from raykd.recipes.mckd.config import MckdConfig
 from raykd.soft_labels.pseudo_labels import PseudoLabels, check_verbalisers
 
@@ -40,19 +40,11 @@ def gold_split(docs: Sequence[Document], *, test_share: float, gold: int, seed: 
     Raises:
         ValueError: an article without a label, or a class too small for the split.
     """
-    by_class: dict[str, list[Document]] = defaultdict(list)
-    for d in docs:
-        if d.label is None:
-            raise ValueError(f"article {d.doc_id!r} has no label; MCKD's data needs labels for gold and test")
-        by_class[d.label].append(d)
-    names = sorted(by_class)
+    by_class = shuffled_by_class(docs, seed, max_docs, "MCKD's data needs labels for gold and test")
+    names = list(by_class)
     per_class = {n: gold // len(names) + (1 if i < gold % len(names) else 0) for i, n in enumerate(names)}
-    keep = 1.0 if max_docs is None else min(1.0, max_docs / max(len(docs), 1))
     out: dict[str, list[Document]] = {s: [] for s in SPLITS}
-    for name in names:
-        members = sorted(by_class[name], key=lambda d: d.doc_id)
-        random.Random(seed).shuffle(members)
-        members = members[: max(3, round(len(members) * keep))]
+    for name, members in by_class.items():
         n_test, n_gold = max(1, round(len(members) * test_share)), per_class[name]
         if len(members) < n_test + n_gold + 2:
             raise ValueError(f"class {name!r} has {len(members)} articles, too few for {n_test} test, {n_gold} gold and "

@@ -29,10 +29,22 @@ from typing import Any
 from raykd.data.documents import Document
 from raykd.recipes.mckd.config import MckdConfig
 from raykd.recipes.mckd.labels import LLMLabeler, class_histogram
-from raykd.recipes.mckd.prepare import SPLITS, check_plan, cross_relabel, gold_split, split_halves
+from raykd.recipes.mckd.prepare import (
+    SPLITS,
+    check_plan,
+    cross_relabel,
+    gold_split,
+    split_halves,
+)
 from raykd.recipes.mckd.students import Task
 from raykd.soft_labels.cache import CacheKey, fingerprint
-from raykd.soft_labels.pseudo_labels import PseudoLabels, commit_labels, has_labels, pseudo_label_key, read_labels
+from raykd.soft_labels.pseudo_labels import (
+    PseudoLabels,
+    commit_labels,
+    has_labels,
+    pseudo_label_key,
+    read_labels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +151,10 @@ def main_mckd(cfg: MckdConfig, output_dir: str | Path, docs: list[Document] | No
     Raises:
         ValueError: bad input (see :func:`raykd.recipes.mckd.prepare.check_plan`), before any LLM call.
     """
+    from raykd.console import user_errors
     from raykd.data.bbc import load_bbc_news
     from raykd.models import load_tokenizer, resolve_model_path, tokenizer_fingerprint
     from raykd.recipes.mckd.report import publish, results_table, write_all
-
-    from raykd.console import user_errors
 
     t0 = time.time()
     output_dir = Path(output_dir).resolve()

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from raykd.config import ClassifierTeacherConfig, RayConfig, Strict
+from raykd.config import ClassifierTeacherConfig, RayConfig, Seeds, Strict
 
 METHODS = ("kd", "uhc", "dfa", "muki_hard", "muki_soft", "muki_soft_reweight", "muki_no_mc")
 """The student rows, by name (see :data:`raykd.recipes.muki.methods.INTEGRATIONS`)."""
@@ -184,7 +184,7 @@ class MukiConfig(Strict):
     integration: IntegrationConfig = Field(default_factory=IntegrationConfig)
     methods: list[str] = Field(default_factory=lambda: list(METHODS))
     """Student rows to train, from :data:`METHODS`."""
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    seeds: Seeds = Field(default_factory=lambda: [0, 1, 2])
     """Student seeds (head initialisation and batch order); the table gives mean +/- std over them."""
     oracle: bool = True
     """Also fine-tune a teacher on all classes (the upper bound)."""
@@ -200,13 +200,6 @@ class MukiConfig(Strict):
             raise ValueError(f"unknown methods {unknown}; valid: {', '.join(METHODS)}")
         if not v:
             raise ValueError(f"methods is empty; pick from {', '.join(METHODS)}")
-        return v
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, v: list[int]) -> list[int]:
-        if not v or len(set(v)) != len(v):
-            raise ValueError(f"seeds must be a non-empty list without repeats, got {v}")
         return v
 
     @field_validator("partitions")

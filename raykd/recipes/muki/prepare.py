@@ -9,12 +9,11 @@ input (partitions, teacher labels, the student's head size) before anything is t
 from __future__ import annotations
 
 import json
-import random
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from raykd.data.documents import Document
+from raykd.data.splits import shuffled_by_class
 from raykd.recipes.muki.config import MukiConfig, resolve_partition
 
 SPLITS = ("train", "dev", "test")
@@ -31,17 +30,8 @@ def stratified_split(docs: list[Document], *, test_share: float, dev_share: floa
     Raises:
         ValueError: an article without a label, or a class too small for three splits.
     """
-    by_class: dict[str, list[Document]] = defaultdict(list)
-    for d in docs:
-        if d.label is None:
-            raise ValueError(f"article {d.doc_id!r} has no label; MUKI needs labeled articles (gold labels for dev/test)")
-        by_class[d.label].append(d)
-    keep = 1.0 if max_docs is None else min(1.0, max_docs / max(len(docs), 1))
     out: dict[str, list[Document]] = {s: [] for s in SPLITS}
-    for label in sorted(by_class):
-        members = sorted(by_class[label], key=lambda d: d.doc_id)
-        random.Random(seed).shuffle(members)
-        members = members[: max(3, round(len(members) * keep))]
+    for label, members in shuffled_by_class(docs, seed, max_docs, "MUKI needs labeled articles (gold labels for dev/test)").items():
         n_test, n_dev = max(1, round(len(members) * test_share)), max(1, round(len(members) * dev_share))
         if len(members) < n_test + n_dev + 1:
             raise ValueError(f"class {label!r} has {len(members)} articles, too few for test, dev and train; keep more articles (data.max_docs)")
