@@ -271,13 +271,13 @@ def score_through(handle: Any, prefix: str, texts: Sequence[str], continuations:
 
 def generate_through(handle: Any, prompts: Sequence[Any], *, batch_size: int, max_new_tokens: int,
                      in_flight: int = 2) -> tuple[list[str], int]:
-    """Greedy one-line completions of ``prompts`` from a served LM (``generate``), a few calls in
-    flight; and the new tokens written."""
+    """Greedy one-line completions of ``prompts`` from a served LM (``complete``: the prompts'
+    shared prefix read once per call), a few calls in flight; and the new tokens written."""
     pending: list[Any] = []
     texts: list[str] = []
     new_tokens = 0
     for s in range(0, len(prompts), batch_size):
-        pending.append(handle.generate.remote(list(prompts[s : s + batch_size]), max_new_tokens=max_new_tokens, temperature=0.0, k=1))
+        pending.append(handle.complete.remote(list(prompts[s : s + batch_size]), max_new_tokens=max_new_tokens, batch_size=batch_size))
         while len(pending) >= in_flight or (pending and s + batch_size >= len(prompts)):
             for o in pending.pop(0).result():
                 texts.append(first_line(o["text"]))

@@ -150,6 +150,22 @@ class TeacherDeployment:
         self.counter.add.remote(self.replica, "score")
         return out
 
+    def complete(self, prompts: list[Any], **kwargs: Any) -> list[dict[str, Any]]:
+        """Greedy completions of prompts sharing a prefix, read once per call; see
+        :meth:`raykd.teacher.engines.hf.HFEngine.complete`.
+
+        Raises:
+            ValueError: more prompts than ``max_batch_size``, an engine without it, or the
+                engine's own errors.
+        """
+        if len(prompts) > self.max_batch_size:
+            raise ValueError(f"{len(prompts)} prompts exceed max_batch_size={self.max_batch_size}")
+        if not hasattr(self.engine, "complete"):
+            raise ValueError(f"the {type(self.engine).__name__} cannot complete prompts; use engine: hf")
+        out = self.engine.complete(prompts, **kwargs)
+        self.counter.add.remote(self.replica, "generate")
+        return out
+
     def generate(self, prompts: list[Any], **kwargs: Any) -> list[dict[str, Any]]:
         """Completions with per-token top-k; see :meth:`raykd.teacher.engines.hf.HFEngine.generate`."""
         if len(prompts) > self.max_batch_size:

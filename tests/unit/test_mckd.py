@@ -287,3 +287,20 @@ def test_cli_refuses_bad_input_before_any_llm_call(tmp_path, capsys, monkeypatch
     assert code == 2, err
     assert err.startswith("error:") and message in err and "Traceback" not in err
     assert not (Path(tmp_path) / "results.json").exists()
+
+
+def test_greedy_after_a_shared_prefix_equals_plain_greedy_generation(tiny_lm):
+    from raykd.teacher.engines.continuations import greedy_after_prefix
+    from raykd.teacher.engines.hf import HFEngine
+
+    model = tiny_lm[0]
+    prefix, texts = [1, 5, 6, 7, 8], [[10, 11, 12], [13], [15, 16, 17, 18]]
+    got = greedy_after_prefix(model, prefix, texts, max_new_tokens=5, eos_id=None, batch_size=2)
+    for row, new in zip(texts, got):
+        ref = model.generate(torch.tensor([prefix + row]), max_new_tokens=5, do_sample=False, min_new_tokens=5)[0, len(prefix + row):]
+        assert new == ref.tolist()
+    engine = HFEngine(tiny_lm[2], device="cpu", num_threads=1)
+    prompts = ["The market said a deal", "The market said new rules on day"]
+    out = engine.complete(prompts, max_new_tokens=4)
+    plain = engine.generate(prompts, max_new_tokens=4, temperature=0.0, k=1)
+    assert [o["token_ids"] for o in out] == [[t for t in p["token_ids"] if t != engine.tokenizer.eos_token_id] for p in plain]

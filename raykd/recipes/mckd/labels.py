@@ -177,13 +177,16 @@ class LLMLabeler:
 
     def choose(self, score) -> Choice:
         """The candidate (shots x calibration) with the best score on the held-out gold examples
-        (ties: the earlier candidate, fewer shots first).
+        (ties: the earlier candidate, fewer shots first); a single candidate is taken as it is.
 
         Args:
             score: ``(labels, truth) -> float`` (accuracy, or ROUGE-L).
         """
         from raykd.recipes.mckd.students import Task
 
+        options = [(shots, cal) for shots in sorted(self.lc.shots) for cal in ([False] if self.generation else self.lc.calibration)]
+        if len(options) == 1:  # nothing to choose: the held-out gold examples are not labeled
+            return Choice(*options[0], [{"shots": options[0][0], "calibrate": options[0][1], "held_out": None}])
         truth = Task(self.cfg, self.classes, self.tokenizer).gold(self.held_out)
         cands = []
         for shots in sorted(self.lc.shots):

@@ -43,9 +43,11 @@ def results_table(results: dict[str, Any]) -> str:
     seeds = results["config"]["seeds"]
     out += ["", f"Test split: {n['test']} articles; {n['gold']} gold, {n['unlabeled']} unlabeled articles. Mean +/- std over seeds "
             f"{seeds} (the LLM labeler is deterministic: one value). Labeler: {lab['model']}, {lab['shots']} shot(s)"
-            f"{' per class' if results['task'] == 'classification' else ''}, calibration {'on' if lab['calibrate'] else 'off'} "
-            f"(chosen on {lab['held_out_gold']} held-out gold examples: "
-            + ", ".join(f"{c['shots']} shots{' + cal' if c['calibrate'] else ''} {c['held_out']:.3f}" for c in lab["candidates"]) + "). "
+            f"{' per class' if results['task'] == 'classification' else ''}, calibration {'on' if lab['calibrate'] else 'off'}"
+            + (f" (chosen on {lab['held_out_gold']} held-out gold examples: "
+               + ", ".join(f"{c['shots']} shots{' + cal' if c['calibrate'] else ''} {c['held_out']:.3f}" for c in lab["candidates"]) + "). "
+               if len(lab["candidates"]) > 1 else " (the only candidate). ")
+            + f"
             f"LLM labeling: {costs['label_s']} s, {costs['label_tokens']} document tokens, {costs['llm_calls']} calls "
             f"(0 on a cached rerun); students trained this run: {costs['student_trainings']}."]
     return "\n".join(out)

@@ -61,17 +61,20 @@ def continuation_logprobs(
     p = len(prefix_ids)
     out = np.zeros((len(texts_ids), len(continuations)), dtype=np.float32)
     with torch.inference_mode():
-        prefix_cache = None
-        if p:
-            prefix_cache = model(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True).past_key_values
+        prefix_cache = _prefix_cache(model, prefix_ids, device)
         for s in range(0, len(texts_ids), batch_size):
             rows = [list(t) for t in texts_ids[s : s + batch_size]]
             out[s : s + len(rows)] = _score_rows(model, prefix_cache, p, rows, continuations, pad_id, device)
     return out
 
 
-def _score_rows(model, prefix_cache, p: int, rows: list[list[int]], continuations, pad_id: int, device) -> np.ndarray:
-    """Scores ``[b, C]`` of one batch of texts (left-padded after the prefix)."""
+def _after_prefix(model, prefix_cache, p: int, rows: list[list[int]], pad_id: int, device):
+    """Forward of a batch of texts left-padded after a shared prefix (its cache repeated per row).
+
+    Returns:
+        ``(output, mask [b, p + W], positions [b, W])``; padding is masked out and the positions
+        skip it, so every row reads as ``prefix + text``.
+    """
     import torch
 
     b, width = len(rows), max(len(r) for r in rows)
@@ -85,6 +88,66 @@ def _score_rows(model, prefix_cache, p: int, rows: list[list[int]], continuation
     past = _repeat(prefix_cache, b) if prefix_cache is not None else None
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                 past_key_values=past, use_cache=True)
+    return out, mask, positions
+
+
+def _prefix_cache(model, prefix_ids: Sequence[int], device):
+    import torch
+
+    if not prefix_ids:
+        return None
+    return model(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True).past_key_values
+
+
+def greedy_after_prefix(model, prefix_ids: Sequence[int], texts_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
+                        eos_id: int | None, pad_id: int = 0, batch_size: int = 8) -> list[list[int]]:
+    """Greedy completions of ``prefix + text`` for every text, the prefix's keys and values
+    computed once per call (few-shot generation: the demonstrations are the prefix).
+
+    Args:
+        model: a transformers causal LM (eval mode).
+        prefix_ids: token ids shared by every row (may be empty).
+        texts_ids: ``B`` non-empty rows of token ids.
+        max_new_tokens: new tokens per row at most; eos_id: stops a row (not returned).
+
+    Returns:
+        The new token ids of each row.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    out_ids: list[list[int]] = []
+    with torch.inference_mode():
+        prefix_cache = _prefix_cache(model, prefix_ids, device)
+        for s in range(0, len(texts_ids), batch_size):
+            rows = [list(t) for t in texts_ids[s : s + batch_size]]
+            out, mask, positions = _after_prefix(model, prefix_cache, len(prefix_ids), rows, pad_id, device)
+            pos = positions[:, -1:]
+            got = [[] for _ in rows]
+            done = torch.zeros(len(rows), dtype=torch.bool)
+            for _ in range(max_new_tokens):
+                nxt = out.logits[:, -1].argmax(-1).cpu()
+                for i in range(len(rows)):
+                    if not done[i]:
+                        if eos_id is not None and int(nxt[i]) == eos_id:
+                            done[i] = True
+                        else:
+                            got[i].append(int(nxt[i]))
+                if bool(done.all()):
+                    break
+                mask, pos = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], 1), pos + 1
+                out = model(input_ids=nxt[:, None].to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                            past_key_values=out.past_key_values, use_cache=True)
+            out_ids += got
+    return out_ids
+
+
+def _score_rows(model, prefix_cache, p: int, rows: list[list[int]], continuations, pad_id: int, device) -> np.ndarray:
+    """Scores ``[b, C]`` of one batch of texts (left-padded after the prefix)."""
+    import torch
+
+    out, mask, positions = _after_prefix(model, prefix_cache, p, rows, pad_id, device)
+    b = len(rows)
     logp = torch.log_softmax(out.logits[:, -1].float(), -1).cpu()  # [b, V]: the token after each text
     first = torch.tensor([c[0] for c in continuations])
     scores = logp[:, first].clone()  # [b, C]

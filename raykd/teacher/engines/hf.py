@@ -406,3 +406,37 @@ class HFEngine:
             torch.set_num_threads(self.num_threads)
             scores = continuation_logprobs(self.model, prefix_ids, text_ids, cont_ids, pad_id=pad, batch_size=batch_size)
         return {"scores": scores, "tokens": np.array([len(t) for t in text_ids]), "prefix_tokens": np.array(len(prefix_ids))}
+
+    def complete(self, prompts: list[Any], *, max_new_tokens: int = 32, batch_size: int = 8) -> list[dict[str, Any]]:
+        """Greedy completions of prompts that share a prefix (few-shot pseudo-labels), the common
+        token prefix of all prompts read once per call
+        (:func:`raykd.teacher.engines.continuations.greedy_after_prefix`).
+
+        Args:
+            prompts: strings or chat conversations (as :meth:`generate`).
+            max_new_tokens: new tokens per prompt at most (EOS stops earlier).
+            batch_size: prompts per forward.
+
+        Returns:
+            One dict per prompt: ``text`` (special tokens skipped) and ``token_ids``.
+
+        Raises:
+            ValueError: an empty or malformed prompt list, or ``max_new_tokens < 1``.
+        """
+        import torch
+
+        from raykd.teacher.engines.continuations import greedy_after_prefix
+
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        encoded = encode_prompts(self.tokenizer, prompts)
+        common = 0
+        while all(len(e) > common + 1 and e[common] == encoded[0][common] for e in encoded):
+            common += 1  # every row keeps at least one token of its own
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        with self._lock:
+            torch.set_num_threads(self.num_threads)
+            new = greedy_after_prefix(self.model, encoded[0][:common], [e[common:] for e in encoded], max_new_tokens=max_new_tokens,
+                                      eos_id=tok.eos_token_id, pad_id=pad, batch_size=batch_size)
+        return [{"text": tok.decode(ids, skip_special_tokens=True), "token_ids": ids} for ids in new]
