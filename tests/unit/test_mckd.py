@@ -304,3 +304,28 @@ def test_greedy_after_a_shared_prefix_equals_plain_greedy_generation(tiny_lm):
     out = engine.complete(prompts, max_new_tokens=4)
     plain = engine.generate(prompts, max_new_tokens=4, temperature=0.0, k=1)
     assert [o["token_ids"] for o in out] == [[t for t in p["token_ids"] if t != engine.tokenizer.eos_token_id] for p in plain]
+
+
+@pytest.mark.parametrize("task,metrics,candidates", [
+    ("classification", {"accuracy": [0.5, 0.7], "macro_f1": [0.4, 0.6]}, [{"shots": 1, "calibrate": False, "held_out": 0.5},
+                                                                          {"shots": 1, "calibrate": True, "held_out": 0.7}]),
+    ("generation", {"rouge_l": [0.2]}, [{"shots": 2, "calibrate": False, "held_out": None}]),
+])
+def test_the_report_writes_a_table_json_and_plot(tmp_path, task, metrics, candidates):
+    import json
+
+    from raykd.recipes.mckd.report import publish, write_all
+
+    first = next(iter(metrics))
+    rows = [{"row": "LLM labeler (few-shot)", "kind": "labeler", "test": {m: v[:1] for m, v in metrics.items()}, "label_quality": {first: [0.6]}},
+            {"row": "vanilla KD (LLM labels)", "kind": "student", "test": metrics, "label_quality": {first: [0.6, 0.6]}},
+            {"row": "MCKD, 1 stage", "kind": "student", "test": metrics, "label_quality": {first: [0.65, 0.7]}},
+            {"row": "supervised, 50 gold", "kind": "reference", "test": metrics, "label_quality": {}}]
+    results = {"task": task, "rows": rows, "split_sizes": {"test": 10, "gold": 5, "unlabeled": 20}, "config": {"seeds": [0, 1]},
+               "labeler": {"model": "m", "shots": 1, "calibrate": True, "candidates": candidates, "held_out_gold": 4},
+               "costs": {"label_s": 1.0, "label_tokens": 10, "llm_calls": 2, "student_trainings": 3}}
+    write_all(tmp_path, results)
+    md = (tmp_path / "results.md").read_text()
+    assert "| MCKD, 1 stage | 0.600 +/- 0.141" in md if task == "classification" else "| MCKD, 1 stage | 0.200 |" in md
+    assert json.loads((tmp_path / "results.json").read_text())["task"] == task
+    assert [p.suffix for p in publish(tmp_path, tmp_path / "pub" / "x")] == [".json", ".md", ".png"]
