@@ -70,6 +70,7 @@ def test_mckd_tiny_classification_rerun_and_resume(ray_start, tiny_model, tmp_pa
     c2 = again["costs"]
     assert c2["llm_calls"] == 0 and c2["student_trainings"] == 0 and c2["relabels"] == 0 and c2["cache_misses"] == 0
     assert c2["stage_hits"] == 1 and c2["row_hits"] == 3
+    assert c2["recorded_label_tokens"] == costs["recorded_label_tokens"] > 0  # the labeling's cost, read from the caches
     assert [r["test"] for r in again["rows"]] == [r["test"] for r in first["rows"]]
 
     longer = main_mckd(cfg.model_copy(update={"stages": 2}), tmp_path / "out", docs=docs)  # resumes after stage 1

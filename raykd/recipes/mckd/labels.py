@@ -60,8 +60,10 @@ class LLMLabeler:
     Args:
         cfg: the run's config; classes: the label space (verbalisers' order).
         gold: the gold articles (demonstrations and held-out choice).
-        stats: updated with ``llm_calls``, ``label_s``, ``label_tokens`` (document tokens read or
-            written), ``prefix_tokens``, ``cache_hits``, ``cache_misses``.
+        stats: updated with ``llm_calls``, ``label_s``, ``label_tokens`` (document tokens read),
+            ``new_tokens`` (generated), ``cache_hits``, ``cache_misses``, and
+            ``recorded_label_s`` / ``recorded_label_tokens``: the labeling seconds and document
+            tokens of every labeling used, as recorded in the caches (the same on a rerun).
     """
 
     def __init__(self, cfg: MckdConfig, classes: list[str], gold: Sequence[Document], stats: dict[str, Any]):
@@ -142,26 +144,32 @@ class LLMLabeler:
                                fingerprint({**settings, "doc_tokens": lc.doc_tokens}), 0 if self.generation else len(self.classes),
                                lc.doc_tokens)
         if has_labels(self.root, key):
+            labels, record = read_labels(self.root, key)
             self.stats["cache_hits"] += 1
-            return read_labels(self.root, key)[0]
+            self.stats["recorded_label_s"] += record["label_seconds"]
+            self.stats["recorded_label_tokens"] += record["tokens"]
+            return labels
         self.stats["cache_misses"] += 1
         handle, t0 = self._serve(), time.time()
         ids = [d.doc_id for d in docs]
         if self.generation:
             chat = getattr(self.tokenizer, "chat_template", None) is not None
             prompts = [chat_prompt(lc.instruction, lc.template, demos, t, chat) for t in texts]
-            out, tokens = generate_through(handle, prompts, batch_size=lc.batch_size, max_new_tokens=lc.max_new_tokens)
+            out, new_tokens = generate_through(handle, prompts, batch_size=lc.batch_size, max_new_tokens=lc.max_new_tokens)
+            self.stats["new_tokens"] += new_tokens
             labels = PseudoLabels(ids, texts=out)
             per_doc = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
         else:
             cues = [lc.template.format(text=t) for t in texts]
-            scores, tokens = score_through(handle, prefix, cues, conts, batch_size=lc.batch_size)
+            scores, _ = score_through(handle, prefix, cues, conts, batch_size=lc.batch_size)
             labels = PseudoLabels(ids, scores)
             per_doc = [len(self.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in cues]
         seconds = time.time() - t0
         self.stats["llm_calls"] += -(-len(docs) // lc.batch_size)
         self.stats["label_s"] += seconds
-        self.stats["label_tokens"] += tokens
+        self.stats["label_tokens"] += sum(per_doc)
+        self.stats["recorded_label_s"] += seconds
+        self.stats["recorded_label_tokens"] += sum(per_doc)
         commit_labels(self.root, key, labels, per_doc, {"model": str(self.path), "weights_fingerprint": self.fps[0], "shots": shots,
                                                         "mode": lc.mode, "seconds": round(seconds, 2)}, seconds)
         log.info("LLM labeled %d documents (%d shots) in %.1f s", len(docs), shots, seconds)

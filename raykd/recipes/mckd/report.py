@@ -47,8 +47,9 @@ def results_table(results: dict[str, Any]) -> str:
             + (f" (chosen on {lab['held_out_gold']} held-out gold examples: "
                + ", ".join(f"{c['shots']} shots{' + cal' if c['calibrate'] else ''} {c['held_out']:.3f}" for c in lab["candidates"]) + "). "
                if len(lab["candidates"]) > 1 else " (the only candidate). ")
-            + f"LLM labeling: {costs['label_s']} s, {costs['label_tokens']} document tokens, {costs['llm_calls']} calls "
-            f"(0 on a cached rerun); students trained this run: {costs['student_trainings']}."]
+            + f"LLM labeling (as recorded in the pseudo-label caches): {costs.get('recorded_label_s', costs['label_s'])} s, "
+            f"{costs.get('recorded_label_tokens', costs['label_tokens'])} document tokens. This run: {costs['llm_calls']} LLM calls, "
+            f"{costs['student_trainings']} students trained, {costs.get('relabels', 0)} relabelings."]
     return "\n".join(out)
 
 

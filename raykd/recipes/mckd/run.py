@@ -158,8 +158,9 @@ def main_mckd(cfg: MckdConfig, output_dir: str | Path, docs: list[Document] | No
 
     t0 = time.time()
     output_dir = Path(output_dir).resolve()
-    stats: dict[str, Any] = {"llm_calls": 0, "label_s": 0.0, "label_tokens": 0, "cache_hits": 0, "cache_misses": 0,
-                             "student_trainings": 0, "relabels": 0, "stage_hits": 0, "row_hits": 0}
+    stats: dict[str, Any] = {"llm_calls": 0, "label_s": 0.0, "label_tokens": 0, "new_tokens": 0, "cache_hits": 0, "cache_misses": 0,
+                             "recorded_label_s": 0.0, "recorded_label_tokens": 0, "student_trainings": 0, "relabels": 0,
+                             "stage_hits": 0, "row_hits": 0}
     with user_errors(ValueError, FileNotFoundError):  # the plan: bad input, before any model is called
         docs = docs if docs is not None else load_bbc_news()
         splits = gold_split(docs, test_share=cfg.data.test_share, gold=cfg.data.gold, seed=cfg.data.split_seed,
