@@ -182,6 +182,10 @@ def load(args):
 
 def to_markdown(results: dict) -> str:
     s = results["setup"]
+    if not results["rows"]:  # a cost-only run
+        lines = [f"Teacher features on BBC News, {s['student_articles']} articles, T = {s['seq_len']} tokens, batch "
+                 f"{s['batch_size']}, {s['threads']} torch thread(s); teacher {s['teacher_folder']}."]
+        return "\n".join(lines + _cost_lines(results)) + "\n"
     lines = [f"BBC News, 5 topics; teacher all-MiniLM-L6-v2 fine-tuned on all {s['train_articles_all']} training "
              f"articles at T = {s.get('teacher_seq_len')} (test acc at the students' T: {results['teacher_test_acc']:.3f}); student = teacher layers {KEEP}; "
              f"student data: {s['student_articles']} articles ({s['share']:.0%} of train, stratified); {s['steps']} steps "
@@ -192,6 +196,11 @@ def to_markdown(results: dict) -> str:
         acc = np.asarray(r["acc"])
         lines.append(f"| {r['row']} | `{json.dumps(r['weights'])}` | {acc.mean():.3f} ± {acc.std():.3f} | "
                      f"{', '.join(f'{a:.3f}' for a in acc)} | {np.mean(r['s_per_step']):.2f} |")
+    return "\n".join(lines + _cost_lines(results)) + "\n"
+
+
+def _cost_lines(results: dict) -> list[str]:
+    lines = []
     if results.get("cost"):
         lines += ["", f"Teacher features, full fp16 form (embeddings + every block's hidden state and Q/K/V): "
                   f"{results['full_bytes_per_token']:.0f} B/token.", "",
@@ -199,7 +208,7 @@ def to_markdown(results: dict) -> str:
         for c in results["cost"]:
             lines.append(f"| {c['row']} | {c['compact_bytes_per_token']:.0f} | {c['cache_build_s']} | "
                          f"{c['online_s_per_step']} | {c['cached_s_per_step']} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> None:
