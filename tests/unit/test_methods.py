@@ -30,7 +30,7 @@ def test_every_method_config_has_a_short_run_in_the_ray_tests():
     from tests.ray import test_chains, test_methods, test_on_policy
 
     covered = {*test_methods.SINGLE_TEACHER, *test_methods.MULTI_TEACHER, *test_methods.RUN_ELSEWHERE,
-               *test_chains.CHAINS, *test_chains.SAME_PATH_AS, *test_on_policy.ON_POLICY, "seqkd"}
+               *test_chains.CHAINS, *test_chains.SAME_PATH_AS, *test_on_policy.ON_POLICY, *test_on_policy.SAME_PATH_AS, "seqkd"}
     assert covered == set(METHODS), f"methods without a tiny-model run: {sorted(set(METHODS) - covered)}"
 
 
