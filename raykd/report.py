@@ -9,6 +9,19 @@ from typing import Any
 MODEL_ROWS = ("teacher", "student_init")
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (0 for one value); NaN for none (None and
+    NaN entries are skipped)."""
+    import math
+
+    import numpy as np
+
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    if not v:
+        return float("nan"), float("nan")
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
 def model_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(name, metrics) for the teacher, the untrained student and every trained student."""
     rows = [(name, report[name]) for name in MODEL_ROWS if name in report]

@@ -1,6 +1,6 @@
 """A tiny end-to-end MCKD run: a tiny Llama labels through the teacher service (verbaliser
 scoring, and generation), tiny students relabel each other's half through Ray Data, the stages
-are keyed artifacts; the rerun calls no model and a longer run resumes from the finished stages."""
+are keyed artifacts; the rerun calls no model (stage resume after a kill: tests/unit/test_mckd.py)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def _config(tmp_path, labeler_model, student_model, **extra):
         "stages": 1, "supervised_extra": 0, "seeds": [0], **extra})
 
 
-def test_mckd_tiny_classification_rerun_and_resume(ray_start, tiny_model, tmp_path):
+def test_mckd_tiny_classification_and_cached_rerun(ray_start, tiny_model, tmp_path):
     from raykd.recipes.mckd.run import main_mckd
 
     docs = _docs()
@@ -73,11 +73,6 @@ def test_mckd_tiny_classification_rerun_and_resume(ray_start, tiny_model, tmp_pa
     assert c2["recorded_label_tokens"] == costs["recorded_label_tokens"] > 0  # the labeling's cost, read from the caches
     assert [r["test"] for r in again["rows"]] == [r["test"] for r in first["rows"]]
 
-    longer = main_mckd(cfg.model_copy(update={"stages": 2}), tmp_path / "out", docs=docs)  # resumes after stage 1
-    c3 = longer["costs"]
-    assert c3["llm_calls"] == 0 and c3["stage_hits"] == 1
-    assert c3["student_trainings"] == 2 + 1  # stage 2's students and its final student only
-    assert "MCKD, 2 stages" in {r["row"] for r in longer["rows"]}
 
 
 def test_mckd_tiny_generation(ray_start, tiny_model, tmp_path):

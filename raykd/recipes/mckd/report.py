@@ -4,24 +4,17 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from raykd.report import mean_std
+
 FILES = (("results.json", ".json"), ("results.md", ".md"), ("mckd.png", ".png"))
 
 _NAMES = {"accuracy": "test accuracy", "macro_f1": "test macro-F1", "rouge_l": "test ROUGE-L"}
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value); NaN for none."""
-    v = [x for x in values if x is not None and not math.isnan(x)]
-    if not v:
-        return float("nan"), float("nan")
-    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
 
 
 def _cell(values: list[float] | None) -> str:

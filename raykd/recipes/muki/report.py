@@ -10,13 +10,7 @@ from typing import Any
 
 import numpy as np
 
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value); NaN for none."""
-    v = [x for x in values if x is not None and not math.isnan(x)]
-    if not v:
-        return float("nan"), float("nan")
-    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+from raykd.report import mean_std
 
 
 def _cell(values: list[float]) -> str:
