@@ -331,7 +331,7 @@ class StudentConfig(Strict):
 
     @field_validator("vocab_size")
     @classmethod
-    def _count_or_fraction(cls, v: int | float | None) -> int | float | None:
+    def _count_or_fraction(cls, v: float | None) -> int | float | None:
         if isinstance(v, float) and not 0 < v < 1 or isinstance(v, int) and v < 8:
             raise ValueError(f"student.vocab_size={v} must be a count of at least 8 or a fraction in (0, 1) "
                              "of the teacher vocabulary")
@@ -547,6 +547,12 @@ class TrainConfig(Strict):
     For objectives a top-k cache cannot carry, e.g. GLMD's temperature-15 stage, where the top 32
     ids hold 0.2% of SmolLM2's mass (``benchmarks/results/glmd_temperature.json``). Costs a teacher
     forward per micro-batch and the teacher's memory in every worker."""
+    checkpoint_format: Literal["full", "sharded"] = "full"
+    """``full``: rank 0 gathers the whole student and its optimizer state into one Hugging Face
+    folder per checkpoint. ``sharded``: every worker writes only its own shards with PyTorch
+    Distributed Checkpoint (DCP), no gather and no single host holding the state; a run resumes
+    from it on any number of workers and either strategy, and the last checkpoint is turned into
+    a Hugging Face folder on the driver for evaluation and export. Needs ``num_workers >= 1``."""
     checkpoint_dir: str | None = None
     """Ray Train storage for checkpoints: a path or an ``s3://``/``gs://`` URI every node reaches
     (None: ``<output-dir>/ray_train``). Object storage needs ``num_workers >= 1`` (local mode
@@ -554,6 +560,9 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _remote_checkpoints_need_workers(self) -> TrainConfig:
+        if self.checkpoint_format == "sharded" and self.num_workers == 0:
+            raise ValueError("train.checkpoint_format=sharded needs Ray Train workers (train.num_workers >= 1); "
+                             "local mode (train.num_workers=0) writes full checkpoints")
         if self.checkpoint_dir and "://" in self.checkpoint_dir and not self.checkpoint_dir.startswith("file://") \
                 and self.num_workers == 0:
             raise ValueError(f"train.checkpoint_dir={self.checkpoint_dir!r} is on object storage, which Ray Train's local "

@@ -26,7 +26,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,10 +39,13 @@ from raykd.losses import Objective, TeacherTargets
 from raykd.losses.targets import retemper
 from raykd.students.vocab import VocabMap, map_ids, map_targets
 from raykd.train.parallel import (
+    SHARDED_DIR,
     full_model_state,
     full_optimizer_state,
     load_optimizer_state,
+    load_sharded,
     prepare_student,
+    save_sharded,
     shard,
     unwrapped,
 )
@@ -182,26 +185,31 @@ def _micro_batches(shard, per_worker: int, train: TrainConfig, device, position:
         position["epoch"], position["group"] = position["epoch"] + 1, 0
 
 
-def _load_student(cfg: LoopConfig, rank: int):
+def _load_student(cfg: LoopConfig, rank: int, stack: ExitStack):
     """The student to train: the initial weights, or the last checkpoint of a restarted run.
 
     Returns:
-        ``(model, state, history, step)``; ``state`` (optimizer, scheduler, teacher mix, data
-        position, ``resumed_from``) is None for a fresh run.
+        ``(model, state, history, step, sharded)``; ``state`` (optimizer, scheduler, teacher mix,
+        data position, ``resumed_from``) is None for a fresh run. ``sharded`` is the DCP folder of
+        a sharded checkpoint (kept available until ``stack`` closes): the model then holds the
+        initial weights, and the checkpoint's weights and optimizer state are loaded after the
+        model is prepared (:func:`raykd.train.parallel.load_sharded`).
     """
     import ray.train
     from transformers import AutoModelForCausalLM
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return AutoModelForCausalLM.from_pretrained(cfg.student_path, dtype=torch.float32), None, [], 0
-    with checkpoint.as_directory() as d:  # resume: weights, optimizer, scheduler, step and loss history
-        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-        history = json.loads((Path(d) / HISTORY_FILE).read_text())
+        return AutoModelForCausalLM.from_pretrained(cfg.student_path, dtype=torch.float32), None, [], 0, None
+    d = Path(stack.enter_context(checkpoint.as_directory()))  # resume: weights, optimizer, scheduler, step, history
+    sharded = d / SHARDED_DIR if (d / SHARDED_DIR).is_dir() else None
+    model = AutoModelForCausalLM.from_pretrained(cfg.student_path if sharded else d, dtype=torch.float32)
+    state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=False)
+    history = json.loads((d / HISTORY_FILE).read_text())
     if rank == 0:
-        log.info("[%s] resuming from checkpoint at step %d", cfg.run_label, state["step"])
-    return model, state, history, state["step"]
+        log.info("[%s] resuming from %s checkpoint at step %d", cfg.run_label, "sharded" if sharded else "full",
+                 state["step"])
+    return model, state, history, state["step"], sharded
 
 
 def _all_reduce(values: list[float], world: int, device) -> list[float]:
@@ -226,7 +234,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(train.seed)
 
-    model, state, history, step = _load_student(cfg, rank)
+    stack = ExitStack()
+    model, state, history, step, sharded_from = _load_student(cfg, rank, stack)
     # Where the data stands; checkpoints older than this field held one group per step from epoch 0.
     position = dict(state.get("data") or {"epoch": 0, "group": step}) if state is not None else {"epoch": 0, "group": 0}
     resumed_from = [*state.get("resumed_from", []), step] if state is not None else []
@@ -240,8 +249,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     mix = TeacherMix(cfg.combine, cfg.num_teachers, cfg.weight_temperature, cfg.policy_lr, train.seed + rank) if cfg.combine else None
     vmap = VocabMap.load(cfg.student_path)
     vocab_table = vmap.to_compressed() if vmap is not None else None
-    if state is not None:
+    if sharded_from is not None:
+        load_sharded(model, optim, sharded_from)
+    elif state is not None:
         load_optimizer_state(model, optim, state["optim"])
+    stack.close()
+    if state is not None:
         sched.load_state_dict(state["sched"])
         if mix is not None and state.get("mix"):
             mix.load_state_dict(state["mix"])
@@ -273,12 +286,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
         if step % train.checkpoint_every == 0 or last:
-            _report_checkpoint(core, full_model_state(model), {"optim": full_optimizer_state(model, optim),
-                                                                "sched": sched.state_dict(), "step": step,
-                                      "mix": mix.state_dict() if mix else None, "data": dict(position),
-                                      "resumed_from": resumed_from,
-                                      "on_policy": sampler.state_dict() if sampler is not None else None},
-                                     history, rank, row, cfg.checkpoint_root)
+            state = {"sched": sched.state_dict(), "step": step, "mix": mix.state_dict() if mix else None,
+                     "data": dict(position), "resumed_from": resumed_from,
+                     "on_policy": sampler.state_dict() if sampler is not None else None}
+            if train.checkpoint_format == "sharded":
+                _report_sharded(model, optim, state, history, rank, row)
+            else:
+                _report_checkpoint(core, full_model_state(model), {"optim": full_optimizer_state(model, optim), **state},
+                                   history, rank, row, cfg.checkpoint_root)
         elif step % train.log_every == 0:  # metrics only (every worker reports: Ray Train counts reports)
             ray.train.report(row)
 
@@ -348,6 +363,22 @@ def _save(core, weights: dict[str, torch.Tensor], state: dict[str, Any], history
     torch.save(state, folder / STATE_FILE)
     (folder / HISTORY_FILE).write_text(json.dumps(history))
     (folder / RESUMES_FILE).write_text(json.dumps(state.get("resumed_from", [])))
+
+
+def _report_sharded(model, optim, state: dict[str, Any], history: list[dict], rank: int, metrics: dict) -> None:
+    """Report ``metrics`` with a sharded checkpoint: every worker writes its DCP shards into its
+    own folder and reports it (Ray Train merges them); rank 0 adds the model config, the
+    scheduler/data state and the history."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_sharded(model, optim, Path(tmp) / SHARDED_DIR)
+        if rank == 0:
+            unwrapped(model).config.save_pretrained(tmp)
+            torch.save(state, Path(tmp) / STATE_FILE)
+            (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
+            (Path(tmp) / RESUMES_FILE).write_text(json.dumps(state.get("resumed_from", [])))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def _report_checkpoint(core, weights: dict[str, torch.Tensor], state: dict[str, Any], history: list[dict], rank: int,

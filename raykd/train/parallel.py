@@ -8,17 +8,25 @@
   bf16 parameters with fp32 gradient reduction when the run's autocast is bf16. On CPU it runs
   on gloo (the tests); with one worker there is nothing to shard and it runs as DDP (a warning).
 
-Checkpoints are full, not sharded: :func:`full_model_state` and :func:`full_optimizer_state`
-gather the shards (a collective: every worker calls them) and rank 0 writes one Hugging Face
-folder plus the optimizer state keyed by parameter name. A run therefore resumes on any number of
-workers and either strategy, and evaluation and export read the folder as for DDP. Left out:
-sharded (``torch.distributed.checkpoint``) files for students whose state does not fit one
-host's memory.
+Checkpoints come in two formats (``train.checkpoint_format``):
+
+- ``full``: :func:`full_model_state` and :func:`full_optimizer_state` gather the shards (a
+  collective: every worker calls them) and rank 0 writes one Hugging Face folder plus the
+  optimizer state keyed by parameter name.
+- ``sharded``: :func:`save_sharded` has every worker write only its own shards of the weights
+  and optimizer state with PyTorch Distributed Checkpoint (DCP, ``torch.distributed.checkpoint``)
+  into ``<checkpoint>/sharded``; Ray Train merges the workers' folders into one checkpoint.
+  :func:`load_sharded` reads it back resharded for the current workers (DCP plans the reads from
+  the saved metadata), and :func:`export_sharded` turns it into a Hugging Face folder on one host.
+
+Either resumes on any number of workers and either strategy.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -136,3 +144,62 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sav
             if isinstance(v, Tensor) and v.dim() > 0 else v
             for k, v in values.items()
         }
+
+
+SHARDED_DIR = "sharded"
+"""Sub-folder of a checkpoint that holds its DCP files (one ``__<rank>_0.distcp`` per worker and
+the ``.metadata`` written by rank 0)."""
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Write this worker's shards of the weights and optimizer state into ``folder`` (DCP).
+
+    A collective: every worker calls it, each with its own local ``folder`` (Ray Train merges the
+    folders the workers report into one checkpoint). Keys are fully qualified parameter names
+    (``model.<name>``, ``optim.state.<name>.exp_avg``, ...), independent of DDP/FSDP wrapping.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Restore :func:`save_sharded` into the prepared (wrapped or sharded) ``model`` and its
+    ``optimizer``, on any number of workers: each reads only the pieces of its own shards.
+    A collective: every worker calls it.
+
+    Raises:
+        RuntimeError: the checkpoint lacks a weight or optimizer entry of this model (DCP).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)  # the shapes and shards to fill
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def export_sharded(folder: Path, student_path: Path | str, out_dir: Path) -> Path:
+    """Write the weights of a sharded checkpoint ``folder`` as a Hugging Face folder ``out_dir``.
+
+    Runs on one process without a process group (the driver): the architecture comes from
+    ``student_path`` (the run's initial student), the weights from the DCP files. This is where
+    the whole student meets on one host, which a Hugging Face folder needs anyway.
+
+    Raises:
+        RuntimeError: a weight of the student is missing from the checkpoint (DCP).
+    """
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(student_path, dtype=torch.float32)
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # DCP warns that no process group is set up: none is needed here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+    model.load_state_dict(state["model"])
+    model.save_pretrained(out_dir)
+    return out_dir

@@ -23,6 +23,7 @@ from raykd.train.loop import (
     LoopConfig,
     train_loop_per_worker,
 )
+from raykd.train.parallel import SHARDED_DIR, export_sharded
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +264,8 @@ def train_student(
         raise RuntimeError(f"student {name} finished without a checkpoint")
     model_dir = (Path(result.checkpoint.path) if local
                  else Path(result.checkpoint.to_directory(tempfile.mkdtemp(prefix=f"raykd-{name}-"))))
+    if (model_dir / SHARDED_DIR).is_dir() and not (model_dir / "model.safetensors").exists():
+        export_sharded(model_dir / SHARDED_DIR, student_path, model_dir)  # the Hugging Face folder evaluation reads
     history = json.loads((model_dir / HISTORY_FILE).read_text())
     resumes = model_dir / RESUMES_FILE  # absent in checkpoints written before restarts were recorded
     resumed_from = json.loads(resumes.read_text()) if resumes.exists() else []

@@ -61,16 +61,22 @@ def test_grad_accumulation_matches_one_big_batch(setup):
 
 
 def test_a_stopped_run_resumes_from_its_last_checkpoint_on_other_workers(setup):
-    """A run sharded with FSDP over 2 workers, stopped, continues on 1 DDP worker: checkpoints
-    hold the whole model and the optimizer state by parameter name."""
-    first = _train(setup, "resume", num_workers=2, strategy="fsdp", cpus_per_worker=0.5, max_steps=4, checkpoint_every=2)
+    """A run sharded with FSDP over 2 workers with sharded (DCP) checkpoints, stopped, continues
+    on 1 DDP worker: DCP reshards the weights and the optimizer state for the new worker count."""
+    first = _train(setup, "resume", num_workers=2, strategy="fsdp", cpus_per_worker=0.5, max_steps=4, checkpoint_every=2,
+                   checkpoint_format="sharded")
     assert [r["step"] for r in first.history] == [1, 2, 3, 4]
+    dcp_files = sorted(p.name for p in (first.model_dir / "sharded").iterdir())
+    assert dcp_files == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # both workers' shards, merged by Ray Train
+    assert (first.model_dir / "model.safetensors").exists()  # exported on the driver for evaluation
     # the same run name and storage with a larger budget continues at step 5, not from scratch
     second = _train(setup, "resume", max_steps=6, checkpoint_every=2)
     assert [r["step"] for r in second.history] == [1, 2, 3, 4, 5, 6]
     assert second.history[:4] == first.history and second.resumed_from == [4]
-    saved = torch.load(first.model_dir / "train_state.pt", weights_only=False)["optim"]
-    assert saved["by_name"] and "model.embed_tokens.weight" in saved["state"]
+    # the trained weights came back: a fresh student's first loss is far above step 5's
+    assert second.history[4]["loss"] < first.history[0]["loss"] - 0.1
+    saved = torch.load(second.model_dir / "train_state.pt", weights_only=False)["optim"]
+    assert saved["by_name"] and "model.embed_tokens.weight" in saved["state"]  # full checkpoints again
 
 
 def test_a_run_that_can_never_get_its_cpus_is_refused_naming_the_serve_teacher(setup, ray_start):

@@ -98,6 +98,12 @@ def test_checkpoints_on_object_storage_need_train_workers():
     assert TrainConfig(num_workers=0, checkpoint_dir="/tmp/ckpt").num_workers == 0
 
 
+def test_sharded_checkpoints_need_train_workers():
+    with pytest.raises(ValueError, match="checkpoint_format=sharded needs Ray Train workers"):
+        TrainConfig(num_workers=0, checkpoint_format="sharded")
+    assert TrainConfig(num_workers=2, checkpoint_format="sharded").checkpoint_format == "sharded"
+
+
 def test_the_gpu_cluster_example_is_a_valid_config():
     """jobs/configs/gpu_example.yaml (run on GPUs only): vLLM teacher, FSDP student over GPU workers."""
     cfg = load_config(DistillConfig, REPO / "jobs/configs/gpu_example.yaml")

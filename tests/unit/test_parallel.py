@@ -9,9 +9,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from raykd.train.parallel import (
     decoder_layers,
+    export_sharded,
     full_model_state,
     full_optimizer_state,
     load_optimizer_state,
+    load_sharded,
+    save_sharded,
 )
 
 
@@ -57,3 +60,28 @@ def test_fsdp_needs_decoder_layers():
     assert len(decoder_layers(_trained()[0])) == 2
     with pytest.raises(ValueError, match="model.model.layers"):
         decoder_layers(nn.Linear(2, 2))
+
+
+def test_a_sharded_checkpoint_restores_weights_and_adam_and_exports_a_hugging_face_folder(tmp_path):
+    """DCP files from :func:`save_sharded` load into a fresh model and optimizer exactly, and
+    :func:`export_sharded` (one process, no process group) writes the same weights as a folder
+    ``from_pretrained`` reads; the architecture comes from the initial student."""
+    init = tmp_path / "init"
+    _trained(seed=1)[0].save_pretrained(init)  # another model of the same shape: the run's initial student
+    model, optim = _trained()
+    save_sharded(model, optim, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / ".metadata").exists()
+    fresh = LlamaForCausalLM.from_pretrained(init)
+    fresh_optim = torch.optim.AdamW(fresh.parameters(), lr=5.0)
+    load_sharded(fresh, fresh_optim, tmp_path / "ckpt")
+    for (name, a), b in zip(model.named_parameters(), fresh.parameters(), strict=True):
+        torch.testing.assert_close(b, a, msg=name)
+    named = dict(fresh.named_parameters())
+    for name, p in model.named_parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(fresh_optim.state[named[name]][key], optim.state[p][key])
+    assert fresh_optim.param_groups[0]["lr"] == 1e-3
+    out = export_sharded(tmp_path / "ckpt", init, tmp_path / "hf")
+    exported = LlamaForCausalLM.from_pretrained(out)
+    for (name, a), b in zip(model.state_dict().items(), exported.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, msg=name)
