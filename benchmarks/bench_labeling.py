@@ -72,7 +72,7 @@ def ray_processes() -> dict[int, str]:
 def cpu_seconds(pids: dict[int, str]) -> dict[str, float]:
     import psutil
 
-    total: dict[str, float] = {"teacher": 0.0, "labeler": 0.0, "ray": 0.0}
+    total: dict[str, float] = {"teacher": 0.0, "labeler": 0.0, "ray": 0.0, "driver": 0.0}
     for pid, kind in pids.items():
         try:
             t = psutil.Process(pid).cpu_times()
@@ -143,7 +143,7 @@ def main() -> None:
                            f"bench-{r}-{time.time()}", args.seq_len, 1, data.min_tokens)
             target = Target(key, cache_dir_for(tmp / "cache", key), Selection(None))
             todo = {part.digest(): ["all"] for part in source_parts}
-            pids = ray_processes()
+            pids = {**ray_processes(), os.getpid(): "driver"}  # the driver runs Ray Data's executor and the bar
             cpu0, start = cpu_seconds(pids), time.perf_counter()
             label_parts(source_parts, todo, {"all": target}, app_name=teacher.name, tokenizer_path=str(model_path),
                         vocab_size=len(tok), data=source_data, labels=labels)
@@ -192,11 +192,11 @@ def main() -> None:
         result.update(long_docs=args.long_docs, median_long_ratio=statistics.median(r["long_ratio"] for r in rows),
                       median_steady_ratio=statistics.median(r["steady_ratio"] for r in rows),
                       median_fixed_s=statistics.median(r["fixed_s"] for r in rows))
-    print(f"\n{'round':>5} {'bare tok/s':>11} {'full tok/s':>11} {'ratio':>7} {'teacher':>8} {'labelers':>9} {'ray':>6}")
+    print(f"\n{'round':>5} {'bare tok/s':>11} {'full tok/s':>11} {'ratio':>7} {'teacher':>8} {'labelers':>9} {'ray':>6} {'driver':>7}")
     for r in rows:
         s = r["core_share"]
         print(f"{r['round']:>5} {r['bare_tokens_per_s']:>11.1f} {r['full_tokens_per_s']:>11.1f} {r['ratio']:>7.3f} "
-              f"{s['teacher']:>8.2f} {s['labeler']:>9.2f} {s['ray']:>6.2f}")
+              f"{s['teacher']:>8.2f} {s['labeler']:>9.2f} {s['ray']:>6.2f} {s.get('driver', 0.0):>7.2f}")
     print(f"median ratio {result['median_ratio']:.3f} (target >= 0.85); core shares are of {os.cpu_count()} cores x wall time")
     if args.long_docs:
         print(f"{args.long_docs} docs: median ratio {result['median_long_ratio']:.3f}; steady state (from the two sizes): "
