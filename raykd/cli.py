@@ -7,6 +7,7 @@
     raykd teacher up serve/teachers.yaml | down <name> | status   # the shared teacher service
     raykd tune minidisc|maxidisc --config tune/configs/minidisc_bbc.yaml --output-dir DIR [key=value ...]
     raykd tune sweep --minidisc-dir DIR --maxidisc-dir DIR        # lambda sweep against MaxiDisc
+    raykd tune kd --config tune/configs/kd_smollm2.yaml --output-dir DIR [key=value ...]   # KD settings, ASHA
     raykd muki --config jobs/configs/muki_bbc.yaml --output-dir DIR [key=value ...]   # MUKI vs KD, UHC, DFA
     raykd mckd --config jobs/configs/mckd_bbc.yaml --output-dir DIR [key=value ...]   # MCKD vs the LLM, vanilla KD
 
@@ -113,13 +114,17 @@ def _add_verbose(parser: argparse.ArgumentParser) -> None:
 
 def _add_tune_commands(sub) -> None:
     """``raykd tune minidisc|maxidisc|sweep`` (teacher-assistant schedule search, tune/README.md)."""
-    tune = sub.add_parser("tune", help="teacher-assistant schedule search on Ray Tune (MiniDisc, MaxiDisc)")
+    tune = sub.add_parser("tune", help="searches on Ray Tune: TA schedules (MiniDisc, MaxiDisc), KD settings")
     tsub = tune.add_subparsers(dest="tune_command", required=True)
     for name, help_ in (("minidisc", "pick the TA in one trial (lambda-tradeoff)"), ("maxidisc", "one Tune trial per candidate TA")):
         s = tsub.add_parser(name, help=help_)
         s.add_argument("--config", help="YAML config (e.g. tune/configs/minidisc_bbc.yaml)")
         s.add_argument("--output-dir", required=True, help="where results.json and the PNG go")
         s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. kd.steps=20")
+    s = tsub.add_parser("kd", help="search KD settings (temperature, weights, divergence, k) with ASHA; trials share one cache")
+    s.add_argument("--config", required=True, help="YAML config (e.g. tune/configs/kd_smollm2.yaml)")
+    s.add_argument("--output-dir", required=True, help="where results.json, results.md and kd_search.png go")
+    s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. num_samples=4 distill.train.max_steps=40")
     s = tsub.add_parser("sweep", help="which TA each lambda picks, against the MaxiDisc ground truth")
     s.add_argument("--minidisc-dir", required=True)
     s.add_argument("--maxidisc-dir", required=True)
@@ -133,6 +138,11 @@ def run_tune_command(args: argparse.Namespace) -> int:
 
     if args.tune_command == "sweep":
         schedule_search.main_sweep(args.minidisc_dir, args.maxidisc_dir, args.output_dir)
+        return 0
+    if args.tune_command == "kd":
+        from raykd.recipes.lm.kd_search import load_search_config, main_kd_search
+
+        main_kd_search(load_search_config(args.config, args.overrides), args.output_dir)
         return 0
     cfg = load_config(ScheduleConfig, args.config, args.overrides)
     main = schedule_search.main_minidisc if args.tune_command == "minidisc" else schedule_search.main_maxidisc

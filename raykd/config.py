@@ -523,6 +523,14 @@ class TrainConfig(Strict):
     """Global batch (sequences per optimizer step, summed over workers)."""
     grad_accum: int = Field(default=1, ge=1)
     max_steps: int = Field(default=150, ge=1)
+    schedule_steps: int | None = Field(default=None, ge=1)
+    """Steps the learning-rate schedule and ``phases`` span (None: ``max_steps``). A run that is
+    trained in segments (a Tune trial evaluated between them, resumed by name each time) sets it
+    to the whole budget, so stopping at ``max_steps`` does not end the schedule early."""
+    target_k: int | None = Field(default=None, ge=1)
+    """Train on the teacher's top ``target_k`` of the cached top-k only (the rest joins the tail
+    bucket, exactly: :func:`raykd.losses.targets.truncate_topk`); None: all of them. Lets runs with
+    several k read one cache labeled at the largest."""
     lr: float = Field(default=3e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=10, ge=0)
@@ -557,6 +565,18 @@ class TrainConfig(Strict):
     """Ray Train storage for checkpoints: a path or an ``s3://``/``gs://`` URI every node reaches
     (None: ``<output-dir>/ray_train``). Object storage needs ``num_workers >= 1`` (local mode
     checkpoints into a local folder)."""
+
+    @property
+    def total_steps(self) -> int:
+        """Steps the schedule spans: ``schedule_steps``, or ``max_steps``."""
+        return self.schedule_steps or self.max_steps
+
+    @model_validator(mode="after")
+    def _schedule_covers_training(self) -> TrainConfig:
+        if self.schedule_steps is not None and self.schedule_steps < self.max_steps:
+            raise ValueError(f"train.schedule_steps={self.schedule_steps} is below train.max_steps={self.max_steps}: "
+                             "the schedule must span every step trained")
+        return self
 
     @model_validator(mode="after")
     def _remote_checkpoints_need_workers(self) -> TrainConfig:

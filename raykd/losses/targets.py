@@ -150,6 +150,33 @@ def retemper(targets: TeacherTargets, cached_temperature: float, temperature: fl
     return TeacherTargets.sparse(targets.topk_ids, targets.topk_logprobs.float() * f, targets.tail_logmass.float() * f)
 
 
+def truncate_topk(targets: TeacherTargets, k: int) -> TeacherTargets:
+    """Sparse targets cut to the teacher's ``k`` most probable ids; the dropped ids' mass joins
+    the tail bucket, so the result is exactly what a top-``k`` cache of the same teacher holds
+    (up to the cache's rounding). The ids need not be sorted (decoded caches give them in
+    descending probability, ties in id order); the kept ids come out sorted by probability.
+
+    Args:
+        targets: sparse targets ``[B, T, K]``; dense targets are returned unchanged.
+        k: ids to keep, ``1 <= k``; ``k >= K`` returns ``targets`` unchanged.
+
+    Returns:
+        Sparse targets ``[B, T, k]`` with ``tail = log(exp(tail) + sum of the dropped probs)``.
+
+    Raises:
+        ValueError: ``k < 1``.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if targets.form == "dense" or k >= targets.topk_ids.shape[-1]:
+        return targets
+    lp = targets.topk_logprobs.float()
+    kept_lp, order = lp.topk(k, dim=-1)
+    dropped = lp.scatter(-1, order, float("-inf"))
+    tail = torch.logaddexp(targets.tail_logmass.float(), torch.logsumexp(dropped, dim=-1))
+    return TeacherTargets.sparse(targets.topk_ids.gather(-1, order), kept_lp, tail)
+
+
 def merge_duplicate_ids(ids: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
     """Sum the probabilities of equal ids along the last axis; freed slots become padding.
 

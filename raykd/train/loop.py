@@ -36,7 +36,7 @@ from pydantic import Field
 
 from raykd.config import OnPolicyConfig, Strict, TrainConfig
 from raykd.losses import Objective, TeacherTargets
-from raykd.losses.targets import retemper
+from raykd.losses.targets import retemper, truncate_topk
 from raykd.students.vocab import VocabMap, map_ids, map_targets
 from raykd.train.parallel import (
     SHARDED_DIR,
@@ -81,23 +81,27 @@ def batch_to_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch
 
 
 def step_inputs(batch: dict[str, torch.Tensor], cached_temperature: float, temperature: float,
-                mix: TeacherMix | None = None, vocab_table: torch.Tensor | None = None):
+                mix: TeacherMix | None = None, vocab_table: torch.Tensor | None = None, target_k: int | None = None):
     """:func:`batch_to_inputs`, with the targets of several teachers mixed into one (``mix``),
-    ids, labels and targets mapped into a compressed student vocabulary (``vocab_table``, see
+    cut to the top ``target_k`` (:func:`~raykd.losses.targets.truncate_topk`), ids, labels and
+    targets mapped into a compressed student vocabulary (``vocab_table``, see
     :mod:`raykd.students.vocab`), and the targets moved from the cache's temperature to the
     step's (:func:`~raykd.losses.targets.retemper`)."""
     ids, am, labels, mask, targets = batch_to_inputs(batch)
     if mix is not None:
         targets = mix(batch, mask)
+    if target_k is not None:
+        targets = truncate_topk(targets, target_k)
     if vocab_table is not None:
         ids, labels, targets = map_ids(ids, vocab_table), map_ids(labels, vocab_table), map_targets(targets, vocab_table)
     return ids, am, labels, mask, retemper(targets, cached_temperature, temperature)
 
 
 def student_batch(batch: dict[str, torch.Tensor], cached_temperature: float, temperature: float,
-                  mix: TeacherMix | None = None, vocab_table: torch.Tensor | None = None) -> StudentBatch:
+                  mix: TeacherMix | None = None, vocab_table: torch.Tensor | None = None,
+                  target_k: int | None = None) -> StudentBatch:
     """:func:`step_inputs` as the :class:`~raykd.train.step.StudentBatch` of a causal-LM student."""
-    ids, am, labels, mask, targets = step_inputs(batch, cached_temperature, temperature, mix, vocab_table)
+    ids, am, labels, mask, targets = step_inputs(batch, cached_temperature, temperature, mix, vocab_table, target_k)
     return StudentBatch({"input_ids": ids, "attention_mask": am}, labels, mask, targets)
 
 
@@ -140,11 +144,12 @@ class LoopConfig(Strict):
     teacher_k: int = Field(default=32, ge=1)
     checkpoint_root: str | None = None
     """Ray Train's local mode (``train.num_workers = 0``) keeps no checkpoint of its own: the loop
-    then writes them into ``<checkpoint_root>/checkpoint_<step>`` (the last two kept)."""
+    then writes them into ``<checkpoint_root>/checkpoint_<step>`` (the last two kept), and a run
+    under the same name continues from the latest, as Ray Train's own storage does with workers."""
 
     def objective_at(self, step: int) -> tuple[Objective, float]:
         """The objective and temperature of 0-based ``step``, from ``train.phases``."""
-        weights, tau = schedule_at(self.train.phases, step, self.train.max_steps, self.weights, self.temperature,
+        weights, tau = schedule_at(self.train.phases, step, self.train.total_steps, self.weights, self.temperature,
                                    self.terms)
         params = {n: p for n, p in self.loss_params.items() if n in weights}
         return Objective(weights, params), tau
@@ -199,6 +204,9 @@ def _load_student(cfg: LoopConfig, rank: int, stack: ExitStack):
     from transformers import AutoModelForCausalLM
 
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and cfg.checkpoint_root is not None:  # local mode keeps its checkpoints itself
+        found = sorted(Path(cfg.checkpoint_root).glob("checkpoint_*"))
+        checkpoint = ray.train.Checkpoint.from_directory(found[-1]) if found else None
     if checkpoint is None:
         return AutoModelForCausalLM.from_pretrained(cfg.student_path, dtype=torch.float32), None, [], 0, None
     d = Path(stack.enter_context(checkpoint.as_directory()))  # resume: weights, optimizer, scheduler, step, history
@@ -245,7 +253,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             gradient_checkpointing=train.gradient_checkpointing)
     core = unwrapped(model)
     optim, sched = build_optimizer(list(model.parameters()), lr=train.lr, weight_decay=train.weight_decay,
-                                   schedule="cosine", warmup=train.warmup_steps, total=train.max_steps)
+                                   schedule="cosine", warmup=train.warmup_steps, total=train.total_steps)
     mix = TeacherMix(cfg.combine, cfg.num_teachers, cfg.weight_temperature, cfg.policy_lr, train.seed + rank) if cfg.combine else None
     vmap = VocabMap.load(cfg.student_path)
     vocab_table = vmap.to_compressed() if vmap is not None else None
@@ -299,7 +307,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def next_group(tau: float) -> list[StudentBatch]:  # decoded for the step's temperature
         start = time.perf_counter()
-        group = [student_batch(b, cfg.temperature, tau, mix, vocab_table) for b in next(raw)]
+        group = [student_batch(b, cfg.temperature, tau, mix, vocab_table, train.target_k) for b in next(raw)]
         clock["data_s"] = time.perf_counter() - start
         if sampler is not None:
             group = sampler(group, tau)

@@ -324,3 +324,28 @@ def test_retempered_cache_equals_the_dense_teacher_at_the_new_temperature(name, 
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     dense = TeacherTargets.dense(teacher)
     assert retemper(dense, 1.0, tau) is dense
+
+
+def test_truncating_a_top_k_cache_equals_labeling_at_the_smaller_k():
+    """A top-8 target cut to 3 holds the same ids, log-probs and tail as top-3 taken from the
+    dense distribution, whatever order the cached ids are stored in (schema v2: id order)."""
+    from raykd.losses.targets import truncate_topk
+
+    torch.manual_seed(0)
+    logp = torch.log_softmax(torch.randn(2, 5, 40) * 3, dim=-1)
+
+    def top(k: int) -> TeacherTargets:
+        lp, ids = logp.topk(k, dim=-1)
+        tail = torch.log1p(-lp.exp().sum(-1).clamp(max=1 - 1e-7))
+        return TeacherTargets.sparse(ids, lp, tail)
+
+    eight = top(8)
+    perm = torch.randperm(8)
+    shuffled = TeacherTargets.sparse(eight.topk_ids[..., perm], eight.topk_logprobs[..., perm], eight.tail_logmass)
+    cut, direct = truncate_topk(shuffled, 3), top(3)
+    assert torch.equal(cut.topk_ids, direct.topk_ids)
+    torch.testing.assert_close(cut.topk_logprobs, direct.topk_logprobs)
+    torch.testing.assert_close(cut.tail_logmass, direct.tail_logmass, rtol=1e-4, atol=1e-5)
+    assert truncate_topk(eight, 8) is eight and truncate_topk(eight, 50) is eight
+    with pytest.raises(ValueError, match="at least 1"):
+        truncate_topk(eight, 0)
