@@ -347,7 +347,8 @@ def main_kd_search(cfg: KDSearchConfig, output_dir: str | Path) -> dict[str, Any
                               reduction_factor=cfg.asha.reduction_factor)
     t_search = time.time()
     grid = _tuner(cfg, kd_trial, space, output_dir, f"{cfg.run_name}-search", scheduler,
-                  BasicVariantGenerator(random_state=cfg.seed), cfg.num_samples).fit()
+                  # Tune ignores max_concurrent_trials for a BasicVariantGenerator passed in: it is given here
+                  BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials), cfg.num_samples).fit()
     search_s = time.time() - t_search
     trials = _rows(grid)
     full = [r for r in trials if r["steps"] == cfg.distill.train.max_steps and r["eval_ppl"] is not None]
