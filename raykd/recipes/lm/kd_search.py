@@ -123,9 +123,10 @@ class KDSearchConfig(Strict):
     baseline: bool = True
     """Also train the main job's first student on the same budget (outside ASHA) for comparison."""
     max_concurrent_trials: int = Field(default=1, ge=1)
-    cpus_per_trial: float = Field(default=0.1, gt=0)
-    """CPUs of the trial's own process (it only coordinates); each segment's task (training and
-    evaluation) takes ``distill.train.cpus_per_worker`` on top."""
+    cpus_per_trial: float = Field(default=1.0, gt=0)
+    """CPUs a trial reserves: its training and evaluation (each segment is a Ray task on the
+    trial's node that runs inside this reservation). Ray Data's read and decode tasks take theirs
+    from the CPUs left, so leave at least one free beside ``max_concurrent_trials`` trials."""
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
@@ -277,7 +278,9 @@ def kd_trial(config: dict[str, Any]) -> None:
     labels = config["caches"][str(float(setting["temperature"]))]
     name = config.get("name") or tune.get_context().get_trial_id()
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    segment = ray.remote(train_segment).options(num_cpus=base.cpus_per_worker, scheduling_strategy=here, max_retries=0)
+    # The segment runs inside this trial's CPU reservation (the trial itself only waits), so it
+    # reserves none of its own: the CPUs left are Ray Data's, which feeds the training loop.
+    segment = ray.remote(train_segment).options(num_cpus=0, scheduling_strategy=here, max_retries=0)
     for seg in range(1, segments + 1):
         train = base.model_copy(update={"max_steps": seg * every, "schedule_steps": segments * every, "num_workers": 0,
                                         "target_k": int(setting["k"]), "checkpoint_every": every,
