@@ -303,6 +303,12 @@ class SoftLabelConfig(Strict):
     """Use this finished cache folder for the train split instead of looking it up by key. It is
     checked against the run's settings (schema version, teacher, tokenizer, k, temperature, data)
     and refused, naming the differing fields, before any compute starts."""
+    fill: Literal["before", "live"] = "before"
+    """When the parts of the train split missing from its cache (cache misses) are labeled:
+    ``before`` training, as a stage of their own; or ``live``, during training: training starts
+    on the committed parts at once while the served teacher labels the missing ones, and the
+    student trains on each as it is committed (:mod:`raykd.soft_labels.live`). Either way the new
+    labels are committed into the cache as parts, so the next run finds them."""
 
 
 class StudentConfig(Strict):
@@ -690,6 +696,10 @@ class DistillConfig(Strict):
                              "without extra_teachers and without student.vocab_size")
         if self.on_policy is not None:
             self._check_on_policy()
+        if self.labels.fill == "live" and (self.extra_teachers or self.student.vocab_size is not None):
+            raise ValueError("labels.fill=live trains while the train cache is still being filled, but extra_teachers "
+                             "(joined caches) and student.vocab_size (a vocabulary counted over the train cache) need "
+                             "the whole cache before training: set labels.fill=before")
         names = [t.name for t in (self.teacher, *self.extra_teachers)]
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must differ (each is its own deployment), got {names}")

@@ -31,7 +31,13 @@ from raykd.data import tokenize_to_blocks
 from raykd.data.documents import Document
 from raykd.data.sources import PartSpec, read_part
 from raykd.data.splits import select_split
-from raykd.soft_labels.cache import CacheKey, ledger_file, rows_fingerprint, write_part
+from raykd.soft_labels.cache import (
+    CacheKey,
+    ledger_file,
+    read_entry,
+    rows_fingerprint,
+    write_part,
+)
 from raykd.soft_labels.schema import encode_batch, soft_label_schema
 
 log = logging.getLogger(__name__)
@@ -218,3 +224,81 @@ def label_parts(parts: list[PartSpec], todo: dict[str, list[str]], targets: dict
             for field in ("docs", "rows", "tokens", "calls"):
                 t[field] += int(row[field])
     return totals
+
+
+class _LivePartReader(_PartLabeler):
+    """Ray Data actor of a training dataset filled live: one part -> its rows in the ``train``
+    target's cache, labeled and committed first (:meth:`_PartLabeler._label`, for every target
+    that misses the part) when its ledger entry is missing, then read back from the committed shard."""
+
+    def __init__(self, *, train: str, columns: list[str], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.train, self.columns = train, columns
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        (row,) = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["name"]))]  # batch_size=1: one part
+        spec = PartSpec.from_row({k: v for k, v in row.items() if k != "targets"})
+        if names := [n for n in str(row["targets"]).split(",") if n]:
+            self._label(spec, names)  # skips the targets already committed (e.g. by a retried task)
+        t = self.targets[self.train]
+        entry = read_entry(t.cache_dir, spec.digest(), t.key)
+        if not entry["file"]:  # a part without rows of this split
+            return self.schemas[self.train].empty_table().select(self.columns)
+        fs, path = storage.resolve(storage.join(t.cache_dir, entry["file"]))
+        return pq.read_table(path, columns=self.columns, filesystem=fs)
+
+
+def live_label_rows(parts: list[PartSpec], todo: dict[str, list[str]], targets: dict[str, Target], *, train: str,
+                    columns: list[str], app_name: str, tokenizer_path: str, vocab_size: int, data: DataConfig,
+                    labels: SoftLabelConfig, shuffle: bool = False, seed: int = 0):
+    """A Ray Dataset of the ``train`` target's cache rows, part by part, that labels the parts
+    ``todo`` names as the stream reaches them.
+
+    The committed parts are read as they are; a missing part is labeled by the labeler code of
+    :func:`label_parts` (every chunk sent to the teacher deployment at once, answers encoded into
+    the cache schema, the part committed through :func:`~raykd.soft_labels.cache.write_part` into
+    every target that misses it) and then read back from its committed shard, so its rows are
+    byte for byte what a later run reads from the cache. ``labels.num_labelers`` actors work on
+    consecutive parts at once while training consumes the earlier ones.
+
+    The order is the order of ``parts`` (a seeded permutation of it with ``shuffle``): the
+    dataset is to be executed with Ray Data's ``preserve_order``, so a part still being labeled
+    holds back the parts after it instead of being overtaken.
+
+    Args:
+        parts: the source's parts in their planned order.
+        todo: for each part digest still to label, the targets that miss it.
+        targets: every cache the labelers may commit into, by name.
+        train: the target whose rows the dataset yields.
+        columns: the cache columns to read.
+        shuffle, seed: randomize the order of the parts (before any is labeled).
+        app_name, tokenizer_path, vocab_size, data, labels: as :func:`label_parts`.
+
+    Returns:
+        A lazy ``ray.data.Dataset`` of undecoded cache rows (nothing runs before it is iterated).
+    """
+    import ray
+
+    rows = [spec.to_row() | {"targets": ",".join(todo.get(spec.digest(), []))} for spec in parts]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    if shuffle:
+        ds = ds.randomize_block_order(seed=seed)
+    return ds.map_batches(
+        _LivePartReader,
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(labels.num_labelers, len(todo) or 1))),
+        num_cpus=0.1,
+        memory=LABELER_MEMORY,
+        max_restarts=2,
+        max_task_retries=2,
+        **storage.remote_args(),
+        fn_constructor_kwargs={
+            "train": train, "columns": columns,
+            "app_name": app_name, "targets": targets, "data": data, "k": labels.k, "temperature": labels.temperature,
+            "vocab_size": vocab_size, "tokenizer_path": tokenizer_path, "batch_size": labels.batch_size,
+            "progress": console.ProgressSink(None, "live"),
+        },
+    )

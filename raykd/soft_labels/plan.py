@@ -120,6 +120,10 @@ class Plan:
             logprobs_mode=LOGPROBS_MODE,
         )
 
+    def planned_parts(self) -> dict[str, list[str]]:
+        """Per split, the digests of the parts its cache is made of, in the source's order."""
+        return {split: [p.digest() for p in parts] for split, (_, parts) in self.sources.items()}
+
     def targets(self) -> dict[str, Target]:
         """The cache each split is labeled into."""
         from raykd.soft_labels.cache import cache_dir_for
@@ -235,31 +239,8 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[str, Manifest]], dic
         raykd.soft_labels.cache.CacheError: a committed part is corrupt or from another key
             (shown as ``error: ...``, exit 2; nothing is deleted).
     """
-    from raykd.soft_labels.cache import (
-        CacheError,
-        done_parts,
-        finalize,
-        open_cache,
-        read_entry,
-        remove_partials,
-    )
-    from raykd.soft_labels.pipeline import label_parts
-    from raykd.teacher.deployment import check_teacher_reachable, start_teacher
-
-    cfg = plan.cfg
-    targets = plan.targets()
-    planned = {split: [p.digest() for p in plan.sources[split][1]] for split in targets}
-    caches: dict[str, Any] = {}
-    for split, t in targets.items():
-        if storage.is_file(storage.join(t.cache_dir, "manifest.json")):
-            with console.user_errors(CacheError):
-                m = open_cache(t.cache_dir, expect=t.key, deep=True)
-            if sorted(m.parts) == sorted(planned[split]):
-                caches[split] = (t.cache_dir, m)
-    if cfg.labels.train_cache:
-        folder = cfg.labels.train_cache
-        with console.user_errors(CacheError):
-            caches["train"] = (folder, open_cache(folder, expect=plan.keys["train"], deep=True))
+    targets, planned = plan.targets(), plan.planned_parts()
+    caches = finished_caches(plan, targets, planned)
     missing = [split for split in targets if split not in caches]
     stats: dict[str, Any] = {"hit": not missing, "teacher_calls": 0, "label_s": 0.0, "teacher": None, "parts": {}}
     if not missing:
@@ -267,8 +248,67 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[str, Manifest]], dic
         print("soft labels found in the cache (" + ", ".join(f"{s} {m.rows:,} rows" for s, (_, m) in caches.items())
               + f"): no teacher calls; {caches['train'][0]}")
         return caches, stats
+    todo_by_source = missing_parts(plan, targets, planned, missing, stats)
+    start = time.perf_counter()
+    if any(todo_by_source.values()):
+        stats["teacher"] = start_labeling_teacher(plan, "labeling the missing soft labels")
+        try:
+            stats["teacher_calls"] += label_missing(plan, targets, missing, todo_by_source, stats)
+        finally:
+            release_teacher(plan)
+    stats["label_s"] = time.perf_counter() - start
+    caches.update(finalize_splits(plan, targets, planned, missing, stats["label_s"]))
+    _print_labeling(caches, missing, stats)
+    return caches, stats
 
-    todo_by_source: dict[int, dict[str, list[str]]] = {}  # the splits that share a source are labeled in one pass
+
+def finished_caches(plan: Plan, targets: dict[str, Target], planned: dict[str, list[str]]) -> dict[str, tuple[str, Manifest]]:
+    """The splits whose cache is finished for exactly their planned parts (``labels.train_cache``
+    stands for the train split), opened and checked.
+
+    Raises:
+        raykd.soft_labels.cache.CacheError: a manifest exists but the cache is corrupt or of other
+            settings (shown as ``error: ...``).
+    """
+    from raykd.soft_labels.cache import CacheError, open_cache
+
+    caches: dict[str, Any] = {}
+    for split, t in targets.items():
+        if storage.is_file(storage.join(t.cache_dir, "manifest.json")):
+            with console.user_errors(CacheError):
+                m = open_cache(t.cache_dir, expect=t.key, deep=True)
+            if sorted(m.parts) == sorted(planned[split]):
+                caches[split] = (t.cache_dir, m)
+    if plan.cfg.labels.train_cache:
+        folder = plan.cfg.labels.train_cache
+        with console.user_errors(CacheError):
+            caches["train"] = (folder, open_cache(folder, expect=plan.keys["train"], deep=True))
+    return caches
+
+
+def missing_parts(plan: Plan, targets: dict[str, Target], planned: dict[str, list[str]], missing: list[str],
+                  stats: dict[str, Any], quiet: bool = False) -> dict[int, dict[str, list[str]]]:
+    """The parts each of the ``missing`` splits still needs, after checking the committed ones.
+
+    Committed parts are read (key and shard size checked) before any teacher call, temporary
+    files of an interrupted run are removed, and ids that repeat across files are refused.
+
+    Returns:
+        Per source (``id`` of its part list; splits that share a source are labeled in one pass):
+        ``{part digest: [splits missing it]}``. ``stats["parts"][split]`` gets ``planned`` and
+        ``done_before``.
+
+    Raises:
+        raykd.soft_labels.cache.CacheError, ValueError: shown as ``error: ...`` (exit 2).
+    """
+    from raykd.soft_labels.cache import (
+        CacheError,
+        done_parts,
+        read_entry,
+        remove_partials,
+    )
+
+    todo_by_source: dict[int, dict[str, list[str]]] = {}
     with console.user_errors(CacheError, ValueError):
         for split in missing:
             t = targets[split]
@@ -281,44 +321,85 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[str, Manifest]], dic
             for part in planned[split]:
                 if part not in done:
                     todo.setdefault(part, []).append(split)
-            stats["parts"][split] = {"planned": len(planned[split]), "done_before": len(done)}
-            if done:
+            stats["parts"].setdefault(split, {"planned": len(planned[split]), "done_before": len(done)})
+            if done and not quiet:
                 print(f"{split}: resuming, {len(done)} of {len(planned[split])} parts already labeled")
-        _remove_old_partial_folders(plan.cache_root)
-        for split in {id(plan.sources[s][1]): s for s in missing}.values():  # once per source
-            check_unique_ids(*plan.sources[split])
+        if not quiet:
+            _remove_old_partial_folders(plan.cache_root)
+            for split in {id(plan.sources[s][1]): s for s in missing}.values():  # once per source
+                check_unique_ids(*plan.sources[split])
+    return todo_by_source
 
-    start = time.perf_counter()
-    if any(todo_by_source.values()):
+
+def start_labeling_teacher(plan: Plan, why: str) -> dict[str, Any]:
+    """Start the run's teacher (or reuse a running one, checked to be the run's teacher).
+
+    Args:
+        why: what the teacher is needed for (in the error when it may not be started).
+
+    Returns:
+        The report's ``teacher`` entry: ``name``, ``started_by_run``, ``engine``, ``replica``.
+
+    Raises:
+        raykd.teacher.deployment.TeacherNotRunningError: none runs and ``teacher.start`` is
+            false (``error: ...``, exit 2, before any compute).
+        ValueError: the running teacher is not the run's teacher (``error: ...``).
+    """
+    from raykd.teacher.deployment import check_teacher_reachable, start_teacher
+
+    cfg = plan.cfg
+    with console.user_errors(ValueError):
+        check_teacher_reachable(cfg.teacher, why)
+    handle, started = start_teacher(cfg.teacher, str(plan.teacher_path))
+    info = handle.info.remote().result()
+    plan.owns_teacher = started = started or plan.owns_teacher
+    if not started:
         with console.user_errors(ValueError):
-            check_teacher_reachable(cfg.teacher, "labeling the missing soft labels")
-        handle, started = start_teacher(cfg.teacher, str(plan.teacher_path))
-        info = handle.info.remote().result()
-        plan.owns_teacher = started = started or plan.owns_teacher
-        if not started:
-            with console.user_errors(ValueError):
-                check_running_teacher(info, cfg.teacher.name, plan.running_teacher_fields())
-        stats["teacher"] = {"name": cfg.teacher.name, "started_by_run": started, "engine": info["engine"], "replica": info["replica"]}
-        try:
-            for split_of_source in {id(plan.sources[s][1]): s for s in missing}.values():
-                data, parts = plan.sources[split_of_source]
-                todo = todo_by_source[id(parts)]
-                names = {s for splits in todo.values() for s in splits}
-                log.info("labeling %d of %d parts for %s", len(todo), len(parts), sorted(names))
-                totals = label_parts(parts, todo, {s: targets[s] for s in names}, app_name=cfg.teacher.name,
-                                     tokenizer_path=str(plan.teacher_path), vocab_size=plan.vocab_size, data=data, labels=cfg.labels)
-                for s, tot in totals.items():
-                    stats["teacher_calls"] += tot["calls"]
-                    stats["parts"][s]["labeled"] = tot["parts"]
-        finally:
-            release_teacher(plan)
-    stats["label_s"] = time.perf_counter() - start
+            check_running_teacher(info, cfg.teacher.name, plan.running_teacher_fields())
+    return {"name": cfg.teacher.name, "started_by_run": started, "engine": info["engine"], "replica": info["replica"]}
+
+
+def label_missing(plan: Plan, targets: dict[str, Target], missing: list[str],
+                  todo_by_source: dict[int, dict[str, list[str]]], stats: dict[str, Any]) -> int:
+    """Label the parts of :func:`missing_parts` through the running teacher, one pass per source.
+
+    Returns:
+        The ``score`` calls made (counted by the labelers); ``stats["parts"][split]["labeled"]``
+        gets the parts labeled.
+    """
+    from raykd.soft_labels.pipeline import label_parts
+
+    cfg, calls = plan.cfg, 0
+    for split_of_source in {id(plan.sources[s][1]): s for s in missing}.values():
+        data, parts = plan.sources[split_of_source]
+        todo = todo_by_source.get(id(parts), {})
+        if not todo:
+            continue
+        names = {s for splits in todo.values() for s in splits}
+        log.info("labeling %d of %d parts for %s", len(todo), len(parts), sorted(names))
+        totals = label_parts(parts, todo, {s: targets[s] for s in names}, app_name=cfg.teacher.name,
+                             tokenizer_path=str(plan.teacher_path), vocab_size=plan.vocab_size, data=data, labels=cfg.labels)
+        for s, tot in totals.items():
+            calls += tot["calls"]
+            stats["parts"][s]["labeled"] = stats["parts"][s].get("labeled", 0) + tot["parts"]
+    return calls
+
+
+def finalize_splits(plan: Plan, targets: dict[str, Target], planned: dict[str, list[str]], splits: list[str],
+                    label_s: float) -> dict[str, tuple[str, Manifest]]:
+    """Write the manifest of each of ``splits`` (every planned part must be committed).
+
+    Raises:
+        raykd.soft_labels.cache.CacheError: a part is missing or corrupt (``error: ...``).
+    """
+    from raykd.soft_labels.cache import CacheError, finalize
+
+    out = {}
     with console.user_errors(CacheError):
-        for split in missing:
+        for split in splits:
             t = targets[split]
-            caches[split] = (t.cache_dir, finalize(t.cache_dir, t.key, planned[split], plan.teacher_meta(), stats["label_s"]))
-    _print_labeling(caches, missing, stats)
-    return caches, stats
+            out[split] = (t.cache_dir, finalize(t.cache_dir, t.key, planned[split], plan.teacher_meta(), label_s))
+    return out
 
 
 def _remove_old_partial_folders(cache_root: str) -> None:

@@ -7,7 +7,9 @@ micro-batch back-propagates ``loss_sum * W / N_global`` (DDP averages gradients 
 workers). Every valid token then weighs ``1 / N_global``, so a step gives the same gradient for
 any split over workers and accumulation steps (see :mod:`raykd.losses.objective`).
 
-The loop's settings are one typed :class:`LoopConfig`.
+The loop's settings are one typed :class:`LoopConfig`. Every step's history row holds ``data_s``,
+the time the step waited for its micro-batches (reading and decoding the cache; with
+``labels.fill=live`` also the wait for a part the teacher is still labeling).
 
 Checkpoints (model, optimizer, scheduler, step, loss history, position in the data) are
 reported to Ray Train every ``checkpoint_every`` steps and at the end. A run restarted after a
@@ -281,7 +283,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if sampler is not None:  # the step's time split (the update: from the group being ready to here)
             extra.update(sampler.last, data_s=clock["data_s"], update_s=time.perf_counter() - clock["ready"])
         positions = metrics.pop("positions")
-        row = {"step": step, **metrics, "lr": sched.get_last_lr()[0], **extra}
+        row = {"step": step, **metrics, "lr": sched.get_last_lr()[0], "data_s": clock["data_s"], **extra}
         history.append(row)
         clock["positions"] += positions
         last = step == train.max_steps
@@ -305,7 +307,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         elif step % train.log_every == 0:  # metrics only (every worker reports: Ray Train counts reports)
             ray.train.report(row)
 
-    def next_group(tau: float) -> list[StudentBatch]:  # decoded for the step's temperature
+    def next_group(tau: float) -> list[StudentBatch]:  # decoded for the step's temperature; data_s: the wait for it
         start = time.perf_counter()
         group = [student_batch(b, cfg.temperature, tau, mix, vocab_table, train.target_k) for b in next(raw)]
         clock["data_s"] = time.perf_counter() - start

@@ -71,8 +71,32 @@ def soft_label_dataset(shard_files: list[str], shuffle: bool, seed: int, num_tea
     ds = ray.data.read_parquet(paths, columns=columns, num_cpus=DATA_CPUS, filesystem=fs)
     if shuffle:
         ds = ds.randomize_block_order(seed=seed)
+    return decoded(ds, num_teachers)
+
+
+def decoded(rows, num_teachers: int = 1):
+    """A Ray Dataset of undecoded cache rows (e.g. a cache filled live,
+    :mod:`raykd.soft_labels.live`) -> decoded rows, as :func:`soft_label_dataset` gives them."""
     decode = decode_batch if num_teachers == 1 else functools.partial(decode_joined, num_teachers=num_teachers)
-    return ds.map_batches(decode, batch_format="pyarrow", num_cpus=DATA_CPUS)
+    return rows.map_batches(decode, batch_format="pyarrow", num_cpus=DATA_CPUS)
+
+
+def in_order(ds):
+    """``ds`` set to yield its rows in the dataset's order (Ray Data's ``preserve_order``) in
+    Ray Train's local mode; :func:`train_student` asks the same of the workers' shards. The
+    training order is then the cache's (or its seeded shuffle): a rerun, or a run whose cache
+    is filled live, sees the rows in the same order."""
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def _ordered_ingest():
+    """Ray Train's default ingest options with ``preserve_order`` (see :func:`in_order`)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def check_student_gpus(cfg: TrainConfig, node_gpus: list[float]) -> None:
@@ -167,7 +191,7 @@ def train_student(
     name: str,
     *,
     student_path: Path,
-    shard_files: list[str],
+    shard_files: list[str] | None,
     weights: dict[str, float],
     temperature: float,
     cfg: TrainConfig,
@@ -180,6 +204,7 @@ def train_student(
     on_policy: OnPolicyConfig | None = None,
     teacher_app: str | None = None,
     teacher_k: int = 32,
+    rows: Any = None,
 ) -> TrainResult:
     """Train one student with Ray Train on a soft-label cache.
 
@@ -187,7 +212,7 @@ def train_student(
         name: run name (also the Ray Train run folder under ``storage_path``; running again
             with the same name and storage resumes from the last checkpoint).
         student_path: initial weights folder (see :func:`raykd.students.build_student`).
-        shard_files: Parquet shards of the cache.
+        shard_files: Parquet shards of the cache (None with ``rows``).
         weights: objective ``{loss name: weight}``.
         temperature: the cache's soft-label temperature.
         cfg: workers, devices, batch, steps, optimizer.
@@ -199,6 +224,8 @@ def train_student(
         on_policy: on-policy steps (:mod:`raykd.train.on_policy`), scored by the running teacher
             application ``teacher_app`` at top-``teacher_k`` and the cache's ``temperature``.
         params: loss hyper-parameters on top of ``cfg.loss_params``.
+        rows: instead of ``shard_files``, a Ray Dataset of the cache's undecoded rows in training
+            order (a cache filled live: :meth:`raykd.soft_labels.live.LiveFill.rows`).
         teachers: for joined multi-teacher shards, ``combine`` (the method's rule),
             ``num_teachers``, ``weight_temperature`` and ``policy_lr``.
         mlflow_uri: also log every step's metrics to this MLflow tracking URI (experiment
@@ -212,7 +239,13 @@ def train_student(
         InsufficientResourcesError: the cluster cannot give the run its workers (before training).
         ray.train.TrainingFailedError: a worker failed more than ``cfg.max_failures`` times.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     if cfg.online_teacher and online_teacher is None:
@@ -255,7 +288,9 @@ def train_student(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=[console.train_progress(name, cfg.max_steps)],  # this student's progress bar on the driver
         ),
-        datasets={"train": soft_label_dataset(shard_files, cfg.shuffle, cfg.seed, (teachers or {}).get("num_teachers", 1))},
+        datasets={"train": in_order(decoded(rows) if rows is not None else
+                                    soft_label_dataset(shard_files, cfg.shuffle, cfg.seed, (teachers or {}).get("num_teachers", 1)))},
+        dataset_config=DataConfig(execution_options=_ordered_ingest()),
     )
     start = time.perf_counter()
     result = trainer.fit()

@@ -122,3 +122,14 @@ def test_use_gpu_on_a_cluster_without_gpus_is_refused():
         check_student_gpus(cfg, [0.0, 0.0])
     check_student_gpus(cfg, [0.0, 8.0])  # one GPU node is enough to start
     check_student_gpus(cfg.model_copy(update={"num_workers": 0}), [0.0])  # local mode: no workers to place
+
+
+def test_cache_misses_are_filled_before_training_unless_live_is_asked_for():
+    assert load_config(DistillConfig, None, []).labels.fill == "before"
+    assert load_config(DistillConfig, None, ["labels.fill=live"]).labels.fill == "live"
+    with pytest.raises(ConfigError, match="labels.fill"):
+        load_config(DistillConfig, None, ["labels.fill=during"])
+    tmkd = REPO / "raykd/methods/configs/tmkd.yaml"  # extra teachers: their caches are joined before training
+    assert load_config(DistillConfig, tmkd, []).labels.fill == "before"
+    with pytest.raises(ConfigError, match="labels.fill=live .* extra_teachers"):
+        load_config(DistillConfig, tmkd, ["labels.fill=live"])

@@ -5,7 +5,9 @@ Order of work (every check that can fail runs before the first teacher forward o
 1. load and split the text by document; resolve the teacher; fingerprint weights and tokenizer;
    check the student's tokenizer; compute the cache keys of the train and eval splits;
 2. for each split, open the finished cache for its key (a hit asks the teacher nothing) or start
-   (or reuse) the teacher deployment and label the split into a new cache;
+   (or reuse) the teacher deployment and label the parts the split misses into its cache; with
+   ``labels.fill=live`` the train split's missing parts are labeled during step 3 instead, as
+   training reaches them (:mod:`raykd.soft_labels.live`), and the caches are finished after it;
 3. build the initial student and train one student per ``train.students`` entry on Ray Train;
 4. evaluate the teacher (from the cache), the untrained student and each trained student on the
    held-out split; write ``report.json``, ``report.md`` and ``loss_curves.png``.
@@ -13,6 +15,7 @@ Order of work (every check that can fail runs before the first teacher forward o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +25,7 @@ from typing import Any
 from raykd import console
 from raykd.config import DistillConfig
 from raykd.soft_labels.cache import shard_paths
+from raykd.soft_labels.live import start_live_fill
 from raykd.soft_labels.plan import Plan, ensure_soft_labels, teacher_for_training
 from raykd.train.evaluate import evaluate_students
 
@@ -68,34 +72,43 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
         with console.user_errors(ValueError):
             check_teacher_reachable(cfg.teacher, "on-policy training (on_policy)")
     prepared = prepare(plan) if prepare is not None else None
-    caches, label_stats = ensure_soft_labels(plan)
-    train_dir, train_manifest = caches["train"]
-    eval_dir, eval_manifest = caches["eval"]
-    train_files, eval_files = shard_paths(train_dir, train_manifest), shard_paths(eval_dir, eval_manifest)
-    teachers, teachers_report = None, {}
+    live = start_live_fill(plan) if cfg.labels.fill == "live" else None  # None: nothing to fill
+    train_files, teachers, teachers_report = None, None, {}
+    if live is None:
+        caches, label_stats = ensure_soft_labels(plan)
+        train_files = shard_paths(*caches["train"])
     if extra_plans:
         train_files, teachers, teachers_report = prepare_teachers(cfg, plan, caches, extra_plans, output_dir)
 
     init_dir = build_student(cfg.student, plan.teacher_path, output_dir / "student_init")
     if cfg.student.vocab_size is not None:
-        compress_student_folder(init_dir, shard_paths(train_dir, train_manifest), cfg.student.vocab_size,
-                                cfg.student.vocab_map, plan.teacher_path)
+        compress_student_folder(init_dir, train_files, cfg.student.vocab_size, cfg.student.vocab_map, plan.teacher_path)
     t_train = time.perf_counter()
-    with teacher_for_training(plan) as teacher_app:  # on-policy runs: the served teacher stays up (else None)
+    # on-policy runs: the served teacher stays up (else None); a live fill holds it until the caches are finished
+    with live or contextlib.nullcontext(), teacher_for_training(plan) as teacher_app:
         results = {name: train_student(name, student_path=init_dir, shard_files=train_files, weights=weights,
                                        temperature=cfg.labels.temperature, cfg=cfg.train,
                                        storage_path=cfg.train.checkpoint_dir or output_dir / "ray_train",
                                        teachers=teachers, mlflow_uri=cfg.tracking.mlflow_uri,
                                        mlflow_experiment=cfg.tracking.experiment, online_teacher=plan.teacher_path,
-                                       on_policy=cfg.on_policy, teacher_app=teacher_app, teacher_k=cfg.labels.k)
+                                       on_policy=cfg.on_policy, teacher_app=teacher_app, teacher_k=cfg.labels.k,
+                                       rows=live.rows(cfg.train.shuffle, cfg.train.seed) if live else None)
                    for name, weights in cfg.train.students.items()}
-    train_s = time.perf_counter() - t_train
+        train_s = time.perf_counter() - t_train
+        if live is not None:
+            caches, label_stats = live.finish()
+    train_dir, train_manifest = caches["train"]
+    eval_dir, eval_manifest = caches["eval"]
+    eval_files = shard_paths(eval_dir, eval_manifest)
 
     t_eval = time.perf_counter()
     report = {"run_name": cfg.run_name, "method": cfg.method,
               **evaluate_students({"model": cfg.teacher.model, "path": plan.teacher_path}, init_dir, results, eval_files,
                                   output_dir, batch_size=cfg.eval.batch_size, objectives=cfg.train.students)}
     report.update(teachers_report)
+    for name, res in results.items():  # the steps' wait for their data (with labels.fill=live: for the labels too)
+        wait = float(sum(r.get("data_s", 0.0) for r in res.history))
+        report[name].update(train_s=res.seconds, data_wait_s=wait, data_wait_share=wait / max(res.seconds, 1e-9))
     if cfg.on_policy is not None:
         from raykd.train.on_policy import time_split
 
@@ -126,6 +139,8 @@ def _cache_report(cfg: DistillConfig, train: tuple[Path, Any], eval_: tuple[Path
         "k": cfg.labels.k,
         "temperature": cfg.labels.temperature,
         "hit": label_stats["hit"],
+        "fill": cfg.labels.fill,
+        **{k: label_stats[k] for k in ("parts_live", "parts_after") if k in label_stats},
         "teacher_calls": label_stats["teacher_calls"],
         "parts": label_stats.get("parts", {}),
         "teacher": label_stats["teacher"],
