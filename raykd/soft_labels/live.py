@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Self
 
+from raykd import console
 from raykd.soft_labels.cache import Manifest, done_parts, read_entry
 from raykd.soft_labels.plan import (
     Plan,
@@ -146,9 +147,9 @@ def start_live_fill(plan: Plan) -> LiveFill | None:
     (``teacher.start=false`` with none running is refused).
 
     Returns:
-        None when the train split's cache is finished, or every part of every split is committed
-        (nothing to label: the caller opens or finishes the caches as usual, with no teacher
-        call); else the :class:`LiveFill`, its teacher up.
+        None when every part of the train split is committed (nothing to label during training:
+        the caller opens or finishes the caches as before training, and labels an eval part
+        missing there); else the :class:`LiveFill`, its teacher up.
 
     Raises:
         raykd.teacher.deployment.TeacherNotRunningError: parts are missing, none runs and
@@ -156,18 +157,23 @@ def start_live_fill(plan: Plan) -> LiveFill | None:
         raykd.soft_labels.cache.CacheError, ValueError: a committed part is corrupt or of another
             key, ids repeat, or the running teacher is not the run's teacher (``error: ...``).
     """
+    from raykd.teacher.deployment import check_teacher_reachable
+
     start = time.perf_counter()
     targets, planned = plan.targets(), plan.planned_parts()
     caches = finished_caches(plan, targets, planned)
     if TRAIN in caches:
         return None
     missing = [s for s in targets if s not in caches]
+    done_before = {s: done_parts(targets[s].cache_dir) & set(planned[s]) for s in missing}
+    if done_before[TRAIN] == set(planned[TRAIN]):  # every train part committed (a manifest missing): nothing to stream
+        return None
+    why = "filling the cache misses live (labels.fill=live)"
+    with console.user_errors(ValueError):
+        check_teacher_reachable(plan.cfg.teacher, why)  # first: it reads nothing
     stats: dict[str, Any] = {"hit": False, "teacher_calls": 0, "label_s": 0.0, "teacher": None, "parts": {}, "fill": "live"}
     todo_by_source = missing_parts(plan, targets, planned, missing, stats)
-    if not any(todo_by_source.values()):  # every part committed, a manifest missing: no teacher needed
-        return None
-    done_before = {s: done_parts(targets[s].cache_dir) & set(planned[s]) for s in missing}
-    stats["teacher"] = start_labeling_teacher(plan, "filling the cache misses live (labels.fill=live)")
+    stats["teacher"] = start_labeling_teacher(plan, why)
     plan.hold_teacher = True  # training labels through it
     todo = todo_by_source.get(id(plan.sources[TRAIN][1]), {})
     return LiveFill(plan, missing, todo, done_before, stats, seconds=time.perf_counter() - start)

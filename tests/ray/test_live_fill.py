@@ -5,6 +5,7 @@ run on the full cache trains."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -12,15 +13,9 @@ import pytest
 import torch
 
 from raykd.config import DistillConfig
+from raykd.data.sources import read_part
 from raykd.recipes.lm.distill import run_distill
-from raykd.soft_labels.cache import (
-    MANIFEST,
-    done_parts,
-    ledger_file,
-    open_cache,
-    part_file,
-    read_entry,
-)
+from raykd.soft_labels.cache import MANIFEST, done_parts, open_cache, read_entry
 from raykd.soft_labels.plan import Plan, ensure_soft_labels
 from raykd.train.trainer import in_order
 from tests.conftest import tiny_distill_config
@@ -28,98 +23,101 @@ from tests.conftest import tiny_distill_config
 pytestmark = pytest.mark.ray
 
 PART_DOCS = 10  # the 60-article fixture corpus in 6 parts
+TEACHER = "tiny-live"
 
 
 def _config(model: Path, corpus: Path, cache: Path, *, steps: int = 12, **sections) -> DistillConfig:
     cfg = tiny_distill_config(model, corpus, cache, students={"student": {"forward_kl": 0.5, "ce": 0.5}}, shuffle=False,
                               max_steps=steps, checkpoint_every=steps, log_every=steps).model_dump()
     cfg["data"]["part_docs"] = PART_DOCS
+    cfg["teacher"]["name"] = TEACHER
     for section, fields in sections.items():
         cfg[section].update(fields)
     return DistillConfig.model_validate(cfg)
 
 
-def _weights(report: dict) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _docs(plan: Plan, split: str, parts) -> set[str]:
+    """The documents of ``split`` in ``parts``, read from the source."""
+    data, selection = plan.sources[split][0], plan.selections[split]
+    out = set()
+    for spec in parts:
+        ids = read_part(spec, data)["doc_id"]
+        out |= {str(i) for i in ids[selection.mask(ids)]}
+    return out
 
-    return load_file(str(Path(report["student"]["model_dir"]) / "model.safetensors"))
+
+def _served_calls() -> int:
+    from raykd.teacher.deployment import running_teacher
+
+    return running_teacher(TEACHER).info.remote().result()["calls"]["score"]
 
 
 @pytest.fixture(scope="module")
-def full_run(ray_start, tiny_model, corpus_jsonl, tmp_path_factory):
-    """The reference: every part labeled before training (``fill=before``), then one epoch."""
-    root = tmp_path_factory.mktemp("live_full")
-    plan = Plan(_config(tiny_model, corpus_jsonl, root / "cache"))
-    caches, _ = ensure_soft_labels(plan)
-    steps = caches["train"][1].rows // 4  # one epoch of batches of 4, so training reaches every part
-    report = run_distill(_config(tiny_model, corpus_jsonl, root / "cache", steps=steps), root / "out")
-    assert report["cache"]["hit"]
-    return plan, steps, report
+def half_labeled(ray_start, tiny_model, corpus_jsonl, tmp_path_factory):
+    """A cache of half of the parts (0, 2, 4) of both splits, labeled through the teacher
+    ``tiny-live``, which stays up for the module (so runs reuse it: its call counter counts them)."""
+    from raykd.soft_labels.pipeline import label_parts
+    from raykd.teacher.deployment import start_teacher, stop_teacher
 
-
-def _history(report: dict) -> list[dict]:
-    return json.loads((Path(report["student"]["checkpoint"]) / "history.json").read_text())
-
-
-def _half_cache(plan: Plan, cache_root: Path) -> tuple[list[str], int, set[str]]:
-    """Copy the full caches under ``cache_root``, dropping every other part (its ledger entry and
-    shard) and the manifests; returns the dropped parts, their teacher calls and documents."""
-    dropped = [p.digest() for p in plan.sources["train"][1]][1::2]
-    calls, docs = 0, set()
-    for t in plan.targets().values():
-        copy = str(cache_root / Path(t.cache_dir).name)
-        shutil.copytree(t.cache_dir, copy)
-        Path(copy, MANIFEST).unlink()
-        for part in dropped:
-            entry = read_entry(copy, part, t.key)
-            calls, docs = calls + entry["teacher_calls"], docs | set(entry["doc_ids"])
-            Path(ledger_file(copy, part)).unlink()
-            Path(part_file(copy, part)).unlink(missing_ok=True)
-    return dropped, calls, docs
-
-
-def test_live_run_labels_only_the_missing_half_while_training_and_trains_the_same_student(full_run, tiny_model,
-                                                                                        corpus_jsonl, tmp_path):
-    from raykd.teacher.deployment import running_teacher, stop_teacher
-
-    plan, steps, reference = full_run
-    dropped, calls, docs = _half_cache(plan, tmp_path / "cache")
-    assert len(dropped) == 3 and calls > 0
-    cfg = _config(tiny_model, corpus_jsonl, tmp_path / "cache", steps=steps, labels={"fill": "live"},
-                  teacher={"name": "tiny-live", "keep_alive": True})
-    targets = Plan(cfg).targets()
-    kept = {s: {p: read_entry(t.cache_dir, p)["created_at"] for p in done_parts(t.cache_dir)} for s, t in targets.items()}
+    cache = tmp_path_factory.mktemp("live_half") / "cache"
+    plan = Plan(_config(tiny_model, corpus_jsonl, cache))
+    cfg, parts = plan.cfg, plan.sources["train"][1]
+    start_teacher(cfg.teacher, str(plan.teacher_path))
     try:
-        report = run_distill(cfg, tmp_path / "out")
-        served = running_teacher("tiny-live").info.remote().result()["calls"]["score"]
+        label_parts(parts, {p.digest(): ["train", "eval"] for p in parts[0::2]}, plan.targets(), app_name=TEACHER,
+                    tokenizer_path=str(plan.teacher_path), vocab_size=plan.vocab_size, data=cfg.data, labels=cfg.labels)
+        yield cache
     finally:
-        stop_teacher("tiny-live")
+        stop_teacher(TEACHER)
 
-    cache = report["cache"]
-    assert served == calls == cache["teacher_calls"]  # the service answered exactly the missing parts' calls
+
+def test_live_run_labels_only_the_missing_half_while_training_and_trains_the_same_student(half_labeled, tiny_model,
+                                                                                        corpus_jsonl, tmp_path):
+    shutil.copytree(half_labeled, tmp_path / "cache")
+    plan = Plan(_config(tiny_model, corpus_jsonl, tmp_path / "cache"))
+    parts, targets = plan.sources["train"][1], plan.targets()
+    missing = [p.digest() for p in parts[1::2]]
+    steps = len(_docs(plan, "train", parts)) // 4  # one block per article: one epoch, so training reaches every part
+    kept = {s: {p: read_entry(t.cache_dir, p)["created_at"] for p in done_parts(t.cache_dir)} for s, t in targets.items()}
+    assert len(parts) == 6 and all(set(kept[s]) == {p.digest() for p in parts[0::2]} for s in kept)
+
+    cfg = _config(tiny_model, corpus_jsonl, tmp_path / "cache", steps=steps, labels={"fill": "live"})
+    at_start = _served_calls()
+    report = run_distill(cfg, tmp_path / "live")
+    served = _served_calls() - at_start
+
+    cache, calls = report["cache"], 0
     assert cache["parts_live"] == {"train": 3, "eval": 3} and cache["parts_after"] == {"train": 0, "eval": 0}
-    scored = set()
     for split, t in targets.items():
-        manifest = open_cache(t.cache_dir, expect=t.key, deep=True)  # complete: the next run is a hit
-        assert sorted(manifest.parts) == sorted(Plan(cfg).planned_parts()[split])
-        assert set(done_parts(t.cache_dir)) - set(kept[split]) == set(dropped)
-        scored |= {d for p in dropped for d in read_entry(t.cache_dir, p)["doc_ids"]}
+        open_cache(t.cache_dir, expect=t.key, deep=True, parts=[p.digest() for p in parts])  # complete: a hit next time
+        new = [read_entry(t.cache_dir, p, t.key) for p in missing]
+        assert {d for e in new for d in e["doc_ids"]} == _docs(plan, split, parts[1::2])  # exactly the missing documents
+        calls += sum(e["teacher_calls"] for e in new)
+        assert all(e["teacher_calls"] == math.ceil(e["rows"] / cfg.labels.batch_size) for e in new)
         for part, created in kept[split].items():  # finished parts were never rewritten
             assert read_entry(t.cache_dir, part)["created_at"] == created
-    assert scored == docs  # the teacher saw exactly the missing documents
+    assert served == calls == cache["teacher_calls"] > 0  # the service answered exactly the missing half's calls
 
-    live, full = report["student"], reference["student"]
-    assert live["steps"] == full["steps"] == steps
-    assert [r["loss"] for r in _history(report)] == pytest.approx([r["loss"] for r in _history(reference)], rel=1e-5)
-    a, b = _weights(report), _weights(reference)
+    reference = run_distill(cfg.model_copy(update={"labels": cfg.labels.model_copy(update={"fill": "before"})}),
+                            tmp_path / "full")  # the finished cache, read as every run reads one
+    assert reference["cache"]["hit"] and reference["cache"]["teacher_calls"] == 0
+    live, full = (json.loads((Path(r["student"]["checkpoint"]) / "history.json").read_text()) for r in (report, reference))
+    assert len(live) == len(full) == steps
+    assert [r["loss"] for r in live] == pytest.approx([r["loss"] for r in full], rel=1e-5)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(Path(r["student"]["model_dir"]) / "model.safetensors")) for r in (report, reference))
     assert a.keys() == b.keys()
     for name in a:  # the same rows in the same order: the same student
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
-    assert live["ppl"] == pytest.approx(full["ppl"], rel=1e-4)
 
-    again = run_distill(_config(tiny_model, corpus_jsonl, tmp_path / "cache", steps=1, labels={"fill": "live"},
-                                teacher={"name": "no-teacher-here", "start": False}), tmp_path / "again")
-    assert again["cache"]["hit"] and again["cache"]["teacher_calls"] == 0  # no teacher runs: none was asked
+    rerun = Plan(_config(tiny_model, corpus_jsonl, tmp_path / "cache", labels={"fill": "live"},
+                         teacher={"name": "no-teacher-here", "start": False}))
+    from raykd.soft_labels.live import start_live_fill
+
+    assert start_live_fill(rerun) is None  # nothing to fill: no teacher wanted
+    _, stats = ensure_soft_labels(rerun)
+    assert stats["hit"] and stats["teacher_calls"] == 0 and _served_calls() == at_start + calls  # no call since
 
 
 def test_live_fill_with_start_false_and_no_running_teacher_fails_before_any_work(ray_start, tiny_model, corpus_jsonl,
@@ -134,25 +132,22 @@ def test_live_fill_with_start_false_and_no_running_teacher_fails_before_any_work
     assert all(not done_parts(t.cache_dir) for t in Plan(cfg).targets().values())  # nothing labeled
 
 
-def test_a_stream_stopped_midway_keeps_the_parts_it_committed(full_run, tmp_path):
-    """A live run killed in the middle: the parts it committed stay committed (no manifest yet),
-    and the next run labels only parts it had not committed."""
+def test_a_stream_stopped_midway_keeps_the_parts_it_committed(half_labeled, tiny_model, corpus_jsonl, tmp_path):
+    """A live run killed in the middle: the parts it committed stay committed, with no manifest,
+    and every committed part is whole (its key and shard size check out)."""
     from raykd.soft_labels.live import start_live_fill
 
-    plan, _, _ = full_run
-    dropped, _, _ = _half_cache(plan, tmp_path / "cache")
-    rows = {p: read_entry(plan.targets()["train"].cache_dir, p)["rows"] for p in done_parts(plan.targets()["train"].cache_dir)}
-    first_two = sum(rows[p.digest()] for p in plan.sources["train"][1][:2])  # part 0 (kept) and part 1 (dropped)
-    cfg = plan.cfg.model_copy(update={"labels": plan.cfg.labels.model_copy(
-        update={"fill": "live", "cache_dir": str(tmp_path / "cache"), "num_labelers": 1})})
-    first = Plan(cfg)
-    with start_live_fill(first) as live:
+    shutil.copytree(half_labeled, tmp_path / "cache")
+    plan = Plan(_config(tiny_model, corpus_jsonl, tmp_path / "cache", labels={"fill": "live", "num_labelers": 1}))
+    parts, train = plan.sources["train"][1], plan.targets()["train"]
+    first_two = len(_docs(plan, "train", parts[:2]))  # part 0 (committed) and part 1 (missing)
+    with start_live_fill(plan) as live:
         stream = iter(in_order(live.rows()).iter_rows())  # as training reads it
-        for _ in range(first_two):  # the rows of the first missing part came from its committed shard
+        for _ in range(first_two):  # the rows of part 1 came from its committed shard
             next(stream)
         stream.close()  # killed here: no finish, no manifest
-    train = first.targets()["train"].cache_dir
-    assert not Path(train, MANIFEST).exists() and dropped[0] in done_parts(train)
-    second = Plan(cfg)
-    with start_live_fill(second) as live:
-        assert dropped[0] not in live.todo and set(live.todo) <= set(dropped)
+    assert not Path(train.cache_dir, MANIFEST).exists()
+    committed = done_parts(train.cache_dir)
+    assert parts[1].digest() in committed
+    for part in committed:
+        read_entry(train.cache_dir, part, train.key)
