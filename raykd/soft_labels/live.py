@@ -36,7 +36,7 @@ from raykd import console
 from raykd.soft_labels.cache import Manifest, done_parts, read_entry
 from raykd.soft_labels.plan import (
     Plan,
-    _print_labeling,
+    print_labeling,
     finalize_splits,
     finished_caches,
     label_missing,
@@ -70,8 +70,8 @@ class LiveFill:
 
     def rows(self, shuffle: bool = False, seed: int = 0):
         """The train split's rows as a lazy Ray Dataset of undecoded cache rows (see the module
-        docstring for the order); each call streams the parts again (a second student, a second
-        epoch) and labels only what is still missing."""
+        docstring for the order). Every iteration (each epoch, each student) streams the parts
+        again; a part committed meanwhile is read from its shard, never labeled twice."""
         from raykd.soft_labels.join import LABEL_COLUMNS
         from raykd.soft_labels.pipeline import live_label_rows
 
@@ -119,7 +119,7 @@ class LiveFill:
         caches.update(finalize_splits(plan, targets, planned, [s for s in self.missing if s not in caches], self.seconds))
         stats.update(label_s=self.seconds, parts_live=self.parts_live, parts_after=after,
                      teacher_calls=self._calls_committed(targets))
-        _print_labeling(caches, self.missing, stats)
+        print_labeling(caches, self.missing, stats)
         return caches, stats
 
     def _calls_committed(self, targets) -> int:

@@ -258,7 +258,7 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[str, Manifest]], dic
             release_teacher(plan)
     stats["label_s"] = time.perf_counter() - start
     caches.update(finalize_splits(plan, targets, planned, missing, stats["label_s"]))
-    _print_labeling(caches, missing, stats)
+    print_labeling(caches, missing, stats)
     return caches, stats
 
 
@@ -425,7 +425,7 @@ def release_teacher(plan: Plan) -> None:
         plan.owns_teacher = False
 
 
-def _print_labeling(caches: dict[str, Any], labeled: list[str], stats: dict[str, Any]) -> None:
+def print_labeling(caches: dict[str, Any], labeled: list[str], stats: dict[str, Any]) -> None:
     """One line under the labeling bar: what was written (the details are in raykd.log)."""
     splits = []
     for split in labeled:
