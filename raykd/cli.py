@@ -6,6 +6,7 @@
     raykd methods [--verbose]                      # list the distillation methods and losses
     raykd teacher up serve/teachers.yaml | down <name> | status   # the shared teacher service
     raykd tune minidisc|maxidisc --config tune/configs/minidisc_bbc.yaml --output-dir DIR [key=value ...]
+    raykd tune minidisc|maxidisc --config tune/configs/minidisc_smollm2.yaml --output-dir DIR   # task: lm
     raykd tune sweep --minidisc-dir DIR --maxidisc-dir DIR        # lambda sweep against MaxiDisc
     raykd tune kd --config tune/configs/kd_smollm2.yaml --output-dir DIR [key=value ...]   # KD settings, ASHA
     raykd muki --config jobs/configs/muki_bbc.yaml --output-dir DIR [key=value ...]   # MUKI vs KD, UHC, DFA
@@ -144,10 +145,31 @@ def run_tune_command(args: argparse.Namespace) -> int:
 
         main_kd_search(load_search_config(args.config, args.overrides), args.output_dir)
         return 0
-    cfg = load_config(ScheduleConfig, args.config, args.overrides)
-    main = schedule_search.main_minidisc if args.tune_command == "minidisc" else schedule_search.main_maxidisc
+    if _schedule_task(args.config, args.overrides) == "lm":
+        from raykd.recipes.ta_search import lm_search
+        from raykd.recipes.ta_search.lm_config import LMScheduleConfig
+
+        cfg = load_config(LMScheduleConfig, args.config, args.overrides)
+        main = lm_search.main_minidisc_lm if args.tune_command == "minidisc" else lm_search.main_maxidisc_lm
+    else:
+        cfg = load_config(ScheduleConfig, args.config, args.overrides)
+        main = schedule_search.main_minidisc if args.tune_command == "minidisc" else schedule_search.main_maxidisc
     main(cfg, args.output_dir)
     return 0
+
+
+def _schedule_task(config: str | None, overrides: list[str]) -> str:
+    """``task`` of a schedule-search config (``classifier`` or ``lm``): an override, else the YAML's, else classifier."""
+    import yaml
+
+    for o in overrides:
+        if o.startswith("task="):
+            return o.split("=", 1)[1].strip()
+    if config and Path(config).is_file():
+        data = yaml.safe_load(Path(config).read_text()) or {}
+        if isinstance(data, dict):
+            return str(data.get("task", "classifier"))
+    return "classifier"
 
 
 def main_muki(cfg, output_dir: str | Path) -> dict[str, Any]:

@@ -182,7 +182,8 @@ def taylor_importance(model: nn.Module, batches: Iterable[Any], loss_fn: Callabl
     return scores
 
 
-def masks_for_sparsity(importance: Masks, sparsity: float, per_head: int, per_neuron: int) -> Masks:
+def masks_for_sparsity(importance: Masks, sparsity: float, per_head: int, per_neuron: int,
+                       removable: set[str] | frozenset[str] = frozenset({"heads", "neurons"})) -> Masks:
     """Masks that remove a ``sparsity`` share of the prunable parameters, least important first.
 
     Units are ranked by importance per parameter (``score / unit size``) so heads and neurons
@@ -195,6 +196,8 @@ def masks_for_sparsity(importance: Masks, sparsity: float, per_head: int, per_ne
         importance: scores from :func:`taylor_importance` (current sizes of the model).
         sparsity: share of prunable parameters to remove, in [0, 1].
         per_head: parameters of one head; per_neuron: of one neuron (see :func:`unit_params`).
+        removable: the unit kinds that may be removed (``heads``, ``neurons``); the others count
+            in the total the sparsity is a share of, but are kept.
 
     Returns:
         Bool keep masks of the same shapes as ``importance``.
@@ -213,7 +216,7 @@ def masks_for_sparsity(importance: Masks, sparsity: float, per_head: int, per_ne
     keep = Masks([torch.ones_like(m, dtype=torch.bool) for m in importance.heads], [torch.ones_like(m, dtype=torch.bool) for m in importance.neurons])
     removed = 0
     for _, size, kind, layer, j in sorted(units, key=lambda u: (u[0], u[2], u[3], u[4])):
-        if removed + size <= budget:
+        if kind in removable and removed + size <= budget:
             getattr(keep, kind)[layer][j] = False
             removed += size
     return keep

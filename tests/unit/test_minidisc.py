@@ -177,3 +177,28 @@ def test_ta_chain_on_a_tiny_encoder(tmp_path):
     # the teacher is not changed by pruning, distilling or scoring
     assert prunable_params(teacher) > res.ta_params - sum(p.numel() for p in teacher.get_input_embeddings().parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_layer_dropped_student_on_the_classifier_path(tmp_path):
+    """Issue 5 wired ``student_kind=layer_drop``; here it runs: direct and through a sparse TA."""
+    from raykd.recipes.ta_search.chain import distill_chain, importance_of
+    from raykd.recipes.ta_search.config import KDConfig, SparsifyConfig
+    from raykd.teacher.engines.classifier import load_classifier
+
+    teacher = load_classifier(_tiny_classifier(tmp_path / "cls"))
+    rng = np.random.default_rng(1)
+
+    def split(n):
+        return {"input_ids": rng.integers(4, 60, (n, 8)), "attention_mask": np.ones((n, 8), dtype=np.int64),
+                "label": rng.integers(0, 3, n), "teacher_logits": rng.normal(size=(n, 3)).astype(np.float32)}
+
+    splits = {"train": split(16), "dev": split(6), "test": split(6)}
+    kd = KDConfig(steps=2, batch_size=4, reports=1, eval_batch_size=8)
+    sp = SparsifyConfig(grid=[0.4, 0.8], target=0.8, importance_batches=1, student_kind="layer_drop", keep_layers=[1])
+    imp = importance_of(teacher, splits["train"], kd, 1)
+    direct = distill_chain(teacher, 0.0, imp, splits, kd, sp)
+    via_ta = distill_chain(teacher, 0.4, imp, splits, kd, sp)
+    one_layer = sum(p.numel() for p in teacher.bert.encoder.layer[1].parameters())
+    assert direct.student_params == sum(p.numel() for p in teacher.parameters()) - one_layer  # 1 of 2 layers kept
+    assert via_ta.student_params < direct.student_params < direct.ta_params  # the TA's pruned layer 1 is the one kept
+    assert 0 <= direct.student_test_acc <= 1 and 0 <= via_ta.student_test_acc <= 1

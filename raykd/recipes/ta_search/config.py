@@ -154,6 +154,9 @@ class MaxiDiscConfig(Strict):
 class ScheduleConfig(Strict):
     """Teacher-assistant schedule search: MiniDisc (one trial) against MaxiDisc (all trials)."""
 
+    task: Literal["classifier"] = "classifier"
+    """Selects this config in ``raykd tune``; ``task: lm`` is the decoder-LM search
+    (:class:`~raykd.recipes.ta_search.lm_config.LMScheduleConfig`)."""
     run_name: str = "ta_schedule"
     ray: RayConfig = Field(default_factory=RayConfig)
     data: ScheduleDataConfig = Field(default_factory=ScheduleDataConfig)
