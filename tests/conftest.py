@@ -40,25 +40,34 @@ def make_corpus(n_docs: int, seed: int = 0) -> list[dict[str, str]]:
 
 
 def build_tiny_model(
-    folder: Path, *, num_layers: int = 4, seed: int = 0, vocab_size: int = 320, **config_overrides: Any
+    folder: Path, *, num_layers: int = 4, seed: int = 0, vocab_size: int = 320, metaspace: bool = False,
+    **config_overrides: Any
 ) -> Path:
     """Save a tiny random LlamaForCausalLM and its byte-level BPE tokenizer into ``folder``
-    (``config_overrides`` replace ``LlamaConfig`` fields, e.g. a head size vLLM supports)."""
+    (``config_overrides`` replace ``LlamaConfig`` fields, e.g. a head size vLLM supports).
+    ``metaspace``: a SentencePiece-style BPE instead (``▁`` for spaces, one prefixed to the
+    text), a tokenizer of another family for cross-tokenizer tests."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
+    if metaspace:
+        core = Tokenizer(models.BPE(unk_token="<unk>"))
+        core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        core.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    else:
+        core = Tokenizer(models.BPE())
+        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<pad>", "<s>", "</s>", *(["<unk>"] if metaspace else [])],
+        initial_alphabet=[] if metaspace else pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     core.train_from_iterator([d["text"] for d in make_corpus(200, seed=1)], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  **({"unk_token": "<unk>"} if metaspace else {}))
     torch.manual_seed(seed)
     fields: dict[str, Any] = dict(
         vocab_size=len(tok),

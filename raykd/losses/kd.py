@@ -221,3 +221,50 @@ def ce(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor
     """
     log_q = student_log_probs(student_logits, 1.0)
     return -log_q.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+
+
+@register_loss("uld", description="sorted-probability L1 across vocabularies, no id mapping (ULD, Boizard et al. 2024)")
+def uld(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
+        temperature: float) -> Tensor:
+    """Universal Logit Distillation; Boizard et al. 2024, "Towards Cross-Tokenizer Distillation:
+    the Universal Logit Distillation Loss for LLMs" (arXiv:2402.12030).
+
+    Both distributions are sorted in decreasing order and compared entry by entry,
+    ``sum_i |p_(i) - q_(i)|`` (the paper's closed form of its Wasserstein-1 distance), so the
+    two models need not share a vocabulary: token ids are never read.
+
+    Dense targets: the whole teacher vocabulary ``V_t`` against the student's ``V_s``, the
+    shorter sorted vector padded with zeros (as the paper does for vocabularies of different
+    sizes). Sparse targets (top-k + tail): the teacher side is its ``K`` top probabilities
+    (renormalised with the tail, as :func:`~raykd.losses.targets.teacher_buckets` does) plus the
+    tail mass as one last entry; the student side is its own ``K`` largest probabilities plus
+    ``1 - sum`` of them. The two tails are compared as one entry each: by the triangle
+    inequality this is a lower bound of the full-vocabulary term, equal to it when neither
+    tail has entries above the other's (e.g. K = V, where it equals the dense form).
+
+    Args: as in the module docstring; the sparse ``topk_ids`` may be ids of another vocabulary
+    (or -1): they are not used.
+
+    Returns:
+        [B, T] tau**2 * sum_i |p_(i) - q_(i)|, in [0, 2 tau**2].
+    """
+    if targets is None:
+        raise ValueError("uld needs teacher targets, got targets=None")
+    q = student_log_probs(student_logits, temperature).exp()
+    if targets.form == "dense":
+        p = torch.softmax(targets.logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
+        q = q.sort(dim=-1, descending=True).values
+        width = max(p.shape[-1], q.shape[-1])
+        p = torch.nn.functional.pad(p, (0, width - p.shape[-1]))
+        q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
+        return temperature**2 * (p - q).abs().sum(-1)
+    if not 0.0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    masses = torch.cat([targets.topk_logprobs.float(), targets.tail_logmass.float().unsqueeze(-1)], dim=-1)
+    p = torch.softmax(masses, dim=-1)
+    k = p.shape[-1] - 1
+    p_top, p_tail = p[..., :k].sort(dim=-1, descending=True).values, p[..., k]
+    q_top = q.topk(min(k, q.shape[-1]), dim=-1).values
+    q_top = torch.nn.functional.pad(q_top, (0, k - q_top.shape[-1]))
+    q_tail = (1.0 - q_top.sum(-1)).clamp(min=0.0)
+    return temperature**2 * ((p_top - q_top).abs().sum(-1) + (p_tail - q_tail).abs())

@@ -9,6 +9,7 @@ Each registered loss says which forms it accepts (see :mod:`raykd.losses.registr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -100,7 +101,10 @@ def teacher_buckets(targets: TeacherTargets, temperature: float) -> tuple[Tensor
     """The teacher distribution a loss compares against, as fp32 log-probs.
 
     Sparse: K + 1 buckets, the top-k ids plus one tail bucket, renormalised with a
-    log_softmax over the K + 1 log-masses. This undoes fp16 rounding of the cache, so the
+    log_softmax over the K + 1 log-masses. A negative id is a slot the student's vocabulary has
+    no place for (padding after merged ids, or a teacher token without a student counterpart
+    in a cross-tokenizer run, :mod:`raykd.data.alignment`): its mass moves into the tail bucket
+    (the student's tail is everything outside the listed ids too) and the slot gets none. This undoes fp16 rounding of the cache, so the
     buckets sum to one and KL(p, p) = 0. The cached log-probs were taken at the soft-label
     temperature, so ``temperature`` is not applied again; pass the same one to the student.
     Dense: ``log_softmax(logits / temperature)`` over V.
@@ -120,7 +124,12 @@ def teacher_buckets(targets: TeacherTargets, temperature: float) -> tuple[Tensor
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     if targets.form == "dense":
         return None, torch.log_softmax(targets.logits.float() / temperature, dim=-1)
-    masses = torch.cat([targets.topk_logprobs.float(), targets.tail_logmass.float().unsqueeze(-1)], dim=-1)
+    top, tail = targets.topk_logprobs.float(), targets.tail_logmass.float()
+    unmatched = targets.topk_ids < 0
+    if bool(unmatched.any()):  # ids with no place in the student's vocabulary: their mass joins the tail
+        tail = torch.logaddexp(tail, torch.where(unmatched, top, -math.inf).logsumexp(-1))
+        top = torch.where(unmatched, -math.inf, top)
+    masses = torch.cat([top, tail.unsqueeze(-1)], dim=-1)
     return targets.topk_ids, torch.log_softmax(masses, dim=-1)
 
 

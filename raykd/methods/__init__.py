@@ -31,7 +31,8 @@ DistillConfig = Any
 """A :class:`raykd.config.DistillConfig` (not imported: the config imports this registry to check
 a config's method, so this module stays below it)."""
 
-FEATURES = ("phases", "teachers", "vocab", "perturb", "generate", "chain", "agnostic_stage", "on_policy")
+FEATURES = ("phases", "teachers", "vocab", "perturb", "generate", "chain", "agnostic_stage", "on_policy",
+            "cross_tokenizer")
 """Parts of a config beyond a plain single-teacher run; a method must declare the ones it uses.
 
 - ``phases``: ``train.phases`` is not empty (a schedule of objective and temperature);
@@ -41,7 +42,8 @@ FEATURES = ("phases", "teachers", "vocab", "perturb", "generate", "chain", "agno
 - ``generate``: ``generation`` is set (teacher generations as training text);
 - ``chain``: ``chain`` is set (teacher assistants between teacher and student);
 - ``agnostic_stage``: ``agnostic_stage`` is set (a task-agnostic stage before the task stage);
-- ``on_policy``: ``on_policy`` is set (the student's own samples scored by the served teacher).
+- ``on_policy``: ``on_policy`` is set (the student's own samples scored by the served teacher);
+- ``cross_tokenizer``: ``student.tokenizer_alignment`` is set (a student with another tokenizer).
 """
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -122,6 +124,7 @@ def config_features(cfg: DistillConfig) -> set[str]:
         "chain": cfg.chain is not None,
         "agnostic_stage": cfg.agnostic_stage is not None,
         "on_policy": getattr(cfg, "on_policy", None) is not None,
+        "cross_tokenizer": getattr(cfg.student, "tokenizer_alignment", None) is not None,
     }
     return {name for name, on in flags.items() if on}
 
@@ -411,4 +414,20 @@ register_method(Method(
              "max_new_tokens tokens, so the token mean is the mean of each sample's length-normalised sum. Left "
              "out: the long-term policy-gradient term, teacher-mixed sampling and the pre-training loss",
     uses=_ON_POLICY, requires=_ON_POLICY, check_fn=_minillm,
+))
+
+
+# ---- across tokenizers: the teacher's cache read by a student with another tokenizer ----------
+
+_CROSS = frozenset({"cross_tokenizer"})
+
+register_method(Method(
+    name="uld",
+    description="a teacher with another tokenizer: sorted-probability L1 (ULD) at byte-aligned positions, "
+                "exact KL on the tokens both vocabularies share",
+    paper="Boizard et al. 2024, Towards Cross-Tokenizer Distillation: the Universal Logit Distillation Loss for "
+          "LLMs (arXiv:2402.12030); alignment and matched-vocabulary term as TRL's GOLD trainer",
+    composes="student.model (its own tokenizer) and student.tokenizer_alignment: byte_offsets; train.students "
+             "{uld: a, forward_kl: b, ce: c} (forward_kl is over the matched tokens + one bucket for the rest)",
+    uses=_CROSS, requires=_CROSS,
 ))

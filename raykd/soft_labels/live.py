@@ -173,7 +173,7 @@ def start_live_fill(plan: Plan) -> LiveFill | None:
         check_teacher_reachable(plan.cfg.teacher, why)  # first: it reads nothing
     stats: dict[str, Any] = {"hit": False, "teacher_calls": 0, "label_s": 0.0, "teacher": None, "parts": {}, "fill": "live"}
     todo_by_source = missing_parts(plan, targets, planned, missing, stats)
-    stats["teacher"] = start_labeling_teacher(plan, why)
+    stats["teacher"] = start_labeling_teacher(plan, why, "train")
     plan.hold_teacher = True  # training labels through it
     todo = todo_by_source.get(id(plan.sources[TRAIN][1]), {})
     return LiveFill(plan, missing, todo, done_before, stats, seconds=time.perf_counter() - start)

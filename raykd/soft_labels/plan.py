@@ -96,7 +96,9 @@ class Plan:
             raise ValueError(f"labels.k={cfg.labels.k} exceeds the teacher vocabulary ({self.vocab_size})")
         if cfg.student.vocab_size is not None:
             resolve_vocab_size(cfg.student.vocab_size, self.vocab_size)
-        _check_student_tokenizer(cfg, self.tokenizer_fp, self.vocab_size)
+        self.cross_tokenizer = _check_student_tokenizer(cfg, self.tokenizer_fp, self.vocab_size)
+        """True when the student's tokenizer differs from the teacher's (``student.tokenizer_alignment``
+        then aligns them, :mod:`raykd.train.cross_tokenizer`)."""
         _check_layer_drops(cfg, teacher_config)
         _check_sampling_length(cfg, teacher_config)
         self.keys = {split: self.key_for(split) for split in self.sources}
@@ -210,16 +212,31 @@ def _check_sampling_length(cfg: DistillConfig, teacher_config) -> None:
                              f"(max_position_embeddings={context}); lower on_policy.max_new_tokens or prompt_tokens")
 
 
-def _check_student_tokenizer(cfg: DistillConfig, teacher_tok_fp: str, teacher_vocab: int) -> None:
-    """A ``pretrained`` student must share the teacher's tokenizer (checked on tokenizers only)."""
-    if cfg.student.init != "pretrained":
-        return
-    from raykd.students import check_same_vocabulary
+def _check_student_tokenizer(cfg: DistillConfig, teacher_tok_fp: str, teacher_vocab: int) -> bool:
+    """A student built from its own model (``student.model``) must share the teacher's tokenizer,
+    unless ``student.tokenizer_alignment`` names how to align them (checked on tokenizers only).
 
-    if cfg.student.model is None:
+    Returns:
+        True when the tokenizers differ and an alignment is named (a cross-tokenizer run).
+
+    Raises:
+        VocabularyMismatchError: the tokenizers differ and no alignment is named.
+    """
+    from raykd.students import VocabularyMismatchError, check_same_vocabulary
+
+    if cfg.student.init == "pretrained" and cfg.student.model is None:
         raise ValueError("student.init=pretrained needs student.model")
+    if cfg.student.model is None:  # a layer-dropped copy of the teacher
+        return False
     path = resolve_model_path(cfg.student.model)
-    check_same_vocabulary(teacher_tok_fp, tokenizer_fingerprint(load_tokenizer(path)), teacher_vocab, _vocab_size(path))
+    try:
+        check_same_vocabulary(teacher_tok_fp, tokenizer_fingerprint(load_tokenizer(path)), teacher_vocab, _vocab_size(path))
+    except VocabularyMismatchError as e:
+        if cfg.student.tokenizer_alignment is None:
+            raise VocabularyMismatchError(f"{e}. To distil across tokenizers, name an alignment: "
+                                          "student.tokenizer_alignment=byte_offsets (method uld, see `raykd methods`)") from None
+        return True
+    return False
 
 
 def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[str, Manifest]], dict[str, Any]]:
@@ -251,7 +268,7 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[str, Manifest]], dic
     todo_by_source = missing_parts(plan, targets, planned, missing, stats)
     start = time.perf_counter()
     if any(todo_by_source.values()):
-        stats["teacher"] = start_labeling_teacher(plan, "labeling the missing soft labels")
+        stats["teacher"] = start_labeling_teacher(plan, "labeling the missing soft labels", missing[-1])
         try:
             stats["teacher_calls"] += label_missing(plan, targets, missing, todo_by_source, stats)
         finally:
@@ -331,14 +348,17 @@ def missing_parts(plan: Plan, targets: dict[str, Target], planned: dict[str, lis
     return todo_by_source
 
 
-def start_labeling_teacher(plan: Plan, why: str) -> dict[str, Any]:
+def start_labeling_teacher(plan: Plan, why: str, check_split: str | None = None) -> dict[str, Any]:
     """Start the run's teacher (or reuse a running one, checked to be the run's teacher).
 
     Args:
         why: what the teacher is needed for (in the error when it may not be started).
+        check_split: score a few of this split's documents first and warn when the teacher's
+            perplexity is implausible (:func:`_check_teacher`); None skips the check.
 
     Returns:
-        The report's ``teacher`` entry: ``name``, ``started_by_run``, ``engine``, ``replica``.
+        The report's ``teacher`` entry: ``name``, ``started_by_run``, ``engine``, ``replica``,
+        ``check_ppl`` (None when not checked).
 
     Raises:
         raykd.teacher.deployment.TeacherNotRunningError: none runs and ``teacher.start`` is
@@ -356,7 +376,8 @@ def start_labeling_teacher(plan: Plan, why: str) -> dict[str, Any]:
     if not started:
         with console.user_errors(ValueError):
             check_running_teacher(info, cfg.teacher.name, plan.running_teacher_fields())
-    return {"name": cfg.teacher.name, "started_by_run": started, "engine": info["engine"], "replica": info["replica"]}
+    return {"name": cfg.teacher.name, "started_by_run": started, "engine": info["engine"], "replica": info["replica"],
+            "check_ppl": _check_teacher(plan, handle, check_split) if check_split else None}
 
 
 def label_missing(plan: Plan, targets: dict[str, Target], missing: list[str],
@@ -400,6 +421,22 @@ def finalize_splits(plan: Plan, targets: dict[str, Target], planned: dict[str, l
             t = targets[split]
             out[split] = (t.cache_dir, finalize(t.cache_dir, t.key, planned[split], plan.teacher_meta(), label_s))
     return out
+
+
+def _check_teacher(plan: Plan, handle, split: str, n_docs: int = 4) -> float | None:
+    """The teacher's perplexity on the first ``n_docs`` documents of ``split``, scored through its
+    deployment before it labels anything; warns when implausible (:mod:`raykd.teacher.sanity`)."""
+    from raykd.teacher.sanity import check_teacher_perplexity
+
+    data, parts = plan.sources[split]
+    texts = []
+    for doc in iter_documents(data, parts[:1]):
+        if plan.selections[split].mask([doc.doc_id])[0]:
+            texts.append(doc.text)
+        if len(texts) == n_docs:
+            break
+    score = lambda ids, am: handle.score.remote(ids, am, k=1, temperature=1.0).result()  # noqa: E731
+    return check_teacher_perplexity(score, load_tokenizer(plan.teacher_path), texts, seq_len=plan.cfg.data.seq_len)
 
 
 def _remove_old_partial_folders(cache_root: str) -> None:

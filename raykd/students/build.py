@@ -110,10 +110,12 @@ def check_same_vocabulary(teacher_tok_fp: str, student_tok_fp: str, teacher_voca
 
 
 def build_student(cfg: StudentConfig, teacher_path: Path, out_dir: Path) -> Path:
-    """Create the student's initial weights in ``out_dir`` (a ``save_pretrained`` folder).
+    """Create the student's initial weights in ``out_dir`` (a ``save_pretrained`` folder), with
+    the tokenizer of the model it comes from (``student.model``, else the teacher).
 
     Raises:
-        VocabularyMismatchError: a ``pretrained`` student with another tokenizer or vocabulary.
+        VocabularyMismatchError: a student from ``student.model`` with another tokenizer or
+            vocabulary, and no ``student.tokenizer_alignment``.
         ValueError: bad ``keep_layers``.
     """
     from transformers import AutoModelForCausalLM
@@ -121,26 +123,26 @@ def build_student(cfg: StudentConfig, teacher_path: Path, out_dir: Path) -> Path
     from raykd.models import load_tokenizer, resolve_model_path, tokenizer_fingerprint
 
     teacher_tok = load_tokenizer(teacher_path)
-    if cfg.init == "pretrained":
-        if cfg.model is None:
-            raise ValueError("student.init=pretrained needs student.model")
-        path = resolve_model_path(cfg.model)
-        student_tok = load_tokenizer(path)
+    base = resolve_model_path(cfg.model) if cfg.model else teacher_path
+    student_tok = load_tokenizer(base) if cfg.model else teacher_tok
+    if cfg.init == "pretrained" and cfg.model is None:
+        raise ValueError("student.init=pretrained needs student.model")
+    if cfg.model and cfg.tokenizer_alignment is None:
         check_same_vocabulary(
             tokenizer_fingerprint(teacher_tok),
             tokenizer_fingerprint(student_tok),
             len(teacher_tok),
             len(student_tok),
         )
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    if cfg.init == "pretrained":
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     else:
-        base = resolve_model_path(cfg.model) if cfg.model else teacher_path
-        teacher = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-        model = layer_drop(teacher, cfg.keep_layers)
-        del teacher
+        source = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        model = layer_drop(source, cfg.keep_layers)
+        del source
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
-    teacher_tok.save_pretrained(out_dir)
+    student_tok.save_pretrained(out_dir)  # the student's own (the teacher's unless student.tokenizer_alignment)
     return out_dir
 
 

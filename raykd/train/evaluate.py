@@ -8,6 +8,7 @@ run asks the teacher nothing.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -116,6 +117,12 @@ def _compressed_to_teacher(logp: torch.Tensor, nxt: torch.Tensor, table: torch.T
     return tok_lp, vocab.group_top_ids().to(logp.device)[logp.argmax(-1)]
 
 
+def _load(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+
+
 def evaluate_folder(model_dir: Path, shard_files: list[str], batch_size: int = 16,
                     vocab_dir: Path | None = None) -> dict[str, float]:
     """Load a ``save_pretrained`` folder and run :func:`student_metrics` on CPU; a vocabulary map
@@ -127,7 +134,8 @@ def evaluate_folder(model_dir: Path, shard_files: list[str], batch_size: int = 1
 
 
 def evaluate_students(teacher: dict[str, Any], init_dir: Path, results: dict[str, Any], eval_files: list[str],
-                      output_dir: Path, *, batch_size: int, objectives: dict[str, dict[str, float]]) -> dict[str, Any]:
+                      output_dir: Path, *, batch_size: int, objectives: dict[str, dict[str, float]],
+                      cross_tokenizer: bool = False) -> dict[str, Any]:
     """The report's model entries on the held-out soft labels: the teacher (from the cache), the
     untrained student and every trained student (perplexity of the real next tokens, top-1
     agreement with the teacher, forward KL from the teacher's buckets).
@@ -140,6 +148,10 @@ def evaluate_students(teacher: dict[str, Any], init_dir: Path, results: dict[str
         output_dir: each trained student is exported as a servable folder ``students/<name>``.
         batch_size: rows per evaluation forward.
         objectives: each student's ``{loss: weight}`` (reported beside its numbers).
+        cross_tokenizer: the students' tokenizer (``init_dir``'s) differs from the teacher's: they are
+            evaluated on the blocks' text re-tokenised for them and aligned
+            (:func:`raykd.train.cross_tokenizer.aligned_metrics`), and the teacher also reports its
+            bits per byte (its perplexity is per teacher token, not comparable).
 
     Returns:
         ``{"students", "teacher", "student_init", <name>...}`` entries of the report.
@@ -147,14 +159,23 @@ def evaluate_students(teacher: dict[str, Any], init_dir: Path, results: dict[str
     from raykd.train.export import export_student, param_count
 
     n_student = param_count(init_dir)
+    evaluate = functools.partial(evaluate_folder, vocab_dir=init_dir)
+    teacher_entry = teacher_metrics(eval_files)
+    if cross_tokenizer:
+        from raykd.train.cross_tokenizer import TokenizerAlignment, aligned_metrics, teacher_bits_per_byte
+
+        alignment = TokenizerAlignment(teacher["path"], init_dir)
+        teacher_entry["bits_per_byte"] = teacher_bits_per_byte(eval_files, alignment)
+        teacher_entry["top1_agreement"] = teacher_entry["kl"] = None  # the teacher against itself: not in its tokens
+        evaluate = lambda folder, files, bs, **_: aligned_metrics(_load(folder), files, alignment, bs)  # noqa: E731
     report: dict[str, Any] = {
         "students": list(results),
-        "teacher": {**teacher_metrics(eval_files), "model": teacher["model"], "params": param_count(Path(teacher["path"]))},
-        "student_init": {**evaluate_folder(init_dir, eval_files, batch_size), "params": n_student, "steps": 0},
+        "teacher": {**teacher_entry, "model": teacher["model"], "params": param_count(Path(teacher["path"]))},
+        "student_init": {**evaluate(init_dir, eval_files, batch_size), "params": n_student, "steps": 0},
     }
     for name, res in results.items():
         report[name] = {
-            **evaluate_folder(res.model_dir, eval_files, batch_size, vocab_dir=init_dir),
+            **evaluate(res.model_dir, eval_files, batch_size),
             "params": n_student,
             "objective": objectives[name],
             "steps": res.steps,

@@ -144,6 +144,10 @@ class LoopConfig(Strict):
     teacher application ``teacher_app`` (top-``teacher_k``, at ``temperature``), or None."""
     teacher_app: str | None = None
     teacher_k: int = Field(default=32, ge=1)
+    teacher_tokenizer: str | None = None
+    """Folder of the teacher's tokenizer when the student's differs (``student.tokenizer_alignment``):
+    each batch of teacher blocks is re-tokenised for the student and aligned
+    (:class:`raykd.train.cross_tokenizer.TokenizerAlignment`); None: the student reads the blocks as they are."""
     checkpoint_root: str | None = None
     """Ray Train's local mode (``train.num_workers = 0``) keeps no checkpoint of its own: the loop
     then writes them into ``<checkpoint_root>/checkpoint_<step>`` (the last two kept), and a run
@@ -275,6 +279,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if sampler is not None and state is not None and state.get("on_policy"):
         sampler.load_state_dict(state["on_policy"])
 
+    if cfg.teacher_tokenizer is not None:
+        from raykd.train.cross_tokenizer import TokenizerAlignment
+
+        aligner = TokenizerAlignment(cfg.teacher_tokenizer, cfg.student_path)
+        to_student = lambda b, tau: aligner.student_batch(b, cfg.temperature, tau)  # noqa: E731
+    else:
+        to_student = lambda b, tau: student_batch(b, cfg.temperature, tau, mix, vocab_table, train.target_k)  # noqa: E731
+
     raw = _micro_batches(ray.train.get_dataset_shard("train"), train.batch_size // world, train, device, position)
     clock = {"t": time.perf_counter(), "positions": 0.0, "data_s": 0.0, "ready": 0.0}
 
@@ -309,7 +321,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def next_group(tau: float) -> list[StudentBatch]:  # decoded for the step's temperature; data_s: the wait for it
         start = time.perf_counter()
-        group = [student_batch(b, cfg.temperature, tau, mix, vocab_table, train.target_k) for b in next(raw)]
+        group = [to_student(b, tau) for b in next(raw)]
         clock["data_s"] = time.perf_counter() - start
         if sampler is not None:
             group = sampler(group, tau)

@@ -205,6 +205,7 @@ def train_student(
     teacher_app: str | None = None,
     teacher_k: int = 32,
     rows: Any = None,
+    teacher_tokenizer: str | Path | None = None,
 ) -> TrainResult:
     """Train one student with Ray Train on a soft-label cache.
 
@@ -223,6 +224,8 @@ def train_student(
             dense targets (the cache then supplies only the blocks).
         on_policy: on-policy steps (:mod:`raykd.train.on_policy`), scored by the running teacher
             application ``teacher_app`` at top-``teacher_k`` and the cache's ``temperature``.
+        teacher_tokenizer: the teacher's folder when the student's tokenizer differs from it
+            (``student.tokenizer_alignment``): every batch is re-tokenised and aligned in the worker.
         params: loss hyper-parameters on top of ``cfg.loss_params``.
         rows: instead of ``shard_files``, a Ray Dataset of the cache's undecoded rows in training
             order (a cache filled live: :meth:`raykd.soft_labels.live.LiveFill.rows`).
@@ -273,6 +276,7 @@ def train_student(
         on_policy=on_policy,
         teacher_app=teacher_app,
         teacher_k=teacher_k,
+        teacher_tokenizer=str(teacher_tokenizer) if teacher_tokenizer is not None else None,
         **(teachers or {}),
     )
     trainer = TorchTrainer(

@@ -12,7 +12,7 @@ from raykd.losses.targets import teacher_buckets
 
 B, T, V = 2, 5, 11
 DIVERGENCES = [
-    "forward_kl", "reverse_kl", "symmetric_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "tvd",
+    "forward_kl", "reverse_kl", "symmetric_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "tvd", "uld",
 ]
 
 

@@ -27,10 +27,11 @@ def test_every_method_has_a_config_that_names_it_and_every_config_a_method():
 
 
 def test_every_method_config_has_a_short_run_in_the_ray_tests():
-    from tests.ray import test_chains, test_methods, test_on_policy
+    from tests.ray import test_chains, test_cross_tokenizer, test_methods, test_on_policy
 
     covered = {*test_methods.SINGLE_TEACHER, *test_methods.MULTI_TEACHER, *test_methods.RUN_ELSEWHERE,
-               *test_chains.CHAINS, *test_chains.SAME_PATH_AS, *test_on_policy.ON_POLICY, *test_on_policy.SAME_PATH_AS, "seqkd"}
+               *test_chains.CHAINS, *test_chains.SAME_PATH_AS, *test_on_policy.ON_POLICY, *test_on_policy.SAME_PATH_AS, "seqkd",
+               *test_cross_tokenizer.CROSS_TOKENIZER}
     assert covered == set(METHODS), f"methods without a tiny-model run: {sorted(set(METHODS) - covered)}"
 
 

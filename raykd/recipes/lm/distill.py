@@ -92,7 +92,8 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
                                        teachers=teachers, mlflow_uri=cfg.tracking.mlflow_uri,
                                        mlflow_experiment=cfg.tracking.experiment, online_teacher=plan.teacher_path,
                                        on_policy=cfg.on_policy, teacher_app=teacher_app, teacher_k=cfg.labels.k,
-                                       rows=live.rows(cfg.train.shuffle, cfg.train.seed) if live else None)
+                                       rows=live.rows(cfg.train.shuffle, cfg.train.seed) if live else None,
+                                       teacher_tokenizer=plan.teacher_path if plan.cross_tokenizer else None)
                    for name, weights in cfg.train.students.items()}
         train_s = time.perf_counter() - t_train
         if live is not None:
@@ -104,7 +105,8 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
     t_eval = time.perf_counter()
     report = {"run_name": cfg.run_name, "method": cfg.method,
               **evaluate_students({"model": cfg.teacher.model, "path": plan.teacher_path}, init_dir, results, eval_files,
-                                  output_dir, batch_size=cfg.eval.batch_size, objectives=cfg.train.students)}
+                                  output_dir, batch_size=cfg.eval.batch_size, objectives=cfg.train.students,
+                                  cross_tokenizer=plan.cross_tokenizer)}
     report.update(teachers_report)
     for name, res in results.items():  # the steps' wait for their data (with labels.fill=live: for the labels too)
         wait = float(sum(r.get("data_s", 0.0) for r in res.history))
