@@ -5,8 +5,8 @@ top-k ids are teacher ids. :class:`TokenizerAlignment` turns a batch of those ro
 for the student, in the data loader of each Train worker:
 
 1. the text of each block is rebuilt from the bytes its teacher tokens stand for, and
-   re-tokenised with the student's tokenizer (its BOS prepended, as the cache's blocks get the
-   teacher's: :func:`raykd.data.blocks.tokenize_to_blocks`);
+   re-tokenised with the student's tokenizer (its BOS prepended where the block starts with the
+   teacher's, a document's first block: :func:`raykd.data.blocks.tokenize_to_blocks`);
 2. student positions are aligned with teacher positions whose tokens end at the same byte
    offset (:func:`raykd.data.alignment.align_positions`);
 3. at each aligned student position the teacher's targets of its teacher position are copied,
@@ -106,7 +106,9 @@ class TokenizerAlignment:
         text_bytes = b"".join(self.teacher_bytes[i] or b"" for i in ids.tolist())
         text = text_bytes.decode("utf-8", errors="ignore")
         student = self.student_tok(text, add_special_tokens=False)["input_ids"]
-        if self.student_bos is not None:
+        # the student's BOS where the teacher's block has its own (a document's first block)
+        starts_doc = self.teacher_tok.bos_token_id is None or (len(ids) > 0 and int(ids[0]) == self.teacher_tok.bos_token_id)
+        if self.student_bos is not None and starts_doc:
             student = [int(self.student_bos), *student]
         s_ends = token_ends(student, self.student_lengths)
         s_all = b"".join(self.student_bytes[i] or b"" for i in student)

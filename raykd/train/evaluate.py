@@ -166,7 +166,6 @@ def evaluate_students(teacher: dict[str, Any], init_dir: Path, results: dict[str
 
         alignment = TokenizerAlignment(teacher["path"], init_dir)
         teacher_entry["bits_per_byte"] = teacher_bits_per_byte(eval_files, alignment)
-        teacher_entry["top1_agreement"] = teacher_entry["kl"] = None  # the teacher against itself: not in its tokens
         evaluate = lambda folder, files, bs, **_: aligned_metrics(_load(folder), files, alignment, bs)  # noqa: E731
     report: dict[str, Any] = {
         "students": list(results),

@@ -31,11 +31,11 @@ def test_a_student_of_another_tokenizer_trains_on_the_teachers_cache(tiny_labele
     history_terms = {"uld", "forward_kl", "ce"}
     assert report["uld"]["steps"] == 6 and math.isfinite(report["uld"]["final_train_loss"])
     for entry in (report["student_init"], report["uld"]):
-        assert entry["tokens"] > entry["aligned"] > 0.5 * entry["tokens"]  # ppl over every student token, the rest aligned
+        assert entry["tokens"] >= entry["aligned"] > 0.5 * entry["tokens"]  # ppl over every student token, the rest aligned
         assert 0.0 <= entry["top1_agreement"] <= 1.0 and entry["kl"] > 0 and 0 < entry["uld"] <= 2
         assert entry["bits_per_byte"] > 0
     assert report["uld"]["ppl"] < report["student_init"]["ppl"]  # trained in its own tokens
-    assert report["teacher"]["bits_per_byte"] > 0 and report["teacher"]["top1_agreement"] is None
+    assert report["teacher"]["bits_per_byte"] > 0 and report["teacher"]["ppl"] > 1
     exported = load_tokenizer(report["uld"]["model_dir"])
-    assert exported.convert_ids_to_tokens(exported("the team")["input_ids"])[-1].startswith("\u2581")  # its own tokenizer
+    assert any("\u2581" in t for t in exported.convert_ids_to_tokens(exported("the team")["input_ids"]))  # its own tokenizer
     assert history_terms <= set(report["uld"]["objective"])

@@ -123,7 +123,7 @@ def test_vocabulary_bytes_of_byte_level_and_metaspace_tokenizers(tmp_path):
         assert joined.lstrip(b" ") == text.encode()  # a metaspace tokenizer prefixes one space
         assert table[tok.bos_token_id] is None and table[tok.pad_token_id] is None
     bl, ms = (vocabulary_bytes(load_tokenizer(tmp_path / f)) for f in ("bl", "ms"))
-    assert b" market" in bl and b" market" in ms  # "Ġmarket" and "▁market" stand for the same bytes
+    assert b" the" in bl and b" the" in ms  # "Ġthe" and "▁the" stand for the same bytes
 
 
 @pytest.fixture(scope="module")
@@ -160,12 +160,13 @@ def test_mapped_targets_train_through_the_objective(pair):
 
     teacher, student = pair
     al = TokenizerAlignment(teacher, student)
-    assert 0.2 < al.matched_share < 1.0
+    assert 0.05 < al.matched_share < 1.0  # single characters and whole words such as " the" are shared
     ids = al.teacher_tok(["The team won the final match on day 3."], add_special_tokens=False, return_tensors="pt")["input_ids"]
     ids = torch.cat([torch.tensor([[al.teacher_tok.bos_token_id]]), ids], 1)
     k, t = 4, ids.shape[1]
     logprobs = torch.log_softmax(torch.randn(1, t, k), -1) - 0.5
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "topk_ids": torch.randint(3, len(al.teacher_tok), (1, t, k)),
+    top = torch.stack([torch.randperm(len(al.teacher_tok) - 3)[:k] + 3 for _ in range(t)])[None]  # K distinct ids a position
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "topk_ids": top,
              "topk_logprobs": logprobs, "tail_logmass": torch.log(-torch.expm1(logprobs.logsumexp(-1)))}
     sb = al.student_batch(batch, 1.0, 1.0)
     v_s = len(al.student_tok)
@@ -206,6 +207,7 @@ def test_another_tokenizer_without_an_alignment_is_refused_naming_the_field(tiny
 
 def test_the_cli_refusal_is_one_error_line(capsys, tiny_model, corpus_jsonl, tmp_path):
     other = build_tiny_model(tmp_path / "other", num_layers=2, metaspace=True)
+    capsys.readouterr()  # the fixture's own output
     code = cli(["distill", "--output-dir", str(tmp_path / "run"), "data.source=jsonl", f"data.path={corpus_jsonl}",
                 "data.id_column=id", f"teacher.model={tiny_model}", f"student.model={other}", "student.keep_layers=[0]",
                 f"labels.cache_dir={tmp_path / 'cache'}"])
