@@ -17,6 +17,10 @@ SmolLM2. The alignment's cost in the data loader is timed on real blocks.
 
 Run (about 30 minutes on 2 cores; the SmolLM2 caches are reused when the demo ran before):
     python benchmarks/bench_cross_tokenizer.py --output-dir runs/cross_tokenizer
+or, the two arms in parallel (a busy machine gives two processes more of its cores), then assembled:
+    python benchmarks/bench_cross_tokenizer.py --output-dir runs/xt --steps 40 --arm same &
+    python benchmarks/bench_cross_tokenizer.py --output-dir runs/xt --steps 40 --arm cross &
+    wait; python benchmarks/bench_cross_tokenizer.py --output-dir runs/xt --steps 40 --reuse
 """
 
 from __future__ import annotations
@@ -76,8 +80,14 @@ def main() -> None:
     parser.add_argument("--output-dir", default="runs/cross_tokenizer")
     parser.add_argument("--teacher-model", default=GEMMA, help="the other-family teacher (a .gguf path or folder)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cross_tokenizer_bbc.json"))
-    parser.add_argument("--skip-same", action="store_true", help="reuse <output-dir>/same/report.json")
+    parser.add_argument("--arm", choices=("both", "same", "cross"), default="both",
+                        help="run one arm only (two processes in parallel), then rerun with --reuse to assemble")
+    parser.add_argument("--reuse", action="store_true", help="reuse <output-dir>/{same,cross}/report.json where present")
+    parser.add_argument("--steps", type=int, default=80, help="optimizer steps of every student (the demo's: 80)")
+    parser.add_argument("--same-students", default="student_kd,student_ce", help="students of the SmolLM2 run")
+    parser.add_argument("--cross-students", default=",".join(CROSS_STUDENTS), help="students of the Gemma run")
     args = parser.parse_args()
+    budget = [f"train.max_steps={args.steps}", f"train.checkpoint_every={args.steps}"]
 
     from raykd.models import resolve_model_path
     from raykd.recipes.lm.distill import run_distill
@@ -85,27 +95,32 @@ def main() -> None:
     from raykd.train.evaluate import evaluate_folder
 
     out = Path(args.output_dir)
-    same_cfg = load_config(DistillConfig, ROOT / "jobs" / "configs" / "bbc_smollm2.yaml")
-    cross_cfg = load_config(DistillConfig, get_method("uld").config_path, [f"teacher.model={args.teacher_model}"])
-    cross_cfg.train.students = CROSS_STUDENTS
-    same_report_path = out / "same" / "report.json"
-    if args.skip_same and same_report_path.is_file():
-        same = json.loads(same_report_path.read_text())
-    else:
-        same = run_distill(same_cfg, out / "same")
-    cross = run_distill(cross_cfg, out / "cross")
+    same_cfg = load_config(DistillConfig, ROOT / "jobs" / "configs" / "bbc_smollm2.yaml", budget)
+    same_cfg.train.students = {n: w for n, w in same_cfg.train.students.items() if n in args.same_students.split(",")}
+    cross_cfg = load_config(DistillConfig, get_method("uld").config_path, [f"teacher.model={args.teacher_model}", *budget])
+    cross_cfg.train.students = {n: w for n, w in CROSS_STUDENTS.items() if n in args.cross_students.split(",")}
+    reports = {}
+    for arm, cfg in (("same", same_cfg), ("cross", cross_cfg)):
+        path = out / arm / "report.json"
+        if args.arm in ("both", arm) and not (args.reuse and path.is_file()):
+            reports[arm] = run_distill(cfg, out / arm)
+        elif path.is_file():
+            reports[arm] = json.loads(path.read_text())
+    if len(reports) < 2:
+        return
+    same, cross = reports["same"], reports["cross"]
 
     common = _eval_files(same)  # the SmolLM2 run's held-out blocks: the same token sequences for every student
     smol_dir = resolve_model_path(same_cfg.teacher.model)
     gemma_dir = resolve_model_path(args.teacher_model)
     students = {}
-    for name in ("student_kd", "student_ce"):
+    for name in same_cfg.train.students:
         students[name] = {"teacher": "SmolLM2-135M-Instruct", "objective": same[name]["objective"],
                           "ppl": same[name]["ppl"], "top1_agreement_smollm2": same[name]["top1_agreement"],
                           "kl_smollm2": same[name]["kl"], "steps": same[name]["steps"], "train_s": same[name]["train_s"]}
     students["student_init"] = {"teacher": None, "objective": None, "ppl": same["student_init"]["ppl"],
                                 "top1_agreement_smollm2": same["student_init"]["top1_agreement"], "kl_smollm2": same["student_init"]["kl"]}
-    for name in CROSS_STUDENTS:
+    for name in cross_cfg.train.students:
         on_common = evaluate_folder(Path(cross[name]["model_dir"]), common)
         students[name] = {"teacher": "Gemma-3-270M", "objective": cross[name]["objective"], "ppl": on_common["ppl"],
                           "top1_agreement_smollm2": on_common["top1_agreement"], "kl_smollm2": on_common["kl"],
