@@ -86,8 +86,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80, help="optimizer steps of every student (the demo's: 80)")
     parser.add_argument("--same-students", default="student_kd,student_ce", help="students of the SmolLM2 run")
     parser.add_argument("--cross-students", default=",".join(CROSS_STUDENTS), help="students of the Gemma run")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value applied to both runs, e.g. data.sample=0.09")
     args = parser.parse_args()
-    budget = [f"train.max_steps={args.steps}", f"train.checkpoint_every={args.steps}"]
+    budget = [f"train.max_steps={args.steps}", f"train.checkpoint_every={args.steps}", *args.overrides]
 
     from raykd.models import resolve_model_path
     from raykd.recipes.lm.distill import run_distill
@@ -134,7 +135,8 @@ def main() -> None:
                 "by a teacher of another family and tokenizer (Gemma 3 270M, ULD + byte-offset alignment), BBC News",
         "budget": {"steps": same_cfg.train.max_steps, "batch_size": same_cfg.train.batch_size, "seq_len": same_cfg.data.seq_len,
                    "lr": same_cfg.train.lr, "seed": same_cfg.train.seed, "k": same_cfg.labels.k,
-                   "train_docs": same["data"]["train_docs"], "eval_docs": same["data"]["eval_docs"], "seeds": 1},
+                   "train_docs": same["data"]["train_docs"], "eval_docs": same["data"]["eval_docs"], "seeds": 1,
+                   "sample": same_cfg.data.sample, "overrides": args.overrides},
         "teachers": {
             "SmolLM2-135M-Instruct": {"ppl_own_tokens": same["teacher"]["ppl"], "params": same["teacher"]["params"],
                                       "bits_per_byte": teacher_bits_per_byte(common, smol_al), "vocab": len(smol_al.teacher_bytes)},
