@@ -426,6 +426,7 @@ def finalize_splits(plan: Plan, targets: dict[str, Target], planned: dict[str, l
 def _check_teacher(plan: Plan, handle, split: str, n_docs: int = 4) -> float | None:
     """The teacher's perplexity on the first ``n_docs`` documents of ``split``, scored through its
     deployment before it labels anything; warns when implausible (:mod:`raykd.teacher.sanity`)."""
+    from raykd.teacher.deployment import ResentCall
     from raykd.teacher.sanity import check_teacher_perplexity
 
     data, parts = plan.sources[split]
@@ -435,8 +436,12 @@ def _check_teacher(plan: Plan, handle, split: str, n_docs: int = 4) -> float | N
             texts.append(doc.text)
         if len(texts) == n_docs:
             break
-    score = lambda ids, am: handle.score.remote(ids, am, k=1, temperature=1.0).result()  # noqa: E731
-    return check_teacher_perplexity(score, load_tokenizer(plan.teacher_path), texts, seq_len=plan.cfg.data.seq_len)
+    score = lambda ids, am: ResentCall(handle.score, ids, am, k=1, temperature=1.0).result()  # noqa: E731
+    try:
+        return check_teacher_perplexity(score, load_tokenizer(plan.teacher_path), texts, seq_len=plan.cfg.data.seq_len)
+    except Exception as e:  # noqa: BLE001 - a check that cannot run must not stop the labeling it guards
+        log.warning("could not check the teacher's perplexity before labeling (%s: %s)", type(e).__name__, e)
+        return None
 
 
 def _remove_old_partial_folders(cache_root: str) -> None:
