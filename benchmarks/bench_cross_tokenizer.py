@@ -54,7 +54,7 @@ def _alignment_cost(teacher_dir: Path, student_dir: Path, eval_files: list[str],
     import torch
 
     from raykd.train.cross_tokenizer import TokenizerAlignment
-    from raykd.train.evaluate import iter_cache_batches
+    from raykd.soft_labels.cache import iter_cache_batches
 
     t0 = time.perf_counter()
     al = TokenizerAlignment(teacher_dir, student_dir)

@@ -31,7 +31,7 @@ import numpy as np
 def split_stats(files: list[str], vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[V] counts of the split's real tokens, [V] teacher top-k probability summed over scored
     positions, and [V] how often each id is the teacher's top-1 there."""
-    from raykd.train.evaluate import iter_cache_batches
+    from raykd.soft_labels.cache import iter_cache_batches
 
     counts, mass, top1 = (np.zeros(vocab_size, dtype=np.float64) for _ in range(3))
     for b in iter_cache_batches(files, 256):

@@ -72,7 +72,7 @@ def generation_quality(results: dict, args, cfg: DistillConfig) -> None:
 
     from raykd.models import load_causal_lm, resolve_model_path
     from raykd.soft_labels.cache import open_cache, shard_paths
-    from raykd.train.evaluate import iter_cache_batches
+    from raykd.soft_labels.cache import iter_cache_batches
     from raykd.train.on_policy import teacher_loglik_of_continuations
 
     torch.manual_seed(0)

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raykd import storage
-from raykd.soft_labels.schema import SCHEMA_VERSION, count_tokens
+from raykd.soft_labels.schema import SCHEMA_VERSION, count_tokens, decode_batch
 
 MANIFEST = "manifest.json"
 PARTS = "parts"
@@ -311,3 +311,11 @@ def shard_paths(folder: Any, manifest: Manifest) -> list[str]:
     """Locations of a cache's shards (paths or URIs, as the folder is)."""
     return [storage.join(str(folder), s["file"]) for s in manifest.shards]
 
+
+def iter_cache_batches(shard_files: list[str], batch_size: int) -> Iterable[dict[str, Any]]:
+    """Decoded batches (:func:`raykd.soft_labels.schema.decode_batch`) of at most ``batch_size``
+    rows of committed shards, in shard order; local paths or URIs, no Ray needed."""
+    for path in shard_files:
+        with storage.open_input(path) as f:
+            for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
+                yield decode_batch(pa.Table.from_batches([rb]))

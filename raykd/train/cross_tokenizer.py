@@ -212,7 +212,7 @@ def aligned_metrics(model, shard_files: list[str], alignment: TokenizerAlignment
     from raykd.losses.kd import kl_divergence, uld
     from raykd.losses.reduction import student_bucket_log_probs
     from raykd.losses.targets import teacher_buckets
-    from raykd.train.evaluate import iter_cache_batches
+    from raykd.soft_labels.cache import iter_cache_batches
 
     model.eval()
     nll, nbytes, agree, kl, ul, n, n_aligned = 0.0, 0, 0, 0.0, 0.0, 0, 0
@@ -240,7 +240,7 @@ def aligned_metrics(model, shard_files: list[str], alignment: TokenizerAlignment
 
 def teacher_bits_per_byte(shard_files: list[str], alignment: TokenizerAlignment) -> float:
     """The teacher's NLL of its own next tokens (the cache's ``label_logprobs``) per byte of text."""
-    from raykd.train.evaluate import iter_cache_batches
+    from raykd.soft_labels.cache import iter_cache_batches
 
     nll, nbytes = 0.0, 0
     for b in iter_cache_batches(shard_files, 256):

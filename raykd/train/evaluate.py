@@ -22,18 +22,8 @@ import torch
 from raykd.losses.kd import kl_divergence
 from raykd.losses.reduction import student_bucket_log_probs, with_tail_bucket
 from raykd.losses.targets import TeacherTargets, teacher_buckets
-from raykd.soft_labels.schema import decode_batch
+from raykd.soft_labels.cache import iter_cache_batches
 from raykd.students.vocab import VocabMap
-
-
-def iter_cache_batches(shard_files: list[str], batch_size: int) -> Iterable[dict[str, np.ndarray]]:
-    """Decoded batches of at most ``batch_size`` rows, in shard order (no Ray needed)."""
-    from raykd import storage
-
-    for path in shard_files:
-        with storage.open_input(path) as f:
-            for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
-                yield decode_batch(pa.Table.from_batches([rb]))
 
 
 def teacher_metrics(shard_files: list[str]) -> dict[str, float]:

@@ -9,7 +9,7 @@ from raykd import storage
 from raykd.soft_labels.cache import open_cache, shard_paths
 from raykd.soft_labels.plan import Plan, ensure_soft_labels
 from raykd.students import build_student
-from raykd.train.evaluate import iter_cache_batches
+from raykd.soft_labels.cache import iter_cache_batches
 from raykd.train.trainer import train_student
 from tests.conftest import tiny_distill_config
 

@@ -20,7 +20,10 @@ from raykd.soft_labels.join import CacheJoinError, decode_joined, join_caches
 from raykd.soft_labels.schema import encode_batch, soft_label_schema
 
 B, T, V = 2, 3, 11
-TEACHER_LOSSES = [n for n, s in available_losses().items() if "sparse" in s.forms]
+TEACHER_LOSSES = [n for n, s in available_losses().items() if "sparse" in s.forms and n != "uld"]
+"""Losses a mixture of teachers feeds. ULD compares sorted probability vectors whose length is the
+number of ids, so a union of two teachers' ids is another vector: cross-tokenizer runs refuse
+extra teachers (config check), and ULD is left out here."""
 
 
 def _full_sparse(logits: torch.Tensor) -> TeacherTargets:

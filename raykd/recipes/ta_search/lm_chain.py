@@ -78,7 +78,7 @@ def load_lm_data(train_files: Sequence[str], eval_files: Sequence[str], kd: LMKD
     Raises:
         ValueError: an empty split.
     """
-    from raykd.train.evaluate import iter_cache_batches
+    from raykd.soft_labels.cache import iter_cache_batches
 
     keep = lambda b: {k: b[k] for k in CACHE_COLUMNS}
     train = [keep(b) for b in iter_cache_batches(list(train_files), kd.batch_size)]
