@@ -358,7 +358,8 @@ def start_labeling_teacher(plan: Plan, why: str, check_split: str | None = None)
 
     Returns:
         The report's ``teacher`` entry: ``name``, ``started_by_run``, ``engine``, ``replica``,
-        ``check_ppl`` (None when not checked).
+        ``check_ppl`` (None when not checked) and ``check_calls`` (the check's ``score`` calls,
+        not counted in the labeling's ``teacher_calls``).
 
     Raises:
         raykd.teacher.deployment.TeacherNotRunningError: none runs and ``teacher.start`` is
@@ -376,8 +377,9 @@ def start_labeling_teacher(plan: Plan, why: str, check_split: str | None = None)
     if not started:
         with console.user_errors(ValueError):
             check_running_teacher(info, cfg.teacher.name, plan.running_teacher_fields())
+    check_ppl, check_calls = _check_teacher(plan, handle, check_split) if check_split else (None, 0)
     return {"name": cfg.teacher.name, "started_by_run": started, "engine": info["engine"], "replica": info["replica"],
-            "check_ppl": _check_teacher(plan, handle, check_split) if check_split else None}
+            "check_ppl": check_ppl, "check_calls": check_calls}
 
 
 def label_missing(plan: Plan, targets: dict[str, Target], missing: list[str],
@@ -423,9 +425,13 @@ def finalize_splits(plan: Plan, targets: dict[str, Target], planned: dict[str, l
     return out
 
 
-def _check_teacher(plan: Plan, handle, split: str, n_docs: int = 4) -> float | None:
+def _check_teacher(plan: Plan, handle, split: str, n_docs: int = 4) -> tuple[float | None, int]:
     """The teacher's perplexity on the first ``n_docs`` documents of ``split``, scored through its
-    deployment before it labels anything; warns when implausible (:mod:`raykd.teacher.sanity`)."""
+    deployment before it labels anything; warns when implausible (:mod:`raykd.teacher.sanity`).
+
+    Returns:
+        ``(perplexity or None when the check could not run, score calls it made)``.
+    """
     from raykd.teacher.deployment import ResentCall
     from raykd.teacher.sanity import check_teacher_perplexity
 
@@ -436,12 +442,17 @@ def _check_teacher(plan: Plan, handle, split: str, n_docs: int = 4) -> float | N
             texts.append(doc.text)
         if len(texts) == n_docs:
             break
-    score = lambda ids, am: ResentCall(handle.score, ids, am, k=1, temperature=1.0).result()  # noqa: E731
+    calls = [0]
+
+    def score(ids, am):
+        calls[0] += 1
+        return ResentCall(handle.score, ids, am, k=1, temperature=1.0).result()
+
     try:
-        return check_teacher_perplexity(score, load_tokenizer(plan.teacher_path), texts, seq_len=plan.cfg.data.seq_len)
+        return check_teacher_perplexity(score, load_tokenizer(plan.teacher_path), texts, seq_len=plan.cfg.data.seq_len), calls[0]
     except Exception as e:  # noqa: BLE001 - a check that cannot run must not stop the labeling it guards
         log.warning("could not check the teacher's perplexity before labeling (%s: %s)", type(e).__name__, e)
-        return None
+        return None, calls[0]
 
 
 def _remove_old_partial_folders(cache_root: str) -> None:
