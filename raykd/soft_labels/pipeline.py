@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,11 @@ from raykd.soft_labels.cache import (
 from raykd.soft_labels.schema import encode_batch, soft_label_schema
 
 log = logging.getLogger(__name__)
+
+# Ray Data 2.60 takes the labeler actors' ``max_restarts`` / ``max_task_retries`` (what lets a killed
+# labeler come back without losing its part) only through ``**ray_remote_args``, which it warns is
+# deprecated; there is no named parameter yet, so the warning says nothing a user can act on.
+warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
 
 LABELER_MEMORY = 600 * 2**20
 """Bytes of memory each labeler actor reserves from Ray's scheduler: measured about 460 MiB on
