@@ -57,6 +57,8 @@ def run_one(method: str, out_root: Path, budget: list[str]) -> dict:
         "teacher_ppl": report["teacher"]["ppl"],
         "student_init_ppl": report["student_init"]["ppl"],
         "extra_teachers": extra, "cache_hit": report["cache"]["hit"], "wall_s": wall_s,
+        **({"feature_cache": s["feature_cache"]} if s.get("feature_cache") else {}),
+        **({"feature_teacher": "cached" if s.get("feature_cache") else "online"} if cfg.train.feature_terms() else {}),
         **chain, **({"generations": prepare} if prepare else {}),
     }
 
@@ -125,6 +127,13 @@ def write_table(results: dict, path_md: Path) -> str:
     for r in rows:
         if r.get("overrides"):
             lines.append(f"\n`{r['method']}` ran with `{' '.join(r['overrides'])}`.")
+        if r.get("feature_teacher") == "online":
+            lines.append(f"`{r['method']}`: the teacher ran in the Train worker for its features (train.feature_teacher).")
+        if r.get("feature_cache"):
+            fc = r["feature_cache"]
+            filled = "a hit" if fc["hit"] else f"filled by the teacher in {fc['seconds']:.0f} s"
+            lines.append(f"`{r['method']}`: teacher features from the feature cache ({fc['bytes_per_token']:,.0f} B/token "
+                         f"on disk; {filled}).")
         if r.get("generations"):
             g = r["generations"]
             lines.append(f"`{r['method']}` trained on {g['rows']} teacher continuations ({g['new_tokens']:,} generated tokens).")

@@ -331,6 +331,12 @@ class StudentConfig(Strict):
     top-k ids map to the student ids of the same bytes, the others join the tail bucket. Train with
     ``uld`` (ULD, Boizard et al. 2024: sorted probabilities, no id mapping) and/or ``forward_kl``
     (exact KL over the matched tokens); see :mod:`raykd.train.cross_tokenizer`."""
+    init_from: str | None = None
+    """A staged start (GKD's, e.g. RAIL-KD from a DistilBERT-distilled student): start from another
+    run's trained student folder (``<run>/students/<name>``) instead of building one. Its
+    ``layer_origin.json`` (written for a student layer-dropped from the teacher, and kept by the
+    export) gives the feature terms' default layer map; ``init``, ``model`` and ``keep_layers``
+    are then not used and must be left unset."""
     vocab_size: int | float | None = None
     """GLMD vocabulary compression: give the student an embedding and LM head over N entries, N
     this count (at least 8) or this fraction in (0, 1) of the teacher vocabulary (rounded down,
@@ -351,6 +357,12 @@ class StudentConfig(Strict):
             raise ValueError(f"student.vocab_size={v} must be a count of at least 8 or a fraction in (0, 1) "
                              "of the teacher vocabulary")
         return v
+
+    @model_validator(mode="after")
+    def _init_from_alone(self) -> StudentConfig:
+        if self.init_from is not None and (both := sorted({"init", "model", "keep_layers"} & self.model_fields_set)):
+            raise ValueError(f"student.init_from starts from a trained student folder: leave {both} unset")
+        return self
 
     @field_validator("keep_layers")
     @classmethod
@@ -576,6 +588,17 @@ class TrainConfig(Strict):
     Distributed Checkpoint (DCP), no gather and no single host holding the state; a run resumes
     from it on any number of workers and either strategy, and the last checkpoint is turned into
     a Hugging Face folder on the driver for evaluation and export. Needs ``num_workers >= 1``."""
+    layer_map: list[tuple[int, int]] | None = None
+    """The ``[student layer, teacher layer]`` pairs the feature terms match (0-based blocks,
+    increasing on both sides). None: the stride the layer-dropped student was built from,
+    student layer ``i`` <-> teacher layer ``student.keep_layers[i]``; a ``pretrained`` student has
+    no stride and must give it. Checked against both models before any work starts."""
+    feature_teacher: Literal["auto", "online", "cached"] = "auto"
+    """Where the feature terms' teacher features come from. ``online``: the teacher runs in every
+    Train worker (one no-grad forward per micro-batch). ``cached``: the teacher runs once over the
+    train split's blocks into the keyed feature cache (only the blocks the terms read, fp16; a
+    rerun asks it nothing) and the workers read it beside the soft labels. ``auto``: the faster
+    of the two for the terms, as measured (:data:`raykd.soft_labels.feature_cache.MEASURED_FASTER`)."""
     checkpoint_dir: str | None = None
     """Ray Train storage for checkpoints: a path or an ``s3://``/``gs://`` URI every node reaches
     (None: ``<output-dir>/ray_train``). Object storage needs ``num_workers >= 1`` (local mode
@@ -620,6 +643,12 @@ class TrainConfig(Strict):
     def phase_terms(self) -> set[str]:
         """Every loss name a phase of the schedule uses."""
         return {n for p in self.phases for n in (*(p.weights or {}), *(p.weights_end or {}))}
+
+    def feature_terms(self) -> list[str]:
+        """The feature (intermediate-layer) losses any student or phase uses, weight 0 included."""
+        from raykd.losses.registry import get_loss
+
+        return [n for n in self.objective_terms() if get_loss(n).kind == "features"]
 
     def objective_terms(self) -> list[str]:
         """Every loss name any student or phase uses (the terms logged at every step)."""
@@ -711,6 +740,7 @@ class DistillConfig(Strict):
                              "the whole cache before training: set labels.fill=before")
         if self.student.tokenizer_alignment is not None:
             self._check_cross_tokenizer()
+        self._check_feature_terms()
         names = [t.name for t in (self.teacher, *self.extra_teachers)]
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must differ (each is its own deployment), got {names}")
@@ -741,6 +771,30 @@ class DistillConfig(Strict):
         if features:
             raise ValueError(f"student.tokenizer_alignment aligns output distributions only; feature terms {features} "
                              "read intermediate layers position by position: remove them")
+
+    def _check_feature_terms(self) -> None:
+        """Feature terms read the one teacher's features in every Train worker (the model-dependent
+        checks, layer map against both models, run in the plan)."""
+        terms = self.train.feature_terms()
+        if not terms:
+            if self.train.layer_map is not None:
+                raise ValueError("train.layer_map is set but no objective has a feature term (e.g. pkd, tinybert); "
+                                 "remove it or add the term")
+            return
+        if self.extra_teachers or self.student.vocab_size is not None or self.on_policy is not None or self.labels.fill == "live":
+            raise ValueError(f"feature terms {terms} read one teacher's features on the cached text: they work without "
+                             "extra_teachers, student.vocab_size, on_policy and labels.fill=live")
+        if self.train.strategy == "fsdp":
+            raise ValueError(f"feature terms {terms} run the teacher whole in each worker: use train.strategy=ddp")
+        if self.train.feature_teacher == "cached":
+            from raykd.soft_labels.feature_cache import CACHED_TERMS
+
+            if bad := sorted(set(terms) - CACHED_TERMS):
+                raise ValueError(f"feature terms {bad} have no cached form (they read every teacher layer): set "
+                                 "train.feature_teacher=online (or auto)")
+        if self.student.init == "pretrained" and self.student.init_from is None and self.train.layer_map is None:
+            raise ValueError(f"feature terms {terms} with a pretrained student need train.layer_map: "
+                             "[[student layer, teacher layer], ...] (only a layer-dropped student has a default stride)")
 
     def _check_on_policy(self) -> None:
         """What an on-policy run cannot combine with (the model contexts are checked in the plan)."""

@@ -159,6 +159,32 @@ class LayerMap:
         idx = [i % teacher_layers for i in keep_layers]
         return cls(tuple(enumerate(idx)), len(idx), teacher_layers)
 
+    @classmethod
+    def for_student(cls, pairs: Sequence[Sequence[int]] | None, keep_layers: Sequence[int] | None, student_layers: int,
+                    teacher_layers: int) -> LayerMap:
+        """The layer map of a training run: the explicit ``pairs`` when given, else the stride the
+        layer-dropped student was built from (:meth:`from_keep_layers`).
+
+        Args:
+            pairs: ``[(student layer, teacher layer), ...]`` (``train.layer_map``) or None.
+            keep_layers: the teacher layers a layer-dropped student kept (``student.keep_layers``),
+                or None for a student that was not built by layer drop.
+            student_layers, teacher_layers: the two models' block counts.
+
+        Raises:
+            ValueError: neither is given, ``keep_layers`` does not match the student's block count,
+                or the map is invalid (see the class).
+        """
+        if pairs is not None:
+            return cls(tuple(tuple(p) for p in pairs), student_layers, teacher_layers)
+        if keep_layers is None:
+            raise ValueError("feature terms need a layer map: give train.layer_map: [[student layer, teacher layer], ...] "
+                             "(only a student layer-dropped from the teacher itself has a default stride)")
+        if len(keep_layers) != student_layers:
+            raise ValueError(f"student.keep_layers={list(keep_layers)} names {len(keep_layers)} layers, the student has "
+                             f"{student_layers}; give train.layer_map explicitly")
+        return cls.from_keep_layers(keep_layers, teacher_layers)
+
     @property
     def last(self) -> tuple[int, int]:
         """The deepest pair (what last-layer methods such as DistilBERT and MiniLM match)."""

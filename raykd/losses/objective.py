@@ -113,6 +113,9 @@ class Objective:
             when there is one).
         widths: ``(student width, teacher width)`` of the hidden states; the feature terms'
             projections are created when they differ.
+        projections: the feature terms' projections ``{term: {name: module}}`` owned by the
+            caller (kept across the objectives of a schedule, trained by the caller's
+            optimizer); given, ``widths`` is not used.
 
     Raises:
         KeyError: an unknown loss name (the message lists the valid ones).
@@ -121,7 +124,8 @@ class Objective:
     """
 
     def __init__(self, weights: Mapping[str, float], params: Mapping[str, Mapping[str, Any]] | None = None, *,
-                 layer_map: LayerMap | None = None, widths: tuple[int, int] | None = None):
+                 layer_map: LayerMap | None = None, widths: tuple[int, int] | None = None,
+                 projections: nn.ModuleDict | None = None):
         validate_weights(weights)
         self.weights = {name: float(w) for name, w in weights.items()}
         self.specs = {name: get_loss(name) for name in self.weights}
@@ -131,7 +135,7 @@ class Objective:
             raise ValueError(f"feature terms {self._feature_terms()} need a layer map: Objective(..., layer_map="
                              "LayerMap.from_keep_layers(keep_layers, teacher_layers)) or explicit (student, teacher) pairs")
         self.layer_map = layer_map
-        self.projections = nn.ModuleDict({
+        self.projections = projections if projections is not None else nn.ModuleDict({
             name: build_projections(self.specs[name].projections, *widths)
             for name in self._feature_terms() if widths is not None and self.specs[name].projections
         })

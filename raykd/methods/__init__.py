@@ -32,7 +32,7 @@ DistillConfig = Any
 a config's method, so this module stays below it)."""
 
 FEATURES = ("phases", "teachers", "vocab", "perturb", "generate", "chain", "agnostic_stage", "on_policy",
-            "cross_tokenizer")
+            "cross_tokenizer", "features")
 """Parts of a config beyond a plain single-teacher run; a method must declare the ones it uses.
 
 - ``phases``: ``train.phases`` is not empty (a schedule of objective and temperature);
@@ -44,6 +44,8 @@ FEATURES = ("phases", "teachers", "vocab", "perturb", "generate", "chain", "agno
 - ``agnostic_stage``: ``agnostic_stage`` is set (a task-agnostic stage before the task stage);
 - ``on_policy``: ``on_policy`` is set (the student's own samples scored by the served teacher);
 - ``cross_tokenizer``: ``student.tokenizer_alignment`` is set (a student with another tokenizer).
+- ``features``: an objective has a feature (intermediate-layer) term, read from the teacher run
+  in each Train worker through ``train.layer_map`` (default: the stride of ``student.keep_layers``).
 """
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -125,6 +127,7 @@ def config_features(cfg: DistillConfig) -> set[str]:
         "agnostic_stage": cfg.agnostic_stage is not None,
         "on_policy": getattr(cfg, "on_policy", None) is not None,
         "cross_tokenizer": getattr(cfg.student, "tokenizer_alignment", None) is not None,
+        "features": bool(cfg.train.feature_terms()),
     }
     return {name for name, on in flags.items() if on}
 
@@ -430,4 +433,84 @@ register_method(Method(
     composes="student.model (its own tokenizer) and student.tokenizer_alignment: byte_offsets; train.students "
              "{uld: a, forward_kl: b, ce: c} (forward_kl is over the matched tokens + one bucket for the rest)",
     uses=_CROSS, requires=_CROSS,
+))
+
+
+# ---- intermediate-layer (feature) methods on the decoder student: the teacher online in the worker ----
+
+
+def _feature_method(term: str, kd: bool = True) -> Callable[[DistillConfig], None]:
+    """The check of a feature method: every student trains on ``term`` (weight > 0) and, with
+    ``kd``, on the teacher's soft labels too (``forward_kl``)."""
+
+    def check(cfg: DistillConfig) -> None:
+        need = [term, "forward_kl"] if kd else [term]
+        if bad := {n: w for n, w in cfg.train.students.items() if any(w.get(t, 0) <= 0 for t in need)}:
+            raise ValueError(f"method {cfg.method!r} trains every student on {need} (weights > 0); got {bad}")
+
+    return check
+
+
+_FEATURE_USES = frozenset({"features", "phases"})
+_FEATURE_REQUIRES = frozenset({"features"})
+_LAYERS = ("train.layer_map (default: student layer i <-> teacher layer student.keep_layers[i]); the teacher runs "
+           "in each Train worker for its features (one no-grad forward per micro-batch), the soft labels come from "
+           "the cache")
+
+register_method(Method(
+    name="distilbert_kd",
+    description="KD + CE + cosine between the last mapped hidden states (decoder student, teacher online)",
+    paper="Sanh et al. 2019, DistilBERT, a distilled version of BERT: smaller, faster, cheaper and lighter",
+    composes=f"train.students {{forward_kl: a, ce: b, distilbert_cos: c}}; {_LAYERS}. The paper's student is "
+             "initialised from every other teacher layer, as layer_drop does",
+    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("distilbert_cos"),
+))
+register_method(Method(
+    name="patient_kd",
+    description="KD + CE + MSE of L2-normalised hidden states at the mapped layers (PKD-Skip on a decoder: every token)",
+    paper="Sun et al. 2019, Patient Knowledge Distillation for BERT Model Compression (EMNLP)",
+    composes=f"train.students {{forward_kl: a, ce: b, pkd: beta}}, train.loss_params {{pkd: {{first_token_only: 0}}}} "
+             f"(a decoder has no [CLS]: every token); {_LAYERS}",
+    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("pkd"),
+))
+register_method(Method(
+    name="tinybert_kd",
+    description="KD + CE + MSE of embeddings, hidden states and attention scores at the mapped layers",
+    paper="Jiao et al. 2020, TinyBERT: Distilling BERT for Natural Language Understanding (Findings of EMNLP)",
+    composes=f"train.students {{forward_kl: a, ce: b, tinybert: c}}; {_LAYERS}; as many student heads as teacher "
+             "heads (layer_drop keeps them). One stage: the paper's general-then-task schedule and data augmentation "
+             "are not here",
+    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("tinybert"),
+))
+register_method(Method(
+    name="minilmv2_kd",
+    description="KD + CE + KL of Q-Q, K-K, V-V self-relations of the last student layer (relation heads)",
+    paper="Wang et al. 2021, MiniLMv2: Multi-Head Self-Attention Relation Distillation for Compressing Pretrained "
+          "Transformers (Findings of ACL)",
+    composes=f"train.students {{forward_kl: a, ce: b, minilmv2: c}}, train.loss_params {{minilmv2: {{relation_heads: "
+             f"r}}}} (r divides the query and the key/value widths of both models); {_LAYERS}",
+    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("minilmv2"),
+))
+
+
+def _mixbaseline(cfg: DistillConfig) -> None:
+    from raykd.losses import get_loss
+
+    for name, weights in cfg.train.students.items():
+        feature = [n for n, w in weights.items() if w > 0 and get_loss(n).kind == "features"]
+        if len(feature) < 2 or weights.get("forward_kl", 0) <= 0:
+            raise ValueError(f"method 'mixbaseline' sums the intermediate terms of several baselines with KD: student "
+                             f"{name!r} needs forward_kl and at least two feature terms with weights > 0, got {weights}")
+
+
+register_method(Method(
+    name="mixbaseline",
+    description="several baselines at once: KD + a weighted sum of their intermediate-layer terms",
+    paper="GKD (Tan et al. 2023, GKD: A General Knowledge Distillation Framework for Large-scale Pre-trained Language "
+          "Model), mixbaseline (--mixbaseline_inter_bl TinyBERT,MiniLMv2,MiniLM,DistilBERT)",
+    composes=f"train.students {{forward_kl: a, tinybert: b, minilmv2: c, distilbert_cos: d, ...}} (any registered "
+             f"feature terms, each with its own weight and train.loss_params); {_LAYERS}. Left out: GKD's per-baseline "
+             "temperatures (one temperature for the logit term) and its option to drop the intermediate terms for a "
+             "second fine-tuning (a second run with train.students {forward_kl: 1} does that)",
+    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_mixbaseline,
 ))

@@ -100,6 +100,8 @@ class Plan:
         """True when the student's tokenizer differs from the teacher's (``student.tokenizer_alignment``
         then aligns them, :mod:`raykd.train.cross_tokenizer`)."""
         _check_layer_drops(cfg, teacher_config)
+        self.layer_map = _feature_layer_map(cfg, teacher_config)
+        """The checked layer map of the feature terms (:class:`raykd.losses.features.LayerMap`), or None."""
         _check_sampling_length(cfg, teacher_config)
         self.keys = {split: self.key_for(split) for split in self.sources}
 
@@ -188,12 +190,50 @@ def _check_layer_drops(cfg: DistillConfig, teacher_config) -> None:
     its source model has, so a bad index fails here rather than after labeling."""
     from raykd.students.build import check_keep_layers
 
-    if cfg.student.init == "layer_drop":
+    if cfg.student.init == "layer_drop" and cfg.student.init_from is None:
         source = _model_config(resolve_model_path(cfg.student.model)) if cfg.student.model else teacher_config
         check_keep_layers(cfg.student.keep_layers, source.num_hidden_layers, "student.keep_layers",
                           "the student's source model" if cfg.student.model else "the teacher")
     for i, assistant in enumerate(cfg.chain.assistants if cfg.chain is not None else []):
         check_keep_layers(assistant.keep_layers, teacher_config.num_hidden_layers, f"chain.assistants[{i}].keep_layers", "the teacher")
+
+
+def _feature_layer_map(cfg: DistillConfig, teacher_config):
+    """The layer map of the run's feature terms, checked against the teacher and the student
+    (None without feature terms): ``train.layer_map``, else the stride of ``student.keep_layers``
+    (only for a student layer-dropped from the teacher itself).
+
+    Raises:
+        ValueError: the map does not fit the models, or the widths differ (a learned projection)
+            with several workers (its gradients are not synchronised).
+    """
+    terms = cfg.train.feature_terms()
+    if not terms:
+        return None
+    from raykd.losses.features import LayerMap
+
+    s = cfg.student
+    if s.init_from is not None:  # a staged start keeps the stride its first run was built from
+        from raykd.students.build import read_layer_origin
+
+        source = _model_config(Path(s.init_from))
+        origin = read_layer_origin(Path(s.init_from))
+        same = origin is not None and origin["teacher_layers"] == teacher_config.num_hidden_layers
+        keep, student_layers = (origin["keep_layers"] if same else None), source.num_hidden_layers
+    else:
+        from_teacher = s.init == "layer_drop" and not s.model
+        source = teacher_config if from_teacher else _model_config(resolve_model_path(s.model))
+        student_layers = len(s.keep_layers) if s.init == "layer_drop" else source.num_hidden_layers
+        keep = s.keep_layers if from_teacher else None
+    try:
+        layer_map = LayerMap.for_student(cfg.train.layer_map, keep, student_layers, teacher_config.num_hidden_layers)
+    except ValueError as e:
+        raise ValueError(f"train.layer_map of {terms}: {e}") from None
+    widths = (source.hidden_size, teacher_config.hidden_size)
+    if widths[0] != widths[1] and cfg.train.num_workers > 1:
+        raise ValueError(f"student width {widths[0]} != teacher width {widths[1]}: feature terms {terms} learn a "
+                         "projection, trained on one worker only; set train.num_workers to 0 or 1")
+    return layer_map
 
 
 def _check_sampling_length(cfg: DistillConfig, teacher_config) -> None:
@@ -213,8 +253,9 @@ def _check_sampling_length(cfg: DistillConfig, teacher_config) -> None:
 
 
 def _check_student_tokenizer(cfg: DistillConfig, teacher_tok_fp: str, teacher_vocab: int) -> bool:
-    """A student built from its own model (``student.model``) must share the teacher's tokenizer,
-    unless ``student.tokenizer_alignment`` names how to align them (checked on tokenizers only).
+    """A student built from its own model (``student.model``), or a staged start's (``init_from``),
+    must share the teacher's tokenizer, unless ``student.tokenizer_alignment`` names how to align
+    them (checked on tokenizers only; not for a staged start).
 
     Returns:
         True when the tokenizers differ and an alignment is named (a cross-tokenizer run).
@@ -223,6 +264,14 @@ def _check_student_tokenizer(cfg: DistillConfig, teacher_tok_fp: str, teacher_vo
         VocabularyMismatchError: the tokenizers differ and no alignment is named.
     """
     from raykd.students import VocabularyMismatchError, check_same_vocabulary
+
+    if cfg.student.init_from is not None:  # a staged start: another run's trained student
+        path = Path(cfg.student.init_from)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"student.init_from={cfg.student.init_from!r} is not a model folder (no config.json); "
+                                    "give a trained student's folder, e.g. <run>/students/<name>")
+        check_same_vocabulary(teacher_tok_fp, tokenizer_fingerprint(load_tokenizer(path)), teacher_vocab, _vocab_size(path))
+        return False
 
     if cfg.student.init == "pretrained" and cfg.student.model is None:
         raise ValueError("student.init=pretrained needs student.model")

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -123,27 +124,47 @@ def build_student(cfg: StudentConfig, teacher_path: Path, out_dir: Path) -> Path
     from raykd.models import load_tokenizer, resolve_model_path, tokenizer_fingerprint
 
     teacher_tok = load_tokenizer(teacher_path)
-    base = resolve_model_path(cfg.model) if cfg.model else teacher_path
-    student_tok = load_tokenizer(base) if cfg.model else teacher_tok
-    if cfg.init == "pretrained" and cfg.model is None:
-        raise ValueError("student.init=pretrained needs student.model")
-    if cfg.model and cfg.tokenizer_alignment is None:
-        check_same_vocabulary(
-            tokenizer_fingerprint(teacher_tok),
-            tokenizer_fingerprint(student_tok),
-            len(teacher_tok),
-            len(student_tok),
-        )
-    if cfg.init == "pretrained":
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    origin = None
+    if cfg.init_from is not None:  # a staged start: another run's trained student, as it is
+        path = Path(cfg.init_from)
+        student_tok = load_tokenizer(path)
+        check_same_vocabulary(tokenizer_fingerprint(teacher_tok), tokenizer_fingerprint(student_tok),
+                              len(teacher_tok), len(student_tok))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        origin = read_layer_origin(path)
     else:
-        source = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-        model = layer_drop(source, cfg.keep_layers)
-        del source
+        base = resolve_model_path(cfg.model) if cfg.model else teacher_path
+        student_tok = load_tokenizer(base) if cfg.model else teacher_tok
+        if cfg.init == "pretrained" and cfg.model is None:
+            raise ValueError("student.init=pretrained needs student.model")
+        if cfg.model and cfg.tokenizer_alignment is None:
+            check_same_vocabulary(tokenizer_fingerprint(teacher_tok), tokenizer_fingerprint(student_tok),
+                                  len(teacher_tok), len(student_tok))
+        if cfg.init == "pretrained":
+            model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        else:
+            source = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+            model = layer_drop(source, cfg.keep_layers)
+            if not cfg.model:
+                origin = {"keep_layers": check_keep_layers(cfg.keep_layers, source.config.num_hidden_layers),
+                          "teacher_layers": source.config.num_hidden_layers}
+            del source
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     student_tok.save_pretrained(out_dir)  # the student's own (the teacher's unless student.tokenizer_alignment)
+    if origin is not None:  # exported with the student: a later staged start keeps the stride
+        (Path(out_dir) / LAYER_ORIGIN).write_text(json.dumps(origin))
     return out_dir
+
+
+LAYER_ORIGIN = "layer_origin.json"
+"""In a student folder layer-dropped from the teacher: ``{"keep_layers": [...], "teacher_layers": n}``."""
+
+
+def read_layer_origin(folder: Path) -> dict | None:
+    """The teacher layers a student folder was layer-dropped from (:data:`LAYER_ORIGIN`), or None."""
+    path = Path(folder) / LAYER_ORIGIN
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def count_parameters(model: nn.Module) -> int:

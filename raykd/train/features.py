@@ -155,7 +155,8 @@ class FeatureTeacher:
     Args:
         model: the frozen teacher (put in eval mode here).
         logits_fn: how its logits are read (:data:`raykd.train.step.STUDENT_KINDS`); they become
-            dense targets ``[B, P, V]``.
+            dense targets ``[B, P, V]``. None: features only (the forward stops before the head,
+            ``model.base_model``; the logit terms keep their cached targets).
         attention: capture queries, keys and values too (an objective's ``needs_attention``).
     """
 
@@ -163,11 +164,14 @@ class FeatureTeacher:
         self.model, self.logits_fn, self.attention = model.eval(), logits_fn, attention
 
     @torch.no_grad()
-    def __call__(self, batch) -> tuple[TeacherTargets, Features]:
-        """A :class:`~raykd.train.step.StudentBatch` -> (dense targets, teacher features)."""
+    def __call__(self, batch) -> tuple[TeacherTargets | None, Features]:
+        """A :class:`~raykd.train.step.StudentBatch` -> (dense targets or None, teacher features)."""
         with capture_features(self.model, batch.inputs, attention=self.attention) as cap:
-            logits = self.logits_fn(self.model, batch.inputs)
-        return TeacherTargets.dense(logits.float()), cap.features
+            if self.logits_fn is None:
+                self.model.base_model(**batch.inputs)
+            else:
+                logits = self.logits_fn(self.model, batch.inputs)
+        return (None if self.logits_fn is None else TeacherTargets.dense(logits.float())), cap.features
 
 
 def compact(f: Features, *, hidden: Sequence[int] = (), attention: Sequence[int] = (), embeddings: bool = False,
@@ -208,3 +212,105 @@ def feature_bytes(f: Features) -> int:
     """Bytes of the tensors a (compact) :class:`Features` holds, token mask excluded."""
     tensors = [f.embeddings, *f.hidden, *f.queries, *f.keys, *f.values, *f.attention_masks]
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class FeatureTerms:
+    """The feature side of a training run: the teacher's features (a frozen :class:`FeatureTeacher`
+    in this process, or None when they come cached on the batch), the checked layer map, and the
+    learned projections of the terms that have them (created only when the widths differ, trained
+    by an AdamW of their own, stepped after each student step; they are not part of the student
+    and are dropped at export).
+
+    Args:
+        student: the student (unwrapped), for its width and block count.
+        layer_map: the ``(student layer, teacher layer)`` pairs, checked against both models here.
+        terms: every feature term any objective of the run uses.
+        teacher: the frozen teacher model (same tokenizer as the student), or None (cached features).
+        teacher_shape: ``(blocks, width)`` of the teacher when ``teacher`` is None.
+        attention: capture queries, keys and values (some term reads them).
+        dense_logits: the teacher's forward also gives dense targets (``train.online_teacher``);
+            False: features only, the logit terms keep their cached targets.
+        lr: learning rate of the projections.
+
+    Raises:
+        ValueError: the layer map does not fit the two models' block counts.
+    """
+
+    def __init__(self, student: nn.Module, layer_map, terms: Sequence[str], *, teacher: nn.Module | None = None,
+                 teacher_shape: tuple[int, int] | None = None, attention: bool = False, dense_logits: bool = False,
+                 lr: float = 1e-3):
+        from raykd.losses import get_loss
+        from raykd.losses.features import LayerMap, build_projections
+        from raykd.train.step import causal_lm_logits
+
+        blocks, width = ((teacher.config.num_hidden_layers, teacher.config.hidden_size) if teacher is not None
+                         else teacher_shape)
+        self.layer_map = LayerMap(tuple(map(tuple, layer_map)), student.config.num_hidden_layers, blocks)
+        self.teacher = (FeatureTeacher(teacher, causal_lm_logits if dense_logits else None, attention=attention)
+                        if teacher is not None else None)
+        widths = (student.config.hidden_size, width)
+        self.projections = nn.ModuleDict({
+            n: build_projections(get_loss(n).projections, *widths) for n in terms if get_loss(n).projections
+        }).to(next(student.parameters()).device)
+        params = list(self.projections.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=lr) if params else None
+        self.cached = None
+        """``(layout, shapes)`` of cached teacher features on the batches, or None (online)."""
+
+    @classmethod
+    def for_run(cls, layer_map, terms: Sequence[str], student: nn.Module, device, *, teacher_path: str | None = None,
+                layout: dict | None = None, shapes: dict | None = None, dense_logits: bool = False,
+                lr: float = 1e-3) -> FeatureTerms | None:
+        """The feature side of a Train worker's run (None without a layer map: no feature term).
+
+        Args:
+            layer_map: the checked pairs; terms: every loss of the run (the feature ones are kept).
+            teacher_path: the teacher folder to run here (online); or
+            layout, shapes: the cached features' layout and shapes, read from the batches.
+
+        Raises:
+            ValueError: neither a teacher folder nor a cached layout.
+        """
+        if layer_map is None:
+            return None
+        from raykd.losses import get_loss
+
+        terms = [n for n in terms if get_loss(n).kind == "features"]
+        if layout is not None:
+            out = cls(student, layer_map, terms, teacher_shape=(shapes["layers"], shapes["hidden"]), lr=lr)
+            from raykd.soft_labels.feature_cache import FeatureLayout
+
+            out.cached = (FeatureLayout(**{k: tuple(v) if isinstance(v, list) else v for k, v in layout.items()}), shapes)
+            return out
+        if teacher_path is None:
+            raise ValueError("feature terms need the teacher's folder (online) or its cached features' layout")
+        from raykd.models import load_causal_lm
+
+        teacher = load_causal_lm(teacher_path).requires_grad_(False).to(device)
+        return cls(student, layer_map, terms, teacher=teacher, attention=any(get_loss(n).attention for n in terms),
+                   dense_logits=dense_logits, lr=lr)
+
+    def attach(self, sb, batch: dict[str, Tensor]):
+        """``sb`` (a :class:`~raykd.train.step.StudentBatch`) with the cached teacher features of
+        its rows (the batch's ``f.*`` columns); unchanged when the teacher runs online."""
+        if self.cached is not None:
+            from raykd.soft_labels.feature_cache import features_from_batch
+
+            sb.teacher_features = features_from_batch(batch, *self.cached)
+        return sb
+
+    def step(self) -> None:
+        """Step the projections' optimizer (after the student's step: their gradients accumulated
+        over its micro-batches)."""
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"projections": self.projections.state_dict(),
+                "optim": self.optimizer.state_dict() if self.optimizer is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.projections.load_state_dict(state["projections"])
+        if self.optimizer is not None and state.get("optim") is not None:
+            self.optimizer.load_state_dict(state["optim"])

@@ -40,6 +40,7 @@ from raykd.config import OnPolicyConfig, Strict, TrainConfig
 from raykd.losses import Objective, TeacherTargets
 from raykd.losses.targets import retemper, truncate_topk
 from raykd.students.vocab import VocabMap, map_ids, map_targets
+from raykd.train.features import FeatureTerms
 from raykd.train.parallel import (
     SHARDED_DIR,
     full_model_state,
@@ -148,17 +149,30 @@ class LoopConfig(Strict):
     """Folder of the teacher's tokenizer when the student's differs (``student.tokenizer_alignment``):
     each batch of teacher blocks is re-tokenised for the student and aligned
     (:class:`raykd.train.cross_tokenizer.TokenizerAlignment`); None: the student reads the blocks as they are."""
+    layer_map: list[tuple[int, int]] | None = None
+    """The feature terms' ``(student layer, teacher layer)`` pairs (checked on the driver,
+    :attr:`raykd.soft_labels.plan.Plan.layer_map`); None when no term reads features."""
+    feature_teacher: str | None = None
+    """Folder of the teacher run in the worker for the feature terms' features, or None."""
+    feature_layout: dict[str, Any] | None = None
+    """The cached teacher features' layout (:class:`raykd.soft_labels.feature_cache.FeatureLayout`)
+    when they come with the batches (``f.*`` columns), or None."""
+    feature_shapes: dict[str, Any] | None = None
+    """Their shapes (the feature shards' ``raykd.feature_shapes`` metadata)."""
     checkpoint_root: str | None = None
     """Ray Train's local mode (``train.num_workers = 0``) keeps no checkpoint of its own: the loop
     then writes them into ``<checkpoint_root>/checkpoint_<step>`` (the last two kept), and a run
     under the same name continues from the latest, as Ray Train's own storage does with workers."""
 
-    def objective_at(self, step: int) -> tuple[Objective, float]:
-        """The objective and temperature of 0-based ``step``, from ``train.phases``."""
+    def objective_at(self, step: int, features: FeatureTerms | None = None) -> tuple[Objective, float]:
+        """The objective and temperature of 0-based ``step``, from ``train.phases`` (with the
+        layer map and projections of ``features`` for the feature terms)."""
         weights, tau = schedule_at(self.train.phases, step, self.train.total_steps, self.weights, self.temperature,
                                    self.terms)
         params = {n: p for n, p in self.loss_params.items() if n in weights}
-        return Objective(weights, params), tau
+        if features is None:
+            return Objective(weights, params), tau
+        return Objective(weights, params, layer_map=features.layer_map, projections=features.projections), tau
 
 
 def _autocast(mode: str, device: torch.device):
@@ -274,7 +288,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             mix.load_state_dict(state["mix"])
     tracker = _mlflow(cfg, rank)
     sharded = train.strategy == "fsdp" and world > 1
-    teacher = online_teacher(cfg.online_teacher, device, world if sharded else 1) if cfg.online_teacher else None
+    features = FeatureTerms.for_run(cfg.layer_map, cfg.terms, core, device, teacher_path=cfg.feature_teacher,
+                                    layout=cfg.feature_layout, shapes=cfg.feature_shapes,
+                                    dense_logits=bool(cfg.online_teacher), lr=train.lr)
+    teacher = online_teacher(cfg.online_teacher, device, world if sharded else 1) \
+        if cfg.online_teacher and (features is None or features.teacher is None) else None
+    if features is not None and state is not None and state.get("features"):
+        features.load_state_dict(state["features"])
     sampler = _on_policy_sampler(cfg, core, rank)
     if sampler is not None and state is not None and state.get("on_policy"):
         sampler.load_state_dict(state["on_policy"])
@@ -291,6 +311,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     clock = {"t": time.perf_counter(), "positions": 0.0, "data_s": 0.0, "ready": 0.0}
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
+        if features is not None:
+            features.step()
         extra = mix.after_step(model) if mix is not None else {}
         if sampler is not None:  # the step's time split (the update: from the group being ready to here)
             extra.update(sampler.last, data_s=clock["data_s"], update_s=time.perf_counter() - clock["ready"])
@@ -310,7 +332,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step % train.checkpoint_every == 0 or last:
             state = {"sched": sched.state_dict(), "step": step, "mix": mix.state_dict() if mix else None,
                      "data": dict(position), "resumed_from": resumed_from,
-                     "on_policy": sampler.state_dict() if sampler is not None else None}
+                     "on_policy": sampler.state_dict() if sampler is not None else None,
+                     "features": features.state_dict() if features is not None else None}
             if train.checkpoint_format == "sharded":
                 _report_sharded(model, optim, state, history, rank, row)
             else:
@@ -321,17 +344,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def next_group(tau: float) -> list[StudentBatch]:  # decoded for the step's temperature; data_s: the wait for it
         start = time.perf_counter()
-        group = [to_student(b, tau) for b in next(raw)]
+        batches = next(raw)
+        group = [to_student(b, tau) for b in batches]
+        if features is not None:  # cached teacher features ride on the rows (``f.*`` columns)
+            group = [features.attach(sb, b) for sb, b in zip(group, batches, strict=True)]
         clock["data_s"] = time.perf_counter() - start
         if sampler is not None:
             group = sampler(group, tau)
         clock["ready"] = time.perf_counter()
         return group
 
-    run_steps(model, optim, next_group, cfg.objective_at, max_steps=train.max_steps,
+    run_steps(model, optim, next_group, partial(cfg.objective_at, features=features), max_steps=train.max_steps,
               start=step, on_step=on_step, scheduler=sched, max_grad_norm=train.max_grad_norm, world=world,
               all_reduce=partial(_all_reduce, world=world, device=device),
               autocast=partial(_autocast, train.autocast, device), teacher=teacher,
+              feature_teacher=features.teacher if features is not None else None,
               on_logits=(lambda b, logits: mix.remember((b.inputs["input_ids"], b.inputs["attention_mask"], b.labels,
                                                          b.mask), logits)) if mix is not None else None)
     if tracker is not None:

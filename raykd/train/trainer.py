@@ -99,6 +99,16 @@ def _ordered_ingest():
     return options
 
 
+def _train_dataset(shard_files: list[str], cfg: TrainConfig, teachers: dict[str, Any] | None,
+                   feature_cache: dict[str, Any] | None):
+    """The soft-label rows, with their cached teacher features beside them when given."""
+    if feature_cache is not None:
+        from raykd.soft_labels.feature_cache import paired_dataset
+
+        return paired_dataset(feature_cache["pairs"], cfg.shuffle, cfg.seed)
+    return soft_label_dataset(shard_files, cfg.shuffle, cfg.seed, (teachers or {}).get("num_teachers", 1))
+
+
 def check_student_gpus(cfg: TrainConfig, node_gpus: list[float]) -> None:
     """Refuse ``train.use_gpu`` on a cluster without GPUs before any work (Ray would queue the
     workers forever).
@@ -206,6 +216,8 @@ def train_student(
     teacher_k: int = 32,
     rows: Any = None,
     teacher_tokenizer: str | Path | None = None,
+    layer_map: list[tuple[int, int]] | None = None,
+    feature_cache: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train one student with Ray Train on a soft-label cache.
 
@@ -221,7 +233,13 @@ def train_student(
             ``gs://``) resolved through :mod:`raykd.storage`; from object storage the final
             checkpoint is downloaded into a local folder for evaluation and export.
         online_teacher: with ``cfg.online_teacher``, the teacher folder each worker loads for
-            dense targets (the cache then supplies only the blocks).
+            dense targets (the cache then supplies only the blocks); with feature terms, the
+            teacher each worker runs for their features.
+        layer_map: the feature terms' checked ``(student layer, teacher layer)`` pairs
+            (:attr:`raykd.soft_labels.plan.Plan.layer_map`); required when an objective has one.
+        feature_cache: the feature terms' teacher features from the feature cache instead of an
+            online teacher: ``pairs`` (soft-label shard, feature shard) per part, ``layout`` and
+            ``shapes`` (:func:`raykd.soft_labels.feature_cache.ensure_teacher_features`).
         on_policy: on-policy steps (:mod:`raykd.train.on_policy`), scored by the running teacher
             application ``teacher_app`` at top-``teacher_k`` and the cache's ``temperature``.
         teacher_tokenizer: the teacher's folder when the student's tokenizer differs from it
@@ -255,6 +273,14 @@ def train_student(
         raise ValueError("train.online_teacher is set but no teacher folder was given to train_student")
     if on_policy is not None and teacher_app is None:
         raise ValueError("on_policy training needs a running teacher: pass teacher_app (its Serve application name)")
+    terms = sorted(set(weights) | cfg.phase_terms())
+    from raykd.losses import get_loss
+
+    has_features = any(get_loss(n).kind == "features" for n in terms)
+    if has_features and (layer_map is None or (online_teacher is None and feature_cache is None)):
+        raise ValueError(f"student {name!r} has feature terms: pass layer_map and the teacher folder (online_teacher) "
+                         "or its cached features (feature_cache)")
+    layer_map = layer_map if has_features else None  # a student without feature terms runs no teacher for them
     check_training_resources(cfg, name)
     fs, fs_path = storage.resolve(storage_path, setting="train.checkpoint_dir")
     local = isinstance(fs, pyarrow.fs.LocalFileSystem)
@@ -265,7 +291,7 @@ def train_student(
         run_label=name,
         student_path=str(student_path),
         weights=dict(weights),
-        terms=sorted(set(weights) | cfg.phase_terms()),
+        terms=terms,
         loss_params={**cfg.loss_params, **(params or {})},
         temperature=temperature,
         train=cfg,
@@ -277,6 +303,10 @@ def train_student(
         teacher_app=teacher_app,
         teacher_k=teacher_k,
         teacher_tokenizer=str(teacher_tokenizer) if teacher_tokenizer is not None else None,
+        layer_map=[tuple(p) for p in layer_map] if layer_map is not None else None,
+        feature_teacher=str(online_teacher) if layer_map is not None and feature_cache is None else None,
+        feature_layout=feature_cache["layout"] if layer_map is not None and feature_cache else None,
+        feature_shapes=feature_cache["shapes"] if layer_map is not None and feature_cache else None,
         **(teachers or {}),
     )
     trainer = TorchTrainer(
@@ -293,7 +323,7 @@ def train_student(
             callbacks=[console.train_progress(name, cfg.max_steps)],  # this student's progress bar on the driver
         ),
         datasets={"train": in_order(decoded(rows) if rows is not None else
-                                    soft_label_dataset(shard_files, cfg.shuffle, cfg.seed, (teachers or {}).get("num_teachers", 1)))},
+                                    _train_dataset(shard_files, cfg, teachers, feature_cache if loop.feature_layout else None))},
         dataset_config=DataConfig(execution_options=_ordered_ingest()),
     )
     start = time.perf_counter()

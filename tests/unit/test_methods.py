@@ -27,11 +27,11 @@ def test_every_method_has_a_config_that_names_it_and_every_config_a_method():
 
 
 def test_every_method_config_has_a_short_run_in_the_ray_tests():
-    from tests.ray import test_chains, test_cross_tokenizer, test_methods, test_on_policy
+    from tests.ray import test_chains, test_cross_tokenizer, test_feature_methods, test_methods, test_on_policy
 
     covered = {*test_methods.SINGLE_TEACHER, *test_methods.MULTI_TEACHER, *test_methods.RUN_ELSEWHERE,
                *test_chains.CHAINS, *test_chains.SAME_PATH_AS, *test_on_policy.ON_POLICY, *test_on_policy.SAME_PATH_AS, "seqkd",
-               *test_cross_tokenizer.CROSS_TOKENIZER}
+               *test_cross_tokenizer.CROSS_TOKENIZER, *test_feature_methods.FEATURE_METHODS, *test_feature_methods.SAME_PATH_AS}
     assert covered == set(METHODS), f"methods without a tiny-model run: {sorted(set(METHODS) - covered)}"
 
 
@@ -70,6 +70,15 @@ def test_register_method_refuses_unknown_features_and_duplicates():
     (["train.loss_params={generalized_jsd: {beta: 0.5}}"], "not a term"),
     (["train.students={s: {skew_kl: 1}}", "train.loss_params={skew_kl: {beta: 0.5}}"], "accepts \\['alpha'\\]"),
     (["method=tmkd", "extra_teachers=[{name: teacher}]"], "teacher names must differ"),
+    (["method=kd", "train.students={s: {forward_kl: 0.5, pkd: 1.0}}"], "does not use \\['features'\\]"),
+    (["method=patient_kd", "train.students={s: {forward_kl: 0.5, ce: 0.5}}", "train.loss_params={}"],
+     "needs \\['features'\\]"),
+    (["method=patient_kd", "train.students={s: {ce: 0.5, pkd: 1.0}}"], "trains every student on \\['pkd', 'forward_kl'\\]"),
+    (["train.layer_map=[[0, 0]]"], "no objective has a feature term"),
+    (["method=tinybert_kd", "train.students={s: {forward_kl: 1, tinybert: 1}}", "student.init=pretrained",
+      "student.model=other"], "need train.layer_map"),
+    (["method=tinybert_kd", "train.students={s: {forward_kl: 1, tinybert: 1}}", "train.strategy=fsdp"],
+     "use train.strategy=ddp"),
 ])
 def test_bad_method_configs_are_refused_at_load_time(overrides, message):
     with pytest.raises(ConfigError, match=message):

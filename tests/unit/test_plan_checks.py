@@ -54,3 +54,27 @@ def test_the_command_reports_a_plan_error_in_one_line(tiny_model, corpus_jsonl, 
     out, err = capsys.readouterr()
     assert err.startswith("error: student.keep_layers=[0, 9]: [9] out of range") and "Traceback" not in out + err
     assert len(err.splitlines()) == 1 and not (tmp_path / "cache").exists()
+
+
+def _with_features(cfg, layer_map=None, **student):
+    data = cfg.model_dump(mode="json")
+    data["method"] = "patient_kd"
+    data["train"].update(students={"s": {"forward_kl": 0.5, "ce": 0.5, "pkd": 1.0}}, layer_map=layer_map)
+    data["student"].update(student)
+    return DistillConfig.model_validate(data)
+
+
+def test_the_feature_layer_map_defaults_to_the_students_stride_and_is_checked_against_both_models(
+        tiny_model, corpus_jsonl, tmp_path):
+    base = tiny_distill_config(tiny_model, corpus_jsonl, tmp_path / "cache")
+    assert Plan(_with_features(base, keep_layers=[0, 3])).layer_map.pairs == ((0, 0), (1, 3))
+    assert Plan(_with_features(base, layer_map=[[1, 2]], keep_layers=[0, 3])).layer_map.pairs == ((1, 2),)
+    assert Plan(base).layer_map is None  # no feature term, no map
+    with pytest.raises(ValueError, match=r"train.layer_map of \['pkd'\]: layer pair \(1, 4\) is out of range"):
+        Plan(_with_features(base, layer_map=[[0, 0], [1, 4]], keep_layers=[0, 3]))
+    with pytest.raises(ValueError, match="pairs must increase in both layers"):
+        Plan(_with_features(base, layer_map=[[0, 2], [1, 1]], keep_layers=[0, 3]))
+    # a student layer-dropped from another model has no stride over the teacher's layers
+    with pytest.raises(ValueError, match="only a student layer-dropped from the teacher itself has a default stride"):
+        Plan(_with_features(base, keep_layers=[0, 3], model=str(tiny_model)))
+    assert not (tmp_path / "cache").exists()

@@ -83,6 +83,8 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
     init_dir = build_student(cfg.student, plan.teacher_path, output_dir / "student_init")
     if cfg.student.vocab_size is not None:
         compress_student_folder(init_dir, train_files, cfg.student.vocab_size, cfg.student.vocab_map, plan.teacher_path)
+    # {student: cached teacher features}; feature terms refuse labels.fill=live, so the train cache is whole here
+    feature_caches = _feature_caches(cfg, plan, *caches["train"]) if live is None else {}
     t_train = time.perf_counter()
     # on-policy runs: the served teacher stays up (else None); a live fill holds it until the caches are finished
     with live or contextlib.nullcontext(), teacher_for_training(plan) as teacher_app:
@@ -93,7 +95,9 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
                                        mlflow_experiment=cfg.tracking.experiment, online_teacher=plan.teacher_path,
                                        on_policy=cfg.on_policy, teacher_app=teacher_app, teacher_k=cfg.labels.k,
                                        rows=live.rows(cfg.train.shuffle, cfg.train.seed) if live else None,
-                                       teacher_tokenizer=plan.teacher_path if plan.cross_tokenizer else None)
+                                       teacher_tokenizer=plan.teacher_path if plan.cross_tokenizer else None,
+                                       layer_map=list(plan.layer_map.pairs) if plan.layer_map is not None else None,
+                                       feature_cache=feature_caches.get(name))
                    for name, weights in cfg.train.students.items()}
         train_s = time.perf_counter() - t_train
         if live is not None:
@@ -111,6 +115,8 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
     for name, res in results.items():  # the steps' wait for their data (with labels.fill=live: for the labels too)
         wait = float(sum(r.get("data_s", 0.0) for r in res.history))
         report[name].update(train_s=res.seconds, data_wait_s=wait, data_wait_share=wait / max(res.seconds, 1e-9))
+    for name, fc in feature_caches.items():
+        report[name]["feature_cache"] = fc["stats"]
     if cfg.on_policy is not None:
         from raykd.train.on_policy import time_split
 
@@ -126,6 +132,26 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
     write_report(report, output_dir, {name: res.history for name, res in results.items()})
     print_table(report)
     return report
+
+
+def _feature_caches(cfg: DistillConfig, plan: Plan, train_dir, train_manifest) -> dict[str, dict[str, Any]]:
+    """For each student whose feature terms read cached teacher features (``train.feature_teacher``),
+    its feature cache over the train split's blocks (filled by the teacher once per key)."""
+    from raykd.losses import get_loss
+    from raykd.soft_labels.feature_cache import ensure_teacher_features, feature_source
+
+    out = {}
+    for name, weights in cfg.train.students.items():
+        terms = sorted(n for n in set(weights) | cfg.train.phase_terms() if get_loss(n).kind == "features")
+        if not terms or feature_source(terms, cfg.train.feature_teacher) != "cached":
+            continue
+        params = {t: cfg.train.loss_params.get(t, {}) for t in terms}
+        pairs, layout, stats = ensure_teacher_features(plan, train_dir, train_manifest, params, plan.layer_map)
+        log.info("student %s: teacher features %s (%s, %.0f B/token)", name, "cache hit" if stats["hit"] else "labeled",
+                 stats["path"], stats["bytes_per_token"])
+        out[name] = {"pairs": pairs, "layout": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(layout).items()},
+                     "shapes": stats["shapes"], "stats": {k: v for k, v in stats.items() if k != "shapes"}}
+    return out
 
 
 def _cache_report(cfg: DistillConfig, train: tuple[Path, Any], eval_: tuple[Path, Any], label_stats: dict[str, Any]) -> dict[str, Any]:
