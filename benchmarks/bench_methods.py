@@ -57,6 +57,7 @@ def run_one(method: str, out_root: Path, budget: list[str]) -> dict:
         "teacher_ppl": report["teacher"]["ppl"],
         "student_init_ppl": report["student_init"]["ppl"],
         "extra_teachers": extra, "cache_hit": report["cache"]["hit"], "wall_s": wall_s,
+        "eval_docs": report.get("data", {}).get("eval_docs"),
         **({"feature_cache": s["feature_cache"]} if s.get("feature_cache") else {}),
         **({"feature_teacher": "cached" if s.get("feature_cache") else "online"} if cfg.train.feature_terms() else {}),
         **chain, **({"generations": prepare} if prepare else {}),
@@ -110,7 +111,7 @@ def write_table(results: dict, path_md: Path) -> str:
         f"# Distillation methods on BBC News, SmolLM2-135M-Instruct teacher ({b['machine']})", "",
         f"Budget per method: {b['steps']} steps x batch {b['batch_size']} x {b['seq_len']} tokens "
         f"({b['steps'] * b['batch_size']} blocks), AdamW lr {b['lr']}; student = 6 of 30 teacher layers; "
-        f"held-out: {b['eval_docs']} articles. Teacher ppl {rows[0]['teacher_ppl']:.2f} (agreement 1.0), "
+        f"held-out: {rows[0].get('eval_docs', b.get('eval_docs'))} articles. Teacher ppl {rows[0]['teacher_ppl']:.2f} (agreement 1.0), "
         f"untrained student ppl {rows[0]['student_init_ppl']:,.0f}"
         + (f", KL {rows[0]['student_init_kl']:.3f}" if rows[0].get("student_init_kl") is not None else "")
         + ". KL(teacher, student): nats per token over the teacher's top-32 + tail buckets." if rows else "", "",
@@ -169,7 +170,7 @@ def main() -> None:
     results = json.loads(results_json.read_text()) if results_json.exists() else {"methods": {}}
     base = load_config(DistillConfig, get_method("kd").config_path, budget)
     results["budget"] = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": base.data.seq_len,
-                         "lr": base.train.lr, "eval_docs": base.data.test_docs,
+                         "lr": base.train.lr,
                          "machine": f"{platform.machine()}, CPU only"}
     results_json.parent.mkdir(parents=True, exist_ok=True)
     for other in args.merge:

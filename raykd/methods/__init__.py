@@ -453,13 +453,13 @@ def _feature_method(term: str, kd: bool = True) -> Callable[[DistillConfig], Non
 
 _FEATURE_USES = frozenset({"features", "phases"})
 _FEATURE_REQUIRES = frozenset({"features"})
-_LAYERS = ("train.layer_map (default: student layer i <-> teacher layer student.keep_layers[i]); the teacher runs "
-           "in each Train worker for its features (one no-grad forward per micro-batch), the soft labels come from "
-           "the cache")
+_LAYERS = ("train.layer_map (default: student layer i <-> teacher layer student.keep_layers[i]); the teacher's "
+           "features from train.feature_teacher (auto: the measured faster of the keyed feature cache and the teacher "
+           "run in each Train worker), its soft labels from the soft-label cache")
 
 register_method(Method(
     name="distilbert_kd",
-    description="KD + CE + cosine between the last mapped hidden states (decoder student, teacher online)",
+    description="KD + CE + cosine between the last mapped hidden states (on the decoder student)",
     paper="Sanh et al. 2019, DistilBERT, a distilled version of BERT: smaller, faster, cheaper and lighter",
     composes=f"train.students {{forward_kl: a, ce: b, distilbert_cos: c}}; {_LAYERS}. The paper's student is "
              "initialised from every other teacher layer, as layer_drop does",
