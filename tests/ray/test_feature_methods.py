@@ -1,5 +1,7 @@
-"""Feature methods on the LM path: the teacher runs in the Ray Train worker for its features, the
-soft labels come from the cache (raykd.train.loop, raykd.train.features.OnlineFeatureTerms)."""
+"""Feature methods on the LM path (raykd.train.loop, raykd.train.features.FeatureTerms): the
+teacher's features from the teacher run in the Ray Train loop, or from the keyed feature cache;
+the soft labels from the soft-label cache. Ray Train's local mode (the tiny fixture's default),
+which tests/ray/test_train.py shows trains as one worker."""
 
 from __future__ import annotations
 
