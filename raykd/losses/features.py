@@ -272,6 +272,7 @@ def split_heads(x: Tensor, heads: int) -> Tensor:
         ValueError: the width ``h * d`` is not divisible by ``heads``.
     """
     b, h, t, d = x.shape
+    heads = int(heads)  # config values arrive as floats (train.loss_params)
     if (h * d) % heads:
         raise ValueError(f"width {h * d} is not divisible by {heads} relation heads; choose relation_heads dividing "
                          "both the student's and the teacher's query/key/value widths")

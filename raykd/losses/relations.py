@@ -76,7 +76,7 @@ def minilmv2(student: Features, teacher: Features, *, layer_map: LayerMap, proje
         ValueError: ``relation_heads`` does not divide a width, or ``teacher_layer`` is out of range.
     """
     i = student.num_layers - 1
-    j = layer_map.last[1] if teacher_layer is None else teacher_layer
+    j = layer_map.last[1] if teacher_layer is None else int(teacher_layer)
     if not 0 <= j < teacher.num_layers:
         raise ValueError(f"minilmv2 teacher_layer={j} out of range 0..{teacher.num_layers - 1}")
     allowed = teacher.key_mask(j)

@@ -64,3 +64,16 @@ def test_auto_source_follows_the_measurement():
     assert feature_source(["pkd", "tinybert"], "auto") == "online"  # one online term: the teacher runs anyway
     assert feature_source(["ckd"], "auto") == "online"  # not measured
     assert feature_source(["tinybert"], "cached") == "cached"
+
+
+def test_minilmv2_takes_its_integer_settings_as_config_floats():
+    """``train.loss_params`` holds floats: relation_heads 4.0 gives the loss of 4."""
+    from raykd.losses.relations import minilmv2
+    from tests.unit.test_feature_training import tiny_llama as student_model
+
+    batch = _lm_batch()
+    _, t = FeatureTeacher(tiny_llama(), None, attention=True)(batch)
+    _, s = FeatureTeacher(student_model(seed=1), None, attention=True)(batch)
+    lm = LayerMap(((0, 0), (3, 3)), 4, 4)
+    torch.testing.assert_close(minilmv2(s, t, layer_map=lm, projections={}, relation_heads=4.0, teacher_layer=3.0),
+                               minilmv2(s, t, layer_map=lm, projections={}, relation_heads=4, teacher_layer=3))
