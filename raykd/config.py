@@ -787,7 +787,7 @@ class DistillConfig(Strict):
         if self.train.strategy == "fsdp":
             raise ValueError(f"feature terms {terms} run the teacher whole in each worker: use train.strategy=ddp")
         if self.train.feature_teacher == "cached":
-            from raykd.soft_labels.feature_cache import CACHED_TERMS
+            from raykd.losses.features import CACHED_TERMS
 
             if bad := sorted(set(terms) - CACHED_TERMS):
                 raise ValueError(f"feature terms {bad} have no cached form (they read every teacher layer): set "

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -283,3 +284,39 @@ def scaled_relation(x: Tensor) -> Tensor:
     """``[B, h, T, d]`` -> ``[B, h, T, T]``: ``x x^T / sqrt(d)`` (a self-relation's scores)."""
     x = x.float()
     return x @ x.transpose(-1, -2) / math.sqrt(x.shape[-1])
+
+
+CACHED_TERMS = frozenset({"distilbert_cos", "pkd", "rail_kd", "lrc_bert", "tinybert", "minilmv2", "minilm"})
+"""Feature terms with a cached form (they read a few chosen teacher blocks, which the keyed
+teacher-feature cache of :mod:`raykd.soft_labels.feature_cache` can hold)."""
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """Which teacher tensors a cache keeps (what the run's feature terms read).
+
+    Attributes:
+        hidden: teacher blocks whose outputs are kept.
+        attention: teacher blocks whose queries, keys and values are kept.
+        embeddings: keep the input of block 0.
+    """
+
+    hidden: tuple[int, ...] = ()
+    attention: tuple[int, ...] = ()
+    embeddings: bool = False
+
+    def columns(self) -> list[str]:
+        return ((["embeddings"] if self.embeddings else []) + [f"hidden.{j}" for j in self.hidden]
+                + [f"{x}.{j}" for j in self.attention for x in ("query", "key", "value")])
+
+
+def features_from_batch(batch: dict, layout: FeatureLayout, shapes: dict[str, Any]):
+    """The teacher :class:`~raykd.losses.features.Features` of a decoded training batch (the
+    columns :func:`decode_features` gives, prefixed ``f.``), blocks not kept as None."""
+    n = shapes["layers"]
+    get = lambda name: batch[f"f.{name}"].float()  # noqa: E731
+    hidden = [get(f"hidden.{j}") if j in layout.hidden else None for j in range(n)]
+    att = [[get(f"{x}.{j}") if j in layout.attention else None for j in range(n)] for x in ("query", "key", "value")] \
+        if layout.attention else [[], [], []]
+    return Features(get("embeddings") if layout.embeddings else None, hidden, batch["f.token_mask"].bool(), *att,
+                    [None] * n if layout.attention else [], shapes["scaling"], True)

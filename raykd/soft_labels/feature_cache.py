@@ -66,27 +66,7 @@ def feature_source(terms: Sequence[str], setting: str) -> str:
     return "cached" if terms and all(MEASURED_FASTER.get(t) == "cached" for t in terms) else "online"
 
 
-@dataclass(frozen=True)
-class FeatureLayout:
-    """Which teacher tensors a cache keeps (what the run's feature terms read).
-
-    Attributes:
-        hidden: teacher blocks whose outputs are kept.
-        attention: teacher blocks whose queries, keys and values are kept.
-        embeddings: keep the input of block 0.
-    """
-
-    hidden: tuple[int, ...] = ()
-    attention: tuple[int, ...] = ()
-    embeddings: bool = False
-
-    def columns(self) -> list[str]:
-        return ((["embeddings"] if self.embeddings else []) + [f"hidden.{j}" for j in self.hidden]
-                + [f"{x}.{j}" for j in self.attention for x in ("query", "key", "value")])
-
-
-CACHED_TERMS = frozenset({"distilbert_cos", "pkd", "rail_kd", "lrc_bert", "tinybert", "minilmv2", "minilm"})
-"""Feature terms with a cached form (they read a few chosen teacher blocks)."""
+from raykd.losses.features import CACHED_TERMS, FeatureLayout, features_from_batch  # noqa: E402,F401  (the cache's terms and layout)
 
 
 def feature_layout(terms: dict[str, dict[str, Any]], layer_map) -> FeatureLayout:
@@ -192,20 +172,6 @@ def decode_features(table: pa.Table) -> dict[str, np.ndarray]:
             arr[i, : lengths[i]] = np.frombuffer(buf, np.float16).reshape(lengths[i], *inner)
         out[name] = arr.transpose(0, 2, 1, 3) if kind in ("query", "key", "value") else arr
     return out
-
-
-def features_from_batch(batch: dict, layout: FeatureLayout, shapes: dict[str, Any]):
-    """The teacher :class:`~raykd.losses.features.Features` of a decoded training batch (the
-    columns :func:`decode_features` gives, prefixed ``f.``), blocks not kept as None."""
-    from raykd.losses.features import Features
-
-    n = shapes["layers"]
-    get = lambda name: batch[f"f.{name}"].float()  # noqa: E731
-    hidden = [get(f"hidden.{j}") if j in layout.hidden else None for j in range(n)]
-    att = [[get(f"{x}.{j}") if j in layout.attention else None for j in range(n)] for x in ("query", "key", "value")] \
-        if layout.attention else [[], [], []]
-    return Features(get("embeddings") if layout.embeddings else None, hidden, batch["f.token_mask"].bool(), *att,
-                    [None] * n if layout.attention else [], shapes["scaling"], True)
 
 
 def label_features(label_dir: str, label_manifest, cache_root: str, key: FeatureKey, teacher_path: str,

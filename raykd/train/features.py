@@ -241,12 +241,12 @@ class FeatureTerms:
                  lr: float = 1e-3):
         from raykd.losses import get_loss
         from raykd.losses.features import LayerMap, build_projections
-        from raykd.train.step import causal_lm_logits
 
         blocks, width = ((teacher.config.num_hidden_layers, teacher.config.hidden_size) if teacher is not None
                          else teacher_shape)
         self.layer_map = LayerMap(tuple(map(tuple, layer_map)), student.config.num_hidden_layers, blocks)
-        self.teacher = (FeatureTeacher(teacher, causal_lm_logits if dense_logits else None, attention=attention)
+        lm_logits = lambda m, inputs: m(**inputs).logits  # noqa: E731  (step.causal_lm_logits; step imports this module)
+        self.teacher = (FeatureTeacher(teacher, lm_logits if dense_logits else None, attention=attention)
                         if teacher is not None else None)
         widths = (student.config.hidden_size, width)
         self.projections = nn.ModuleDict({
@@ -278,7 +278,7 @@ class FeatureTerms:
         terms = [n for n in terms if get_loss(n).kind == "features"]
         if layout is not None:
             out = cls(student, layer_map, terms, teacher_shape=(shapes["layers"], shapes["hidden"]), lr=lr)
-            from raykd.soft_labels.feature_cache import FeatureLayout
+            from raykd.losses.features import FeatureLayout
 
             out.cached = (FeatureLayout(**{k: tuple(v) if isinstance(v, list) else v for k, v in layout.items()}), shapes)
             return out
@@ -294,7 +294,7 @@ class FeatureTerms:
         """``sb`` (a :class:`~raykd.train.step.StudentBatch`) with the cached teacher features of
         its rows (the batch's ``f.*`` columns); unchanged when the teacher runs online."""
         if self.cached is not None:
-            from raykd.soft_labels.feature_cache import features_from_batch
+            from raykd.losses.features import features_from_batch
 
             sb.teacher_features = features_from_batch(batch, *self.cached)
         return sb
