@@ -409,7 +409,7 @@ def _write(output_dir: Path, results: dict[str, Any]) -> None:
             lines.append(f"| {r['trial']} | {_setting(r)} | {r['steps']} | failed | | |")
             continue
         lines.append(f"| {r['trial']} | {_setting(r)} | {r['steps']} | {r['eval_ppl']:.1f} | {r['top1_agreement']:.3f} | {r['kl']:.3f} |")
-    if results["best"] and results["baseline"]:
+    if results["best"] and results["baseline"] and results["baseline"]["eval_ppl"] is not None:
         b, d = results["best"], results["baseline"]
         lines += ["", f"Best full-budget trial: {_setting(b)}, held-out ppl {b['eval_ppl']:.1f} against the default's "
                       f"{d['eval_ppl']:.1f} (ratio {b['eval_ppl'] / d['eval_ppl']:.3f})."]
