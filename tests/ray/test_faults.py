@@ -94,8 +94,9 @@ def test_a_killed_train_worker_resumes_from_its_last_checkpoint(student_setup, m
     # steps retrained after the restart the same steps.
     straight = _train(student_setup, "straight", num_workers=0)
     assert straight.resumed_from == []
+    maths = lambda row: {k: v for k, v in row.items() if not k.endswith("_s")}  # noqa: E731  (timings, e.g. data_s, differ)
     for a, b in zip(straight.history, killed.history, strict=True):
-        assert b == pytest.approx(a, rel=1e-5), f"step {a['step']} differs after resuming at step {resumed}"
+        assert maths(b) == pytest.approx(maths(a), rel=1e-5), f"step {a['step']} differs after resuming at step {resumed}"
 
 
 def _score_args(vocab_size: int, batch: int, seq_len: int = 16, seed: int = 0):
