@@ -27,15 +27,14 @@ Pure torch + transformers; no Ray.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from raykd.students.sparsify import MaskError, Masks, _keep_linear, masks_for_sparsity
+from raykd.students.sparsify import MaskError, Masker, Masks, _keep_linear, masks_for_sparsity
 
 UNITS = ("heads", "neurons")
 """Unit kinds: ``heads`` = GQA head groups, ``neurons`` = FFN neurons."""
@@ -245,16 +244,17 @@ def gqa_masks_for_sparsity(importance: Masks, sparsity: float, model: nn.Module,
     return masks_for_sparsity(importance, sparsity, *unit_params(model), removable=set(units))
 
 
-class GQAMasker:
+class GQAMasker(Masker):
     """Apply :class:`Masks` to a Llama-like model through forward pre-hooks, weights unchanged.
 
     The input of each ``o_proj`` ``[B, T, G g d]`` is multiplied by the group mask (each group's
     ``g d`` columns) and the input of each ``down_proj`` ``[B, T, I]`` by the neuron mask: a
     removed unit then adds nothing to the residual stream and gets no gradient, as if cut out
-    (:func:`densify`). Use ``with masker.use(masks): model(...)``.
+    (:func:`densify`). Use ``with masker.use(masks): model(...)`` (:class:`~raykd.students.sparsify.Masker`'s
+    ``use`` and ``remove``; only the hooked modules differ).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module) -> None:  # not super().__init__: that hooks a BERT-like model
         self.model = model
         self.masks: Masks | None = None
         d, g = gqa_shape(model)
@@ -263,35 +263,9 @@ class GQAMasker:
             self._handles.append(layer.self_attn.o_proj.register_forward_pre_hook(self._hook("heads", i, g * d)))
             self._handles.append(layer.mlp.down_proj.register_forward_pre_hook(self._hook("neurons", i, 1)))
 
-    def _hook(self, kind: str, layer: int, width: int):
-        def hook(_module: nn.Module, args: tuple[Tensor, ...]):
-            if self.masks is None:
-                return None
-            m = getattr(self.masks, kind)[layer].to(device=args[0].device, dtype=args[0].dtype)
-            return (args[0] * m.repeat_interleave(width),)
-
-        return hook
-
-    @contextlib.contextmanager
-    def use(self, masks: Masks | None) -> Iterator[nn.Module]:
-        """Run the model under ``masks`` inside the block.
-
-        Raises:
-            MaskError: the masks do not fit the model.
-        """
-        if masks is not None:
-            check_masks(self.model, masks)
-        previous, self.masks = self.masks, masks
-        try:
-            yield self.model
-        finally:
-            self.masks = previous
-
-    def remove(self) -> None:
-        """Detach the hooks."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def _check(self, masks: Masks) -> None:
+        """Raise :class:`MaskError` when ``masks`` do not fit the model (GQA groups)."""
+        check_masks(self.model, masks)
 
 
 class _NoAttention(nn.Module):

@@ -245,11 +245,15 @@ class Masker:
             self._handles.append(layer.attention.output.dense.register_forward_pre_hook(self._hook("heads", i, d)))
             self._handles.append(layer.output.dense.register_forward_pre_hook(self._hook("neurons", i, 1)))
 
+    def _check(self, masks: Masks) -> None:
+        """Raise :class:`MaskError` when ``masks`` do not fit the model."""
+        check_masks(self.model, masks)
+
     def _hook(self, kind: str, layer: int, width: int):
         def hook(_module: nn.Module, args: tuple[Tensor, ...]):
             if self.masks is None:
                 return None
-            m = getattr(self.masks, kind)[layer].to(args[0].dtype).to(args[0].device)
+            m = getattr(self.masks, kind)[layer].to(device=args[0].device, dtype=args[0].dtype)
             return (args[0] * m.repeat_interleave(width),)
 
         return hook
@@ -262,7 +266,7 @@ class Masker:
             MaskError: the masks do not fit the model.
         """
         if masks is not None:
-            check_masks(self.model, masks)
+            self._check(masks)
         previous, self.masks = self.masks, masks
         try:
             yield self.model
