@@ -29,15 +29,13 @@ def _train(setup, name, **overrides):
                          temperature=1.0, cfg=train_cfg, storage_path=runs)
 
 
-def test_one_worker_equals_two_workers_and_local_mode(setup):
-    """Same global batch, same steps: the loss curves agree (data order differs between splits);
-    ``train.num_workers=0`` (Ray Train's local mode, used by most tests) trains exactly as one worker."""
-    one = _train(setup, "w1", num_workers=1, max_steps=8, checkpoint_every=8)
+def test_local_mode_and_two_workers_train_alike(setup):
+    """Same global batch, same steps: ``train.num_workers=0`` (Ray Train's local mode, used by most
+    tests) and two DDP workers give close loss curves (the data order differs between the splits)."""
     local = _train(setup, "w0", num_workers=0, max_steps=8, checkpoint_every=4)
-    assert [r["loss"] for r in local.history] == pytest.approx([r["loss"] for r in one.history], rel=1e-6)
     assert local.model_dir.name == "checkpoint_000008" and (local.model_dir / "model.safetensors").exists()
     two = _train(setup, "w2", num_workers=2, max_steps=8, checkpoint_every=8, cpus_per_worker=0.5)
-    a = np.array([r["loss"] for r in one.history])
+    a = np.array([r["loss"] for r in local.history])
     b = np.array([r["loss"] for r in two.history])
     assert len(a) == len(b) == 8
     assert a[-1] < a[0] and b[-1] < b[0]  # both learn
