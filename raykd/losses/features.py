@@ -212,6 +212,48 @@ def build_projections(names: Sequence[str], student_width: int, teacher_width: i
     return nn.ModuleDict({n: nn.Linear(student_width, teacher_width) for n in names})
 
 
+def term_modules(spec, widths: tuple[int, int] | None, layer_map: LayerMap | None,
+                 params: dict[str, Any] | None = None) -> nn.ModuleDict | None:
+    """The learned maps of one feature term: its ``modules`` factory's (always built, e.g.
+    Universal-KD's per-layer maps), else its width projections (only when the widths differ,
+    :func:`build_projections`). None when the term has neither, or the widths are unknown.
+
+    Args:
+        spec: the term's :class:`~raykd.losses.registry.LossSpec`.
+        widths: ``(student width, teacher width)``.
+        layer_map: the run's layer map (the factory sizes per-layer maps from it).
+        params: the term's hyper-parameters (the factory reads the ones it needs).
+    """
+    if widths is None:
+        return None
+    if spec.modules is not None:
+        return spec.modules(*widths, layer_map, dict(params or {}))
+    return build_projections(spec.projections, *widths) if spec.projections else None
+
+
+@dataclass(eq=False)
+class Intervened:
+    """The outputs of an interchange-intervened second forward of student and teacher (DIITO,
+    :mod:`raykd.train.interventions`): at the aligned pair's blocks, the states at ``mask`` were
+    replaced by the dual example's (the batch rolled by one row) states at ``dual_mask``.
+
+    Attributes:
+        student_logits, teacher_logits: ``[B, P, V]`` logits of the intervened forwards.
+        student, teacher: their features (block outputs).
+        pair: the aligned ``(student block, teacher block)``.
+        mask, dual_mask: ``[B, T]`` bool, the replaced positions of each row and the dual row's
+            positions they were taken from (the same count per row).
+    """
+
+    student_logits: Tensor
+    teacher_logits: Tensor
+    student: Features
+    teacher: Features
+    pair: tuple[int, int]
+    mask: Tensor
+    dual_mask: Tensor
+
+
 def to_positions(loss: Tensor, token_mask: Tensor, positions: int) -> Tensor:
     """A feature loss, per token ``[B, T]`` or per sequence ``[B]``, as the objective's ``[B, P]``.
 

@@ -1,4 +1,4 @@
-"""Feature losses on hidden states: DistilBERT's cosine, PKD, TinyBERT, ALP-KD.
+"""Feature losses on hidden states: DistilBERT's cosine, PKD, TinyBERT, ALP-KD, RAIL-KD, Universal-KD.
 
 Each is registered with ``kind="features"`` and follows the signature of
 :mod:`raykd.losses.features`: ``fn(student, teacher, *, layer_map, projections, **hp)``, returning
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raykd.losses.features import Features, LayerMap, projection
+from raykd.losses.features import Features, LayerMap, masked_token_mean, projection
 from raykd.losses.registry import register_loss
 
 
@@ -180,3 +180,67 @@ def rail_kd(student: Features, teacher: Features, *, layer_map: LayerMap, projec
         ``[B]`` (first token) or ``[B, T]``, each in ``[0, 4 * pairs]``.
     """
     return pkd(student, teacher, layer_map=layer_map, projections=projections, first_token_only=first_token_only)
+
+
+def _universal_kd_maps(student_width: int, teacher_width: int, layer_map: LayerMap, params: dict) -> nn.ModuleDict:
+    """Universal-KD's learned maps into the common space of ``size`` (default: the student's width):
+    ``s<k>`` for the layer map's k-th student block, ``t<j>`` for every teacher block ``j``."""
+    size = int(params.get("size") or student_width)
+    maps = {f"s{k}": nn.Linear(student_width, size, bias=False) for k in range(len(layer_map.pairs))}
+    maps.update({f"t{j}": nn.Linear(teacher_width, size, bias=False) for j in range(layer_map.teacher_layers)})
+    return nn.ModuleDict(maps)
+
+
+def _pooled(f: Features, layer: int, pooling: str) -> Tensor:
+    """``[B, H]``: block ``layer``'s first token ([CLS]) or its mean over the real tokens."""
+    if pooling == "cls":
+        return f.hidden[layer][:, 0].float()
+    if pooling == "mean":
+        return masked_token_mean(f.hidden[layer].float(), f.token_mask)
+    raise ValueError(f"universal_kd pooling must be 'cls' or 'mean', got {pooling!r}")
+
+
+@register_loss("universal_kd", kind="features", modules=_universal_kd_maps,
+               description="KL of per-layer maps to an attention mix of all teacher layers (Universal-KD, Wu et al. 2021)")
+def universal_kd(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],
+                 pooling: str = "cls", size: int = 0) -> Tensor:
+    """Attention-based output-grounded intermediate-layer distillation; Wu et al. 2021,
+    "Universal-KD: Attention-based Output-Grounded Intermediate Layer Knowledge Distillation"
+    (EMNLP).
+
+    Each mapped student block ``i`` (the layer map's student side, k-th pair) and every teacher
+    block ``j`` is pooled (``pooling="cls"``: the first token; ``"mean"``: the mean over real
+    tokens) and mapped by its own learned linear map into a common space of ``size`` (0: the
+    student's width): ``s_k = W_s^k h_s^i``, ``t_j = W_t^j h_t^j``. The student layer attends
+    over all teacher layers, ``alpha_kj = softmax_j(<s_k, t_j>)``, ``c_k = sum_j alpha_kj t_j``,
+    and the loss is ``sum_k KL(softmax(c_k) || softmax(s_k))``, softmax over the common space's
+    dimensions. The maps are the term's modules (:meth:`raykd.losses.Objective.parameters`):
+    they train with the student and are dropped at export. Encoder or decoder (a decoder has no
+    [CLS]: use ``pooling="mean"``).
+
+    Unfaithful details: the paper grounds the intermediate layers in the *output* space (each
+    layer's representation mapped to the prediction space before the attention and the KL); the
+    seed (aitsc/GLMKD ``Universal_KD``) maps them with bias-free linear maps into a space of the
+    hidden width and applies the softmax over that width; this follows the seed (give ``size``
+    = the number of classes for a space of the output's size; the maps stay learned, not the
+    model's head). Gradients flow into both sides' maps and the attention weights, as in the
+    seed. The seed matches the inputs of blocks 1.. (the outputs of all but the last block) or,
+    with ``universal_kd_cg``, the final output only; here the layer map's student blocks against
+    every teacher block. The seed's mean pooling counts padding; here only real tokens.
+
+    Returns:
+        ``[B]`` per sequence, non-negative.
+
+    Raises:
+        ValueError: an unknown ``pooling``.
+    """
+    del size  # sizes the maps (their factory reads it)
+    ts = torch.stack([projections[f"t{j}"](_pooled(teacher, j, pooling)) for j in range(teacher.num_layers)], dim=1)
+    out = 0.0
+    for k, (i, _) in enumerate(layer_map.pairs):
+        s = projections[f"s{k}"](_pooled(student, i, pooling))  # [B, size]
+        alpha = torch.softmax((ts @ s.unsqueeze(-1)).squeeze(-1), dim=-1)  # [B, L_t]
+        mix = (alpha.unsqueeze(-1) * ts).sum(1)
+        out = out + F.kl_div(torch.log_softmax(s, -1), torch.log_softmax(mix, -1), log_target=True,
+                             reduction="none").sum(-1)
+    return out

@@ -33,12 +33,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from raykd.losses.features import Features, LayerMap, build_projections, to_positions
+from raykd.losses.features import Features, Intervened, LayerMap, term_modules, to_positions
 from raykd.losses.reduction import count_tokens, masked_sum, shared_log_probs
 from raykd.losses.registry import LossSpec, get_loss
 from raykd.losses.targets import TeacherTargets
 
-_COMMON_ARGS = {"targets", "labels", "temperature", "layer_map", "projections"}
+_COMMON_ARGS = {"targets", "labels", "temperature", "layer_map", "projections", "intervened"}
 
 
 def validate_weights(weights: Mapping[str, float]) -> None:
@@ -135,10 +135,10 @@ class Objective:
             raise ValueError(f"feature terms {self._feature_terms()} need a layer map: Objective(..., layer_map="
                              "LayerMap.from_keep_layers(keep_layers, teacher_layers)) or explicit (student, teacher) pairs")
         self.layer_map = layer_map
-        self.projections = projections if projections is not None else nn.ModuleDict({
-            name: build_projections(self.specs[name].projections, *widths)
-            for name in self._feature_terms() if widths is not None and self.specs[name].projections
-        })
+        built = {name: term_modules(self.specs[name], widths, layer_map, self.params.get(name))
+                 for name in self._feature_terms()} if projections is None else {}
+        self.projections = projections if projections is not None else nn.ModuleDict(
+            {name: m for name, m in built.items() if m is not None})
 
     def _feature_terms(self) -> list[str]:
         return [n for n, s in self.specs.items() if s.kind == "features"]
@@ -158,13 +158,29 @@ class Objective:
         """Whether any feature term reads the attention's queries, keys and values."""
         return any(self.specs[n].attention for n in self._feature_terms())
 
+    @property
+    def needs_interventions(self) -> bool:
+        """Whether any term reads an interchange-intervened forward (:class:`~raykd.losses.features.Intervened`)."""
+        return any(self.specs[n].interventions for n in self._feature_terms())
+
+    @property
+    def intervention_params(self) -> dict[str, Any]:
+        """The hyper-parameters of the intervention term (defaults from its function filled in),
+        which the step reads to plan the interchange."""
+        name = next(n for n in self._feature_terms() if self.specs[n].interventions)
+        signature = inspect.signature(self.specs[name].fn).parameters
+        defaults = {k: p.default for k, p in signature.items()
+                    if p.kind is p.KEYWORD_ONLY and k not in _COMMON_ARGS and p.default is not p.empty}
+        return {**defaults, **self.params.get(name, {})}
+
     def parameters(self) -> Iterator[nn.Parameter]:
         """The learned projections of the feature terms (none when the widths agree): give them
         to the optimizer with the student's parameters."""
         return self.projections.parameters()
 
     def __call__(self, student_logits: Tensor, labels: Tensor, mask: Tensor, targets: TeacherTargets | None,
-                 temperature: float, features: tuple[Features, Features] | None = None) -> ObjectiveOutput:
+                 temperature: float, features: tuple[Features, Features] | None = None,
+                 intervened: Intervened | None = None) -> ObjectiveOutput:
         """Compute every term on one micro-batch.
 
         Args:
@@ -177,6 +193,8 @@ class Objective:
             features: ``(student, teacher)`` features of this micro-batch, needed by feature
                 terms (each returns per-token or per-sequence losses, reduced to the ``[B, P]``
                 positions by :func:`~raykd.losses.features.to_positions`).
+            intervened: the interchange-intervened forwards of this micro-batch, needed by an
+                intervention term (DIITO; :func:`raykd.train.interventions.interchange_forwards`).
 
         Returns:
             :class:`ObjectiveOutput` with the weighted sum, per-term sums and token count.
@@ -187,25 +205,31 @@ class Objective:
         """
         self._check_inputs(student_logits, labels, mask, targets, temperature)
         self._check_features(features)
+        if self.needs_interventions and intervened is None:
+            raise ValueError("an intervention term (diito) needs the intervened forwards of the batch; train through "
+                             "raykd.train.step.train_step with the teacher online (feature_teacher)")
         loss_sum, term_sums = None, {}
         with shared_log_probs():
             for name, weight in self.weights.items():
                 with torch.set_grad_enabled(weight > 0 and torch.is_grad_enabled()):
-                    term = masked_sum(self._term(name, student_logits, labels, targets, temperature, features), mask)
+                    term = masked_sum(self._term(name, student_logits, labels, targets, temperature, features,
+                                                 intervened), mask)
                 term_sums[name] = term.detach()
                 if weight > 0:
                     loss_sum = weight * term if loss_sum is None else loss_sum + weight * term
         return ObjectiveOutput(loss_sum=loss_sum, term_sums=term_sums, num_tokens=count_tokens(mask))
 
     def _term(self, name: str, student_logits: Tensor, labels: Tensor, targets: TeacherTargets | None,
-              temperature: float, features: tuple[Features, Features] | None) -> Tensor:
+              temperature: float, features: tuple[Features, Features] | None,
+              intervened: Intervened | None = None) -> Tensor:
         """One term's unreduced loss over the ``[B, P]`` positions."""
         spec, params = self.specs[name], self.params.get(name, {})
         if spec.kind == "logits":
             return spec.fn(student_logits, targets=targets, labels=labels, temperature=temperature, **params)
         student, teacher = features
         projections = dict(self.projections[name]) if name in self.projections else {}
-        loss = spec.fn(student, teacher, layer_map=self.layer_map, projections=projections, **params)
+        extra = {"intervened": intervened, "temperature": temperature} if spec.interventions else {}
+        loss = spec.fn(student, teacher, layer_map=self.layer_map, projections=projections, **extra, **params)
         return to_positions(loss, student.token_mask, labels.shape[1])
 
     def _check_features(self, features: tuple[Features, Features] | None) -> None:
@@ -220,7 +244,8 @@ class Objective:
             raise ValueError(f"terms {[n for n in self._feature_terms() if self.specs[n].attention]} need attention "
                              "features; capture them with attention=True")
         if None not in (student.width, teacher.width) and student.width != teacher.width:
-            missing = [n for n in self._feature_terms() if self.specs[n].projections and n not in self.projections]
+            missing = [n for n in self._feature_terms()
+                       if (self.specs[n].projections or self.specs[n].modules) and n not in self.projections]
             if missing:
                 raise ValueError(f"student width {student.width} != teacher width {teacher.width}, and terms {missing} "
                                  "have no projection: build the Objective with widths=(student, teacher)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -43,6 +44,13 @@ class LossSpec:
             forward then runs eager attention and records them).
         projections: names of the learned projections (student width -> teacher width) a
             feature loss uses when the widths differ.
+        modules: for a feature loss whose learned maps are not plain width projections,
+            ``(student_width, teacher_width, layer_map, params) -> nn.ModuleDict`` building them
+            (always, whatever the widths; Universal-KD's per-layer maps); they live with the
+            projections (:meth:`raykd.losses.Objective.parameters`) and are dropped at export.
+        interventions: a feature loss that reads the outputs of an interchange-intervened
+            second forward of student and teacher (:class:`~raykd.losses.features.Intervened`,
+            made by the shared step; DIITO); it needs the teacher online.
     """
 
     name: str
@@ -53,6 +61,8 @@ class LossSpec:
     kind: str = "logits"
     attention: bool = False
     projections: tuple[str, ...] = ()
+    modules: Callable[..., Any] | None = None
+    interventions: bool = False
 
 
 class UnknownLossError(KeyError):
@@ -74,6 +84,8 @@ def register_loss(
     kind: str = "logits",
     attention: bool = False,
     projections: tuple[str, ...] = (),
+    modules: Callable[..., Any] | None = None,
+    interventions: bool = False,
 ) -> Callable[[LossFn], LossFn]:
     """Decorator that registers a loss function under ``name``.
 
@@ -83,7 +95,7 @@ def register_loss(
             (default: both for a logit loss, none for a feature loss).
         needs_teacher: False for losses on hard labels only; they must have ``forms=()``.
         description: one line for listings.
-        kind, attention, projections: see :class:`LossSpec`; a feature loss has ``forms=()``
+        kind, attention, projections, modules, interventions: see :class:`LossSpec`; a feature loss has ``forms=()``
             and ``needs_teacher=True`` (it needs the teacher's features, not its targets).
 
     Returns:
@@ -102,12 +114,13 @@ def register_loss(
         raise ValueError(f"loss {name!r}: forms {forms} must be a subset of {FORMS}")
     if kind == "features" and (forms or not needs_teacher):
         raise ValueError(f"feature loss {name!r} reads teacher features: give forms=() and needs_teacher=True")
-    if kind == "logits" and (needs_teacher == (not forms) or attention or projections):
+    if kind == "logits" and (needs_teacher == (not forms) or attention or projections or modules or interventions):
         raise ValueError(f"loss {name!r}: a logit loss needs a teacher exactly when it accepts target forms, "
-                         "and has no attention or projections")
+                         "and has no attention, projections, modules or interventions")
 
     def decorate(fn: LossFn) -> LossFn:
-        _REGISTRY[name] = LossSpec(name, fn, forms, needs_teacher, description, kind, attention, tuple(projections))
+        _REGISTRY[name] = LossSpec(name, fn, forms, needs_teacher, description, kind, attention, tuple(projections),
+                                   modules, interventions)
         return fn
 
     return decorate

@@ -231,6 +231,7 @@ class FeatureTerms:
         dense_logits: the teacher's forward also gives dense targets (``train.online_teacher``);
             False: features only, the logit terms keep their cached targets.
         lr: learning rate of the projections.
+        params: ``{term: {hyper-param: value}}`` (a term's learned maps may be sized by them).
 
     Raises:
         ValueError: the layer map does not fit the two models' block counts.
@@ -238,9 +239,9 @@ class FeatureTerms:
 
     def __init__(self, student: nn.Module, layer_map, terms: Sequence[str], *, teacher: nn.Module | None = None,
                  teacher_shape: tuple[int, int] | None = None, attention: bool = False, dense_logits: bool = False,
-                 lr: float = 1e-3):
+                 lr: float = 1e-3, params: dict | None = None):
         from raykd.losses import get_loss
-        from raykd.losses.features import LayerMap, build_projections
+        from raykd.losses.features import LayerMap, term_modules
 
         blocks, width = ((teacher.config.num_hidden_layers, teacher.config.hidden_size) if teacher is not None
                          else teacher_shape)
@@ -249,9 +250,8 @@ class FeatureTerms:
         self.teacher = (FeatureTeacher(teacher, lm_logits if dense_logits else None, attention=attention)
                         if teacher is not None else None)
         widths = (student.config.hidden_size, width)
-        self.projections = nn.ModuleDict({
-            n: build_projections(get_loss(n).projections, *widths) for n in terms if get_loss(n).projections
-        }).to(next(student.parameters()).device)
+        built = {n: term_modules(get_loss(n), widths, self.layer_map, (params or {}).get(n)) for n in terms}
+        self.projections = nn.ModuleDict({n: m for n, m in built.items() if m is not None}).to(next(student.parameters()).device)
         params = list(self.projections.parameters())
         self.optimizer = torch.optim.AdamW(params, lr=lr) if params else None
         self.cached = None
