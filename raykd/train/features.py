@@ -232,6 +232,8 @@ class FeatureTerms:
             False: features only, the logit terms keep their cached targets.
         lr: learning rate of the projections.
         params: ``{term: {hyper-param: value}}`` (a term's learned maps may be sized by them).
+        stages: SID's :class:`~raykd.train.schedule.StackedSchedule` when a term is ``sid``: the
+            loop applies it to every step's weights and steps it here; its stage is in the state.
 
     Raises:
         ValueError: the layer map does not fit the two models' block counts.
@@ -239,7 +241,7 @@ class FeatureTerms:
 
     def __init__(self, student: nn.Module, layer_map, terms: Sequence[str], *, teacher: nn.Module | None = None,
                  teacher_shape: tuple[int, int] | None = None, attention: bool = False, dense_logits: bool = False,
-                 lr: float = 1e-3, params: dict | None = None):
+                 lr: float = 1e-3, params: dict | None = None, stages=None):
         from raykd.losses import get_loss
         from raykd.losses.features import LayerMap, term_modules
 
@@ -252,21 +254,23 @@ class FeatureTerms:
         widths = (student.config.hidden_size, width)
         built = {n: term_modules(get_loss(n), widths, self.layer_map, (params or {}).get(n)) for n in terms}
         self.projections = nn.ModuleDict({n: m for n, m in built.items() if m is not None}).to(next(student.parameters()).device)
-        params = list(self.projections.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=lr) if params else None
+        trained = list(self.projections.parameters())
+        self.optimizer = torch.optim.AdamW(trained, lr=lr) if trained else None
+        self.stages = stages
         self.cached = None
         """``(layout, shapes)`` of cached teacher features on the batches, or None (online)."""
 
     @classmethod
     def for_run(cls, layer_map, terms: Sequence[str], student: nn.Module, device, *, teacher_path: str | None = None,
                 layout: dict | None = None, shapes: dict | None = None, dense_logits: bool = False,
-                lr: float = 1e-3) -> FeatureTerms | None:
+                lr: float = 1e-3, params: dict | None = None, total_steps: int | None = None) -> FeatureTerms | None:
         """The feature side of a Train worker's run (None without a layer map: no feature term).
 
         Args:
             layer_map: the checked pairs; terms: every loss of the run (the feature ones are kept).
             teacher_path: the teacher folder to run here (online); or
             layout, shapes: the cached features' layout and shapes, read from the batches.
+            params: the terms' hyper-parameters; total_steps: the run's steps (SID's stages).
 
         Raises:
             ValueError: neither a teacher folder nor a cached layout.
@@ -275,9 +279,17 @@ class FeatureTerms:
             return None
         from raykd.losses import get_loss
 
-        terms = [n for n in terms if get_loss(n).kind == "features"]
+        stages = None
+        if "sid" in terms:
+            from raykd.train.schedule import StackedSchedule
+
+            gated = [n for n in terms if get_loss(n).kind == "logits"]
+            stages = StackedSchedule(len(layer_map), total_steps or 1, gated,
+                                     float((params or {}).get("sid", {}).get("threshold", 0.0)))
+        terms = [n for n in terms if get_loss(n).kind == "features"] + (["sid_cos"] if stages is not None else [])
+        kw = {"lr": lr, "params": params, "stages": stages}
         if layout is not None:
-            out = cls(student, layer_map, terms, teacher_shape=(shapes["layers"], shapes["hidden"]), lr=lr)
+            out = cls(student, layer_map, terms, teacher_shape=(shapes["layers"], shapes["hidden"]), **kw)
             from raykd.losses.features import FeatureLayout
 
             out.cached = (FeatureLayout(**{k: tuple(v) if isinstance(v, list) else v for k, v in layout.items()}), shapes)
@@ -288,7 +300,7 @@ class FeatureTerms:
 
         teacher = load_causal_lm(teacher_path).requires_grad_(False).to(device)
         return cls(student, layer_map, terms, teacher=teacher, attention=any(get_loss(n).attention for n in terms),
-                   dense_logits=dense_logits, lr=lr)
+                   dense_logits=dense_logits, **kw)
 
     def attach(self, sb, batch: dict[str, Tensor]):
         """``sb`` (a :class:`~raykd.train.step.StudentBatch`) with the cached teacher features of
@@ -299,18 +311,27 @@ class FeatureTerms:
             sb.teacher_features = features_from_batch(batch, *self.cached)
         return sb
 
-    def step(self) -> None:
+    def step(self, step: int | None = None, metrics: dict[str, float] | None = None) -> None:
         """Step the projections' optimizer (after the student's step: their gradients accumulated
-        over its micro-batches)."""
+        over its micro-batches), and SID's stages with the 1-based ``step`` and its ``metrics``."""
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if self.stages is not None and step is not None:
+            self.stages.update(step, metrics or {})
+
+    def weights_at(self, weights: dict[str, float], params: dict[str, dict]) -> tuple[dict[str, float], dict[str, dict]]:
+        """The step's weights and params: SID's stage applied (:meth:`StackedSchedule.apply`), else unchanged."""
+        return self.stages.apply(weights, params) if self.stages is not None else (weights, params)
 
     def state_dict(self) -> dict:
         return {"projections": self.projections.state_dict(),
-                "optim": self.optimizer.state_dict() if self.optimizer is not None else None}
+                "optim": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "stages": self.stages.state_dict() if self.stages is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.projections.load_state_dict(state["projections"])
         if self.optimizer is not None and state.get("optim") is not None:
             self.optimizer.load_state_dict(state["optim"])
+        if self.stages is not None and state.get("stages") is not None:
+            self.stages.load_state_dict(state["stages"])

@@ -172,6 +172,7 @@ class LoopConfig(Strict):
         params = {n: p for n, p in self.loss_params.items() if n in weights}
         if features is None:
             return Objective(weights, params), tau
+        weights, params = features.weights_at(weights, params)  # SID's stage
         return Objective(weights, params, layer_map=features.layer_map, projections=features.projections), tau
 
 
@@ -290,7 +291,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sharded = train.strategy == "fsdp" and world > 1
     features = FeatureTerms.for_run(cfg.layer_map, cfg.terms, core, device, teacher_path=cfg.feature_teacher,
                                     layout=cfg.feature_layout, shapes=cfg.feature_shapes,
-                                    dense_logits=bool(cfg.online_teacher), lr=train.lr)
+                                    dense_logits=bool(cfg.online_teacher), lr=train.lr, params=cfg.loss_params,
+                                    total_steps=train.total_steps)
     teacher = online_teacher(cfg.online_teacher, device, world if sharded else 1) \
         if cfg.online_teacher and (features is None or features.teacher is None) else None
     if features is not None and state is not None and state.get("features"):
@@ -312,7 +314,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         if features is not None:
-            features.step()
+            features.step(step, metrics)
         extra = mix.after_step(model) if mix is not None else {}
         if sampler is not None:  # the step's time split (the update: from the group being ready to here)
             extra.update(sampler.last, data_s=clock["data_s"], update_s=time.perf_counter() - clock["ready"])

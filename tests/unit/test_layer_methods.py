@@ -106,3 +106,113 @@ def test_one_step_lowers_universal_kd(kind):
     assert metrics["universal_kd"] * metrics["positions"] == pytest.approx(before, rel=1e-4)
     after = _term(obj, "universal_kd", teacher, student, logits_fn, batch)
     assert 0 <= after < before, (before, after)
+
+
+# ---- SID ----------------------------------------------------------------------------------------
+
+def _sid(s, t, pairs=((0, 0), (1, 2)), **hp):
+    return get_loss("sid").fn(s, t, layer_map=LayerMap(pairs, s.num_layers, t.num_layers), projections={}, **hp)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sid_zero_when_the_student_equals_the_teacher(causal):
+    t = make_features(3, 16, 4, seed=0, causal=causal)
+    loss = _sid(t, t, pairs=((0, 0), (1, 1), (2, 2)))
+    torch.testing.assert_close(loss, torch.zeros(3), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("unlocked", [1, 2, 0])
+def test_sid_direct_formula_over_the_unlocked_pairs(unlocked):
+    s, t = make_features(2, 16, 4, seed=0), make_features(3, 16, 4, seed=1)
+    pairs = ((0, 0), (1, 2))
+    want = torch.zeros(3)
+    for i, j in pairs[: unlocked or 2]:
+        want = want + 1 - F.cosine_similarity(s.hidden[i][:, 0], t.hidden[j][:, 0], dim=-1)
+        for b in range(3):  # KL of each real query row's attention, mean over heads and real queries
+            n = int(t.token_mask[b].sum())
+            kl = _kl(t.scores(j, masked=False)[b, :, :n, :n], s.scores(i, masked=False)[b, :, :n, :n])  # [heads, n]
+            want[b] += kl.mean()
+    got = _sid(s, t, pairs, unlocked=unlocked)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got >= 0).all()
+    cos = get_loss("sid_cos").fn(s, t, layer_map=LayerMap(pairs, 2, 3), projections={}, unlocked=unlocked)
+    assert (cos <= got + 1e-6).all() and (cos >= 0).all()
+
+
+def test_sid_refuses_different_widths():
+    with pytest.raises(ValueError, match="width 8 must equal the teacher's 16"):
+        _sid(make_features(2, 8, 4, seed=0), make_features(3, 16, 4, seed=1))
+
+
+def test_stacked_schedule_advances_by_steps_gates_kd_and_round_trips():
+    from raykd.train.schedule import StackedSchedule
+
+    sched = StackedSchedule(pairs=3, total_steps=20, gated=("forward_kl", "ce"))  # 4 stages of 5 steps
+    base = {"forward_kl": 0.5, "ce": 0.5, "sid": 1.0}
+    stages = []
+    for step in range(1, 21):
+        w, p = sched.apply(base, {"sid": {"pooling": "cls"}})
+        stages.append(sched.stage)
+        if not sched.last:
+            assert w["forward_kl"] == w["ce"] == 0.0 and w["sid"] == 1.0 and p["sid"]["unlocked"] == sched.stage
+        else:
+            assert w == {"forward_kl": 0.5, "ce": 0.5, "sid": 0.0, "sid_cos": 0.0} and p["sid"]["unlocked"] == 3
+        assert w["sid_cos"] == 0.0 and p["sid_cos"] == {"pooling": "cls", "unlocked": p["sid"]["unlocked"]}
+        sched.update(step, {"sid_cos": 0.5})
+    assert stages == [1] * 5 + [2] * 5 + [3] * 5 + [4] * 5
+    resumed = StackedSchedule(pairs=3, total_steps=20, gated=("forward_kl", "ce"))
+    resumed.load_state_dict({"stage": 2})
+    assert resumed.apply(base, {})[1]["sid"]["unlocked"] == 2
+
+
+def test_stacked_schedule_advances_by_threshold():
+    from raykd.train.schedule import StackedSchedule
+
+    sched = StackedSchedule(pairs=2, total_steps=300, gated=("forward_kl",), threshold=0.1)
+    sched.update(1, {"sid_cos": 0.2})
+    assert sched.stage == 1
+    sched.update(2, {"sid_cos": 0.05})
+    assert sched.stage == 2
+    sched.update(3, {"sid_cos": 0.01})
+    assert sched.last and sched.apply({"forward_kl": 1.0, "sid": 1.0}, {})[0]["forward_kl"] == 1.0
+    sched.update(4, {"sid_cos": 0.0})
+    assert sched.stage == 3  # no stage after the last
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_one_step_lowers_sid(kind):
+    teacher, student, logits_fn, batch, obj, ft, opt = _step_lowers(
+        "sid", kind, {"pooling": "cls" if kind == "bert" else "mean", "unlocked": 2})
+    before = _term(obj, "sid", teacher, student, logits_fn, batch)
+    metrics = train_step(student, opt, [batch], obj, 1.0, logits_fn=logits_fn, feature_teacher=ft)
+    assert metrics["sid"] * metrics["positions"] == pytest.approx(before, rel=1e-4)
+    after = _term(obj, "sid", teacher, student, logits_fn, batch)
+    assert 0 <= after < before, (before, after)
+
+
+def test_feature_terms_keep_sids_stage_in_the_train_state():
+    """The Train loop's feature side builds the schedule for a run with ``sid``, applies it to the
+    step's weights, steps it, and a run resumed from its state continues the same stage."""
+    from raykd.train.features import FeatureTerms
+    from raykd.train.schedule import StackedSchedule
+
+    teacher = tiny_llama()
+    student = layer_drop(teacher, [0, 2])
+
+    def terms():
+        return FeatureTerms(student, ((0, 0), (1, 2)), ["sid", "sid_cos"], teacher=teacher, attention=True,
+                            stages=StackedSchedule(2, 9, ["forward_kl"]))
+
+    ft = FeatureTerms.for_run(((0, 0), (1, 2)), ["forward_kl", "sid"], student, "cpu", teacher_path=None,
+                              layout={"hidden": [0, 2]}, shapes={"layers": 4, "hidden": 16, "scaling": 0.5},
+                              params={"sid": {"threshold": 0.05}}, total_steps=9)
+    assert ft.stages.gated == ("forward_kl",) and ft.stages.threshold == 0.05 and ft.stages.pairs == 2
+    first = terms()
+    w, p = first.weights_at({"forward_kl": 1.0, "sid": 1.0}, {})
+    assert w == {"forward_kl": 0.0, "sid": 1.0, "sid_cos": 0.0} and p["sid"]["unlocked"] == 1
+    for step in range(1, 4):  # 3 stages of 3 steps
+        first.step(step, {"sid_cos": 0.5})
+    assert first.stages.stage == 2
+    resumed = terms()
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.stages.stage == 2 and resumed.weights_at({"forward_kl": 1.0, "sid": 1.0}, {})[1]["sid"]["unlocked"] == 2
