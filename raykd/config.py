@@ -789,9 +789,12 @@ class DistillConfig(Strict):
         if self.train.feature_teacher == "cached":
             from raykd.losses.features import CACHED_TERMS
 
+            if "diito" in terms:
+                raise ValueError("diito runs a second, intervened teacher forward every step: cached teacher features "
+                                 "cannot give it; set train.feature_teacher=online (or auto)")
             if bad := sorted(set(terms) - CACHED_TERMS):
-                raise ValueError(f"feature terms {bad} have no cached form (they read every teacher layer): set "
-                                 "train.feature_teacher=online (or auto)")
+                raise ValueError(f"feature terms {bad} have no cached form (they read every teacher layer or stage "
+                                 "their layers): set train.feature_teacher=online (or auto)")
         if self.student.init == "pretrained" and self.student.init_from is None and self.train.layer_map is None:
             raise ValueError(f"feature terms {terms} with a pretrained student need train.layer_map: "
                              "[[student layer, teacher layer], ...] (only a layer-dropped student has a default stride)")

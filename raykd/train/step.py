@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from raykd.losses import Objective, TeacherTargets
 from raykd.losses.features import Features
 from raykd.train.features import capture_features
+from raykd.train.interventions import interchange_forwards
 
 LogitsFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 """``(model, inputs) -> logits [B, P, V]``: how a student kind's logits are read."""
@@ -131,16 +132,23 @@ def train_step(
             forward (:class:`raykd.train.features.FeatureTeacher`); its targets replace
             ``batch.targets`` unless None, its features ``batch.teacher_features``. The student's
             own features are captured around its forward when the objective has feature terms.
+            An objective with an intervention term (DIITO) also gets the intervened forwards of
+            student and teacher (:func:`raykd.train.interventions.interchange_forwards`), which
+            need this online teacher.
 
     Returns:
         Per-position means over the step: every term (weight 0 included), ``loss``, and
         ``positions`` (``N``).
 
     Raises:
-        ValueError: an empty group, or what :class:`~raykd.losses.Objective` raises.
+        ValueError: an empty group, an intervention term without an online feature teacher, or
+            what :class:`~raykd.losses.Objective` raises.
     """
     if not group:
         raise ValueError("a training step needs at least one micro-batch")
+    if objective.needs_interventions and feature_teacher is None:
+        raise ValueError("diito intervenes on the teacher's forward: it needs the teacher online (feature_teacher, "
+                         "train.feature_teacher=online), not cached teacher features")
     reduce = all_reduce or (lambda values: values)
     n_global = max(reduce([float(sum(b.num_positions for b in group))])[0], 1.0)
     sums: dict[str, float] = {}
@@ -158,7 +166,12 @@ def train_step(
                                      enabled=objective.needs_features) as captured:
                 logits = logits_fn(model, batch.inputs)
             features = (captured.features, teacher_features) if captured is not None else None
-            out = objective(logits.float(), batch.labels, batch.mask, targets, temperature, features)
+            intervened = None
+            if objective.needs_interventions:  # a second, intervened forward of student and teacher
+                context = batch.context() if batch.context is not None else nullcontext()
+                with context, autocast():
+                    intervened = interchange_forwards(model, batch, objective, logits_fn, feature_teacher)
+            out = objective(logits.float(), batch.labels, batch.mask, targets, temperature, features, intervened)
             (out.loss_sum * world / n_global).backward()
         if on_logits is not None:
             on_logits(batch, logits)

@@ -4,6 +4,8 @@ schedule, and DIITO's interchange intervention."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -216,3 +218,123 @@ def test_feature_terms_keep_sids_stage_in_the_train_state():
     resumed = terms()
     resumed.load_state_dict(first.state_dict())
     assert resumed.stages.stage == 2 and resumed.weights_at({"forward_kl": 1.0, "sid": 1.0}, {})[1]["sid"]["unlocked"] == 2
+
+
+# ---- DIITO --------------------------------------------------------------------------------------
+
+def test_interchange_masks_are_consecutive_spans_of_the_shorter_row():
+    from raykd.train.interventions import interchange_masks
+
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[1, 7:] = False  # 7 real tokens
+    mask[2, :2] = False  # left padding: 10 real tokens
+    m, d = interchange_masks(mask, prop=0.3, rng=random.Random(0))
+    # row 0 (12) with its dual row 1 (7): int(0.3 * 7) = 2; row 1 (7) with row 2 (10): 2; row 2 (10) with row 0 (12): 3
+    assert m.sum(1).tolist() == d.sum(1).tolist() == [2, 2, 3]
+    assert not (m & ~mask).any() and not (d & ~torch.roll(mask, -1, 0)).any()  # real tokens only
+    for row in (*m, *d):
+        idx = row.nonzero().view(-1)
+        assert (idx.diff() == 1).all()  # consecutive
+    m, d = interchange_masks(mask, prop=0.3, max_tokens=1)
+    assert m.sum(1).tolist() == [1, 1, 1]
+
+
+def _plain_and_swapped(model, inputs, layer, mask, dual_mask):
+    from raykd.train.features import capture_features
+    from raykd.train.interventions import interchange
+
+    with torch.no_grad(), capture_features(model, inputs) as plain:
+        ref = model(**inputs).logits
+    with torch.no_grad(), interchange(model, layer, mask, dual_mask), capture_features(model, inputs) as cap:
+        out = model(**inputs).logits
+    return ref, out, plain.features, cap.features
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_interchange_with_identical_dual_states_is_the_plain_forward(kind):
+    model = tiny_bert() if kind == "bert" else tiny_llama()
+    ids = torch.randint(4, 60, (1, 8), generator=torch.Generator().manual_seed(0)).repeat(2, 1)  # row 1 = row 0
+    inputs = {"input_ids": ids, "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[:, 3:6] = True
+    ref, out, _, _ = _plain_and_swapped(model, inputs, 1, mask, mask.clone())
+    torch.testing.assert_close(out, ref)
+
+
+def test_interchange_swaps_the_dual_states_and_a_decoder_changes_only_from_the_span_on():
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(1)
+    inputs = {"input_ids": torch.randint(4, 60, (2, 8), generator=g), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    mask, dual = torch.zeros(2, 8, dtype=torch.bool), torch.zeros(2, 8, dtype=torch.bool)
+    mask[0, 3:5], dual[0, 5:7] = True, True  # row 0, positions 3-4 <- row 1, positions 5-6
+    mask[1, 0:2], dual[1, 2:4] = True, True  # row 1, positions 0-1 <- row 0, positions 2-3
+    ref, out, plain, swapped = _plain_and_swapped(model, inputs, 1, mask, dual)
+    torch.testing.assert_close(swapped.hidden[1][0, 3:5], plain.hidden[1][1, 5:7])
+    torch.testing.assert_close(swapped.hidden[1][1, 0:2], plain.hidden[1][0, 2:4])
+    torch.testing.assert_close(swapped.hidden[0], plain.hidden[0])  # blocks before it untouched
+    torch.testing.assert_close(out[0, :3], ref[0, :3])  # causal: positions before the span unchanged
+    assert ((out[0, 3:] - ref[0, 3:]).abs().amax(-1) > 1e-4).all()  # from the span on, changed
+    assert ((out[1] - ref[1]).abs().amax(-1) > 1e-4).all()
+
+
+def _intervened(s_logits, t_logits, s, t):
+    from raykd.losses.features import Intervened
+
+    m = torch.zeros(s_logits.shape[0], t.token_mask.shape[1], dtype=torch.bool)
+    return Intervened(s_logits, t_logits, s, t, (0, 0), m, m)
+
+
+def _diito(s, t, iv, tau=2.0, **hp):
+    return get_loss("diito").fn(s, t, layer_map=LayerMap(((0, 0),), s.num_layers, t.num_layers), projections={},
+                                intervened=iv, temperature=tau, **hp)
+
+
+def test_diito_zero_when_the_student_equals_the_teacher():
+    f = make_features(2, 16, 4, seed=0)
+    logits = torch.randn(3, 6, 11)
+    loss = _diito(f, f, _intervened(logits, logits.clone(), f, f), causal_cos_weight=1.0)
+    torch.testing.assert_close(loss, torch.zeros(3, 6), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("positions", [6, 1])
+def test_diito_direct_formula_and_non_negative(positions):
+    s, t = make_features(2, 16, 4, seed=0), make_features(3, 16, 4, seed=1)
+    si, ti = make_features(2, 16, 4, seed=2), make_features(3, 16, 4, seed=3)
+    g = torch.Generator().manual_seed(0)
+    sl, tl = torch.randn(3, positions, 11, generator=g), torch.randn(3, positions, 11, generator=g)
+    tau = 2.0
+    got = _diito(s, t, _intervened(sl, tl, si, ti), tau, cos_weight=0.5, causal_cos_weight=0.25)
+    kd = tau**2 * _kl(tl / tau, sl / tau)  # [B, P]
+    cos = 0.5 * (1 - F.cosine_similarity(s.hidden[-1], t.hidden[-1], dim=-1)) \
+        + 0.25 * (1 - F.cosine_similarity(si.hidden[-1], ti.hidden[-1], dim=-1))
+    want = kd + cos if positions == 6 else kd[:, 0] + masked_token_mean(cos, s.token_mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got >= 0).all()
+
+
+def _diito_loss(obj, student, ft, logits_fn, batch) -> float:
+    """The diito term's sum over the batch, intervened at the same pair and span every call."""
+    from raykd.train.features import capture_features
+    from raykd.train.interventions import interchange_forwards
+
+    random.seed(0)
+    with torch.no_grad():
+        _, tf = ft(batch)
+        with capture_features(student, batch.inputs) as cap:
+            logits = logits_fn(student, batch.inputs)
+        iv = interchange_forwards(student, batch, obj, logits_fn, ft)
+        out = obj(logits.float(), batch.labels, batch.mask, None, 1.0, (cap.features, tf), iv)
+    return float(out.term_sums["diito"])
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_one_step_lowers_diito_and_it_needs_the_teacher_online(kind):
+    teacher, student, logits_fn, batch, obj, ft, opt = _step_lowers("diito", kind, {"alignment": "full"})
+    before = _diito_loss(obj, student, ft, logits_fn, batch)
+    random.seed(0)
+    metrics = train_step(student, opt, [batch], obj, 1.0, logits_fn=logits_fn, feature_teacher=ft)
+    assert metrics["diito"] * metrics["positions"] == pytest.approx(before, rel=1e-4)  # the same pair and span
+    after = _diito_loss(obj, student, ft, logits_fn, batch)
+    assert 0 <= after < before, (before, after)
+    with pytest.raises(ValueError, match="needs the teacher online"):
+        train_step(student, opt, [batch], obj, 1.0, logits_fn=logits_fn)
