@@ -11,6 +11,11 @@ final step (no checkpoint selection).
 
     .venv/bin/python benchmarks/bench_feature_methods.py                 # table + results
     .venv/bin/python benchmarks/bench_feature_methods.py --rows ce,kd --seeds 0
+    .venv/bin/python benchmarks/bench_feature_methods.py --rows theseus --merge   # add rows to the results
+
+Rows ``kd+sid`` (layer stages, :class:`raykd.train.schedule.StackedSchedule`), ``kd+diito`` (teacher
+online: intervened forwards) and ``theseus`` (a BERT-of-Theseus hybrid, its exported successors
+tested) train through the same step.
 
 Writes ``benchmarks/results/feature_methods_bbc.json`` and ``.md`` (``--results`` to change).
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import time
 from pathlib import Path
 
@@ -47,7 +53,12 @@ ROWS: dict[str, tuple[dict[str, float], dict[str, dict]]] = {
     "kd+ckd": ({**KD, "ckd": 1.0}, {}),
     "kd+mgskd": ({**KD, "mgskd": 1.0}, {}),
     "kd+lrc_bert": ({**KD, "lrc_bert": 0.1}, {}),  # InfoNCE is ~log(B) per pair at the start
+    "kd+universal_kd": ({**KD, "universal_kd": 0.5}, {}),  # the seed's universal_kd_gamma
+    "kd+sid": ({**KD, "sid": 1.0}, {}),  # StackedSchedule: KD and CE only in the last of 4 stages
+    "kd+diito": ({**KD, "diito": 0.5}, {}),  # the seed's equal alphas: ce = kd = intervened kd = cosine
+    "theseus": (KD, {}),  # BERT-of-Theseus hybrid trained on CE + KD, its successors exported
 }
+ONLINE_ONLY = {"kd+diito"}  # a second, intervened teacher forward every step
 
 
 def cache_layout(weights: dict[str, float], layer_map: LayerMap, teacher_layers: int) -> dict:
@@ -67,8 +78,12 @@ def cache_layout(weights: dict[str, float], layer_map: LayerMap, teacher_layers:
             need["embeddings"] = True
         elif name in ("minilm", "minilmv2"):
             need["attention"].add(last)
-        elif name in ("alp_kd", "rail_kd"):
+        elif name in ("alp_kd", "rail_kd", "universal_kd"):
             need["hidden"].update(range(teacher_layers))
+            need["first_token_only"] = True
+        elif name in ("sid", "sid_cos"):
+            need["hidden"].update(mapped)
+            need["attention"].update(mapped)
             need["first_token_only"] = True
         elif name in ("ckd", "mgskd", "lrc_bert"):
             need["hidden"].update(mapped)
@@ -102,16 +117,25 @@ def batches(data, cached, batch_size: int, steps: int, seed: int):
 def train_row(teacher, data, test, weights, params, *, steps, batch_size, lr, seed, temperature, online: bool, cached):
     """One student: layer-dropped from the teacher, trained, tested. Returns (accuracy, s/step, loss).
 
-    RAIL-KD's objective gets a new random layer map every epoch (its widths agree: no projection)."""
+    RAIL-KD's objective gets a new random layer map every epoch (its widths agree: no projection);
+    SID's its stage's weights every step (:class:`raykd.train.schedule.StackedSchedule`); DIITO
+    runs with the teacher online (its interventions drawn from Python's ``random``, seeded here)."""
+    from raykd.losses import get_loss
     from raykd.losses.hidden import random_layer_map
     from raykd.students.build import layer_drop
+    from raykd.train.schedule import StackedSchedule
 
     torch.manual_seed(seed)
+    random.seed(seed)
     student = layer_drop(teacher, KEEP)
     student.get_input_embeddings().weight.requires_grad_(False)  # frozen word embeddings (as the teacher's fine-tuning)
     n_teacher = teacher.config.num_hidden_layers
     layer_map = LayerMap.from_keep_layers(KEEP, n_teacher)
-    objective = Objective(weights, params, layer_map=layer_map)
+    width = teacher.config.hidden_size
+    objective = Objective(weights, params, layer_map=layer_map, widths=(width, width))  # Universal-KD's maps
+    stages = StackedSchedule(len(layer_map.pairs), steps, [n for n in weights if get_loss(n).kind == "logits"]) \
+        if "sid" in weights else None
+    online = online or objective.needs_interventions
     feature_teacher = FeatureTeacher(teacher, classifier_logits, attention=objective.needs_attention) \
         if objective.needs_features and online else None
     trainable = [p for p in student.parameters() if p.requires_grad] + list(objective.parameters())
@@ -122,10 +146,37 @@ def train_row(teacher, data, test, weights, params, *, steps, batch_size, lr, se
     for step, group in enumerate(batches(data, None if online else cached, batch_size, steps, seed)):
         if "rail_kd" in weights and step % per_epoch == 0:
             objective = Objective(weights, params, layer_map=random_layer_map(len(KEEP), n_teacher, step // per_epoch, seed))
-        losses.append(train_step(student, optimizer, group, objective, temperature, logits_fn=classifier_logits,
-                                 max_grad_norm=1.0, feature_teacher=feature_teacher)["loss"])
+        if stages is not None:
+            objective = Objective(*stages.apply(weights, params), layer_map=layer_map, projections=objective.projections)
+        metrics = train_step(student, optimizer, group, objective, temperature, logits_fn=classifier_logits,
+                             max_grad_norm=1.0, feature_teacher=feature_teacher)
+        if stages is not None:
+            stages.update(step + 1, metrics)
+        losses.append(metrics["loss"])
     per_step = (time.perf_counter() - start) / steps
     return accuracy(student, test), per_step, losses[-1]
+
+
+def train_theseus(teacher, data, test, weights, *, steps, batch_size, lr, seed, temperature):
+    """BERT-of-Theseus: the teacher's block groups (0-1, 2-3, 4-5) replaced at random by successors
+    initialised from blocks 0, 2, 4, trained on ``weights`` through the shared step, the replacement
+    rate following the seed's curriculum (0.3 rising linearly to 1 at 66% of the steps); the
+    exported successors are tested. Returns (accuracy, s/step, loss)."""
+    from raykd.students.theseus import export_student, replacement_rate, theseus_layers, theseus_model
+
+    torch.manual_seed(seed)
+    hybrid = theseus_model(teacher, KEEP, p=0.3, seed=seed)
+    hybrid.get_input_embeddings().weight.requires_grad_(False)
+    objective = Objective(weights)
+    optimizer, _ = build_optimizer([p for p in hybrid.parameters() if p.requires_grad], lr=lr)
+    hybrid.train()
+    start, losses = time.perf_counter(), []
+    for step, group in enumerate(batches(data, None, batch_size, steps, seed)):
+        theseus_layers(hybrid).p = replacement_rate(step, 0.3, 0.7 / (0.66 * steps))
+        losses.append(train_step(hybrid, optimizer, group, objective, temperature, logits_fn=classifier_logits,
+                                 max_grad_norm=1.0)["loss"])
+    per_step = (time.perf_counter() - start) / steps
+    return accuracy(export_student(hybrid).eval(), test), per_step, losses[-1]
 
 
 def measure(teacher, data, layouts, *, steps: int, batch_size: int, temperature: float) -> list[dict]:
@@ -196,7 +247,8 @@ def to_markdown(results: dict) -> str:
         acc = np.asarray(r["acc"])
         lines.append(f"| {r['row']} | `{json.dumps(r['weights'])}` | {acc.mean():.3f} ± {acc.std():.3f} | "
                      f"{', '.join(f'{a:.3f}' for a in acc)} | {np.mean(r['s_per_step']):.2f} |")
-    return "\n".join(lines + _cost_lines(results)) + "\n"
+    notes = [f"- {r['row']}: {r['note']}" for r in results["rows"] if r.get("note")]
+    return "\n".join(lines + ([""] + notes if notes else []) + _cost_lines(results)) + "\n"
 
 
 def _cost_lines(results: dict) -> list[str]:
@@ -230,6 +282,8 @@ def main() -> None:
     p.add_argument("--mode", choices=("cached", "online"), default="cached", help="teacher features of the table's runs")
     p.add_argument("--max-test", type=int, default=None, help="first N test articles only (a smoke run)")
     p.add_argument("--results", default="benchmarks/results/feature_methods_bbc")
+    p.add_argument("--merge", action="store_true",
+                   help="add the rows run here to the existing results (same setup required; other rows kept as measured)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -265,18 +319,48 @@ def main() -> None:
     for row in rows:
         weights, params = ROWS[row]
         entry = {"row": row, "weights": weights, "params": params, "acc": [], "s_per_step": [], "final_loss": []}
+        if row in ONLINE_ONLY or args.merge:
+            entry["note"] = "; ".join(
+                (["teacher online (intervened forwards)"] if row in ONLINE_ONLY else [])
+                + ([f"run later than the first rows ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}), same setup"]
+                   if args.merge else []))
         for seed in seeds:
-            acc, per_step, loss = train_row(teacher, {**train, "teacher_logits": logits}, test, weights, params,
-                                            steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed,
-                                            temperature=args.temperature, online=args.mode == "online", cached=cached)
+            kw = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": seed,
+                  "temperature": args.temperature}
+            if row == "theseus":
+                acc, per_step, loss = train_theseus(teacher, {**train, "teacher_logits": logits}, test, weights, **kw)
+            else:
+                acc, per_step, loss = train_row(teacher, {**train, "teacher_logits": logits}, test, weights, params,
+                                                online=args.mode == "online", cached=cached, **kw)
             entry["acc"].append(acc)
             entry["s_per_step"].append(round(per_step, 3))
             entry["final_loss"].append(loss)
             print(f"{row:<22} seed {seed}: test acc {acc:.3f} ({per_step:.2f} s/step, final loss {loss:.4f})", flush=True)
         results["rows"].append(entry)
         results["wall_s"] = round(time.perf_counter() - t0, 1)
-        write(Path(args.results), results)  # after every row: a long run that stops keeps its finished rows
+        write(Path(args.results), merged(Path(args.results), results) if args.merge else results)  # after every row: a long run that stops keeps its finished rows
     print(to_markdown(results))
+
+
+def merged(out: Path, new: dict) -> dict:
+    """The results at ``out`` with ``new``'s rows added (a row of the same name replaced), the
+    earlier run's setup and cost kept; this run's setup and wall time under ``merged_runs``.
+
+    Raises:
+        ValueError: the two runs' setups differ in anything but the seeds' timing fields.
+    """
+    old = json.loads(out.with_suffix(".json").read_text())
+    keys = ("share", "student_articles", "test_articles", "steps", "batch_size", "lr", "seq_len", "temperature",
+            "seeds", "keep_layers", "teacher_folder", "test_every", "mode")
+    if diff := {k: (old["setup"].get(k), new["setup"].get(k)) for k in keys
+                if json.loads(json.dumps(old["setup"].get(k))) != json.loads(json.dumps(new["setup"].get(k)))}:
+        raise ValueError(f"--merge needs the first run's setup; these differ (old, new): {diff}")
+    names = {r["row"] for r in new["rows"]}
+    out_rows = [r for r in old["rows"] if r["row"] not in names] + new["rows"]
+    runs = [r for r in old.get("merged_runs", []) if set(r["rows"]) - names] + [
+        {"rows": sorted(names), "wall_s": new.get("wall_s"), "threads": new["setup"]["threads"],
+         "teacher_test_acc": new["teacher_test_acc"], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}]
+    return {**old, "rows": out_rows, "merged_runs": runs}
 
 
 def write(out: Path, results: dict) -> None:
