@@ -191,32 +191,30 @@ def _universal_kd_maps(student_width: int, teacher_width: int, layer_map: LayerM
     return nn.ModuleDict(maps)
 
 
-def _pooled(f: Features, layer: int, pooling: str) -> Tensor:
+def pooled(f: Features, layer: int, first_token_only: bool) -> Tensor:
     """``[B, H]``: block ``layer``'s first token ([CLS]) or its mean over the real tokens."""
-    if pooling == "cls":
+    if first_token_only:
         return f.hidden[layer][:, 0].float()
-    if pooling == "mean":
-        return masked_token_mean(f.hidden[layer].float(), f.token_mask)
-    raise ValueError(f"universal_kd pooling must be 'cls' or 'mean', got {pooling!r}")
+    return masked_token_mean(f.hidden[layer].float(), f.token_mask)
 
 
 @register_loss("universal_kd", kind="features", modules=_universal_kd_maps,
                description="KL of per-layer maps to an attention mix of all teacher layers (Universal-KD, Wu et al. 2021)")
 def universal_kd(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],
-                 pooling: str = "cls", size: int = 0) -> Tensor:
+                 first_token_only: bool = True, size: int = 0) -> Tensor:
     """Attention-based output-grounded intermediate-layer distillation; Wu et al. 2021,
     "Universal-KD: Attention-based Output-Grounded Intermediate Layer Knowledge Distillation"
     (EMNLP).
 
     Each mapped student block ``i`` (the layer map's student side, k-th pair) and every teacher
-    block ``j`` is pooled (``pooling="cls"``: the first token; ``"mean"``: the mean over real
-    tokens) and mapped by its own learned linear map into a common space of ``size`` (0: the
+    block ``j`` is pooled (``first_token_only``: the first token, [CLS]; else the mean over real
+    tokens, the seed's ``universal_kd_avg``) and mapped by its own learned linear map into a common space of ``size`` (0: the
     student's width): ``s_k = W_s^k h_s^i``, ``t_j = W_t^j h_t^j``. The student layer attends
     over all teacher layers, ``alpha_kj = softmax_j(<s_k, t_j>)``, ``c_k = sum_j alpha_kj t_j``,
     and the loss is ``sum_k KL(softmax(c_k) || softmax(s_k))``, softmax over the common space's
     dimensions. The maps are the term's modules (:meth:`raykd.losses.Objective.parameters`):
     they train with the student and are dropped at export. Encoder or decoder (a decoder has no
-    [CLS]: use ``pooling="mean"``).
+    [CLS]: use ``first_token_only=False``).
 
     Unfaithful details: the paper grounds the intermediate layers in the *output* space (each
     layer's representation mapped to the prediction space before the attention and the KL); the
@@ -226,19 +224,16 @@ def universal_kd(student: Features, teacher: Features, *, layer_map: LayerMap, p
     model's head). Gradients flow into both sides' maps and the attention weights, as in the
     seed. The seed matches the inputs of blocks 1.. (the outputs of all but the last block) or,
     with ``universal_kd_cg``, the final output only; here the layer map's student blocks against
-    every teacher block. The seed's mean pooling counts padding; here only real tokens.
+    every teacher block. The seed's token mean counts padding; here only real tokens.
 
     Returns:
         ``[B]`` per sequence, non-negative.
-
-    Raises:
-        ValueError: an unknown ``pooling``.
     """
     del size  # sizes the maps (their factory reads it)
-    ts = torch.stack([projections[f"t{j}"](_pooled(teacher, j, pooling)) for j in range(teacher.num_layers)], dim=1)
+    ts = torch.stack([projections[f"t{j}"](pooled(teacher, j, first_token_only)) for j in range(teacher.num_layers)], dim=1)
     out = 0.0
     for k, (i, _) in enumerate(layer_map.pairs):
-        s = projections[f"s{k}"](_pooled(student, i, pooling))  # [B, size]
+        s = projections[f"s{k}"](pooled(student, i, first_token_only))  # [B, size]
         alpha = torch.softmax((ts @ s.unsqueeze(-1)).squeeze(-1), dim=-1)  # [B, L_t]
         mix = (alpha.unsqueeze(-1) * ts).sum(1)
         out = out + F.kl_div(torch.log_softmax(s, -1), torch.log_softmax(mix, -1), log_target=True,

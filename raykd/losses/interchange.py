@@ -15,6 +15,25 @@ from raykd.losses.registry import register_loss
 from raykd.losses.targets import TeacherTargets
 
 
+ALIGNMENTS = ("full", "middle", "late")
+"""How DIITO picks the aligned layer pair (see :func:`diito`)."""
+
+
+def check_interchange_params(params: dict) -> None:
+    """Check DIITO's plan before any step: ``alignment`` in :data:`ALIGNMENTS`, ``interchange_prop``
+    in ``(0, 1]``, ``max_tokens`` -1 or >= 1.
+
+    Raises:
+        ValueError: a value out of range (the message names it and the valid ones).
+    """
+    if params["alignment"] not in ALIGNMENTS:
+        raise ValueError(f"diito alignment must be one of {ALIGNMENTS}, got {params['alignment']!r}")
+    if not 0 < float(params["interchange_prop"]) <= 1:
+        raise ValueError(f"diito interchange_prop is the share of tokens swapped, in (0, 1]; got {params['interchange_prop']}")
+    if int(params["max_tokens"]) != -1 and int(params["max_tokens"]) < 1:
+        raise ValueError(f"diito max_tokens must be -1 (no cap) or >= 1, got {params['max_tokens']}")
+
+
 def _last_cos(student: Features, teacher: Features, projections: dict[str, nn.Module]) -> Tensor:
     """``[B, T]``: ``1 - cos(W h_s^last, h_t^last)`` of the two models' last block outputs."""
     s = projection(projections, "hidden", student.hidden[-1]).float()

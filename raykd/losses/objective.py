@@ -120,7 +120,7 @@ class Objective:
     Raises:
         KeyError: an unknown loss name (the message lists the valid ones).
         ValueError: invalid weights, params for a loss that is not a term or that the loss
-            does not accept, or a feature term without a layer map.
+            does not accept, a feature term without a layer map, or DIITO's plan out of range.
     """
 
     def __init__(self, weights: Mapping[str, float], params: Mapping[str, Mapping[str, Any]] | None = None, *,
@@ -135,6 +135,10 @@ class Objective:
             raise ValueError(f"feature terms {self._feature_terms()} need a layer map: Objective(..., layer_map="
                              "LayerMap.from_keep_layers(keep_layers, teacher_layers)) or explicit (student, teacher) pairs")
         self.layer_map = layer_map
+        if self.needs_interventions:
+            from raykd.losses.interchange import check_interchange_params
+
+            check_interchange_params(self.intervention_params)
         built = {name: term_modules(self.specs[name], widths, layer_map, self.params.get(name))
                  for name in self._feature_terms()} if projections is None else {}
         self.projections = projections if projections is not None else nn.ModuleDict(

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raykd.losses.features import Features, LayerMap, masked_token_mean, relation_kl
-from raykd.losses.hidden import _check_heads
+from raykd.losses.hidden import _check_heads, pooled
 from raykd.losses.registry import register_loss
 
 
@@ -26,14 +26,6 @@ def unlocked_pairs(layer_map: LayerMap, unlocked: int) -> tuple[tuple[int, int],
     """The first ``unlocked`` pairs of the map (``0``, or more than the map has: every pair)."""
     n = int(unlocked)
     return layer_map.pairs if n <= 0 or n >= len(layer_map.pairs) else layer_map.pairs[:n]
-
-
-def _pooled(f: Features, layer: int, pooling: str) -> Tensor:
-    if pooling == "cls":
-        return f.hidden[layer][:, 0].float()
-    if pooling == "mean":
-        return masked_token_mean(f.hidden[layer].float(), f.token_mask)
-    raise ValueError(f"SID pooling must be 'cls' or 'mean', got {pooling!r}")
 
 
 def _check_widths(student: Features, teacher: Features) -> None:
@@ -45,9 +37,9 @@ def _check_widths(student: Features, teacher: Features) -> None:
 @register_loss("sid_cos", kind="features",
                description="SID's [CLS] cosine of the unlocked pairs alone: its stage threshold (Aguilar et al. 2020)")
 def sid_cos(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],
-            unlocked: int = 0, pooling: str = "cls", threshold: float = 0.0) -> Tensor:
+            unlocked: int = 0, first_token_only: bool = True, threshold: float = 0.0) -> Tensor:
     """The hidden-state part of :func:`sid`: ``sum_(i, j) 1 - cos(h_s^i, h_t^j)`` on the [CLS] token
-    (``pooling="mean"``: the mean over real tokens, for a decoder) over the first ``unlocked``
+    (``first_token_only=False``: the mean over real tokens, for a decoder) over the first ``unlocked``
     pairs. :class:`~raykd.train.schedule.StackedSchedule` logs it at weight 0 and compares it to
     its threshold.
 
@@ -63,14 +55,14 @@ def sid_cos(student: Features, teacher: Features, *, layer_map: LayerMap, projec
     _check_widths(student, teacher)
     out = 0.0
     for i, j in unlocked_pairs(layer_map, unlocked):
-        out = out + 1.0 - F.cosine_similarity(_pooled(student, i, pooling), _pooled(teacher, j, pooling), dim=-1)
+        out = out + 1.0 - F.cosine_similarity(pooled(student, i, first_token_only), pooled(teacher, j, first_token_only), dim=-1)
     return out
 
 
 @register_loss("sid", kind="features", attention=True,
                description="stacked internal distillation: attention KL + [CLS] cosine, layers unlocked in stages (SID, Aguilar et al. 2020)")
 def sid(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],
-        unlocked: int = 0, pooling: str = "cls", threshold: float = 0.0) -> Tensor:
+        unlocked: int = 0, first_token_only: bool = True, threshold: float = 0.0) -> Tensor:
     """Stacked internal distillation's loss at one stage; Aguilar et al. 2020, "Knowledge
     Distillation from Internal Representations" (AAAI), as the seed (aitsc/GLMKD ``SID``) runs it.
 
@@ -98,7 +90,8 @@ def sid(student: Features, teacher: Features, *, layer_map: LayerMap, projection
         ValueError: different head counts or widths.
     """
     del threshold
-    out = sid_cos(student, teacher, layer_map=layer_map, projections=projections, unlocked=unlocked, pooling=pooling)
+    out = sid_cos(student, teacher, layer_map=layer_map, projections=projections, unlocked=unlocked,
+                  first_token_only=first_token_only)
     for i, j in unlocked_pairs(layer_map, unlocked):
         s, t = student.scores(i, masked=False), teacher.scores(j, masked=False)
         _check_heads("sid", s, t)

@@ -22,9 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from raykd.losses.features import Intervened, LayerMap
+from raykd.losses.interchange import ALIGNMENTS
 from raykd.train.features import _unwrap, capture_features
-
-ALIGNMENTS = ("full", "middle", "late")
 
 
 def choose_pair(layer_map: LayerMap, alignment: str, rng: random.Random | None = None) -> tuple[int, int]:

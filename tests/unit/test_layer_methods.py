@@ -48,12 +48,12 @@ def test_universal_kd_maps_are_the_objectives_and_sized_by_the_layer_map():
     assert {id(p) for p in obj.parameters()} == {id(p) for p in maps.parameters()}  # they join the optimizer
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_universal_kd_zero_when_every_teacher_layer_equals_the_student_layer(pooling):
+@pytest.mark.parametrize("first", [True, False])
+def test_universal_kd_zero_when_every_teacher_layer_equals_the_student_layer(first):
     s = make_features(1, 16, 4, seed=0)
     t = make_features(3, 16, 4, seed=1)
     t.hidden = [s.hidden[0].clone() for _ in range(3)]
-    obj = _ukd_objective(1, 3, ((0, 1),), pooling=pooling)
+    obj = _ukd_objective(1, 3, ((0, 1),), first_token_only=first)
     maps = obj.projections["universal_kd"]
     w = torch.randn(16, 16)
     with torch.no_grad():
@@ -64,12 +64,12 @@ def test_universal_kd_zero_when_every_teacher_layer_equals_the_student_layer(poo
     torch.testing.assert_close(loss, torch.zeros(3), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_universal_kd_direct_formula_and_non_negative(pooling):
+@pytest.mark.parametrize("first", [True, False])
+def test_universal_kd_direct_formula_and_non_negative(first):
     s, t = make_features(2, 16, 4, seed=0), make_features(3, 16, 4, seed=1)
-    obj = _ukd_objective(2, 3, ((0, 0), (1, 2)), pooling=pooling, size=7)
+    obj = _ukd_objective(2, 3, ((0, 0), (1, 2)), first_token_only=first, size=7)
     maps = obj.projections["universal_kd"]
-    pool = (lambda h, m: h[:, 0]) if pooling == "cls" else masked_token_mean
+    pool = (lambda h, m: h[:, 0]) if first else masked_token_mean
     tj = [maps[f"t{j}"](pool(t.hidden[j], t.token_mask)) for j in range(3)]
     want = torch.zeros(3)
     for k, i in enumerate((0, 1)):
@@ -102,7 +102,7 @@ def _step_lowers(name, kind, params=None, extra=None):
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_one_step_lowers_universal_kd(kind):
     teacher, student, logits_fn, batch, obj, ft, opt = _step_lowers(
-        "universal_kd", kind, {"pooling": "cls" if kind == "bert" else "mean"})
+        "universal_kd", kind, {"first_token_only": kind == "bert"})
     before = _term(obj, "universal_kd", teacher, student, logits_fn, batch)
     metrics = train_step(student, opt, [batch], obj, 1.0, logits_fn=logits_fn, feature_teacher=ft)
     assert metrics["universal_kd"] * metrics["positions"] == pytest.approx(before, rel=1e-4)
@@ -153,13 +153,13 @@ def test_stacked_schedule_advances_by_steps_gates_kd_and_round_trips():
     base = {"forward_kl": 0.5, "ce": 0.5, "sid": 1.0}
     stages = []
     for step in range(1, 21):
-        w, p = sched.apply(base, {"sid": {"pooling": "cls"}})
+        w, p = sched.apply(base, {"sid": {"first_token_only": 1.0}})
         stages.append(sched.stage)
         if not sched.last:
             assert w["forward_kl"] == w["ce"] == 0.0 and w["sid"] == 1.0 and p["sid"]["unlocked"] == sched.stage
         else:
             assert w == {"forward_kl": 0.5, "ce": 0.5, "sid": 0.0, "sid_cos": 0.0} and p["sid"]["unlocked"] == 3
-        assert w["sid_cos"] == 0.0 and p["sid_cos"] == {"pooling": "cls", "unlocked": p["sid"]["unlocked"]}
+        assert w["sid_cos"] == 0.0 and p["sid_cos"] == {"first_token_only": 1.0, "unlocked": p["sid"]["unlocked"]}
         sched.update(step, {"sid_cos": 0.5})
     assert stages == [1] * 5 + [2] * 5 + [3] * 5 + [4] * 5
     resumed = StackedSchedule(pairs=3, total_steps=20, gated=("forward_kl", "ce"))
@@ -184,7 +184,7 @@ def test_stacked_schedule_advances_by_threshold():
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_one_step_lowers_sid(kind):
     teacher, student, logits_fn, batch, obj, ft, opt = _step_lowers(
-        "sid", kind, {"pooling": "cls" if kind == "bert" else "mean", "unlocked": 2})
+        "sid", kind, {"first_token_only": kind == "bert", "unlocked": 2})
     before = _term(obj, "sid", teacher, student, logits_fn, batch)
     metrics = train_step(student, opt, [batch], obj, 1.0, logits_fn=logits_fn, feature_teacher=ft)
     assert metrics["sid"] * metrics["positions"] == pytest.approx(before, rel=1e-4)
@@ -330,6 +330,8 @@ def _diito_loss(obj, student, ft, logits_fn, batch) -> float:
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_one_step_lowers_diito_and_it_needs_the_teacher_online(kind):
     teacher, student, logits_fn, batch, obj, ft, opt = _step_lowers("diito", kind, {"alignment": "full"})
+    if kind == "llama":  # the Train loop's features-only teacher: the intervened forward reads the LM logits itself
+        ft = FeatureTeacher(teacher, None, attention=False)
     before = _diito_loss(obj, student, ft, logits_fn, batch)
     random.seed(0)
     metrics = train_step(student, opt, [batch], obj, 1.0, logits_fn=logits_fn, feature_teacher=ft)
@@ -338,3 +340,11 @@ def test_one_step_lowers_diito_and_it_needs_the_teacher_online(kind):
     assert 0 <= after < before, (before, after)
     with pytest.raises(ValueError, match="needs the teacher online"):
         train_step(student, opt, [batch], obj, 1.0, logits_fn=logits_fn)
+
+
+def test_diito_plan_is_checked_when_the_objective_is_built():
+    lm = LayerMap(((0, 0), (1, 2)), 2, 4)
+    for bad, match in (({"alignment": "early"}, "alignment must be one of"), ({"interchange_prop": 0.0}, r"in \(0, 1\]"),
+                       ({"max_tokens": 0}, "max_tokens must be -1")):
+        with pytest.raises(ValueError, match=match):
+            Objective({"diito": 1.0}, {"diito": bad}, layer_map=lm)
