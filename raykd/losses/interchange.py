@@ -14,7 +14,6 @@ from raykd.losses.kd import forward_kl
 from raykd.losses.registry import register_loss
 from raykd.losses.targets import TeacherTargets
 
-
 ALIGNMENTS = ("full", "middle", "late")
 """How DIITO picks the aligned layer pair (see :func:`diito`)."""
 

@@ -13,7 +13,6 @@ the stage is kept and advanced by :class:`raykd.train.schedule.StackedSchedule`,
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

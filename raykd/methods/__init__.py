@@ -518,20 +518,20 @@ register_method(Method(
 
 CLASSIFIER_RECIPES: dict[str, tuple[str, str]] = {
     "universal_kd": (
-        "attention of each student layer over all teacher layers, KL of learned per-layer maps into a common space "
-        "(Wu et al. 2021, Universal-KD: Attention-based Output-Grounded Intermediate Layer Knowledge Distillation, EMNLP)",
+        ("attention of each student layer over all teacher layers, KL of learned per-layer maps into a common space "
+         "(Wu et al. 2021, Universal-KD: Attention-based Output-Grounded Intermediate Layer Knowledge Distillation, EMNLP)"),
         "loss term universal_kd (raykd/losses/hidden.py); its maps are the objective's modules"),
     "sid": (
-        "stacked internal distillation: attention KL + [CLS] cosine, layers unlocked in stages, KD only at the last "
-        "stage (Aguilar et al. 2020, Knowledge Distillation from Internal Representations, AAAI)",
+        ("stacked internal distillation: attention KL + [CLS] cosine, layers unlocked in stages, KD only at the last "
+         "stage (Aguilar et al. 2020, Knowledge Distillation from Internal Representations, AAAI)"),
         "loss terms sid / sid_cos (raykd/losses/stacked.py) + StackedSchedule (raykd/train/schedule.py)"),
     "diito": (
-        "KD between interchange-intervened forwards of student and teacher at an aligned layer pair (Wu et al. 2022, "
-        "Causal Distillation for Language Models, NAACL); teacher online only",
+        ("KD between interchange-intervened forwards of student and teacher at an aligned layer pair (Wu et al. 2022, "
+         "Causal Distillation for Language Models, NAACL); teacher online only"),
         "loss term diito (raykd/losses/interchange.py) + raykd/train/interventions.py, run by train_step"),
     "theseus": (
-        "progressive module replacement: teacher block groups replaced at random by successor blocks, then the "
-        "successors exported (Xu et al. 2020, BERT-of-Theseus: Compressing BERT by Progressive Module Replacing, EMNLP)",
+        ("progressive module replacement: teacher block groups replaced at random by successor blocks, then the "
+         "successors exported (Xu et al. 2020, BERT-of-Theseus: Compressing BERT by Progressive Module Replacing, EMNLP)"),
         "student construction raykd/students/theseus.py (theseus_model, replacement_rate, export_student)"),
 }
 """Classification methods and students outside the method registry (they run in-process through

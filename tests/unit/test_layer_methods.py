@@ -9,7 +9,6 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from raykd.losses import Objective, get_loss
 from raykd.losses.features import LayerMap, masked_token_mean
