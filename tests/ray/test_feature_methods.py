@@ -111,3 +111,29 @@ def test_cached_teacher_features_train_as_online_ones_and_a_second_run_asks_the_
     assert "feature_cache" not in online
     assert cached[0]["pkd"] == pytest.approx(online_history[0]["pkd"], rel=2e-2, abs=1e-4)
     assert cached[0]["pkd"] > 0
+
+
+def test_sid_stages_and_diito_interventions_run_in_the_ray_train_loop(tiny_labeled, tmp_path):
+    """SID's stages and DIITO's intervened forwards through ``raykd distill`` (one run, both terms,
+    GKD's mixbaseline: KD + several feature terms): the first step trains ``sid`` with KD gated
+    off, the last (every layer unlocked: 3 stages over 4 steps for 2 pairs) KD with ``sid`` off;
+    DIITO's term is there at every step. The stage itself rides in the train state
+    (tests/unit/test_layer_methods.py checks its round trip)."""
+    from raykd.cli import main_distill
+    from tests.conftest import build_tiny_model
+    from tests.ray.test_methods import method_config
+
+    cfg, _, _, _ = tiny_labeled
+    other = build_tiny_model(tmp_path / "other", seed=1, num_layers=2)
+    tiny = method_config("mixbaseline", cfg.teacher.model, cfg.data.path, cfg.labels.cache_dir,
+                         student={"init": "pretrained", "model": str(other)},
+                         train={"max_steps": 4, "checkpoint_every": 4, "layer_map": [[0, 1], [1, 3]],
+                                "students": {"mix": {"forward_kl": 0.5, "sid": 1.0, "diito": 0.5}},
+                                "loss_params": {"sid": {"first_token_only": 0.0}}})
+    report = main_distill(tiny, tmp_path / "run")
+    assert report["mix"]["steps"] == 4
+    history = json.loads(next((tmp_path / "run" / "ray_train").glob("mix/checkpoint_*/history.json")).read_text())
+    first, last = history[0], history[-1]
+    assert first["loss"] == pytest.approx(first["sid"] + 0.5 * first["diito"], rel=1e-4)  # stage 1: KD off
+    assert last["loss"] == pytest.approx(0.5 * last["forward_kl"] + 0.5 * last["diito"], rel=1e-4)  # last: sid off
+    assert all(row["diito"] > 0 and row["sid_cos"] >= 0 for row in history)
