@@ -786,6 +786,11 @@ class DistillConfig(Strict):
                              "extra_teachers, student.vocab_size, on_policy and labels.fill=live")
         if self.train.strategy == "fsdp":
             raise ValueError(f"feature terms {terms} run the teacher whole in each worker: use train.strategy=ddp")
+        if "diito" in terms:  # its plan runs in every step of the workers: checked here, before any work
+            from raykd.losses.interchange import check_interchange_params
+            from raykd.losses.objective import with_defaults
+
+            check_interchange_params(with_defaults("diito", self.train.loss_params.get("diito", {})))
         if self.train.feature_teacher == "cached":
             from raykd.losses.features import CACHED_TERMS
 

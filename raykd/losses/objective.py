@@ -86,6 +86,18 @@ def _check_params(spec: LossSpec, params: Mapping[str, float]) -> None:
         raise ValueError(f"loss {spec.name!r} has no hyper-parameters {unknown}; it accepts {accepted}")
 
 
+def with_defaults(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """A loss's hyper-parameters: ``params`` over the defaults of its function's signature.
+
+    Raises:
+        KeyError: an unknown loss name.
+    """
+    signature = inspect.signature(get_loss(name).fn).parameters
+    defaults = {k: p.default for k, p in signature.items()
+                if p.kind is p.KEYWORD_ONLY and k not in _COMMON_ARGS and p.default is not p.empty}
+    return {**defaults, **params}
+
+
 @dataclass(frozen=True)
 class ObjectiveOutput:
     """What :class:`Objective` returns for one micro-batch.
@@ -172,10 +184,7 @@ class Objective:
         """The hyper-parameters of the intervention term (defaults from its function filled in),
         which the step reads to plan the interchange."""
         name = next(n for n in self._feature_terms() if self.specs[n].interventions)
-        signature = inspect.signature(self.specs[name].fn).parameters
-        defaults = {k: p.default for k, p in signature.items()
-                    if p.kind is p.KEYWORD_ONLY and k not in _COMMON_ARGS and p.default is not p.empty}
-        return {**defaults, **self.params.get(name, {})}
+        return with_defaults(name, self.params.get(name, {}))
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The learned projections of the feature terms (none when the widths agree): give them
