@@ -54,6 +54,7 @@ def main_label(cfg: DistillConfig) -> dict[str, Any]:
 def main_methods(verbose: bool = False) -> list[tuple[str, str]]:
     """Print every distillation method (one line each, its config file), then every loss with
     the target forms it accepts. ``verbose`` adds each method's paper and composition."""
+    from raykd import students
     from raykd.losses import available_losses
     from raykd.methods import available_methods
 
@@ -61,16 +62,18 @@ def main_methods(verbose: bool = False) -> list[tuple[str, str]]:
                for m in available_methods().values()]
     losses = [(name, f"[{'/'.join(spec.forms) if spec.forms else ('features' if spec.kind == 'features' else 'no teacher')}] "
                      f"{spec.description}") for name, spec in available_losses().items()]
-    width = max(len(n) for n, _ in methods + losses)
+    family_rows = list(getattr(students, "STUDENT_ARCHITECTURES", {}).items())
+    width = max(len(n) for n, _ in methods + losses + family_rows)
     for title, rows in (("methods (`method:` in a config; run with raykd distill --config <file>)", methods),
-                        ("losses (terms of train.students)", losses)):
+                        ("losses (terms of train.students)", losses),
+                        ("student architectures (built from the teacher; trained through the same step)", family_rows)):
         print(title)
         for name, text in rows:
             print(f"  {name:<{width}}  {text}")
             if verbose and title.startswith("methods"):
                 m = available_methods()[name]
                 print(f"  {'':<{width}}    paper: {m.paper}\n  {'':<{width}}    composes: {m.composes}")
-    return methods + losses
+    return methods + losses + family_rows
 
 
 VERBOSE_HELP = "show everything: Ray's own output, INFO logs and tracebacks (default: progress, results, warnings)"

@@ -493,6 +493,38 @@ register_method(Method(
 ))
 
 
+register_method(Method(
+    name="universal_kd",
+    description="KD + CE + KL between each mapped student layer and an attention mix of all teacher layers",
+    paper="Wu et al. 2021, Universal-KD: Attention-based Output-Grounded Intermediate Layer Knowledge Distillation "
+          "(EMNLP); the maps into a common hidden-size space as GKD's seed (not the paper's output space)",
+    composes=f"train.students {{forward_kl: a, ce: b, universal_kd: c}}, train.loss_params {{universal_kd: "
+             f"{{first_token_only: 0, size: d}}}} (pooled over real tokens; the per-layer maps train with the student "
+             f"and are dropped at export); {_LAYERS}",
+    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("universal_kd"),
+))
+register_method(Method(
+    name="sid",
+    description="stacked internal distillation: attention KL + pooled-state cosine, layers unlocked stage by stage, "
+                "then KD + CE",
+    paper="Aguilar et al. 2020, Knowledge Distillation from Internal Representations (AAAI); stages as GKD's seed "
+          "(sid_lim_e=avg: max_steps / (L + 1) steps each)",
+    composes=f"train.students {{forward_kl: a, ce: b, sid: c}}, train.loss_params {{sid: {{first_token_only: 0, "
+             f"threshold: t}}}}; the stage schedule (StackedSchedule) gates the logit terms off until every mapped "
+             f"layer is unlocked and keeps the stage in the train state; equal widths and head counts; {_LAYERS}",
+    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("sid"),
+))
+register_method(Method(
+    name="diito",
+    description="KD + CE + KD between interchange-intervened forwards of student and teacher at an aligned layer",
+    paper="Wu et al. 2022, Causal Distillation for Language Models (NAACL), weights as GKD's seed (0.25 each)",
+    composes=f"train.students {{forward_kl: a, ce: b, diito: c}}, train.loss_params {{diito: {{interchange_prop: "
+             f"0.3, cos_weight: 1}}}}; the teacher online in the Train worker (train.feature_teacher: online: the "
+             f"intervened teacher forward has no cached form); {_LAYERS}",
+    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("diito"),
+))
+
+
 def _mixbaseline(cfg: DistillConfig) -> None:
     from raykd.losses import get_loss
 
@@ -515,25 +547,3 @@ register_method(Method(
     uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_mixbaseline,
 ))
 
-
-CLASSIFIER_RECIPES: dict[str, tuple[str, str]] = {
-    "universal_kd": (
-        ("attention of each student layer over all teacher layers, KL of learned per-layer maps into a common space "
-         "(Wu et al. 2021, Universal-KD: Attention-based Output-Grounded Intermediate Layer Knowledge Distillation, EMNLP)"),
-        "loss term universal_kd (raykd/losses/hidden.py); its maps are the objective's modules"),
-    "sid": (
-        ("stacked internal distillation: attention KL + [CLS] cosine, layers unlocked in stages, KD only at the last "
-         "stage (Aguilar et al. 2020, Knowledge Distillation from Internal Representations, AAAI)"),
-        "loss terms sid / sid_cos (raykd/losses/stacked.py) + StackedSchedule (raykd/train/schedule.py)"),
-    "diito": (
-        ("KD between interchange-intervened forwards of student and teacher at an aligned layer pair (Wu et al. 2022, "
-         "Causal Distillation for Language Models, NAACL); teacher online only"),
-        "loss term diito (raykd/losses/interchange.py) + raykd/train/interventions.py, run by train_step"),
-    "theseus": (
-        ("progressive module replacement: teacher block groups replaced at random by successor blocks, then the "
-         "successors exported (Xu et al. 2020, BERT-of-Theseus: Compressing BERT by Progressive Module Replacing, EMNLP)"),
-        "student construction raykd/students/theseus.py (theseus_model, replacement_rate, export_student)"),
-}
-"""Classification methods and students outside the method registry (they run in-process through
-:func:`raykd.train.step.train_step`, e.g. ``benchmarks/bench_feature_methods.py``):
-``{name: (description with its paper, where it lives)}``, for ``raykd methods`` to list."""

@@ -15,10 +15,11 @@ from raykd.train.trainer import train_student
 
 pytestmark = pytest.mark.ray
 
-FEATURE_METHODS = ["tinybert_kd"]
-"""Run end to end here (hidden states, embeddings and attention: the widest capture)."""
+FEATURE_METHODS = ["tinybert_kd", "sid"]
+"""Run end to end here (tinybert_kd: hidden states, embeddings and attention, the widest capture; sid:
+the stage schedule, with DIITO's intervened forwards in the same run)."""
 SAME_PATH_AS = {"distilbert_kd": "tinybert_kd", "patient_kd": "tinybert_kd", "minilmv2_kd": "tinybert_kd",
-                "mixbaseline": "tinybert_kd"}
+                "mixbaseline": "tinybert_kd", "universal_kd": "tinybert_kd", "diito": "sid"}
 """Same loop: patient_kd (and distilbert_kd, minilmv2_kd) take the cached features under `auto`, run in the
 cached-feature test below; every loss is tested on tiny models in tests/unit/test_feature_training.py."""
 
@@ -115,7 +116,7 @@ def test_cached_teacher_features_train_as_online_ones_and_a_second_run_asks_the_
 
 def test_sid_stages_and_diito_interventions_run_in_the_ray_train_loop(tiny_labeled, tmp_path):
     """SID's stages and DIITO's intervened forwards through ``raykd distill`` (one run, both terms,
-    GKD's mixbaseline: KD + several feature terms): the first step trains ``sid`` with KD gated
+    the method ``sid`` with a ``diito`` term added): the first step trains ``sid`` with KD gated
     off, the last (every layer unlocked: 3 stages over 4 steps for 2 pairs) KD with ``sid`` off;
     DIITO's term is there at every step. The stage itself rides in the train state
     (tests/unit/test_layer_methods.py checks its round trip)."""
@@ -125,7 +126,7 @@ def test_sid_stages_and_diito_interventions_run_in_the_ray_train_loop(tiny_label
 
     cfg, _, _, _ = tiny_labeled
     other = build_tiny_model(tmp_path / "other", seed=1, num_layers=2)
-    tiny = method_config("mixbaseline", cfg.teacher.model, cfg.data.path, cfg.labels.cache_dir,
+    tiny = method_config("sid", cfg.teacher.model, cfg.data.path, cfg.labels.cache_dir,
                          student={"init": "pretrained", "model": str(other)},
                          train={"max_steps": 4, "checkpoint_every": 4, "layer_map": [[0, 1], [1, 3]],
                                 "students": {"mix": {"forward_kl": 0.5, "sid": 1.0, "diito": 0.5}},
