@@ -89,6 +89,24 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DDP
 
 
+def _block_modules(model: nn.Module, transformer_layers) -> tuple[list[nn.Module], int]:
+    """The modules whose outputs are a forward's block outputs, and how many outputs one forward
+    gives (``config.num_hidden_layers``): the block list, each block run once; or, for a model
+    with cross-layer parameter sharing (ALBERT: fewer block modules than blocks, each run several
+    times in order), every module of transformers' block class of that model (its
+    ``_can_record_outputs["hidden_states"]``), whose hooks then fire once per block."""
+    n = model.config.num_hidden_layers
+    try:
+        return list(transformer_layers(model)), n
+    except ValueError:
+        kind = getattr(model, "_can_record_outputs", None) or {}
+        kind = kind.get("hidden_states")
+        shared = [m for m in model.modules() if isinstance(kind, type) and isinstance(m, kind)]
+        if not shared:
+            raise
+        return shared, n
+
+
 @contextlib.contextmanager
 def capture_features(model: nn.Module, inputs: dict[str, Tensor], *, attention: bool = False,
                      enabled: bool = True) -> Iterator[Capture | None]:
@@ -104,6 +122,9 @@ def capture_features(model: nn.Module, inputs: dict[str, Tensor], *, attention: 
     Yields:
         A :class:`Capture` whose ``features`` is filled in when the block ends.
 
+    A shared-block model (ALBERT's cross-layer sharing) gives ``config.num_hidden_layers``
+    hidden states and attentions too: its shared block's hooks fire once per block it stands for.
+
     Raises:
         ValueError: the forward ran no block, or ran them more than once.
     """
@@ -115,14 +136,15 @@ def capture_features(model: nn.Module, inputs: dict[str, Tensor], *, attention: 
     if attention:
         _register()
     inner = _unwrap(model)
-    layers = transformer_layers(inner)
+    layers, n = _block_modules(inner, transformer_layers)
     ids = inputs.get("input_ids", inputs.get("inputs_embeds"))
     token_mask = inputs.get("attention_mask")
     token_mask = torch.ones(ids.shape[:2], dtype=torch.bool, device=ids.device) if token_mask is None else token_mask.bool()
     cap = Capture(token_mask)
 
     def pre_hook(_module, args, kwargs):
-        cap.embeddings = args[0] if args else kwargs["hidden_states"]
+        if cap.embeddings is None:  # a shared block (ALBERT) runs again on its own output
+            cap.embeddings = args[0] if args else kwargs["hidden_states"]
 
     def hook(_module, _args, out):
         cap.hidden.append(out[0] if isinstance(out, tuple) else out)
@@ -141,7 +163,6 @@ def capture_features(model: nn.Module, inputs: dict[str, Tensor], *, attention: 
             h.remove()
         if attention and before != ATTENTION_NAME:
             inner.set_attn_implementation(before)
-    n = len(layers)
     if len(cap.hidden) != n or (attention and len(cap.attention) != n):
         raise ValueError(f"captured {len(cap.hidden)} block outputs and {len(cap.attention)} attentions for a model of {n} "
                          "blocks; run exactly one forward inside capture_features")
