@@ -14,7 +14,7 @@ from raykd.losses import Objective, available_losses, get_loss
 from raykd.losses.features import Features, LayerMap, to_positions
 
 FEATURE_LOSSES = ["distilbert_cos", "pkd", "tinybert", "alp_kd", "minilm", "minilmv2", "rail_kd", "ckd", "mgskd",
-                  "lrc_bert"]
+                  "lrc_bert", "hidden_mse", "attention_kl"]
 NOT_ZERO_AT_EQUALITY = {"alp_kd", "lrc_bert"}  # checks of their own below
 B, T = 3, 6
 

@@ -17,7 +17,8 @@ from raykd.train.features import FeatureTeacher, capture_features
 from raykd.train.local import class_batch, train_classifier
 from raykd.train.step import StudentBatch, build_optimizer, causal_lm_logits, classifier_logits, train_step
 
-FEATURE_TERMS = ["distilbert_cos", "pkd", "tinybert", "alp_kd", "minilm", "minilmv2", "rail_kd", "ckd", "mgskd", "lrc_bert"]
+FEATURE_TERMS = ["distilbert_cos", "pkd", "tinybert", "alp_kd", "minilm", "minilmv2", "rail_kd", "ckd", "mgskd", "lrc_bert",
+                 "hidden_mse", "attention_kl"]
 PARAMS = {"minilmv2": {"relation_heads": 4}}
 
 
