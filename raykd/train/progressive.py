@@ -23,7 +23,7 @@ stage's learning-rate factors; the step is the shared :func:`raykd.train.step.tr
 Unfaithful details: the paper runs PKT in pre-training (then pre-training distillation with MLM
 and KD, then fine-tuning); here it runs on the task data, and the last stage is the task's KD.
 The seed applies its 0.1 to the lower layers' *loss terms* (kept in the objective) rather than to
-their learning rate; the brief and the paper's softened variant use the learning rate.
+their learning rate; here, as in the paper's softened variant, it is the lower blocks' learning rate.
 """
 
 from __future__ import annotations
