@@ -52,17 +52,18 @@ def main_label(cfg: DistillConfig) -> dict[str, Any]:
 
 
 def main_methods(verbose: bool = False) -> list[tuple[str, str]]:
-    """Print every distillation method (one line each, its config file), then every loss with
-    the target forms it accepts. ``verbose`` adds each method's paper and composition."""
-    from raykd import students
+    """Print every distillation method (one line each, its config file), every loss with the
+    target forms it accepts, then the student architectures built from a teacher. ``verbose``
+    adds each method's paper and composition."""
     from raykd.losses import available_losses
     from raykd.methods import available_methods
+    from raykd.students import STUDENT_ARCHITECTURES
 
     methods = [(m.name, f"{m.description}  [{m.config_path.relative_to(m.config_path.parents[3])}]")
                for m in available_methods().values()]
     losses = [(name, f"[{'/'.join(spec.forms) if spec.forms else ('features' if spec.kind == 'features' else 'no teacher')}] "
                      f"{spec.description}") for name, spec in available_losses().items()]
-    family_rows = list(getattr(students, "STUDENT_ARCHITECTURES", {}).items())
+    family_rows = list(STUDENT_ARCHITECTURES.items())
     width = max(len(n) for n, _ in methods + losses + family_rows)
     for title, rows in (("methods (`method:` in a config; run with raykd distill --config <file>)", methods),
                         ("losses (terms of train.students)", losses),

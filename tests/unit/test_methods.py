@@ -35,12 +35,18 @@ def test_every_method_config_has_a_short_run_in_the_ray_tests():
     assert covered == set(METHODS), f"methods without a tiny-model run: {sorted(set(METHODS) - covered)}"
 
 
-def test_raykd_methods_lists_every_method_and_loss(capsys):
+def test_raykd_methods_lists_every_method_loss_and_student_architecture(capsys):
+    from raykd.losses import available_losses
+    from raykd.students import STUDENT_ARCHITECTURES
+
     rows = dict(main_methods(verbose=True))
     out = capsys.readouterr().out
-    for name in [*METHODS, "forward_kl", "ce", "generalized_jsd"]:
+    for name in [*METHODS, *available_losses(), *STUDENT_ARCHITECTURES]:
         assert name in rows and f"  {name} " in out
     assert "paper: Jafari et al. 2021" in out
+    assert {"albert", "mobilebert", "theseus"} <= set(STUDENT_ARCHITECTURES)
+    for name in ("albert", "mobilebert", "theseus"):  # each with its paper
+        assert any(year in rows[name] for year in ("2020", "2021")), rows[name]
 
 
 def test_unknown_method_lists_the_valid_ones():
