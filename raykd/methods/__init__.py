@@ -525,6 +525,51 @@ register_method(Method(
 ))
 
 
+register_method(Method(
+    name="minilm_kd",
+    description="KD + CE + KL of the last mapped layer's self-attention distributions and value relations",
+    paper="Wang et al. 2020, MiniLM: Deep Self-Attention Distillation for Task-Agnostic Compression of Pre-Trained "
+          "Transformers (NeurIPS)",
+    composes=f"train.students {{forward_kl: a, ce: b, minilm: c}}; {_LAYERS}; as many student heads as teacher heads "
+             "(layer_drop keeps them). The paper distils task-agnostically on a pre-training corpus; here on the job's text",
+    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("minilm"),
+))
+register_method(Method(
+    name="alp_kd",
+    description="KD + CE + MSE between each mapped student layer and an attention mix of all teacher layers",
+    paper="Passban et al. 2021, ALP-KD: Attention-Based Layer Projection for Knowledge Distillation (AAAI)",
+    composes=f"train.students {{forward_kl: a, ce: b, alp_kd: c}}, train.loss_params {{alp_kd: {{first_token_only: 0}}}} "
+             f"(every token: a decoder has no [CLS]); {_LAYERS} (only its student side: every teacher layer takes part)",
+    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("alp_kd"),
+))
+register_method(Method(
+    name="ckd",
+    description="KD + CE + Huber loss of word relations and layer-transforming relations at the mapped layers",
+    paper="Park et al. 2021, Distilling Linguistic Context for Language Model Compression (EMNLP); pair-wise "
+          "relations only (the paper's triple-wise angles left out)",
+    composes=f"train.students {{forward_kl: a, ce: b, ckd: c}}, train.loss_params {{ckd: {{word_weight: w, "
+             f"layer_weight: l}}}}; {_LAYERS}",
+    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("ckd"),
+))
+register_method(Method(
+    name="mgskd",
+    description="KD + CE + Huber loss of token, span and sample relations at the mapped layers",
+    paper="Liu et al. 2022, Multi-Granularity Structural Knowledge Distillation for Language Model Compression (ACL); "
+          "spans are fixed windows, not the paper's phrases; no angles",
+    composes=f"train.students {{forward_kl: a, ce: b, mgskd: c}}, train.loss_params {{mgskd: {{span: s}}}}; {_LAYERS}",
+    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("mgskd"),
+))
+register_method(Method(
+    name="lrc_bert",
+    description="KD + CE + contrastive loss of the mapped layers' pooled states (in-batch negatives)",
+    paper="Fu et al. 2021, LRC-BERT: Latent-representation Contrastive Knowledge Distillation for Natural Language "
+          "Understanding (AAAI); InfoNCE over cosines, not the paper's COS-NCE margin form",
+    composes=f"train.students {{forward_kl: a, ce: b, lrc_bert: c}}, train.loss_params {{lrc_bert: {{tau: t}}}} "
+             f"(negatives: the other rows of a micro-batch); {_LAYERS}",
+    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("lrc_bert"),
+))
+
+
 def _mixbaseline(cfg: DistillConfig) -> None:
     from raykd.losses import get_loss
 
