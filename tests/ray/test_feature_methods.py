@@ -39,6 +39,7 @@ def test_feature_method_trains_through_ray_train_and_its_feature_loss_decreases(
     tiny = method_config("tinybert_kd", cfg.teacher.model, cfg.data.path, cfg.labels.cache_dir,
                          student={"init": "pretrained", "model": str(other)},
                          train={"max_steps": 6, "checkpoint_every": 6, "lr": 1e-2, "layer_map": [[0, 1], [1, 3]],
+                                "feature_teacher": "online",
                                 "students": {"tinybert_kd": {"forward_kl": 0.1, "tinybert": 1.0}}})
     report = main_distill(tiny, tmp_path / "run")
     assert report["cache"]["hit"] is True and report["tinybert_kd"]["steps"] == 6

@@ -60,10 +60,10 @@ def test_layout_keeps_only_the_blocks_each_term_reads_and_the_key_changes_with_i
 
 def test_auto_source_follows_the_measurement():
     assert feature_source(["pkd"], "auto") == "cached"
-    assert feature_source(["tinybert"], "auto") == "online"
-    assert feature_source(["pkd", "tinybert"], "auto") == "online"  # one online term: the teacher runs anyway
+    assert feature_source(["tinybert", "minilmv2"], "auto") == "cached"  # the steady-load rerun: 1.8-1.9x
     assert feature_source(["ckd"], "auto") == "online"  # not measured
-    assert feature_source(["tinybert"], "cached") == "cached"
+    assert feature_source(["pkd", "ckd"], "auto") == "online"  # one online term: the teacher runs anyway
+    assert feature_source(["tinybert"], "online") == "online"
 
 
 def test_minilmv2_takes_its_integer_settings_as_config_floats():
