@@ -1,4 +1,4 @@
-"""Ray Train students on the cache: 1 worker equals 2 workers; a run resumes from its checkpoint."""
+"""Ray Train students on the cache: local mode, DDP and FSDP train alike; a run resumes from its checkpoint."""
 
 from __future__ import annotations
 
@@ -29,9 +29,13 @@ def _train(setup, name, **overrides):
                          temperature=1.0, cfg=train_cfg, storage_path=runs)
 
 
-def test_local_mode_and_two_workers_train_alike(setup):
+def test_local_mode_ddp_and_fsdp_train_alike_and_a_sharded_run_resumes_on_other_workers(setup):
     """Same global batch, same steps: ``train.num_workers=0`` (Ray Train's local mode, used by most
-    tests) and two DDP workers give close loss curves (the data order differs between the splits)."""
+    tests) and two DDP workers give close loss curves (the data order differs between the splits);
+    FSDP over the same 2 workers (gloo on CPU) trains as DDP, with sharded (DCP) checkpoints. That
+    run, continued with a larger budget on 1 DDP worker, resumes from its last checkpoint: DCP
+    reshards the weights and the optimizer state for the new worker count. (One test: each Ray
+    Train run costs ~15 s of start-up.)"""
     local = _train(setup, "w0", num_workers=0, max_steps=8, checkpoint_every=4)
     assert local.model_dir.name == "checkpoint_000008" and (local.model_dir / "model.safetensors").exists()
     two = _train(setup, "w2", num_workers=2, max_steps=8, checkpoint_every=8, cpus_per_worker=0.5)
@@ -41,13 +45,25 @@ def test_local_mode_and_two_workers_train_alike(setup):
     assert a[-1] < a[0] and b[-1] < b[0]  # both learn
     np.testing.assert_allclose(a, b, rtol=0.08)
     assert abs(a.mean() - b.mean()) / a.mean() < 0.03
-    # FSDP over the same 2 workers (gloo on CPU) trains as DDP: same data split, same maths
-    sharded = _train(setup, "f2", num_workers=2, strategy="fsdp", max_steps=8, checkpoint_every=8, cpus_per_worker=0.5)
-    np.testing.assert_allclose([r["loss"] for r in sharded.history], b, rtol=1e-4)
+
+    sharded = _train(setup, "f2", num_workers=2, strategy="fsdp", max_steps=8, checkpoint_every=4, cpus_per_worker=0.5,
+                     checkpoint_format="sharded")
+    np.testing.assert_allclose([r["loss"] for r in sharded.history], b, rtol=1e-4)  # same data split, same maths
+    dcp_files = sorted(p.name for p in (sharded.model_dir / "sharded").iterdir())
+    assert dcp_files == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # both workers' shards, merged by Ray Train
     ddp_weights, fsdp_weights = (load_file(r.model_dir / "model.safetensors") for r in (two, sharded))
-    assert ddp_weights.keys() == fsdp_weights.keys()  # the whole model, gathered from the shards
+    assert ddp_weights.keys() == fsdp_weights.keys()  # the whole model, exported on the driver from the shards
     for name, w in ddp_weights.items():
         torch.testing.assert_close(fsdp_weights[name], w, rtol=1e-3, atol=1e-4)
+
+    # the same run name and storage with a larger budget continues at step 9 on 1 DDP worker, not from scratch
+    resumed = _train(setup, "f2", max_steps=10, checkpoint_every=2)
+    assert [r["step"] for r in resumed.history] == list(range(1, 11))
+    assert resumed.history[:8] == sharded.history and resumed.resumed_from == [8]
+    # the trained weights came back: a fresh student's first loss is far above step 9's
+    assert resumed.history[8]["loss"] < sharded.history[0]["loss"] - 0.1
+    saved = torch.load(resumed.model_dir / "train_state.pt", weights_only=False)["optim"]
+    assert saved["by_name"] and "model.embed_tokens.weight" in saved["state"]  # full checkpoints again
 
 
 def test_grad_accumulation_matches_one_big_batch(setup):
@@ -56,25 +72,6 @@ def test_grad_accumulation_matches_one_big_batch(setup):
     a = np.array([r["loss"] for r in plain.history])
     b = np.array([r["loss"] for r in accum.history])
     np.testing.assert_allclose(a, b, rtol=1e-4)  # same rows, same order: equal up to float error
-
-
-def test_a_stopped_run_resumes_from_its_last_checkpoint_on_other_workers(setup):
-    """A run sharded with FSDP over 2 workers with sharded (DCP) checkpoints, stopped, continues
-    on 1 DDP worker: DCP reshards the weights and the optimizer state for the new worker count."""
-    first = _train(setup, "resume", num_workers=2, strategy="fsdp", cpus_per_worker=0.5, max_steps=4, checkpoint_every=2,
-                   checkpoint_format="sharded")
-    assert [r["step"] for r in first.history] == [1, 2, 3, 4]
-    dcp_files = sorted(p.name for p in (first.model_dir / "sharded").iterdir())
-    assert dcp_files == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # both workers' shards, merged by Ray Train
-    assert (first.model_dir / "model.safetensors").exists()  # exported on the driver for evaluation
-    # the same run name and storage with a larger budget continues at step 5, not from scratch
-    second = _train(setup, "resume", max_steps=6, checkpoint_every=2)
-    assert [r["step"] for r in second.history] == [1, 2, 3, 4, 5, 6]
-    assert second.history[:4] == first.history and second.resumed_from == [4]
-    # the trained weights came back: a fresh student's first loss is far above step 5's
-    assert second.history[4]["loss"] < first.history[0]["loss"] - 0.1
-    saved = torch.load(second.model_dir / "train_state.pt", weights_only=False)["optim"]
-    assert saved["by_name"] and "model.embed_tokens.weight" in saved["state"]  # full checkpoints again
 
 
 def test_a_run_that_can_never_get_its_cpus_is_refused_naming_the_serve_teacher(setup, ray_start):
