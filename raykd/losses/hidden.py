@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raykd.losses.features import Features, LayerMap, masked_token_mean, projection
+from raykd.losses.features import (
+    Features,
+    LayerMap,
+    masked_token_mean,
+    projection,
+    relation_kl,
+)
 from raykd.losses.registry import register_loss
 
 
@@ -75,6 +81,34 @@ def _check_heads(name: str, s: Tensor, t: Tensor) -> None:
                          f"{t.shape[1]}; use a student with as many heads (or minilmv2, which needs none)")
 
 
+def state_mse(student: Features, teacher: Features, layer_map: LayerMap, projections: dict[str, nn.Module],
+              embeddings: bool) -> Tensor:
+    """``[B, T]``: the sum over the layer map's pairs ``(i, j)`` of ``MSE(W h_s^i, h_t^j)`` (mean
+    over the width), plus ``MSE(W_e E_s, E_t)`` of the embeddings when ``embeddings``; the
+    hidden-state part of TinyBERT and MobileBERT's feature-map transfer."""
+    out = 0.0
+    if embeddings:
+        e = projection(projections, "embeddings", student.embeddings).float()
+        out = out + (e - teacher.embeddings.float()).pow(2).mean(-1)
+    for i, j in layer_map.pairs:
+        h = projection(projections, "hidden", student.hidden[i]).float()
+        out = out + (h - teacher.hidden[j].float()).pow(2).mean(-1)
+    return out
+
+
+def attention_kl_pair(name: str, student: Features, teacher: Features, i: int, j: int) -> Tensor:
+    """``[B, T]``: per query token, the mean over heads of ``KL(A_t^j || A_s^i)`` of the attention
+    distributions of student block ``i`` and teacher block ``j`` (keys a query may not see left
+    out); the attention transfer of MobileBERT and SID.
+
+    Raises:
+        ValueError: the head counts differ (``name`` says which loss asked).
+    """
+    s, t = student.scores(i, masked=False), teacher.scores(j, masked=False)
+    _check_heads(name, s, t)
+    return relation_kl(t, s, teacher.key_mask(j)).mean(1)
+
+
 def attention_score_mse(student: Features, teacher: Features, i: int, j: int) -> Tensor:
     """``[B, T]``: per query token, the mean over heads and allowed keys of the squared difference
     of the (unnormalised) attention scores of student block ``i`` and teacher block ``j``."""
@@ -106,13 +140,9 @@ def tinybert(student: Features, teacher: Features, *, layer_map: LayerMap, proje
     Returns:
         ``[B, T]``.
     """
-    out = 0.0
-    if embeddings:
-        e = projection(projections, "embeddings", student.embeddings).float()
-        out = out + (e - teacher.embeddings.float()).pow(2).mean(-1)
+    out = state_mse(student, teacher, layer_map, projections, embeddings)
     for i, j in layer_map.pairs:
-        h = projection(projections, "hidden", student.hidden[i]).float()
-        out = out + (h - teacher.hidden[j].float()).pow(2).mean(-1) + attention_score_mse(student, teacher, i, j)
+        out = out + attention_score_mse(student, teacher, i, j)
     return out
 
 

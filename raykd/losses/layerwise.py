@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from raykd.losses.features import Features, LayerMap, projection, relation_kl
-from raykd.losses.hidden import _check_heads
+from raykd.losses.features import Features, LayerMap
+from raykd.losses.hidden import attention_kl_pair, state_mse
 from raykd.losses.registry import register_loss
 
 
@@ -31,14 +31,7 @@ def hidden_mse(student: Features, teacher: Features, *, layer_map: LayerMap, pro
     Returns:
         ``[B, T]``, non-negative; 0 where the student's mapped states equal the teacher's.
     """
-    out = 0.0
-    if embeddings:
-        e = projection(projections, "embeddings", student.embeddings).float()
-        out = out + (e - teacher.embeddings.float()).pow(2).mean(-1)
-    for i, j in layer_map.pairs:
-        h = projection(projections, "hidden", student.hidden[i]).float()
-        out = out + (h - teacher.hidden[j].float()).pow(2).mean(-1)
-    return out
+    return state_mse(student, teacher, layer_map, projections, embeddings)
 
 
 @register_loss("attention_kl", kind="features", attention=True,
@@ -61,7 +54,5 @@ def attention_kl(student: Features, teacher: Features, *, layer_map: LayerMap,
     """
     out = 0.0
     for i, j in layer_map.pairs:
-        s, t = student.scores(i), teacher.scores(j)
-        _check_heads("attention_kl", s, t)
-        out = out + relation_kl(t, s, teacher.key_mask(j)).mean(1)
+        out = out + attention_kl_pair("attention_kl", student, teacher, i, j)
     return out

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raykd.losses.features import Features, LayerMap, masked_token_mean, relation_kl
-from raykd.losses.hidden import _check_heads, pooled
+from raykd.losses.features import Features, LayerMap, masked_token_mean
+from raykd.losses.hidden import attention_kl_pair, pooled
 from raykd.losses.registry import register_loss
 
 
@@ -92,8 +92,6 @@ def sid(student: Features, teacher: Features, *, layer_map: LayerMap, projection
     out = sid_cos(student, teacher, layer_map=layer_map, projections=projections, unlocked=unlocked,
                   first_token_only=first_token_only)
     for i, j in unlocked_pairs(layer_map, unlocked):
-        s, t = student.scores(i, masked=False), teacher.scores(j, masked=False)
-        _check_heads("sid", s, t)
-        kl = relation_kl(t, s, teacher.key_mask(j)).mean(1)  # [B, T] per query token
+        kl = attention_kl_pair("sid", student, teacher, i, j)  # [B, T] per query token
         out = out + masked_token_mean(kl, teacher.token_mask)
     return out
