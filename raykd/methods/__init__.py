@@ -453,47 +453,55 @@ def _feature_method(term: str, kd: bool = True) -> Callable[[DistillConfig], Non
 
 _FEATURE_USES = frozenset({"features", "phases"})
 _FEATURE_REQUIRES = frozenset({"features"})
+
+
+def _feature_method_entry(*, term: str, **fields: str) -> Method:
+    """A feature method: ``term`` and KD on the decoder student, through the feature terms of the
+    Train loop (:func:`_feature_method` is its check)."""
+    return Method(**fields, uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method(term))
+
+
 _LAYERS = ("train.layer_map (default: student layer i <-> teacher layer student.keep_layers[i]); the teacher's "
            "features from train.feature_teacher (auto: the measured faster of the keyed feature cache and the teacher "
            "run in each Train worker), its soft labels from the soft-label cache")
 
-register_method(Method(
+register_method(_feature_method_entry(
     name="distilbert_kd",
     description="KD + CE + cosine between the last mapped hidden states (on the decoder student)",
     paper="Sanh et al. 2019, DistilBERT, a distilled version of BERT: smaller, faster, cheaper and lighter",
     composes=f"train.students {{forward_kl: a, ce: b, distilbert_cos: c}}; {_LAYERS}. The paper's student is "
              "initialised from every other teacher layer, as layer_drop does",
-    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("distilbert_cos"),
+    term="distilbert_cos",
 ))
-register_method(Method(
+register_method(_feature_method_entry(
     name="patient_kd",
     description="KD + CE + MSE of L2-normalised hidden states at the mapped layers (PKD-Skip on a decoder: every token)",
     paper="Sun et al. 2019, Patient Knowledge Distillation for BERT Model Compression (EMNLP)",
     composes=f"train.students {{forward_kl: a, ce: b, pkd: beta}}, train.loss_params {{pkd: {{first_token_only: 0}}}} "
              f"(a decoder has no [CLS]: every token); {_LAYERS}",
-    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("pkd"),
+    term="pkd",
 ))
-register_method(Method(
+register_method(_feature_method_entry(
     name="tinybert_kd",
     description="KD + CE + MSE of embeddings, hidden states and attention scores at the mapped layers",
     paper="Jiao et al. 2020, TinyBERT: Distilling BERT for Natural Language Understanding (Findings of EMNLP)",
     composes=f"train.students {{forward_kl: a, ce: b, tinybert: c}}; {_LAYERS}; as many student heads as teacher "
              "heads (layer_drop keeps them). One stage: the paper's general-then-task schedule and data augmentation "
              "are not here",
-    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("tinybert"),
+    term="tinybert",
 ))
-register_method(Method(
+register_method(_feature_method_entry(
     name="minilmv2_kd",
     description="KD + CE + KL of Q-Q, K-K, V-V self-relations of the last student layer (relation heads)",
     paper="Wang et al. 2021, MiniLMv2: Multi-Head Self-Attention Relation Distillation for Compressing Pretrained "
           "Transformers (Findings of ACL)",
     composes=f"train.students {{forward_kl: a, ce: b, minilmv2: c}}, train.loss_params {{minilmv2: {{relation_heads: "
              f"r}}}} (r divides the query and the key/value widths of both models); {_LAYERS}",
-    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("minilmv2"),
+    term="minilmv2",
 ))
 
 
-register_method(Method(
+register_method(_feature_method_entry(
     name="universal_kd",
     description="KD + CE + KL between each mapped student layer and an attention mix of all teacher layers",
     paper="Wu et al. 2021, Universal-KD: Attention-based Output-Grounded Intermediate Layer Knowledge Distillation "
@@ -501,9 +509,9 @@ register_method(Method(
     composes=f"train.students {{forward_kl: a, ce: b, universal_kd: c}}, train.loss_params {{universal_kd: "
              f"{{first_token_only: 0, size: d}}}} (pooled over real tokens; the per-layer maps train with the student "
              f"and are dropped at export); {_LAYERS}",
-    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("universal_kd"),
+    term="universal_kd",
 ))
-register_method(Method(
+register_method(_feature_method_entry(
     name="sid",
     description="stacked internal distillation: attention KL + pooled-state cosine, layers unlocked stage by stage, "
                 "then KD + CE",
@@ -512,61 +520,61 @@ register_method(Method(
     composes=f"train.students {{forward_kl: a, ce: b, sid: c}}, train.loss_params {{sid: {{first_token_only: 0, "
              f"threshold: t}}}}; the stage schedule (StackedSchedule) gates the logit terms off until every mapped "
              f"layer is unlocked and keeps the stage in the train state; equal widths and head counts; {_LAYERS}",
-    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("sid"),
+    term="sid",
 ))
-register_method(Method(
+register_method(_feature_method_entry(
     name="diito",
     description="KD + CE + KD between interchange-intervened forwards of student and teacher at an aligned layer",
     paper="Wu et al. 2022, Causal Distillation for Language Models (NAACL), weights as GKD's seed (0.25 each)",
     composes=f"train.students {{forward_kl: a, ce: b, diito: c}}, train.loss_params {{diito: {{interchange_prop: "
              f"0.3, cos_weight: 1}}}}; the teacher online in the Train worker (train.feature_teacher: online: the "
              f"intervened teacher forward has no cached form); {_LAYERS}",
-    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("diito"),
+    term="diito",
 ))
 
 
-register_method(Method(
+register_method(_feature_method_entry(
     name="minilm_kd",
     description="KD + CE + KL of the last mapped layer's self-attention distributions and value relations",
     paper="Wang et al. 2020, MiniLM: Deep Self-Attention Distillation for Task-Agnostic Compression of Pre-Trained "
           "Transformers (NeurIPS)",
     composes=f"train.students {{forward_kl: a, ce: b, minilm: c}}; {_LAYERS}; as many student heads as teacher heads "
              "(layer_drop keeps them). The paper distils task-agnostically on a pre-training corpus; here on the job's text",
-    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("minilm"),
+    term="minilm",
 ))
-register_method(Method(
+register_method(_feature_method_entry(
     name="alp_kd",
     description="KD + CE + MSE between each mapped student layer and an attention mix of all teacher layers",
     paper="Passban et al. 2021, ALP-KD: Attention-Based Layer Projection for Knowledge Distillation (AAAI)",
     composes=f"train.students {{forward_kl: a, ce: b, alp_kd: c}}, train.loss_params {{alp_kd: {{first_token_only: 0}}}} "
              f"(every token: a decoder has no [CLS]); {_LAYERS} (only its student side: every teacher layer takes part)",
-    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("alp_kd"),
+    term="alp_kd",
 ))
-register_method(Method(
+register_method(_feature_method_entry(
     name="ckd",
     description="KD + CE + Huber loss of word relations and layer-transforming relations at the mapped layers",
     paper="Park et al. 2021, Distilling Linguistic Context for Language Model Compression (EMNLP); pair-wise "
           "relations only (the paper's triple-wise angles left out)",
     composes=f"train.students {{forward_kl: a, ce: b, ckd: c}}, train.loss_params {{ckd: {{word_weight: w, "
              f"layer_weight: l}}}}; {_LAYERS}",
-    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("ckd"),
+    term="ckd",
 ))
-register_method(Method(
+register_method(_feature_method_entry(
     name="mgskd",
     description="KD + CE + Huber loss of token, span and sample relations at the mapped layers",
     paper="Liu et al. 2022, Multi-Granularity Structural Knowledge Distillation for Language Model Compression (ACL); "
           "spans are fixed windows, not the paper's phrases; no angles",
     composes=f"train.students {{forward_kl: a, ce: b, mgskd: c}}, train.loss_params {{mgskd: {{span: s}}}}; {_LAYERS}",
-    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("mgskd"),
+    term="mgskd",
 ))
-register_method(Method(
+register_method(_feature_method_entry(
     name="lrc_bert",
     description="KD + CE + contrastive loss of the mapped layers' pooled states (in-batch negatives)",
     paper="Fu et al. 2021, LRC-BERT: Latent-representation Contrastive Knowledge Distillation for Natural Language "
           "Understanding (AAAI); InfoNCE over cosines, not the paper's COS-NCE margin form",
     composes=f"train.students {{forward_kl: a, ce: b, lrc_bert: c}}, train.loss_params {{lrc_bert: {{tau: t}}}} "
              f"(negatives: the other rows of a micro-batch); {_LAYERS}",
-    uses=_FEATURE_USES, requires=_FEATURE_REQUIRES, check_fn=_feature_method("lrc_bert"),
+    term="lrc_bert",
 ))
 
 
