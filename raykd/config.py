@@ -218,7 +218,14 @@ class TeacherConfig(Strict):
     ``tensor_parallel_size * pipeline_parallel_size > 1`` each replica reserves that many GPUs in a
     ``STRICT_PACK`` placement group (all on one node), and vLLM runs its workers on them."""
     max_batch_size: int = Field(default=64, ge=1)
-    """Largest batch one ``score`` call accepts."""
+    """Largest batch one ``score`` call accepts, and most rows of one batch merged across callers."""
+    max_batch_tokens: int = Field(default=8192, ge=1)
+    """Most padded tokens (rows x longest row) of one batch merged across concurrent callers; a
+    single larger call still runs, alone (see :class:`raykd.teacher.batching.FairBatcher`)."""
+    batch_wait_ms: float = Field(default=5.0, ge=0, le=10_000)
+    """Milliseconds the first call of a batch waits for concurrent calls to join it (0: run what
+    is queued at once). Small: a forward takes far longer, and calls that arrive while one runs
+    join the next batch anyway."""
     max_k: int = Field(default=64, ge=1, le=4096)
     """Largest ``K`` the ``vllm`` engine serves (vLLM's ``max_logprobs``; ``hf`` serves any
     ``K <= V``)."""

@@ -50,20 +50,24 @@ class TeacherCallCounter:
 
     def __init__(self) -> None:
         self.calls: dict[str, dict[str, int]] = {}
+        self.by_caller: dict[str, dict[str, int]] = {}
 
-    def add(self, replica: str, method: str, n: int = 1) -> None:
-        """Count ``n`` answered ``method`` calls of ``replica`` (a Serve replica id)."""
-        per = self.calls.setdefault(replica, {"score": 0, "generate": 0})
-        per[method] = per.get(method, 0) + n
+    def add(self, replica: str, method: str, n: int = 1, caller: str = "anonymous") -> None:
+        """Count ``n`` answered ``method`` calls of ``replica`` (a Serve replica id) from ``caller``."""
+        for table, key in ((self.calls, replica), (self.by_caller, caller)):
+            per = table.setdefault(key, {"score": 0, "generate": 0})
+            per[method] = per.get(method, 0) + n
 
     def totals(self) -> dict[str, Any]:
-        """``{"calls": {method: n}, "calls_by_replica": {replica: {method: n}}}``; ``calls``
-        sums every replica the application ever had, the dead ones included."""
+        """``{"calls": {method: n}, "calls_by_replica": {replica: {method: n}}, "calls_by_caller":
+        {caller: {method: n}}}``; ``calls`` sums every replica the application ever had, the dead
+        ones included."""
         total = {"score": 0, "generate": 0}
         for per in self.calls.values():
             for method, n in per.items():
                 total[method] = total.get(method, 0) + n
-        return {"calls": total, "calls_by_replica": {r: dict(per) for r, per in self.calls.items()}}
+        return {"calls": total, "calls_by_replica": {r: dict(per) for r, per in self.calls.items()},
+                "calls_by_caller": {c: dict(per) for c, per in self.by_caller.items()}}
 
 
 def counter_name(app_name: str) -> str:
@@ -77,102 +81,153 @@ def call_counter(app_name: str) -> ray.actor.ActorHandle:
                                       lifetime="detached", get_if_exists=True).remote()
 
 
-@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=4, health_check_period_s=30)
+DEFAULT_MAX_ONGOING_REQUESTS = 256
+"""Requests one replica accepts at once. They wait in the replica's :class:`FairBatcher`
+(which forms the batches and shares them between callers), not in Serve's router, so this is
+large: a router queue is first come, first served and would put a bulk labeler's backlog
+in front of an interactive caller."""
+
+
+@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=DEFAULT_MAX_ONGOING_REQUESTS, health_check_period_s=30)
 class TeacherDeployment:
-    """Serve deployment that holds one teacher engine per replica.
+    """Serve deployment that holds one teacher engine per replica and batches across callers.
+
+    Every method labelers call (``score``, ``score_mc``, ``score_continuations``, ``generate``,
+    ``complete``) is async: a call is checked, then queued in the replica's
+    :class:`~raykd.teacher.batching.FairBatcher`, which merges concurrent calls of one group
+    (e.g. ``score`` at the same ``k`` and temperature) into one engine call, one call per caller
+    per round, bounded by ``max_batch_tokens`` padded tokens and ``max_batch_size`` rows
+    (:mod:`raykd.teacher.merges` says how each method merges and splits). The engine runs in a
+    worker thread, so the replica keeps accepting calls while a batch runs.
 
     Args:
         model_path: resolved local model folder (see :func:`raykd.models.resolve_model_path`).
         engine: engine name (``hf``, ``vllm``, ``classifier``; see :data:`raykd.teacher.engines.ENGINES`).
         engine_kwargs: passed to the engine (``dtype``, ``device``, ``num_threads``, and for
             ``vllm`` ``max_k`` and ``gpu_memory_utilization``).
-        max_batch_size: largest ``B`` one ``score`` call accepts.
+        max_batch_size: largest ``B`` one call accepts, and most rows of one merged batch.
+        max_batch_tokens: most padded tokens of one merged batch (a single larger call runs alone).
+        batch_wait_ms: how long the first call of a batch waits for others (milliseconds).
 
-    Requests beyond the replica's ``max_ongoing_requests`` queue in Serve's router; inside a
-    replica the engine runs one forward at a time, so a second request in flight is ready
-    the moment the first one finishes.
+    Every method takes ``caller`` (default ``"anonymous"``): the name fairness and the
+    per-caller call counts use (a run's name, an HTTP token's name).
     """
 
-    def __init__(self, model_path: str, engine: str = "hf", engine_kwargs: dict[str, Any] | None = None, max_batch_size: int = 64):
+    def __init__(self, model_path: str, engine: str = "hf", engine_kwargs: dict[str, Any] | None = None,
+                 max_batch_size: int = 64, max_batch_tokens: int = 8192, batch_wait_ms: float = 5.0):
+        from raykd.teacher.batching import FairBatcher
         from raykd.teacher.engines import build_engine
+        from raykd.teacher.merges import run_group
 
         self.engine = build_engine(engine, model_path, **(engine_kwargs or {}))
         self.max_batch_size = max_batch_size
+        self.batcher = FairBatcher(lambda group, payloads: run_group(self.engine, group, payloads),
+                                   max_batch_tokens=max_batch_tokens, max_batch_rows=max_batch_size,
+                                   batch_wait_s=batch_wait_ms / 1000)
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
         self.counter = call_counter(context.app_name)
 
-    def score(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *, k: int = 32, temperature: float = 1.0
-    ) -> dict[str, np.ndarray]:
+    def _check_rows(self, n: int, what: str) -> None:
+        if n > self.max_batch_size:
+            raise ValueError(f"{what}: {n} exceed max_batch_size={self.max_batch_size}")
+
+    def _needs(self, method: str, fix: str) -> None:
+        if not hasattr(self.engine, method):
+            raise ValueError(f"the {type(self.engine).__name__} has no {method}; {fix}")
+
+    async def _submit(self, method: str, payload: Any, caller: str | None, counted_as: str) -> Any:
+        from raykd.teacher.batching import Call
+        from raykd.teacher.merges import MERGES
+
+        merge = MERGES[method]
+        rows, width = merge.size(payload)
+        call = Call(caller=caller or "anonymous", group=merge.group(payload), payload=payload, rows=int(rows),
+                    width=int(width), mergeable=merge.mergeable(payload))
+        out = await self.batcher.submit(call)
+        self.counter.add.remote(self.replica, counted_as, caller=call.caller)  # fire-and-forget
+        return out
+
+    async def score(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *, k: int = 32,
+                    temperature: float = 1.0, caller: str | None = None) -> dict[str, np.ndarray]:
         """Top-k soft labels for ``input_ids`` ``[B, T]``; see :meth:`raykd.teacher.engines.hf.HFEngine.score`.
+        Concurrent calls at the same ``k`` and temperature share one forward; the answer equals
+        the unbatched one.
 
         Raises:
-            ValueError: ``B`` above ``max_batch_size`` or any engine validation error.
+            ValueError: ``B`` above ``max_batch_size`` or any engine validation error (checked
+                before the call joins a batch, so it fails alone).
         """
         input_ids = np.asarray(input_ids)
-        if input_ids.ndim == 2 and input_ids.shape[0] > self.max_batch_size:
-            raise ValueError(f"batch of {input_ids.shape[0]} exceeds max_batch_size={self.max_batch_size}")
-        labels = self.engine.score(input_ids, attention_mask, k=k, temperature=temperature)
-        self.counter.add.remote(self.replica, "score")  # fire-and-forget: the answer does not wait for it
-        return labels
+        if input_ids.ndim == 2:
+            self._check_rows(input_ids.shape[0], "input_ids rows")
+        self.engine.validate_score_request(input_ids, k, temperature)
+        mask = None if attention_mask is None else np.asarray(attention_mask)
+        return await self._submit("score", (input_ids, mask, k, temperature), caller, "score")
 
-    def score_mc(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, **kwargs: Any) -> dict[str, np.ndarray]:
+    async def score_mc(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *,
+                       caller: str | None = None, **kwargs: Any) -> dict[str, np.ndarray]:
         """Monte-Carlo dropout scoring of a classifier teacher (MUKI's uncertainty); see
-        :meth:`raykd.teacher.engines.classifier.ClassifierEngine.score_mc`.
+        :meth:`raykd.teacher.engines.classifier.ClassifierEngine.score_mc`. Runs in a batch of
+        its own (its dropout masks are seeded per call), in its caller's fair turn.
 
         Raises:
             ValueError: ``B`` above ``max_batch_size``, an engine without MC scoring (only the
                 classifier engine has it), or the engine's own errors.
         """
         input_ids = np.asarray(input_ids)
-        if input_ids.ndim == 2 and input_ids.shape[0] > self.max_batch_size:
-            raise ValueError(f"batch of {input_ids.shape[0]} exceeds max_batch_size={self.max_batch_size}")
-        if not hasattr(self.engine, "score_mc"):
-            raise ValueError(f"the {type(self.engine).__name__} has no Monte-Carlo dropout scoring; use engine: classifier")
-        out = self.engine.score_mc(input_ids, attention_mask, **kwargs)
-        self.counter.add.remote(self.replica, "score_mc")
-        return out
+        if input_ids.ndim == 2:
+            self._check_rows(input_ids.shape[0], "input_ids rows")
+        self._needs("score_mc", "use engine: classifier")
+        return await self._submit("score_mc", (input_ids, attention_mask, kwargs), caller, "score_mc")
 
-    def score_continuations(self, prefix: str, texts: list[str], continuations: list[str], **kwargs: Any) -> dict[str, np.ndarray]:
+    async def score_continuations(self, prefix: str, texts: list[str], continuations: list[str], *,
+                                  caller: str | None = None, **kwargs: Any) -> dict[str, np.ndarray]:
         """Summed log-probs of each continuation after ``prefix + text`` (verbaliser scoring of
         pseudo-labels); see :meth:`raykd.teacher.engines.hf.HFEngine.score_continuations`.
+        Calls with the same prefix, continuations and options share a batch.
 
         Raises:
             ValueError: more texts than ``max_batch_size``, an engine without it (only LM
                 engines have it), or the engine's own errors.
         """
-        if len(texts) > self.max_batch_size:
-            raise ValueError(f"{len(texts)} texts exceed max_batch_size={self.max_batch_size}")
-        if not hasattr(self.engine, "score_continuations"):
-            raise ValueError(f"the {type(self.engine).__name__} cannot score continuations; use engine: hf")
-        out = self.engine.score_continuations(prefix, texts, continuations, **kwargs)
-        self.counter.add.remote(self.replica, "score")
-        return out
+        self._check_rows(len(texts), "texts")
+        self._needs("score_continuations", "use engine: hf")
+        return await self._submit("score_continuations", (list(texts), prefix, list(continuations), kwargs), caller, "score")
 
-    def complete(self, prompts: list[Any], **kwargs: Any) -> list[dict[str, Any]]:
-        """Greedy completions of prompts sharing a prefix, read once per call; see
-        :meth:`raykd.teacher.engines.hf.HFEngine.complete`.
+    async def complete(self, prompts: list[Any], *, caller: str | None = None, **kwargs: Any) -> list[dict[str, Any]]:
+        """Greedy completions of prompts sharing a prefix; see
+        :meth:`raykd.teacher.engines.hf.HFEngine.complete`. Calls with the same options share a batch.
 
         Raises:
             ValueError: more prompts than ``max_batch_size``, an engine without it, or the
                 engine's own errors.
         """
-        if len(prompts) > self.max_batch_size:
-            raise ValueError(f"{len(prompts)} prompts exceed max_batch_size={self.max_batch_size}")
-        if not hasattr(self.engine, "complete"):
-            raise ValueError(f"the {type(self.engine).__name__} cannot complete prompts; use engine: hf")
-        out = self.engine.complete(prompts, **kwargs)
-        self.counter.add.remote(self.replica, "generate")
-        return out
+        self._check_rows(len(prompts), "prompts")
+        self._needs("complete", "use engine: hf")
+        return await self._submit("complete", (list(prompts), kwargs), caller, "generate")
 
-    def generate(self, prompts: list[Any], **kwargs: Any) -> list[dict[str, Any]]:
-        """Completions with per-token top-k; see :meth:`raykd.teacher.engines.hf.HFEngine.generate`."""
-        if len(prompts) > self.max_batch_size:
-            raise ValueError(f"{len(prompts)} prompts exceed max_batch_size={self.max_batch_size}")
-        completions = self.engine.generate(prompts, **kwargs)
-        self.counter.add.remote(self.replica, "generate")
-        return completions
+    async def generate(self, prompts: list[Any], *, caller: str | None = None, stop: list[str] | None = None,
+                       **kwargs: Any) -> list[dict[str, Any]]:
+        """Completions with per-token top-k; see :meth:`raykd.teacher.engines.hf.HFEngine.generate`.
+        Calls with the same options (``max_new_tokens``, ``temperature``, ``k``, ``top_p``) share
+        a batch; seeded sampling runs alone. ``stop`` strings cut each completion after the fact
+        (:func:`raykd.teacher.engines.base.cut_at_stop`).
+
+        Raises:
+            ValueError: more prompts than ``max_batch_size`` or the engine's own errors.
+        """
+        from raykd.teacher.engines.base import cut_at_stop
+
+        self._check_rows(len(prompts), "prompts")
+        if not prompts:
+            raise ValueError("prompts: the list of prompts must not be empty")
+        if kwargs.get("temperature", 0.0) == 0:
+            kwargs.pop("seed", None)  # greedy: the seed changes nothing, and would split groups
+        outs = await self._submit("generate", (list(prompts), kwargs), caller, "generate")
+        if stop:
+            outs = [cut_at_stop(o, stop, self.engine.tokenizer) for o in outs]
+        return outs
 
     async def info(self) -> dict[str, Any]:
         """Engine identity (fingerprints, vocabulary, dtype, device) and call counts.
@@ -256,7 +311,8 @@ def teacher_app(cfg: TeacherConfig, model_path: str, **extra_options: Any) -> se
     options.update(extra_options)
     engine = resolve_engine(cfg)
     check_engine_request(engine, cfg)
-    return TeacherDeployment.options(**options).bind(model_path, engine, engine_kwargs(cfg, engine), cfg.max_batch_size)
+    return TeacherDeployment.options(**options).bind(model_path, engine, engine_kwargs(cfg, engine), cfg.max_batch_size,
+                                                     cfg.max_batch_tokens, cfg.batch_wait_ms)
 
 
 def deployment_options(cfg: TeacherConfig) -> dict[str, Any]:

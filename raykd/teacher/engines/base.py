@@ -139,6 +139,36 @@ def encode_prompts(tokenizer: Any, prompts: list[Any]) -> list[list[int]]:
     return encoded
 
 
+def cut_at_stop(completion: dict[str, Any], stops: list[str], tokenizer: Any) -> dict[str, Any]:
+    """Cut one :meth:`TeacherEngine.generate` completion before the first stop string, as the
+    OpenAI API's ``stop`` does (the stop string itself is not returned).
+
+    The text is cut at the earliest match; the per-token arrays keep the tokens whose text lies
+    wholly before it. A completion without a match is returned as it is.
+
+    Args:
+        completion: ``text``, ``token_ids`` ``[N]``, ``topk_ids`` / ``topk_logprobs`` ``[N, K]``,
+            ``logprobs`` ``[N]``.
+        stops: stop strings (empty strings are ignored).
+        tokenizer: the teacher's tokenizer (to find where each token's text ends).
+
+    Returns:
+        The completion, cut, with ``stop`` set to the matched string (else absent).
+    """
+    text = completion["text"]
+    hits = [(text.find(s), s) for s in stops if s and s in text]
+    if not hits:
+        return completion
+    at, matched = min(hits)
+    ids = list(completion["token_ids"])
+    n = 0
+    while n < len(ids) and len(tokenizer.decode(ids[: n + 1], skip_special_tokens=True)) <= at:
+        n += 1
+    out = {key: (v[:n] if key in ("token_ids", "topk_ids", "topk_logprobs", "logprobs") else v) for key, v in completion.items()}
+    out.update(text=text[:at], stop=matched)
+    return out
+
+
 LOGPROBS_MODE = "raw_logprobs"
 """What both LM engines return: log-softmax of the unprocessed logits (no penalties, top-p or
 other sampling processors), at the requested temperature. Part of the soft-label cache key."""

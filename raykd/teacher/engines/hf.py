@@ -302,6 +302,7 @@ class HFEngine:
         temperature: float = 0.0,
         k: int = 8,
         seed: int | None = None,
+        top_p: float = 1.0,
     ) -> list[dict[str, Any]]:
         """Generate completions and their per-token top-k log-probabilities.
 
@@ -313,6 +314,7 @@ class HFEngine:
             k: ``K`` of the returned top-k log-probabilities (``raw_logprobs``: the model's
                 own distribution at temperature 1, whatever the sampling temperature, as vLLM).
             seed: sampling seed.
+            top_p: nucleus sampling mass in (0, 1] (1: off; ignored when greedy).
 
         Returns:
             One dict per prompt: ``text`` (str), ``token_ids`` (int list ``[N]``),
@@ -324,8 +326,8 @@ class HFEngine:
         """
         import torch
 
-        if not 1 <= k <= self.vocab_size or max_new_tokens < 1:
-            raise ValueError(f"need 1 <= k <= {self.vocab_size} and max_new_tokens >= 1")
+        if not 1 <= k <= self.vocab_size or max_new_tokens < 1 or not 0 < top_p <= 1:
+            raise ValueError(f"need 1 <= k <= {self.vocab_size}, max_new_tokens >= 1 and 0 < top_p <= 1")
         encoded = encode_prompts(self.tokenizer, prompts)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         width = max(len(e) for e in encoded)
@@ -346,7 +348,7 @@ class HFEngine:
                 do_sample=do_sample,
                 temperature=temperature if do_sample else None,
                 top_k=None,
-                top_p=None,
+                top_p=top_p if do_sample and top_p < 1 else None,
                 pad_token_id=pad,
                 return_dict_in_generate=True,
                 output_logits=True,

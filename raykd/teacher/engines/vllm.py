@@ -196,6 +196,7 @@ class VLLMEngine:
         temperature: float = 0.0,
         k: int = 8,
         seed: int | None = None,
+        top_p: float = 1.0,
     ) -> list[dict[str, Any]]:
         """Completions with per-token top-k log-probabilities (temperature-1 ``raw_logprobs``).
 
@@ -215,7 +216,7 @@ class VLLMEngine:
         if longest + max_new_tokens > self.max_seq_len:
             raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the context {self.max_seq_len}")
         flat = {"flat_logprobs": True} if self._flat else {}
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, logprobs=k, seed=seed,
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, logprobs=k, seed=seed,
                                 skip_special_tokens=True, **flat)
         with self._lock:
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=e) for e in encoded], params, use_tqdm=False)
