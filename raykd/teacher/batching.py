@@ -79,6 +79,8 @@ class FairBatcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.batches = 0
+        self.served: dict[str, int] = {}  # caller -> when one of its calls was last taken (a pop counter)
+        self._taken = 0
 
     def pending(self) -> int:
         """Calls waiting (not yet in a running batch)."""
@@ -136,9 +138,14 @@ class FairBatcher:
         return rows >= self.max_batch_rows
 
     def take(self) -> list[Call]:
-        """Remove and return the next batch: the group of the oldest head call, then one call per
-        caller per round (callers in order of their oldest call) while the budgets allow."""
-        heads = sorted(self.queues.items(), key=lambda kv: kv[1][0].queued_at)
+        """Remove and return the next batch: one call per caller per round while the budgets
+        allow, callers in round-robin order (the one served longest ago first, then the one
+        waiting longest); the batch's group is the first caller's.
+
+        A caller whose call did not fit a batch is first in line for the next one, so a bulk
+        caller that fills every batch on its own cannot starve another caller.
+        """
+        heads = sorted(self.queues.items(), key=lambda kv: (self.served.get(kv[0], -1), kv[1][0].queued_at))
         first = heads[0][1][0]
         if not first.mergeable:
             return [self._pop(first.caller)]
@@ -161,6 +168,8 @@ class FairBatcher:
         return batch
 
     def _pop(self, caller: str) -> Call:
+        self._taken += 1
+        self.served[caller] = self._taken
         q = self.queues[caller]
         c = q.popleft()
         if not q:

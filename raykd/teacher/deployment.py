@@ -130,7 +130,7 @@ class TeacherDeployment:
 
     def _check_rows(self, n: int, what: str) -> None:
         if n > self.max_batch_size:
-            raise ValueError(f"{what}: {n} exceed max_batch_size={self.max_batch_size}")
+            raise ValueError(f"batch of {n} {what} exceeds max_batch_size={self.max_batch_size}")
 
     def _needs(self, method: str, fix: str) -> None:
         if not hasattr(self.engine, method):
@@ -160,7 +160,7 @@ class TeacherDeployment:
         """
         input_ids = np.asarray(input_ids)
         if input_ids.ndim == 2:
-            self._check_rows(input_ids.shape[0], "input_ids rows")
+            self._check_rows(input_ids.shape[0], "rows")
         self.engine.validate_score_request(input_ids, k, temperature)
         mask = None if attention_mask is None else np.asarray(attention_mask)
         return await self._submit("score", (input_ids, mask, k, temperature), caller, "score")
@@ -177,7 +177,7 @@ class TeacherDeployment:
         """
         input_ids = np.asarray(input_ids)
         if input_ids.ndim == 2:
-            self._check_rows(input_ids.shape[0], "input_ids rows")
+            self._check_rows(input_ids.shape[0], "rows")
         self._needs("score_mc", "use engine: classifier")
         return await self._submit("score_mc", (input_ids, attention_mask, kwargs), caller, "score_mc")
 
@@ -247,6 +247,21 @@ class TeacherDeployment:
         return {**asdict(self.engine.info()), **counts, "replica": self.replica, "pid": os.getpid()}
 
 
+def default_caller() -> str:
+    """The caller name of teacher calls made from this process: ``$RAYKD_CALLER`` when set, else
+    ``job:<Ray job id>``, which every worker of one run (its labelers, Train workers, Tune
+    trials) shares, so a run is one caller in the teacher's fair share."""
+    import os
+
+    name = os.environ.get("RAYKD_CALLER")
+    if name:
+        return name
+    try:
+        return f"job:{ray.get_runtime_context().get_job_id()}"
+    except Exception:  # noqa: BLE001 - Ray not initialised in this process
+        return "anonymous"
+
+
 class ResentCall:
     """A teacher call that is sent again when the replica serving it dies before answering.
 
@@ -258,7 +273,7 @@ class ResentCall:
 
     Args:
         method: a deployment handle method, e.g. ``handle.score``.
-        *args, **kwargs: the call's arguments.
+        *args, **kwargs: the call's arguments (``caller`` defaults to :func:`default_caller`).
         attempts: sends in all (the first included) before the replica loss is raised.
 
     Example:
@@ -268,6 +283,7 @@ class ResentCall:
     def __init__(self, method: serve.handle.DeploymentHandle, *args: Any, attempts: int = 3, **kwargs: Any):
         if attempts < 1:
             raise ValueError(f"attempts={attempts}: a call needs at least one send")
+        kwargs.setdefault("caller", default_caller())
         self.method, self.args, self.kwargs, self.attempts = method, args, kwargs, attempts
         self.sends = 1
         self.response = method.remote(*args, **kwargs)  # sent now: callers keep several in flight

@@ -28,28 +28,37 @@ Errors are JSON ``{"detail": "<field>: <problem>"}`` (repeated as ``error.messag
 field OpenAI clients read): 401 missing or wrong bearer token;
 422 malformed JSON, a bad shape, or a size over this API's limits; 400 a request the engine
 rejects (token ids outside the vocabulary, longer than the model's context); 404 an unknown
-``model``; 503 the teacher is busy (its ``max_queued_requests`` is reached), retry later.
+``model``; 503 the teacher is busy (its ``max_queued_requests`` is reached) or the caller's
+quota is full (``max_concurrent`` running and ``max_waiting`` waiting), retry after
+``Retry-After`` seconds.
+
+Callers are told apart by their token's name (``http.tokens``, or ``http.token_name`` for the
+single ``token``); the name goes with every teacher call, so the replica shares its batches
+round robin between callers, and is logged with the OpenAI ``user`` field.
 A value of ``-inf`` (``tail_logmass`` when ``K = V``) is sent as ``null``.
 """
 
 # No ``from __future__ import annotations``: Serve rebuilds the route signatures of the class and
 # FastAPI must see the request models as classes, not strings.
 import asyncio
+import contextlib
 import hmac
+import logging
 import time
-import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from raykd.teacher import openai_format as fmt
 from raykd.teacher.engines.base import encode_prompts
 from raykd.teacher.schemas import (
     ChatCompletionRequest,
@@ -61,6 +70,8 @@ from raykd.teacher.schemas import (
 )
 
 INGRESS_NAME = "TeacherHTTP"
+
+log = logging.getLogger(__name__)
 
 app = FastAPI(title="raykd teacher", description="Teacher soft labels and completions over HTTP.")
 
@@ -92,8 +103,9 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return _error(exc.status_code, str(exc.detail), exc.headers)
 
 
-async def _require_token(authorization: str | None = Header(default=None)) -> None:
-    serve.get_replica_context().servable_object.authorize(authorization)
+async def _caller(authorization: str | None = Header(default=None)) -> str:
+    """The caller's name from its bearer token (401 for a missing or wrong one)."""
+    return serve.get_replica_context().servable_object.authorize(authorization)
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -102,37 +114,14 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
-def _finish_reason(out: dict[str, Any], tok: Any) -> str:
-    """OpenAI's ``finish_reason`` of one engine output: ``stop`` at EOS, else ``length``."""
-    ids = out["token_ids"]
-    return "stop" if ids and ids[-1] == tok.eos_token_id else "length"
+@dataclass
+class _Quota:
+    """One caller's share of the ingress: ``max_concurrent`` requests at once, ``max_waiting`` in line."""
 
-
-def _token_logprobs(out: dict[str, Any], tok: Any, top: int) -> list[tuple[str, float | None, list[tuple[str, float | None]]]]:
-    """Per generated token of one engine output: its text, its log-probability and the
-    ``top`` most likely alternatives as ``(text, logprob)`` (``-inf`` becomes None)."""
-    chosen = _jsonable(out["logprobs"])
-    alt_ids = np.asarray(out["topk_ids"])[:, :top].tolist()
-    alt_lps = _jsonable(np.asarray(out["topk_logprobs"])[:, :top])
-    return [
-        (tok.decode([t]), lp, [(tok.decode([a]), alp) for a, alp in zip(ids, lps)])
-        for t, lp, ids, lps in zip(out["token_ids"], chosen, alt_ids, alt_lps)
-    ]
-
-
-def _chat_logprob(token: str, logprob: float | None) -> dict[str, Any]:
-    """One token of OpenAI's chat ``logprobs.content`` (``bytes``: its UTF-8 bytes)."""
-    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
-
-
-def _jsonable(a: Any) -> list:
-    """Nested lists of an array; non-finite floats (``-inf`` tail mass) become None."""
-    a = np.asarray(a)
-    if a.dtype.kind != "f" or np.isfinite(a).all():
-        return a.tolist()
-    out = a.astype(np.float64).astype(object)
-    out[~np.isfinite(a)] = None
-    return out.tolist()
+    slots: asyncio.Semaphore
+    max_concurrent: int
+    max_waiting: int
+    waiting: int = 0
 
 
 @serve.deployment(name=INGRESS_NAME, ray_actor_options={"num_cpus": 0})
@@ -143,8 +132,8 @@ class HTTPIngress:
     Args:
         teacher: handle of the :class:`~raykd.teacher.deployment.TeacherDeployment` (pass
             the bound teacher node; Serve turns it into a handle).
-        cfg: limits and the bearer token (``cfg.token``; resolve ``token_env`` before binding,
-            see :func:`raykd.teacher.service.served_teacher_app`).
+        cfg: limits and the bearer tokens (``cfg.token`` and each ``cfg.tokens[i].token``;
+            resolve ``token_env`` before binding, see :func:`raykd.teacher.service.served_teacher_app`).
     """
 
     def __init__(self, teacher: DeploymentHandle, cfg: HTTPConfig):
@@ -153,23 +142,62 @@ class HTTPIngress:
         self.name = serve.get_replica_context().app_name
         self._tokenizer = None
         self._created = int(time.time())
+        self.callers: dict[str, str] = {t.token: t.name for t in cfg.tokens if t.token}
+        if cfg.token:
+            self.callers[cfg.token] = cfg.token_name
+        quotas = [(cfg.token_name, cfg.max_concurrent, cfg.max_waiting)] + [(t.name, t.max_concurrent, t.max_waiting) for t in cfg.tokens]
+        self.quotas = {name: _Quota(asyncio.Semaphore(n), n, w) for name, n, w in quotas}
 
-    def authorize(self, authorization: str | None) -> None:
-        """Raise 401 unless ``authorization`` is ``Bearer <token>`` (or no token is set)."""
-        if not self.cfg.token:
-            return
+    def authorize(self, authorization: str | None) -> str:
+        """The caller name of ``authorization`` (``Bearer <token>``); 401 for a missing or wrong
+        token, unless the API is open (no token configured: every caller is ``token_name``)."""
+        if not self.callers:
+            return self.cfg.token_name
         scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.cfg.token.encode()):
-            raise HTTPException(
-                401, detail="Authorization: missing or wrong bearer token (send 'Authorization: Bearer <token>')",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+        if scheme.lower() == "bearer":
+            for token, name in self.callers.items():
+                if hmac.compare_digest(given.strip().encode(), token.encode()):
+                    return name
+        raise HTTPException(
+            401, detail="Authorization: missing or wrong bearer token (send 'Authorization: Bearer <token>')",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    @contextlib.asynccontextmanager
+    async def _quota(self, caller: str):
+        """Hold one of ``caller``'s slots; 503 with ``Retry-After`` when its line is full."""
+        q = self.quotas[caller]
+        if q.slots.locked() and q.waiting >= q.max_waiting:
+            raise HTTPException(503, detail=f"caller {caller!r} is over its quota ({q.max_concurrent} requests running, "
+                                            f"{q.max_waiting} waiting); retry later", headers={"Retry-After": "1"})
+        q.waiting += 1
+        try:
+            await q.slots.acquire()
+        finally:
+            q.waiting -= 1
+        try:
+            yield
+        finally:
+            q.slots.release()
 
     def _limits(self, req: ScoreRequest | GenerateRequest | CompletionRequest | ChatCompletionRequest) -> None:
         try:
             check_limits(req, self.cfg)
         except ValueError as e:
             raise HTTPException(422, detail=str(e)) from None
+
+    async def _check_lengths(self, prompts: list[Any], new_tokens: int, field: str) -> list[list[int]]:
+        """422 when a prompt plus ``new_tokens`` exceeds ``max_seq_len``; returns the prompts' ids."""
+        tok = await self._load_tokenizer()
+        try:
+            encoded = await asyncio.to_thread(encode_prompts, tok, prompts)
+        except ValueError as e:  # e.g. a chat prompt for a tokenizer without a chat template
+            raise HTTPException(400, detail=f"{field}: {e}") from None
+        longest = max(len(e) for e in encoded)
+        if longest + new_tokens > self.cfg.max_seq_len:
+            raise HTTPException(422, detail=f"{field}: a prompt of {longest} tokens + {new_tokens} new tokens exceeds "
+                                            f"max_seq_len={self.cfg.max_seq_len}")
+        return encoded
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call the teacher; backpressure -> 503, an engine ``ValueError`` -> 400."""
@@ -189,25 +217,30 @@ class HTTPIngress:
         info = await self._call("info")
         keep = ("engine", "weights_fingerprint", "tokenizer_fingerprint", "vocab_size", "max_seq_len", "dtype", "device", "calls")
         limits = self.cfg.model_dump(include={"max_batch_size", "max_seq_len", "max_k", "max_new_tokens"})
-        return {"status": "ok", "teacher": self.name, **{k: info[k] for k in keep}, "limits": limits, "auth": bool(self.cfg.token)}
+        return {"status": "ok", "teacher": self.name, **{k: info[k] for k in keep}, "limits": limits, "auth": bool(self.callers),
+                "callers": sorted(self.quotas), "calls_by_caller": info.get("calls_by_caller", {})}
 
-    @app.post("/v1/score", dependencies=[Depends(_require_token)])
-    async def score(self, req: ScoreRequest) -> JSONResponse:
+    @app.post("/v1/score")
+    async def score(self, req: ScoreRequest, caller: str = Depends(_caller)) -> JSONResponse:
         """Top-k soft labels of ``input_ids`` ``[B, T]`` (see the module docstring)."""
         self._limits(req)
         mask = None if req.attention_mask is None else np.asarray(req.attention_mask, dtype=np.int64)
-        out = await self._call("score", np.asarray(req.input_ids, dtype=np.int64), mask, k=req.k, temperature=req.temperature)
-        return JSONResponse({name: _jsonable(value) for name, value in out.items()})
+        async with self._quota(caller):
+            out = await self._call("score", np.asarray(req.input_ids, dtype=np.int64), mask, k=req.k,
+                                   temperature=req.temperature, caller=caller)
+        return JSONResponse({name: fmt.jsonable(value) for name, value in out.items()})
 
-    @app.post("/v1/generate", dependencies=[Depends(_require_token)])
-    async def generate(self, req: GenerateRequest) -> JSONResponse:
+    @app.post("/v1/generate")
+    async def generate(self, req: GenerateRequest, caller: str = Depends(_caller)) -> JSONResponse:
         """Completions with per-token top-k log-probabilities, one per prompt."""
         self._limits(req)
-        prompts = [p if isinstance(p, str) else [m.model_dump() for m in p] for p in req.prompts]
-        outs = await self._call(
-            "generate", prompts, max_new_tokens=req.max_new_tokens, temperature=req.temperature, k=req.k, seed=req.seed
-        )
-        return JSONResponse({"completions": [{key: _jsonable(v) if key != "text" else v for key, v in o.items()} for o in outs]})
+        prompts = [p if isinstance(p, str) else [m.render() for m in p] for p in req.prompts]
+        await self._check_lengths(prompts, req.max_new_tokens, "prompts")
+        async with self._quota(caller):
+            outs = await self._call("generate", prompts, max_new_tokens=req.max_new_tokens, temperature=req.temperature,
+                                    k=req.k, seed=req.seed, top_p=req.top_p, stop=req.stop, caller=caller)
+        return JSONResponse({"completions": [{key: fmt.jsonable(v) if key not in ("text", "stop") else v for key, v in o.items()}
+                                             for o in outs]})
 
     async def _load_tokenizer(self):
         if self._tokenizer is None:
@@ -221,59 +254,52 @@ class HTTPIngress:
         if model is not None and model != self.name:
             raise HTTPException(404, detail=f"model: {model!r} is not served here; this route serves {self.name!r}")
 
-    async def _openai_generate(self, prompts: list[Any], *, max_tokens: int, temperature: float, top: int, seed: int | None):
-        """Generate for an OpenAI route: the engine's outputs, the tokenizer and the ``usage`` block."""
-        outs = await self._call("generate", prompts, max_new_tokens=max_tokens, temperature=temperature, k=max(1, top), seed=seed)
+    async def _openai_generate(self, req: CompletionRequest | ChatCompletionRequest, prompts: list[Any], caller: str, top: int):
+        """Checks, then generates for an OpenAI route: the engine's outputs, the tokenizer and ``usage``."""
+        self._check_model(req.model)
+        self._limits(req)
+        encoded = await self._check_lengths(prompts, req.new_tokens, "messages" if isinstance(req, ChatCompletionRequest) else "prompt")
+        if req.user:
+            log.info("teacher %r: request of caller %r for user %r", self.name, caller, req.user)
+        async with self._quota(caller):
+            outs = await self._call("generate", prompts, max_new_tokens=req.new_tokens, temperature=req.temperature, k=max(1, top),
+                                    seed=req.seed, top_p=req.top_p, stop=req.stops, caller=caller)
         tok = await self._load_tokenizer()
-        prompt_tokens = sum(len(ids) for ids in encode_prompts(tok, prompts))
+        prompt_tokens = sum(len(ids) for ids in encoded)
         generated = sum(len(o["token_ids"]) for o in outs)
         return outs, tok, {"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated}
 
-    def _openai_response(self, kind: str, choices: list[dict[str, Any]], usage: dict[str, int]) -> JSONResponse:
-        prefix = {"text_completion": "cmpl", "chat.completion": "chatcmpl"}[kind]
-        return JSONResponse(
-            {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": self.name,
-             "choices": choices, "usage": usage}
-        )
-
-    @app.get("/v1/models", dependencies=[Depends(_require_token)])
+    @app.get("/v1/models", dependencies=[Depends(_caller)])
     async def models(self) -> dict[str, Any]:
         """OpenAI model list: the one teacher this route serves."""
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self._created, "owned_by": "raykd"}]}
 
-    @app.post("/v1/completions", dependencies=[Depends(_require_token)])
-    async def completions(self, req: CompletionRequest) -> JSONResponse:
-        """OpenAI-style text completions; ``logprobs=n`` adds the top-``n`` per token."""
-        self._check_model(req.model)
-        self._limits(req)
+    @app.post("/v1/completions")
+    async def completions(self, req: CompletionRequest, caller: str = Depends(_caller)):
+        """OpenAI-style text completions; ``logprobs=n`` adds the top-``n`` per token and
+        ``text_offset``; ``stream=true`` answers server-sent events."""
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        outs, tok, usage = await self._openai_generate(
-            prompts, max_tokens=req.max_tokens, temperature=req.temperature, top=req.logprobs or 0, seed=req.seed
-        )
+        outs, tok, usage = await self._openai_generate(req, prompts, caller, req.logprobs or 0)
+        if req.stream:
+            with_usage = usage if (req.stream_options or {}).get("include_usage") else None
+            return StreamingResponse(fmt.stream_completion(outs, tok, self.name, usage=with_usage), media_type="text/event-stream")
         choices = []
-        for i, o in enumerate(outs):
-            choice = {"index": i, "text": o["text"], "logprobs": None, "finish_reason": _finish_reason(o, tok)}
-            if req.logprobs is not None:
-                rows = _token_logprobs(o, tok, req.logprobs)
-                top = [{t: lp for t, lp in alts} for _, _, alts in rows] if req.logprobs > 0 else None
-                choice["logprobs"] = {"tokens": [t for t, _, _ in rows], "token_logprobs": [lp for _, lp, _ in rows], "top_logprobs": top}
-            choices.append(choice)
-        return self._openai_response("text_completion", choices, usage)
+        for i, (prompt, o) in enumerate(zip(prompts, outs)):
+            lp = None if req.logprobs is None else fmt.completion_logprobs(o, tok, req.logprobs, len(prompt))
+            choices.append({"index": i, "text": o["text"], "logprobs": lp, "finish_reason": fmt.finish_reason(o, tok)})
+        return JSONResponse(fmt.envelope("text_completion", self.name, choices, usage))
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(_require_token)])
-    async def chat_completions(self, req: ChatCompletionRequest) -> JSONResponse:
-        """OpenAI-style chat completion (one choice); ``logprobs`` / ``top_logprobs`` as OpenAI."""
-        self._check_model(req.model)
-        self._limits(req)
-        conversation = [m.model_dump() for m in req.messages]
-        (o,), tok, usage = await self._openai_generate(
-            [conversation], max_tokens=req.new_tokens, temperature=req.temperature, top=req.top_logprobs or 0, seed=req.seed
-        )
-        logprobs = None
-        if req.logprobs:
-            rows = _token_logprobs(o, tok, req.top_logprobs or 0)
-            content = [_chat_logprob(t, lp) | {"top_logprobs": [_chat_logprob(*a) for a in alts]} for t, lp, alts in rows]
-            logprobs = {"content": content, "refusal": None}
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, req: ChatCompletionRequest, caller: str = Depends(_caller)):
+        """OpenAI-style chat completion (one choice); ``logprobs`` / ``top_logprobs`` as OpenAI;
+        ``stream=true`` answers ``chat.completion.chunk`` server-sent events."""
+        conversation = [m.render() for m in req.messages]
+        (o,), tok, usage = await self._openai_generate(req, [conversation], caller, req.top_logprobs or 0)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        if req.stream:
+            with_usage = usage if (req.stream_options or {}).get("include_usage") else None
+            return StreamingResponse(fmt.stream_chat(o, tok, self.name, top=top, usage=with_usage), media_type="text/event-stream")
+        logprobs = fmt.chat_content_logprobs(o, tok, top) if top is not None else None
         choice = {"index": 0, "message": {"role": "assistant", "content": o["text"]}, "logprobs": logprobs,
-                  "finish_reason": _finish_reason(o, tok)}
-        return self._openai_response("chat.completion", [choice], usage)
+                  "finish_reason": fmt.finish_reason(o, tok)}
+        return JSONResponse(fmt.envelope("chat.completion", self.name, [choice], usage))

@@ -8,7 +8,7 @@ model's context length) stay in the engine, see :meth:`raykd.teacher.engines.hf.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -17,6 +17,32 @@ from raykd.config import Strict
 TokenId = Annotated[int, Field(ge=-(2**31), lt=2**31)]
 """A token id as JSON carries it; the vocabulary range is the engine's check (HTTP 400)."""
 
+
+
+class CallerToken(Strict):
+    """One named bearer token of the HTTP API and its caller's share of the teacher.
+
+    The name is the caller's identity: the teacher shares every batch round robin between
+    callers (:class:`raykd.teacher.batching.FairBatcher`), logs it and counts its calls.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._:-]+$")
+    """Caller name (in logs, per-caller call counts, and the fair share)."""
+    token: str | None = None
+    """The bearer token itself; prefer ``token_env`` in files."""
+    token_env: str | None = None
+    """Environment variable ``raykd teacher up`` reads the token from when ``token`` is unset."""
+    max_concurrent: int = Field(default=8, ge=1)
+    """Requests of this caller the teacher works on at once (its quota)."""
+    max_waiting: int = Field(default=64, ge=0)
+    """Requests of this caller that wait for a free slot of its quota; beyond them the next is
+    answered 503 with ``Retry-After`` at once."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CallerToken:
+        if (self.token is None) == (self.token_env is None):
+            raise ValueError(f"token {self.name!r}: set exactly one of token and token_env")
+        return self
 
 
 class HTTPConfig(Strict):
@@ -30,18 +56,29 @@ class HTTPConfig(Strict):
     """Bearer token every route except ``/healthz`` requires. Prefer ``token_env`` in files."""
     token_env: str | None = "RAYKD_TEACHER_TOKEN"
     """Environment variable read by ``raykd teacher up`` for the token when ``token`` is unset;
-    when neither is set the API is open."""
+    when neither is set (and ``tokens`` is empty) the API is open."""
+    token_name: str = "default"
+    """Caller name of requests that present ``token`` (or come in on an open API)."""
+    tokens: list[CallerToken] = Field(default_factory=list)
+    """More named tokens, each with its own quota (see :class:`CallerToken`); each caller's name
+    is its identity for the fair share of the teacher's batches."""
+    max_concurrent: int = Field(default=64, ge=1)
+    """Quota (requests at once) of the ``token`` caller."""
+    max_waiting: int = Field(default=256, ge=0)
+    """Requests of the ``token`` caller waiting for its quota before 503."""
     max_batch_size: int | None = Field(default=None, ge=1)
     """Most sequences (``score``) or prompts (``generate``) per request (None: the teacher's
     ``max_batch_size``)."""
     max_seq_len: int = Field(default=2048, ge=1)
-    """Most tokens per ``score`` row ``T``."""
+    """Most tokens per sequence on every route: a ``score`` row ``T``; a prompt plus its
+    ``max_tokens`` / ``max_new_tokens`` on ``generate``, ``completions`` and ``chat.completions``."""
     max_k: int = Field(default=256, ge=1)
     """Largest top-k ``K`` a request may ask for."""
     max_new_tokens: int = Field(default=512, ge=1)
     """Most new tokens per ``generate`` or ``completions`` request."""
-    max_ongoing_requests: int = Field(default=32, ge=1)
-    """Requests one HTTP ingress replica handles at once."""
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    """Requests one HTTP ingress replica handles at once (it only waits on the teacher: the
+    per-caller quotas and the teacher's fair queue do the limiting)."""
     max_queued_requests: int = Field(default=64, ge=-1)
     """Requests the HTTP proxy queues for the ingress before answering 503 (-1: unbounded)."""
 
@@ -50,14 +87,35 @@ class HTTPConfig(Strict):
         p = self.route_prefix
         if p is not None and (not p.startswith("/") or (len(p) > 1 and p.endswith("/"))):
             raise ValueError(f"route_prefix must start with '/' and not end with one, got {p!r}")
+        names = [self.token_name] + [t.name for t in self.tokens]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tokens: every name must be unique (token_name included), got {names}")
         return self
 
 
+class TextPart(Strict):
+    """One part of a list-form message ``content`` (OpenAI's ``{"type": "text", "text": ...}``)."""
+
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(Strict):
-    """One turn of a chat conversation (the chat template of the teacher's tokenizer renders it)."""
+    """One turn of a chat conversation (the chat template of the teacher's tokenizer renders it).
+
+    ``content`` is a string or a list of text parts (joined in order); other part types (images,
+    audio) are refused with 422, since the teacher reads text only.
+    """
 
     role: str
-    content: str
+    content: str | list[TextPart]
+    name: str | None = None
+    """Accepted as OpenAI clients send it; not rendered."""
+
+    def render(self) -> dict[str, str]:
+        """``{"role", "content"}`` with the content as one string."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": text}
 
 
 class ScoreRequest(Strict):
@@ -99,6 +157,10 @@ class GenerateRequest(Strict):
     k: int = Field(default=8, ge=1)
     """Top-k size ``K`` of the returned log-probabilities."""
     seed: int | None = None
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    """Nucleus sampling mass (1: off; ignored when greedy)."""
+    stop: list[str] | None = None
+    """Strings that end a completion (the first match and what follows are cut)."""
 
 
 class CompletionRequest(Strict):
@@ -112,12 +174,35 @@ class CompletionRequest(Strict):
     logprobs: int | None = Field(default=None, ge=0)
     """Top log-probabilities returned per generated token (None: no logprobs)."""
     seed: int | None = None
+    stop: str | list[str] | None = None
+    """Up to 4 strings; the completion ends before the first one (which is not returned)."""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    """Nucleus sampling mass (1: off; ignored when greedy)."""
+    user: str | None = None
+    """The end user's id, as OpenAI clients send it: logged with the caller name."""
+    stream: bool = False
+    """Answer as server-sent events, one chunk per token, then ``data: [DONE]``."""
+    stream_options: dict[str, bool] | None = None
+    """``{"include_usage": true}`` adds a last chunk with ``usage``."""
+    n: int = 1
+    """Choices per prompt: only 1 is supported."""
 
     @model_validator(mode="after")
     def _non_empty(self) -> CompletionRequest:
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt: the list of prompts must not be empty")
+        _check_common(self)
         return self
+
+    @property
+    def new_tokens(self) -> int:
+        """Most new tokens to generate."""
+        return self.max_tokens
+
+    @property
+    def stops(self) -> list[str]:
+        """``stop`` as a list."""
+        return _stops(self.stop)
 
 
 class ChatCompletionRequest(Strict):
@@ -144,14 +229,24 @@ class ChatCompletionRequest(Strict):
     n: int = 1
     """Choices per request: only 1 is supported."""
     stream: bool = False
-    """Streaming is not supported (only False)."""
+    """Answer as server-sent events (``chat.completion.chunk``), one per token, then ``[DONE]``."""
+    stream_options: dict[str, bool] | None = None
+    """``{"include_usage": true}`` adds a last chunk with ``usage``."""
+    stop: str | list[str] | None = None
+    """Up to 4 strings; the reply ends before the first one (which is not returned)."""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    """Nucleus sampling mass (1: off; ignored when greedy)."""
+    user: str | None = None
+    """The end user's id, as OpenAI clients send it: logged with the caller name."""
+
+    @property
+    def stops(self) -> list[str]:
+        """``stop`` as a list."""
+        return _stops(self.stop)
 
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionRequest:
-        if self.n != 1:
-            raise ValueError(f"n: only n=1 is supported, got n={self.n}; send one request per choice (vary seed to sample)")
-        if self.stream:
-            raise ValueError("stream: streaming is not supported; send stream=false")
+        _check_common(self)
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs=true")
         if self.max_tokens is not None and self.max_completion_tokens is not None and self.max_tokens != self.max_completion_tokens:
@@ -162,6 +257,19 @@ class ChatCompletionRequest(Strict):
     def new_tokens(self) -> int:
         """Most new tokens to generate."""
         return self.max_completion_tokens or self.max_tokens or 16
+
+
+def _stops(stop: str | list[str] | None) -> list[str]:
+    return [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
+
+
+def _check_common(req: CompletionRequest | ChatCompletionRequest) -> None:
+    """Checks both OpenAI routes share: ``n`` and ``stop``."""
+    if req.n != 1:
+        raise ValueError(f"n: only n=1 is supported, got n={req.n}; send one request per choice (vary seed to sample)")
+    stops = _stops(req.stop)
+    if len(stops) > 4 or any(not s for s in stops):
+        raise ValueError(f"stop: up to 4 non-empty strings, got {stops}")
 
 
 def check_limits(req: ScoreRequest | GenerateRequest | CompletionRequest | ChatCompletionRequest, cfg: HTTPConfig) -> None:

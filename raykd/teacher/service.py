@@ -52,8 +52,11 @@ class ServedTeacher(Strict):
     """Custom Ray resources each replica reserves besides its CPUs/GPUs, to place the teacher on
     chosen nodes: ``{teacher_node: 1}`` runs it only on nodes started with
     ``ray start --resources='{"teacher_node": 4}'`` (at most 4 replicas there)."""
-    max_ongoing_requests: int = Field(default=4, ge=1)
-    """Requests one teacher replica works on at once (the engine runs one forward at a time)."""
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    """Requests one teacher replica accepts at once. They wait in the replica's fair batching
+    queue, which merges them into batches (``teacher.max_batch_tokens``) shared round robin
+    between callers; keep it at least the number of requests all callers keep in flight, or
+    the excess waits in Serve's first-come queue, outside the fair share."""
     max_queued_requests: int = Field(default=64, ge=-1)
     """Requests each caller (the HTTP ingress, a student's handle) queues before the next is
     refused (HTTP 503, ``BackPressureError`` on a handle); -1: unbounded."""
@@ -133,9 +136,13 @@ def served_teacher_app(served: ServedTeacher, model_path: str):
         return node
     http = served.http
     token = http.token or (os.environ.get(http.token_env) if http.token_env else None) or None
-    if token is None:
+    if token is None and not http.tokens:
         log.warning("teacher %r is served over HTTP without a token: anyone who reaches the proxy can use it", t.name)
-    http = http.model_copy(update={"token": token, "max_batch_size": http.max_batch_size or t.max_batch_size})
+    tokens = [c.model_copy(update={"token": c.token or os.environ.get(c.token_env or "")}) for c in http.tokens]
+    for c in tokens:
+        if not c.token:
+            raise ValueError(f"teacher {t.name!r}: token {c.name!r} reads ${c.token_env}, which is not set in this shell")
+    http = http.model_copy(update={"token": token, "tokens": tokens, "max_batch_size": http.max_batch_size or t.max_batch_size})
     ingress = HTTPIngress.options(max_ongoing_requests=http.max_ongoing_requests, max_queued_requests=http.max_queued_requests)
     return ingress.bind(node, http)
 

@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from raykd.teacher.deployment import running_teacher
-from raykd.teacher.schemas import HTTPConfig
+from raykd.teacher.schemas import CallerToken, HTTPConfig
 from raykd.teacher.service import (
     ServedTeacher,
     TeacherServiceConfig,
@@ -26,6 +26,7 @@ openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.ray
 
 NAME = "chat-tiny"
+TRIAL_TOKEN = "trial-token"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant:{% endif %}"
@@ -48,7 +49,9 @@ def chat_model(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def url(proxy, chat_model):  # noqa: F811
-    served = ServedTeacher(teacher=_tiny(NAME, chat_model), http=HTTPConfig(token=TOKEN, max_k=16, max_new_tokens=32))
+    trial = CallerToken(name="trial", token=TRIAL_TOKEN, max_concurrent=1, max_waiting=0)
+    http = HTTPConfig(token=TOKEN, token_name="bulk", tokens=[trial], max_k=16, max_new_tokens=32, max_seq_len=256)
+    served = ServedTeacher(teacher=_tiny(NAME, chat_model), http=http)
     (row,) = teacher_up(TeacherServiceConfig(proxy=proxy, teachers=[served]))["teachers"]
     _wait_healthy(row["url"])
     yield row["url"]
@@ -128,3 +131,73 @@ def test_chat_over_plain_http(url):
     r = _post(url, "/v1/chat/completions", body)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_common_client_parameters_are_accepted(client):
+    """``stop``, ``top_p``, ``user`` and list-form text content, as clients send them."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What did "}, {"type": "text", "text": "the team do?"}]}]
+    plain = [{"role": "user", "content": "What did the team do?"}]
+    a = client.chat.completions.create(model=NAME, messages=parts, max_tokens=8, temperature=0, top_p=0.9, user="u-1")
+    b = client.chat.completions.create(model=NAME, messages=plain, max_tokens=8, temperature=0)
+    assert a.choices[0].message.content == b.choices[0].message.content  # parts join into the same prompt
+    text = b.choices[0].message.content
+    if len(text) > 2:
+        stop = text[1:3]
+        c = client.chat.completions.create(model=NAME, messages=plain, max_tokens=8, temperature=0, stop=[stop, "zzzz"])
+        assert c.choices[0].message.content == text[: text.find(stop)] and c.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.UnprocessableEntityError, match="image_url"):
+        client.chat.completions.create(model=NAME, max_tokens=1, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+
+
+def test_streaming_chat_and_completions_with_the_client_iterator(client):
+    kwargs = {"model": NAME, "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert reasons == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    plain = client.completions.create(model=NAME, prompt="The market", max_tokens=6, temperature=0)
+    streamed = list(client.completions.create(model=NAME, prompt="The market", max_tokens=6, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
+
+
+def test_legacy_completions_give_text_offset(client):
+    prompt = "The market"
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0, logprobs=2)
+    lp, text = r.choices[0].logprobs, r.choices[0].text
+    assert len(lp.text_offset) == len(lp.tokens) and lp.text_offset[0] == len(prompt)
+    assert lp.text_offset == sorted(lp.text_offset) and all(o <= len(prompt) + len(text) for o in lp.text_offset)
+
+
+def test_max_seq_len_holds_on_the_chat_route(client):
+    long_message = [{"role": "user", "content": " ".join(["word"] * 400)}]
+    with pytest.raises(openai.UnprocessableEntityError, match="exceeds max_seq_len=256"):
+        client.chat.completions.create(model=NAME, messages=long_message, max_tokens=4)
+    with pytest.raises(openai.UnprocessableEntityError, match="exceeds max_seq_len=256"):
+        client.completions.create(model=NAME, prompt=" ".join(["word"] * 400), max_tokens=4)
+
+
+def test_named_tokens_have_their_own_quota_and_counts(url):
+    """The trial token runs one request at a time with no line: a second one at once gets 503
+    with Retry-After, while the bulk token is not affected; both names are counted."""
+    import requests as rq
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"model": NAME, "messages": MESSAGES, "max_tokens": 32, "temperature": 0}
+    trial = {"Authorization": f"Bearer {TRIAL_TOKEN}"}
+    with ThreadPoolExecutor(4) as pool:
+        futs = [pool.submit(rq.post, f"{url}/v1/chat/completions", json=body, headers=trial, timeout=120) for _ in range(3)]
+        bulk = pool.submit(rq.post, f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120)
+        codes = sorted(f.result().status_code for f in futs)
+        assert bulk.result().status_code == 200
+    assert 200 in codes and 503 in codes, codes
+    refused = next(f.result() for f in futs if f.result().status_code == 503)
+    assert refused.headers.get("Retry-After") == "1" and "'trial' is over its quota" in refused.json()["detail"]
+    health = rq.get(f"{url}/healthz", timeout=30).json()
+    assert set(health["callers"]) == {"bulk", "trial"}
+    assert health["calls_by_caller"]["trial"]["generate"] >= 1 and health["calls_by_caller"]["bulk"]["generate"] >= 1

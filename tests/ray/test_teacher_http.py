@@ -172,9 +172,11 @@ def test_routes_need_the_token(url, headers):
         ("/v1/generate", {"prompts": []}, 422, "prompts"),
         ("/v1/generate", {"prompts": ["a"], "max_new_tokens": 201}, 422, "max_new_tokens=201 exceeds max_new_tokens=200"),
         ("/v1/generate", {"prompts": [[{"role": "user", "content": "hi"}]]}, 400, "chat.template"),  # tiny tokenizer has none
+        ("/v1/generate", {"prompts": ["a b"], "max_new_tokens": 63}, 422, r"prompts: a prompt of \d+ tokens \+ 63 new tokens exceeds max_seq_len=64"),
+        ("/v1/completions", {"prompt": "a b", "max_tokens": 63}, 422, r"prompt: .* exceeds max_seq_len=64"),
     ],
     ids=["empty", "ragged", "k-big", "k-zero", "too-long", "batch-big", "mask-shape", "extra", "vocab", "json", "no-prompts",
-         "too-many-new", "no-chat-template"],
+         "too-many-new", "no-chat-template", "gen-prompt-plus-new-too-long", "completion-too-long"],
 )
 def test_bad_requests_are_rejected_clearly_and_the_service_keeps_answering(url, route, body, status, match):
     if isinstance(body, str):
@@ -189,7 +191,7 @@ def test_bad_requests_are_rejected_clearly_and_the_service_keeps_answering(url, 
 
 
 def test_excess_callers_get_a_fast_503_not_a_queue(url):
-    body = {"prompts": ["The team won"] * 4, "max_new_tokens": 200, "temperature": 0, "k": 1}
+    body = {"prompts": ["The team won"] * 4, "max_new_tokens": 56, "temperature": 0, "k": 1}
     with ThreadPoolExecutor(max_workers=8) as pool:
         futures = [pool.submit(_post, url, "/v1/generate", body) for _ in range(8)]
         responses = [f.result(timeout=300) for f in futures]

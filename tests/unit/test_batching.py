@@ -96,6 +96,22 @@ def test_round_robin_puts_a_second_caller_in_the_next_batch():
     assert first[:2] == ["L0", "T0"]  # one call per caller per round, oldest caller first
 
 
+def test_a_bulk_caller_that_fills_every_batch_cannot_starve_another():
+    """Bulk calls of 8 rows fill a batch of 8 rows on their own; the interactive call, queued
+    after all of them, runs in the batch right after the first."""
+    order: list[list[str]] = []
+
+    async def scenario():
+        b = FairBatcher(lambda g, ps: (order.append(list(ps)), ps)[1], max_batch_tokens=10_000, max_batch_rows=8, batch_wait_s=0)
+        bulk = [asyncio.create_task(b.submit(Call(caller="bulk", group="g", payload=f"B{i}", rows=8, width=4))) for i in range(6)]
+        await asyncio.sleep(0)
+        trial = asyncio.create_task(b.submit(Call(caller="trial", group="g", payload="T", rows=1, width=4)))
+        await asyncio.gather(*bulk, trial)
+
+    asyncio.run(scenario())
+    assert order[0] == ["B0"] and order[1] == ["T"], order
+
+
 def test_token_budget_bounds_a_batch_by_padded_tokens():
     async def scenario():
         b = FairBatcher(lambda g, ps: ps, max_batch_tokens=100, max_batch_rows=64, batch_wait_s=0)
