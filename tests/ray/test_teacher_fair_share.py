@@ -54,9 +54,9 @@ def test_a_second_caller_waits_at_most_two_batches_behind_a_bulk_labeler(handle)
 
 
 def test_concurrent_one_row_calls_through_serve_equal_one_call(handle):
-    ids = np.random.default_rng(1).integers(3, 300, size=(16, 32))
+    ids = np.random.default_rng(1).integers(3, 300, size=(ROWS, 32))
     whole = handle.score.remote(ids, k=5, caller="one").result()
-    parts = [handle.score.remote(ids[i : i + 1], k=5, caller=f"c{i}") for i in range(16)]
+    parts = [handle.score.remote(ids[i : i + 1], k=5, caller=f"c{i}") for i in range(ROWS)]
     for i, r in enumerate(parts):
         got = r.result()
         np.testing.assert_array_equal(got["topk_ids"], whole["topk_ids"][i : i + 1])
