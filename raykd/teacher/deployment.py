@@ -235,8 +235,10 @@ class TeacherDeployment:
         Returns:
             The engine's info fields, plus ``calls`` (``{"score": n, "generate": n}`` answered by
             the whole application: every replica, including replicas Serve has since replaced),
-            ``calls_by_replica`` (the same per replica id), ``replica`` (the id of the replica
-            answering) and ``pid`` (its process). This replica's own answered calls are always
+            ``calls_by_replica`` (the same per replica id), ``calls_by_caller`` (the same per
+            caller name), ``batches`` (engine calls this replica ran, each serving one or more
+            merged calls), ``queued`` (calls waiting in its fair queue now), ``replica`` (the id of
+            the replica answering) and ``pid`` (its process). This replica's own answered calls are always
             included (Ray runs one caller's actor calls in order); another replica's last calls
             may arrive a few milliseconds after its answers.
         """
@@ -244,7 +246,8 @@ class TeacherDeployment:
         from dataclasses import asdict
 
         counts = await self.counter.totals.remote()
-        return {**asdict(self.engine.info()), **counts, "replica": self.replica, "pid": os.getpid()}
+        return {**asdict(self.engine.info()), **counts, "batches": self.batcher.batches, "queued": self.batcher.pending(),
+                "replica": self.replica, "pid": os.getpid()}
 
 
 def default_caller() -> str:

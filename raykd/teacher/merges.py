@@ -104,21 +104,25 @@ def _generate_group(p: Any) -> Hashable:
     return ("generate", tuple(sorted(kw.items())))
 
 
-def _run_generate(engine: Any, group: Hashable, payloads: list[Any]) -> list[Any]:
-    kw = dict(group[1])
-    prompts = [prompt for p in payloads for prompt in p[0]]
-    outs = engine.generate(prompts, **kw)
-    answers, r = [], 0
-    for p in payloads:
-        answers.append(outs[r : r + len(p[0])])
-        r += len(p[0])
-    return answers
+def _prompt_lists(method: str) -> Callable[[Any, Hashable, list[Any]], list[Any]]:
+    """``run`` of a method taking ``(prompts, kwargs)``: every call's prompts in one engine call
+    with the group's kwargs, the list of outputs split back per call."""
+
+    def run(engine: Any, group: Hashable, payloads: list[Any]) -> list[Any]:
+        outs = getattr(engine, method)([x for p in payloads for x in p[0]], **dict(group[1]))
+        answers, r = [], 0
+        for p in payloads:
+            answers.append(outs[r : r + len(p[0])])
+            r += len(p[0])
+        return answers
+
+    return run
 
 
 GENERATE = Merge(
     group=_generate_group,
     size=lambda p: (len(p[0]), p[1].get("max_new_tokens", 64) + max(_prompt_chars(x) for x in p[0]) // 4),
-    run=_run_generate,
+    run=_prompt_lists("generate"),
     mergeable=lambda p: not (p[1].get("temperature", 0.0) > 0 and p[1].get("seed") is not None),
 )
 """Payload ``(prompts, engine kwargs)``; the kwargs (``max_new_tokens``, ``temperature``, ``k``,
@@ -133,19 +137,10 @@ def _prompt_chars(prompt: Any) -> int:
 # --- complete and score_continuations --------------------------------------------------------------
 
 
-def _run_complete(engine: Any, group: Hashable, payloads: list[Any]) -> list[Any]:
-    outs = engine.complete([x for p in payloads for x in p[0]], **dict(group[1]))
-    answers, r = [], 0
-    for p in payloads:
-        answers.append(outs[r : r + len(p[0])])
-        r += len(p[0])
-    return answers
-
-
 COMPLETE = Merge(
     group=lambda p: ("complete", tuple(sorted(p[1].items()))),
     size=lambda p: (len(p[0]), p[1].get("max_new_tokens", 32) + max(_prompt_chars(x) for x in p[0]) // 4),
-    run=_run_complete,
+    run=_prompt_lists("complete"),
 )
 """Payload ``(prompts, kwargs)``."""
 
