@@ -141,6 +141,7 @@ class HTTPIngress:
         self.cfg = cfg
         self.name = serve.get_replica_context().app_name
         self._tokenizer = None
+        self._tokenizer_lock = asyncio.Lock()
         self._created = int(time.time())
         self.callers: dict[str, str] = {t.token: t.name for t in cfg.tokens if t.token}
         if cfg.token:
@@ -243,11 +244,14 @@ class HTTPIngress:
                                              for o in outs]})
 
     async def _load_tokenizer(self):
-        if self._tokenizer is None:
-            from raykd.models import load_tokenizer
+        """The teacher's tokenizer, loaded once (concurrent first requests wait for one load: a
+        lazy ``transformers`` import raced from several threads fails)."""
+        async with self._tokenizer_lock:
+            if self._tokenizer is None:
+                from raykd.models import load_tokenizer
 
-            info = await self._call("info")
-            self._tokenizer = await asyncio.to_thread(load_tokenizer, info["model_path"])
+                info = await self._call("info")
+                self._tokenizer = await asyncio.to_thread(load_tokenizer, info["model_path"])
         return self._tokenizer
 
     def _check_model(self, model: str | None) -> None:
