@@ -38,6 +38,10 @@ class Call:
         width: tokens per row once padded (a batch costs ``rows * max(width)`` tokens).
         mergeable: False keeps the call in a batch of its own (e.g. seeded sampling, whose
             random draws would change with the batch).
+        priority: calls of the highest priority queued form the next batch among themselves
+            (round robin between their callers), without bulk calls of lower priority filling
+            it up: an interactive caller (an on-policy Train worker, a notebook) then waits for
+            at most the batch already running plus its own small one.
     """
 
     caller: str
@@ -46,6 +50,7 @@ class Call:
     rows: int
     width: int
     mergeable: bool = True
+    priority: int = 0
     future: asyncio.Future | None = None
     queued_at: float = field(default_factory=time.monotonic)
 
@@ -143,9 +148,12 @@ class FairBatcher:
         waiting longest); the batch's group is the first caller's.
 
         A caller whose call did not fit a batch is first in line for the next one, so a bulk
-        caller that fills every batch on its own cannot starve another caller.
+        caller that fills every batch on its own cannot starve another caller. Only callers whose
+        next call has the highest priority queued take part (see :class:`Call`).
         """
-        heads = sorted(self.queues.items(), key=lambda kv: (self.served.get(kv[0], -1), kv[1][0].queued_at))
+        top = max(q[0].priority for q in self.queues.values())
+        heads = sorted(((c, q) for c, q in self.queues.items() if q[0].priority == top),
+                       key=lambda kv: (self.served.get(kv[0], -1), kv[1][0].queued_at))
         first = heads[0][1][0]
         if not first.mergeable:
             return [self._pop(first.caller)]
@@ -157,7 +165,7 @@ class FairBatcher:
             progress = False
             for caller in order:
                 q = self.queues.get(caller)
-                if not q or q[0].group != group or not q[0].mergeable:
+                if not q or q[0].group != group or not q[0].mergeable or q[0].priority != top:
                     continue
                 c = q[0]
                 w = max(width, c.width)

@@ -110,7 +110,9 @@ class TeacherDeployment:
         batch_wait_ms: how long the first call of a batch waits for others (milliseconds).
 
     Every method takes ``caller`` (default ``"anonymous"``): the name fairness and the
-    per-caller call counts use (a run's name, an HTTP token's name).
+    per-caller call counts use (a run's name, an HTTP token's name). ``score`` and ``generate``
+    also take ``priority`` (default 0): interactive callers (on-policy Train workers) send 1, so
+    their calls form small batches of their own ahead of bulk labeling.
     """
 
     def __init__(self, model_path: str, engine: str = "hf", engine_kwargs: dict[str, Any] | None = None,
@@ -136,20 +138,20 @@ class TeacherDeployment:
         if not hasattr(self.engine, method):
             raise ValueError(f"the {type(self.engine).__name__} has no {method}; {fix}")
 
-    async def _submit(self, method: str, payload: Any, caller: str | None, counted_as: str) -> Any:
+    async def _submit(self, method: str, payload: Any, caller: str | None, counted_as: str, priority: int = 0) -> Any:
         from raykd.teacher.batching import Call
         from raykd.teacher.merges import MERGES
 
         merge = MERGES[method]
         rows, width = merge.size(payload)
         call = Call(caller=caller or "anonymous", group=merge.group(payload), payload=payload, rows=int(rows),
-                    width=int(width), mergeable=merge.mergeable(payload))
+                    width=int(width), mergeable=merge.mergeable(payload), priority=priority)
         out = await self.batcher.submit(call)
         self.counter.add.remote(self.replica, counted_as, caller=call.caller)  # fire-and-forget
         return out
 
     async def score(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *, k: int = 32,
-                    temperature: float = 1.0, caller: str | None = None) -> dict[str, np.ndarray]:
+                    temperature: float = 1.0, caller: str | None = None, priority: int = 0) -> dict[str, np.ndarray]:
         """Top-k soft labels for ``input_ids`` ``[B, T]``; see :meth:`raykd.teacher.engines.hf.HFEngine.score`.
         Concurrent calls at the same ``k`` and temperature share one forward; the answer equals
         the unbatched one.
@@ -163,7 +165,7 @@ class TeacherDeployment:
             self._check_rows(input_ids.shape[0], "rows")
         self.engine.validate_score_request(input_ids, k, temperature)
         mask = None if attention_mask is None else np.asarray(attention_mask)
-        return await self._submit("score", (input_ids, mask, k, temperature), caller, "score")
+        return await self._submit("score", (input_ids, mask, k, temperature), caller, "score", priority)
 
     async def score_mc(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *,
                        caller: str | None = None, **kwargs: Any) -> dict[str, np.ndarray]:
@@ -208,7 +210,7 @@ class TeacherDeployment:
         return await self._submit("complete", (list(prompts), kwargs), caller, "generate")
 
     async def generate(self, prompts: list[Any], *, caller: str | None = None, stop: list[str] | None = None,
-                       **kwargs: Any) -> list[dict[str, Any]]:
+                       priority: int = 0, **kwargs: Any) -> list[dict[str, Any]]:
         """Completions with per-token top-k; see :meth:`raykd.teacher.engines.hf.HFEngine.generate`.
         Calls with the same options (``max_new_tokens``, ``temperature``, ``k``, ``top_p``) share
         a batch; seeded sampling runs alone. ``stop`` strings cut each completion after the fact
@@ -224,7 +226,7 @@ class TeacherDeployment:
             raise ValueError("prompts: the list of prompts must not be empty")
         if kwargs.get("temperature", 0.0) == 0:
             kwargs.pop("seed", None)  # greedy: the seed changes nothing, and would split groups
-        outs = await self._submit("generate", (list(prompts), kwargs), caller, "generate")
+        outs = await self._submit("generate", (list(prompts), kwargs), caller, "generate", priority)
         if stop:
             outs = [cut_at_stop(o, stop, self.engine.tokenizer) for o in outs]
         return outs

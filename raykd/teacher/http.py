@@ -148,6 +148,7 @@ class HTTPIngress:
             self.callers[cfg.token] = cfg.token_name
         quotas = [(cfg.token_name, cfg.max_concurrent, cfg.max_waiting)] + [(t.name, t.max_concurrent, t.max_waiting) for t in cfg.tokens]
         self.quotas = {name: _Quota(asyncio.Semaphore(n), n, w) for name, n, w in quotas}
+        self.priority = {t.name: t.priority for t in cfg.tokens}
 
     def authorize(self, authorization: str | None) -> str:
         """The caller name of ``authorization`` (``Bearer <token>``); 401 for a missing or wrong
@@ -228,7 +229,7 @@ class HTTPIngress:
         mask = None if req.attention_mask is None else np.asarray(req.attention_mask, dtype=np.int64)
         async with self._quota(caller):
             out = await self._call("score", np.asarray(req.input_ids, dtype=np.int64), mask, k=req.k,
-                                   temperature=req.temperature, caller=caller)
+                                   temperature=req.temperature, caller=caller, priority=self.priority.get(caller, 0))
         return JSONResponse({name: fmt.jsonable(value) for name, value in out.items()})
 
     @app.post("/v1/generate")
@@ -239,7 +240,8 @@ class HTTPIngress:
         await self._check_lengths(prompts, req.max_new_tokens, "prompts")
         async with self._quota(caller):
             outs = await self._call("generate", prompts, max_new_tokens=req.max_new_tokens, temperature=req.temperature,
-                                    k=req.k, seed=req.seed, top_p=req.top_p, stop=req.stop, caller=caller)
+                                    k=req.k, seed=req.seed, top_p=req.top_p, stop=req.stop, caller=caller,
+                                    priority=self.priority.get(caller, 0))
         return JSONResponse({"completions": [{key: fmt.jsonable(v) if key not in ("text", "stop") else v for key, v in o.items()}
                                              for o in outs]})
 
@@ -267,7 +269,8 @@ class HTTPIngress:
             log.info("teacher %r: request of caller %r for user %r", self.name, caller, req.user)
         async with self._quota(caller):
             outs = await self._call("generate", prompts, max_new_tokens=req.new_tokens, temperature=req.temperature, k=max(1, top),
-                                    seed=req.seed, top_p=req.top_p, stop=req.stops, caller=caller)
+                                    seed=req.seed, top_p=req.top_p, stop=req.stops, caller=caller,
+                                    priority=self.priority.get(caller, 0))
         tok = await self._load_tokenizer()
         prompt_tokens = sum(len(ids) for ids in encoded)
         generated = sum(len(o["token_ids"]) for o in outs)

@@ -37,6 +37,9 @@ class CallerToken(Strict):
     max_waiting: int = Field(default=64, ge=0)
     """Requests of this caller that wait for a free slot of its quota; beyond them the next is
     answered 503 with ``Retry-After`` at once."""
+    priority: int = Field(default=0, ge=0, le=9)
+    """0: bulk. Higher: interactive; the teacher forms batches of the highest priority queued
+    first, without lower-priority calls filling them (:class:`raykd.teacher.batching.Call`)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> CallerToken:

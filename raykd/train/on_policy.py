@@ -66,7 +66,8 @@ def served_score(app_name: str, k: int, temperature: float, attempts: int = 3) -
     from raykd.teacher.deployment import DEPLOYMENT_NAME, ResentCall
 
     handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name)
-    return lambda ids, am: ResentCall(handle.score, ids, am, k=k, temperature=temperature, attempts=attempts)
+    # priority 1: a Train worker waits on each answer, so its calls go ahead of bulk labeling
+    return lambda ids, am: ResentCall(handle.score, ids, am, k=k, temperature=temperature, attempts=attempts, priority=1)
 
 
 def prompts_of(batch: StudentBatch, prompt_tokens: int, pad_id: int) -> tuple[Tensor, Tensor]:

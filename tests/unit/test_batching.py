@@ -112,6 +112,20 @@ def test_a_bulk_caller_that_fills_every_batch_cannot_starve_another():
     assert order[0] == ["B0"] and order[1] == ["T"], order
 
 
+def test_priority_calls_form_their_own_batch_ahead_of_bulk():
+    order: list[list[str]] = []
+
+    async def scenario():
+        b = FairBatcher(lambda g, ps: (order.append(list(ps)), ps)[1], max_batch_tokens=10_000, max_batch_rows=8, batch_wait_s=0)
+        bulk = [asyncio.create_task(b.submit(Call(caller="bulk", group="g", payload=f"B{i}", rows=2, width=4))) for i in range(8)]
+        await asyncio.sleep(0)
+        worker = asyncio.create_task(b.submit(Call(caller="worker", group="g", payload="W", rows=1, width=4, priority=1)))
+        await asyncio.gather(*bulk, worker)
+
+    asyncio.run(scenario())
+    assert order[0] == ["B0", "B1", "B2", "B3"] and order[1] == ["W"], order  # no bulk rows fill the worker's batch
+
+
 def test_token_budget_bounds_a_batch_by_padded_tokens():
     async def scenario():
         b = FairBatcher(lambda g, ps: ps, max_batch_tokens=100, max_batch_rows=64, batch_wait_s=0)
