@@ -91,8 +91,8 @@ def connect(cfg: RayConfig, *, recorded: bool = False) -> bool:
     # The dashboard also serves the state API that Ray Train's controller polls; on a busy small
     # machine it can take longer than Ray's default 60 s to start.
     os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
-    # Ray 2.60 turns token auth on for a new local Ray and warns that it did unless the mode is set.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Ray 2.60 turns token auth on for a new local Ray, with a WARNING unless the mode is set: set it.
+    use_auth_mode(os.environ.get("RAY_AUTH_MODE") or "token")
     ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True, **console.ray_init_options())
     console.ray_connected(started=True)
     return True

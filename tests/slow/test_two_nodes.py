@@ -2,7 +2,8 @@
 raykd's virtualenv left off ``PATH`` (as when a user calls ``.venv/bin/raykd`` without activating
 it): jobs submitted to it run raykd's own Python, and ``ray job submit -- python jobs/distill.py``
 runs the main job with the teacher on one node, the Train worker on the other and the soft-label
-cache in a folder both nodes share.
+cache in a folder both nodes share. The same cluster is the foreign one (the "most recent
+``ray start``") beside which raykd, with no address named, starts and keeps to a cluster of its own.
 
 The pytest process never joins these nodes (``ray.init``), so the shared ``ray_start`` Ray of the
 ray tier is not touched; every Ray call here goes through a subprocess or the dashboard's HTTP
@@ -222,6 +223,16 @@ serve.run(Teacher.bind(), name="foreign-teacher", route_prefix=None)
 """
 
 
+CONNECT = """
+import ray
+from raykd.cluster import connect
+from raykd.config import RayConfig
+
+assert connect(RayConfig(num_cpus=1))  # started a Ray of its own
+print(ray.get_runtime_context().gcs_address.rpartition(":")[2])
+"""
+
+
 def _raykd(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``.venv/bin/raykd ARGS`` (venv not activated) in ``env``."""
     return subprocess.run([str(VENV_BIN / "raykd"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600,
@@ -255,11 +266,18 @@ def test_raykd_keeps_to_its_own_cluster_beside_a_foreign_one(two_nodes, tiny_mod
                          temp_dir=str(tmp_path / "gone"), auth_mode="token")
     cluster_dir(cache).mkdir(parents=True)
     (cluster_dir(cache) / "cluster.json").write_text(json.dumps(asdict(dead)))
+    clock, times = time.perf_counter(), {}
+
+    def lap(what: str) -> None:
+        nonlocal clock
+        times[what], clock = time.perf_counter() - clock, time.perf_counter()
+
     try:
         with ThreadPoolExecutor(2) as pool:  # two `teacher up` at once: one cluster, the stale record replaced
             (a, a_started), (b, b_started) = pool.map(lambda _: owned_cluster(2, cache), range(2))
         assert a == b == read_record(cache) != dead and {a_started, b_started} == {True, False}
         assert a.auth_mode == "token" and a.gcs_address.rpartition(":")[2] != two_nodes.gcs.rpartition(":")[2]
+        lap("cluster start")
 
         (tmp_path / "teachers.yaml").write_text(yaml.safe_dump({"teachers": [
             {"teacher": {"name": "own-teacher", "model": str(tiny_model), "num_threads": 1, "num_cpus": 0.5},
@@ -269,14 +287,17 @@ def test_raykd_keeps_to_its_own_cluster_beside_a_foreign_one(two_nodes, tiny_mod
         out = json.loads(up.stdout)
         assert out["address"] == a.gcs_address and out["cluster"]["env"] == {"RAY_ADDRESS": a.gcs_address, "RAY_AUTH_MODE": "token"}
         assert "own-teacher" not in _serve_apps(two_nodes.dashboard)
+        lap("teacher up")
 
         deploy = subprocess.run([sys.executable, "-c", FOREIGN_APP.format(gcs=two_nodes.gcs)], env=two_nodes.env,
                                 capture_output=True, text=True, timeout=300, check=False)
         assert deploy.returncode == 0, deploy.stderr[-4000:]
+        lap("foreign app")
         down = _raykd({**env, "RAY_ADDRESS": two_nodes.gcs}, "teacher", "down", "foreign-teacher", cwd=tmp_path)
         assert down.returncode == 2 and "was not deployed by raykd" in down.stderr, down.stderr[-4000:]
         assert [line for line in down.stderr.splitlines() if line.strip()] == [down.stderr.strip()]  # one line
         assert "foreign-teacher" in _serve_apps(two_nodes.dashboard)
+        lap("down refused")
 
         exports = _raykd(env, "teacher", "env", cwd=tmp_path)
         job_env = {**env, **dict(line.removeprefix("export ").split("=", 1) for line in exports.stdout.splitlines())}
@@ -284,9 +305,19 @@ def test_raykd_keeps_to_its_own_cluster_beside_a_foreign_one(two_nodes, tiny_mod
                                 "python", "-c", "import sys, torch, raykd; print('PROBE', sys.executable)"],
                                env=job_env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
         assert f"PROBE {sys.executable}" in probe.stdout, (probe.stdout + probe.stderr)[-4000:]
+        lap("env + job")
 
         down = _raykd(env, "teacher", "down", "own-teacher", cwd=tmp_path)  # found through the record
         assert down.returncode == 0 and "stopped" in down.stdout, down.stderr[-4000:]
+        lap("down")
+
+        # distill, label, tune, mckd and muki connect through raykd.cluster.connect: a Ray of their own
+        run = subprocess.run([sys.executable, "-c", CONNECT], env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert run.returncode == 0, run.stderr[-4000:]
+        assert run.stdout.split()[-1] not in (two_nodes.gcs.rpartition(":")[2], a.gcs_address.rpartition(":")[2]), run.stdout
+        lap("a run's connect")
     finally:
         stop_owned_cluster(cache)
+    lap("cluster stop")
+    print("own cluster, seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     assert not group_alive(a.pgid) and read_record(cache) is None
