@@ -228,7 +228,10 @@ import ray
 from raykd.cluster import connect
 from raykd.config import RayConfig
 
-assert connect(RayConfig(num_cpus=1))  # started a Ray of its own
+assert not connect(RayConfig(), recorded=True)  # teacher.start=false: raykd's recorded cluster
+print(ray.get_runtime_context().gcs_address.rpartition(":")[2])
+ray.shutdown()
+assert connect(RayConfig(num_cpus=1))  # else: a Ray of its own
 print(ray.get_runtime_context().gcs_address.rpartition(":")[2])
 """
 
@@ -246,38 +249,53 @@ def _serve_apps(dashboard: str) -> dict:
     return requests.get(f"{dashboard}/api/serve/applications/", timeout=30).json().get("applications") or {}
 
 
+def _python(code: str, env: dict[str, str]) -> subprocess.Popen:
+    """``python -c code`` started in the background (collect it with :func:`_finished`)."""
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finished(proc: subprocess.Popen) -> str:
+    """Wait for ``proc``; fails the test with the end of its stderr unless it succeeded. Returns its stdout."""
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    return out
+
+
+def _own_env(two_nodes: TwoNodes, cache: Path, monkeypatch) -> dict[str, str]:
+    """The environment of a user with no address and no ``RAY_AUTH_MODE`` set, raykd's cache in
+    ``cache``; this process's own too (``owned_cluster`` starts the node from it)."""
+    env = {**{k: v for k, v in two_nodes.env.items() if k != "RAY_AUTH_MODE"}, "RAYKD_CACHE": str(cache)}
+    for name in ("PATH", "RAY_TMPDIR"):
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    return env
+
+
 def test_raykd_keeps_to_its_own_cluster_beside_a_foreign_one(two_nodes, tiny_model, tmp_path, monkeypatch):
     """Issue 24, part 2. With no address, `teacher up` starts (under a lock, replacing a stale record)
-    raykd's own cluster instead of joining the most recent `ray start` (the two-node cluster); a
-    job submitted through raykd's record runs raykd's Python; `teacher down` refuses an app raykd
-    did not deploy; `teacher down` finds raykd's teacher through the record."""
+    raykd's own cluster instead of joining the most recent `ray start` (the two-node cluster), and
+    so does a run (or joins the recorded one with teacher.start=false); a job submitted through
+    raykd's record runs raykd's Python; `teacher down` refuses an app raykd did not deploy and
+    finds raykd's teacher through the record. Independent steps run side by side."""
     from concurrent.futures import ThreadPoolExecutor
 
     from raykd.cluster import ClusterRecord, cluster_dir, owned_cluster, read_record, stop_owned_cluster
 
     current = (two_nodes.tmp / "ray" / "ray_current_cluster").read_text().strip()
     assert current.endswith(two_nodes.gcs.rpartition(":")[2])  # what a bare ray.init() here would join
-    cache = tmp_path / "cache"
-    env = {**{k: v for k, v in two_nodes.env.items() if k != "RAY_AUTH_MODE"}, "RAYKD_CACHE": str(cache)}
-    for name in ("PATH", "RAY_TMPDIR"):  # owned_cluster below starts the node from this process's environment
-        monkeypatch.setenv(name, env[name])
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    cache, start = tmp_path / "cache", time.perf_counter()
+    env = _own_env(two_nodes, cache, monkeypatch)
+    foreign = _python(FOREIGN_APP.format(gcs=two_nodes.gcs), two_nodes.env)
     dead = ClusterRecord(gcs_address=f"127.0.0.1:{free_ports(1)[0]}", dashboard_url="http://127.0.0.1:9", pgid=2**22 + 7,
                          temp_dir=str(tmp_path / "gone"), auth_mode="token")
     cluster_dir(cache).mkdir(parents=True)
     (cluster_dir(cache) / "cluster.json").write_text(json.dumps(asdict(dead)))
-    clock, times = time.perf_counter(), {}
-
-    def lap(what: str) -> None:
-        nonlocal clock
-        times[what], clock = time.perf_counter() - clock, time.perf_counter()
-
     try:
         with ThreadPoolExecutor(2) as pool:  # two `teacher up` at once: one cluster, the stale record replaced
             (a, a_started), (b, b_started) = pool.map(lambda _: owned_cluster(2, cache), range(2))
         assert a == b == read_record(cache) != dead and {a_started, b_started} == {True, False}
         assert a.auth_mode == "token" and a.gcs_address.rpartition(":")[2] != two_nodes.gcs.rpartition(":")[2]
-        lap("cluster start")
+        connect = _python(CONNECT, env)  # distill, label, tune, mckd and muki connect through raykd.cluster.connect
 
         (tmp_path / "teachers.yaml").write_text(yaml.safe_dump({"teachers": [
             {"teacher": {"name": "own-teacher", "model": str(tiny_model), "num_threads": 1, "num_cpus": 0.5},
@@ -286,18 +304,13 @@ def test_raykd_keeps_to_its_own_cluster_beside_a_foreign_one(two_nodes, tiny_mod
         assert up.returncode == 0, up.stderr[-4000:]
         out = json.loads(up.stdout)
         assert out["address"] == a.gcs_address and out["cluster"]["env"] == {"RAY_ADDRESS": a.gcs_address, "RAY_AUTH_MODE": "token"}
-        assert "own-teacher" not in _serve_apps(two_nodes.dashboard)
-        lap("teacher up")
 
-        deploy = subprocess.run([sys.executable, "-c", FOREIGN_APP.format(gcs=two_nodes.gcs)], env=two_nodes.env,
-                                capture_output=True, text=True, timeout=300, check=False)
-        assert deploy.returncode == 0, deploy.stderr[-4000:]
-        lap("foreign app")
+        _finished(foreign)
+        assert "own-teacher" not in _serve_apps(two_nodes.dashboard)
         down = _raykd({**env, "RAY_ADDRESS": two_nodes.gcs}, "teacher", "down", "foreign-teacher", cwd=tmp_path)
         assert down.returncode == 2 and "was not deployed by raykd" in down.stderr, down.stderr[-4000:]
         assert [line for line in down.stderr.splitlines() if line.strip()] == [down.stderr.strip()]  # one line
         assert "foreign-teacher" in _serve_apps(two_nodes.dashboard)
-        lap("down refused")
 
         exports = _raykd(env, "teacher", "env", cwd=tmp_path)
         job_env = {**env, **dict(line.removeprefix("export ").split("=", 1) for line in exports.stdout.splitlines())}
@@ -305,19 +318,12 @@ def test_raykd_keeps_to_its_own_cluster_beside_a_foreign_one(two_nodes, tiny_mod
                                 "python", "-c", "import sys, torch, raykd; print('PROBE', sys.executable)"],
                                env=job_env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
         assert f"PROBE {sys.executable}" in probe.stdout, (probe.stdout + probe.stderr)[-4000:]
-        lap("env + job")
 
+        recorded, own = _finished(connect).split()[-2:]
+        assert recorded == a.gcs_address.rpartition(":")[2] and own not in (recorded, two_nodes.gcs.rpartition(":")[2])
         down = _raykd(env, "teacher", "down", "own-teacher", cwd=tmp_path)  # found through the record
         assert down.returncode == 0 and "stopped" in down.stdout, down.stderr[-4000:]
-        lap("down")
-
-        # distill, label, tune, mckd and muki connect through raykd.cluster.connect: a Ray of their own
-        run = subprocess.run([sys.executable, "-c", CONNECT], env=env, capture_output=True, text=True, timeout=300, check=False)
-        assert run.returncode == 0, run.stderr[-4000:]
-        assert run.stdout.split()[-1] not in (two_nodes.gcs.rpartition(":")[2], a.gcs_address.rpartition(":")[2]), run.stdout
-        lap("a run's connect")
     finally:
         stop_owned_cluster(cache)
-    lap("cluster stop")
-    print("own cluster, seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    print(f"own cluster beside a foreign one: {time.perf_counter() - start:.0f} s")
     assert not group_alive(a.pgid) and read_record(cache) is None
