@@ -197,7 +197,8 @@ def start_node(*args: str, env: Mapping[str, str] | None = None, timeout_s: floa
 
     Raises:
         RuntimeError: ``ray start`` failed or timed out (the message holds the end of its output,
-            e.g. a port already in use: pass other ports, or join the running cluster instead).
+            e.g. a port already in use: pass other ports, or join the running cluster instead);
+            the processes it had started are stopped.
     """
     cmd = ray_start_command(*args)
     try:
@@ -205,10 +206,11 @@ def start_node(*args: str, env: Mapping[str, str] | None = None, timeout_s: floa
                                 start_new_session=True)
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        stop_groups([proc.pid])  # what it started so far too (a GCS, a dashboard)
         out, _ = proc.communicate()
         raise RuntimeError(f"`{' '.join(cmd)}` did not finish in {timeout_s:g} s; its output ends:\n{out[-2000:]}") from None
     if proc.returncode != 0:
+        stop_groups([proc.pid])  # a failed start leaves the processes it had started running
         raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}); its output ends:\n{out[-2000:]}")
     return proc.pid
 
@@ -361,7 +363,7 @@ def owned_cluster(num_cpus: int | None = None, cache_root: Path | None = None) -
         ``(record, started)``: ``started`` is True when this call started the cluster.
 
     Raises:
-        RuntimeError: ``ray start`` failed (as :func:`start_node`).
+        RuntimeError: ``ray start`` failed twice (as :func:`start_node`).
     """
     folder = cluster_dir(cache_root)
     with _locked(folder / "cluster.lock"):
@@ -370,7 +372,11 @@ def owned_cluster(num_cpus: int | None = None, cache_root: Path | None = None) -
             return old, False
         if old is not None:
             log.warning("the recorded raykd cluster at %s is gone: starting a new one", old.gcs_address)
-        record = _start_owned(folder, num_cpus)
+        try:
+            record = _start_owned(folder, num_cpus)
+        except RuntimeError as e:  # e.g. Ray's 30 s raylet start-up limit on an overloaded machine
+            log.warning("starting raykd's cluster failed; trying once more on other ports (%s)", str(e).splitlines()[-1])
+            record = _start_owned(folder, num_cpus)
         tmp = folder / "cluster.json.tmp"
         tmp.write_text(json.dumps(asdict(record), indent=2))
         tmp.replace(folder / "cluster.json")
