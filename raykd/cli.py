@@ -42,7 +42,7 @@ def main_label(cfg: DistillConfig) -> dict[str, Any]:
     from raykd.soft_labels.plan import Plan, ensure_soft_labels
 
     plan = Plan(cfg)
-    connect(cfg.ray)
+    connect(cfg.ray, recorded=not cfg.teacher.start)  # teacher.start=false: the service's cluster
     caches, stats = ensure_soft_labels(plan)
     out = {split: {"path": str(folder), "rows": m.rows, "tokens": m.tokens, "bytes_per_token": round(m.bytes_per_token, 2)}
            for split, (folder, m) in caches.items()}

@@ -55,7 +55,10 @@ class RayConfig(Strict):
     """How to reach Ray."""
 
     address: str | None = None
-    """Cluster address (``auto``, ``ray://...``); None starts or joins a local Ray."""
+    """Cluster to join: ``HOST:PORT``, ``auto`` (Ray's most recent ``ray start``), ``ray://...``,
+    or ``raykd`` (the cluster ``raykd teacher up`` started, recorded in the user cache). None:
+    ``$RAY_ADDRESS`` if set, else a new local Ray of this run's own (never a running cluster;
+    a run with ``teacher.start=false`` looks for its teacher on raykd's recorded cluster)."""
     num_cpus: int | None = Field(default=None, ge=1)
     """CPUs of a newly started local Ray (None: all cores)."""
 

@@ -323,6 +323,9 @@ def teacher_app(cfg: TeacherConfig, model_path: str, **extra_options: Any) -> se
             (``max_ongoing_requests``, ``max_queued_requests``, ``autoscaling_config`` replacing
             ``num_replicas``).
 
+    The replicas carry raykd's mark (:func:`owner_marked`) and finish the requests in flight for
+    up to :data:`GRACEFUL_SHUTDOWN_S` when the application is deleted.
+
     Raises:
         ValueError: tensor/pipeline parallelism with an engine other than ``vllm``.
     """
@@ -330,6 +333,8 @@ def teacher_app(cfg: TeacherConfig, model_path: str, **extra_options: Any) -> se
     if "autoscaling_config" in extra_options:
         options.pop("num_replicas", None)
     options.update(extra_options)
+    options["ray_actor_options"] = owner_marked(options["ray_actor_options"])
+    options.setdefault("graceful_shutdown_timeout_s", GRACEFUL_SHUTDOWN_S)
     engine = resolve_engine(cfg)
     check_engine_request(engine, cfg)
     return TeacherDeployment.options(**options).bind(model_path, engine, engine_kwargs(cfg, engine), cfg.max_batch_size,
@@ -407,14 +412,79 @@ def cluster_node_gpus() -> list[float]:
     return [float(n.get("Resources", {}).get("GPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
 
 
-def running_teacher(name: str) -> serve.handle.DeploymentHandle | None:
-    """Handle of a running teacher application called ``name``, or None."""
-    try:
-        status = serve.status()
-    except Exception:  # noqa: BLE001 - Serve not started on this cluster
+OWNER_ENV = "RAYKD_OWNER"
+"""Environment variable of a teacher replica that marks its application as deployed by raykd
+(``teacher up`` or a run's own teacher); Serve shows it in the application's details, under
+the deployment's ``ray_actor_options.runtime_env.env_vars``."""
+OWNER = "raykd"
+GRACEFUL_SHUTDOWN_S = 120.0
+"""Seconds a teacher replica being deleted (``teacher down``, a run's end) keeps working on the
+requests it has already accepted (Serve's ``graceful_shutdown_timeout_s``; it takes no new ones)."""
+
+
+def owner_marked(actor_options: dict[str, Any]) -> dict[str, Any]:
+    """``ray_actor_options`` with raykd's mark (``runtime_env.env_vars[OWNER_ENV]``).
+
+    Serve gives a deployment without a ``runtime_env`` of its own the driver's job runtime env,
+    but one with its own only the job's ``working_dir``; so the job's runtime env (when Ray is
+    initialised) is the base here, the deployment's own laid over it, then the mark.
+    """
+    base = dict(ray.get_runtime_context().runtime_env or {}) if ray.is_initialized() else {}
+    env = {**base, **actor_options.get("runtime_env", {})}
+    env["env_vars"] = {**base.get("env_vars", {}), **actor_options.get("runtime_env", {}).get("env_vars", {}), OWNER_ENV: OWNER}
+    return {**actor_options, "runtime_env": env}
+
+
+def deployed_by_raykd(app: Any) -> bool:
+    """Whether the Serve application ``app`` (``ApplicationDetails``) carries raykd's mark."""
+    dep = app.deployments.get(DEPLOYMENT_NAME)
+    actor = dep.deployment_config.ray_actor_options if dep is not None and dep.deployment_config else None
+    runtime_env = actor.get("runtime_env") if isinstance(actor, dict) else getattr(actor, "runtime_env", None)
+    return ((runtime_env or {}).get("env_vars") or {}).get(OWNER_ENV) == OWNER
+
+
+class ForeignAppError(ValueError):
+    """A Serve application of the name raykd wants exists, but raykd did not deploy it."""
+
+
+def serve_details() -> Any:
+    """Serve's view of the connected cluster (``ServeInstanceDetails``: what ``serve status``
+    shows), None if Serve is not running there."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    if not ray.is_initialized():  # Serve's client would otherwise start (or join) a Ray of its own
         return None
-    app = status.applications.get(name)
-    if app is None or str(app.status) not in ("RUNNING", "ApplicationStatus.RUNNING"):
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return None if client is None else ServeInstanceDetails(**client.get_serve_details())
+
+
+def check_ours(name: str, app: Any) -> None:
+    """Refuse to touch the application ``name`` unless raykd deployed it.
+
+    Raises:
+        ForeignAppError: ``app`` lacks raykd's mark (:data:`OWNER_ENV`).
+    """
+    if not deployed_by_raykd(app):
+        raise ForeignAppError(
+            f"the Serve application {name!r} on this cluster was not deployed by raykd (its {DEPLOYMENT_NAME!r} "
+            f"deployment lacks the env var {OWNER_ENV}={OWNER}), so raykd leaves it alone: use another teacher.name, "
+            "or remove it with Serve's own tools (`serve delete`) if it is yours")
+
+
+def running_teacher(name: str) -> serve.handle.DeploymentHandle | None:
+    """Handle of a running teacher application called ``name`` that raykd deployed, or None.
+
+    Raises:
+        ForeignAppError: an application of that name exists but raykd did not deploy it (raykd
+            neither uses nor replaces it).
+    """
+    details = serve_details()
+    app = details.applications.get(name) if details is not None else None
+    if app is None:
+        return None
+    check_ours(name, app)
+    if str(getattr(app.status, "value", app.status)) != "RUNNING":
         return None
     return serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=name)
 
@@ -437,7 +507,8 @@ def check_teacher_reachable(cfg: TeacherConfig, why: str) -> None:
         raise TeacherNotRunningError(
             f"{why} needs the teacher {cfg.name!r}, which is not running, and teacher.start=false forbids starting "
             f"one: start it first (`raykd teacher up`, with the name {cfg.name!r}), set teacher.name to a running "
-            "teacher, or set teacher.start=true")
+            "teacher, or set teacher.start=true (with teacher.start=false and no ray.address, the run looks for the "
+            "teacher on the cluster `raykd teacher up` started)")
 
 
 def start_teacher(cfg: TeacherConfig, model_path: str) -> tuple[serve.handle.DeploymentHandle, bool]:
@@ -449,6 +520,7 @@ def start_teacher(cfg: TeacherConfig, model_path: str) -> tuple[serve.handle.Dep
     Raises:
         ValueError: as :func:`check_cluster_resources` (checked before anything deploys).
         TeacherNotRunningError: none is running and ``cfg.start`` is false.
+        ForeignAppError: an application named ``cfg.name`` that raykd did not deploy exists.
     """
     handle = running_teacher(cfg.name)
     if handle is not None:

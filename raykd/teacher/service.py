@@ -2,7 +2,13 @@
 
     raykd teacher up serve/teachers.yaml [key=value ...]   # start (or keep) every teacher
     raykd teacher status [--json]                          # name, status, replicas, fingerprints
-    raykd teacher down <name>                              # delete one teacher
+    raykd teacher down <name>                              # delete one teacher (raykd's only)
+    raykd teacher env                                      # export lines: RAY_ADDRESS, RAY_AUTH_MODE
+    raykd teacher stop-cluster                             # stop raykd's own cluster
+
+With no address named (``ray.address``, ``$RAY_ADDRESS``) the teachers run on raykd's own
+cluster, recorded in the user cache (:mod:`raykd.cluster`); raykd never deploys into, lists or
+deletes from a cluster it was not told to use, nor touches an application it did not deploy.
 
 Each teacher is its own Serve application, named by ``TeacherConfig.name``, with its own
 replicas and optionally an HTTP API in front (:mod:`raykd.teacher.http`). Serve applications
@@ -25,6 +31,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from raykd import console
+from raykd.cluster import ClusterRecord, cluster_dir
 from raykd.config import RayConfig, Strict, TeacherAutoscalingConfig, TeacherConfig, check_custom_resources, load_config
 from raykd.teacher.schemas import HTTPConfig
 
@@ -94,8 +101,9 @@ class TeacherServiceConfig(Strict):
     """``raykd teacher up``: the teachers to run on a cluster and how to reach them."""
 
     ray: RayConfig = Field(default_factory=RayConfig)
-    """Cluster to use; with no address a running local cluster is joined, else one is started
-    (``ray start --head``) so the teachers outlive the command."""
+    """Cluster to use: ``ray.address`` or ``$RAY_ADDRESS`` when named, else raykd's own (the
+    recorded one if alive, else a new one started with ``ray start --head`` in its own temp dir,
+    so the teachers outlive the command); ``ray.num_cpus``: CPUs of a new one."""
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     teachers: list[ServedTeacher] = Field(min_length=1)
     """One entry per named teacher."""
@@ -122,7 +130,7 @@ def served_teacher_app(served: ServedTeacher, model_path: str):
     Returns:
         a ``serve.Application`` (not yet running).
     """
-    from raykd.teacher.deployment import teacher_app
+    from raykd.teacher.deployment import GRACEFUL_SHUTDOWN_S, teacher_app
     from raykd.teacher.http import HTTPIngress
 
     t = served.teacher_config
@@ -143,7 +151,8 @@ def served_teacher_app(served: ServedTeacher, model_path: str):
         if not c.token:
             raise ValueError(f"teacher {t.name!r}: token {c.name!r} reads ${c.token_env}, which is not set in this shell")
     http = http.model_copy(update={"token": token, "tokens": tokens, "max_batch_size": http.max_batch_size or t.max_batch_size})
-    ingress = HTTPIngress.options(max_ongoing_requests=http.max_ongoing_requests, max_queued_requests=http.max_queued_requests)
+    ingress = HTTPIngress.options(max_ongoing_requests=http.max_ongoing_requests, max_queued_requests=http.max_queued_requests,
+                                  graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S)  # as the teacher: finish what it took
     return ingress.bind(node, http)
 
 
@@ -196,50 +205,53 @@ def check_placeable(served: ServedTeacher, nodes: list[dict[str, float]]) -> Non
                      "or lower teacher.num_cpus / num_gpus or the teacher's `resources`")
 
 
-def _connect(ray_cfg: RayConfig | None, *, start: bool) -> bool:
-    """Join the cluster (``ray.address``, ``$RAY_ADDRESS`` or a running local one).
+def _connect(ray_cfg: RayConfig | None, *, start: bool) -> ClusterRecord | None:
+    """Join the teachers' cluster: the one named by ``ray.address`` or ``$RAY_ADDRESS``, else
+    raykd's own recorded cluster (``ray.address=raykd`` names it too), never another one.
 
-    With ``start``, a missing local cluster is started with ``ray start --head`` so it outlives
-    this process; it runs this process's Python environment, also for jobs submitted to it
-    (:func:`raykd.cluster.start_node`). Returns False when there is no cluster to join and
-    ``start`` is False.
+    With ``start``, a missing or dead recorded cluster is replaced by a new one (see
+    :func:`raykd.cluster.owned_cluster`: own temp dir, free ports, token auth, raykd's Python, so
+    jobs submitted to it run in raykd's environment).
+
+    Returns:
+        The record of raykd's cluster when that is the one joined, else None (a named cluster, or
+        Ray already initialised in this process).
+
+    Raises:
+        NoClusterError: no address is named, ``start`` is false and no raykd cluster runs.
+        ClusterError: the cluster refused the connection (token authentication).
     """
     import ray
 
-    from raykd.cluster import start_node
+    from raykd.cluster import RECORDED, join, owned_cluster, recorded_cluster, use_auth_mode
 
     if ray.is_initialized():
-        return True
+        return None
     address = (ray_cfg.address if ray_cfg else None) or os.environ.get("RAY_ADDRESS")
-    try:
-        ray.init(address=address or "auto", log_to_driver=False)
-        return True
-    except ConnectionError:
-        if address:  # a named cluster that cannot be reached is an error, not a reason to start one
-            raise
-        if not start:
-            return False
-    args = ["--head", *([f"--num-cpus={ray_cfg.num_cpus}"] if ray_cfg and ray_cfg.num_cpus else [])]
-    log.info("no Ray cluster running: starting one with `ray start %s` (`ray stop` stops it)", " ".join(args))
-    start_node(*args)
-    ray.init(address="auto", log_to_driver=False)
-    return True
+    if address and address != RECORDED:
+        join(address)
+        return None
+    if start:
+        record, started = owned_cluster(ray_cfg.num_cpus if ray_cfg else None)
+        log.info("%s raykd's Ray cluster at %s", "started" if started else "using", record.gcs_address)
+    elif (record := recorded_cluster()) is None:
+        raise NoClusterError(f"no raykd cluster is running (record: {cluster_dir() / 'cluster.json'}): `raykd teacher up` "
+                             "starts one; for another cluster set RAY_ADDRESS=HOST:PORT")
+    use_auth_mode(record.auth_mode)
+    join(record.gcs_address)
+    return record
 
 
-def _serve_details():
-    """Serve's view of the cluster (what ``serve.status()`` is built from), None if Serve is off."""
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeInstanceDetails
-
-    client = _get_global_client(raise_if_no_controller_running=False)
-    return None if client is None else ServeInstanceDetails(**client.get_serve_details())
+class NoClusterError(ValueError):
+    """No cluster is named and raykd's own is not running."""
 
 
 def _teacher_apps(details) -> dict[str, Any]:
-    from raykd.teacher.deployment import DEPLOYMENT_NAME
+    """The teacher applications raykd deployed (others on the cluster are not listed)."""
+    from raykd.teacher.deployment import DEPLOYMENT_NAME, deployed_by_raykd
 
     apps = details.applications if details is not None else {}
-    return {name: app for name, app in sorted(apps.items()) if DEPLOYMENT_NAME in app.deployments}
+    return {name: app for name, app in sorted(apps.items()) if DEPLOYMENT_NAME in app.deployments and deployed_by_raykd(app)}
 
 
 def _base_url(details) -> str | None:
@@ -252,31 +264,38 @@ def _base_url(details) -> str | None:
 def teacher_up(cfg: TeacherServiceConfig) -> dict[str, Any]:
     """Start every teacher of ``cfg`` that is not running yet; leave running ones as they are.
 
+    The cluster is the one ``cfg.ray.address`` or ``$RAY_ADDRESS`` names, else raykd's own
+    (started now, or the recorded one reused: see :func:`_connect`).
+
     Returns:
-        ``{"address": <GCS address>, "teachers": [{"name", "started", "url"}, ...]}``;
-        ``url`` is the teacher's HTTP base URL (None when HTTP is off).
+        ``{"address": <GCS address>, "cluster": {"dashboard", "temp_dir", "env"} or None,
+        "teachers": [{"name", "started", "url"}, ...]}``; ``cluster`` describes raykd's own cluster
+        (None on a named one), ``env`` the variables a shell sets to use it (``RAY_ADDRESS``,
+        ``RAY_AUTH_MODE``); ``url`` is a teacher's HTTP base URL (None when HTTP is off).
 
     Raises:
         RuntimeError: HTTP is wanted but Serve already runs on this cluster without a proxy
             (started by a run with HTTP off): ``serve shutdown`` first, or turn HTTP off.
         FileNotFoundError: a teacher model cannot be found (from ``resolve_model_path``).
         ValueError: no node of the cluster can hold a replica of a teacher to start (see
-            :func:`check_placeable`); nothing is deployed then.
+            :func:`check_placeable`); nothing is deployed then. ``ForeignAppError``: an
+            application of a teacher's name exists that raykd did not deploy.
+        ClusterError: the named cluster refused the connection (token authentication).
     """
     import ray
     from ray import serve
 
     from raykd.models import resolve_model_path
-    from raykd.teacher.deployment import running_teacher
+    from raykd.teacher.deployment import running_teacher, serve_details
 
-    _connect(cfg.ray, start=True)
+    record = _connect(cfg.ray, start=True)
     new = [t for t in cfg.teachers if running_teacher(t.teacher.name) is None]
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     for t in new:  # every teacher to start is checked before the first one deploys
         check_placeable(t, nodes)
     want_http = any(t.http.enabled for t in cfg.teachers)
     serve.start(proxy_location="HeadOnly" if want_http else "Disabled", http_options=cfg.proxy.model_dump())
-    base = _base_url(_serve_details())
+    base = _base_url(serve_details())
     if want_http and base is None:
         raise RuntimeError("Serve already runs on this cluster without an HTTP proxy; run `serve shutdown` "
                            "(stops every Serve app) and retry, or set http.enabled=false for each teacher")
@@ -286,7 +305,7 @@ def teacher_up(cfg: TeacherServiceConfig) -> dict[str, Any]:
     apps = {t.teacher.name: served_teacher_app(t, str(resolve_model_path(t.teacher.model))) for t in new}
     for t in new:
         serve.run(apps[t.teacher.name], name=t.teacher.name, route_prefix=t.route_prefix, blocking=False)
-    running = _teacher_apps(_serve_details())
+    running = _teacher_apps(serve_details())
     out = []
     for t in cfg.teachers:
         name = t.teacher.name
@@ -294,11 +313,20 @@ def teacher_up(cfg: TeacherServiceConfig) -> dict[str, Any]:
             log.info("teacher %r is already running: left as it is (`raykd teacher down %s` to replace it)", name, name)
         prefix = running[name].route_prefix if name in running else None
         out.append({"name": name, "started": name in apps, "url": f"{base}{prefix}" if base and prefix else None})
-    return {"address": ray.get_runtime_context().gcs_address, "teachers": out}
+    return {"address": ray.get_runtime_context().gcs_address, "cluster": _cluster_row(record), "teachers": out}
+
+
+def _cluster_row(record: ClusterRecord | None) -> dict[str, Any] | None:
+    """What a user needs of raykd's own cluster: where it is and the variables to use it."""
+    if record is None:
+        return None
+    return {"dashboard": record.dashboard_url, "temp_dir": record.temp_dir, "env": record.env()}
 
 
 def teacher_status() -> list[dict[str, Any]]:
-    """The teachers running on the cluster (empty when there is no cluster or no Serve).
+    """The teachers raykd deployed on the cluster (``$RAY_ADDRESS``, else raykd's own recorded
+    one); empty when there is no such cluster or no Serve. Applications raykd did not deploy are
+    not listed.
 
     Returns:
         One dict per teacher: ``name``, ``status`` (Serve's application status), ``replicas``
@@ -307,11 +335,13 @@ def teacher_status() -> list[dict[str, Any]]:
     """
     from ray import serve
 
-    from raykd.teacher.deployment import DEPLOYMENT_NAME
+    from raykd.teacher.deployment import DEPLOYMENT_NAME, serve_details
 
-    if not _connect(None, start=False):
+    try:
+        _connect(None, start=False)
+    except NoClusterError:
         return []
-    details = _serve_details()
+    details = serve_details()
     base = _base_url(details)
     rows = []
     for name, app in _teacher_apps(details).items():
@@ -334,30 +364,62 @@ def teacher_status() -> list[dict[str, Any]]:
 
 
 def teacher_down(name: str) -> None:
-    """Delete the running teacher application ``name`` (its replicas and HTTP routes).
+    """Delete the teacher application ``name`` that raykd deployed (its replicas and HTTP routes)
+    on the cluster of ``$RAY_ADDRESS``, else raykd's own.
+
+    Requests the replicas have accepted are finished first (up to the deployment's
+    ``graceful_shutdown_timeout_s``, :data:`raykd.teacher.deployment.GRACEFUL_SHUTDOWN_S`); new
+    ones are refused from the start of the deletion.
 
     Raises:
-        ValueError: no teacher of that name runs (the message lists the running ones).
+        ValueError: no teacher of that name runs (the message lists the running ones), or no
+            cluster runs. ``ForeignAppError``: an application of that name exists but raykd did
+            not deploy it (it is left running).
     """
     from ray import serve
 
-    running = list(_teacher_apps(_serve_details())) if _connect(None, start=False) else []
+    from raykd.teacher.deployment import check_ours, serve_details
+
+    _connect(None, start=False)
+    details = serve_details()
+    apps = details.applications if details is not None else {}
+    if name in apps:
+        check_ours(name, apps[name])
+    running = list(_teacher_apps(details))
     if name not in running:
         raise ValueError(f"no teacher named {name!r} is running; running teachers: {', '.join(running) or 'none'}")
     serve.delete(name)
 
 
+def teacher_env() -> dict[str, str]:
+    """The shell variables that point Ray's tools and raykd at raykd's own cluster
+    (``eval "$(raykd teacher env)"``, then ``ray job submit -- ...``).
+
+    Raises:
+        NoClusterError: raykd's cluster is not running.
+    """
+    from raykd.cluster import recorded_cluster
+
+    record = recorded_cluster()
+    if record is None:
+        raise NoClusterError(f"no raykd cluster is running (record: {cluster_dir() / 'cluster.json'}): "
+                             "`raykd teacher up` starts one")
+    return record.env()
+
+
 def add_teacher_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``teacher up|down|status`` to the ``raykd`` command's subparsers."""
-    p = subparsers.add_parser("teacher", help="run named teachers as a shared service (up / down / status)")
+    """Add ``teacher up|down|status|env|stop-cluster`` to the ``raykd`` command's subparsers."""
+    p = subparsers.add_parser("teacher", help="run named teachers as a shared service (up / down / status / env)")
     sub = p.add_subparsers(dest="teacher_command", required=True)
     up = sub.add_parser("up", help="start the teachers of a service config (running ones are kept)")
     up.add_argument("config", help="service YAML, e.g. serve/teachers.yaml")
     up.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. proxy.port=8001")
-    down = sub.add_parser("down", help="delete a running teacher")
+    down = sub.add_parser("down", help="delete a running teacher that raykd deployed")
     down.add_argument("name")
     for s in (up, sub.add_parser("status", help="list running teachers")):
         s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sub.add_parser("env", help="print `export` lines for raykd's own cluster (eval \"$(raykd teacher env)\")")
+    sub.add_parser("stop-cluster", help="stop raykd's own cluster and every teacher on it")
     return p
 
 
@@ -375,22 +437,52 @@ def run_teacher_command(args: argparse.Namespace) -> int:
 
 
 def _teacher_command(args: argparse.Namespace) -> None:
+    from raykd.cluster import ClusterError
+
     # Each raises ValueError / RuntimeError / FileNotFoundError for input to fix (see their docstrings).
-    with console.user_errors(ValueError, RuntimeError, FileNotFoundError):
+    with console.user_errors(ValueError, RuntimeError, FileNotFoundError, ClusterError):
         if args.teacher_command == "up":
             out = teacher_up(load_config(TeacherServiceConfig, args.config, args.overrides))
             if args.json:
                 print(json.dumps(out, indent=2))
             else:
                 _print_table(out["teachers"], ("name", "started", "url"))
+                _print_cluster(out["address"], out["cluster"])
         elif args.teacher_command == "down":
             teacher_down(args.name)
             print(f"teacher {args.name!r} stopped")
+        elif args.teacher_command == "env":
+            print("\n".join(f"export {k}={v}" for k, v in teacher_env().items()))
+        elif args.teacher_command == "stop-cluster":
+            _stop_cluster()
         else:
-            rows = teacher_status()
-            if args.json:
-                print(json.dumps(rows, indent=2))
-            elif rows:
-                _print_table(rows, ("name", "status", "replicas", "url", "weights_fingerprint"))
-            else:
-                print("no teachers running")
+            _status_command(args.json)
+
+
+def _print_cluster(address: str, cluster: dict[str, Any] | None) -> None:
+    where = f"raykd's own cluster (dashboard {cluster['dashboard']})" if cluster else "the named cluster"
+    print(f"cluster: {address}, {where}")
+    if cluster:
+        print('jobs and runs use it after: eval "$(raykd teacher env)"  (or ray.address=raykd)')
+
+
+def _status_command(as_json: bool) -> None:
+    import ray
+
+    rows = teacher_status()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if rows:
+        _print_table(rows, ("name", "status", "replicas", "url", "weights_fingerprint"))
+    else:
+        print("no teachers running")
+    if ray.is_initialized():
+        print(f"cluster: {ray.get_runtime_context().gcs_address}")
+
+
+def _stop_cluster() -> None:
+    from raykd.cluster import stop_owned_cluster
+
+    record = stop_owned_cluster()
+    print(f"stopped raykd's cluster at {record.gcs_address}" if record else "no raykd cluster is recorded")

@@ -2,7 +2,8 @@
 raykd's virtualenv left off ``PATH`` (as when a user calls ``.venv/bin/raykd`` without activating
 it): jobs submitted to it run raykd's own Python, and ``ray job submit -- python jobs/distill.py``
 runs the main job with the teacher on one node, the Train worker on the other and the soft-label
-cache in a folder both nodes share.
+cache in a folder both nodes share. The same cluster is the foreign one (the "most recent
+``ray start``") beside which raykd, with no address named, starts and keeps to a cluster of its own.
 
 The pytest process never joins these nodes (``ray.init``), so the shared ``ray_start`` Ray of the
 ray tier is not touched; every Ray call here goes through a subprocess or the dashboard's HTTP
@@ -15,19 +16,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from raykd.cluster import start_node
+from raykd.cluster import free_ports, group_alive, node_port_args, start_node, stop_groups
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +44,9 @@ class TwoNodes:
     """``HOST:PORT`` of the head node's GCS (``ray.address`` of a driver)."""
     dashboard: str
     """``http://HOST:PORT`` of the dashboard (``ray job submit --address``, the state API)."""
+    tmp: Path
+    """``$RAY_TMPDIR`` of every command: the head's temp dir is Ray's default there (``tmp/ray``),
+    so this cluster is the "most recent ``ray start``" that a bare ``ray.init()`` would join."""
     env: dict[str, str]
     """Environment of every command the test runs against the cluster (venv not on ``PATH``)."""
     node_of: dict[str, str]
@@ -57,55 +59,14 @@ def data_section(corpus: Path) -> dict:
             "min_tokens": 8, "part_docs": 20}
 
 
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports that are free now (held open together so none repeats)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _node_ports() -> list[str]:
-    """Ports of one node's own servers, all explicit: Ray's defaults (52365, 6379, ...) would clash
-    with the second node and with other Ray clusters on this machine."""
-    names = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-             "runtime-env-agent-port", "metrics-export-port")
-    return [f"--{name}={port}" for name, port in zip(names, _free_ports(len(names)))]
-
-
 def _user_path_without_venv() -> str:
     """``PATH`` of a user who did not activate raykd's virtualenv."""
     return os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p) != VENV_BIN)
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether any process of group ``pgid`` is still running (zombies do not count)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process exited while we looked
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
-
-
-def _stop_groups(pgids: list[int], grace_s: float = 5.0) -> None:
-    """Stop nodes: SIGTERM to their process groups, SIGKILL to what is left after ``grace_s``."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pgid in pgids:
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace_s
-        while any(map(_group_alive, pgids)) and time.monotonic() < deadline:
-            time.sleep(0.2)  # polling /proc: there is no event for "a process group is empty"
-    assert not any(map(_group_alive, pgids)), f"Ray processes of groups {pgids} survived SIGKILL"
+def _stop_groups(pgids: list[int]) -> None:
+    stop_groups(pgids, grace_s=5.0)
+    assert not any(map(group_alive, pgids)), f"Ray processes of groups {pgids} survived SIGKILL"
 
 
 def _wait_for_nodes(dashboard: str, resources: tuple[str, ...], timeout_s: float = 120.0) -> dict[str, str]:
@@ -132,20 +93,20 @@ def two_nodes():
     env = {**os.environ, "PATH": _user_path_without_venv(), "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "disabled"}
     for var in ("RAY_ADDRESS", "VIRTUAL_ENV"):
         env.pop(var, None)
-    gcs_port, dashboard_port, client_port = _free_ports(3)
+    gcs_port, dashboard_port, client_port = free_ports(3)
     groups = []
     try:
         groups.append(start_node(
-            "--head", f"--temp-dir={tmp}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+            "--head", f"--temp-dir={tmp}/ray", "--node-ip-address=127.0.0.1", "--num-cpus=2",
             '--resources={"teacher_node": 1}', f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_port}", *_node_ports(), env=env))
+            f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_port}", *node_port_args(), env=env))
         groups.append(start_node(  # its own temp dir, as on another machine: the head's session folder is not shared
             f"--address=127.0.0.1:{gcs_port}", f"--temp-dir={tmp}/w", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-            '--resources={"train_node": 1}', *_node_ports(), env=env))
+            '--resources={"train_node": 1}', *node_port_args(), env=env))
         dashboard = f"http://127.0.0.1:{dashboard_port}"
         node_of = _wait_for_nodes(dashboard, ("teacher_node", "train_node"))
         assert node_of["teacher_node"] != node_of["train_node"]
-        yield TwoNodes(gcs=f"127.0.0.1:{gcs_port}", dashboard=dashboard, env=env, node_of=node_of)
+        yield TwoNodes(gcs=f"127.0.0.1:{gcs_port}", dashboard=dashboard, tmp=Path(tmp), env=env, node_of=node_of)
     finally:
         _stop_groups(groups)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -243,3 +204,126 @@ def test_teacher_and_train_worker_on_their_nodes_through_ray_job_submit(two_node
     assert report["student_kd"]["steps"] == 2
     workers = _actors(two_nodes, "RayTrainWorker")
     assert workers and {a.node_id for a in workers} == {two_nodes.node_of["train_node"]}
+
+
+FOREIGN_APP = """
+import ray
+from ray import serve
+
+ray.init(address="{gcs}")
+
+
+@serve.deployment(name="Teacher")  # named like raykd's teacher deployment, but not raykd's
+class Teacher:
+    def __call__(self):
+        return "not raykd's"
+
+
+serve.run(Teacher.bind(), name="foreign-teacher", route_prefix=None)
+"""
+
+
+CONNECT = """
+import ray
+from raykd.cluster import connect
+from raykd.config import RayConfig
+
+assert not connect(RayConfig(), recorded=True)  # teacher.start=false: raykd's recorded cluster
+print(ray.get_runtime_context().gcs_address.rpartition(":")[2])
+ray.shutdown()
+assert connect(RayConfig(num_cpus=1))  # else: a Ray of its own
+print(ray.get_runtime_context().gcs_address.rpartition(":")[2])
+"""
+
+
+def _raykd(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``.venv/bin/raykd ARGS`` (venv not activated) in ``env``."""
+    return subprocess.run([str(VENV_BIN / "raykd"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600,
+                          check=False)
+
+
+def _serve_apps(dashboard: str) -> dict:
+    """Serve's applications on the cluster of ``dashboard`` (its REST API; the cluster has no token auth)."""
+    import requests
+
+    return requests.get(f"{dashboard}/api/serve/applications/", timeout=30).json().get("applications") or {}
+
+
+def _python(code: str, env: dict[str, str]) -> subprocess.Popen:
+    """``python -c code`` started in the background (collect it with :func:`_finished`)."""
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finished(proc: subprocess.Popen) -> str:
+    """Wait for ``proc``; fails the test with the end of its stderr unless it succeeded. Returns its stdout."""
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    return out
+
+
+def _own_env(two_nodes: TwoNodes, cache: Path, monkeypatch) -> dict[str, str]:
+    """The environment of a user with no address and no ``RAY_AUTH_MODE`` set, raykd's cache in
+    ``cache``; this process's own too (``owned_cluster`` starts the node from it)."""
+    env = {**{k: v for k, v in two_nodes.env.items() if k != "RAY_AUTH_MODE"}, "RAYKD_CACHE": str(cache)}
+    for name in ("PATH", "RAY_TMPDIR"):
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    return env
+
+
+def test_raykd_keeps_to_its_own_cluster_beside_a_foreign_one(two_nodes, tiny_model, tmp_path, monkeypatch):
+    """Issue 24, part 2. With no address, `teacher up` starts (under a lock, replacing a stale record)
+    raykd's own cluster instead of joining the most recent `ray start` (the two-node cluster), and
+    so does a run (or joins the recorded one with teacher.start=false); a job submitted through
+    raykd's record runs raykd's Python; `teacher down` refuses an app raykd did not deploy and
+    finds raykd's teacher through the record. Independent steps run side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raykd.cluster import ClusterRecord, cluster_dir, owned_cluster, read_record, stop_owned_cluster
+
+    current = (two_nodes.tmp / "ray" / "ray_current_cluster").read_text().strip()
+    assert current.endswith(two_nodes.gcs.rpartition(":")[2])  # what a bare ray.init() here would join
+    cache, start = tmp_path / "cache", time.perf_counter()
+    env = _own_env(two_nodes, cache, monkeypatch)
+    foreign = _python(FOREIGN_APP.format(gcs=two_nodes.gcs), two_nodes.env)
+    dead = ClusterRecord(gcs_address=f"127.0.0.1:{free_ports(1)[0]}", dashboard_url="http://127.0.0.1:9", pgid=2**22 + 7,
+                         temp_dir=str(tmp_path / "gone"), auth_mode="token")
+    cluster_dir(cache).mkdir(parents=True)
+    (cluster_dir(cache) / "cluster.json").write_text(json.dumps(asdict(dead)))
+    try:
+        with ThreadPoolExecutor(2) as pool:  # two `teacher up` at once: one cluster, the stale record replaced
+            (a, a_started), (b, b_started) = pool.map(lambda _: owned_cluster(2, cache), range(2))
+        assert a == b == read_record(cache) != dead and {a_started, b_started} == {True, False}
+        assert a.auth_mode == "token" and a.gcs_address.rpartition(":")[2] != two_nodes.gcs.rpartition(":")[2]
+        connect = _python(CONNECT, env)  # distill, label, tune, mckd and muki connect through raykd.cluster.connect
+
+        (tmp_path / "teachers.yaml").write_text(yaml.safe_dump({"teachers": [
+            {"teacher": {"name": "own-teacher", "model": str(tiny_model), "num_threads": 1, "num_cpus": 0.5},
+             "http": {"enabled": False}}]}))
+        up = _raykd(env, "teacher", "up", str(tmp_path / "teachers.yaml"), "--json", cwd=tmp_path)
+        assert up.returncode == 0, up.stderr[-4000:]
+        out = json.loads(up.stdout)
+        assert out["address"] == a.gcs_address and out["cluster"]["env"] == {"RAY_ADDRESS": a.gcs_address, "RAY_AUTH_MODE": "token"}
+
+        _finished(foreign)
+        assert "own-teacher" not in _serve_apps(two_nodes.dashboard)
+        down = _raykd({**env, "RAY_ADDRESS": two_nodes.gcs}, "teacher", "down", "foreign-teacher", cwd=tmp_path)
+        assert down.returncode == 2 and "was not deployed by raykd" in down.stderr, down.stderr[-4000:]
+        assert [line for line in down.stderr.splitlines() if line.strip()] == [down.stderr.strip()]  # one line
+        assert "foreign-teacher" in _serve_apps(two_nodes.dashboard)
+
+        exports = _raykd(env, "teacher", "env", cwd=tmp_path)
+        job_env = {**env, **dict(line.removeprefix("export ").split("=", 1) for line in exports.stdout.splitlines())}
+        probe = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--",
+                                "python", "-c", "import sys, torch, raykd; print('PROBE', sys.executable)"],
+                               env=job_env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+        assert f"PROBE {sys.executable}" in probe.stdout, (probe.stdout + probe.stderr)[-4000:]
+
+        recorded, own = _finished(connect).split()[-2:]
+        assert recorded == a.gcs_address.rpartition(":")[2] and own not in (recorded, two_nodes.gcs.rpartition(":")[2])
+        down = _raykd(env, "teacher", "down", "own-teacher", cwd=tmp_path)  # found through the record
+        assert down.returncode == 0 and "stopped" in down.stdout, down.stderr[-4000:]
+    finally:
+        stop_owned_cluster(cache)
+    print(f"own cluster beside a foreign one: {time.perf_counter() - start:.0f} s")
+    assert not group_alive(a.pgid) and read_record(cache) is None

@@ -60,7 +60,7 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
     plan = Plan(cfg)
     extra_plans = extra_teacher_plans(cfg, plan)  # [] for one teacher; tokenizers checked here
     log.info("%d parts of data, cache keys %s", len(plan.sources["train"][1]), {s: k.digest() for s, k in plan.keys.items()})
-    connect(cfg.ray)
+    connect(cfg.ray, recorded=not cfg.teacher.start)  # teacher.start=false: the service's cluster
     from raykd.teacher.deployment import cluster_node_gpus
     from raykd.train.trainer import check_student_gpus
 

@@ -336,7 +336,7 @@ def main_kd_search(cfg: KDSearchConfig, output_dir: str | Path) -> dict[str, Any
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-    connect(cfg.ray)
+    connect(cfg.ray, recorded=not cfg.distill.teacher.start)  # teacher.start=false: the service's cluster
     caches, label_stats = _label_all(cfg)
     plan = next(iter(caches.values()))["plan"]
     init_dir = build_student(cfg.distill.student, plan.teacher_path, output_dir / "student_init")
