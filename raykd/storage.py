@@ -73,6 +73,7 @@ __all__ = [
     "is_uri",
     "join",
     "list_files",
+    "move",
     "open_input",
     "open_output",
     "open_output_atomic",
@@ -529,6 +530,19 @@ def read_json(location: Location) -> Any:
 def write_json(location: Location, value: Any, *, indent: int | None = 2) -> None:
     """Write ``value`` as JSON, atomically (:func:`write_bytes_atomic`)."""
     write_bytes_atomic(location, json.dumps(value, indent=indent).encode())
+
+
+def move(source: Location, target: Location) -> None:
+    """Move a file, replacing ``target`` (local: a rename, parent folders created; on an object
+    store: a server-side copy then a delete). Both locations must be on the same filesystem.
+
+    Raises:
+        FileNotFoundError: no file at ``source``.
+    """
+    fs, path = resolve(source)
+    _, to = resolve(target)
+    _make_parent(fs, to)
+    fs.move(path, to)
 
 
 def delete_dir(location: Location, *, missing_ok: bool = True) -> None:
