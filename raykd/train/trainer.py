@@ -23,6 +23,7 @@ from raykd.train.loop import (
     LoopConfig,
     train_loop_per_worker,
 )
+from raykd.train.failures import training_failure
 from raykd.train.parallel import SHARDED_DIR, export_sharded
 
 log = logging.getLogger(__name__)
@@ -258,7 +259,8 @@ def train_student(
 
     Raises:
         InsufficientResourcesError: the cluster cannot give the run its workers (before training).
-        ray.train.TrainingFailedError: a worker failed more than ``cfg.max_failures`` times.
+        raykd.train.failures.TrainingFailed: a worker failed more than ``cfg.max_failures`` times;
+            one line naming its error, the last checkpoint's step and that a rerun resumes.
     """
     from ray.train import (
         CheckpointConfig,
@@ -266,6 +268,7 @@ def train_student(
         FailureConfig,
         RunConfig,
         ScalingConfig,
+        TrainingFailedError,
     )
     from ray.train.torch import TorchTrainer
 
@@ -327,7 +330,11 @@ def train_student(
         dataset_config=DataConfig(execution_options=_ordered_ingest()),
     )
     start = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as e:  # one line on the console; the worker's traceback goes to raykd.log
+        raise training_failure(name, e, storage.join(str(storage_path), name), max_steps=cfg.max_steps,
+                               max_failures=cfg.max_failures) from e
     seconds = time.perf_counter() - start
     if result.checkpoint is None:
         raise RuntimeError(f"student {name} finished without a checkpoint")
