@@ -80,6 +80,11 @@ class Selection:
         return {"split": self.split, "splits": dict(self.splits), "seed": self.seed, "sample": self.sample,
                 "perturb": [self.perturb_share, self.perturb_seed] if self.perturb_share else None}
 
+    def expected_share(self) -> float:
+        """The share of a part's documents this selection is expected to keep (the hash split's
+        fraction times the sample; 1 for every document)."""
+        return 1.0 if self.split is None else dict(self.splits).get(self.split, 0.0) * self.sample
+
     def mask(self, doc_ids: np.ndarray) -> np.ndarray:
         if self.split is None:
             return np.ones(len(doc_ids), dtype=bool)
@@ -174,7 +179,7 @@ class _PartLabeler:
                                seconds=time.perf_counter() - start)
             stats[n] = {"docs": len(ids), "rows": entry["rows"], "tokens": entry["tokens"], "calls": len(pending[n])}
             tokens += entry["tokens"]
-        self.progress.add(len(rows["doc_id"]), tokens=tokens)
+        self.progress.add(sum(s["docs"] for s in stats.values()), tokens=tokens)  # the documents labeled
         return stats
 
 
@@ -207,8 +212,9 @@ def label_parts(parts: list[PartSpec], todo: dict[str, list[str]], targets: dict
     if not rows:
         return totals
     labelers = max(1, min(labels.num_labelers, len(rows)))
-    with console.progress("labeling", total=sum(spec.rows for spec in parts if spec.digest() in todo), unit="doc",
-                          rate_of="tokens") as progress:
+    expected = sum(spec.rows * sum(targets[n].selection.expected_share() for n in todo[spec.digest()])
+                   for spec in parts if spec.digest() in todo)  # the documents to label (the bar ends at the count)
+    with console.progress("labeling", total=round(expected), unit="doc", rate_of="tokens", estimate=True) as progress:
         ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
             _PartLabeler,
             batch_size=1,

@@ -318,6 +318,7 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[str, Manifest]], dic
     stats: dict[str, Any] = {"hit": not missing, "teacher_calls": 0, "label_s": 0.0, "teacher": None, "parts": {}}
     if not missing:
         release_teacher(plan)
+        _remove_old_partial_folders(plan.cache_root)  # on a hit too: nothing else would clear them
         print("soft labels found in the cache (" + ", ".join(f"{s} {m.rows:,} rows" for s, (_, m) in caches.items())
               + f"): no teacher calls; {caches['train'][0]}")
         return caches, stats

@@ -34,8 +34,13 @@ def test_first_run_labels_both_splits(first_run):
 
 
 def test_second_run_is_a_hit_that_asks_the_teacher_nothing(first_run):
+    from pathlib import Path
+
     cfg, _, caches, _ = first_run
+    stale = Path(cfg.labels.cache_dir) / "0123abcd.partial-1a2b3c4d"  # an old interrupted run's folder
+    (stale / "parts").mkdir(parents=True)
     again, stats = ensure_soft_labels(Plan(cfg))
+    assert not stale.exists()  # cleared on a hit too
     assert stats == {"hit": True, "teacher_calls": 0, "label_s": 0.0, "teacher": None, "parts": {}}  # no teacher involved
     assert running_teacher(cfg.teacher.name) is None  # never started
     assert {s: str(p) for s, (p, _) in again.items()} == {s: str(p) for s, (p, _) in caches.items()}
