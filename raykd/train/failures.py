@@ -46,7 +46,7 @@ def worker_cause(error: BaseException) -> tuple[str, bool]:
     text = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
     oom = type(cause).__name__ == "OutOfMemoryError" or "out of memory" in str(cause).lower()
     where = f"worker {rank}: " if rank is not None else ""
-    return f"{where}{type(cause).__name__}: {text[:300]}", oom
+    return f"{where}{type(cause).__name__}: {text[:300].rstrip('.')}", oom
 
 
 def training_failure(name: str, error: BaseException, run_dir: Any, *, max_steps: int, max_failures: int) -> TrainingFailed:
