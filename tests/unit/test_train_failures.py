@@ -28,3 +28,13 @@ def test_a_worker_error_names_the_exception_the_checkpoint_and_the_rerun(tmp_pat
     message = str(training_failure("s", oom, tmp_path / "none", max_steps=80, max_failures=-1))
     assert "worker 0: OutOfMemoryError: " in message and "lower train.batch_size" in message
     assert message.endswith("no checkpoint was registered yet: the same command starts this student again")
+
+
+def test_a_run_that_does_not_fit_beside_the_teacher_names_the_overrides_that_fit():
+    from raykd.config import TrainConfig
+    from raykd.train.trainer import fitting_overrides
+
+    # labels.fill=live on 2 CPUs: one worker x 1 CPU + 0.25 for the cache reads, a teacher replica holding 1
+    cfg = TrainConfig(num_workers=1, cpus_per_worker=1.0)
+    assert fitting_overrides(cfg, 2.0, 1.0) == ["`train.cpus_per_worker=0.75`", "`ray.num_cpus=3` (a local Ray)"]
+    assert fitting_overrides(TrainConfig(num_workers=2), 2.0, 1.5) == ["`ray.num_cpus=4` (a local Ray)"]  # 0.125 each: too little
