@@ -4,6 +4,7 @@
     raykd distill --method annealing_kd --output-dir DIR [key=value ...]   # a method's shipped config
     raykd label   --config ... [key=value ...]     # only build (or find) the soft-label caches
     raykd methods [--verbose]                      # list the distillation methods and losses
+    raykd cache verify DIR | repair DIR            # check a soft-label cache; move damaged parts aside
     raykd teacher up serve/teachers.yaml | down <name> | status   # the shared teacher service
     raykd tune minidisc|maxidisc --config tune/configs/minidisc_bbc.yaml --output-dir DIR [key=value ...]
     raykd tune minidisc|maxidisc --config tune/configs/minidisc_smollm2.yaml --output-dir DIR   # task: lm
@@ -93,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--output-dir", required=True, help="where the report, checkpoints and plots go")
         s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     sub.add_parser("methods", help="list distillation methods and losses (--verbose: with papers and compositions)")
+    cache = sub.add_parser("cache", help="check a soft-label cache, or move its damaged parts aside")
+    csub = cache.add_subparsers(dest="cache_command", required=True)
+    for name, help_ in (("verify", "check every shard against the ledger and the manifest"),
+                        ("repair", "move damaged parts aside (nothing deleted); the next run relabels only them")):
+        csub.add_parser(name, help=help_).add_argument("dir", help="a cache folder, or a labels.cache_dir holding caches")
     add_teacher_commands(sub)
     _add_tune_commands(sub)
     s = sub.add_parser("muki", help="MUKI: integrate teachers of disjoint class subsets (vs vanilla KD, UHC, DFA)")
@@ -200,7 +206,39 @@ def main_mckd(cfg, output_dir: str | Path) -> dict[str, Any]:
     return run_mckd(cfg, output_dir)
 
 
+def main_cache(command: str, location: str) -> int:
+    """``raykd cache verify|repair DIR`` (:mod:`raykd.soft_labels.repair`): one line per cache and
+    per problem. ``verify`` returns 0 when nothing needs repair, else raises a user error naming
+    ``repair``; ``repair`` moves what is bad aside and returns 0.
+
+    Raises:
+        raykd.soft_labels.cache.CacheError: no cache at ``location``; ``verify`` found damage.
+    """
+    from raykd.soft_labels.cache import CacheError
+    from raykd.soft_labels.repair import cache_folders, repair_cache, verify_cache
+
+    checks = [verify_cache(folder) for folder in cache_folders(location)]
+    for c in checks:
+        state = "finished" if c.finished else "unfinished (no manifest.json; the next run labels the missing parts)"
+        print(f"{c.cache_dir}: {c.parts} committed part(s), {state}")
+        for why in (*c.damaged.values(), *c.manifest, *(f"stray file {f}" for f in c.stray)):
+            print(f"  {why}")
+        for source, target in repair_cache(c) if command == "repair" else ():
+            print(f"  moved {source} -> {target}")
+    bad = [c for c in checks if not c.ok]
+    if command == "verify" and bad:
+        parts = sum(len(c.damaged) for c in bad)
+        raise CacheError(f"{parts} damaged part(s) in {len(bad)} of {len(checks)} cache(s): run `raykd cache repair "
+                         f"{location}` (it moves them aside, deleting nothing), then the labeling command again")
+    if command == "repair":
+        print("nothing to repair" if not bad else "done: run the same labeling or distill command again; it relabels "
+              "only the parts moved aside")
+    return 0
+
+
 def _run_command(args: argparse.Namespace) -> int:
+    if args.command == "cache":
+        return main_cache(args.cache_command, args.dir)
     if args.command == "mckd":
         from raykd.recipes.mckd.config import MckdConfig
 

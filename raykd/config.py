@@ -578,7 +578,11 @@ class TrainConfig(Strict):
     log_every: int = Field(default=10, ge=1)
     seed: int = 0
     max_failures: int = Field(default=0, ge=-1)
-    """Worker failures Ray Train recovers from (from the last checkpoint); -1: unlimited."""
+    """Worker failures Ray Train recovers from (from the last checkpoint); -1: unlimited. Shipped
+    at 0 on purpose: on one machine a worker fails mostly for a reason a restart repeats (out of
+    memory, a bug, bad data), so the run stops at once with one ``error:`` line naming the worker's
+    error and the last checkpoint's step, and the same command resumes from it. On a cluster with
+    preemptible or flaky nodes set 1-3 (Ray Train counts node preemptions apart, without limit)."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """``ddp``: each worker holds the whole student; ``fsdp``: parameters, gradients and optimizer
     state are sharded over the workers (FSDP2, :mod:`raykd.train.parallel`); with one worker FSDP

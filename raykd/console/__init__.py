@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from raykd.console import logs
-from raykd.console.errors import USER_ERROR_TYPES, UserError, error_message, is_user_error, user_errors
+from raykd.console.errors import USER_ERROR_TYPES, UserError, error_message, is_user_error, ray_cause, user_errors
 from raykd.console.logs import LOG_FILE, RAY_LOGS, _keep_ray_logs, _Settings, _setup_logging, _teardown_logging, ray_connected, ray_init_options
 from raykd.console.progress import ProgressSink, _close_bars, finish_progress, progress, train_progress
 
@@ -74,7 +74,8 @@ def _guarded(command: Callable[[], int | None], settings: _Settings) -> int:
         return command() or 0
     except KeyboardInterrupt:
         _close_bars()
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted; run the same command again to resume (labeling from its ledger, training from its "
+              "last checkpoint)", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `raykd methods | head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -91,5 +92,5 @@ def _guarded(command: Callable[[], int | None], settings: _Settings) -> int:
             return 2
         log.error("unexpected error: %s", error_message(e), exc_info=True, extra={"console": False})  # traceback: raykd.log
         where = f"{settings.log_dir / LOG_FILE}" if settings.log_dir is not None else "--verbose"
-        print(f"error: {type(e).__name__}: {error_message(e)}\n(traceback: {where})", file=sys.stderr)
+        print(f"error: {type(ray_cause(e)).__name__}: {error_message(e)}\n(traceback: {where})", file=sys.stderr)
         return 1

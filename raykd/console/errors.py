@@ -27,6 +27,7 @@ USER_ERROR_TYPES = (
     "raykd.train.trainer:InsufficientResourcesError",
     "raykd.methods:UnknownMethodError",
     "raykd.losses.registry:UnknownLossError",
+    "raykd.data.sources:DataError",
 )
 """``module:class`` of the exceptions that are always user errors, wherever they are raised.
 Plain ``ValueError`` / ``FileNotFoundError`` are user errors only where :func:`user_errors`
@@ -47,8 +48,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
 def is_user_error(e: BaseException) -> bool:
     """True for a :data:`USER_ERROR_TYPES` error, a :class:`UserError`, or an error marked by
-    :func:`user_errors`."""
-    return getattr(e, _MARK, False) or isinstance(e, _user_error_types())
+    :func:`user_errors`; also when one of them was raised in a Ray task (:func:`ray_cause`)."""
+    return getattr(e, _MARK, False) or isinstance(e, _user_error_types()) or isinstance(ray_cause(e), _user_error_types())
 
 
 @contextmanager
@@ -62,7 +63,26 @@ def user_errors(*types: type[BaseException]) -> Iterator[None]:
         raise
 
 
+def ray_cause(e: BaseException) -> BaseException:
+    """The exception raised in a Ray task or actor, without Ray's wrappers around it: a
+    ``RayTaskError``'s ``cause`` (its message holds the remote traceback) and Ray Data's
+    ``UserCodeException`` around a map function's error; ``e`` itself when Ray did not wrap it."""
+    exceptions = sys.modules.get("ray.exceptions")
+    task_error = getattr(exceptions, "RayTaskError", ())
+    user_code = getattr(exceptions, "UserCodeException", ())
+    for _ in range(8):  # a few layers at most (a task that called a task)
+        if task_error and isinstance(e, task_error) and isinstance(getattr(e, "cause", None), BaseException):
+            e = e.cause
+        elif user_code and isinstance(e, user_code) and e.__cause__ is not None:
+            e = e.__cause__
+        else:
+            break
+    return e
+
+
 def error_message(e: BaseException) -> str:
-    """What ``error:`` says: the message (KeyError's without its quotes), else the type's name."""
+    """What ``error:`` says: the message (KeyError's without its quotes; the original one of an
+    error raised in a Ray task, :func:`ray_cause`), else the type's name."""
+    e = ray_cause(e)
     text = str(e.args[0]) if isinstance(e, KeyError) and len(e.args) == 1 else str(e)
     return text.strip() or type(e).__name__

@@ -54,6 +54,10 @@ ADVISORIES = ("of memory per worker", "To disable issue detection")
 """Ray Data's periodic advisories (every 30 s, a dozen lines each: the labelers' memory use, and
 the line that counts them): log file only. Warnings about the user's run still show."""
 
+RAY_INTERNAL = ("`ExecutionOptions.exclude_resources` is deprecated",)
+"""Deprecation warnings that Ray's own code raises against Ray (Ray Train sets Ray Data's
+``exclude_resources`` for its ingest): nothing a user can change, so log file only."""
+
 
 class _ConsoleHandler(logging.Handler):
     """Writes records to stderr through ``tqdm.write``, so open progress bars stay intact. Unless
@@ -71,7 +75,7 @@ class _ConsoleHandler(logging.Handler):
         if self.verbose:
             return super().filter(record)
         message = record.getMessage()
-        if record.name.startswith(FILE_ONLY) or any(a in message for a in ADVISORIES):
+        if record.name.startswith(FILE_ONLY) or any(a in message for a in (*ADVISORIES, *RAY_INTERNAL)):
             return False
         key = (record.name, re.sub(r"\d+(\.\d+)?", "#", message))
         if key in self.seen:

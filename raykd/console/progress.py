@@ -122,9 +122,10 @@ class _Bar:
                 parts[-1] += f" ({v / max(self.bar.format_dict['elapsed'], 1e-9):,.0f}/s)"
         return " ".join(parts)
 
-    def close(self, final: dict[str, Any] | None = None, done: float | None = None) -> None:
+    def close(self, final: dict[str, Any] | None = None, done: float | None = None, settle: bool = False) -> None:
         """Stop polling, show the last counts (``done``: the final count, known to the caller,
-        since a worker's last report may still be on its way) and ``final`` numbers."""
+        since a worker's last report may still be on its way) and ``final`` numbers; ``settle``:
+        the total was an estimate, and the bar ends at the count reached."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
@@ -132,6 +133,8 @@ class _Bar:
             self.refresh()
         if done is not None and done > self.bar.n:
             self.bar.update(done - self.bar.n)
+        if settle:
+            self.bar.total = self.bar.n
         if final:
             self.bar.set_postfix_str(self.postfix(final), refresh=False)
         self.bar.close()
@@ -142,7 +145,8 @@ _named_bars: dict[str, _Bar] = {}
 
 
 @contextmanager
-def progress(desc: str, total: float | None, unit: str, rate_of: str | None = None) -> Iterator[ProgressSink]:
+def progress(desc: str, total: float | None, unit: str, rate_of: str | None = None,
+             estimate: bool = False) -> Iterator[ProgressSink]:
     """A progress bar on the driver for the block; yields the sink that Ray workers report to.
 
     Inside another :func:`progress` block, no second bar opens: the outer bar is re-labelled
@@ -153,6 +157,8 @@ def progress(desc: str, total: float | None, unit: str, rate_of: str | None = No
         total: the count when done (None: unknown).
         unit: the unit shown (``doc``, ``step``).
         rate_of: an extra number reported with the counts whose rate per second to show too.
+        estimate: ``total`` is an expectation (e.g. the documents a hash split keeps): when the
+            block finishes, the bar ends at the count reached instead.
     """
     if _open_bars:
         outer = _open_bars[-1]
@@ -162,13 +168,13 @@ def progress(desc: str, total: float | None, unit: str, rate_of: str | None = No
     bar = _Bar(desc, total, unit)
     bar.rate_of = rate_of
     _open_bars.append(bar)
-    done = None
+    finished = False
     try:
         yield bar.sink
-        done = total  # the block finished: everything was counted
+        finished = True  # everything was counted
     finally:
         _open_bars.remove(bar)
-        bar.close(done=done)
+        bar.close(done=total if finished and not estimate else None, settle=finished and estimate)
 
 
 def train_progress(name: str, total_steps: int) -> Any:

@@ -38,6 +38,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _GLOB_CHARS = frozenset("*?[")
+
+
+class DataError(ValueError):
+    """A source row or dataset that cannot be used (a null id, a text that is not a string, an id
+    that repeats, a line that is not JSON, a split the dataset lacks): a user error wherever it is
+    raised, in the driver or in a Ray task (:data:`raykd.console.USER_ERROR_TYPES`); the message
+    names the file and row."""
 _HF_SAVED_MARKERS = ("state.json", "dataset_dict.json")
 _SUFFIX = {"jsonl": ".jsonl", "parquet": ".parquet", "text": ".txt", "bbc": ".txt"}
 
@@ -285,9 +292,12 @@ def _load_hf(path: str, split: str) -> Any:
         ds = datasets.load_from_disk(str(folder))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise ValueError(f"the saved dataset {path!r} has no split {split!r} (splits: {', '.join(ds)}); "
+                raise DataError(f"the saved dataset {path!r} has no split {split!r} (splits: {', '.join(ds)}); "
                                  "set data.hf_split=<split>")
             ds = ds[split]
+        elif split != "train":  # the default: a single saved Dataset is read whole, as its one split
+            raise DataError(f"data.hf_split={split!r} does not apply: {path!r} is one saved Dataset, without splits; "
+                            "remove data.hf_split (the whole dataset is read), or save a DatasetDict")
         return ds
     looks_local = path.startswith(("/", "./", "../", "~")) or folder.suffix in (".json", ".jsonl", ".parquet")
     if looks_local and not folder.exists():
@@ -346,9 +356,9 @@ def _jsonl_rows(spec: PartSpec, cfg: DataConfig) -> Iterator[tuple[str, Any, Any
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where} is not valid JSON ({e.msg}); fix or remove that line") from None
+            raise DataError(f"{where} is not valid JSON ({e.msg}); fix or remove that line") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{where} is a JSON {type(record).__name__}, expected an object")
+            raise DataError(f"{where} is a JSON {type(record).__name__}, expected an object")
         for column, setting in ((cfg.text_column, "text_column"), (cfg.id_column, "id_column")):
             if column is not None and column not in record and row == spec.start:
                 raise _missing_column(column, setting, record, spec.location)
@@ -414,7 +424,7 @@ def _doc_id(value: Any, id_column: str | None, name: str, row: int) -> str:
     if id_column is None:
         return f"{name}:{row}"
     if value is None:
-        raise ValueError(f"{name} row {row}: id column {id_column!r} is null; every row needs an id")
+        raise DataError(f"{name} row {row}: id column {id_column!r} is null; every row needs an id")
     return str(value)
 
 
@@ -429,7 +439,7 @@ def _checked(rows, spec: PartSpec, cfg: DataConfig) -> dict[str, np.ndarray]:
             empty += 1
             continue
         if not isinstance(text, str):
-            raise ValueError(
+            raise DataError(
                 f"{where}: text column {cfg.text_column!r} holds a {type(text).__name__} ({str(text)[:60]!r}), "
                 "expected a string; set data.text_column to the column with the text"
             )
@@ -446,10 +456,10 @@ def _checked(rows, spec: PartSpec, cfg: DataConfig) -> dict[str, np.ndarray]:
     return {"doc_id": np.array(ids, dtype=object), "text": np.array(texts, dtype=object)}
 
 
-def duplicate_id_error(doc_id: str, cfg: DataConfig, where: str) -> ValueError:
+def duplicate_id_error(doc_id: str, cfg: DataConfig, where: str) -> DataError:
     fix = (f"make column {cfg.id_column!r} unique across all files, or unset data.id_column to number rows per file"
            if cfg.id_column else "two files share a path: rename one, or set data.id_column to a unique column")
-    return ValueError(f"{where}: document id {doc_id!r} appears twice; ids must be unique ({fix})")
+    return DataError(f"{where}: document id {doc_id!r} appears twice; ids must be unique ({fix})")
 
 
 def iter_documents(cfg: DataConfig, parts: list[PartSpec] | None = None) -> Iterator[Document]:
@@ -483,7 +493,7 @@ def check_unique_ids(cfg: DataConfig, parts: list[PartSpec], max_buckets: int = 
     Raises:
         ValueError: an id appears in two parts; the message names it, both parts and the fix.
     """
-    if cfg.id_column is None or len(parts) < 2:
+    if cfg.id_column is None or not parts:  # one part too: its rows are checked (null ids) before the teacher starts
         return
     import ray
 

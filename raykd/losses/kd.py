@@ -30,7 +30,10 @@ import torch
 from torch import Tensor
 
 from raykd.losses.reduction import TINY, student_bucket_log_probs, student_log_probs
-from raykd.losses.registry import register_loss
+from raykd.losses.registry import Param, register_loss
+
+_SKEW = Param(float, low=0, high=1, high_open=True,
+              meaning="DistiLLM's skew: the share of the other distribution mixed in; 0 is the plain KL, 1 makes it vanish")
 from raykd.losses.targets import TeacherTargets, teacher_buckets
 
 LOG_FLOOR = math.log(TINY)
@@ -106,7 +109,9 @@ def symmetric_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labe
     return scale * (kl_divergence(log_p, log_q) + kl_divergence(log_q, log_p))
 
 
-@register_loss("generalized_jsd", description="JSD(beta); beta=0 forward KL, beta=1 reverse KL (GKD)")
+@register_loss("generalized_jsd", params={"beta": Param(float, low=0, high=1, meaning="GKD's interpolation: 0 is forward "
+                                                                          "KL, 1 reverse KL")},
+               description="JSD(beta); beta=0 forward KL, beta=1 reverse KL (GKD)")
 def generalized_jsd(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
                     temperature: float, beta: float = 0.5) -> Tensor:
     """Generalised Jensen-Shannon divergence; Agarwal et al. 2024, "On-Policy Distillation of
@@ -137,7 +142,7 @@ def generalized_jsd(student_logits: Tensor, *, targets: TeacherTargets | None, l
     return scale * (beta * kl_divergence(log_p, log_m) + (1.0 - beta) * kl_divergence(log_q, log_m))
 
 
-@register_loss("skew_kl", description="KL(p || alpha p + (1 - alpha) q) (DistiLLM, Ko et al. 2024)")
+@register_loss("skew_kl", params={"alpha": _SKEW}, description="KL(p || alpha p + (1 - alpha) q) (DistiLLM, Ko et al. 2024)")
 def skew_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
             temperature: float, alpha: float = 0.1) -> Tensor:
     """Skew KL, KL(p || alpha * p + (1 - alpha) * q); Ko et al. 2024, "DistiLLM: Towards
@@ -154,7 +159,7 @@ def skew_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels: T
     return scale * kl_divergence(log_p, _log_mix(log_p, log_q, alpha))
 
 
-@register_loss("skew_reverse_kl", description="KL(q || alpha q + (1 - alpha) p) (DistiLLM, Ko et al. 2024)")
+@register_loss("skew_reverse_kl", params={"alpha": _SKEW}, description="KL(q || alpha q + (1 - alpha) p) (DistiLLM, Ko et al. 2024)")
 def skew_reverse_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
                     temperature: float, alpha: float = 0.1) -> Tensor:
     """Skew reverse KL, KL(q || alpha * q + (1 - alpha) * p); Ko et al. 2024, "DistiLLM".

@@ -13,11 +13,11 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from raykd.losses.features import Features, LayerMap
-from raykd.losses.hidden import attention_kl_pair, state_mse
+from raykd.losses.hidden import EMBEDDINGS, attention_kl_pair, state_mse
 from raykd.losses.registry import register_loss
 
 
-@register_loss("hidden_mse", kind="features", projections=("embeddings", "hidden"),
+@register_loss("hidden_mse", kind="features", projections=("embeddings", "hidden"), params={"embeddings": EMBEDDINGS},
                description="MSE of mapped block outputs (MobileBERT's feature-map transfer, Sun et al. 2020)")
 def hidden_mse(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],
                embeddings: bool = False) -> Tensor:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from raykd.losses.reduction import TINY, student_log_probs
-from raykd.losses.registry import register_loss
+from raykd.losses.registry import Param, register_loss
 from raykd.losses.targets import TeacherTargets
 
 SCORE_TEMPERATURE = 0.2
@@ -212,7 +212,9 @@ def muki_kd(student_logits: Tensor, *, targets: TeacherTargets | None, labels: T
     return log_w.exp() * temperature**2 * _kl(log_p, log_q)
 
 
-@register_loss("uhc_kl", forms=("dense",), description="sum over teacher blocks of KL(teacher || student renormalised on the block) (UHC)")
+@register_loss("uhc_kl", forms=("dense",), params={"blocks": Param(list, meaning="each teacher's class ids, e.g. [[0, 1], [2, 3, 4]]; "
+                                                                              "the MUKI recipe fills them in")},
+               description="sum over teacher blocks of KL(teacher || student renormalised on the block) (UHC)")
 def uhc_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor, temperature: float,
            blocks: Sequence[Sequence[int]] = ()) -> Tensor:
     """UHC: the student's distribution renormalised over each teacher's classes, one KL per

@@ -35,10 +35,9 @@ from torch import Tensor, nn
 
 from raykd.losses.features import Features, Intervened, LayerMap, term_modules, to_positions
 from raykd.losses.reduction import count_tokens, masked_sum, shared_log_probs
+from raykd.losses.registry import COMMON_ARGS as _COMMON_ARGS
 from raykd.losses.registry import LossSpec, get_loss
 from raykd.losses.targets import TeacherTargets
-
-_COMMON_ARGS = {"targets", "labels", "temperature", "layer_map", "projections", "intervened"}
 
 
 def validate_weights(weights: Mapping[str, float]) -> None:
@@ -62,12 +61,14 @@ def validate_weights(weights: Mapping[str, float]) -> None:
 
 
 def validate_params(params: Mapping[str, Mapping[str, Any]], terms: list[str] | tuple[str, ...]) -> None:
-    """Check ``{loss name: {hyper-param: value}}`` against the objective's ``terms``.
+    """Check ``{loss name: {hyper-param: value}}`` against the objective's ``terms`` and each
+    loss's declared hyper-parameters (:class:`~raykd.losses.registry.Param`: type and range).
 
     Raises:
         KeyError: an unknown loss name (the message lists the valid ones).
-        ValueError: params for a loss that is not a term, or a hyper-parameter the loss does
-            not accept (the message lists the ones it accepts).
+        ValueError: params for a loss that is not a term, a hyper-parameter the loss does not
+            accept (the message lists the ones it accepts), or a value of the wrong type or out
+            of range (the message names the setting, the valid range and what the value means).
     """
     for name, p in params.items():
         spec = get_loss(name)
@@ -76,14 +77,17 @@ def validate_params(params: Mapping[str, Mapping[str, Any]], terms: list[str] | 
         _check_params(spec, p)
 
 
-def _check_params(spec: LossSpec, params: Mapping[str, float]) -> None:
-    signature = inspect.signature(spec.fn).parameters
-    accepted = sorted(
-        k for k, p in signature.items() if p.kind is p.KEYWORD_ONLY and k not in _COMMON_ARGS
-    )
+def _check_params(spec: LossSpec, params: Mapping[str, Any]) -> None:
+    accepted = sorted(spec.params)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ValueError(f"loss {spec.name!r} has no hyper-parameters {unknown}; it accepts {accepted}")
+    for key, value in params.items():
+        declared = spec.params[key]
+        if not declared.accepts(value):
+            meaning = f" ({declared.meaning})" if declared.meaning else ""
+            raise ValueError(f"train.loss_params.{spec.name}.{key}={value!r} is out of range: it must be "
+                             f"{declared.describe()}{meaning}")
 
 
 def with_defaults(name: str, params: Mapping[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,11 @@ It returns the loss unreduced; masking and reduction happen once, in
 :mod:`raykd.losses.reduction`. Losses are registered when :mod:`raykd.losses` imports the
 modules that define them.
 
+Every hyper-parameter (a keyword-only argument besides the common ones) is declared on the entry
+as a :class:`Param`, with its type and range: ``train.loss_params`` is checked against them when
+the config loads (:func:`raykd.losses.objective.validate_params`), before any work, and a loss
+whose declared parameters differ from its signature is refused at registration.
+
 Feature (intermediate-layer) losses live in the same registry with ``kind="features"``: they
 read the student's and the teacher's :class:`~raykd.losses.features.Features` instead of logits
 (signature in :mod:`raykd.losses.features`).
@@ -16,8 +21,10 @@ read the student's and the teacher's :class:`~raykd.losses.features.Features` in
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
@@ -25,6 +32,72 @@ from torch import Tensor
 LossFn = Callable[..., Tensor]
 FORMS = ("sparse", "dense")
 KINDS = ("logits", "features")
+COMMON_ARGS = frozenset({"targets", "labels", "temperature", "layer_map", "projections", "intervened"})
+"""Keyword arguments every loss of a kind receives from the objective (not hyper-parameters)."""
+PARAM_TYPES = (float, int, bool, str, list)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyper-parameter of a registered loss (``train.loss_params.<loss>.<name>``).
+
+    Attributes:
+        type: ``float``; ``int`` (a whole number); ``bool`` (true/false or 1/0); ``str`` (one of
+            ``choices``; Python callers only, a config value is a number); ``list`` (Python callers
+            only, e.g. UHC's class blocks, which the recipe fills in).
+        low, high: bounds (None: unbounded); inclusive unless ``low_open`` / ``high_open``.
+        choices: the valid values of a ``str``; for a number, values valid outside the bounds
+            too (DIITO's ``max_tokens=-1``, no cap).
+        optional: None is valid (the loss then picks the value, e.g. from the layer map).
+        meaning: what the value means, shown with a value out of range.
+    """
+
+    type: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[Any, ...] = ()
+    optional: bool = False
+    meaning: str = ""
+
+    def describe(self) -> str:
+        """The valid values in words, e.g. ``a number in [0, 1]`` or ``a whole number >= 1``."""
+        if self.type is str:
+            return f"one of {list(self.choices)}"
+        if self.type is bool:
+            return "true or false (1 or 0)"
+        if self.type is list:
+            return "a list"
+        what = {float: "a number", int: "a whole number"}[self.type]
+        lo, hi = self.low, self.high
+        if lo is not None and hi is not None:
+            what += f" in {'(' if self.low_open else '['}{lo:g}, {hi:g}{')' if self.high_open else ']'}"
+        elif lo is not None:
+            what += f" {'>' if self.low_open else '>='} {lo:g}"
+        elif hi is not None:
+            what += f" {'<' if self.high_open else '<='} {hi:g}"
+        extra = [*(repr(c) for c in self.choices), *(["None"] if self.optional else [])]
+        return what + (f", or {' or '.join(extra)}" if extra else "")
+
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` has this parameter's type and lies in its range."""
+        if value is None:
+            return self.optional
+        if self.type is str:
+            return value in self.choices
+        if self.type is list:
+            return isinstance(value, (list, tuple))
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if self.type is bool:
+            return isinstance(value, bool) or is_number and value in (0, 1)
+        if not is_number or self.type is int and not float(value).is_integer():
+            return False
+        if value in self.choices:
+            return True
+        lo_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        hi_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return lo_ok and hi_ok
 
 
 @dataclass(frozen=True)
@@ -51,6 +124,8 @@ class LossSpec:
         interventions: a feature loss that reads the outputs of an interchange-intervened
             second forward of student and teacher (:class:`~raykd.losses.features.Intervened`,
             made by the shared step; DIITO); it needs the teacher online.
+        params: its hyper-parameters by name, with types and ranges (:class:`Param`); exactly
+            the keyword-only arguments of ``fn`` besides :data:`COMMON_ARGS`.
     """
 
     name: str
@@ -63,6 +138,7 @@ class LossSpec:
     projections: tuple[str, ...] = ()
     modules: Callable[..., Any] | None = None
     interventions: bool = False
+    params: Mapping[str, Param] = field(default_factory=dict)
 
 
 class UnknownLossError(KeyError):
@@ -86,6 +162,7 @@ def register_loss(
     projections: tuple[str, ...] = (),
     modules: Callable[..., Any] | None = None,
     interventions: bool = False,
+    params: Mapping[str, Param] | None = None,
 ) -> Callable[[LossFn], LossFn]:
     """Decorator that registers a loss function under ``name``.
 
@@ -97,13 +174,15 @@ def register_loss(
         description: one line for listings.
         kind, attention, projections, modules, interventions: see :class:`LossSpec`; a feature loss has ``forms=()``
             and ``needs_teacher=True`` (it needs the teacher's features, not its targets).
+        params: the hyper-parameters with types and ranges (:class:`Param`), one per keyword-only
+            argument of the function besides :data:`COMMON_ARGS`.
 
     Returns:
         The decorator; it returns the function unchanged.
 
     Raises:
-        ValueError: ``name`` is already registered, or ``forms`` is invalid or does not
-            agree with ``needs_teacher``.
+        ValueError: ``name`` is already registered, ``forms`` is invalid or does not agree with
+            ``needs_teacher``, or ``params`` does not declare exactly the function's hyper-parameters.
     """
     forms = tuple(forms) if forms is not None else (FORMS if kind == "logits" else ())
     if name in _REGISTRY:
@@ -118,9 +197,16 @@ def register_loss(
         raise ValueError(f"loss {name!r}: a logit loss needs a teacher exactly when it accepts target forms, "
                          "and has no attention, projections, modules or interventions")
 
+    declared = dict(params or {})
+
     def decorate(fn: LossFn) -> LossFn:
+        signature = inspect.signature(fn).parameters
+        wanted = sorted(k for k, p in signature.items() if p.kind is p.KEYWORD_ONLY and k not in COMMON_ARGS)
+        if wanted != sorted(declared) or any(p.type not in PARAM_TYPES for p in declared.values()):
+            raise ValueError(f"loss {name!r}: declare params={{name: Param(...)}} for exactly its hyper-parameters "
+                             f"{wanted} (declared {sorted(declared)}; types {PARAM_TYPES})")
         _REGISTRY[name] = LossSpec(name, fn, forms, needs_teacher, description, kind, attention, tuple(projections),
-                                   modules, interventions)
+                                   modules, interventions, declared)
         return fn
 
     return decorate

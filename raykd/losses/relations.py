@@ -15,10 +15,11 @@ from torch import Tensor, nn
 
 from raykd.losses.features import Features, LayerMap, masked_token_mean, relation_kl, scaled_relation, split_heads
 from raykd.losses.hidden import _check_heads
-from raykd.losses.registry import register_loss
+from raykd.losses.registry import Param, register_loss
 
 
 @register_loss("minilm", kind="features", attention=True,
+               params={"value_relation": Param(bool, meaning="add the value-value relation to the attention KL")},
                description="KL of last-layer attention distributions + value relations (MiniLM, Wang et al. 2020)")
 def minilm(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],
            value_relation: bool = True) -> Tensor:
@@ -52,6 +53,10 @@ def minilm(student: Features, teacher: Features, *, layer_map: LayerMap, project
 
 
 @register_loss("minilmv2", kind="features", attention=True,
+               params={"relation_heads": Param(int, low=1, meaning="heads the concatenated queries, keys and values are split "
+                                                                  "into; it must also divide both models' widths"),
+                       "teacher_layer": Param(int, low=0, optional=True,
+                                              meaning="teacher block matched; None: the layer map's last pair")},
                description="KL of Q-Q, K-K, V-V self-relations over relation heads (MiniLMv2, Wang et al. 2021)")
 def minilmv2(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],
              relation_heads: int = 12, teacher_layer: int | None = None) -> Tensor:
@@ -103,6 +108,8 @@ def _pair_mask(token_mask: Tensor) -> Tensor:
 
 
 @register_loss("ckd", kind="features",
+               params={"word_weight": Param(float, low=0, meaning="weight of the word-relation term"),
+                       "layer_weight": Param(float, low=0, meaning="weight of the layer-transforming term")},
                description="Huber loss on word relations and layer-transforming relations (CKD, Park et al. 2021)")
 def ckd(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],
         word_weight: float = 1.0, layer_weight: float = 1.0) -> Tensor:
@@ -146,6 +153,7 @@ def _spans(h: Tensor, mask: Tensor, span: int) -> tuple[Tensor, Tensor]:
 
 
 @register_loss("mgskd", kind="features",
+               params={"span": Param(int, low=1, meaning="tokens per span window")},
                description="Huber loss on token, span and sample relations (MGSKD, Liu et al. 2022)")
 def mgskd(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],
           span: int = 4) -> Tensor:

@@ -46,6 +46,12 @@ class CacheError(RuntimeError):
     """A cache folder is incomplete, corrupt, or was made for other settings."""
 
 
+def repair_advice(cache_dir: str) -> str:
+    """The way out of a damaged part, for error messages: ``raykd cache repair`` on the folder."""
+    return (f"run `raykd cache repair {cache_dir}` (it moves the damaged part aside, deleting nothing), then the "
+            "same command again: it relabels only that part")
+
+
 @dataclass(frozen=True)
 class CacheKey:
     """Everything that changes the content of a soft-label cache."""
@@ -204,17 +210,17 @@ def read_entry(cache_dir: str, part: str, key: CacheKey | None = None) -> dict[s
     try:
         entry = storage.read_json(where)
     except Exception as e:  # noqa: BLE001
-        raise CacheError(f"the ledger entry {where} is unreadable ({e}); delete it to relabel that part") from None
+        raise CacheError(f"the ledger entry {where} is unreadable ({e}); {repair_advice(cache_dir)}") from None
     if key is not None and entry.get("key") != key.digest():
         raise CacheError(f"the ledger entry {where} was written for cache key {entry.get('key')}, not {key.digest()} "
-                         "(a part ledger from another cache); move it out of this cache folder")
+                         f"(a part ledger from another cache); {repair_advice(cache_dir)}")
     if entry.get("file"):
         shard = storage.join(cache_dir, entry["file"])
         info = storage.file_info(shard)
         if not info.is_file or info.size != entry["bytes"]:
             got = f"{info.size} bytes" if info.is_file else "missing"
             raise CacheError(f"part {entry['part_id']} is corrupt: its shard {shard} is {got}, its ledger entry says "
-                             f"{entry['bytes']} bytes; delete {where} (and the shard) and run again to relabel that part")
+                             f"{entry['bytes']} bytes; {repair_advice(cache_dir)}")
     return entry
 
 
@@ -294,16 +300,16 @@ def open_cache(folder: Any, expect: CacheKey | None = None, *, deep: bool = Fals
         path = storage.join(folder, shard["file"])
         info = storage.file_info(path)
         if not info.is_file:
-            raise CacheError(f"shard {path} listed in the manifest is missing; delete its ledger entry to relabel its part")
+            raise CacheError(f"shard {path} listed in {storage.join(folder, MANIFEST)} is missing; {repair_advice(folder)}")
         if info.size != shard["bytes"]:
-            raise CacheError(f"shard {path} is {info.size} bytes, the manifest says {shard['bytes']}: it is corrupt or "
-                             "was changed; delete it and its ledger entry, and run again to relabel that part")
+            raise CacheError(f"shard {path} is {info.size} bytes, {storage.join(folder, MANIFEST)} says {shard['bytes']}: "
+                             f"it is corrupt or was changed; {repair_advice(folder)}")
         if deep:
             try:
                 with storage.open_input(path) as f:
                     pq.read_metadata(f)
             except Exception as e:
-                raise CacheError(f"shard {path} is not readable Parquet ({e}); delete it and its ledger entry to relabel") from e
+                raise CacheError(f"shard {path} is not readable Parquet ({e}); {repair_advice(folder)}") from e
     return manifest
 
 

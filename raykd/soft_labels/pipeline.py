@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,10 +42,9 @@ from raykd.soft_labels.schema import encode_batch, soft_label_schema
 
 log = logging.getLogger(__name__)
 
-# Ray Data 2.60 takes the labeler actors' ``max_restarts`` / ``max_task_retries`` (what lets a killed
-# labeler come back without losing its part) only through ``**ray_remote_args``, which it warns is
-# deprecated; there is no named parameter yet, so the warning says nothing a user can act on.
-warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+# A killed labeler comes back without losing its part: Ray Data's actor pool restarts its actors and
+# retries their tasks by default (``max_restarts=-1``, ``max_task_retries=-1``), so nothing is passed
+# through ``**ray_remote_args`` (deprecated, removed in Ray 2.64); ``runtime_env`` is a named parameter.
 
 LABELER_MEMORY = 600 * 2**20
 """Bytes of memory each labeler actor reserves from Ray's scheduler: measured about 460 MiB on
@@ -79,6 +77,11 @@ class Selection:
             return {"split": "all", "perturb": [self.perturb_share, self.perturb_seed] if self.perturb_share else None}
         return {"split": self.split, "splits": dict(self.splits), "seed": self.seed, "sample": self.sample,
                 "perturb": [self.perturb_share, self.perturb_seed] if self.perturb_share else None}
+
+    def expected_share(self) -> float:
+        """The share of a part's documents this selection is expected to keep (the hash split's
+        fraction times the sample; 1 for every document)."""
+        return 1.0 if self.split is None else dict(self.splits).get(self.split, 0.0) * self.sample
 
     def mask(self, doc_ids: np.ndarray) -> np.ndarray:
         if self.split is None:
@@ -174,7 +177,7 @@ class _PartLabeler:
                                seconds=time.perf_counter() - start)
             stats[n] = {"docs": len(ids), "rows": entry["rows"], "tokens": entry["tokens"], "calls": len(pending[n])}
             tokens += entry["tokens"]
-        self.progress.add(len(rows["doc_id"]), tokens=tokens)
+        self.progress.add(sum(s["docs"] for s in stats.values()), tokens=tokens)  # the documents labeled
         return stats
 
 
@@ -207,17 +210,16 @@ def label_parts(parts: list[PartSpec], todo: dict[str, list[str]], targets: dict
     if not rows:
         return totals
     labelers = max(1, min(labels.num_labelers, len(rows)))
-    with console.progress("labeling", total=sum(spec.rows for spec in parts if spec.digest() in todo), unit="doc",
-                          rate_of="tokens") as progress:
+    expected = sum(spec.rows * sum(targets[n].selection.expected_share() for n in todo[spec.digest()])
+                   for spec in parts if spec.digest() in todo)  # the documents to label (the bar ends at the count)
+    with console.progress("labeling", total=round(expected), unit="doc", rate_of="tokens", estimate=True) as progress:
         ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
             _PartLabeler,
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=labelers),
             num_cpus=0.1,
             memory=LABELER_MEMORY,
-            max_restarts=2,
-            max_task_retries=2,
-            **storage.remote_args(),  # the labelers read parts and write shards by location
+            **storage.remote_args(),  # runtime_env: the labelers read parts and write shards by location
             fn_constructor_kwargs={
                 "app_name": app_name, "targets": targets, "data": data, "k": labels.k, "temperature": labels.temperature,
                 "vocab_size": vocab_size, "tokenizer_path": tokenizer_path, "batch_size": labels.batch_size,
@@ -298,8 +300,6 @@ def live_label_rows(parts: list[PartSpec], todo: dict[str, list[str]], targets: 
         compute=ray.data.ActorPoolStrategy(size=max(1, min(labels.num_labelers, len(todo) or 1))),
         num_cpus=0.1,
         memory=LABELER_MEMORY,
-        max_restarts=2,
-        max_task_retries=2,
         **storage.remote_args(),
         fn_constructor_kwargs={
             "train": train, "columns": columns,

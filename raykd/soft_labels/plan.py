@@ -27,6 +27,7 @@ from raykd.data.sources import (
     source_identity,
 )
 from raykd.models import (
+    check_local_model,
     load_tokenizer,
     resolve_model_path,
     tokenizer_fingerprint,
@@ -78,13 +79,19 @@ class Plan:
 
     def _settle(self, cfg: DistillConfig) -> None:
         self.cfg = cfg
+        for setting, name in (("teacher.model", cfg.teacher.model), ("student.model", cfg.student.model),
+                              *((f"extra_teachers[{i}].model", t.model) for i, t in enumerate(cfg.extra_teachers))):
+            check_local_model(name, setting)  # a missing local path fails here, never at the hub
         root = cfg.labels.cache_dir or str(default_cache_root() / "soft_labels")
-        storage.check(root, setting="labels.cache_dir")  # a missing filesystem or bucket fails here
+        for setting, location in (("labels.cache_dir", root), ("data.path", cfg.data.path),
+                                  ("train.checkpoint_dir", cfg.train.checkpoint_dir)):
+            if location == root or location and storage.is_uri(location):  # missing filesystem, bucket or
+                storage.check(location, setting=setting)                   # credentials: fails here, bounded
         self.cache_root = root if storage.is_uri(root) else str(Path(root).expanduser())
         parts = plan_parts(cfg.data)
         self.sources: dict[str, tuple[DataConfig, list[PartSpec]]] = {"train": (cfg.data, parts), "eval": (cfg.data, parts)}
         self.selections = {split: Selection.of(split, cfg.data) for split in ("train", "eval")}
-        self.teacher_path = resolve_model_path(cfg.teacher.model)
+        self.teacher_path = resolve_model_path(cfg.teacher.model, setting="teacher.model")
         self.engine = resolve_engine(cfg.teacher)
         check_engine_request(self.engine, cfg.teacher, k=cfg.labels.k, temperature=cfg.labels.temperature)
         tokenizer = load_tokenizer(self.teacher_path)
@@ -191,7 +198,7 @@ def _check_layer_drops(cfg: DistillConfig, teacher_config) -> None:
     from raykd.students.build import check_keep_layers
 
     if cfg.student.init == "layer_drop" and cfg.student.init_from is None:
-        source = _model_config(resolve_model_path(cfg.student.model)) if cfg.student.model else teacher_config
+        source = _model_config(resolve_model_path(cfg.student.model, setting="student.model")) if cfg.student.model else teacher_config
         check_keep_layers(cfg.student.keep_layers, source.num_hidden_layers, "student.keep_layers",
                           "the student's source model" if cfg.student.model else "the teacher")
     for i, assistant in enumerate(cfg.chain.assistants if cfg.chain is not None else []):
@@ -222,7 +229,7 @@ def _feature_layer_map(cfg: DistillConfig, teacher_config):
         keep, student_layers = (origin["keep_layers"] if same else None), source.num_hidden_layers
     else:
         from_teacher = s.init == "layer_drop" and not s.model
-        source = teacher_config if from_teacher else _model_config(resolve_model_path(s.model))
+        source = teacher_config if from_teacher else _model_config(resolve_model_path(s.model, setting="student.model"))
         student_layers = len(s.keep_layers) if s.init == "layer_drop" else source.num_hidden_layers
         keep = s.keep_layers if from_teacher else None
     try:
@@ -243,7 +250,7 @@ def _check_sampling_length(cfg: DistillConfig, teacher_config) -> None:
     length = cfg.on_policy.prompt_tokens + cfg.on_policy.max_new_tokens
     models = {"teacher": teacher_config}
     if cfg.student.init == "pretrained" or cfg.student.model:
-        models["student"] = _model_config(resolve_model_path(cfg.student.model))
+        models["student"] = _model_config(resolve_model_path(cfg.student.model, setting="student.model"))
     for who, config in models.items():
         context = getattr(config, "max_position_embeddings", None)
         if context is not None and length > context:
@@ -277,7 +284,7 @@ def _check_student_tokenizer(cfg: DistillConfig, teacher_tok_fp: str, teacher_vo
         raise ValueError("student.init=pretrained needs student.model")
     if cfg.student.model is None:  # a layer-dropped copy of the teacher
         return False
-    path = resolve_model_path(cfg.student.model)
+    path = resolve_model_path(cfg.student.model, setting="student.model")
     try:
         check_same_vocabulary(teacher_tok_fp, tokenizer_fingerprint(load_tokenizer(path)), teacher_vocab, _vocab_size(path))
     except VocabularyMismatchError as e:
@@ -311,6 +318,7 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[str, Manifest]], dic
     stats: dict[str, Any] = {"hit": not missing, "teacher_calls": 0, "label_s": 0.0, "teacher": None, "parts": {}}
     if not missing:
         release_teacher(plan)
+        _remove_old_partial_folders(plan.cache_root)  # on a hit too: nothing else would clear them
         print("soft labels found in the cache (" + ", ".join(f"{s} {m.rows:,} rows" for s, (_, m) in caches.items())
               + f"): no teacher calls; {caches['train'][0]}")
         return caches, stats

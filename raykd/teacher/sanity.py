@@ -37,6 +37,9 @@ def check_teacher_perplexity(score, tokenizer: Any, texts: list[str], *, seq_len
 
     The texts are cut into blocks exactly as the labeling pipeline cuts them
     (:func:`raykd.data.blocks.tokenize_to_blocks`, BOS prepended where the tokenizer has one).
+    Above ``limit`` the blocks are scored once more the other way (:func:`bos_comparison`): the
+    warning then says whether the BOS token is the cause (the teacher does much better the other
+    way) or the teacher itself is weak (no better either way).
 
     Args:
         score: ``(input_ids [B, T], attention_mask [B, T]) -> score answer`` (the teacher's
@@ -57,13 +60,45 @@ def check_teacher_perplexity(score, tokenizer: Any, texts: list[str], *, seq_len
         return None
     out = score(blocks["input_ids"], blocks["attention_mask"])
     ppl = perplexity(np.asarray(out["label_logprobs"]), blocks["loss_mask"])
-    bos = getattr(tokenizer, "bos_token", None)
-    if ppl > limit:
-        log.warning("the teacher's perplexity on %d of this run's documents is %.0f (above %.0f): it is probably "
-                    "scored wrong. %s Check teacher.model and its tokenizer before trusting these soft labels.",
-                    len(blocks["input_ids"]), ppl, limit,
-                    f"Its blocks start with the BOS token {bos!r}." if bos else
-                    "Its tokenizer has no BOS token: a model trained with one scores badly without it.")
-    else:
+    if ppl <= limit:
         log.info("teacher perplexity on %d documents of the run: %.1f", len(blocks["input_ids"]), ppl)
+        return ppl
+    what, as_labeled, other = bos_comparison(score, tokenizer, blocks, np.asarray(out["label_logprobs"]))
+    if other < as_labeled / 2:
+        cause = (f"it scores {other:.0f} {what} against {as_labeled:.0f} as labeled: the BOS token is the cause; "
+                 "fix the tokenizer's bos_token (and add_bos_token) in the teacher's folder")
+    else:
+        cause = (f"{what} it scores {other:.0f} (as labeled {as_labeled:.0f}): the BOS token is not the cause, the "
+                 "teacher itself predicts this text badly (an untrained, layer-dropped or mismatched model?)")
+    log.warning("the teacher's perplexity on %d of this run's documents is %.0f (above %.0f); %s. Check "
+                "teacher.model before trusting these soft labels.", len(blocks["input_ids"]), ppl, limit, cause)
     return ppl
+
+
+def bos_comparison(score, tokenizer: Any, blocks: dict[str, np.ndarray], label_logprobs: np.ndarray) -> tuple[str, float, float]:
+    """Score ``blocks`` once more with the BOS the other way, on the same predicted tokens.
+
+    Blocks that start with the tokenizer's BOS are scored without it; otherwise the EOS token
+    (which a tokenizer that lost its BOS often had as one) is prepended.
+
+    Args:
+        score, tokenizer: as for :func:`check_teacher_perplexity`.
+        blocks: the checked blocks (``input_ids``, ``attention_mask``, ``loss_mask``, ``[B, T]``).
+        label_logprobs: ``[B, T]`` the teacher's answer on ``blocks`` as they are.
+
+    Returns:
+        ``(what was changed, in words; perplexity as labeled; perplexity the other way)``, both
+        over the same next tokens.
+    """
+    ids, am, lm = blocks["input_ids"], blocks["attention_mask"], blocks["loss_mask"]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and (ids[:, 0] == bos).all():  # drop it: position t + 1 now sits at t
+        other = np.asarray(score(ids[:, 1:], am[:, 1:])["label_logprobs"])
+        return (f"without its BOS token {tokenizer.bos_token!r}", perplexity(label_logprobs[:, 1:], lm[:, 1:]),
+                perplexity(other, lm[:, 1:]))
+    eos = getattr(tokenizer, "eos_token_id", None)
+    prefix = np.full((len(ids), 1), 0 if eos is None else eos, dtype=ids.dtype)
+    other = np.asarray(score(np.concatenate([prefix, ids], 1), np.concatenate([np.ones_like(prefix, dtype=am.dtype), am], 1))
+                       ["label_logprobs"])
+    what = f"with {getattr(tokenizer, 'eos_token', None)!r} prepended as a BOS (its tokenizer has none)"
+    return what, perplexity(label_logprobs, lm), perplexity(other[:, 1:], lm)

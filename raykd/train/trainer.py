@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from raykd.train.loop import (
     LoopConfig,
     train_loop_per_worker,
 )
+from raykd.train.failures import training_failure
 from raykd.train.parallel import SHARDED_DIR, export_sharded
 
 log = logging.getLogger(__name__)
@@ -157,12 +159,34 @@ def check_training_resources(cfg: TrainConfig, name: str, wait_s: float = 30.0) 
         return
     have = ", ".join(f"{r}: needs {n:g}, cluster has {total.get(r, 0.0):g}, Serve replicas hold {serve_held.get(r, 0.0):g}"
                      for r, n in never.items())
+    fits = fitting_overrides(cfg, total.get("CPU", 0.0), serve_held.get("CPU", 0.0)) if set(never) == {"CPU"} else []
     raise InsufficientResourcesError(
         f"cannot train student {name!r} ({have}; {cfg.num_workers} worker(s) x {cfg.cpus_per_worker:g} CPU + "
-        f"{DATA_CPUS:g} CPU to read the soft-label cache). Serve applications running: {_serve_apps()}. Stop a "
-        "teacher you do not need (`raykd teacher down NAME`), give teachers fewer (`teacher.num_cpus`), lower "
+        f"{DATA_CPUS:g} CPU to read the soft-label cache). Serve applications running: {_serve_apps()}. "
+        + (f"It fits with {' or '.join(fits)}. " if fits else "")
+        + "Stop a teacher you do not need (`raykd teacher down NAME`), give teachers fewer (`teacher.num_cpus`), lower "
         "`train.cpus_per_worker` / `train.num_workers`, or start Ray with more (`ray.num_cpus`). The soft-label "
         "caches are written; a rerun reuses them.")
+
+
+def fitting_overrides(cfg: TrainConfig, total_cpus: float, serve_cpus: float) -> list[str]:
+    """The overrides that make a run's CPUs fit beside what Serve replicas hold: the largest
+    ``train.cpus_per_worker`` that fits (when at least 0.25 does: a worker's reservation is
+    logical, its torch threads use the node's cores), and the ``ray.num_cpus`` of a local Ray
+    that holds both.
+
+    Args:
+        cfg: the run's train settings.
+        total_cpus: the cluster's CPUs.
+        serve_cpus: the CPUs running Serve replicas (teachers) hold.
+    """
+    out = []
+    spare = total_cpus - serve_cpus - DATA_CPUS
+    if cfg.num_workers and spare / cfg.num_workers >= 0.25:
+        out.append(f"`train.cpus_per_worker={math.floor(spare / cfg.num_workers * 100) / 100:g}`")
+    need = serve_cpus + cfg.num_workers * cfg.cpus_per_worker + DATA_CPUS
+    out.append(f"`ray.num_cpus={math.ceil(need - 1e-9)}` (a local Ray)")
+    return out
 
 
 def _short(need: dict[str, float], have: dict[str, float]) -> dict[str, float]:
@@ -258,7 +282,8 @@ def train_student(
 
     Raises:
         InsufficientResourcesError: the cluster cannot give the run its workers (before training).
-        ray.train.TrainingFailedError: a worker failed more than ``cfg.max_failures`` times.
+        raykd.train.failures.TrainingFailed: a worker failed more than ``cfg.max_failures`` times;
+            one line naming its error, the last checkpoint's step and that a rerun resumes.
     """
     from ray.train import (
         CheckpointConfig,
@@ -266,6 +291,7 @@ def train_student(
         FailureConfig,
         RunConfig,
         ScalingConfig,
+        TrainingFailedError,
     )
     from ray.train.torch import TorchTrainer
 
@@ -327,7 +353,11 @@ def train_student(
         dataset_config=DataConfig(execution_options=_ordered_ingest()),
     )
     start = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as e:  # one line on the console; the worker's traceback goes to raykd.log
+        raise training_failure(name, e, storage.join(str(storage_path), name), max_steps=cfg.max_steps,
+                               max_failures=cfg.max_failures) from e
     seconds = time.perf_counter() - start
     if result.checkpoint is None:
         raise RuntimeError(f"student {name} finished without a checkpoint")

@@ -30,6 +30,7 @@ def test_distill_console_is_short_and_logs_go_to_the_output_dir(ray_start, tiny_
     assert any(line.startswith("student_kd: 100%") and "2/2" in line for line in lines), console
     assert "raykd distill: tiny" in out and f"{out_dir / 'logs'}/" in out
     assert "Traceback" not in console and "(RayTrainWorker" not in console and "INFO" not in console
+    assert "deprecated" not in console.lower()  # Ray Data's ray_remote_args, Ray Train's exclude_resources
 
     log = (out_dir / "logs" / "raykd.log").read_text()
     assert "INFO raykd." in log and "labeling 1 of 1 parts for" in log

@@ -69,10 +69,13 @@ def _one(pids: list[int]) -> int | None:
     return pids[0] if len(pids) == 1 else None
 
 
-def test_a_killed_train_worker_resumes_from_its_last_checkpoint(student_setup, monkeypatch):
-    """SIGKILL the one worker once the controller has registered a checkpoint: Ray Train restarts
-    it (``max_failures=1``), the run resumes from that checkpoint, and the finished history is one
-    timeline, steps 1..N each once, equal to a run that never failed."""
+def test_a_killed_train_worker_is_one_error_line_and_the_same_command_resumes(student_setup, monkeypatch):
+    """SIGKILL the one worker once the controller has registered a checkpoint, with the shipped
+    ``max_failures=0``: the run fails with one line naming the worker's error and the checkpoint's
+    step, saying the same command resumes. Running it again resumes from that checkpoint, and the
+    finished history is one timeline, steps 1..N each once, equal to a run that never failed."""
+    from raykd.train.failures import TrainingFailed
+
     # Ray Train's controller polls its workers (reports, liveness) every 2 s by default: poll every
     # 0.1 s so the checkpoint is registered, and the dead worker noticed, with most steps still to run.
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
@@ -81,14 +84,20 @@ def test_a_killed_train_worker_resumes_from_its_last_checkpoint(student_setup, m
                       ready=lambda: _registered_checkpoint_step(run_dir), timeout_s=300,
                       what="the first registered checkpoint")
     killer.start()
-    killed = _train(student_setup, "killed", max_failures=1)
+    with pytest.raises(TrainingFailed) as failed:
+        _train(student_setup, "killed", max_failures=0)
     victim = killer.join_checked()
-
     assert victim not in alive_actor_pids(TRAIN_WORKER_CLASS)
+    message = str(failed.value)
+    step = _registered_checkpoint_step(run_dir)
+    assert "\n" not in message and message.startswith("student killed: training failed: worker 0: "), message
+    assert message.endswith(f"the last checkpoint is step {step} of {MAX_STEPS}: the same command resumes from it "
+                            "(train.max_failures=1 or more restarts it automatically)"), message
+
+    killed = _train(student_setup, "killed", max_failures=0)  # the same command again
     steps = [row["step"] for row in killed.history]
     assert steps == list(range(1, MAX_STEPS + 1)), f"gap or repeat in the history after the restart: {steps}"
-    (resumed,) = killed.resumed_from  # one restart, from a registered checkpoint, before the end
-    assert resumed % CHECKPOINT_EVERY == 0 and CHECKPOINT_EVERY <= resumed < MAX_STEPS
+    assert killed.resumed_from == [step] and step % CHECKPOINT_EVERY == 0 and CHECKPOINT_EVERY <= step < MAX_STEPS
     # The surviving timeline trains as a run that never failed (local mode trains as one worker,
     # see tests/ray/test_train.py): the restored data position, optimizer and scheduler make the
     # steps retrained after the restart the same steps.
@@ -96,7 +105,7 @@ def test_a_killed_train_worker_resumes_from_its_last_checkpoint(student_setup, m
     assert straight.resumed_from == []
     maths = lambda row: {k: v for k, v in row.items() if not k.endswith("_s")}  # noqa: E731  (timings, e.g. data_s, differ)
     for a, b in zip(straight.history, killed.history, strict=True):
-        assert maths(b) == pytest.approx(maths(a), rel=1e-5), f"step {a['step']} differs after resuming at step {resumed}"
+        assert maths(b) == pytest.approx(maths(a), rel=1e-5), f"step {a['step']} differs after resuming at step {step}"
 
 
 def _score_args(vocab_size: int, batch: int, seq_len: int = 16, seed: int = 0):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -32,8 +34,13 @@ def test_first_run_labels_both_splits(first_run):
 
 
 def test_second_run_is_a_hit_that_asks_the_teacher_nothing(first_run):
+    from pathlib import Path
+
     cfg, _, caches, _ = first_run
+    stale = Path(cfg.labels.cache_dir) / "0123abcd.partial-1a2b3c4d"  # an old interrupted run's folder
+    (stale / "parts").mkdir(parents=True)
     again, stats = ensure_soft_labels(Plan(cfg))
+    assert not stale.exists()  # cleared on a hit too
     assert stats == {"hit": True, "teacher_calls": 0, "label_s": 0.0, "teacher": None, "parts": {}}  # no teacher involved
     assert running_teacher(cfg.teacher.name) is None  # never started
     assert {s: str(p) for s, (p, _) in again.items()} == {s: str(p) for s, (p, _) in caches.items()}
@@ -88,8 +95,6 @@ def test_a_given_cache_of_other_settings_is_refused_naming_the_field(first_run):
 
 
 def test_an_id_repeated_across_files_is_refused_before_any_teacher_call(ray_start, tiny_model, tmp_path, monkeypatch):
-    import json
-
     import raykd.data.sources
     from tests.conftest import make_corpus, tiny_distill_config
 
@@ -107,3 +112,28 @@ def test_an_id_repeated_across_files_is_refused_before_any_teacher_call(ray_star
     with pytest.raises(ValueError, match=repeated):
         ensure_soft_labels(Plan(cfg))
     assert running_teacher("dup-teacher") is None  # refused before the teacher started
+
+
+def test_a_null_id_found_in_a_ray_task_is_one_error_line(ray_start, tiny_model, tmp_path, capsys):
+    """The ids are checked in Ray tasks before the teacher starts; a null one reaches the console
+    as the task's own message, exit 2, without Ray's remote traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from raykd.cli import cli
+    from tests.conftest import make_corpus, tiny_distill_config
+
+    docs = make_corpus(12, seed=4)
+    ids = [d["id"] for d in docs]
+    ids[3] = None
+    pq.write_table(pa.table({"uid": ids, "text": [d["text"] for d in docs]}), tmp_path / "a.parquet")
+    cfg = tiny_distill_config(tiny_model, tmp_path / "a.parquet", tmp_path / "cache")
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "parquet", "id_column": "uid"}),
+                                 "teacher": cfg.teacher.model_copy(update={"name": "null-id-teacher"})})
+    config_file = tmp_path / "label.yaml"
+    config_file.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+    assert cli(["label", "--config", str(config_file)]) == 2
+    out, err = capsys.readouterr()
+    assert err == "error: a.parquet row 3: id column 'uid' is null; every row needs an id\n", err
+    assert "Traceback" not in out and running_teacher("null-id-teacher") is None

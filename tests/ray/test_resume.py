@@ -97,3 +97,40 @@ def test_killed_labeling_resumes_with_only_the_missing_parts(ray_start, tiny_mod
         np.testing.assert_array_equal(got["topk_ids"][real], want["topk_ids"][real])
         np.testing.assert_allclose(got["topk_logprobs"][real].astype(np.float32), want["topk_logprobs"][real].astype(np.float32),
                                    rtol=2 ** -10, atol=1e-6)  # one fp16 ulp
+
+
+def test_following_the_corrupt_shard_advice_relabels_only_that_part(tiny_labeled, tmp_path, capsys):
+    """A truncated shard in a finished cache (a copy of the shared tiny one): the error names
+    `raykd cache repair DIR`; running it and then the same command again relabels that one part
+    (the other split's part is not touched), and the cache is whole again."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    from raykd.cli import cli
+
+    cfg, _, caches, _ = tiny_labeled
+    shutil.copytree(Path(caches["train"][0]).parent, tmp_path / "cache")
+    cfg = cfg.model_copy(update={"labels": cfg.labels.model_copy(update={"cache_dir": str(tmp_path / "cache")})})
+    config_file = tmp_path / "label.yaml"
+    config_file.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+    train_dir = tmp_path / "cache" / Path(caches["train"][0]).name
+    ledgers = {p: p.read_bytes() for p in (tmp_path / "cache").glob("*/ledger/*.json")}  # both splits
+    rows_before = json.loads((train_dir / "manifest.json").read_text())["rows"]
+    (shard,) = train_dir.glob("parts/*.parquet")
+    shard.write_bytes(shard.read_bytes()[:-100])
+
+    assert cli(["label", "--config", str(config_file)]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"error: shard {shard} is ") and "Traceback" not in out + err
+    advice = re.search(r"run `(raykd cache repair [^`]+)`", err).group(1).split()
+    assert cli(advice[1:]) == 0
+    assert cli(["label", "--config", str(config_file)]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out[out.index("{\n"):])
+    assert report["parts"] == {"train": {"planned": 1, "done_before": 0, "labeled": 1}}, report
+    assert json.loads((train_dir / "manifest.json").read_text())["rows"] == rows_before  # nothing lost
+    bad_ledger = train_dir / "ledger" / f"{shard.stem}.json"
+    assert {p: b for p, b in ledgers.items() if p != bad_ledger} == {p: p.read_bytes() for p in ledgers if p != bad_ledger}
+    assert bad_ledger.read_bytes() != ledgers[bad_ledger]  # only the damaged part was written again
+    assert any((train_dir / "damaged").glob("*/parts/*.parquet"))  # the damaged shard was kept

@@ -95,7 +95,7 @@ def test_corrupt_part_is_named_and_kept(tmp_path):
     key, folder = _commit_two_parts(tmp_path)
     shard = tmp_path / key.digest() / "parts" / "p1.parquet"
     shard.write_bytes(shard.read_bytes()[:-10])
-    with pytest.raises(CacheError, match=r"part f:3-6 is corrupt.*delete .*p1\.json"):
+    with pytest.raises(CacheError, match=r"part f:3-6 is corrupt.*run `raykd cache repair .*` \(it moves the damaged part aside"):
         read_entry(folder, "p1", key)
     assert shard.exists() and (tmp_path / key.digest() / "ledger" / "p1.json").exists()
 
@@ -140,3 +140,42 @@ def test_partial_folders_of_the_old_layout_are_removed_and_reported(tmp_path, ca
     _remove_old_partial_folders(str(tmp_path))
     assert not (tmp_path / "abc.partial-1234abcd").exists() and (tmp_path / "finished").exists()
     assert "removed 1 unfinished cache folder" in capsys.readouterr().out
+
+
+def test_cache_verify_and_repair_move_only_the_damaged_part_aside(tmp_path, capsys):
+    from raykd.cli import cli
+
+    key, folder = _commit_two_parts(tmp_path)
+    finalize(folder, key, ["p0", "p1", "p2"], {}, 0.0)
+    assert cli(["cache", "verify", str(tmp_path)]) == 0  # a labels.cache_dir root: each cache under it
+    assert capsys.readouterr().out == f"{folder}: 3 committed part(s), finished\n"
+    shard = tmp_path / key.digest() / "parts" / "p1.parquet"
+    damaged = shard.read_bytes()[:-10]
+    shard.write_bytes(damaged)
+    (tmp_path / key.digest() / "parts" / "p7.parquet.1a2b.tmp").write_bytes(b"half")
+    with pytest.raises(CacheError, match=r"shard .*p1\.parquet is .* bytes, .*manifest\.json says .*run `raykd cache repair"):
+        open_cache(folder, expect=key)
+
+    assert cli(["cache", "verify", folder]) == 2
+    out, err = capsys.readouterr()
+    assert "part f:3-6 is corrupt" in out and "stray file" in out and "manifest.json describes a cache with 1 damaged" in out
+    assert err == (f"error: 1 damaged part(s) in 1 of 1 cache(s): run `raykd cache repair {folder}` (it moves them aside, "
+                   "deleting nothing), then the labeling command again\n")
+    assert cli(["cache", "repair", folder]) == 0
+    out = capsys.readouterr().out
+    assert out.count("  moved ") == 4 and "relabels only the parts moved aside" in out
+    assert done_parts(folder) == {"p0", "p2"} and not (tmp_path / key.digest() / "manifest.json").exists()
+    aside = next((tmp_path / key.digest() / "damaged").iterdir())  # nothing deleted: all of it is here
+    assert (aside / "parts" / "p1.parquet").read_bytes() == damaged and (aside / "ledger" / "p1.json").exists()
+    assert (aside / "manifest.json").exists() and (aside / "parts" / "p7.parquet.1a2b.tmp").read_bytes() == b"half"
+    assert cli(["cache", "verify", folder]) == 0 and "2 committed part(s), unfinished" in capsys.readouterr().out
+    read_entry(folder, "p0", key)  # the good parts are untouched and still pass
+    write_part(folder, key, "p1", _table(key, 1, real=5), part_id="f:3-6", doc_ids=["d1-0", "d1-1", "d1-2"])
+    assert finalize(folder, key, ["p0", "p1", "p2"], {}, 0.0).rows == 2 * B  # relabeling p1 finishes the cache
+
+
+def test_cache_verify_of_a_folder_without_a_cache_is_a_user_error(tmp_path, capsys):
+    from raykd.cli import cli
+
+    assert cli(["cache", "verify", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path} holds no soft-label cache")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from raykd import console
@@ -79,3 +81,89 @@ def test_a_uri_whose_filesystem_is_missing_is_a_user_error(capsys, tmp_path, cor
 def test_split_fractions_that_do_not_sum_to_one_are_a_user_error(capsys):
     code, _, err = _run(capsys, ["label", "data.splits={train: 0.7, eval: 0.2}"])
     assert code == 2 and "sum to 0.9" in err
+
+
+@pytest.mark.parametrize("method, setting, valid", [
+    ("gkd", "train.loss_params.generalized_jsd.beta=1.5", "a number in [0, 1]"),
+    ("distillm", "train.loss_params.skew_kl.alpha=1", "a number in [0, 1)"),
+    ("minilmv2_kd", "train.loss_params.minilmv2.relation_heads=0", "a whole number >= 1"),
+])
+def test_a_loss_hyper_parameter_out_of_range_fails_at_load_before_ray(capsys, tmp_path, method, setting, valid):
+    import sys
+
+    code, out, err = _run(capsys, ["distill", "--method", method, "--output-dir", str(tmp_path / "run"), setting])
+    key = setting.split("=")[0]
+    assert code == 2 and err.startswith("error: ") and f"{key}=" in err and f"it must be {valid}" in err, err
+    assert "Traceback" not in out + err and not (tmp_path / "run").exists()
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+@pytest.mark.parametrize("setting", ["teacher.model", "student.model"])
+def test_a_missing_local_model_path_is_not_found_and_never_reaches_the_hub(capsys, tmp_path, monkeypatch, setting):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    extra = ["student.init=pretrained"] if setting == "student.model" else []
+    for missing in (str(tmp_path / "no" / "model"), "models/teacher", "./teacher", "~/no-such-raykd-model"):
+        code, out, err = _run(capsys, ["label", f"{setting}={missing}", *extra])
+        where = Path(missing).expanduser()
+        assert code == 2 and err.startswith(f"error: not found: {where} ({setting}: "), err
+        assert "hub (" not in err and "Traceback" not in out + err
+
+
+def test_names_that_look_like_paths_are_paths_and_hub_ids_are_not(tmp_path, monkeypatch):
+    from raykd.models import looks_like_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for hub_id in ("gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct", "Qwen/Qwen2.5-0.5B"):
+        assert not looks_like_path(hub_id), hub_id
+    for path in ("/abs/model", "./m", "../m", "~/m", "a/b/c", "model.safetensors", "runs/student", "C:\\models\\m"):
+        assert looks_like_path(path), path
+
+
+@pytest.mark.parametrize("setting", ["labels.cache_dir=gs://no-such-raykd-bucket/cache",
+                                     "data.path=gs://no-such-raykd-bucket/corpus/*.jsonl"])
+def test_gs_without_credentials_fails_within_the_deadline(capsys, monkeypatch, tmp_path, corpus_jsonl, setting):
+    import time
+
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("RAYKD_STORAGE_TIMEOUT_S", "2")
+    start = time.monotonic()
+    code, out, err = _run(capsys, ["label", "data.source=jsonl", f"data.path={corpus_jsonl}", "data.id_column=id",
+                                   f"labels.cache_dir={tmp_path / 'cache'}", setting])
+    assert code == 2 and time.monotonic() - start < 10, err
+    assert err.startswith(f"error: {setting.split('=')[0]}='gs://no-such-raykd-bucket/") and "GOOGLE_APPLICATION_CREDENTIALS" in err
+    assert "Traceback" not in out + err and not (tmp_path / "cache").exists()
+
+
+def test_s3_with_bad_keys_or_an_unreachable_endpoint_fails_before_any_work(capsys, monkeypatch, tmp_path, s3_server):
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    monkeypatch.setenv("RAYKD_STORAGE_TIMEOUT_S", "3")
+    code, out, err = _run(capsys, ["label", f"labels.cache_dir={s3_server.uri('cache')}"])
+    assert code == 2 and err.startswith("error: labels.cache_dir='s3://") and "denied" in err and "AWS_SECRET_ACCESS_KEY" in err
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # nothing listens there
+    code, out2, err = _run(capsys, ["label", f"labels.cache_dir={s3_server.uri('cache')}"])
+    assert code == 2 and err.startswith("error: labels.cache_dir='s3://") and "AWS_ENDPOINT_URL" in err, err
+    monkeypatch.setenv("RAYKD_STORAGE_TIMEOUT_S", "soon")
+    code, out3, err = _run(capsys, ["label", f"labels.cache_dir={s3_server.uri('cache')}"])
+    assert code == 2 and err == "error: RAYKD_STORAGE_TIMEOUT_S='soon' must be a number of seconds above 0\n"
+    assert "Traceback" not in out + out2 + out3 + err
+
+
+def test_a_storage_probe_that_does_not_answer_is_bounded():
+    import threading
+    import time
+
+    from raykd import storage
+
+    release = threading.Event()
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="no answer within 0.2 s"):
+        storage._within(0.2, release.wait)
+    assert time.monotonic() - start < 1
+    release.set()
+    assert storage._within(1, lambda: 7) == 7
+    with pytest.raises(KeyError):
+        storage._within(1, lambda: {}["x"])

@@ -246,8 +246,22 @@ def test_the_teacher_perplexity_check_warns_on_an_implausible_teacher(pair, capl
     def uniform_over(v):  # a teacher that knows nothing: every next token has probability 1/v
         return lambda ids, am: {"label_logprobs": np.full(ids.shape, -math.log(v), dtype=np.float32)}
 
+    def good_unless_first_is(first_id, good=True):  # predicts well only when the block starts (or not) with first_id
+        return lambda ids, am: {"label_logprobs": np.where((ids[:, :1] == first_id) != good, -math.log(20), -math.log(5000))
+                                * np.ones(ids.shape, dtype=np.float32)}
+
+    def warning() -> str:
+        (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+        caplog.clear()
+        return record.getMessage()
+
     with caplog.at_level(logging.INFO, logger="raykd.teacher.sanity"):
         assert check_teacher_perplexity(uniform_over(50), tok, texts, seq_len=16) == pytest.approx(50, rel=1e-4)
         assert not [r for r in caplog.records if r.levelno == logging.WARNING]
         assert check_teacher_perplexity(uniform_over(5000), tok, texts, seq_len=16) == pytest.approx(5000, rel=1e-4)
-    assert any(r.levelno == logging.WARNING and "perplexity" in r.message for r in caplog.records)
+        assert "without its BOS token '<s>' it scores 5000 (as labeled 5000): the BOS token is not the cause" in warning()
+        check_teacher_perplexity(good_unless_first_is(tok.bos_token_id), tok, texts, seq_len=16)  # trained without a BOS
+        assert "it scores 20 without its BOS token '<s>' against 5000 as labeled: the BOS token is the cause" in warning()
+        tok.bos_token = None  # a tokenizer that lost its BOS, for a teacher trained with </s> first
+        check_teacher_perplexity(good_unless_first_is(tok.eos_token_id, good=False), tok, texts, seq_len=16)
+        assert "scores 20 with '</s>' prepended as a BOS (its tokenizer has none) against 5000 as labeled" in warning()

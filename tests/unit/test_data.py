@@ -267,6 +267,8 @@ def test_hf_saved_dataset_folder(tmp_path):
     assert docs == [Document("tiny_ds:0", "first"), Document("tiny_ds:2", "third")]
     keyed = load_documents(cfg("hf", folder, text_column="body", id_column="k"))
     assert [d.doc_id for d in keyed] == ["a", "c"]
+    with pytest.raises(ValueError, match=r"data\.hf_split='test' does not apply: .* one saved Dataset, without splits"):
+        load_documents(cfg("hf", folder, text_column="body", hf_split="test"))  # refused, not silently ignored
     with pytest.raises(ValueError, match=r"'text'.*'body'.*data\.text_column="):
         load_documents(cfg("hf", folder))
 

@@ -343,7 +343,7 @@ def test_one_step_lowers_diito_and_it_needs_the_teacher_online(kind):
 
 def test_diito_plan_is_checked_when_the_objective_is_built():
     lm = LayerMap(((0, 0), (1, 2)), 2, 4)
-    for bad, match in (({"alignment": "early"}, "alignment must be one of"), ({"interchange_prop": 0.0}, r"in \(0, 1\]"),
-                       ({"max_tokens": 0}, "max_tokens must be -1")):
+    for bad, match in (({"alignment": "early"}, r"alignment='early' .* one of \['full'"),
+                       ({"interchange_prop": 0.0}, r"in \(0, 1\]"), ({"max_tokens": 0}, "max_tokens=0 .* >= 1, or -1")):
         with pytest.raises(ValueError, match=match):
             Objective({"diito": 1.0}, {"diito": bad}, layer_map=lm)

@@ -139,6 +139,52 @@ def test_hyper_parameter_ranges():
         _loss("skew_kl", z, targets, alpha=1.0)
 
 
+def _outside(param) -> list:
+    """Values a declared hyper-parameter must refuse: the wrong type, just past each bound, NaN."""
+    if param.type is str:
+        return ["nope", 1.0]
+    if param.type is list:
+        return [1.0, "x"]
+    if param.type is bool:
+        return [0.5, 2, math.nan]
+    bad = [math.nan] + ([1.5] if param.type is int else [])
+    if param.low is not None:
+        bad.append(param.low if param.low_open else param.low - 0.5)
+    if param.high is not None:
+        bad.append(param.high if param.high_open else param.high + 0.5)
+    return [b for b in bad if b not in param.choices]
+
+
+def test_every_registered_loss_declares_its_hyper_parameters_with_types_and_ranges():
+    import inspect
+
+    from raykd.losses.objective import validate_params
+    from raykd.losses.registry import COMMON_ARGS
+
+    for name, spec in available_losses().items():
+        signature = inspect.signature(spec.fn).parameters
+        assert sorted(spec.params) == sorted(k for k, p in signature.items()
+                                             if p.kind is p.KEYWORD_ONLY and k not in COMMON_ARGS), name
+        for key, param in spec.params.items():
+            if signature[key].default != ():  # uhc_kl's blocks have no usable default
+                validate_params({name: {key: signature[key].default}}, [name])
+            assert param.type is str or param.type is list or param.low is not None or param.type is bool, (name, key)
+            for bad in _outside(param):
+                with pytest.raises(ValueError, match=rf"train\.loss_params\.{name}\.{key}=.* out of range: it must be "):
+                    validate_params({name: {key: bad}}, [name])
+
+
+def test_a_loss_that_does_not_declare_its_hyper_parameters_is_refused():
+    from raykd.losses.registry import register_loss
+
+    def loss(student_logits, *, targets, labels, temperature, gamma: float = 1.0):
+        return student_logits.sum(-1)
+
+    with pytest.raises(ValueError, match=r"exactly its hyper-parameters \['gamma'\] \(declared \[\]"):
+        register_loss("undeclared_gamma", description="a test loss")(loss)
+    assert "undeclared_gamma" not in available_losses()
+
+
 def test_forward_kl_temperature_scaling_by_hand():
     student, teacher, tau = _logits(), _logits(), 2.0
     p, q = torch.softmax(teacher / tau, -1), torch.softmax(student / tau, -1)

@@ -88,7 +88,7 @@ def test_register_method_refuses_unknown_features_and_duplicates():
     (["method=mixbaseline", "train.students={s: {forward_kl: 1, diito: 1, pkd: 1}}", "train.feature_teacher=cached"],
      "diito runs a second, intervened teacher forward.*train.feature_teacher=online"),
     (["method=mixbaseline", "train.students={s: {forward_kl: 1, diito: 1, pkd: 1}}",
-      "train.loss_params={diito: {interchange_prop: 2.0}}"], "interchange_prop .* in \\(0, 1\\]"),
+      "train.loss_params={diito: {interchange_prop: 2.0}}"], "interchange_prop=2.0 .* in \\(0, 1\\]"),
 ])
 def test_bad_method_configs_are_refused_at_load_time(overrides, message):
     with pytest.raises(ConfigError, match=message):
