@@ -535,12 +535,22 @@ def start_teacher(cfg: TeacherConfig, model_path: str) -> tuple[serve.handle.Dep
 
 
 def stop_teacher(name: str) -> None:
-    """Delete the teacher application ``name`` and its call counter (no error if it is not running)."""
+    """Delete the teacher application ``name`` and its call counter (no error if it is not running);
+    returns once the counter's name is free, so a new application of that name counts from zero."""
     try:
         serve.delete(name)
     except Exception:  # noqa: BLE001
         pass
+    import time
+
     try:
         ray.kill(ray.get_actor(counter_name(name), namespace=COUNTER_NAMESPACE))
     except ValueError:  # no counter: the application never started a replica
-        pass
+        return
+    deadline = time.monotonic() + 10.0  # ray.kill returns before the name is released
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(counter_name(name), namespace=COUNTER_NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.05)
