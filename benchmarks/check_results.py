@@ -136,15 +136,17 @@ def run_check(check: Check, run: Path, reuse: bool) -> tuple[dict[str, Any] | No
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
+    if isinstance(value, list):  # the sweep's (lambda, TA) picks
+        return " ".join(f"{lam:g}:{ta:g}" for lam, ta in value)
     return "-" if value is None else str(value)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     """A fixed-width table of the compared numbers."""
-    print(f"{'check':<9} {'metric':<34} {'committed':>20} {'now':>20} {'tol':>6}  ok")
+    print(f"{'check':<9} {'metric':<34} {'committed':>12} {'now':>12} {'tol':>6}  ok")
     for r in rows:
         tol = "exact" if r["tolerance"] is None else f"{r['tolerance']:.3f}"
-        print(f"{r['check']:<9} {r['metric']:<34} {_fmt(r['committed']):>20} {_fmt(r['now']):>20} {tol:>6}  {'yes' if r['ok'] else 'NO'}")
+        print(f"{r['check']:<9} {r['metric']:<34} {_fmt(r['committed']):>12} {_fmt(r['now']):>12} {tol:>6}  {'yes' if r['ok'] else 'NO'}")
 
 
 def main(argv: list[str] | None = None) -> int:
