@@ -282,6 +282,10 @@ class ClassifierTeacherConfig(Strict):
     batch_size: int = Field(default=16, ge=1)
     lr: float = Field(default=1e-4, gt=0)
     """AdamW learning rate of the fine-tuning."""
+    weight_decay: float = Field(default=0.01, ge=0)
+    """AdamW weight decay of the fine-tuning: 0.01 (torch's default, which the fine-tuning used
+    before it moved onto the shared step; without it the teacher keeps its accuracy but its
+    weights move, and every pruned TA and student with them: issue 29)."""
     freeze_embeddings: bool = True
     """Keep the word embeddings fixed (they are not pruned either; much faster on CPU)."""
     seed: int = 0

@@ -52,8 +52,7 @@ def finetune_key(cfg: ClassifierTeacherConfig, base: Path, train: Sequence[Docum
             "data": documents_fingerprint(train),
             "labels": list(labels),
             "seq_len": seq_len,
-            **cfg.model_dump(include={"steps", "batch_size", "lr", "freeze_embeddings", "seed"}),
-            "loop": "objective-v1",  # trained through raykd.train.local (CE through the shared Objective)
+            **cfg.model_dump(include={"steps", "batch_size", "lr", "weight_decay", "freeze_embeddings", "seed"}),
         },
         sort_keys=True,
     )
@@ -105,8 +104,9 @@ def finetune_classifier(
         if step % 10 == 0 or step == cfg.steps:
             log.info("fine-tune step %d/%d loss %.4f (%.0f s)", step, cfg.steps, metrics["loss"], time.time() - t0)
 
-    train_classifier(model, data, {"ce": 1.0}, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
-                     freeze_embeddings=cfg.freeze_embeddings, max_grad_norm=None, on_step=on_step)
+    train_classifier(model, data, {"ce": 1.0}, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                     weight_decay=cfg.weight_decay, seed=cfg.seed, freeze_embeddings=cfg.freeze_embeddings,
+                     max_grad_norm=None, on_step=on_step)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=root))
     model.save_pretrained(tmp)

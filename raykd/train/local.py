@@ -107,6 +107,7 @@ def train_classifier(
     steps: int,
     batch_size: int,
     lr: float,
+    weight_decay: float = 0.0,
     seed: int = 0,
     teacher: TeacherFn | None = None,
     freeze_embeddings: bool = False,
@@ -125,6 +126,7 @@ def train_classifier(
             et al. 2015) or ``{"ce": 1.0}`` (fine-tuning); zero weights are dropped.
         temperature: tau of the teacher terms.
         steps, batch_size, lr, seed: the budget, the seeded batch order and the learning rate.
+        weight_decay: AdamW's decoupled weight decay (0: none; torch's own default is 0.01).
         teacher: an online teacher (batch -> class logits ``[B, C]``) instead of the cached one.
         freeze_embeddings: leave the word embeddings out of the optimizer.
         max_grad_norm: gradient clipping (None: none).
@@ -145,7 +147,7 @@ def train_classifier(
     """
     objective = objective or Objective({n: w for n, w in weights.items() if w})
     params = trainable_parameters(student, freeze_embeddings) + list(objective.parameters())
-    optimizer, _ = build_optimizer(params, lr=lr)
+    optimizer, _ = build_optimizer(params, lr=lr, weight_decay=weight_decay)
     if groups is None:
         groups = ([b] for b in class_batches(data, batch_size, steps, seed, device_of(student)))
     history = run_steps(student, optimizer, lambda _tau: next(groups), lambda step: (objective, temperature), max_steps=steps,

@@ -206,15 +206,16 @@ def run_steps(
             the caller needs that).
         objective_at: 0-based step -> ``(objective, temperature)`` (a schedule, or constant).
         on_step: called after every step with the 1-based step and its metrics (and whatever
-            the caller adds to them, e.g. the learning rate).
+            the caller adds to them, e.g. the learning rate). It may evaluate the model: the
+            next step puts it back in training mode (dropout on).
         step_kwargs: passed to :func:`train_step` (``logits_fn``, ``scheduler``, ...).
 
     Returns:
         The metrics of every step run here, in order.
     """
     history = []
-    model.train()
     for step in range(start, max_steps):
+        model.train()  # every step: an on_step that evaluates (accuracy, held-out ppl) leaves it in eval mode
         objective, tau = objective_at(step)
         metrics = {**train_step(model, optimizer, next_group(tau), objective, tau, **step_kwargs), "temperature": tau}
         history.append(metrics)

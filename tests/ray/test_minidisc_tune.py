@@ -15,12 +15,13 @@ _TOPICS = {"sport": ["match", "goal", "team", "coach"], "money": ["bank", "share
 _FILLER = ["the", "a", "said", "on", "new", "day", "week", "today"]
 
 
-def make_labeled_docs(n: int = 66, seed: int = 0) -> list[Document]:
+def make_labeled_docs(n: int = 66, seed: int = 0, topic_share: float = 0.5) -> list[Document]:
+    """``n`` articles of 14 words, each a topic word with probability ``topic_share``, else filler."""
     rng = random.Random(seed)
     docs = []
     for i in range(n):
         topic = list(_TOPICS)[i % 3]
-        words = [rng.choice(_TOPICS[topic] if rng.random() < 0.5 else _FILLER) for _ in range(14)]
+        words = [rng.choice(_TOPICS[topic] if rng.random() < topic_share else _FILLER) for _ in range(14)]
         docs.append(Document(doc_id=f"{topic}/{i:03d}", text=" ".join(words), label=topic))
     return docs
 

@@ -134,3 +134,26 @@ def test_causal_lm_step_matches_the_objective_mean(tiny_model):
     got = train_step(model, opt, [batch], objective, 1.0)
     assert got["loss"] == pytest.approx(float(want), rel=1e-5)
     assert got["ce"] == pytest.approx(float(want), rel=1e-5) and got["positions"] == 22
+
+
+def test_an_evaluating_callback_does_not_turn_dropout_off():
+    """Issue 29: a callback that evaluates (``model.eval()``) between steps left the student in
+    eval mode for the rest of the phase, so training after the first report ran without dropout.
+    With dropout on, the student trained with an evaluation after every step must equal the one
+    trained without any."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    data = _class_data(12)
+    trained = []
+    for evaluate in (False, True):
+        torch.manual_seed(0)
+        cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                         max_position_embeddings=16, num_labels=3, hidden_dropout_prob=0.3)
+        model = BertForSequenceClassification(cfg)
+        on_step = (lambda _step, _m, model=model: accuracy(model, data)) if evaluate else None
+        torch.manual_seed(1)
+        train_classifier(model, data, {"forward_kl": 1.0}, temperature=2.0, steps=4, batch_size=4, lr=1e-2, on_step=on_step)
+        trained.append(model.state_dict())
+        assert not model.training  # left in eval mode at the end, as documented
+    plain, evaluated = trained
+    assert all(torch.equal(plain[k], evaluated[k]) for k in plain)

@@ -126,6 +126,9 @@ class MiniDiscConfig(Strict):
     """Optimizer steps of the sandwich student (all candidate sparsities trained at once)."""
     sandwich_random: int = Field(default=1, ge=0)
     """Random grid sparsities per step besides the smallest and the target (the sandwich rule)."""
+    sandwich_weight_decay: float = Field(default=0.01, ge=0)
+    """AdamW weight decay of the sandwich student: 0.01 (torch's default), as the sandwich had
+    before it moved onto the shared step; the KD phases use none."""
 
     @field_validator("lambda_sweep")
     @classmethod

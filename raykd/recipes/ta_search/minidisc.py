@@ -85,6 +85,7 @@ def sandwich_table(
     masks = {s: masks_for_sparsity(importance, s, *per) for s in grid}
     masker = Masker(student)
     rng = np.random.default_rng(kd.seed + 7)
+    torch.manual_seed(kd.seed + 7)  # dropout: the table must not depend on what ran before in the process
 
     def sandwich_groups():
         """Each step: one batch under the least sparse mask, the target's and random ones."""
@@ -93,8 +94,8 @@ def sandwich_table(
             yield [replace(b, context=lambda m=masks[float(s)]: masker.use(m)) for s in widths]
 
     train_classifier(student, splits["train"], kd.objective(), temperature=kd.temperature, steps=md.sandwich_steps,
-                     batch_size=kd.batch_size, lr=kd.lr, teacher=teacher_fn, freeze_embeddings=kd.freeze_embeddings,
-                     groups=sandwich_groups())
+                     batch_size=kd.batch_size, lr=kd.lr, weight_decay=md.sandwich_weight_decay, teacher=teacher_fn,
+                     freeze_embeddings=kd.freeze_embeddings, groups=sandwich_groups())
     masker.remove()
     table = []
     for s in grid:
