@@ -60,6 +60,18 @@ def class_batches(data: ClassData, batch_size: int, steps: int, seed: int,
         yield class_batch(data, idx, device)
 
 
+def epoch_budget(n_rows: int, batch_size: int, epochs: float | None, evals_per_epoch: int | None,
+                 steps: int, eval_every: int) -> tuple[int, int]:
+    """``(steps, eval_every)`` of a training on ``n_rows`` rows: ``ceil(epochs * N / batch_size)``
+    steps with ``evals_per_epoch`` checks per epoch, or (``epochs`` None) the fixed ``steps``
+    and ``eval_every``."""
+    if epochs is None:
+        return steps, eval_every
+    per_epoch = -(-n_rows // batch_size)
+    every = max(1, round(per_epoch / evals_per_epoch)) if evals_per_epoch else eval_every
+    return max(1, int(np.ceil(epochs * per_epoch))), every
+
+
 def balanced_indices(labels: np.ndarray, batch_size: int, steps: int, seed: int) -> Iterator[np.ndarray]:
     """``steps`` index arrays ``[batch_size]`` drawn class-balanced: each "epoch" of ``N`` rows
     takes ``N / C`` rows of each of the ``C`` classes present (a seeded permutation of the class,

@@ -134,14 +134,12 @@ class Task:
         return {**info, "reused": False}
 
     def budget(self, n_docs: int) -> tuple[int, int]:
-        """``(steps, eval_every)`` of a student on ``n_docs`` articles: ``epochs`` over them with
-        ``evals_per_epoch`` checks per epoch, or the fixed ``steps`` and ``eval_every``."""
+        """``(steps, eval_every)`` of a student on ``n_docs`` articles
+        (:func:`raykd.train.local.epoch_budget`)."""
+        from raykd.train.local import epoch_budget
+
         st = self.cfg.student
-        if st.epochs is None:
-            return st.steps, st.eval_every
-        per_epoch = -(-n_docs // st.batch_size)
-        every = max(1, round(per_epoch / st.evals_per_epoch)) if st.evals_per_epoch else st.eval_every
-        return max(1, int(np.ceil(st.epochs * per_epoch))), every
+        return epoch_budget(n_docs, st.batch_size, st.epochs, st.evals_per_epoch, st.steps, st.eval_every)
 
     def _selector(self, model, val, predict, steps: int, every: int) -> tuple[Any, dict[str, Any]]:
         """An ``on_step`` that scores the model on ``val`` every ``every`` steps (and at the
