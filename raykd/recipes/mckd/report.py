@@ -28,16 +28,17 @@ def results_table(results: dict[str, Any]) -> str:
     """The markdown table: one row per method, test metrics and the quality of what it learned from."""
     metrics = list(results["rows"][0]["test"])
     quality = metrics[0]
-    out = ["| row | " + " | ".join(_NAMES.get(m, m) for m in metrics) + f" | its training labels' {quality.replace('_', '-')} (unlabeled split, vs gold)"
-           " | wall s per seed |", "|---|" + "---|" * (len(metrics) + 2)]
+    out = ["| row | " + " | ".join(_NAMES.get(m, m) for m in metrics) + f" | 95% CI of the {_NAMES.get(metrics[0], metrics[0])}"
+           f" | its training labels' {quality.replace('_', '-')} (unlabeled split, vs gold) | wall s per seed |", "|---|" + "---|" * (len(metrics) + 3)]
     for r in results["rows"]:
-        wall = r.get("wall_s") or []
-        out.append(f"| {r['row']} | " + " | ".join(_cell(r["test"][m]) for m in metrics) + f" | {_cell(r['label_quality'].get(quality))} | "
-                   + (f"{np.mean(wall):.0f}" if wall else "-") + " |")
+        wall, ci = r.get("wall_s") or [], r.get("ci95")
+        out.append(f"| {r['row']} | " + " | ".join(_cell(r["test"][m]) for m in metrics) + f" | {'-' if not ci else f'{ci[0]:.3f} to {ci[1]:.3f}'} | "
+                   f"{_cell(r['label_quality'].get(quality))} | " + (f"{np.mean(wall):.0f}" if wall else "-") + " |")
     n, lab, costs = results["split_sizes"], results["labeler"], results["costs"]
     seeds = results["config"]["seeds"]
     out += ["", f"Test split: {n['test']} articles; {n['gold']} gold, {n['unlabeled']} unlabeled articles. Mean +/- std over seeds "
-            f"{seeds} (the LLM labeler is deterministic: one value). Labeler: {lab['model']}, {lab['shots']} shot(s)"
+            f"{seeds} (the LLM labeler is deterministic: one value); 95% CI: percentile bootstrap over the test articles of the "
+            f"score averaged over the seeds. Wall s: the row's students (a MCKD row: its stages too) and test predictions. Labeler: {lab['model']}, {lab['shots']} shot(s)"
             f"{' per class' if results['task'] == 'classification' else ''}, calibration {'on' if lab['calibrate'] else 'off'}"
             + (f" (chosen on {lab['held_out_gold']} held-out gold examples: "
                + ", ".join(f"{c['shots']} shots{' + cal' if c['calibrate'] else ''} {c['held_out']:.3f}" for c in lab["candidates"]) + "). "

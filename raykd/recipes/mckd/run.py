@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from raykd.data.documents import Document
 from raykd.recipes.mckd.config import MckdConfig
 from raykd.recipes.mckd.labels import LLMLabeler, class_histogram
@@ -163,12 +165,17 @@ class Rows:
     time, one value per seed."""
 
     def __init__(self, task: Task, truth: dict[str, PseudoLabels]):
-        self.task, self.truth, self.rows = task, truth, {}
+        self.task, self.truth, self.rows, self.items = task, truth, {}, {}
 
     def add(self, name: str, kind: str, preds: PseudoLabels, quality: PseudoLabels | None = None, seconds: float | None = None) -> None:
+        """Score one seed's test predictions of row ``name`` (and the quality of its training labels)."""
+        from raykd.report import bootstrap_ci
+
         row = self.rows.setdefault(name, {"row": name, "kind": kind, "test": {}, "label_quality": {}, "wall_s": []})
         for metric, value in self.task.score(preds, self.truth["test"]).items():
             row["test"].setdefault(metric, []).append(value)
+        self.items.setdefault(name, []).append(self.task.per_item(preds, self.truth["test"]))
+        row["ci95"] = list(bootstrap_ci(np.stack(self.items[name])))
         if quality is not None:
             for metric, value in self.task.score(quality, self.truth["unlabeled"]).items():
                 row["label_quality"].setdefault(metric, []).append(value)

@@ -95,6 +95,16 @@ class Task:
             return {"rouge_l": mean_rouge_l(labels.texts, truth.texts)}
         return {"accuracy": float((labels.hard == truth.hard).mean()), "macro_f1": macro_f1(labels.hard, truth.hard, len(self.classes))}
 
+    def per_item(self, labels: PseudoLabels, truth: PseudoLabels) -> np.ndarray:
+        """Each document's score ``[N]`` against ``truth``: 0/1 correctness, or ROUGE-L (the
+        items a bootstrap interval resamples)."""
+        truth = truth.select(labels.doc_ids)
+        if self.generation:
+            from raykd.train.seq2seq import rouge_l
+
+            return np.array([rouge_l(p, t) for p, t in zip(labels.texts, truth.texts)])
+        return (labels.hard == truth.hard).astype(np.float64)
+
     def agreement(self, labels: PseudoLabels, reference: PseudoLabels) -> float:
         """The validation score of a stage student: accuracy, or ROUGE-L, against pseudo-labels."""
         return next(iter(self.score(labels, reference).values()))

@@ -51,12 +51,13 @@ def table_markdown(results: dict[str, Any]) -> str:
         out.append("")
         if part.get("selection"):
             out += selection_markdown(part["selection"], part["teachers"])
-        out.append("| row | test acc (all classes) | " + " | ".join(f"acc on teacher {i}'s classes" for i in range(len(subsets)))
+        out.append("| row | test acc (all classes) | 95% CI | " + " | ".join(f"acc on teacher {i}'s classes" for i in range(len(subsets)))
                    + " | target arg-max = gold (train) | most certain teacher = gold class's teacher (train) | wall s per seed |")
-        out.append("|---|---|" + "---|" * len(subsets) + "---|---|---|")
+        out.append("|---|---|---|" + "---|" * len(subsets) + "---|---|---|")
         for r in part["rows"]:
-            picks, target, wall = r.get("score_picks_gold_teacher"), r.get("train_target_acc"), r.get("wall_s")
-            out.append(f"| {r['row']} | {_cell(r['overall'])} | " + " | ".join(_cell(x) for x in r["subsets"])
+            picks, target, wall, ci = r.get("score_picks_gold_teacher"), r.get("train_target_acc"), r.get("wall_s"), r.get("ci95")
+            out.append(f"| {r['row']} | {_cell(r['overall'])} | {'-' if not ci else f'{ci[0]:.3f} to {ci[1]:.3f}'} | "
+                       + " | ".join(_cell(x) for x in r["subsets"])
                        + f" | {'-' if target is None else f'{target:.3f}'} | {'-' if picks is None else f'{picks:.3f}'} | "
                        + (f"{np.mean(wall):.0f}" if wall else "-") + " |")
         out.append("")
@@ -64,7 +65,7 @@ def table_markdown(results: dict[str, Any]) -> str:
     if n:
         out.append(f"Test accuracy on {n.get('test')} held-out articles (fewer in a partition that leaves classes out); mean +/- std over "
                    f"seeds {results['config']['seeds']} (teachers and the oracle are deterministic: one value). Train {n.get('train')}, "
-                   f"dev {n.get('dev')} articles.")
+                   f"dev {n.get('dev')} articles. 95% CI: percentile bootstrap over the test articles of the accuracy averaged over the seeds.")
     cost = results.get("costs", {}).get("encoder_mc_cost")
     if cost:
         out.append("Monte-Carlo dropout over the whole encoder, timed per teacher on a sample: " + "; ".join(

@@ -50,15 +50,19 @@ def subset_accuracy(pred: np.ndarray, gold: np.ndarray, blocks: list[list[int]])
 
 
 def _teacher_rows(part, teachers, oracle_logits, gold: np.ndarray) -> list[dict[str, Any]]:
+    """The teachers' and the oracle's rows (test accuracy, bootstrap 95% interval)."""
+    from raykd.report import bootstrap_ci
+
     rows = []
     for i, (names, block, t) in enumerate(zip(part.names, part.blocks, teachers)):
         pred = np.asarray(block)[t.logits["test"].argmax(-1)]
         overall, per = subset_accuracy(pred, gold, part.blocks)
         rows.append({"row": f"teacher {i} ({', '.join(names)})", "kind": "teacher", "overall": [overall], "subsets": [[x] for x in per],
-                     "note": "alone, on its own subset"})
+                     "note": "alone, on its own subset", "ci95": list(bootstrap_ci(pred == gold))})
     if oracle_logits is not None:
         overall, per = subset_accuracy(oracle_logits.argmax(-1), gold, part.blocks)
-        rows.append({"row": "oracle (all classes)", "kind": "oracle", "overall": [overall], "subsets": [[x] for x in per]})
+        rows.append({"row": "oracle (all classes)", "kind": "oracle", "overall": [overall], "subsets": [[x] for x in per],
+                     "ci95": list(bootstrap_ci(oracle_logits.argmax(-1) == gold))})
     return rows
 
 
@@ -117,9 +121,10 @@ def train_seed(cfg: MukiConfig, row, part, teachers, targets: np.ndarray, rows: 
            cfg.integration.dfa_reconstruction_weight) if row.features else None
     train_rows = {**rows["train"], "label": np.zeros_like(rows["train"]["label"]), "teacher_logits": targets}  # gold never trains
     got = train_row(student, train_rows, rows["dev"], objective, tau, cfg.student, seed, features, dfa)
-    overall, per = subset_accuracy(predict(student, rows["test"], cfg.student.eval_batch_size), rows["test"]["label"], part.blocks)
+    pred = predict(student, rows["test"], cfg.student.eval_batch_size)
+    overall, per = subset_accuracy(pred, rows["test"]["label"], part.blocks)
     result = {"seed": seed, "test_acc": overall, "subset_acc": per, "dev_acc": got["dev_acc"], "best_step": got["best_step"],
-              "steps": got["steps"], "final_loss": got["losses"][-1], "seconds": round(time.time() - ts, 1),
+              "steps": got["steps"], "final_loss": got["losses"][-1], "seconds": round(time.time() - ts, 1), "test_pred": pred.tolist(),
               **({"dfa_last": got["dfa_last"]} if "dfa_last" in got else {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, default=float))
@@ -127,13 +132,18 @@ def train_seed(cfg: MukiConfig, row, part, teachers, targets: np.ndarray, rows: 
     return {**result, "cached": False}
 
 
-def add_seed(entry: dict[str, Any], result: dict[str, Any]) -> None:
-    """Append one seed's result to a row's entry."""
+def add_seed(entry: dict[str, Any], result: dict[str, Any], gold: np.ndarray) -> None:
+    """Append one seed's result to a row's entry, and update its bootstrap 95% interval of the
+    test accuracy (test articles resampled, the mean over the seeds so far)."""
+    from raykd.report import bootstrap_ci
+
     entry["overall"].append(result["test_acc"])
     for j, x in enumerate(result["subset_acc"]):
         entry["subsets"][j].append(x)
     entry["wall_s"].append(result["seconds"])
-    entry["seeds"].append({k: v for k, v in result.items() if k != "cached"})
+    entry.setdefault("_correct", []).append(np.asarray(result["test_pred"]) == gold)
+    entry["ci95"] = list(bootstrap_ci(np.stack(entry["_correct"])))
+    entry["seeds"].append({k: v for k, v in result.items() if k not in ("cached", "test_pred")})
 
 
 def partition_rows(tokenizer, splits: dict[str, list[Document]], labels: list[str], seq_len: int):
@@ -180,14 +190,26 @@ def prepare_labels(cfg: MukiConfig, splits: dict[str, list[Document]], parts, st
     return rows, labels_of, oracle_logits, finetune_s
 
 
+def train_students(cfg: MukiConfig, parts, entries, labels_of, rows, output_dir: Path, stats: dict[str, Any]) -> None:
+    """Every student, seed by seed (every partition and row of the first seed first, so a run
+    cut short has whole seeds), each added to its row's entry."""
+    for seed in cfg.seeds:
+        for p in parts:
+            for m in cfg.methods:
+                entry, targets = entries[(p.name, m)]
+                result = train_seed(cfg, INTEGRATIONS[m], p, labels_of[p.name], targets, rows[p.name], seed, output_dir)
+                stats["students_cached" if result["cached"] else "students_trained"] += 1
+                add_seed(entry, result, rows[p.name]["test"]["label"])
+
+
 def main_muki(cfg: MukiConfig, output_dir: str | Path, docs: list[Document] | None = None) -> dict[str, Any]:
     """Run MUKI and its baselines; write ``results.json``, ``results.md`` and ``muki.png``.
 
     Before any student trains, each partition's selection report
     (:func:`raykd.recipes.muki.methods.selection_report`): how often MUKI's score and the raw
     maximum logit pick the teacher that knows the article, and each teacher's certainty on its
-    own and on foreign articles. Students then train seed by seed (every partition and row of
-    the first seed first), each cached under ``output_dir/rows``.
+    own and on foreign articles. Students then train seed by seed (:func:`train_students`),
+    each cached under ``output_dir/rows``.
 
     Args:
         cfg: the config (checked when it was loaded).
@@ -218,20 +240,15 @@ def main_muki(cfg: MukiConfig, output_dir: str | Path, docs: list[Document] | No
     entries = {(p.name, m): row_entry(cfg, INTEGRATIONS[m], p, labels_of[p.name], rows[p.name]["train"]["label"])
                for p in parts for m in cfg.methods}
     t_students = time.time()
-    for seed in cfg.seeds:
-        for p in parts:
-            for m in cfg.methods:
-                entry, targets = entries[(p.name, m)]
-                result = train_seed(cfg, INTEGRATIONS[m], p, labels_of[p.name], targets, rows[p.name], seed, output_dir)
-                stats["students_cached" if result["cached"] else "students_trained"] += 1
-                add_seed(entry, result)
+    train_students(cfg, parts, entries, labels_of, rows, output_dir, stats)
     results = {
         "run_name": cfg.run_name,
         "labels": sorted({d.label for d in docs if d.label is not None}),
         "split_sizes": {s: len(splits[s]) for s in SPLITS},
         "partitions": [{"name": p.name, "teachers": p.names, "classes": p.labels, "selection": reports[p.name],
                         "split_sizes": {s: len(rows[p.name][s]["label"]) for s in SPLITS},
-                        "rows": tables[p.name] + [entries[(p.name, m)][0] for m in cfg.methods]} for p in parts],
+                        "rows": tables[p.name] + [{k: v for k, v in entries[(p.name, m)][0].items() if k != "_correct"}
+                                                  for m in cfg.methods]} for p in parts],
         "costs": {**{k: (round(v, 1) if isinstance(v, float) else v) for k, v in stats.items()}, "finetune_s": round(finetune_s, 1),
                   "student_phase_s": round(time.time() - t_students, 1), "student_runs": len(parts) * len(cfg.methods) * len(cfg.seeds)},
         "config": cfg.model_dump(),
