@@ -63,7 +63,7 @@ def test_muki_tiny_end_to_end_and_cached_rerun(ray_start, tmp_path, monkeypatch)
         "mc": {"passes": 3, "scope": "encoder"},
         "student": {"base_model": base, "epochs": 0.5, "evals_per_epoch": 2, "batch_size": 8, "lr": 1e-3, "eval_batch_size": 32,
                     "schedule": "linear", "warmup_share": 0.1},
-        "seeds": [0, 1],
+        "seeds": [0],
         "publish": str(tmp_path / "bench" / "muki_tiny"),
     })
     first = main_muki(cfg, tmp_path / "out", docs=docs)
@@ -75,8 +75,10 @@ def test_muki_tiny_end_to_end_and_cached_rerun(ray_start, tmp_path, monkeypatch)
     assert set(METHODS) <= set(rows) and "oracle (all classes)" in rows
     n_train = first["split_sizes"]["train"]
     for name in METHODS:
-        assert len(rows[name]["overall"]) == 2 and all(0.0 <= a <= 1.0 for a in rows[name]["overall"])
-        assert len(rows[name]["subsets"]) == 2 and len(rows[name]["wall_s"]) == 2
+        assert len(rows[name]["overall"]) == 1 and 0.0 <= rows[name]["overall"][0] <= 1.0
+        assert len(rows[name]["subsets"]) == 2 and len(rows[name]["wall_s"]) == 1
+        lo, hi = rows[name]["ci95"]
+        assert lo <= rows[name]["overall"][0] <= hi
         assert rows[name]["seeds"][0]["steps"] == -(-n_train // 8) // 2 + (-(-n_train // 8) % 2)  # half an epoch
     assert "dfa_last" in rows["dfa"]["seeds"][0]
     assert 0.0 <= rows["muki_soft"]["score_picks_gold_teacher"] <= 1.0
@@ -88,7 +90,7 @@ def test_muki_tiny_end_to_end_and_cached_rerun(ray_start, tmp_path, monkeypatch)
         assert all(0.0 <= t["auroc"] <= 1.0 for t in sel["teachers"])
     assert rows["muki_soft"]["score_picks_gold_teacher"] == mixed["selection"]["muki_score_mc"]
     costs = first["costs"]
-    assert costs["teacher_calls"] > 0 and costs["cache_misses"] > 0 and costs["students_trained"] == 2 * 2 * len(METHODS)
+    assert costs["teacher_calls"] > 0 and costs["cache_misses"] > 0 and costs["students_trained"] == 2 * len(METHODS)
     n_two = two["split_sizes"]["train"]
     assert costs["mc_passes"] == 3 * (n_train + n_two) * 2  # M x train articles x 2 subset teachers, per partition
     for f in ("results.json", "results.md", "muki.png"):
@@ -107,4 +109,4 @@ def test_muki_tiny_end_to_end_and_cached_rerun(ray_start, tmp_path, monkeypatch)
     assert not serve.status().applications  # no teacher deployed on the rerun
     b = {r["row"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())["partitions"][0]["rows"]}
     for name in ("muki_soft_reweight", "dfa"):
-        assert b[name]["overall"] == rows[name]["overall"][:1]  # same labels, same seed: the cached student
+        assert b[name]["overall"] == rows[name]["overall"]  # same labels, same seed: the cached student

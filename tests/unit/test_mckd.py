@@ -387,3 +387,15 @@ def test_the_report_writes_a_table_json_and_plot(tmp_path, task, metrics, candid
     assert "| MCKD, 1 stage | 0.600 +/- 0.141" in md if task == "classification" else "| MCKD, 1 stage | 0.200 |" in md
     assert json.loads((tmp_path / "results.json").read_text())["task"] == task
     assert [p.suffix for p in publish(tmp_path, tmp_path / "pub" / "x")] == [".json", ".md", ".png"]
+
+
+def test_bootstrap_interval_holds_the_mean_and_narrows_with_more_items():
+    from raykd.report import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    small, large = rng.random((3, 40)) < 0.7, rng.random((3, 4000)) < 0.7
+    lo, hi = bootstrap_ci(small)
+    assert lo <= small.mean() <= hi and 0.0 <= lo < hi <= 1.0
+    lo2, hi2 = bootstrap_ci(large)
+    assert hi2 - lo2 < (hi - lo) / 4 and lo2 < 0.7 < hi2
+    assert bootstrap_ci(np.ones(10)) == (1.0, 1.0)
