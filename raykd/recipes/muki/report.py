@@ -61,6 +61,8 @@ def table_markdown(results: dict[str, Any]) -> str:
                        + f" | {'-' if target is None else f'{target:.3f}'} | {'-' if picks is None else f'{picks:.3f}'} | "
                        + (f"{np.mean(wall):.0f}" if wall else "-") + " |")
         out.append("")
+    if results.get("partial"):
+        out.append(f"**Partial run: seeds {results.get('seeds_done')} of {results['config']['seeds']} finished.**")
     n = results.get("split_sizes", {})
     if n:
         out.append(f"Test accuracy on {n.get('test')} held-out articles (fewer in a partition that leaves classes out); mean +/- std over "

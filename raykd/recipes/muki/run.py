@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -190,9 +193,10 @@ def prepare_labels(cfg: MukiConfig, splits: dict[str, list[Document]], parts, st
     return rows, labels_of, oracle_logits, finetune_s
 
 
-def train_students(cfg: MukiConfig, parts, entries, labels_of, rows, output_dir: Path, stats: dict[str, Any]) -> None:
+def train_students(cfg: MukiConfig, parts, entries, labels_of, rows, output_dir: Path, stats: dict[str, Any],
+                   after_seed: Callable[[int], None] | None = None) -> None:
     """Every student, seed by seed (every partition and row of the first seed first, so a run
-    cut short has whole seeds), each added to its row's entry."""
+    cut short has whole seeds), each added to its row's entry; ``after_seed(seed)`` after each."""
     for seed in cfg.seeds:
         for p in parts:
             for m in cfg.methods:
@@ -200,6 +204,8 @@ def train_students(cfg: MukiConfig, parts, entries, labels_of, rows, output_dir:
                 result = train_seed(cfg, INTEGRATIONS[m], p, labels_of[p.name], targets, rows[p.name], seed, output_dir)
                 stats["students_cached" if result["cached"] else "students_trained"] += 1
                 add_seed(entry, result, rows[p.name]["test"]["label"])
+        if after_seed is not None:
+            after_seed(seed)
 
 
 def main_muki(cfg: MukiConfig, output_dir: str | Path, docs: list[Document] | None = None) -> dict[str, Any]:
@@ -222,7 +228,7 @@ def main_muki(cfg: MukiConfig, output_dir: str | Path, docs: list[Document] | No
     import torch
 
     from raykd.data.bbc import load_bbc_news
-    from raykd.recipes.muki.report import plot_results, table_markdown, write_results
+    from raykd.recipes.muki.report import table_markdown
 
     t0 = time.time()
     output_dir = Path(output_dir)
@@ -240,28 +246,59 @@ def main_muki(cfg: MukiConfig, output_dir: str | Path, docs: list[Document] | No
     entries = {(p.name, m): row_entry(cfg, INTEGRATIONS[m], p, labels_of[p.name], rows[p.name]["train"]["label"])
                for p in parts for m in cfg.methods}
     t_students = time.time()
-    train_students(cfg, parts, entries, labels_of, rows, output_dir, stats)
+
+    run = SimpleNamespace(cfg=cfg, labels=sorted({d.label for d in docs if d.label is not None}), splits=splits, parts=parts, rows=rows,
+                          reports=reports, tables=tables, entries=entries, stats=stats, finetune_s=finetune_s, t0=t0, t_students=t_students,
+                          output_dir=output_dir)
+    write = partial(write_run, run)
+    write([])
+    done: list[int] = []
+
+    def after_seed(seed: int) -> None:
+        done.append(seed)
+        if done != list(cfg.seeds):
+            write(list(done))
+
+    train_students(cfg, parts, entries, labels_of, rows, output_dir, stats, after_seed)
+    results = write(list(cfg.seeds))
+    print(table_markdown(results))
+    return results
+
+
+def write_run(run: SimpleNamespace, seeds_done: list[int]) -> dict[str, Any]:
+    """The results so far (after the selection report, then after every seed), written and
+    published; ``partial`` until every seed is done."""
+    cfg, rows = run.cfg, run.rows
     results = {
         "run_name": cfg.run_name,
-        "labels": sorted({d.label for d in docs if d.label is not None}),
-        "split_sizes": {s: len(splits[s]) for s in SPLITS},
-        "partitions": [{"name": p.name, "teachers": p.names, "classes": p.labels, "selection": reports[p.name],
+        "labels": run.labels,
+        "split_sizes": {s: len(run.splits[s]) for s in SPLITS},
+        "seeds_done": seeds_done,
+        "partial": seeds_done != list(cfg.seeds),
+        "partitions": [{"name": p.name, "teachers": p.names, "classes": p.labels, "selection": run.reports[p.name],
                         "split_sizes": {s: len(rows[p.name][s]["label"]) for s in SPLITS},
-                        "rows": tables[p.name] + [{k: v for k, v in entries[(p.name, m)][0].items() if k != "_correct"}
-                                                  for m in cfg.methods]} for p in parts],
-        "costs": {**{k: (round(v, 1) if isinstance(v, float) else v) for k, v in stats.items()}, "finetune_s": round(finetune_s, 1),
-                  "student_phase_s": round(time.time() - t_students, 1), "student_runs": len(parts) * len(cfg.methods) * len(cfg.seeds)},
+                        "rows": run.tables[p.name] + [{k: v for k, v in run.entries[(p.name, m)][0].items() if k != "_correct"}
+                                                      for m in cfg.methods]} for p in run.parts],
+        "costs": {**{k: (round(v, 1) if isinstance(v, float) else v) for k, v in run.stats.items()}, "finetune_s": round(run.finetune_s, 1),
+                  "student_phase_s": round(time.time() - run.t_students, 1),
+                  "student_runs": len(run.parts) * len(cfg.methods) * len(seeds_done)},
         "config": cfg.model_dump(),
-        "wall_s": round(time.time() - t0, 1),
+        "wall_s": round(time.time() - run.t0, 1),
     }
+    write_all(run.output_dir, results, cfg.publish)
+    return results
+
+
+def write_all(output_dir: Path, results: dict[str, Any], stem: str | None) -> None:
+    """``results.json``, ``results.md`` and ``muki.png`` in ``output_dir``, copied to ``<stem>.*`` when given."""
+    from raykd.recipes.muki.report import plot_results, table_markdown, write_results
+
     output_dir.mkdir(parents=True, exist_ok=True)
     write_results(output_dir, results)
     (output_dir / "results.md").write_text(table_markdown(results))
     plot_results(output_dir, results)
-    if cfg.publish:
-        publish(output_dir, Path(cfg.publish))
-    print(table_markdown(results))
-    return results
+    if stem:
+        publish(output_dir, Path(stem))
 
 
 def publish(output_dir: Path, stem: Path) -> list[Path]:
