@@ -62,7 +62,8 @@ def table_markdown(results: dict[str, Any]) -> str:
                        + (f"{np.mean(wall):.0f}" if wall else "-") + " |")
         out.append("")
     if results.get("partial"):
-        out.append(f"**Partial run: seeds {results.get('seeds_done')} of {results['config']['seeds']} finished.**")
+        out.append(f"**Partial run: all rows have seeds {results.get('seeds_done')} of {results['config']['seeds']}; a row may have "
+                   "more (its `seeds` in the JSON); rows without a value had no student finished.**")
     n = results.get("split_sizes", {})
     if n:
         out.append(f"Test accuracy on {n.get('test')} held-out articles (fewer in a partition that leaves classes out); mean +/- std over "

@@ -194,9 +194,11 @@ def prepare_labels(cfg: MukiConfig, splits: dict[str, list[Document]], parts, st
 
 
 def train_students(cfg: MukiConfig, parts, entries, labels_of, rows, output_dir: Path, stats: dict[str, Any],
-                   after_seed: Callable[[int], None] | None = None) -> None:
-    """Every student, seed by seed (every partition and row of the first seed first, so a run
-    cut short has whole seeds), each added to its row's entry; ``after_seed(seed)`` after each."""
+                   after: Callable[[list[int]], None] | None = None) -> None:
+    """Every student, seed by seed (every partition and row of the first seed first), each added
+    to its row's entry; ``after(seeds done)`` after each newly trained student, so a run cut
+    short leaves its results so far."""
+    done: list[int] = []
     for seed in cfg.seeds:
         for p in parts:
             for m in cfg.methods:
@@ -204,8 +206,9 @@ def train_students(cfg: MukiConfig, parts, entries, labels_of, rows, output_dir:
                 result = train_seed(cfg, INTEGRATIONS[m], p, labels_of[p.name], targets, rows[p.name], seed, output_dir)
                 stats["students_cached" if result["cached"] else "students_trained"] += 1
                 add_seed(entry, result, rows[p.name]["test"]["label"])
-        if after_seed is not None:
-            after_seed(seed)
+                if after is not None and not result["cached"]:
+                    after(done)
+        done.append(seed)
 
 
 def main_muki(cfg: MukiConfig, output_dir: str | Path, docs: list[Document] | None = None) -> dict[str, Any]:
@@ -252,22 +255,15 @@ def main_muki(cfg: MukiConfig, output_dir: str | Path, docs: list[Document] | No
                           output_dir=output_dir)
     write = partial(write_run, run)
     write([])
-    done: list[int] = []
-
-    def after_seed(seed: int) -> None:
-        done.append(seed)
-        if done != list(cfg.seeds):
-            write(list(done))
-
-    train_students(cfg, parts, entries, labels_of, rows, output_dir, stats, after_seed)
+    train_students(cfg, parts, entries, labels_of, rows, output_dir, stats, lambda done: write(list(done)))
     results = write(list(cfg.seeds))
     print(table_markdown(results))
     return results
 
 
 def write_run(run: SimpleNamespace, seeds_done: list[int]) -> dict[str, Any]:
-    """The results so far (after the selection report, then after every seed), written and
-    published; ``partial`` until every seed is done."""
+    """The results so far (after the selection report, then after every student), written and
+    published; ``partial`` until every seed is done (a row's ``seeds`` say which it has)."""
     cfg, rows = run.cfg, run.rows
     results = {
         "run_name": cfg.run_name,
