@@ -62,6 +62,9 @@ def test_mckd_tiny_classification_and_cached_rerun(ray_start, tiny_model, tmp_pa
     for r in rows.values():
         assert 0.0 <= r["test"]["accuracy"][0] <= 1.0 and 0.0 <= r["test"]["macro_f1"][0] <= 1.0 and len(r["wall_s"]) == 1
     assert rows["control: gold labels on the pool"]["label_quality"]["accuracy"] == [1.0]
+    assert rows["vanilla KD (LLM labels)"]["vs_vanilla KD (LLM labels)"] == [0.0, 0.0, 0.0]
+    diff, lo, hi = rows["MCKD, 1 stage"]["vs_vanilla KD (LLM labels)"]  # paired, on the same test articles
+    assert lo <= diff <= hi and diff == pytest.approx(rows["MCKD, 1 stage"]["test"]["accuracy"][0] - rows["vanilla KD (LLM labels)"]["test"]["accuracy"][0])
     pool = first["labeler"]["pool"]
     n_pool = first["split_sizes"]["unlabeled"]
     assert sum(pool["counts_gold"]) == sum(pool["counts_labeler"]) == n_pool

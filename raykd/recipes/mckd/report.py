@@ -29,11 +29,13 @@ def results_table(results: dict[str, Any]) -> str:
     metrics = list(results["rows"][0]["test"])
     quality = metrics[0]
     out = ["| row | " + " | ".join(_NAMES.get(m, m) for m in metrics) + f" | 95% CI of the {_NAMES.get(metrics[0], metrics[0])}"
-           f" | its training labels' {quality.replace('_', '-')} (unlabeled split, vs gold) | wall s per seed |", "|---|" + "---|" * (len(metrics) + 3)]
+           " | minus vanilla KD (paired 95% CI)"
+           f" | its training labels' {quality.replace('_', '-')} (unlabeled split, vs gold) | wall s per seed |", "|---|" + "---|" * (len(metrics) + 4)]
     for r in results["rows"]:
-        wall, ci = r.get("wall_s") or [], r.get("ci95")
+        wall, ci, vs = r.get("wall_s") or [], r.get("ci95"), r.get("vs_vanilla KD (LLM labels)")
         out.append(f"| {r['row']} | " + " | ".join(_cell(r["test"][m]) for m in metrics) + f" | {'-' if not ci else f'{ci[0]:.3f} to {ci[1]:.3f}'} | "
-                   f"{_cell(r['label_quality'].get(quality))} | " + (f"{np.mean(wall):.0f}" if wall else "-") + " |")
+                   + ("-" if not vs or r["row"].startswith("vanilla KD (") else f"{vs[0]:+.3f} ({vs[1]:+.3f} to {vs[2]:+.3f})")
+                   + f" | {_cell(r['label_quality'].get(quality))} | " + (f"{np.mean(wall):.0f}" if wall else "-") + " |")
     n, lab, costs = results["split_sizes"], results["labeler"], results["costs"]
     seeds = results["config"]["seeds"]
     out += ["", f"Test split: {n['test']} articles; {n['gold']} gold, {n['unlabeled']} unlabeled articles. Mean +/- std over seeds "

@@ -54,6 +54,9 @@ from raykd.soft_labels.pseudo_labels import (
 
 log = logging.getLogger(__name__)
 
+VANILLA = "vanilla KD (LLM labels)"
+"""The row every other row is compared with (paired, on the same test articles)."""
+
 
 class Artifacts:
     """The run's keyed artifacts: stage labels and test predictions (pseudo-label caches under
@@ -182,6 +185,21 @@ class Rows:
         if seconds is not None:
             row["wall_s"].append(round(seconds, 1))
 
+    def paired(self, reference: str) -> None:
+        """Each row's difference to ``reference`` on the same test articles: the mean and a paired
+        bootstrap 95% interval (seeds matched by position; a one-seed row, such as the LLM's,
+        is compared with every seed of the other)."""
+        from raykd.report import bootstrap_ci
+
+        if reference not in self.items:
+            return
+        ref = np.stack(self.items[reference])
+        for name, row in self.rows.items():
+            mine = np.stack(self.items[name])
+            n = max(len(mine), len(ref))
+            diff = np.resize(mine, (n, mine.shape[1])) - np.resize(ref, (n, ref.shape[1]))
+            row["vs_" + reference] = [float(diff.mean()), *bootstrap_ci(diff)]
+
 
 def seed_rows(art: Artifacts, rows: Rows, pseudo: PseudoLabels, pseudo_key: str, by_id: dict[str, Document],
               splits: dict[str, list[Document]], seed: int) -> dict[str, Any]:
@@ -193,7 +211,7 @@ def seed_rows(art: Artifacts, rows: Rows, pseudo: PseudoLabels, pseudo_key: str,
     stage_s = 0.0
     for link in chain:
         stage_s += float(link["log"].get("seconds", 0.0)) if isinstance(link["log"], dict) else 0.0
-        name = "vanilla KD (LLM labels)" if link["stage"] == 0 else f"MCKD, {link['stage']} stage{'s' if link['stage'] > 1 else ''}"
+        name = VANILLA if link["stage"] == 0 else f"MCKD, {link['stage']} stage{'s' if link['stage'] > 1 else ''}"
         preds, rec = student_row(art, name, link["labels"], link["key"], by_id, test, seed, val)
         rows.add(name, "student", preds, link["labels"], stage_s + rec.get("row_seconds", rec.get("seconds", 0.0)))
     if cfg.unbalanced_ablation and not task.generation:
@@ -282,6 +300,7 @@ def main_mckd(cfg: MckdConfig, output_dir: str | Path, docs: list[Document] | No
     pseudo_key = fingerprint({"labeler": labeler.fps, "choice": [choice.shots, choice.calibrate], "docs": sorted(pseudo.doc_ids)})
     rows.add("LLM labeler (few-shot)", "labeler", llm_test, pseudo, stats["recorded_label_s"])
     stages_out = [seed_rows(art, rows, pseudo, pseudo_key, by_id, splits, seed) for seed in cfg.seeds]
+    rows.paired(VANILLA)
     results = {
         "run_name": cfg.run_name,
         "task": cfg.task,
