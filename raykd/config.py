@@ -278,7 +278,10 @@ class ClassifierTeacherConfig(Strict):
     model: str | None = None
     """A finished sequence-classification folder to use as is (skips fine-tuning)."""
     steps: int = Field(default=60, ge=1)
-    """Fine-tuning optimizer steps."""
+    """Fine-tuning optimizer steps (when ``epochs`` is None)."""
+    epochs: float | None = Field(default=None, gt=0)
+    """Fine-tuning epochs over the teacher's articles (``ceil(epochs * N / batch_size)`` steps)
+    instead of ``steps``."""
     batch_size: int = Field(default=16, ge=1)
     lr: float = Field(default=1e-4, gt=0)
     """AdamW learning rate of the fine-tuning."""
@@ -286,6 +289,10 @@ class ClassifierTeacherConfig(Strict):
     """AdamW weight decay of the fine-tuning: 0.01 (torch's default, which the fine-tuning used
     before it moved onto the shared step; without it the teacher keeps its accuracy but its
     weights move, and every pruned TA and student with them: issue 29)."""
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule (``linear``: warm-up then decay to 0, transformers' default)."""
+    warmup_share: float = Field(default=0.0, ge=0, lt=1)
+    """Share of the steps spent in linear warm-up (``warmup_ratio``; 0.1 in the MUKI scripts)."""
     freeze_embeddings: bool = True
     """Keep the word embeddings fixed (they are not pruned either; much faster on CPU)."""
     seed: int = 0

@@ -53,6 +53,9 @@ def finetune_key(cfg: ClassifierTeacherConfig, base: Path, train: Sequence[Docum
             "labels": list(labels),
             "seq_len": seq_len,
             **cfg.model_dump(include={"steps", "batch_size", "lr", "weight_decay", "freeze_embeddings", "seed"}),
+            # the epoch budget and schedule, only when set (older caches keep their keys)
+            **({"epochs": cfg.epochs, "schedule": cfg.schedule, "warmup_share": cfg.warmup_share}
+               if (cfg.epochs, cfg.schedule, cfg.warmup_share) != (None, "constant", 0.0) else {}),
         },
         sort_keys=True,
     )
@@ -99,19 +102,20 @@ def finetune_classifier(
     if cfg.freeze_embeddings:  # no gradients for them at all (faster on CPU), not only no updates
         model.get_input_embeddings().weight.requires_grad_(False)
     t0 = time.time()
+    steps = cfg.steps if cfg.epochs is None else max(1, int(np.ceil(cfg.epochs * len(train) / cfg.batch_size)))
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
-        if step % 10 == 0 or step == cfg.steps:
-            log.info("fine-tune step %d/%d loss %.4f (%.0f s)", step, cfg.steps, metrics["loss"], time.time() - t0)
+        if step % 10 == 0 or step == steps:
+            log.info("fine-tune step %d/%d loss %.4f (%.0f s)", step, steps, metrics["loss"], time.time() - t0)
 
-    train_classifier(model, data, {"ce": 1.0}, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+    train_classifier(model, data, {"ce": 1.0}, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
                      weight_decay=cfg.weight_decay, seed=cfg.seed, freeze_embeddings=cfg.freeze_embeddings,
-                     max_grad_norm=None, on_step=on_step)
+                     max_grad_norm=None, on_step=on_step, schedule=cfg.schedule, warmup=round(cfg.warmup_share * steps))
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=root))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "raykd_finetune.json").write_text(json.dumps({"base": str(base), "seconds": time.time() - t0, **cfg.model_dump()}, indent=2))
+    (tmp / "raykd_finetune.json").write_text(json.dumps({"base": str(base), "seconds": time.time() - t0, "steps_run": steps, **cfg.model_dump()}, indent=2))
     try:
         os.rename(tmp, out)
     except OSError:  # another run finished first

@@ -12,7 +12,7 @@ Objective's sum divided by the batch's valid positions, as for tokens.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -52,10 +52,46 @@ def class_batch(data: ClassData, idx: np.ndarray, device: torch.device | str = "
 
 
 def class_batches(data: ClassData, batch_size: int, steps: int, seed: int,
-                  device: torch.device | str = "cpu") -> Iterator[StudentBatch]:
-    """``steps`` random batches (epochs of a seeded permutation) on ``device``."""
-    for idx in batch_indices(len(data["label"]), batch_size, steps, seed):
+                  device: torch.device | str = "cpu", balanced: bool = False) -> Iterator[StudentBatch]:
+    """``steps`` random batches on ``device``: epochs of a seeded permutation, or with
+    ``balanced`` rows drawn so that every class is equally likely (:func:`balanced_indices`)."""
+    indices = balanced_indices(data["label"], batch_size, steps, seed) if balanced else batch_indices(len(data["label"]), batch_size, steps, seed)
+    for idx in indices:
         yield class_batch(data, idx, device)
+
+
+def epoch_budget(n_rows: int, batch_size: int, epochs: float | None, evals_per_epoch: int | None,
+                 steps: int, eval_every: int) -> tuple[int, int]:
+    """``(steps, eval_every)`` of a training on ``n_rows`` rows: ``ceil(epochs * N / batch_size)``
+    steps with ``evals_per_epoch`` checks per epoch, or (``epochs`` None) the fixed ``steps``
+    and ``eval_every``."""
+    if epochs is None:
+        return steps, eval_every
+    per_epoch = -(-n_rows // batch_size)
+    every = max(1, round(per_epoch / evals_per_epoch)) if evals_per_epoch else eval_every
+    return max(1, int(np.ceil(epochs * per_epoch))), every
+
+
+def balanced_indices(labels: np.ndarray, batch_size: int, steps: int, seed: int) -> Iterator[np.ndarray]:
+    """``steps`` index arrays ``[batch_size]`` drawn class-balanced: each "epoch" of ``N`` rows
+    takes ``N / C`` rows of each of the ``C`` classes present (a seeded permutation of the class,
+    repeated as often as needed: a small class is oversampled, a large one undersampled in that
+    epoch), shuffled together.
+
+    Args:
+        labels: the class of every row ``[N]`` (rows below 0 are never drawn).
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    members = [np.flatnonzero(labels == c) for c in np.unique(labels[labels >= 0])]
+    per_class = -(-int((labels >= 0).sum()) // len(members))
+    order = np.empty(0, dtype=np.int64)
+    for _ in range(steps):
+        if len(order) < batch_size:
+            epoch = [np.resize(rng.permutation(m), per_class) for m in members]
+            order = np.concatenate([order, rng.permutation(np.concatenate(epoch))])
+        idx, order = order[:batch_size], order[batch_size:]
+        yield idx
 
 
 def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> Iterator[np.ndarray]:
@@ -116,8 +152,11 @@ def train_classifier(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     objective: Objective | None = None,
     feature_teacher: Callable[[StudentBatch], tuple[TeacherTargets | None, Any]] | None = None,
+    schedule: Literal["cosine", "linear", "constant"] = "constant",
+    warmup: int = 0,
+    balanced: bool = False,
 ) -> list[float]:
-    """Train a classification student with AdamW at a constant learning rate.
+    """Train a classification student with AdamW (constant learning rate unless ``schedule``).
 
     Args:
         student: a sequence classifier (changed in place; left in eval mode).
@@ -137,6 +176,8 @@ def train_classifier(
             and projections; its projections train with the student).
         feature_teacher: an online teacher giving logits and features in one forward
             (:class:`raykd.train.features.FeatureTeacher`).
+        schedule, warmup: the learning-rate schedule over ``steps`` (:func:`~raykd.train.step.lr_multiplier`).
+        balanced: draw ``data``'s batches class-balanced by ``label`` (:func:`balanced_indices`).
 
     Returns:
         The loss of every step (per-row mean).
@@ -147,11 +188,11 @@ def train_classifier(
     """
     objective = objective or Objective({n: w for n, w in weights.items() if w})
     params = trainable_parameters(student, freeze_embeddings) + list(objective.parameters())
-    optimizer, _ = build_optimizer(params, lr=lr, weight_decay=weight_decay)
+    optimizer, scheduler = build_optimizer(params, lr=lr, weight_decay=weight_decay, schedule=schedule, warmup=warmup, total=steps)
     if groups is None:
-        groups = ([b] for b in class_batches(data, batch_size, steps, seed, device_of(student)))
+        groups = ([b] for b in class_batches(data, batch_size, steps, seed, device_of(student), balanced))
     history = run_steps(student, optimizer, lambda _tau: next(groups), lambda step: (objective, temperature), max_steps=steps,
-                        on_step=on_step, logits_fn=classifier_logits, max_grad_norm=max_grad_norm,
+                        on_step=on_step, logits_fn=classifier_logits, max_grad_norm=max_grad_norm, scheduler=scheduler,
                         teacher=online_teacher(teacher), feature_teacher=feature_teacher)
     return [h["loss"] for h in history]
 

@@ -225,14 +225,18 @@ def run_steps(
     return history
 
 
-def lr_multiplier(kind: Literal["cosine", "constant"], warmup: int, total: int) -> Callable[[int], float]:
+def lr_multiplier(kind: Literal["cosine", "linear", "constant"], warmup: int, total: int) -> Callable[[int], float]:
     """The learning-rate factor of 0-based step ``step`` (for ``LambdaLR``).
 
     ``cosine``: linear warm-up over ``warmup`` steps, then a cosine decay to 0.1 of the peak at
-    ``total``; ``constant``: 1 throughout.
+    ``total``; ``linear``: linear warm-up, then a linear decay to 0 at ``total`` (transformers'
+    ``get_linear_schedule_with_warmup``, the default of the MCKD and MUKI code); ``constant``: 1
+    throughout.
     """
     if kind == "constant":
         return lambda step: 1.0
+    if kind == "linear":
+        return lambda step: (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
 
     def fn(step: int) -> float:
         if step < warmup:
@@ -244,7 +248,7 @@ def lr_multiplier(kind: Literal["cosine", "constant"], warmup: int, total: int) 
 
 
 def build_optimizer(params: Sequence[nn.Parameter], *, lr: float, weight_decay: float = 0.0,
-                    schedule: Literal["cosine", "constant"] = "constant", warmup: int = 0,
+                    schedule: Literal["cosine", "linear", "constant"] = "constant", warmup: int = 0,
                     total: int = 1) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over ``params`` and its learning-rate schedule (:func:`lr_multiplier`)."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

@@ -186,6 +186,64 @@ def test_no_document_is_ever_labeled_by_a_student_that_trained_on_it():
     assert (labels.select(halves["A"]).hard == 1).all()  # A's labels came from B's student
 
 
+def test_stage_students_are_checked_against_the_llms_original_labels_at_every_stage():
+    ids = [f"d{i:02d}" for i in range(10)]
+    halves = split_halves(ids, 0.5, seed=0)
+    original = PseudoLabels(ids, np.log(np.full((10, 2), 0.5, dtype=np.float32)))
+    seen = []
+
+    def train(name, train_labels, val_labels):
+        seen.append(val_labels.logprobs)
+        return name, {}
+
+    def relabel(student, docs):  # every relabel is class 1, the original labels are uniform
+        return PseudoLabels(list(docs), np.log(np.array([[0.01, 0.99]] * len(docs), dtype=np.float32)))
+
+    labels = original
+    for _ in range(2):
+        labels, _log = cross_relabel(labels, halves, train, relabel, original=original)
+    assert len(seen) == 4 and all(np.allclose(v, np.log(0.5)) for v in seen)  # never the previous stage's relabels
+
+
+def test_pool_cut_keeps_test_and_gold():
+    docs = _docs(40)
+    full = gold_split(docs, test_share=0.2, gold=10, seed=1)
+    cut = gold_split(docs, test_share=0.2, gold=10, seed=1, pool_docs=50)
+    assert cut["test"] == full["test"] and cut["gold"] == full["gold"] and len(cut["unlabeled"]) == 50
+    assert {d.doc_id for d in cut["unlabeled"]} <= {d.doc_id for d in full["unlabeled"]}
+
+
+def test_control_noise_matches_the_labelers_accuracy_and_lean():
+    from raykd.recipes.mckd.prepare import confusion_matrix, control_labels
+
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 3, 6000)
+    labeler = np.where(rng.random(6000) < 0.7, gold, 2)  # 70% right, every error says class 2
+    assert (control_labels("gold labels", gold, labeler, 3, 0) == gold).all()
+    balanced = control_labels("balanced noise", gold, labeler, 3, 0)
+    skewed = control_labels("skewed noise", gold, labeler, 3, 0)
+    acc = (labeler == gold).mean()
+    assert abs((balanced == gold).mean() - acc) < 0.02 and abs((skewed == gold).mean() - acc) < 0.02
+    wrong = balanced != gold
+    assert abs(np.bincount(balanced[wrong], minlength=3)[2] / wrong.sum() - 1 / 3) < 0.05  # spread over the other classes
+    want, got = confusion_matrix(labeler, gold, 3), confusion_matrix(skewed, gold, 3)
+    np.testing.assert_allclose(got / got.sum(1, keepdims=True), want / want.sum(1, keepdims=True), atol=0.03)
+    with pytest.raises(ValueError, match="valid: gold labels"):
+        control_labels("typo", gold, labeler, 3, 0)
+
+
+def test_balanced_batches_draw_every_class_equally_and_linear_decay_ends_at_zero():
+    from raykd.train.local import balanced_indices, epoch_budget
+    from raykd.train.step import lr_multiplier
+
+    labels = np.array([0] * 90 + [1] * 10)
+    drawn = np.concatenate(list(balanced_indices(labels, 10, 50, seed=0)))
+    assert abs((labels[drawn] == 1).mean() - 0.5) < 0.02  # the 10% class fills half the batches
+    f = lr_multiplier("linear", 2, 10)
+    assert [f(0), f(1), f(2)] == [0.5, 1.0, 1.0] and f(9) == pytest.approx(0.125) and f(10) == 0.0
+    assert epoch_budget(300, 16, 3, 4, 40, 20) == (57, 5) and epoch_budget(300, 16, None, 4, 40, 20) == (40, 20)
+
+
 def _fake_task(cfg, calls):
     def train(docs, labels, val, seed, folder):
         folder.mkdir(parents=True, exist_ok=True)
@@ -329,3 +387,15 @@ def test_the_report_writes_a_table_json_and_plot(tmp_path, task, metrics, candid
     assert "| MCKD, 1 stage | 0.600 +/- 0.141" in md if task == "classification" else "| MCKD, 1 stage | 0.200 |" in md
     assert json.loads((tmp_path / "results.json").read_text())["task"] == task
     assert [p.suffix for p in publish(tmp_path, tmp_path / "pub" / "x")] == [".json", ".md", ".png"]
+
+
+def test_bootstrap_interval_holds_the_mean_and_narrows_with_more_items():
+    from raykd.report import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    small, large = rng.random((3, 40)) < 0.7, rng.random((3, 4000)) < 0.7
+    lo, hi = bootstrap_ci(small)
+    assert lo <= small.mean() <= hi and 0.0 <= lo < hi <= 1.0
+    lo2, hi2 = bootstrap_ci(large)
+    assert hi2 - lo2 < (hi - lo) / 4 and lo2 < 0.7 < hi2
+    assert bootstrap_ci(np.ones(10)) == (1.0, 1.0)

@@ -305,7 +305,7 @@ def test_cli_reports_a_bad_plan_as_a_user_error(tmp_path, capsys):
     assert not (tmp_path / "results.json").exists()
 
 
-def test_shipped_config_loads_with_both_partitions():
+def test_shipped_config_loads_with_three_partitions():
     from raykd.config import load_config
     from raykd.recipes.muki.config import MukiConfig
     from raykd.recipes.muki.prepare import check_plan
@@ -313,5 +313,26 @@ def test_shipped_config_loads_with_both_partitions():
     cfg = load_config(MukiConfig, "jobs/configs/muki_bbc.yaml")
     parts = check_plan(cfg, BBC)
     assert [p.names for p in parts] == [[["business", "entertainment"], ["politics", "sport", "tech"]],
-                                        [["business", "politics", "tech"], ["entertainment", "sport"]]]
+                                        [["business", "politics", "tech"], ["entertainment", "sport"]],
+                                        [["business", "entertainment"], ["politics", "tech"]]]
     assert parts[1].blocks == [[0, 2, 4], [1, 3]]
+    assert parts[2].labels == ["business", "entertainment", "politics", "tech"] and parts[2].blocks == [[0, 1], [2, 3]]
+    assert cfg.mc.scope == "encoder" and cfg.mc.passes == 16 and cfg.data.seq_len == 128
+
+
+def test_selection_report_counts_who_picks_the_owner():
+    from raykd.recipes.muki.labels import TeacherLabels
+    import numpy as np
+
+    from raykd.recipes.muki.methods import auroc, selection_report
+
+    assert auroc(np.array([0.9, 0.8]), np.array([0.1, 0.2])) == 1.0 and auroc(np.array([0.5]), np.array([0.5])) == 0.5
+    # teacher 0 knows classes {0, 1}, teacher 1 {2, 3}; teacher 0 is confident everywhere, teacher 1 only on its own
+    gold = np.array([0, 1, 2, 3])
+    t0 = TeacherLabels({"train": np.array([[9.0, 0], [0, 9], [9, 0], [9, 0]])}, mean_probs=np.array([[0.99, 0.01], [0.01, 0.99], [0.99, 0.01], [0.6, 0.4]]))
+    t1 = TeacherLabels({"train": np.array([[0.0, 0], [0, 0], [3, 0], [0, 8]])}, mean_probs=np.array([[0.5, 0.5], [0.5, 0.5], [0.9, 0.1], [0.01, 0.99]]))
+    rep = selection_report([t0, t1], [[0, 1], [2, 3]], gold)
+    assert rep["max_logit"] == 0.5  # articles 2 and 3: teacher 0's logit 9 beats teacher 1's 3 and 8
+    assert rep["muki_score_mc"] == 0.75  # article 2: teacher 0's 0.99 is more certain; article 3: teacher 1's 0.99 wins
+    assert [t["own_share"] for t in rep["teachers"]] == [0.5, 0.5] and rep["teachers"][0]["wins"] == 0.75
+    assert rep["teachers"][1]["auroc"] == 1.0 and rep["teachers"][1]["certainty_foreign"] == 0.0

@@ -26,7 +26,11 @@ class MckdDataConfig(Strict):
     """Gold (labeled) articles, spread evenly over the classes (10 per class for 50 and 5
     classes): the only labels; the demonstrations and the labeler's choice."""
     split_seed: int = 0
-    """Seed of the per-class shuffles."""
+    """Seed of the per-class shuffles: fixes the test and gold articles (they do not change with
+    ``pool_docs``), so runs with different pools can be compared."""
+    pool_docs: int | None = Field(default=None, ge=2)
+    """Unlabeled articles kept (a ``split_seed`` sample of the pool left after test and gold);
+    None keeps them all. The budget knob: it cuts articles, not epochs."""
     seq_len: int = Field(default=64, ge=8, le=512)
     """Student tokens per article ``T`` (classification: the article; generation: the body)."""
     target_tokens: int = Field(default=24, ge=4, le=128)
@@ -103,13 +107,28 @@ class StudentConfig(Strict):
     labels: list[str] | None = None
     """Classification: the student's label set (None: the verbalisers' classes); must equal them."""
     steps: int = Field(default=40, ge=1)
+    """Steps of every student (when ``epochs`` is None)."""
+    epochs: float | None = Field(default=None, gt=0)
+    """Epochs of every student over its own training articles (``ceil(epochs * N / batch_size)``
+    steps); None: ``steps``. Upstream trains 20 epochs."""
     batch_size: int = Field(default=16, ge=1)
     lr: float = Field(default=1e-4, gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule over a student's steps (``linear``: decay to 0, upstream's default)."""
+    warmup_share: float = Field(default=0.0, ge=0, lt=1)
+    """Share of a student's steps spent in linear warm-up."""
+    balanced: bool = False
+    """Class-balanced sampling by each student's training labels (classification): every class
+    is drawn equally often, the small ones oversampled."""
     eval_every: int = Field(default=20, ge=1)
-    """Stage students: validation on the other half's pseudo-labels every this many steps (and at
-    the end) picks the checkpoint (the paper's validation)."""
+    """Validation every this many steps (and at the end) picks the checkpoint (when
+    ``evals_per_epoch`` is None)."""
+    evals_per_epoch: int | None = Field(default=None, ge=1)
+    """With ``epochs``: validation this many times per epoch (4: every quarter epoch) instead of ``eval_every``."""
     val_docs: int | None = Field(default=None, ge=1)
-    """Validation documents of the other half (None: all; generation is slow, so cap it)."""
+    """Validation documents (None: all; a seeded sample otherwise: validation costs a forward per
+    document per check). Stage students: the other half, scored against the LLM's original
+    labels (upstream's ``validation_file``); final students: the pool, against the LLM's labels."""
     eval_batch_size: int = Field(default=64, ge=1)
     freeze_embeddings: bool = True
     num_threads: int = Field(default=2, ge=1)
@@ -134,6 +153,12 @@ class MckdConfig(Strict):
     """Ablation: stage students relabel with their probabilities (KL) instead of arg-max (CE)."""
     supervised_extra: int = Field(default=500, ge=0)
     """Also a student on this many gold labels of the unlabeled pool (a reference; 0: none)."""
+    controls: bool = False
+    """Classification: also students on the pool with gold labels, with class-balanced random
+    noise at the labeler's accuracy, and with noise drawn from the labeler's confusion matrix
+    (its accuracy and its lean, but independent of the article): each row's noise ceiling."""
+    unbalanced_ablation: bool = False
+    """Classification with ``student.balanced``: also vanilla KD with class-balanced sampling off."""
     seeds: Seeds = Field(default_factory=lambda: [0, 1, 2])
     """Seeds of the halves, students and batch order; the table gives mean +/- std over them."""
     publish: str | None = None

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from raykd.data.documents import Document
 from raykd.data.splits import shuffled_by_class
 from raykd.recipes.mckd.config import MckdConfig
@@ -29,13 +31,15 @@ def headline_and_body(doc: Document) -> tuple[str, str]:
 
 
 def gold_split(docs: Sequence[Document], *, test_share: float, gold: int, seed: int,
-               max_docs: int | None = None) -> dict[str, list[Document]]:
+               max_docs: int | None = None, pool_docs: int | None = None) -> dict[str, list[Document]]:
     """Test, gold and unlabeled articles: whole articles, stratified by class, seeded.
 
     Each class's articles are sorted by id and shuffled with ``random.Random(seed)`` (with
     ``max_docs`` each class keeps its share); its first ``test_share`` go to test, then its
     share of the ``gold`` examples (spread round-robin over the sorted classes), the rest is
     unlabeled (their labels are kept for reporting pseudo-label quality only, never trained on).
+    With ``pool_docs`` the unlabeled pool is cut to a ``seed`` sample of that many articles (not
+    stratified: the pool keeps its natural class mix); test and gold do not change with it.
 
     Raises:
         ValueError: an article without a label, or a class too small for the split.
@@ -52,6 +56,10 @@ def gold_split(docs: Sequence[Document], *, test_share: float, gold: int, seed: 
         out["test"] += members[:n_test]
         out["gold"] += members[n_test : n_test + n_gold]
         out["unlabeled"] += members[n_test + n_gold :]
+    if pool_docs is not None and pool_docs < len(out["unlabeled"]):
+        pool = sorted(out["unlabeled"], key=lambda d: d.doc_id)
+        random.Random(seed).shuffle(pool)
+        out["unlabeled"] = pool[:pool_docs]
     return out
 
 
@@ -132,9 +140,16 @@ Relabeler = Callable[[Any, list[str]], PseudoLabels]
 """``(student, documents) -> its labels of them``."""
 
 
-def cross_relabel(labels: PseudoLabels, halves: dict[str, list[str]], train: Trainer, relabel: Relabeler) -> tuple[PseudoLabels, StageLog]:
+def cross_relabel(labels: PseudoLabels, halves: dict[str, list[str]], train: Trainer, relabel: Relabeler,
+                  original: PseudoLabels | None = None) -> tuple[PseudoLabels, StageLog]:
     """One MCKD stage: a student on A (validated on B) relabels B; one on B (validated on A)
     relabels A; the two relabeled halves are the next stage's labels.
+
+    Args:
+        labels: the stage's training labels (the previous stage's relabels).
+        original: the validation labels: the LLM's original labels of the other half, as
+            upstream passes ``datasetA/B.json`` as ``validation_file`` at every stage; None
+            validates on ``labels`` (the previous stage's relabels of the other half).
 
     Returns:
         ``(new labels of A + B, the stage's log)``.
@@ -145,10 +160,58 @@ def cross_relabel(labels: PseudoLabels, halves: dict[str, list[str]], train: Tra
     log = StageLog()
     new = {}
     for name, other in (("A", "B"), ("B", "A")):
-        student, info = train(name, labels.select(halves[name]), labels.select(halves[other]))
+        student, info = train(name, labels.select(halves[name]), (original or labels).select(halves[other]))
         log.trained_on[name], log.info[name] = list(halves[name]), info
         new[other] = relabel(student, halves[other])
         seen = set(halves[name])
         assert not seen & set(new[other].doc_ids), "a student labeled a document it trained on"
         log.labeled_by.update({d: name for d in new[other].doc_ids})
     return PseudoLabels.merge([new["A"], new["B"]]), log
+
+
+# --- the labeler's report and the noise controls (classification) -----------------------------
+
+def confusion_matrix(pred: Sequence[int], gold: Sequence[int], num_classes: int) -> np.ndarray:
+    """Counts ``[C, C]``: row = gold class, column = predicted class."""
+    out = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(out, (np.asarray(gold, dtype=np.int64), np.asarray(pred, dtype=np.int64)), 1)
+    return out
+
+
+CONTROLS = ("gold labels", "balanced noise", "skewed noise")
+"""The control rows: the pool's gold labels; random noise, spread evenly over the other classes,
+at the labeler's accuracy; noise drawn from the labeler's confusion matrix (its accuracy and its
+per-class lean, but independent of the article)."""
+
+
+def control_labels(kind: str, gold: np.ndarray, labeler: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
+    """Hard labels ``[N]`` of a control row (:data:`CONTROLS`) for articles of true class ``gold``.
+
+    Args:
+        kind: one of :data:`CONTROLS`.
+        gold: true classes ``[N]``; labeler: the labeler's classes of the same articles ``[N]``
+            (their accuracy and confusion matrix are matched).
+        seed: seeds the noise.
+
+    Raises:
+        ValueError: an unknown ``kind``.
+    """
+    gold, labeler = np.asarray(gold, dtype=np.int64), np.asarray(labeler, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    if kind == "gold labels":
+        return gold.copy()
+    if kind == "balanced noise":
+        keep = rng.random(len(gold)) < float((labeler == gold).mean())
+        return np.where(keep, gold, (gold + rng.integers(1, num_classes, len(gold))) % num_classes)
+    if kind == "skewed noise":
+        conf = confusion_matrix(labeler, gold, num_classes).astype(np.float64)
+        rows = conf / np.maximum(conf.sum(1, keepdims=True), 1)
+        return np.array([rng.choice(num_classes, p=rows[g]) if rows[g].sum() else g for g in gold], dtype=np.int64)
+    raise ValueError(f"unknown control {kind!r}; valid: {', '.join(CONTROLS)}")
+
+
+def hard_labels(doc_ids: Sequence[str], classes: np.ndarray, num_classes: int) -> PseudoLabels:
+    """Hard labels as one-hot log-probs ``[N, C]`` (0 on the class, -1e4 elsewhere)."""
+    onehot = np.full((len(doc_ids), num_classes), -1e4, dtype=np.float32)
+    onehot[np.arange(len(doc_ids)), np.asarray(classes, dtype=np.int64)] = 0.0
+    return PseudoLabels(list(doc_ids), onehot)

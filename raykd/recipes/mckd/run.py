@@ -26,14 +26,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from raykd.data.documents import Document
 from raykd.recipes.mckd.config import MckdConfig
 from raykd.recipes.mckd.labels import LLMLabeler, class_histogram
 from raykd.recipes.mckd.prepare import (
+    CONTROLS,
     SPLITS,
     check_plan,
+    confusion_matrix,
+    control_labels,
     cross_relabel,
     gold_split,
+    hard_labels,
     split_halves,
 )
 from raykd.recipes.mckd.students import Task
@@ -47,6 +53,9 @@ from raykd.soft_labels.pseudo_labels import (
 )
 
 log = logging.getLogger(__name__)
+
+VANILLA = "vanilla KD (LLM labels)"
+"""The row every other row is compared with (paired, on the same test articles)."""
 
 
 class Artifacts:
@@ -62,9 +71,10 @@ class Artifacts:
         return pseudo_label_key(chain, self.tok_fp, f"mckd_{kind}", data_fp, "soft" if self.task.cfg.soft_relabel else "hard",
                                 kind, n_cls, self.task.cfg.data.seq_len)
 
-    def get(self, kind: str, key: CacheKey) -> PseudoLabels | None:
+    def get(self, kind: str, key: CacheKey) -> tuple[PseudoLabels, dict[str, Any]] | None:
+        """The cached labels of ``key`` and their record, or None."""
         root = self.out / kind
-        return read_labels(root, key)[0] if has_labels(root, key) else None
+        return read_labels(root, key) if has_labels(root, key) else None
 
     def put(self, kind: str, key: CacheKey, labels: PseudoLabels, record: dict[str, Any]) -> None:
         commit_labels(self.out / kind, key, labels, [1] * len(labels.doc_ids), record, float(record.get("seconds", 0.0)))
@@ -94,12 +104,12 @@ def run_stages(art: Artifacts, pseudo: PseudoLabels, pseudo_key: str, docs: dict
     for stage in range(1, cfg.stages + 1):
         prev = chain[-1]
         link = fingerprint({"prev": prev["key"], "halves": halves, "student": cfg.student.model_dump(), "seed": seed, "stage": stage,
-                            "soft": cfg.soft_relabel, "task": cfg.task, "data": cfg.data.model_dump()})
+                            "soft": cfg.soft_relabel, "task": cfg.task, "data": cfg.data.model_dump(), "validation": "llm_labels"})
         key = art.key(link, "stage", data_fp)
         found = art.get("stages", key)
         if found is not None:
             art.stats["stage_hits"] += 1
-            chain.append({"stage": stage, "labels": found, "key": key.digest(), "log": "cached"})
+            chain.append({"stage": stage, "labels": found[0], "key": key.digest(), "log": found[1]})
             continue
 
         def train(name: str, labels: PseudoLabels, val: PseudoLabels, link=link) -> tuple[Path, dict[str, Any]]:
@@ -112,7 +122,7 @@ def run_stages(art: Artifacts, pseudo: PseudoLabels, pseudo_key: str, docs: dict
             return art.labels_by(folder, [docs[d] for d in ids])
 
         t0 = time.time()
-        labels, stage_log = cross_relabel(prev["labels"], halves, train, relabel)
+        labels, stage_log = cross_relabel(prev["labels"], halves, train, relabel, original=pseudo)
         labels = labels.select(pseudo.doc_ids)
         record = {"stage": stage, "seed": seed, "halves": {h: len(v) for h, v in halves.items()}, "students": stage_log.info,
                   "seconds": round(time.time() - t0, 1)}
@@ -122,22 +132,139 @@ def run_stages(art: Artifacts, pseudo: PseudoLabels, pseudo_key: str, docs: dict
 
 
 def student_row(art: Artifacts, name: str, labels: PseudoLabels, label_key: str, docs: dict[str, Document],
-                test: list[Document], seed: int) -> PseudoLabels:
-    """A student trained on ``labels`` (no validation: the last step), then its test predictions
-    (cached by the labels' key, the student config and the seed)."""
-    cfg = art.task.cfg
-    link = fingerprint({"labels": label_key, "row": name, "student": cfg.student.model_dump(), "seed": seed, "data": cfg.data.model_dump()})
+                test: list[Document], seed: int, val: tuple[list[Document], PseudoLabels, str] | None = None,
+                task: Task | None = None) -> tuple[PseudoLabels, dict[str, Any]]:
+    """A student trained on ``labels``, then its test predictions (cached by the labels' key,
+    the student config, the validation and the seed).
+
+    Args:
+        val: documents, labels and their key that choose the checkpoint (None: the last step).
+        task: the students' task when it differs from the run's (an ablation's config).
+
+    Returns:
+        The test predictions and the row's record (``seconds``: training and test predictions).
+    """
+    task = task or art.task
+    cfg = task.cfg
+    link = fingerprint({"labels": label_key, "row": name, "student": cfg.student.model_dump(), "seed": seed, "data": cfg.data.model_dump(),
+                        "val": None if val is None else [val[2], sorted(d.doc_id for d in val[0])]})
     key = art.key(link, "row", fingerprint(sorted(d.doc_id for d in test)))
     found = art.get("rows", key)
     if found is not None:
         art.stats["row_hits"] += 1
         return found
+    t0 = time.time()
     folder = art.student(f"{link}-final")
-    info = art.task.train([docs[d] for d in labels.doc_ids], labels, None, seed, folder)
+    info = task.train([docs[d] for d in labels.doc_ids], labels, None if val is None else val[:2], seed, folder)
     art.stats["student_trainings"] += 0 if info["reused"] else 1
     preds = art.labels_by(folder, test)
-    art.put("rows", key, preds, {"row": name, "seed": seed, **info})
-    return preds
+    record = {"row": name, "seed": seed, **info, "row_seconds": round(time.time() - t0, 1)}
+    art.put("rows", key, preds, record)
+    return preds, record
+
+
+class Rows:
+    """The table's rows: per row, its test metrics, its training labels' quality and its wall
+    time, one value per seed."""
+
+    def __init__(self, task: Task, truth: dict[str, PseudoLabels]):
+        self.task, self.truth, self.rows, self.items = task, truth, {}, {}
+
+    def add(self, name: str, kind: str, preds: PseudoLabels, quality: PseudoLabels | None = None, seconds: float | None = None) -> None:
+        """Score one seed's test predictions of row ``name`` (and the quality of its training labels)."""
+        from raykd.report import bootstrap_ci
+
+        row = self.rows.setdefault(name, {"row": name, "kind": kind, "test": {}, "label_quality": {}, "wall_s": []})
+        for metric, value in self.task.score(preds, self.truth["test"]).items():
+            row["test"].setdefault(metric, []).append(value)
+        self.items.setdefault(name, []).append(self.task.per_item(preds, self.truth["test"]))
+        row["ci95"] = list(bootstrap_ci(np.stack(self.items[name])))
+        if quality is not None:
+            for metric, value in self.task.score(quality, self.truth["unlabeled"]).items():
+                row["label_quality"].setdefault(metric, []).append(value)
+        if seconds is not None:
+            row["wall_s"].append(round(seconds, 1))
+
+    def paired(self, reference: str) -> None:
+        """Each row's difference to ``reference`` on the same test articles: the mean and a paired
+        bootstrap 95% interval (seeds matched by position; a one-seed row, such as the LLM's,
+        is compared with every seed of the other)."""
+        from raykd.report import bootstrap_ci
+
+        if reference not in self.items:
+            return
+        ref = np.stack(self.items[reference])
+        for name, row in self.rows.items():
+            mine = np.stack(self.items[name])
+            n = max(len(mine), len(ref))
+            diff = np.resize(mine, (n, mine.shape[1])) - np.resize(ref, (n, ref.shape[1]))
+            row["vs_" + reference] = [float(diff.mean()), *bootstrap_ci(diff)]
+
+
+def seed_rows(art: Artifacts, rows: Rows, pseudo: PseudoLabels, pseudo_key: str, by_id: dict[str, Document],
+              splits: dict[str, list[Document]], seed: int) -> dict[str, Any]:
+    """Every row of one seed: the stages, a final student per stage (vanilla KD at stage 0), the
+    ablation, the controls and the supervised references. Returns the seed's stage log."""
+    cfg, task, test = art.task.cfg, art.task, splits["test"]
+    chain = run_stages(art, pseudo, pseudo_key, by_id, seed)
+    val = (splits["unlabeled"], pseudo, pseudo_key)  # final students: the LLM's labels of the pool (a val_docs sample)
+    stage_s = 0.0
+    for link in chain:
+        stage_s += float(link["log"].get("seconds", 0.0)) if isinstance(link["log"], dict) else 0.0
+        name = VANILLA if link["stage"] == 0 else f"MCKD, {link['stage']} stage{'s' if link['stage'] > 1 else ''}"
+        preds, rec = student_row(art, name, link["labels"], link["key"], by_id, test, seed, val)
+        rows.add(name, "student", preds, link["labels"], stage_s + rec.get("row_seconds", rec.get("seconds", 0.0)))
+    if cfg.unbalanced_ablation and not task.generation:
+        plain = Task(cfg.model_copy(update={"student": cfg.student.model_copy(update={"balanced": False})}), task.classes, task.tokenizer)
+        name = "vanilla KD, class-balanced sampling off"
+        preds, rec = student_row(art, name, pseudo, pseudo_key, by_id, test, seed, val, task=plain)
+        rows.add(name, "ablation", preds, pseudo, rec.get("row_seconds"))
+    if cfg.controls and not task.generation:
+        pool = rows.truth["unlabeled"]
+        for kind in CONTROLS:
+            labels = hard_labels(pool.doc_ids, control_labels(kind, pool.hard, pseudo.select(pool.doc_ids).hard, len(task.classes), seed),
+                                 len(task.classes))
+            preds, rec = student_row(art, f"control: {kind}", labels, fingerprint({"control": kind, "seed": seed, "pseudo": pseudo_key}),
+                                     by_id, test, seed)
+            rows.add(f"control: {kind} on the pool", "control", preds, labels, rec.get("row_seconds"))
+    preds, rec = student_row(art, "supervised_gold", rows.truth["gold"], fingerprint({"gold": sorted(d.doc_id for d in splits["gold"])}),
+                             by_id, test, seed)
+    rows.add(f"supervised, {len(splits['gold'])} gold", "reference", preds, seconds=rec.get("row_seconds"))
+    if cfg.supervised_extra:
+        ids = sorted(d.doc_id for d in splits["unlabeled"])
+        random.Random(seed).shuffle(ids)
+        extra = rows.truth["unlabeled"].select(sorted(ids[: cfg.supervised_extra]))
+        preds, rec = student_row(art, "supervised_extra", extra, fingerprint({"extra": extra.doc_ids}), by_id, test, seed)
+        rows.add(f"supervised, {len(extra.doc_ids)} gold (reference)", "reference", preds, seconds=rec.get("row_seconds"))
+    return {"seed": seed, "stages": [{"stage": c["stage"], "key": c["key"], "log": c["log"],
+                                      "label_quality": task.score(c["labels"], rows.truth["unlabeled"])} for c in chain]}
+
+
+def labeler_report(pseudo: PseudoLabels, truth: PseudoLabels, classes: list[str]) -> dict[str, Any]:
+    """The LLM's labels of the pool against gold: accuracy, confusion matrix (rows: gold class,
+    columns: the LLM's class) and the per-class counts of both."""
+    pred, gold = pseudo.select(truth.doc_ids).hard, truth.hard
+    conf = confusion_matrix(pred, gold, len(classes))
+    return {"accuracy": float((pred == gold).mean()), "confusion": conf.tolist(), "counts_labeler": conf.sum(0).tolist(),
+            "counts_gold": conf.sum(1).tolist()}
+
+
+def plan_run(cfg: MckdConfig, docs: list[Document] | None, stats: dict[str, Any]):
+    """The split, the checks and the tokenizers, before any model is called; bad input exits
+    with ``error: ...``. Returns ``(splits, classes, labeler, student tokenizer)``."""
+    from raykd.console import user_errors
+    from raykd.data.bbc import load_bbc_news
+    from raykd.models import load_tokenizer, resolve_model_path
+
+    with user_errors(ValueError, FileNotFoundError):
+        docs = docs if docs is not None else load_bbc_news()
+        splits = gold_split(docs, test_share=cfg.data.test_share, gold=cfg.data.gold, seed=cfg.data.split_seed,
+                            max_docs=cfg.data.max_docs, pool_docs=cfg.data.pool_docs)
+        classes = check_plan(cfg, sorted({str(d.label) for d in docs}), None, len(splits["unlabeled"]))
+        labeler = LLMLabeler(cfg, classes, splits["gold"], stats)
+        check_plan(cfg, classes, labeler.tokenizer)
+        student_tok = load_tokenizer(resolve_model_path(cfg.student.base_model))
+    return splits, classes, labeler, student_tok
 
 
 def main_mckd(cfg: MckdConfig, output_dir: str | Path, docs: list[Document] | None = None) -> dict[str, Any]:
@@ -151,9 +278,7 @@ def main_mckd(cfg: MckdConfig, output_dir: str | Path, docs: list[Document] | No
     Raises:
         ValueError: bad input (see :func:`raykd.recipes.mckd.prepare.check_plan`), before any LLM call.
     """
-    from raykd.console import user_errors
-    from raykd.data.bbc import load_bbc_news
-    from raykd.models import load_tokenizer, resolve_model_path, tokenizer_fingerprint
+    from raykd.models import tokenizer_fingerprint
     from raykd.recipes.mckd.report import publish, results_table, write_all
 
     t0 = time.time()
@@ -161,14 +286,7 @@ def main_mckd(cfg: MckdConfig, output_dir: str | Path, docs: list[Document] | No
     stats: dict[str, Any] = {"llm_calls": 0, "label_s": 0.0, "label_tokens": 0, "new_tokens": 0, "cache_hits": 0, "cache_misses": 0,
                              "recorded_label_s": 0.0, "recorded_label_tokens": 0, "student_trainings": 0, "relabels": 0,
                              "stage_hits": 0, "row_hits": 0}
-    with user_errors(ValueError, FileNotFoundError):  # the plan: bad input, before any model is called
-        docs = docs if docs is not None else load_bbc_news()
-        splits = gold_split(docs, test_share=cfg.data.test_share, gold=cfg.data.gold, seed=cfg.data.split_seed,
-                            max_docs=cfg.data.max_docs)
-        classes = check_plan(cfg, sorted({str(d.label) for d in docs}), None, len(splits["unlabeled"]))
-        labeler = LLMLabeler(cfg, classes, splits["gold"], stats)
-        check_plan(cfg, classes, labeler.tokenizer)
-        student_tok = load_tokenizer(resolve_model_path(cfg.student.base_model))
+    splits, classes, labeler, student_tok = plan_run(cfg, docs, stats)
     task = Task(cfg, classes, student_tok)
     try:
         choice = labeler.choose(lambda labels, truth: task.agreement(labels, truth))
@@ -177,46 +295,22 @@ def main_mckd(cfg: MckdConfig, output_dir: str | Path, docs: list[Document] | No
     finally:
         labeler.close()
     by_id = {d.doc_id: d for s in SPLITS for d in splits[s]}
-    truth = {s: task.gold(splits[s]) for s in SPLITS}
+    rows = Rows(task, {s: task.gold(splits[s]) for s in SPLITS})
     art = Artifacts(task, output_dir, tokenizer_fingerprint(student_tok), stats)
     pseudo_key = fingerprint({"labeler": labeler.fps, "choice": [choice.shots, choice.calibrate], "docs": sorted(pseudo.doc_ids)})
-    rows: dict[str, dict[str, Any]] = {}
-
-    def add(name: str, kind: str, preds: PseudoLabels, quality: PseudoLabels | None = None) -> None:
-        row = rows.setdefault(name, {"row": name, "kind": kind, "test": {}, "label_quality": {}})
-        for metric, value in task.score(preds, truth["test"]).items():
-            row["test"].setdefault(metric, []).append(value)
-        if quality is not None:
-            for metric, value in task.score(quality, truth["unlabeled"]).items():
-                row["label_quality"].setdefault(metric, []).append(value)
-
-    add("LLM labeler (few-shot)", "labeler", llm_test, pseudo)
-    stages_out = []
-    for seed in cfg.seeds:
-        chain = run_stages(art, pseudo, pseudo_key, by_id, seed)
-        for link in chain:
-            name = "vanilla KD (LLM labels)" if link["stage"] == 0 else f"MCKD, {link['stage']} stage{'s' if link['stage'] > 1 else ''}"
-            add(name, "student", student_row(art, name, link["labels"], link["key"], by_id, splits["test"], seed), link["labels"])
-        stages_out.append({"seed": seed, "stages": [{"stage": c["stage"], "key": c["key"], "log": c["log"],
-                                                     "label_quality": task.score(c["labels"], truth["unlabeled"])} for c in chain]})
-        gold_key = fingerprint({"gold": sorted(d.doc_id for d in splits["gold"])})
-        add(f"supervised, {len(splits['gold'])} gold", "reference",
-            student_row(art, "supervised_gold", truth["gold"], gold_key, by_id, splits["test"], seed))
-        if cfg.supervised_extra:
-            pool = sorted(d.doc_id for d in splits["unlabeled"])
-            random.Random(seed).shuffle(pool)
-            extra = truth["unlabeled"].select(sorted(pool[: cfg.supervised_extra]))
-            add(f"supervised, {len(extra.doc_ids)} gold (reference)", "reference",
-                student_row(art, "supervised_extra", extra, fingerprint({"extra": extra.doc_ids}), by_id, splits["test"], seed))
+    rows.add("LLM labeler (few-shot)", "labeler", llm_test, pseudo, stats["recorded_label_s"])
+    stages_out = [seed_rows(art, rows, pseudo, pseudo_key, by_id, splits, seed) for seed in cfg.seeds]
+    rows.paired(VANILLA)
     results = {
         "run_name": cfg.run_name,
         "task": cfg.task,
         "classes": classes,
         "split_sizes": {s: len(splits[s]) for s in SPLITS},
         "labeler": {"model": cfg.labeler.model, "shots": choice.shots, "calibrate": choice.calibrate, "candidates": choice.candidates,
-                    "held_out_gold": len(labeler.held_out), "test": task.score(llm_test, truth["test"]),
-                    **({} if task.generation else {"class_histogram_unlabeled": class_histogram(pseudo, len(classes))})},
-        "rows": list(rows.values()),
+                    "held_out_gold": len(labeler.held_out), "test": task.score(llm_test, rows.truth["test"]),
+                    **({} if task.generation else {"class_histogram_unlabeled": class_histogram(pseudo, len(classes)),
+                                                   "pool": labeler_report(pseudo, rows.truth["unlabeled"], classes)})},
+        "rows": list(rows.rows.values()),
         "stages": stages_out,
         "costs": {**{k: (round(v, 1) if isinstance(v, float) else v) for k, v in stats.items()}},
         "config": cfg.model_dump(),

@@ -28,7 +28,7 @@ import numpy as np
 
 from raykd.data.documents import Document
 from raykd.recipes.mckd.config import MckdConfig
-from raykd.recipes.mckd.prepare import headline_and_body
+from raykd.recipes.mckd.prepare import hard_labels, headline_and_body
 from raykd.soft_labels.pseudo_labels import PseudoLabels, truncate
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,7 @@ class Task:
         ids = [d.doc_id for d in docs]
         if self.generation:
             return PseudoLabels(ids, texts=[headline_and_body(d)[0] for d in docs])
-        onehot = np.full((len(docs), len(self.classes)), -1e4, dtype=np.float32)
-        onehot[np.arange(len(docs)), [self.classes.index(str(d.label)) for d in docs]] = 0.0
-        return PseudoLabels(ids, onehot)
+        return hard_labels(ids, np.array([self.classes.index(str(d.label)) for d in docs]), len(self.classes))
 
     def prompts(self, docs: Sequence[Document]) -> list[str]:
         """Generation: each body cut to ``data.seq_len`` tokens, then the cue."""
@@ -97,6 +95,16 @@ class Task:
             return {"rouge_l": mean_rouge_l(labels.texts, truth.texts)}
         return {"accuracy": float((labels.hard == truth.hard).mean()), "macro_f1": macro_f1(labels.hard, truth.hard, len(self.classes))}
 
+    def per_item(self, labels: PseudoLabels, truth: PseudoLabels) -> np.ndarray:
+        """Each document's score ``[N]`` against ``truth``: 0/1 correctness, or ROUGE-L (the
+        items a bootstrap interval resamples)."""
+        truth = truth.select(labels.doc_ids)
+        if self.generation:
+            from raykd.train.seq2seq import rouge_l
+
+            return np.array([rouge_l(p, t) for p, t in zip(labels.texts, truth.texts)])
+        return (labels.hard == truth.hard).astype(np.float64)
+
     def agreement(self, labels: PseudoLabels, reference: PseudoLabels) -> float:
         """The validation score of a stage student: accuracy, or ROUGE-L, against pseudo-labels."""
         return next(iter(self.score(labels, reference).values()))
@@ -124,8 +132,9 @@ class Task:
         torch.set_num_threads(self.cfg.student.num_threads)
         t0 = time.time()
         labels = labels.select([d.doc_id for d in docs])
-        if val is not None and self.cfg.student.val_docs is not None:
-            val = (list(val[0])[: self.cfg.student.val_docs], val[1])
+        if val is not None and self.cfg.student.val_docs is not None and len(val[0]) > self.cfg.student.val_docs:
+            pick = np.sort(np.random.default_rng(seed).choice(len(val[0]), self.cfg.student.val_docs, replace=False))
+            val = ([list(val[0])[i] for i in pick], val[1])
         model, info = (self._train_lm if self.generation else self._train_classifier)(docs, labels, val, seed)
         folder.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(folder)
@@ -134,16 +143,24 @@ class Task:
         done.write_text(json.dumps(info))
         return {**info, "reused": False}
 
-    def _selector(self, model, val, predict) -> tuple[Any, dict[str, Any]]:
-        """An ``on_step`` that scores the model on ``val`` every ``eval_every`` steps (and at the
-        end) and keeps the best state."""
+    def budget(self, n_docs: int) -> tuple[int, int]:
+        """``(steps, eval_every)`` of a student on ``n_docs`` articles
+        (:func:`raykd.train.local.epoch_budget`)."""
+        from raykd.train.local import epoch_budget
+
         st = self.cfg.student
-        best: dict[str, Any] = {"val_score": None, "best_step": st.steps, "state": None}
+        return epoch_budget(n_docs, st.batch_size, st.epochs, st.evals_per_epoch, st.steps, st.eval_every)
+
+    def _selector(self, model, val, predict, steps: int, every: int) -> tuple[Any, dict[str, Any]]:
+        """An ``on_step`` that scores the model on ``val`` every ``every`` steps (and at the
+        end, step ``steps``) and keeps the best state (ties: the earlier check)."""
+        best: dict[str, Any] = {"val_score": None, "best_step": steps, "state": None, "steps": steps, "checks": []}
 
         def on_step(step: int, _metrics: dict[str, float]) -> None:
-            if val is None or (step % st.eval_every and step != st.steps):
+            if val is None or (step % every and step != steps):
                 return
             score = self.agreement(predict(model, val[0]), val[1].select([d.doc_id for d in val[0]]))
+            best["checks"].append([step, round(score, 4)])
             if best["val_score"] is None or score > best["val_score"]:
                 best.update(val_score=score, best_step=step, state=copy.deepcopy(model.state_dict()))
             model.train()
@@ -165,9 +182,11 @@ class Task:
         if self.cfg.soft_relabel:
             data["teacher_logits"] = labels.logprobs  # log-probs: softmax gives back the labels' distribution
             weights = {"forward_kl": 1.0}
-        on_step, best = self._selector(model, val, self._predict_classes)
-        losses = train_classifier(model, data, weights, steps=st.steps, batch_size=st.batch_size, lr=st.lr, seed=seed,
-                                  freeze_embeddings=st.freeze_embeddings, on_step=on_step)
+        steps, every = self.budget(len(docs))
+        on_step, best = self._selector(model, val, self._predict_classes, steps, every)
+        losses = train_classifier(model, data, weights, steps=steps, batch_size=st.batch_size, lr=st.lr, seed=seed,
+                                  freeze_embeddings=st.freeze_embeddings, on_step=on_step, schedule=st.schedule,
+                                  warmup=round(st.warmup_share * steps), balanced=st.balanced)
         if best["state"] is not None:
             model.load_state_dict(best.pop("state"))
         best.pop("state", None)
@@ -201,8 +220,9 @@ class Task:
             model.get_input_embeddings().weight.requires_grad_(False)
         rows = pair_rows(self.tokenizer, self.prompts(docs), labels.texts, prompt_tokens=data.seq_len + 8,
                          target_tokens=data.target_tokens)
-        on_step, best = self._selector(model, val, self._predict_texts)
-        losses = train_on_pairs(model, rows, steps=st.steps, batch_size=st.batch_size, lr=st.lr, seed=seed, on_step=on_step)
+        steps, every = self.budget(len(docs))
+        on_step, best = self._selector(model, val, self._predict_texts, steps, every)
+        losses = train_on_pairs(model, rows, steps=steps, batch_size=st.batch_size, lr=st.lr, seed=seed, on_step=on_step)
         if best["state"] is not None:
             model.load_state_dict(best.pop("state"))
         best.pop("state", None)

@@ -70,6 +70,9 @@ class PartitionConfig(Strict):
     models: list[str] | None = None
     """Finished classifier folders to use as the teachers, in the order of the blocks (their
     ``id2label`` must name exactly their block's classes); None fine-tunes them."""
+    drop_other_classes: bool = False
+    """Leave out the articles of classes no teacher covers: the partition is a smaller problem
+    (e.g. 2 + 2 teachers on 4 of the 5 topics); False: every class must be in a block."""
 
     @field_validator("teachers")
     @classmethod
@@ -88,7 +91,8 @@ def code_rule(labels: list[str], n_teachers: int) -> list[list[str]]:
 
 
 def resolve_partition(p: PartitionConfig, labels: list[str]) -> list[list[str]]:
-    """The class names of each teacher, checked against the data's labels.
+    """The class names of each teacher, checked against the data's labels (with
+    ``drop_other_classes``, classes no teacher covers are allowed: they leave the problem).
 
     Raises:
         ValueError: a name the data does not have, a data class no teacher covers, a teacher
@@ -105,9 +109,9 @@ def resolve_partition(p: PartitionConfig, labels: list[str]) -> list[list[str]]:
         raise ValueError(f"partition {p.name!r}: teacher classes {unknown} are not classes of the data; "
                          f"the data's classes are {sorted(labels)}")
     missing = sorted(known - {n for b in blocks for n in b})
-    if missing:
+    if missing and not p.drop_other_classes:
         raise ValueError(f"partition {p.name!r}: classes {missing} belong to no teacher; every class of the data "
-                         f"({sorted(labels)}) must be in exactly one teacher's list")
+                         f"({sorted(labels)}) must be in exactly one teacher's list (or set drop_other_classes: true)")
     return [list(b) for b in blocks]
 
 
@@ -134,11 +138,21 @@ class StudentConfig(Strict):
     num_labels: int | None = Field(default=None, ge=2)
     """Head size; None: the number of classes of the data. Must equal the union of the teachers' classes."""
     steps: int = Field(default=60, ge=1)
+    """Steps per row and seed (when ``epochs`` is None)."""
+    epochs: float | None = Field(default=None, gt=0)
+    """Epochs over the train split (``ceil(epochs * N / batch_size)`` steps) instead of ``steps``."""
     batch_size: int = Field(default=16, ge=1)
     lr: float = Field(default=1e-4, gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule (``linear``: warm-up then decay to 0, the MUKI scripts' default)."""
+    warmup_share: float = Field(default=0.0, ge=0, lt=1)
+    """Share of the steps in linear warm-up (``warmup_ratio 0.1`` in the MUKI scripts)."""
     eval_every: int = Field(default=20, ge=1)
     """Dev evaluations every this many steps (and at the end); the best dev accuracy picks the
     checkpoint whose test accuracy is reported (gold labels for selection only)."""
+    evals_per_epoch: int | None = Field(default=None, ge=1)
+    """With ``epochs``: dev evaluations this many times per epoch instead of ``eval_every``."""
+
     eval_batch_size: int = Field(default=64, ge=1)
     freeze_embeddings: bool = True
     """Keep the word embeddings fixed (much faster on CPU)."""

@@ -211,7 +211,7 @@ def teacher_labels(cfg: MukiConfig, name: str, path: str, rows: dict[str, dict[s
     if need_features:
         out.features = read_features(feat_dir, feat_key)
     if handle is not None:
-        if cfg.mc.cost_sample and cfg.mc.scope == "head" and need_mc:
+        if cfg.mc.cost_sample and need_mc:
             stats.setdefault("encoder_mc_cost", {})[name] = measure_encoder_mc(handle, rows["train"], cfg)
         if not cfg.teacher.keep_alive:
             from raykd.teacher.deployment import stop_teacher
@@ -222,7 +222,7 @@ def teacher_labels(cfg: MukiConfig, name: str, path: str, rows: dict[str, dict[s
 
 def measure_encoder_mc(handle, rows: dict[str, np.ndarray], cfg: MukiConfig) -> dict[str, float]:
     """Time the paper's full-encoder MC dropout on ``cfg.mc.cost_sample`` train articles against
-    one deterministic pass of them (what a head-only run saves)."""
+    one deterministic pass of them (its cost; what a head-only run saves)."""
     n = min(cfg.mc.cost_sample, len(rows["label"]))
     sample = {k: v[:n] for k, v in rows.items()}
     t0 = time.time()

@@ -35,6 +35,7 @@ from raykd.train.local import (
     ClassData,
     batch_indices,
     class_batch,
+    epoch_budget,
     trainable_parameters,
 )
 from raykd.train.step import StudentBatch, build_optimizer, classifier_logits, run_steps
@@ -173,25 +174,76 @@ def train_row(student: nn.Module, train: ClassData, dev: ClassData, objective: O
         ``best_step``, ``dev_acc``, ``losses`` (per step) and DFA's last feature losses.
     """
     model = student if dfa is None else AmalgamatingStudent(student, *dfa)
-    optimizer, _ = build_optimizer(trainable_parameters(model, st.freeze_embeddings), lr=st.lr)
-    batches = row_batches(train, st.batch_size, st.steps, seed, features)
-    best = {"dev_acc": -1.0, "best_step": 0, "state": None}
+    steps, every = epoch_budget(len(train["label"]), st.batch_size, st.epochs, st.evals_per_epoch, st.steps, st.eval_every)
+    optimizer, scheduler = build_optimizer(trainable_parameters(model, st.freeze_embeddings), lr=st.lr, schedule=st.schedule,
+                                           warmup=round(st.warmup_share * steps), total=steps)
+    batches = row_batches(train, st.batch_size, steps, seed, features)
+    best = {"dev_acc": -1.0, "best_step": 0, "state": None, "steps": steps}
 
     def after(step: int, metrics: dict[str, float]) -> None:
         if on_step is not None:
             on_step(step, metrics)
-        if step % st.eval_every and step != st.steps:
+        if step % every and step != steps:
             return
         acc = float((predict(student, dev, st.eval_batch_size) == dev["label"]).mean())
         if acc > best["dev_acc"]:
             best.update(dev_acc=acc, best_step=step, state=copy.deepcopy(student.state_dict()))
         model.train()  # evaluation switched dropout off
 
-    history = run_steps(model, optimizer, lambda _tau: [next(batches)], lambda _step: (objective, temperature), max_steps=st.steps,
-                        on_step=after, logits_fn=classifier_logits, max_grad_norm=1.0)
+    history = run_steps(model, optimizer, lambda _tau: [next(batches)], lambda _step: (objective, temperature), max_steps=steps,
+                        on_step=after, logits_fn=classifier_logits, max_grad_norm=1.0, scheduler=scheduler)
     student.load_state_dict(best.pop("state"))
     student.eval()
     out = {**best, "losses": [round(h["loss"], 5) for h in history]}
     if dfa is not None:
         out["dfa_last"] = model.last
+    return out
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Area under the ROC curve of a score separating ``positive`` from ``negative`` rows: the
+    chance that a random positive scores above a random negative (ties count half); NaN when
+    either side is empty."""
+    positive, negative = np.asarray(positive, dtype=np.float64), np.asarray(negative, dtype=np.float64)
+    if not len(positive) or not len(negative):
+        return float("nan")
+    diff = positive[:, None] - negative[None, :]
+    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
+
+
+def selection_report(teachers: Sequence[TeacherLabels], blocks: Sequence[Sequence[int]], gold: np.ndarray,
+                     muki_temperature: float = 1.0) -> dict[str, Any]:
+    """How well each selection rule finds the teacher that knows an article's class, before any
+    student trains (train split).
+
+    Args:
+        teachers: each teacher's labels (``logits["train"]`` ``[N, C_i]``; ``mean_probs`` when MC ran).
+        blocks: each teacher's class indices; gold: the gold class of each train article ``[N]``.
+
+    Returns:
+        ``own_share`` (articles each teacher owns), and the share of articles whose owner is
+        picked by ``muki_score_mc`` (MUKI's ``1 - H / log C`` of the MC mean, when MC ran),
+        ``muki_score_single_pass`` (of one deterministic pass at ``muki_temperature``) and
+        ``max_logit`` (the largest raw logit, what vanilla KD's concatenated softmax follows);
+        per teacher its ``wins`` share under MUKI's score, its mean certainty on its own and on
+        foreign articles and the AUROC of that certainty for own-vs-foreign.
+    """
+    own = np.array([next(i for i, b in enumerate(blocks) if g in b) for g in gold])
+    single = np.stack([uncertainty_score(torch.softmax(torch.as_tensor(t.logits["train"]).float() / muki_temperature, -1)).numpy()
+                       for t in teachers], -1)
+    mc = None if any(t.mean_probs is None for t in teachers) else np.stack(
+        [uncertainty_score(torch.as_tensor(t.mean_probs)).numpy() for t in teachers], -1)
+    max_logit = np.stack([t.logits["train"].max(-1) for t in teachers], -1)
+    score = mc if mc is not None else single
+    out: dict[str, Any] = {"articles": len(gold), "score": "mc" if mc is not None else "single_pass",
+                           "muki_score_mc": None if mc is None else float((mc.argmax(-1) == own).mean()),
+                           "muki_score_single_pass": float((single.argmax(-1) == own).mean()),
+                           "max_logit": float((max_logit.argmax(-1) == own).mean()), "teachers": []}
+    for i in range(len(teachers)):
+        mine = own == i
+        out["teachers"].append({"own_share": float(mine.mean()), "wins": float((score.argmax(-1) == i).mean()),
+                                "certainty_own": float(score[mine, i].mean()) if mine.any() else float("nan"),
+                                "certainty_foreign": float(score[~mine, i].mean()) if (~mine).any() else float("nan"),
+                                "auroc": auroc(score[mine, i], score[~mine, i]),
+                                "max_logit_auroc": auroc(max_logit[mine, i], max_logit[~mine, i])})
     return out

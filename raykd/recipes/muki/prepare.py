@@ -43,12 +43,14 @@ def stratified_split(docs: list[Document], *, test_share: float, dev_share: floa
 
 @dataclass
 class Partition:
-    """One partition of the classes: each teacher's class names and indices into ``labels``."""
+    """One partition of the classes: each teacher's class names and indices into ``labels``
+    (the partition's classes: the data's, or with ``drop_other_classes`` the teachers' union)."""
 
     name: str
     names: list[list[str]]
     blocks: list[list[int]]
     models: list[str] | None = None
+    labels: list[str] | None = None
 
 
 def _teacher_labels(path: str | Path) -> list[str]:
@@ -87,28 +89,30 @@ def check_plan(cfg: MukiConfig, labels: list[str]) -> list[Partition]:
     parts = []
     for p in cfg.partitions:
         names = [sorted(b) for b in resolve_partition(p, labels)]
+        own = sorted(n for b in names for n in b)
         if p.models is not None:
             if len(p.models) != len(names):
                 raise ValueError(f"partition {p.name!r} gives {len(p.models)} teacher models for {len(names)} blocks")
             for i, (m, b) in enumerate(zip(p.models, names)):
                 check_teacher_labels(m, b, f"partition {p.name!r}, teacher {i}")
-        parts.append(Partition(p.name, names, [[labels.index(n) for n in b] for b in names], p.models))
-    union = len(labels)
-    if cfg.student.num_labels is not None and cfg.student.num_labels != union:
-        raise ValueError(f"student.num_labels={cfg.student.num_labels}, but the teachers' classes together are {union} "
-                         f"({labels}); set student.num_labels={union} or leave it empty")
+        parts.append(Partition(p.name, names, [[own.index(n) for n in b] for b in names], p.models, own))
+        union = len(own)
+        if cfg.student.num_labels is not None and cfg.student.num_labels != union:
+            raise ValueError(f"student.num_labels={cfg.student.num_labels}, but the teachers' classes of partition {p.name!r} together "
+                             f"are {union} ({own}); set student.num_labels={union} or leave it empty")
     if cfg.teacher.model:
         raise ValueError("teacher.model is not used by muki (each partition's teachers are fine-tuned on their blocks); "
                          "give finished teachers as partitions[].models instead")
     return parts
 
 
-def prepare_teachers(cfg: MukiConfig, train: list[Document], parts: list[Partition]) -> tuple[dict[str, list[str]], str | None]:
+def prepare_teachers(cfg: MukiConfig, train: list[Document], parts: list[Partition]) -> tuple[dict[str, list[str]], dict[str, str]]:
     """Each partition's teacher folders (fine-tuned on its block's training articles only, or
-    the given ones), and the oracle's (all classes) when ``cfg.oracle``.
+    the given ones), and, when ``cfg.oracle``, an oracle per partition (all of its classes; one
+    fine-tuning per distinct class set).
 
     Returns:
-        ``({partition name: [folder per teacher]}, oracle folder or None)``.
+        ``({partition name: [folder per teacher]}, {partition name: oracle folder})``.
     """
     from raykd.teacher.finetune import finetune_classifier
 
@@ -123,6 +127,8 @@ def prepare_teachers(cfg: MukiConfig, train: list[Document], parts: list[Partiti
             path = finetune_classifier(cfg.teacher, own, block, cfg.data.seq_len)
             check_teacher_labels(path, block, f"partition {part.name!r}, teacher {i}")
             folders[part.name].append(str(path))
-    labels = sorted({d.label for d in train})
-    oracle = str(finetune_classifier(cfg.teacher, train, labels, cfg.data.seq_len)) if cfg.oracle else None
-    return folders, oracle
+    oracles = {}
+    for part in parts if cfg.oracle else []:
+        own = [d for d in train if d.label in set(part.labels)]
+        oracles[part.name] = str(finetune_classifier(cfg.teacher, own, part.labels, cfg.data.seq_len))  # cached: one per class set
+    return folders, oracles

@@ -27,25 +27,53 @@ def write_results(output_dir: Path, results: dict[str, Any]) -> Path:
     return path
 
 
+def selection_markdown(sel: dict[str, Any], teachers: list[list[str]]) -> list[str]:
+    """The selection report of a partition (before any student trains) as markdown lines."""
+    mc = sel.get("muki_score_mc")
+    out = [f"Before any student trains ({sel['articles']} train articles): MUKI's score picks the teacher that knows the article for "
+           + (f"**{mc:.3f}** (MC dropout), " if mc is not None else "")
+           + f"{sel['muki_score_single_pass']:.3f} (one deterministic pass); the raw maximum logit for **{sel['max_logit']:.3f}**.", "",
+           f"| teacher | owns | wins ({'MC' if mc is not None else 'single-pass'} score) | certainty on own | on foreign | AUROC own vs foreign"
+           " | max-logit AUROC |", "|---|---|---|---|---|---|---|"]
+    for i, (names, t) in enumerate(zip(teachers, sel["teachers"])):
+        out.append(f"| {i}: {{{', '.join(names)}}} | {t['own_share']:.3f} | {t['wins']:.3f} | {t['certainty_own']:.3f} | "
+                   f"{t['certainty_foreign']:.3f} | {t['auroc']:.3f} | {t['max_logit_auroc']:.3f} |")
+    return out + [""]
+
+
 def table_markdown(results: dict[str, Any]) -> str:
-    """One markdown table per partition: test accuracy over all classes and per subset."""
+    """Per partition: the selection report, then one table of test accuracy over all classes and
+    per subset, with each row's wall time."""
     out = []
     for part in results["partitions"]:
         subsets = [" + ".join(b) for b in part["teachers"]]
         out.append(f"**Partition `{part['name']}`**: " + " | ".join(f"teacher {i}: {{{s}}}" for i, s in enumerate(subsets)))
         out.append("")
-        out.append("| row | test acc (all classes) | " + " | ".join(f"acc on teacher {i}'s classes" for i in range(len(subsets)))
-                   + " | target arg-max = gold (train) | most certain teacher = gold class's teacher (train) |")
-        out.append("|---|---|" + "---|" * len(subsets) + "---|---|")
+        if part.get("selection"):
+            out += selection_markdown(part["selection"], part["teachers"])
+        out.append("| row | test acc (all classes) | 95% CI | " + " | ".join(f"acc on teacher {i}'s classes" for i in range(len(subsets)))
+                   + " | target arg-max = gold (train) | most certain teacher = gold class's teacher (train) | wall s per seed |")
+        out.append("|---|---|---|" + "---|" * len(subsets) + "---|---|---|")
         for r in part["rows"]:
-            picks, target = r.get("score_picks_gold_teacher"), r.get("train_target_acc")
-            out.append(f"| {r['row']} | {_cell(r['overall'])} | " + " | ".join(_cell(x) for x in r["subsets"])
-                       + f" | {'-' if target is None else f'{target:.3f}'} | {'-' if picks is None else f'{picks:.3f}'} |")
+            picks, target, wall, ci = r.get("score_picks_gold_teacher"), r.get("train_target_acc"), r.get("wall_s"), r.get("ci95")
+            out.append(f"| {r['row']} | {_cell(r['overall'])} | {'-' if not ci else f'{ci[0]:.3f} to {ci[1]:.3f}'} | "
+                       + " | ".join(_cell(x) for x in r["subsets"])
+                       + f" | {'-' if target is None else f'{target:.3f}'} | {'-' if picks is None else f'{picks:.3f}'} | "
+                       + (f"{np.mean(wall):.0f}" if wall else "-") + " |")
         out.append("")
+    if results.get("partial"):
+        out.append(f"**Partial run: all rows have seeds {results.get('seeds_done')} of {results['config']['seeds']}; a row may have "
+                   "more (its `seeds` in the JSON); rows without a value had no student finished.**")
     n = results.get("split_sizes", {})
     if n:
-        out.append(f"Test accuracy on {n.get('test')} held-out articles; mean +/- std over seeds {results['config']['seeds']} "
-                   f"(teachers and the oracle are deterministic: one value). Train {n.get('train')}, dev {n.get('dev')} articles.")
+        out.append(f"Test accuracy on {n.get('test')} held-out articles (fewer in a partition that leaves classes out); mean +/- std over "
+                   f"seeds {results['config']['seeds']} (teachers and the oracle are deterministic: one value). Train {n.get('train')}, "
+                   f"dev {n.get('dev')} articles. 95% CI: percentile bootstrap over the test articles of the accuracy averaged over the seeds.")
+    cost = results.get("costs", {}).get("encoder_mc_cost")
+    if cost:
+        out.append("Monte-Carlo dropout over the whole encoder, timed per teacher on a sample: " + "; ".join(
+            f"{name.rsplit('-', 2)[-2]}-{name.rsplit('-', 1)[-1]}: {c['articles']} articles, one pass {c['deterministic_s']} s, "
+            f"{results['config']['mc']['passes']} passes {c['encoder_mc_s']} s" for name, c in cost.items()) + ".")
     return "\n".join(out)
 
 
