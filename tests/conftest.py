@@ -39,6 +39,21 @@ def make_corpus(n_docs: int, seed: int = 0) -> list[dict[str, str]]:
     return docs
 
 
+def build_word_tokenizer(texts):
+    """A BERT-style WordPiece tokenizer whose vocabulary is the specials then every distinct
+    lower-cased word of ``texts``, sorted: the same ids in every process. (``WordPieceTrainer``
+    breaks frequency ties in hash order, so a trained tiny vocabulary differs run to run.)"""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    words = sorted({w for t in texts for w, _ in pre_tokenizers.BertPreTokenizer().pre_tokenize_str(t.lower())})
+    core = Tokenizer(models.WordPiece({w: i for i, w in enumerate(specials + words)}, unk_token="[UNK]"))
+    core.normalizer = normalizers.BertNormalizer(lowercase=True)
+    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+
+
 def build_tiny_model(
     folder: Path, *, num_layers: int = 4, seed: int = 0, vocab_size: int = 320, metaspace: bool = False,
     **config_overrides: Any

@@ -29,14 +29,11 @@ def make_labeled_docs(n: int = 66, seed: int = 0, topic_share: float = 0.5) -> l
 def build_tiny_classifier(folder, labels, seed: int = 0):
     """A tiny random BertForSequenceClassification with a WordPiece tokenizer, saved to ``folder``."""
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import BertConfig, BertForSequenceClassification
 
-    core = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    core.normalizer = normalizers.BertNormalizer(lowercase=True)
-    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    core.train_from_iterator([d.text for d in make_labeled_docs()], trainers.WordPieceTrainer(vocab_size=80, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"], show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+    from tests.conftest import build_word_tokenizer
+
+    tok = build_word_tokenizer([d.text for d in make_labeled_docs()])
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
                      max_position_embeddings=64, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})

@@ -31,14 +31,11 @@ def _docs(n: int = 100, seed: int = 0) -> list[Document]:
 def _tiny_encoder(folder, docs):
     """A tiny random BertModel (no head: teachers and student get theirs) and a WordPiece tokenizer."""
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from transformers import BertConfig, BertModel
 
-    core = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    core.normalizer = normalizers.BertNormalizer(lowercase=True)
-    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    core.train_from_iterator([d.text for d in docs], trainers.WordPieceTrainer(vocab_size=80, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"], show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+    from tests.conftest import build_word_tokenizer
+
+    tok = build_word_tokenizer([d.text for d in docs])
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
                          max_position_embeddings=64)).save_pretrained(folder)

@@ -161,7 +161,7 @@ def test_ta_chain_on_a_tiny_encoder(tmp_path):
     rng = np.random.default_rng(0)
 
     def split(n):
-        return {"input_ids": rng.integers(4, 60, (n, 8)), "attention_mask": np.ones((n, 8), dtype=np.int64),
+        return {"input_ids": rng.integers(4, teacher.config.vocab_size, (n, 8)), "attention_mask": np.ones((n, 8), dtype=np.int64),
                 "label": rng.integers(0, 3, n), "teacher_logits": rng.normal(size=(n, 3)).astype(np.float32)}
 
     splits = {"train": split(16), "dev": split(6), "test": split(6)}
@@ -189,7 +189,7 @@ def test_layer_dropped_student_on_the_classifier_path(tmp_path):
     rng = np.random.default_rng(1)
 
     def split(n):
-        return {"input_ids": rng.integers(4, 60, (n, 8)), "attention_mask": np.ones((n, 8), dtype=np.int64),
+        return {"input_ids": rng.integers(4, teacher.config.vocab_size, (n, 8)), "attention_mask": np.ones((n, 8), dtype=np.int64),
                 "label": rng.integers(0, 3, n), "teacher_logits": rng.normal(size=(n, 3)).astype(np.float32)}
 
     splits = {"train": split(16), "dev": split(6), "test": split(6)}
