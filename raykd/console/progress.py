@@ -198,6 +198,12 @@ def train_progress(name: str, total_steps: int) -> Any:
     return StepProgress()
 
 
+def progress_count(name: str) -> float | None:
+    """The count shown by the bar :func:`train_progress` opened for ``name`` (None: no such bar)."""
+    bar = _named_bars.get(name)
+    return None if bar is None else bar.bar.n
+
+
 def finish_progress(name: str, final: dict[str, Any] | None = None, steps: int | None = None) -> bool:
     """Close the bar :func:`train_progress` opened for ``name``, at ``steps`` and showing
     ``final`` numbers; False when there was none."""

@@ -26,6 +26,7 @@ from raykd.train.loop import (
 )
 from raykd.train.failures import training_failure
 from raykd.train.parallel import SHARDED_DIR, export_sharded
+from raykd.watchdog import StallWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,26 @@ def soft_label_dataset(shard_files: list[str], shuffle: bool, seed: int, num_tea
         teacher_column(i, name) for i in range(num_teachers) for name in LABEL_COLUMNS]
     fs, _ = storage.resolve(shard_files[0], setting="labels.cache_dir")
     paths = [storage.resolve(f)[1] for f in shard_files]
-    ds = ray.data.read_parquet(paths, columns=columns, num_cpus=DATA_CPUS, filesystem=fs)
+    # One block per shard, read by a task of DATA_CPUS. Not `ray.data.read_parquet`: from Ray 2.60 it
+    # first runs a `ListFiles` task that always reserves 1 CPU whatever `num_cpus` says, and on a
+    # 2-CPU node whose teacher serves during training (on-policy, live fill) beside a 1-CPU worker
+    # that task never schedules and step 0 waits forever. The shards are known from the manifest,
+    # so nothing needs listing.
+    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths)).map_batches(
+        functools.partial(_read_shards, columns=columns, filesystem=fs), batch_size=None,
+        batch_format="pyarrow", num_cpus=DATA_CPUS)
     if shuffle:
         ds = ds.randomize_block_order(seed=seed)
     return decoded(ds, num_teachers)
+
+
+def _read_shards(batch, columns: list[str], filesystem) -> "pyarrow.Table":
+    """The rows of the shards named in ``batch["path"]``, in order (a Ray Data map function)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(p, columns=columns, filesystem=filesystem)
+                             for p in batch.column("path").to_pylist()])
 
 
 def decoded(rows, num_teachers: int = 1):
@@ -354,7 +371,8 @@ def train_student(
     )
     start = time.perf_counter()
     try:
-        result = trainer.fit()
+        with StallWatchdog(lambda: console.progress_count(name), f"student {name!r}"):
+            result = trainer.fit()
     except TrainingFailedError as e:  # one line on the console; the worker's traceback goes to raykd.log
         raise training_failure(name, e, storage.join(str(storage_path), name), max_steps=cfg.max_steps,
                                max_failures=cfg.max_failures) from e

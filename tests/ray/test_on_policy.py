@@ -23,17 +23,51 @@ STEPS = 3
 ROWS = 4  # tiny_distill_config's batch (one micro-batch per step, local mode)
 
 
+@pytest.fixture
+def two_free_cpus(request, ray_start):
+    """For ``gkd``: an actor holds all but 2 of the cluster's free CPUs, so the run meets the
+    2-core laptop the README's command runs on (teacher replica, Train worker and cache reads
+    together); the other methods run as they are."""
+    import ray
+
+    if request.node.callspec.params["method"] != "gkd":
+        yield
+        return
+
+    @ray.remote
+    class CpuHolder:
+        def ready(self) -> bool:
+            return True
+
+    holder = CpuHolder.options(num_cpus=ray.available_resources()["CPU"] - 2).remote()
+    ray.get(holder.ready.remote())
+    yield
+    ray.kill(holder)
+
+
 @pytest.mark.parametrize("method", ON_POLICY)
-def test_on_policy_method_trains_on_samples_scored_by_the_served_teacher(method, ray_start, tiny_labeled, tmp_path):
+def test_on_policy_method_trains_on_samples_scored_by_the_served_teacher(method, ray_start, tiny_labeled, tmp_path,
+                                                                         two_free_cpus, monkeypatch):
+    """gkd runs with the shipped resource settings on 2 free CPUs: a Train worker of 1 CPU (not
+    local mode) beside the teacher replica of 0.5 (issue 28: step 0 waited forever, Ray Data's
+    file listing asked for the last whole CPU); a stall would end in StalledError after 120 s."""
     from raykd.teacher.deployment import running_teacher
 
     cfg0, _, _, _ = tiny_labeled
-    shipped = load_config(DistillConfig, get_method(method).config_path).on_policy
+    shipped_cfg = load_config(DistillConfig, get_method(method).config_path)
+    shipped = shipped_cfg.on_policy
     on_policy = {**shipped.model_dump(), "prompt_tokens": 8, "max_new_tokens": 8, "teacher_batch": 2}
+    train = {"max_steps": STEPS, "checkpoint_every": STEPS}
+    teacher = {}
     if method == "distillm":  # every step on-policy, so the buffer fills after one step and is reused
         on_policy.update(on_policy_share=1.0, replay_size=ROWS, replay_share=0.5)
+    else:
+        train.update(num_workers=shipped_cfg.train.num_workers, cpus_per_worker=shipped_cfg.train.cpus_per_worker)
+        teacher.update(num_cpus=shipped_cfg.teacher.num_cpus)
+        assert shipped_cfg.train.num_workers == 1 and shipped_cfg.ray.num_cpus is None  # the shipped: a worker, the machine's CPUs
+        monkeypatch.setenv("RAYKD_STALL_TIMEOUT_S", "120")
     cfg = method_config(method, cfg0.teacher.model, cfg0.data.path, cfg0.labels.cache_dir, on_policy=on_policy,
-                        train={"max_steps": STEPS, "checkpoint_every": STEPS})
+                        train=train, **({"teacher": teacher} if teacher else {}))
     report = main_distill(cfg, tmp_path)
     (student,) = report["students"]
     entry, split = report[student], report[student]["time_split"]

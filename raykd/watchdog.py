@@ -1,0 +1,161 @@
+"""A run that stops moving while Ray cannot schedule what it waits for ends with ``error:``.
+
+Ray queues a task, actor or placement group whose resources are not free and waits for them
+without a word, e.g. a Ray Data task of 1 CPU on a 2-CPU node whose teacher replica and Train
+worker hold 1.5. :class:`StallWatchdog` watches a progress count (a bar's steps or rows) beside
+Ray's pending demands (its state API: tasks waiting for a node, actors waiting to be created,
+placement groups waiting for bundles). When the count has not moved for ``timeout_s`` and
+demands are pending, it interrupts the main thread, and the block raises :class:`StalledError`
+naming each demand and what holds the resources.
+
+The timeout is ``$RAYKD_STALL_TIMEOUT_S`` (300 s by default): a queue that other jobs will free
+is worth waiting for, one that nothing will free is not, and raykd cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from raykd.console import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 300.0
+TIMEOUT_ENV = "RAYKD_STALL_TIMEOUT_S"
+
+
+class StalledError(UserError):
+    """No progress for the stall timeout while Ray had demands it could not schedule."""
+
+
+def stall_timeout_s() -> float:
+    """Seconds without progress (with demands pending) before a run gives up: ``$RAYKD_STALL_TIMEOUT_S``
+    or 300. Raises ValueError for a value that is not a positive number."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise ValueError(f"${TIMEOUT_ENV}={raw!r}: give a positive number of seconds")
+    return value
+
+
+def _resources(required: dict[str, Any] | None) -> str:
+    """``{"CPU_group_0_ab12": 1, "CPU_group_ab12": 1, "memory": ..}`` -> ``"CPU: 1"``: a placement
+    group's copies of one resource shown once, bookkeeping resources left out."""
+    shown: dict[str, float] = {}
+    for key, amount in (required or {}).items():
+        if key.startswith(("node:", "bundle_group", "memory", "object_store")) or not amount:
+            continue
+        base = key.split("_group_")[0]
+        shown[base] = max(shown.get(base, 0.0), float(amount))
+    return ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) or "no resources"
+
+
+def _state(fn: Callable[..., list], **filters: Any) -> list:
+    import ray
+
+    # the connected cluster's state API (another local cluster on the machine must not answer)
+    return fn(address=ray.get_runtime_context().gcs_address, filters=[(k, "=", v) for k, v in filters.items()],
+              detail=True, limit=1000, raise_on_missing_output=False)
+
+
+def pending_demands() -> list[str]:
+    """What Ray has not scheduled yet, each as ``"what (CPU: 1)"``: tasks waiting for a node,
+    actors waiting to be created, placement groups waiting for their bundles. Empty when none
+    are pending or the state API does not answer (no dashboard)."""
+    from ray.util.state import list_actors, list_placement_groups, list_tasks
+
+    try:
+        tasks = _state(list_tasks, state="PENDING_NODE_ASSIGNMENT")
+        actors = _state(list_actors, state="PENDING_CREATION")
+        groups = _state(list_placement_groups, state="PENDING")
+    except Exception:  # noqa: BLE001 - no state API: nothing known to be pending
+        return []
+    out = [f"task {t.name} ({_resources(t.required_resources)})" for t in tasks]
+    out += [f"actor {a.class_name} ({_resources(a.required_resources)})" for a in actors]
+    for g in groups:
+        bundles = "; ".join(_resources(b.get("unit_resources")) for b in (g.bundles or []))
+        out.append(f"placement group {g.name or g.placement_group_id[:8]} ({bundles})")
+    return out
+
+
+def resource_holders() -> list[str]:
+    """Live actors that reserve resources, each as ``"class (CPU: 0.5)"`` (empty when the state
+    API does not answer)."""
+    from ray.util.state import list_actors
+
+    try:
+        actors = _state(list_actors, state="ALIVE")
+    except Exception:  # noqa: BLE001
+        return []
+    return [f"{a.class_name} ({_resources(a.required_resources)})" for a in actors
+            if _resources(a.required_resources) != "no resources"]
+
+
+class StallWatchdog:
+    """Context manager: raise :class:`StalledError` from the block when ``progress()`` has not
+    changed for ``timeout_s`` while Ray has pending demands.
+
+    Args:
+        progress: returns a count that grows while the work moves (steps, rows); polled.
+        what: the work, for the message (e.g. ``"student 'gkd'"``).
+        timeout_s: seconds without progress; None: :func:`stall_timeout_s`.
+        poll_s: seconds between polls.
+
+    Raises:
+        StalledError: on exit, when the watchdog interrupted the block.
+
+    It watches only when entered from the main thread (the one a SIGINT interrupts); elsewhere,
+    e.g. in a Tune trial's thread, it does nothing.
+    """
+
+    def __init__(self, progress: Callable[[], float | None], what: str, timeout_s: float | None = None,
+                 poll_s: float = 5.0):
+        self.progress, self.what = progress, what
+        self.timeout_s = stall_timeout_s() if timeout_s is None else timeout_s
+        self.poll_s = min(poll_s, self.timeout_s / 4)
+        self.message: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="raykd-stall-watchdog", daemon=True)
+
+    def __enter__(self) -> StallWatchdog:
+        if threading.current_thread() is threading.main_thread():  # it interrupts the main thread only
+            self._thread.start()
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.poll_s + 5)
+        if self.message is not None and (kind is None or issubclass(kind, KeyboardInterrupt)):
+            raise StalledError(self.message) from None
+
+    def _watch(self) -> None:
+        last, since = self.progress(), time.monotonic()
+        while not self._stop.wait(self.poll_s):
+            now = self.progress()
+            if now != last:
+                last, since = now, time.monotonic()
+                continue
+            if time.monotonic() - since < self.timeout_s or not (demands := pending_demands()):
+                continue
+            holders = resource_holders()
+            self.message = (
+                f"{self.what} made no progress for {self.timeout_s:g} s while Ray could not schedule: "
+                f"{'; '.join(demands)}. Resources are held by: {'; '.join(holders) or 'nothing raykd can see'}. "
+                "Free them (stop a teacher you do not need: `raykd teacher down NAME`), reserve less "
+                "(`teacher.num_cpus`, `train.cpus_per_worker`) or start Ray with more (`ray.num_cpus`); "
+                f"${TIMEOUT_ENV} sets how long to wait. What was written is kept: the same command resumes.")
+            log.error("%s", self.message, extra={"console": False})
+            os.kill(os.getpid(), signal.SIGINT)  # a KeyboardInterrupt in the main thread, even inside ray.get
+            return
