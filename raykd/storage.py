@@ -226,22 +226,31 @@ def remote_args() -> dict[str, Any]:
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
+def seconds_from_env(name: str, default: float, error: type[Exception] = ValueError) -> float:
+    """A positive number of seconds from environment variable ``name`` (``default`` when unset).
+
+    Raises:
+        error: the variable is not a number of seconds above 0.
+    """
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise error(f"{name}={raw!r} must be a number of seconds above 0")
+    return seconds
+
+
 def probe_timeout_s() -> float:
     """Seconds :func:`check` waits for a location to answer: ``$RAYKD_STORAGE_TIMEOUT_S``, else 30.
 
     Raises:
         StorageError: the variable is not a number of seconds above 0.
     """
-    raw = os.environ.get(PROBE_TIMEOUT_ENV)
-    if raw is None:
-        return DEFAULT_PROBE_TIMEOUT_S
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = 0.0
-    if not seconds > 0:
-        raise StorageError(f"{PROBE_TIMEOUT_ENV}={raw!r} must be a number of seconds above 0")
-    return seconds
+    return seconds_from_env(PROBE_TIMEOUT_ENV, DEFAULT_PROBE_TIMEOUT_S, StorageError)
 
 
 def _within(seconds: float, call: Any) -> Any:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from raykd.console import UserError
+from raykd.storage import seconds_from_env
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +38,7 @@ class StalledError(UserError):
 def stall_timeout_s() -> float:
     """Seconds without progress (with demands pending) before a run gives up: ``$RAYKD_STALL_TIMEOUT_S``
     or 300. Raises ValueError for a value that is not a positive number."""
-    raw = os.environ.get(TIMEOUT_ENV)
-    if raw is None:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise ValueError(f"${TIMEOUT_ENV}={raw!r}: give a positive number of seconds")
-    return value
+    return seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
 
 
 def _resources(required: dict[str, Any] | None) -> str:

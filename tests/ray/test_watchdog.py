@@ -54,7 +54,7 @@ def test_the_timeout_setting_is_checked(monkeypatch):
     from raykd.watchdog import stall_timeout_s
 
     monkeypatch.setenv("RAYKD_STALL_TIMEOUT_S", "0")
-    with pytest.raises(ValueError, match="RAYKD_STALL_TIMEOUT_S='0': give a positive number"):
+    with pytest.raises(ValueError, match="RAYKD_STALL_TIMEOUT_S='0' must be a number of seconds above 0"):
         stall_timeout_s()
     monkeypatch.setenv("RAYKD_STALL_TIMEOUT_S", "12.5")
     assert stall_timeout_s() == 12.5
