@@ -128,7 +128,8 @@ class DataConfig(Strict):
         if isinstance(values, dict):
             for name, instead in _REPLACED_DATA_FIELDS.items():
                 if name in values:
-                    raise ValueError(f"data.{name} was replaced by {instead}; see the README's 'Running at scale'")
+                    raise ValueError(f"data.{name} was replaced by {instead}; see docs/running-at-scale.md, "
+                                     "'Splits and samples by hash'")
         return values
 
     @field_validator("splits")
