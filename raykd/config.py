@@ -43,7 +43,7 @@ Seeds = Annotated[list[int], AfterValidator(_distinct_seeds)]
 class Strict(BaseModel):
     """Base of every raykd settings model: unknown fields are refused, assignments validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 def default_cache_root() -> Path:
@@ -128,7 +128,8 @@ class DataConfig(Strict):
         if isinstance(values, dict):
             for name, instead in _REPLACED_DATA_FIELDS.items():
                 if name in values:
-                    raise ValueError(f"data.{name} was replaced by {instead}; see the README's 'Running at scale'")
+                    raise ValueError(f"data.{name} was replaced by {instead}; see docs/running-at-scale.md, "
+                                     "'Splits and samples by hash'")
         return values
 
     @field_validator("splits")
@@ -202,6 +203,8 @@ class TeacherConfig(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights and compute dtype of the teacher."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device of the teacher replica: ``auto`` (CUDA when torch sees a GPU, else CPU), ``cpu``, or
+    ``cuda`` (fails when torch sees none)."""
     num_threads: int | None = Field(default=None, ge=1)
     """Torch intra-op threads of the replica (None: all cores of the node)."""
     num_replicas: int = Field(default=1, ge=1)
@@ -283,6 +286,7 @@ class ClassifierTeacherConfig(Strict):
     """Fine-tuning epochs over the teacher's articles (``ceil(epochs * N / batch_size)`` steps)
     instead of ``steps``."""
     batch_size: int = Field(default=16, ge=1)
+    """Articles per fine-tuning step (>= 1)."""
     lr: float = Field(default=1e-4, gt=0)
     """AdamW learning rate of the fine-tuning."""
     weight_decay: float = Field(default=0.01, ge=0)
@@ -296,6 +300,7 @@ class ClassifierTeacherConfig(Strict):
     freeze_embeddings: bool = True
     """Keep the word embeddings fixed (they are not pruned either; much faster on CPU)."""
     seed: int = 0
+    """Seed of the classification head's initialisation and of the fine-tuning batch order."""
     name: str = "bbc-classifier"
     """Serve application name of the teacher."""
     num_threads: int | None = Field(default=None, ge=1)
@@ -502,6 +507,7 @@ class ChainConfig(Strict):
     """The teacher assistants between the teacher and the student, in order (largest first)."""
 
     assistants: list[AssistantConfig] = Field(min_length=1)
+    """The assistants, largest first (at least one); each is trained from the one before it."""
 
 
 class AgnosticStageConfig(Strict):
@@ -556,6 +562,8 @@ class TrainConfig(Strict):
     driver process, with no worker actors to start (fastest for small runs and tests) and no
     recovery from worker failures (``max_failures`` does not apply)."""
     use_gpu: bool = False
+    """One GPU per Ray Train worker (refused before any work when the cluster has none; ignored with
+    ``num_workers=0``, where the loop runs in the driver)."""
     cpus_per_worker: float = Field(default=1.0, gt=0)
     """Logical CPUs Ray reserves per worker (leave room for Ray Data's read tasks)."""
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
@@ -570,7 +578,10 @@ class TrainConfig(Strict):
     batch_size: int = Field(default=8, ge=1)
     """Global batch (sequences per optimizer step, summed over workers)."""
     grad_accum: int = Field(default=1, ge=1)
+    """Micro-batches per optimizer step (>= 1); each worker's share of ``batch_size`` is split into this
+    many, so the step's batch stays ``batch_size``."""
     max_steps: int = Field(default=150, ge=1)
+    """Optimizer steps to train (>= 1); a resumed run continues up to this step."""
     schedule_steps: int | None = Field(default=None, ge=1)
     """Steps the learning-rate schedule and ``phases`` span (None: ``max_steps``). A run that is
     trained in segments (a Tune trial evaluated between them, resumed by name each time) sets it
@@ -580,14 +591,24 @@ class TrainConfig(Strict):
     bucket, exactly: :func:`raykd.losses.targets.truncate_topk`); None: all of them. Lets runs with
     several k read one cache labeled at the largest."""
     lr: float = Field(default=3e-4, gt=0)
+    """Peak AdamW learning rate (> 0), reached after ``warmup_steps`` and decayed by a cosine to 0.1 of
+    it at ``schedule_steps``."""
     weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW weight decay (>= 0; 0: none)."""
     warmup_steps: int = Field(default=10, ge=0)
+    """Optimizer steps of linear learning-rate warm-up (>= 0; 0: start at ``lr``)."""
     max_grad_norm: float | None = Field(default=1.0, gt=0)
+    """Clip the global gradient norm to this (> 0) before each step; None: no clipping."""
     autocast: Literal["auto", "off", "bf16", "fp16"] = "auto"
     """Mixed precision: ``auto`` uses bf16 autocast on GPU and none on CPU."""
     checkpoint_every: int = Field(default=50, ge=1)
+    """Optimizer steps between checkpoints (>= 1; the last step is always checkpointed). A resumed run
+    restarts from the latest one."""
     log_every: int = Field(default=10, ge=1)
+    """Optimizer steps between logged (and reported) metric lines (>= 1; the last step is always logged)."""
     seed: int = 0
+    """Seed of torch (student initialisation, dropout, sampling), of the shuffle order and of the
+    multi-teacher rules; the same seed and data give the same run."""
     max_failures: int = Field(default=0, ge=-1)
     """Worker failures Ray Train recovers from (from the last checkpoint); -1: unlimited. Shipped
     at 0 on purpose: on one machine a worker fails mostly for a reason a restart repeats (out of
@@ -702,22 +723,28 @@ class TrackingConfig(Strict):
 
 class EvalConfig(Strict):
     batch_size: int = Field(default=16, ge=1)
+    """Sequences per forward pass of the held-out evaluation (>= 1; memory, not results)."""
 
 
 class DistillConfig(Strict):
     """The main job: teacher -> soft-label cache -> students -> evaluation and report."""
 
     run_name: str = "distill"
+    """Name of the run in the report's title and JSON (and the prefix of a chain's stage runs)."""
     method: str = "kd"
     """Distillation method (see ``raykd methods``); it names how the sections below compose
     and is checked against them before any work starts."""
     ray: RayConfig = Field(default_factory=RayConfig)
+    """How to reach Ray (a new local Ray by default)."""
     data: DataConfig = Field(default_factory=DataConfig)
+    """The text, its splits and sample, and how it is cut into blocks."""
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    """The teacher model and the Serve deployment that labels the data."""
     extra_teachers: list[TeacherConfig] = Field(default_factory=list)
     """More teachers for the multi-teacher methods; each labels the same data into its own
     cache (keyed by its own fingerprint) and the caches are joined by row."""
     multi_teacher: MultiTeacherConfig = Field(default_factory=MultiTeacherConfig)
+    """Weighting settings of the multi-teacher methods (used with ``extra_teachers``)."""
     generation: GenerationConfig | None = None
     """Teacher generations as training text (``seqkd``)."""
     chain: ChainConfig | None = None
@@ -728,10 +755,15 @@ class DistillConfig(Strict):
     """Train on the student's own samples scored by the served teacher (``gkd``, ``distillm``,
     ``minillm``)."""
     labels: SoftLabelConfig = Field(default_factory=SoftLabelConfig)
+    """Soft labels: top-``k``, temperature, labeling parallelism, and the cache location."""
     student: StudentConfig = Field(default_factory=StudentConfig)
+    """How the student is built (layer drop or a pretrained model, vocabulary compression)."""
     train: TrainConfig = Field(default_factory=TrainConfig)
+    """The students' objectives and the Ray Train settings shared by all of them."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Held-out evaluation of the teacher and the students."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Optional MLflow logging of the step metrics."""
 
     @model_validator(mode="after")
     def _objectives_known(self) -> DistillConfig:

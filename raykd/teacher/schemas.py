@@ -100,7 +100,9 @@ class TextPart(Strict):
     """One part of a list-form message ``content`` (OpenAI's ``{"type": "text", "text": ...}``)."""
 
     type: Literal["text"]
+    """Part type; only ``"text"`` (the teacher reads text only)."""
     text: str
+    """The part's text."""
 
 
 class ChatMessage(Strict):
@@ -111,7 +113,9 @@ class ChatMessage(Strict):
     """
 
     role: str
+    """Speaker of the turn (``system``, ``user``, ``assistant``, ...), passed to the chat template."""
     content: str | list[TextPart]
+    """The turn's text, or a list of text parts joined in order."""
     name: str | None = None
     """Accepted as OpenAI clients send it; not rendered."""
 
@@ -155,11 +159,13 @@ class GenerateRequest(Strict):
     prompts: list[str | list[ChatMessage]] = Field(min_length=1)
     """Text prompts, or chat conversations (lists of ``{"role", "content"}``)."""
     max_new_tokens: int = Field(default=64, ge=1)
+    """Most new tokens per completion (>= 1)."""
     temperature: float = Field(default=0.0, ge=0)
     """0 is greedy decoding."""
     k: int = Field(default=8, ge=1)
     """Top-k size ``K`` of the returned log-probabilities."""
     seed: int | None = None
+    """Sampling seed (None: unseeded; no effect when greedy)."""
     top_p: float = Field(default=1.0, gt=0, le=1)
     """Nucleus sampling mass (1: off; ignored when greedy)."""
     stop: list[str] | None = None
@@ -172,11 +178,15 @@ class CompletionRequest(Strict):
     model: str | None = None
     """Must be the teacher's name when given."""
     prompt: str | list[str]
+    """One prompt or a non-empty list of prompts (one choice each)."""
     max_tokens: int = Field(default=16, ge=1)
+    """Most new tokens per completion (>= 1)."""
     temperature: float = Field(default=1.0, ge=0)
+    """Sampling temperature (>= 0; 0 is greedy decoding)."""
     logprobs: int | None = Field(default=None, ge=0)
     """Top log-probabilities returned per generated token (None: no logprobs)."""
     seed: int | None = None
+    """Sampling seed (None: unseeded; no effect when greedy)."""
     stop: str | list[str] | None = None
     """Up to 4 strings; the completion ends before the first one (which is not returned)."""
     top_p: float = Field(default=1.0, gt=0, le=1)
@@ -218,6 +228,7 @@ class ChatCompletionRequest(Strict):
     model: str | None = None
     """Must be the teacher's name when given."""
     messages: list[ChatMessage] = Field(min_length=1)
+    """The conversation so far (at least one message), rendered by the teacher's chat template."""
     max_tokens: int | None = Field(default=None, ge=1)
     """Most new tokens (OpenAI's older name of ``max_completion_tokens``)."""
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -225,6 +236,7 @@ class ChatCompletionRequest(Strict):
     temperature: float = Field(default=1.0, ge=0)
     """0 is greedy decoding."""
     seed: int | None = None
+    """Sampling seed (None: unseeded; no effect when greedy)."""
     logprobs: bool = False
     """Return the log-probability of each generated token."""
     top_logprobs: int | None = Field(default=None, ge=0, le=20)

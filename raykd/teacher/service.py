@@ -44,6 +44,7 @@ class ProxyConfig(Strict):
     host: str = "127.0.0.1"
     """Interface to bind; ``0.0.0.0`` exposes the teachers beyond this machine (set a token)."""
     port: int = Field(default=8000, ge=1, le=65535)
+    """TCP port of the proxy (1-65535); every teacher's routes share it."""
 
 
 class ServedTeacher(Strict):
@@ -105,6 +106,8 @@ class TeacherServiceConfig(Strict):
     recorded one if alive, else a new one started with ``ray start --head`` in its own temp dir,
     so the teachers outlive the command); ``ray.num_cpus``: CPUs of a new one."""
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    """Host and port of Serve's HTTP proxy (used when a teacher has ``http.enabled``; an already
+    running proxy keeps its own and a warning says so)."""
     teachers: list[ServedTeacher] = Field(min_length=1)
     """One entry per named teacher."""
 

@@ -133,18 +133,25 @@ class LoopConfig(Strict):
     combine: str | None = None
     """Multi-teacher rule (:mod:`raykd.losses.multi_teacher`), None for one teacher."""
     num_teachers: int = Field(default=1, ge=1)
+    """Teachers whose labels the joined cache holds (>= 1; ``combine`` mixes them when above 1)."""
     weight_temperature: float = Field(default=1.0, gt=0)
+    """Softness of the per-example teacher weights (> 0; ``multi_teacher.weight_temperature``)."""
     policy_lr: float = Field(default=0.05, gt=0)
+    """Learning rate of the ``policy`` teacher-selection rule (> 0; ``multi_teacher.policy_lr``)."""
     mlflow_uri: str | None = None
     """Log every step's metrics to this MLflow tracking URI (Ray's ``setup_mlflow``), or None."""
     mlflow_experiment: str = "raykd"
+    """MLflow experiment of the run (``tracking.experiment``); used only with ``mlflow_uri``."""
     online_teacher: str | None = None
     """Folder of a teacher run in the worker for dense targets (``train.online_teacher``), or None."""
     on_policy: OnPolicyConfig | None = None
     """On-policy steps (:mod:`raykd.train.on_policy`): the student's samples scored by the running
     teacher application ``teacher_app`` (top-``teacher_k``, at ``temperature``), or None."""
     teacher_app: str | None = None
+    """Serve application name of the running teacher the on-policy samples are scored by (needed with
+    ``on_policy``), or None."""
     teacher_k: int = Field(default=32, ge=1)
+    """Top-``K`` logprobs the teacher returns per on-policy position (>= 1; the cache's ``labels.k``)."""
     teacher_tokenizer: str | None = None
     """Folder of the teacher's tokenizer when the student's differs (``student.tokenizer_alignment``):
     each batch of teacher blocks is re-tokenised for the student and aligned

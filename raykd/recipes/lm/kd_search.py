@@ -111,23 +111,28 @@ class KDSearchConfig(Strict):
     """``raykd tune kd`` settings: the main job to tune, the grid, the trial budget."""
 
     run_name: str = "kd_search"
+    """Name of the search (its Tune experiments are ``<run_name>-search`` / ``-baseline``) and in the results JSON."""
     distill: DistillConfig
     """The main job whose KD settings are searched (data, teacher, student, budget); in YAML
     usually ``base: <distill config>`` plus a ``distill:`` mapping of changes."""
     space: KDSpace = Field(default_factory=KDSpace)
+    """The grid of KD settings the trials draw from."""
     num_samples: int = Field(default=12, ge=1)
     """Trials of the search (points drawn from the grid; a point may repeat when the grid is small)."""
     seed: int = 0
     """Seed of the trial sampler."""
     asha: ASHAConfig = Field(default_factory=ASHAConfig)
+    """Segment length and ASHA early stopping."""
     baseline: bool = True
     """Also train the main job's first student on the same budget (outside ASHA) for comparison."""
     max_concurrent_trials: int = Field(default=1, ge=1)
+    """Tune trials run at once (>= 1)."""
     cpus_per_trial: float = Field(default=1.0, gt=0)
     """CPUs a trial reserves: its training and evaluation (each segment is a Ray task on the
     trial's node that runs inside this reservation). Ray Data's read and decode tasks take theirs
     from the CPUs left, so leave at least one free beside ``max_concurrent_trials`` trials."""
     ray: RayConfig = Field(default_factory=RayConfig)
+    """How to reach Ray (the soft labels are made and the Tune trials run on it)."""
 
     @model_validator(mode="after")
     def _budget(self) -> KDSearchConfig:

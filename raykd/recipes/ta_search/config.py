@@ -86,7 +86,9 @@ class KDConfig(Strict):
     steps: int = Field(default=40, ge=1)
     """Optimizer steps per phase."""
     batch_size: int = Field(default=16, ge=1)
+    """Articles per optimizer step of every phase (>= 1)."""
     lr: float = Field(default=1e-4, gt=0)
+    """AdamW learning rate of every phase (> 0; constant)."""
     temperature: float = Field(default=2.0, gt=0, le=100)
     """Softmax temperature of the KD term (Hinton et al. 2015)."""
     kd_weight: float = Field(default=1.0, ge=0)
@@ -96,9 +98,12 @@ class KDConfig(Strict):
     reports: int = Field(default=3, ge=1)
     """Dev evaluations (Tune reports) during the TA -> student phase; early stopping acts on them."""
     eval_batch_size: int = Field(default=50, ge=1)
+    """Articles per forward pass of the dev and test accuracy (>= 1; memory, not results)."""
     freeze_embeddings: bool = True
     """Keep word embeddings fixed while distilling (they are not pruned)."""
     seed: int = 0
+    """Seed of the phases' initialisation and batch order (each phase and the importance scoring derive
+    their own from it), so every trial sees the same data."""
     torch_threads: int = Field(default=1, ge=1)
     """Torch threads per trial (one CPU each)."""
 
@@ -144,12 +149,15 @@ class MaxiDiscConfig(Strict):
     include_direct: bool = True
     """Also run teacher -> student without a TA (TA sparsity 0) as a trial: the baseline."""
     max_concurrent_trials: int = Field(default=2, ge=1)
+    """Tune trials run at once (>= 1)."""
     cpus_per_trial: float = Field(default=1.0, gt=0)
+    """Logical CPUs each Tune trial reserves (> 0)."""
     early_stopping: bool = True
     """ASHA (Li et al. 2020) on the student's dev accuracy: hopeless trials stop at a rung."""
     grace_period: int = Field(default=1, ge=1)
     """Reports a trial makes before ASHA may stop it."""
     reduction_factor: int = Field(default=2, ge=2)
+    """ASHA keeps about ``1 / reduction_factor`` of the trials at each rung (>= 2)."""
     max_failures: int = Field(default=0, ge=0)
     """Retries of a failed trial (a failure is reported, never fatal to the search)."""
 
@@ -161,11 +169,20 @@ class ScheduleConfig(Strict):
     """Selects this config in ``raykd tune``; ``task: lm`` is the decoder-LM search
     (:class:`~raykd.recipes.ta_search.lm_config.LMScheduleConfig`)."""
     run_name: str = "ta_schedule"
+    """Name of the search (its Tune experiments are ``<run_name>-minidisc`` / ``-maxidisc``) and in the results JSON."""
     ray: RayConfig = Field(default_factory=RayConfig)
+    """How to reach Ray (the teacher and the Tune trials run on it)."""
     data: ScheduleDataConfig = Field(default_factory=ScheduleDataConfig)
+    """The classification task's articles and their train / dev / test split."""
     teacher: ClassifierTeacherConfig = Field(default_factory=ClassifierTeacherConfig)
+    """The classification teacher: its fine-tuning and its Serve settings."""
     labels: SoftLabelsConfig = Field(default_factory=SoftLabelsConfig)
+    """Where and how the teacher's class soft labels are cached."""
     sparsify: SparsifyConfig = Field(default_factory=SparsifyConfig)
+    """The student's target sparsity and the candidate TA sparsities."""
     kd: KDConfig = Field(default_factory=KDConfig)
+    """One distillation phase's budget and objective (the same for every hop)."""
     minidisc: MiniDiscConfig = Field(default_factory=MiniDiscConfig)
+    """MiniDisc: the lambda-tradeoff and the sandwich student."""
     maxidisc: MaxiDiscConfig = Field(default_factory=MaxiDiscConfig)
+    """MaxiDisc: the Tune trials and ASHA early stopping."""

@@ -80,6 +80,7 @@ class LMKDConfig(Strict):
     batch_size: int = Field(default=4, ge=1)
     """Sequences per step (``T`` = ``data.seq_len`` tokens each)."""
     lr: float = Field(default=1e-4, gt=0)
+    """AdamW learning rate of every phase (> 0; constant)."""
     temperature: float = Field(default=1.0, gt=0, le=100)
     """KD temperature; the cached targets are re-tempered from ``labels.temperature``."""
     kd_weight: float = Field(default=1.0, ge=0)
@@ -97,8 +98,12 @@ class LMKDConfig(Strict):
     eval_rows: int = Field(default=32, ge=1)
     """Held-out (``eval`` split) rows the perplexity is measured on."""
     eval_batch_size: int = Field(default=8, ge=1)
+    """Rows per forward pass of the held-out perplexity (>= 1; memory, not results)."""
     seed: int = 0
+    """Seed of the phases' initialisation and batch order (each hop and the importance scoring derive
+    their own from it), so a hop sees the same data whichever search builds it."""
     torch_threads: int = Field(default=1, ge=1)
+    """Torch threads per trial (>= 1; one CPU each)."""
 
     def objective(self) -> dict[str, float]:
         """``{loss name: weight}`` of a phase (zero weights left out)."""
@@ -124,12 +129,16 @@ class LMMiniDiscConfig(Strict):
     a sparser TA. (On a log scale one lambda means the same at ppl 20 and at ppl 2,000.)"""
 
     lambda_tradeoff: float = Field(default=0.5, ge=0)
+    """The lambda of ``-log(ppl) + lambda * sparsity`` (>= 0); larger prefers sparser TAs."""
     lambda_sweep: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0])
+    """Lambdas (each >= 0) whose picks are reported (and compared with MaxiDisc by ``raykd tune sweep``)."""
     iterations: int = Field(default=2, ge=2, le=5)
     """Hops of the path MiniDisc builds: 2 = teacher -> TA -> student; 3 = two TAs, each picked
     by a sandwich trained from the TA before it."""
     sandwich_steps: int = Field(default=20, ge=1)
+    """Optimizer steps of each sandwich student (all candidate widths trained at once; >= 1)."""
     sandwich_random: int = Field(default=1, ge=0)
+    """Random grid sparsities per step besides the smallest and the target (the sandwich rule; >= 0)."""
 
     @field_validator("lambda_sweep")
     @classmethod
@@ -147,12 +156,17 @@ class LMMaxiDiscConfig(Strict):
     paths: list[str] | None = None
     """Explicit paths instead of the enumeration, e.g. ``["0.9", "0.5 > 0.9"]``; each must end at the student."""
     max_concurrent_trials: int = Field(default=2, ge=1)
+    """Tune trials run at once (>= 1)."""
     cpus_per_trial: float = Field(default=1.0, gt=0)
+    """Logical CPUs each Tune trial reserves (> 0)."""
     early_stopping: bool = True
     """ASHA (Li et al. 2020) on the student's held-out perplexity."""
     grace_period: int = Field(default=1, ge=1)
+    """Reports a trial makes before ASHA may stop it (>= 1)."""
     reduction_factor: int = Field(default=2, ge=2)
+    """ASHA keeps about ``1 / reduction_factor`` of the trials at each rung (>= 2)."""
     max_failures: int = Field(default=0, ge=0)
+    """Retries of a failed trial (>= 0; a failure is reported, never fatal to the search)."""
 
     @field_validator("paths", mode="before")
     @classmethod
@@ -178,14 +192,23 @@ class LMScheduleConfig(Strict):
     task: Literal["lm"] = "lm"
     """Selects this config in ``raykd tune``; the classifier search has ``task: classifier``."""
     run_name: str = "lm_schedule"
+    """Name of the search (its Tune experiments are ``<run_name>-minidisc`` / ``-maxidisc``) and in the results JSON."""
     ray: RayConfig = Field(default_factory=RayConfig)
+    """How to reach Ray (the teacher and the Tune trials run on it)."""
     data: DataConfig = Field(default_factory=DataConfig)
+    """The text and its blocks, as in the main job (the same settings share its soft-label cache)."""
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    """The teacher LM and its Serve deployment, as in the main job."""
     labels: SoftLabelConfig = Field(default_factory=SoftLabelConfig)
+    """The teacher's top-k soft labels and their cache, as in the main job."""
     sparsify: LMSparsifyConfig = Field(default_factory=LMSparsifyConfig)
+    """The student and the candidate TAs (layer-drop depths and sparsities)."""
     kd: LMKDConfig = Field(default_factory=LMKDConfig)
+    """One distillation phase's budget and objective (the same for every hop)."""
     minidisc: LMMiniDiscConfig = Field(default_factory=LMMiniDiscConfig)
+    """MiniDisc: the lambda-tradeoff, the path length and the sandwich students."""
     maxidisc: LMMaxiDiscConfig = Field(default_factory=LMMaxiDiscConfig)
+    """MaxiDisc: the TA paths tried as Tune trials and ASHA early stopping."""
 
     def distill_config(self) -> DistillConfig:
         """The main job's config for the same teacher, data and labels (what keys the cache)."""
