@@ -1,7 +1,7 @@
 """What a feature (intermediate-layer) loss sees: the inside of a forward pass, a checked layer
 mapping, learned projections, and the reduction of a feature loss to the objective's positions.
 
-A feature loss is registered in the one loss registry (:func:`raykd.losses.register_loss` with
+A feature loss is registered in the one loss registry (:func:`raykd.losses.define_loss` with
 ``kind="features"``) and has the signature::
 
     fn(student: Features, teacher: Features, *, layer_map: LayerMap,

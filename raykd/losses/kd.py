@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from raykd.losses.reduction import TINY, student_bucket_log_probs, student_log_probs
-from raykd.losses.registry import Param, register_loss
+from raykd.losses.registry import Param, define_loss
 
 _SKEW = Param(float, low=0, high=1, high_open=True,
               meaning="DistiLLM's skew: the share of the other distribution mixed in; 0 is the plain KL, 1 makes it vanish")
@@ -71,7 +71,7 @@ def _check_range(name: str, value: float, high_open: bool) -> None:
         raise ValueError(f"{name} must be in [0, {'1)' if high_open else '1]'}, got {value}")
 
 
-@register_loss("forward_kl", description="KL(p || q) at temperature tau, times tau^2 (Hinton et al. 2015)")
+@define_loss("forward_kl", description="KL(p || q) at temperature tau, times tau^2 (Hinton et al. 2015)")
 def forward_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
                temperature: float) -> Tensor:
     """Forward KL(p || q), mean-seeking; Hinton, Vinyals & Dean 2015, "Distilling the
@@ -84,7 +84,7 @@ def forward_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels
     return scale * kl_divergence(log_p, log_q)
 
 
-@register_loss("reverse_kl", description="KL(q || p), mode-seeking (MiniLLM, Gu et al. 2023)")
+@define_loss("reverse_kl", description="KL(q || p), mode-seeking (MiniLLM, Gu et al. 2023)")
 def reverse_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
                temperature: float) -> Tensor:
     """Reverse KL(q || p), mode-seeking; Gu et al. 2023, "MiniLLM: Knowledge Distillation of
@@ -97,7 +97,7 @@ def reverse_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels
     return scale * kl_divergence(log_q, log_p)
 
 
-@register_loss("symmetric_kl", description="KL(p || q) + KL(q || p)")
+@define_loss("symmetric_kl", description="KL(p || q) + KL(q || p)")
 def symmetric_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
                  temperature: float) -> Tensor:
     """Symmetric (Jeffreys) divergence KL(p || q) + KL(q || p). Args as in the module docstring.
@@ -109,7 +109,7 @@ def symmetric_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labe
     return scale * (kl_divergence(log_p, log_q) + kl_divergence(log_q, log_p))
 
 
-@register_loss("generalized_jsd", params={"beta": Param(float, low=0, high=1, meaning="GKD's interpolation: 0 is forward "
+@define_loss("generalized_jsd", params={"beta": Param(float, low=0, high=1, meaning="GKD's interpolation: 0 is forward "
                                                                           "KL, 1 reverse KL")},
                description="JSD(beta); beta=0 forward KL, beta=1 reverse KL (GKD)")
 def generalized_jsd(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
@@ -142,7 +142,7 @@ def generalized_jsd(student_logits: Tensor, *, targets: TeacherTargets | None, l
     return scale * (beta * kl_divergence(log_p, log_m) + (1.0 - beta) * kl_divergence(log_q, log_m))
 
 
-@register_loss("skew_kl", params={"alpha": _SKEW}, description="KL(p || alpha p + (1 - alpha) q) (DistiLLM, Ko et al. 2024)")
+@define_loss("skew_kl", params={"alpha": _SKEW}, description="KL(p || alpha p + (1 - alpha) q) (DistiLLM, Ko et al. 2024)")
 def skew_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
             temperature: float, alpha: float = 0.1) -> Tensor:
     """Skew KL, KL(p || alpha * p + (1 - alpha) * q); Ko et al. 2024, "DistiLLM: Towards
@@ -159,7 +159,7 @@ def skew_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels: T
     return scale * kl_divergence(log_p, _log_mix(log_p, log_q, alpha))
 
 
-@register_loss("skew_reverse_kl", params={"alpha": _SKEW}, description="KL(q || alpha q + (1 - alpha) p) (DistiLLM, Ko et al. 2024)")
+@define_loss("skew_reverse_kl", params={"alpha": _SKEW}, description="KL(q || alpha q + (1 - alpha) p) (DistiLLM, Ko et al. 2024)")
 def skew_reverse_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
                     temperature: float, alpha: float = 0.1) -> Tensor:
     """Skew reverse KL, KL(q || alpha * q + (1 - alpha) * p); Ko et al. 2024, "DistiLLM".
@@ -176,7 +176,7 @@ def skew_reverse_kl(student_logits: Tensor, *, targets: TeacherTargets | None, l
     return scale * kl_divergence(log_q, _log_mix(log_q, log_p, alpha))
 
 
-@register_loss("tvd", description="total variation distance 0.5 * sum |p - q|")
+@define_loss("tvd", description="total variation distance 0.5 * sum |p - q|")
 def tvd(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
         temperature: float) -> Tensor:
     """Total variation distance 0.5 * sum |p - q|, in [0, 1] before the tau**2 factor; as used
@@ -190,7 +190,7 @@ def tvd(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tenso
     return scale * 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
 
 
-@register_loss("mse_logits", forms=("dense",), description="MSE of the logits (Ba & Caruana 2014)")
+@define_loss("mse_logits", forms=("dense",), description="MSE of the logits (Ba & Caruana 2014)")
 def mse_logits(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
                temperature: float) -> Tensor:
     """Mean squared error between raw student and teacher logits, averaged over V; Ba & Caruana
@@ -208,7 +208,7 @@ def mse_logits(student_logits: Tensor, *, targets: TeacherTargets | None, labels
     return (student_logits.float() - targets.logits.float()).square().mean(-1)
 
 
-@register_loss("ce", forms=(), needs_teacher=False, description="cross entropy on the hard next-token labels")
+@define_loss("ce", forms=(), needs_teacher=False, description="cross entropy on the hard next-token labels")
 def ce(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
        temperature: float) -> Tensor:
     """Cross entropy of the student on the hard labels, at temperature 1 and without the tau**2
@@ -228,7 +228,7 @@ def ce(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor
     return -log_q.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
 
 
-@register_loss("uld", description="sorted-probability L1 across vocabularies, no id mapping (ULD, Boizard et al. 2024)")
+@define_loss("uld", description="sorted-probability L1 across vocabularies, no id mapping (ULD, Boizard et al. 2024)")
 def uld(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
         temperature: float) -> Tensor:
     """Universal Logit Distillation; Boizard et al. 2024, "Towards Cross-Tokenizer Distillation:

@@ -6,8 +6,9 @@ A loss is a pure function with the signature::
        temperature: float, **hyper_params) -> per-token loss [B, T]
 
 It returns the loss unreduced; masking and reduction happen once, in
-:mod:`raykd.losses.reduction`. Losses are registered when :mod:`raykd.losses` imports the
-modules that define them.
+:mod:`raykd.losses.reduction`. :func:`define_loss` declares a loss (its :class:`LossSpec`, checked
+against the function); :mod:`raykd.losses` adds every declared loss of its loss modules to
+:data:`LOSSES`, in one place.
 
 Every hyper-parameter (a keyword-only argument besides the common ones) is declared on the entry
 as a :class:`Param`, with its type and range: ``train.loss_params`` is checked against them when
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
+
+from raykd.registry import Registry, UnknownNameError
 
 LossFn = Callable[..., Tensor]
 FORMS = ("sparse", "dense")
@@ -141,17 +144,15 @@ class LossSpec:
     params: Mapping[str, Param] = field(default_factory=dict)
 
 
-class UnknownLossError(KeyError):
+class UnknownLossError(UnknownNameError):
     """A loss name that is not registered; the message lists the valid names."""
 
-    def __str__(self) -> str:  # KeyError would quote the whole message
-        return str(self.args[0])
+
+LOSSES: Registry[LossSpec] = Registry("loss", "losses", error=UnknownLossError)
+"""Every loss by name, filled by :mod:`raykd.losses` (:func:`register_losses` on each loss module)."""
 
 
-_REGISTRY: dict[str, LossSpec] = {}
-
-
-def register_loss(
+def define_loss(
     name: str,
     *,
     forms: tuple[str, ...] | None = None,
@@ -164,7 +165,9 @@ def register_loss(
     interventions: bool = False,
     params: Mapping[str, Param] | None = None,
 ) -> Callable[[LossFn], LossFn]:
-    """Decorator that registers a loss function under ``name``.
+    """Decorator that declares ``fn`` a loss called ``name``: it checks the declaration against
+    the function and puts the :class:`LossSpec` on it as ``fn.loss_spec`` (registered by
+    :func:`register_losses`).
 
     Args:
         name: registry name.
@@ -178,15 +181,13 @@ def register_loss(
             argument of the function besides :data:`COMMON_ARGS`.
 
     Returns:
-        The decorator; it returns the function unchanged.
+        The decorator; it returns the function with its ``loss_spec``.
 
     Raises:
-        ValueError: ``name`` is already registered, ``forms`` is invalid or does not agree with
+        ValueError: ``forms`` is invalid or does not agree with
             ``needs_teacher``, or ``params`` does not declare exactly the function's hyper-parameters.
     """
     forms = tuple(forms) if forms is not None else (FORMS if kind == "logits" else ())
-    if name in _REGISTRY:
-        raise ValueError(f"loss {name!r} is already registered")
     if kind not in KINDS:
         raise ValueError(f"loss {name!r}: kind {kind!r} must be one of {KINDS}")
     if any(f not in FORMS for f in forms):
@@ -205,11 +206,22 @@ def register_loss(
         if wanted != sorted(declared) or any(p.type not in PARAM_TYPES for p in declared.values()):
             raise ValueError(f"loss {name!r}: declare params={{name: Param(...)}} for exactly its hyper-parameters "
                              f"{wanted} (declared {sorted(declared)}; types {PARAM_TYPES})")
-        _REGISTRY[name] = LossSpec(name, fn, forms, needs_teacher, description, kind, attention, tuple(projections),
-                                   modules, interventions, declared)
+        fn.loss_spec = LossSpec(name, fn, forms, needs_teacher, description, kind, attention, tuple(projections),
+                                modules, interventions, declared)
         return fn
 
     return decorate
+
+
+def register_losses(module: Any) -> None:
+    """Add every loss that ``module`` defines (:func:`define_loss`) to :data:`LOSSES`, in order.
+
+    Raises:
+        ValueError: a name is already registered.
+    """
+    for value in list(vars(module).values()):
+        if getattr(value, "__module__", None) == module.__name__ and (spec := getattr(value, "loss_spec", None)):
+            LOSSES.add(spec.name, spec)
 
 
 def get_loss(name: str) -> LossSpec:
@@ -219,13 +231,9 @@ def get_loss(name: str) -> LossSpec:
         KeyError: (an :class:`UnknownLossError`) ``name`` is not registered; the message
             lists the valid names, sorted.
     """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        valid = ", ".join(sorted(_REGISTRY))
-        raise UnknownLossError(f"unknown loss {name!r}; valid losses: {valid}") from None
+    return LOSSES.get(name)
 
 
 def available_losses() -> dict[str, LossSpec]:
     """All registered losses by name, sorted (a copy)."""
-    return dict(sorted(_REGISTRY.items()))
+    return dict(sorted(LOSSES.items().items()))

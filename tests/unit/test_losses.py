@@ -175,13 +175,13 @@ def test_every_registered_loss_declares_its_hyper_parameters_with_types_and_rang
 
 
 def test_a_loss_that_does_not_declare_its_hyper_parameters_is_refused():
-    from raykd.losses.registry import register_loss
+    from raykd.losses.registry import define_loss
 
     def loss(student_logits, *, targets, labels, temperature, gamma: float = 1.0):
         return student_logits.sum(-1)
 
     with pytest.raises(ValueError, match=r"exactly its hyper-parameters \['gamma'\] \(declared \[\]"):
-        register_loss("undeclared_gamma", description="a test loss")(loss)
+        define_loss("undeclared_gamma", description="a test loss")(loss)
     assert "undeclared_gamma" not in available_losses()
 
 
