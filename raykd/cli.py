@@ -151,9 +151,9 @@ def run_tune_command(args: argparse.Namespace) -> int:
         schedule_search.main_sweep(args.minidisc_dir, args.maxidisc_dir, args.output_dir)
         return 0
     if args.tune_command == "kd":
-        from raykd.recipes.lm.kd_search import load_search_config, main_kd_search
+        from raykd.recipes.lm.kd_search import KDSearchConfig, main_kd_search
 
-        main_kd_search(load_search_config(args.config, args.overrides), args.output_dir)
+        main_kd_search(load_config(KDSearchConfig, args.config, args.overrides), args.output_dir)
         return 0
     if _schedule_task(args.config, args.overrides) == "lm":
         from raykd.recipes.ta_search import lm_search

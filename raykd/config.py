@@ -876,29 +876,63 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    loaded = yaml.safe_load(path.read_text())
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return loaded or {}
+
+
+def _with_bases(tree: dict[str, Any], path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """``tree`` (read from ``path``) with every ``base:`` of its mappings, at any depth, replaced by
+    that file's tree (its own bases resolved) merged under the mapping: the mapping wins."""
+    out = {k: _with_bases(v, path, chain) if isinstance(v, dict) else v for k, v in tree.items() if k != "base"}
+    if "base" not in tree:
+        return out
+    name = str(tree["base"])
+    found = [b for b in (path.parent / name, Path(name)) if b.is_file()]
+    if not found:
+        raise ConfigError(f"base: {name} does not exist (looked beside {path} and in the working folder)")
+    base = found[0].resolve()
+    if base in chain:
+        loop = " -> ".join(str(p) for p in (*chain, base))
+        raise ConfigError(f"base: {name} in {path} inherits from itself ({loop}); remove one of the base: lines")
+    return _merge(_with_bases(_read_yaml(base), base, (*chain, base)), out)
+
+
+def read_config_tree(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping a YAML config file holds, with its ``base:`` files merged in.
+
+    A mapping (the whole file or any section) may say ``base: <file>``: that YAML file (beside this
+    one, else from the working folder) is read, its own ``base:`` lines resolved, and this
+    mapping's keys are merged on top of it, section by section (this file wins; a
+    ``train.students`` mapping is replaced whole, never merged).
+
+    Raises:
+        ConfigError: a file is missing or not a mapping, or the ``base:`` files form a loop.
+    """
+    p = Path(path)
+    return _with_bases(_read_yaml(p), p, (p.resolve(),))
+
+
 def load_config(
     model: type[BaseModel], path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Any:
-    """Load a config model from YAML plus dotted overrides.
+    """Load a config model from YAML (with ``base:`` inheritance) plus dotted overrides.
 
     Args:
         model: the pydantic config class (e.g. :class:`DistillConfig`).
-        path: YAML file, or None for the defaults.
+        path: YAML file, or None for the defaults; see :func:`read_config_tree` for ``base:``.
         overrides: ``key=value`` strings applied on top of the file.
 
     Raises:
-        ConfigError: the file is missing or not a mapping, an override is malformed, or a field
-            is unknown or out of range (the message lists each bad field).
+        ConfigError: a file is missing or not a mapping, the ``base:`` files form a loop, an
+            override is malformed, or a field is unknown or out of range (the message lists each
+            bad field).
     """
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        loaded = yaml.safe_load(p.read_text())
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        tree = loaded or {}
+    tree = read_config_tree(path) if path is not None else {}
     tree = _merge(tree, parse_overrides(list(overrides)))
     try:
         return model.model_validate(tree)
