@@ -49,7 +49,9 @@ FEATURES = ("phases", "teachers", "vocab", "perturb", "generate", "chain", "agno
 """
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-"""The shipped config of every method (package data: present in a non-editable install too)."""
+"""The shipped config of every method (package data: present in a non-editable install too); each
+holds only its differences over ``base.yaml``, the settings they share (``base:``, see
+:func:`raykd.config.read_config_tree`)."""
 
 
 class UnknownMethodError(KeyError):
