@@ -623,7 +623,7 @@ class TrainConfig(Strict):
     Train worker (one no-grad forward per micro-batch). ``cached``: the teacher runs once over the
     train split's blocks into the keyed feature cache (only the blocks the terms read, fp16; a
     rerun asks it nothing) and the workers read it beside the soft labels. ``auto``: the faster
-    of the two for the terms, as measured (:data:`raykd.soft_labels.feature_cache.MEASURED_FASTER`)."""
+    of the two for the terms, as measured (each loss's ``measured_faster``, :class:`raykd.losses.LossSpec`)."""
     checkpoint_dir: str | None = None
     """Ray Train storage for checkpoints: a path or an ``s3://``/``gs://`` URI every node reaches
     (None: ``<output-dir>/ray_train``). Object storage needs ``num_workers >= 1`` (local mode
@@ -817,12 +817,12 @@ class DistillConfig(Strict):
 
             check_interchange_params(with_defaults("diito", self.train.loss_params.get("diito", {})))
         if self.train.feature_teacher == "cached":
-            from raykd.losses.features import CACHED_TERMS
+            from raykd.losses import get_loss
 
             if "diito" in terms:
                 raise ValueError("diito runs a second, intervened teacher forward every step: cached teacher features "
                                  "cannot give it; set train.feature_teacher=online (or auto)")
-            if bad := sorted(set(terms) - CACHED_TERMS):
+            if bad := sorted(t for t in terms if not get_loss(t).cached):
                 raise ValueError(f"feature terms {bad} have no cached form (they read every teacher layer or stage "
                                  "their layers): set train.feature_teacher=online (or auto)")
         if self.student.init == "pretrained" and self.student.init_from is None and self.train.layer_map is None:

@@ -328,11 +328,6 @@ def scaled_relation(x: Tensor) -> Tensor:
     return x @ x.transpose(-1, -2) / math.sqrt(x.shape[-1])
 
 
-CACHED_TERMS = frozenset({"distilbert_cos", "pkd", "rail_kd", "lrc_bert", "tinybert", "minilmv2", "minilm"})
-"""Feature terms with a cached form (they read a few chosen teacher blocks, which the keyed
-teacher-feature cache of :mod:`raykd.soft_labels.feature_cache` can hold)."""
-
-
 @dataclass(frozen=True)
 class FeatureLayout:
     """Which teacher tensors a cache keeps (what the run's feature terms read).

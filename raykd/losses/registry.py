@@ -129,6 +129,16 @@ class LossSpec:
             made by the shared step; DIITO); it needs the teacher online.
         params: its hyper-parameters by name, with types and ranges (:class:`Param`); exactly
             the keyword-only arguments of ``fn`` besides :data:`COMMON_ARGS`.
+        cached: a feature loss with a cached form: it reads a few chosen teacher blocks, which the
+            keyed teacher-feature cache (:mod:`raykd.soft_labels.feature_cache`) can hold.
+        measured_faster: for a feature loss, the source of its teacher features measured faster
+            on the LM path (``cached`` or ``online``; ``train.feature_teacher=auto`` takes it), from
+            the step times of ``benchmarks/bench_feature_cost_lm.py``
+            (``benchmarks/results/feature_cost_lm*.json``; the attention terms from the steady-load
+            rerun ``feature_cost_lm_attention.json``: cached 1.8-1.9x faster). None: not measured
+            (it runs online).
+        transfer: a layer-wise transfer term of progressive knowledge transfer
+            (:mod:`raykd.train.progressive`, MobileBERT).
     """
 
     name: str
@@ -142,6 +152,9 @@ class LossSpec:
     modules: Callable[..., Any] | None = None
     interventions: bool = False
     params: Mapping[str, Param] = field(default_factory=dict)
+    cached: bool = False
+    measured_faster: str | None = None
+    transfer: bool = False
 
 
 class UnknownLossError(UnknownNameError):
@@ -164,6 +177,9 @@ def define_loss(
     modules: Callable[..., Any] | None = None,
     interventions: bool = False,
     params: Mapping[str, Param] | None = None,
+    cached: bool = False,
+    measured_faster: str | None = None,
+    transfer: bool = False,
 ) -> Callable[[LossFn], LossFn]:
     """Decorator that declares ``fn`` a loss called ``name``: it checks the declaration against
     the function and puts the :class:`LossSpec` on it as ``fn.loss_spec`` (registered by
@@ -177,6 +193,7 @@ def define_loss(
         description: one line for listings.
         kind, attention, projections, modules, interventions: see :class:`LossSpec`; a feature loss has ``forms=()``
             and ``needs_teacher=True`` (it needs the teacher's features, not its targets).
+        cached, measured_faster, transfer: facts about a feature loss, see :class:`LossSpec`.
         params: the hyper-parameters with types and ranges (:class:`Param`), one per keyword-only
             argument of the function besides :data:`COMMON_ARGS`.
 
@@ -185,7 +202,7 @@ def define_loss(
 
     Raises:
         ValueError: ``forms`` is invalid or does not agree with
-            ``needs_teacher``, or ``params`` does not declare exactly the function's hyper-parameters.
+            ``needs_teacher``, the feature facts are given to a logit loss or disagree, or ``params`` does not declare exactly the function's hyper-parameters.
     """
     forms = tuple(forms) if forms is not None else (FORMS if kind == "logits" else ())
     if kind not in KINDS:
@@ -198,6 +215,10 @@ def define_loss(
         raise ValueError(f"loss {name!r}: a logit loss needs a teacher exactly when it accepts target forms, "
                          "and has no attention, projections, modules or interventions")
 
+    if kind == "logits" and (cached or measured_faster or transfer):
+        raise ValueError(f"loss {name!r}: cached, measured_faster and transfer describe feature losses")
+    if measured_faster not in (None, "cached", "online") or measured_faster == "cached" and not cached:
+        raise ValueError(f"loss {name!r}: measured_faster is None, 'online', or 'cached' with cached=True")
     declared = dict(params or {})
 
     def decorate(fn: LossFn) -> LossFn:
@@ -207,7 +228,7 @@ def define_loss(
             raise ValueError(f"loss {name!r}: declare params={{name: Param(...)}} for exactly its hyper-parameters "
                              f"{wanted} (declared {sorted(declared)}; types {PARAM_TYPES})")
         fn.loss_spec = LossSpec(name, fn, forms, needs_teacher, description, kind, attention, tuple(projections),
-                                modules, interventions, declared)
+                                modules, interventions, declared, cached, measured_faster, transfer)
         return fn
 
     return decorate
@@ -232,6 +253,12 @@ def get_loss(name: str) -> LossSpec:
             lists the valid names, sorted.
     """
     return LOSSES.get(name)
+
+
+def losses_where(fact: str, value: Any = True) -> tuple[str, ...]:
+    """The names of the registered losses whose ``LossSpec.<fact>`` equals ``value``, in
+    registration order (e.g. ``losses_where("cached")``)."""
+    return tuple(n for n, spec in LOSSES.items().items() if getattr(spec, fact) == value)
 
 
 def available_losses() -> dict[str, LossSpec]:

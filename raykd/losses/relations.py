@@ -18,7 +18,7 @@ from raykd.losses.hidden import _check_heads
 from raykd.losses.registry import Param, define_loss
 
 
-@define_loss("minilm", kind="features", attention=True,
+@define_loss("minilm", kind="features", cached=True, attention=True,
                params={"value_relation": Param(bool, meaning="add the value-value relation to the attention KL")},
                description="KL of last-layer attention distributions + value relations (MiniLM, Wang et al. 2020)")
 def minilm(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],
@@ -52,7 +52,7 @@ def minilm(student: Features, teacher: Features, *, layer_map: LayerMap, project
     return out
 
 
-@define_loss("minilmv2", kind="features", attention=True,
+@define_loss("minilmv2", kind="features", cached=True, measured_faster="cached", attention=True,
                params={"relation_heads": Param(int, low=1, meaning="heads the concatenated queries, keys and values are split "
                                                                   "into; it must also divide both models' widths"),
                        "teacher_layer": Param(int, low=0, optional=True,
