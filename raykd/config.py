@@ -734,26 +734,12 @@ class DistillConfig(Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
-    def _objectives_known(self) -> DistillConfig:
-        from raykd.losses.objective import validate_params, validate_weights
-        from raykd.methods import get_method
-
+    def _sections_agree(self) -> DistillConfig:
+        """The checks that need only this config; those that need the loss and method registries
+        (objectives, loss parameters, the method, feature terms) run in
+        :func:`raykd.methods.validate`, on the load path."""
         if not self.train.students:
             raise ValueError("train.students is empty: name at least one student and its objective")
-        objectives = {f"train.students.{n}": w for n, w in self.train.students.items()}
-        for i, phase in enumerate(self.train.phases):
-            objectives.update({f"train.phases[{i}].{k}": getattr(phase, k) for k in ("weights", "weights_end")
-                               if getattr(phase, k) is not None})
-        for where, weights in objectives.items():
-            try:
-                validate_weights(weights)
-            except (KeyError, ValueError) as e:
-                raise ValueError(f"{where}: {e}") from None
-        try:
-            validate_params(self.train.loss_params, self.train.objective_terms())
-            get_method(self.method).check(self)
-        except KeyError as e:
-            raise ValueError(str(e.args[0])) from None
         if self.train.online_teacher and (self.extra_teachers or self.student.vocab_size is not None):
             raise ValueError("train.online_teacher gives one teacher's dense logits over its own vocabulary: it works "
                              "without extra_teachers and without student.vocab_size")
@@ -765,7 +751,6 @@ class DistillConfig(Strict):
                              "the whole cache before training: set labels.fill=before")
         if self.student.tokenizer_alignment is not None:
             self._check_cross_tokenizer()
-        self._check_feature_terms()
         names = [t.name for t in (self.teacher, *self.extra_teachers)]
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must differ (each is its own deployment), got {names}")
@@ -790,44 +775,6 @@ class DistillConfig(Strict):
         if clash:
             raise ValueError(f"student.tokenizer_alignment={s.tokenizer_alignment} works with one cached teacher; it does "
                              f"not combine with {clash}: remove them")
-        from raykd.losses import get_loss
-
-        features = sorted({n for w in self.train.students.values() for n in w if get_loss(n).kind == "features"})
-        if features:
-            raise ValueError(f"student.tokenizer_alignment aligns output distributions only; feature terms {features} "
-                             "read intermediate layers position by position: remove them")
-
-    def _check_feature_terms(self) -> None:
-        """Feature terms read the one teacher's features in every Train worker (the model-dependent
-        checks, layer map against both models, run in the plan)."""
-        terms = self.train.feature_terms()
-        if not terms:
-            if self.train.layer_map is not None:
-                raise ValueError("train.layer_map is set but no objective has a feature term (e.g. pkd, tinybert); "
-                                 "remove it or add the term")
-            return
-        if self.extra_teachers or self.student.vocab_size is not None or self.on_policy is not None or self.labels.fill == "live":
-            raise ValueError(f"feature terms {terms} read one teacher's features on the cached text: they work without "
-                             "extra_teachers, student.vocab_size, on_policy and labels.fill=live")
-        if self.train.strategy == "fsdp":
-            raise ValueError(f"feature terms {terms} run the teacher whole in each worker: use train.strategy=ddp")
-        if "diito" in terms:  # its plan runs in every step of the workers: checked here, before any work
-            from raykd.losses.interchange import check_interchange_params
-            from raykd.losses.objective import with_defaults
-
-            check_interchange_params(with_defaults("diito", self.train.loss_params.get("diito", {})))
-        if self.train.feature_teacher == "cached":
-            from raykd.losses import get_loss
-
-            if "diito" in terms:
-                raise ValueError("diito runs a second, intervened teacher forward every step: cached teacher features "
-                                 "cannot give it; set train.feature_teacher=online (or auto)")
-            if bad := sorted(t for t in terms if not get_loss(t).cached):
-                raise ValueError(f"feature terms {bad} have no cached form (they read every teacher layer or stage "
-                                 "their layers): set train.feature_teacher=online (or auto)")
-        if self.student.init == "pretrained" and self.student.init_from is None and self.train.layer_map is None:
-            raise ValueError(f"feature terms {terms} with a pretrained student need train.layer_map: "
-                             "[[student layer, teacher layer], ...] (only a layer-dropped student has a default stride)")
 
     def _check_on_policy(self) -> None:
         """What an on-policy run cannot combine with (the model contexts are checked in the plan)."""

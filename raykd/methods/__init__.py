@@ -7,7 +7,8 @@ they are combined (``extra_teachers`` + :attr:`Method.combine`), which student (
 which data (``data.perturb_share``), and which recipe function runs it. A config names its
 method (``method: annealing_kd``) and spells out every setting itself (a config is a complete
 ``DistillConfig``; nothing is filled in behind the user's back); the method then *checks* that
-the config composes what the method means, before any teacher call or training step.
+the config composes what the method means, before any teacher call or training step
+(:func:`validate`, run on the load path by :func:`load`).
 
 The methods are defined by family, one module each (:mod:`.logit`, :mod:`.multi_teacher`,
 :mod:`.chains`, :mod:`.on_policy`, :mod:`.cross_tokenizer`, :mod:`.feature`), each a tuple
@@ -33,8 +34,8 @@ from raykd.methods.registry import (
     config_features,
     get_method,
     register_method,
-    run_method,
 )
+from raykd.methods.validate import distill_configs, load, run_method, validate
 
 for _family in (logit, multi_teacher, chains, on_policy, cross_tokenizer, feature):
     for _method in _family.METHODS:
@@ -42,5 +43,5 @@ for _family in (logit, multi_teacher, chains, on_policy, cross_tokenizer, featur
 
 __all__ = [
     "CONFIG_DIR", "FEATURES", "METHODS", "Method", "UnknownMethodError", "available_methods", "config_features",
-    "get_method", "register_method", "run_method",
+    "distill_configs", "get_method", "load", "register_method", "run_method", "validate",
 ]

@@ -16,8 +16,8 @@ from typing import Any
 from raykd.registry import Registry, UnknownNameError
 
 DistillConfig = Any
-"""A :class:`raykd.config.DistillConfig` (not imported: the config imports this registry to check
-a config's method, so this module stays below it)."""
+"""A :class:`raykd.config.DistillConfig` (the checks read it; not imported, so that the method
+families need nothing but this module)."""
 
 FEATURES = ("phases", "teachers", "vocab", "perturb", "generate", "chain", "agnostic_stage", "on_policy",
             "cross_tokenizer", "features")
@@ -149,11 +149,6 @@ def get_method(name: str) -> Method:
 def available_methods() -> dict[str, Method]:
     """All registered methods by name, in registration order (a copy)."""
     return METHODS.items()
-
-
-def run_method(cfg: DistillConfig, output_dir: Path) -> Any:
-    """Run a config with the recipe of its method (what ``raykd distill`` does)."""
-    return get_method(cfg.method).run(cfg, output_dir)
 
 
 # ---- checks that several method families share ------------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from raykd.config import ConfigError, DistillConfig, load_config, parse_overrides, TrainConfig
+from raykd.methods import load
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,7 +55,7 @@ def test_student_vocab_size_is_a_count_or_a_fraction_and_the_map_a_known_name():
 
 def test_unknown_loss_lists_the_valid_names():
     with pytest.raises(ConfigError, match="forward_kl"):
-        load_config(DistillConfig, None, ["train.students={s: {forward_kll: 1.0}}"])
+        load(DistillConfig, None, ["train.students={s: {forward_kll: 1.0}}"])
 
 
 def test_students_override_replaces_the_mapping():
@@ -64,9 +65,9 @@ def test_students_override_replaces_the_mapping():
 
 def test_nonsense_weights_are_refused():
     with pytest.raises(ConfigError, match=">= 0"):
-        load_config(DistillConfig, None, ["train.students={s: {ce: -1.0}}"])
+        load(DistillConfig, None, ["train.students={s: {ce: -1.0}}"])
     with pytest.raises(ConfigError, match="all weights are zero"):
-        load_config(DistillConfig, None, ["train.students={s: {ce: 0.0}}"])
+        load(DistillConfig, None, ["train.students={s: {ce: 0.0}}"])
 
 
 def test_batch_must_split_over_workers():
