@@ -196,7 +196,7 @@ def muki_kd(student_logits: Tensor, *, targets: TeacherTargets | None, labels: T
     The targets are :func:`integrated_targets`: ``log(w * p)``. ``p = softmax(targets)`` is taken
     as is (it was built from teacher probabilities at the KD temperature already); ``w`` is
     ``exp(logsumexp(targets))`` (1 without re-weighting). The student is at ``temperature``;
-    the loss is multiplied by ``temperature**2`` like every teacher loss (MUKI uses T = 1).
+    the loss is multiplied by ``temperature**2`` like every teacher loss, by the registry (MUKI uses T = 1).
 
     Args:
         student_logits: ``[B, T, C]`` (``T = 1`` for a classifier).
@@ -209,7 +209,7 @@ def muki_kd(student_logits: Tensor, *, targets: TeacherTargets | None, labels: T
     log_w = torch.logsumexp(z, dim=-1)
     log_p = (z - log_w.unsqueeze(-1)).clamp(min=LOG_FLOOR)
     log_q = student_log_probs(student_logits, temperature)
-    return log_w.exp() * temperature**2 * _kl(log_p, log_q)
+    return log_w.exp() * _kl(log_p, log_q)
 
 
 @define_loss("uhc_kl", forms=("dense",), params={"blocks": Param(list, meaning="each teacher's class ids, e.g. [[0, 1], [2, 3, 4]]; "
@@ -247,7 +247,7 @@ def uhc_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Te
         log_q = torch.log_softmax(student_logits[..., idx].float() / temperature, dim=-1)
         term = _kl(log_p, log_q)
         total = term if total is None else total + term
-    return temperature**2 * total
+    return total
 
 
 class FeatureAmalgamation(nn.Module):

@@ -6,7 +6,10 @@ A loss is a pure function with the signature::
        temperature: float, **hyper_params) -> per-token loss [B, T]
 
 It returns the loss unreduced; masking and reduction happen once, in
-:mod:`raykd.losses.reduction`. :func:`define_loss` declares a loss (its :class:`LossSpec`, checked
+:mod:`raykd.losses.reduction`. Temperature: a loss reads its distributions at ``temperature`` tau,
+and the registry multiplies every teacher loss that declares ``tau_squared`` (the default for a
+logit loss with a teacher) by tau**2 (:func:`times_tau_squared`), so its gradients keep their size
+as tau changes (Hinton et al. 2015); no loss applies the factor itself. :func:`define_loss` declares a loss (its :class:`LossSpec`, checked
 against the function); :mod:`raykd.losses` adds every declared loss of its loss modules to
 :data:`LOSSES`, in one place.
 
@@ -22,6 +25,7 @@ read the student's and the teacher's :class:`~raykd.losses.features.Features` in
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping
@@ -139,6 +143,9 @@ class LossSpec:
             (it runs online).
         transfer: a layer-wise transfer term of progressive knowledge transfer
             (:mod:`raykd.train.progressive`, MobileBERT).
+        tau_squared: ``fn`` is the loss at temperature tau times tau**2, the factor applied by the
+            registry (:func:`times_tau_squared`) to the declared function's value; False for a loss
+            without the factor (hard-label CE, logit MSE, the feature losses).
     """
 
     name: str
@@ -155,6 +162,7 @@ class LossSpec:
     cached: bool = False
     measured_faster: str | None = None
     transfer: bool = False
+    tau_squared: bool = False
 
 
 class UnknownLossError(UnknownNameError):
@@ -180,6 +188,7 @@ def define_loss(
     cached: bool = False,
     measured_faster: str | None = None,
     transfer: bool = False,
+    tau_squared: bool | None = None,
 ) -> Callable[[LossFn], LossFn]:
     """Decorator that declares ``fn`` a loss called ``name``: it checks the declaration against
     the function and puts the :class:`LossSpec` on it as ``fn.loss_spec`` (registered by
@@ -194,11 +203,14 @@ def define_loss(
         kind, attention, projections, modules, interventions: see :class:`LossSpec`; a feature loss has ``forms=()``
             and ``needs_teacher=True`` (it needs the teacher's features, not its targets).
         cached, measured_faster, transfer: facts about a feature loss, see :class:`LossSpec`.
+        tau_squared: the registry multiplies the function's value by tau**2 (default: True for a
+            logit loss with a teacher); only a logit loss with a teacher may set it.
         params: the hyper-parameters with types and ranges (:class:`Param`), one per keyword-only
             argument of the function besides :data:`COMMON_ARGS`.
 
     Returns:
-        The decorator; it returns the function with its ``loss_spec``.
+        The decorator; it returns the loss as registered (the function, times tau**2 where
+        ``tau_squared``) with its ``loss_spec``.
 
     Raises:
         ValueError: ``forms`` is invalid or does not agree with
@@ -219,6 +231,9 @@ def define_loss(
         raise ValueError(f"loss {name!r}: cached, measured_faster and transfer describe feature losses")
     if measured_faster not in (None, "cached", "online") or measured_faster == "cached" and not cached:
         raise ValueError(f"loss {name!r}: measured_faster is None, 'online', or 'cached' with cached=True")
+    tau_squared = kind == "logits" and needs_teacher if tau_squared is None else tau_squared
+    if tau_squared and not (kind == "logits" and needs_teacher):
+        raise ValueError(f"loss {name!r}: tau_squared scales a logit loss with a teacher")
     declared = dict(params or {})
 
     def decorate(fn: LossFn) -> LossFn:
@@ -227,11 +242,22 @@ def define_loss(
         if wanted != sorted(declared) or any(p.type not in PARAM_TYPES for p in declared.values()):
             raise ValueError(f"loss {name!r}: declare params={{name: Param(...)}} for exactly its hyper-parameters "
                              f"{wanted} (declared {sorted(declared)}; types {PARAM_TYPES})")
-        fn.loss_spec = LossSpec(name, fn, forms, needs_teacher, description, kind, attention, tuple(projections),
-                                modules, interventions, declared, cached, measured_faster, transfer)
-        return fn
+        loss = times_tau_squared(fn) if tau_squared else fn
+        loss.loss_spec = LossSpec(name, loss, forms, needs_teacher, description, kind, attention, tuple(projections),
+                                  modules, interventions, declared, cached, measured_faster, transfer, tau_squared)
+        return loss
 
     return decorate
+
+
+def times_tau_squared(fn: LossFn) -> LossFn:
+    """``fn`` (a loss at temperature tau) times tau**2: the one place the factor is applied."""
+
+    @functools.wraps(fn)
+    def scaled(*args: Any, temperature: float, **kwargs: Any) -> Tensor:
+        return temperature**2 * fn(*args, temperature=temperature, **kwargs)
+
+    return scaled
 
 
 def register_losses(module: Any) -> None:
