@@ -68,7 +68,7 @@ class Registry(Generic[T]):
         """The registered names, in the order they were added."""
         return list(self._entries)
 
-    def items(self) -> dict[str, T]:
+    def entries(self) -> dict[str, T]:
         """Every entry by name, in the order they were added (a copy)."""
         return dict(self._entries)
 

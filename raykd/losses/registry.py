@@ -6,12 +6,14 @@ A loss is a pure function with the signature::
        temperature: float, **hyper_params) -> per-token loss [B, T]
 
 It returns the loss unreduced; masking and reduction happen once, in
-:mod:`raykd.losses.reduction`. Temperature: a loss reads its distributions at ``temperature`` tau,
-and the registry multiplies every teacher loss that declares ``tau_squared`` (the default for a
-logit loss with a teacher) by tau**2 (:func:`times_tau_squared`), so its gradients keep their size
-as tau changes (Hinton et al. 2015); no loss applies the factor itself. :func:`define_loss` declares a loss (its :class:`LossSpec`, checked
-against the function); :mod:`raykd.losses` adds every declared loss of its loss modules to
-:data:`LOSSES`, in one place.
+:mod:`raykd.losses.reduction`. :func:`define_loss` declares a loss (its :class:`LossSpec`,
+checked against the function); :mod:`raykd.losses` adds every declared loss of its loss modules
+to :data:`LOSSES`, in one place.
+
+Temperature: a loss reads its distributions at ``temperature`` tau, and the registry multiplies
+every loss that declares ``tau_squared`` (the default for a logit loss with a teacher) by tau**2
+(:func:`times_tau_squared`), so its gradients keep their size as tau changes (Hinton et al.
+2015); no loss applies the factor itself.
 
 Every hyper-parameter (a keyword-only argument besides the common ones) is declared on the entry
 as a :class:`Param`, with its type and range: ``train.loss_params`` is checked against them when
@@ -213,8 +215,10 @@ def define_loss(
         ``tau_squared``) with its ``loss_spec``.
 
     Raises:
-        ValueError: ``forms`` is invalid or does not agree with
-            ``needs_teacher``, the feature facts are given to a logit loss or disagree, or ``params`` does not declare exactly the function's hyper-parameters.
+        ValueError: ``forms`` is invalid or does not agree with ``needs_teacher``, the feature
+            facts are given to a logit loss or disagree, ``tau_squared`` is set on a loss without
+            a teacher's logits, or ``params`` does not declare exactly the function's
+            hyper-parameters.
     """
     forms = tuple(forms) if forms is not None else (FORMS if kind == "logits" else ())
     if kind not in KINDS:
@@ -284,9 +288,9 @@ def get_loss(name: str) -> LossSpec:
 def losses_where(fact: str, value: Any = True) -> tuple[str, ...]:
     """The names of the registered losses whose ``LossSpec.<fact>`` equals ``value``, in
     registration order (e.g. ``losses_where("cached")``)."""
-    return tuple(n for n, spec in LOSSES.items().items() if getattr(spec, fact) == value)
+    return tuple(n for n, spec in LOSSES.entries().items() if getattr(spec, fact) == value)
 
 
 def available_losses() -> dict[str, LossSpec]:
     """All registered losses by name, sorted (a copy)."""
-    return dict(sorted(LOSSES.items().items()))
+    return dict(sorted(LOSSES.entries().items()))

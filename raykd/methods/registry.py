@@ -148,7 +148,7 @@ def get_method(name: str) -> Method:
 
 def available_methods() -> dict[str, Method]:
     """All registered methods by name, in registration order (a copy)."""
-    return METHODS.items()
+    return METHODS.entries()
 
 
 # ---- checks that several method families share ------------------------------------------------

@@ -14,7 +14,7 @@ def test_entries_are_found_by_name_in_the_order_added_and_a_name_is_taken_once()
     reg: Registry[int] = Registry("widget")
     assert reg.add("b", 2) == 2 and reg.add("a", 1) == 1
     assert reg.get("a") == 1 and "b" in reg and "c" not in reg and len(reg) == 2
-    assert list(reg) == ["b", "a"] and reg.items() == {"b": 2, "a": 1}
+    assert list(reg) == ["b", "a"] and reg.entries() == {"b": 2, "a": 1}
     with pytest.raises(ValueError, match="widget 'a' is already registered"):
         reg.add("a", 3)
 
