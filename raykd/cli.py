@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from raykd import console
-from raykd.config import DistillConfig, load_config
+from raykd.config import DistillConfig
+from raykd.methods import load
 from raykd.teacher.service import add_teacher_commands, run_teacher_command
 
 
@@ -192,18 +193,18 @@ def run_tune_command(args: argparse.Namespace) -> int:
         schedule_search.main_sweep(args.minidisc_dir, args.maxidisc_dir, args.output_dir)
         return 0
     if args.tune_command == "kd":
-        from raykd.recipes.lm.kd_search import load_search_config, main_kd_search
+        from raykd.recipes.lm.kd_search import KDSearchConfig, main_kd_search
 
-        main_kd_search(load_search_config(args.config, args.overrides), args.output_dir)
+        main_kd_search(load(KDSearchConfig, args.config, args.overrides), args.output_dir)
         return 0
     if _schedule_task(args.config, args.overrides) == "lm":
         from raykd.recipes.ta_search import lm_search
         from raykd.recipes.ta_search.lm_config import LMScheduleConfig
 
-        cfg = load_config(LMScheduleConfig, args.config, args.overrides)
+        cfg = load(LMScheduleConfig, args.config, args.overrides)
         main = lm_search.main_minidisc_lm if args.tune_command == "minidisc" else lm_search.main_maxidisc_lm
     else:
-        cfg = load_config(ScheduleConfig, args.config, args.overrides)
+        cfg = load(ScheduleConfig, args.config, args.overrides)
         main = schedule_search.main_minidisc if args.tune_command == "minidisc" else schedule_search.main_maxidisc
     main(cfg, args.output_dir)
     return 0
@@ -283,12 +284,12 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.command == "mckd":
         from raykd.recipes.mckd.config import MckdConfig
 
-        main_mckd(load_config(MckdConfig, args.config, args.overrides), args.output_dir)
+        main_mckd(load(MckdConfig, args.config, args.overrides), args.output_dir)
         return 0
     if args.command == "muki":
         from raykd.recipes.muki.config import MukiConfig
 
-        main_muki(load_config(MukiConfig, args.config, args.overrides), args.output_dir)
+        main_muki(load(MukiConfig, args.config, args.overrides), args.output_dir)
         return 0
     if args.command == "teacher":
         return run_teacher_command(args)
@@ -305,7 +306,7 @@ def _run_command(args: argparse.Namespace) -> int:
         from raykd.methods import get_method
 
         config = get_method(args.method).config_path
-    cfg = load_config(DistillConfig, config, args.overrides)
+    cfg = load(DistillConfig, config, args.overrides)
     if args.command == "label":
         main_label(cfg)
         return 0

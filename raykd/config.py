@@ -644,7 +644,7 @@ class TrainConfig(Strict):
     Train worker (one no-grad forward per micro-batch). ``cached``: the teacher runs once over the
     train split's blocks into the keyed feature cache (only the blocks the terms read, fp16; a
     rerun asks it nothing) and the workers read it beside the soft labels. ``auto``: the faster
-    of the two for the terms, as measured (:data:`raykd.soft_labels.feature_cache.MEASURED_FASTER`)."""
+    of the two for the terms, as measured (each loss's ``measured_faster``, :class:`raykd.losses.LossSpec`)."""
     checkpoint_dir: str | None = None
     """Ray Train storage for checkpoints: a path or an ``s3://``/``gs://`` URI every node reaches
     (None: ``<output-dir>/ray_train``). Object storage needs ``num_workers >= 1`` (local mode
@@ -766,26 +766,12 @@ class DistillConfig(Strict):
     """Optional MLflow logging of the step metrics."""
 
     @model_validator(mode="after")
-    def _objectives_known(self) -> DistillConfig:
-        from raykd.losses.objective import validate_params, validate_weights
-        from raykd.methods import get_method
-
+    def _sections_agree(self) -> DistillConfig:
+        """The checks that need only this config; those that need the loss and method registries
+        (objectives, loss parameters, the method, feature terms) run in
+        :func:`raykd.methods.validate`, on the load path."""
         if not self.train.students:
             raise ValueError("train.students is empty: name at least one student and its objective")
-        objectives = {f"train.students.{n}": w for n, w in self.train.students.items()}
-        for i, phase in enumerate(self.train.phases):
-            objectives.update({f"train.phases[{i}].{k}": getattr(phase, k) for k in ("weights", "weights_end")
-                               if getattr(phase, k) is not None})
-        for where, weights in objectives.items():
-            try:
-                validate_weights(weights)
-            except (KeyError, ValueError) as e:
-                raise ValueError(f"{where}: {e}") from None
-        try:
-            validate_params(self.train.loss_params, self.train.objective_terms())
-            get_method(self.method).check(self)
-        except KeyError as e:
-            raise ValueError(str(e.args[0])) from None
         if self.train.online_teacher and (self.extra_teachers or self.student.vocab_size is not None):
             raise ValueError("train.online_teacher gives one teacher's dense logits over its own vocabulary: it works "
                              "without extra_teachers and without student.vocab_size")
@@ -797,7 +783,6 @@ class DistillConfig(Strict):
                              "the whole cache before training: set labels.fill=before")
         if self.student.tokenizer_alignment is not None:
             self._check_cross_tokenizer()
-        self._check_feature_terms()
         names = [t.name for t in (self.teacher, *self.extra_teachers)]
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must differ (each is its own deployment), got {names}")
@@ -822,44 +807,6 @@ class DistillConfig(Strict):
         if clash:
             raise ValueError(f"student.tokenizer_alignment={s.tokenizer_alignment} works with one cached teacher; it does "
                              f"not combine with {clash}: remove them")
-        from raykd.losses import get_loss
-
-        features = sorted({n for w in self.train.students.values() for n in w if get_loss(n).kind == "features"})
-        if features:
-            raise ValueError(f"student.tokenizer_alignment aligns output distributions only; feature terms {features} "
-                             "read intermediate layers position by position: remove them")
-
-    def _check_feature_terms(self) -> None:
-        """Feature terms read the one teacher's features in every Train worker (the model-dependent
-        checks, layer map against both models, run in the plan)."""
-        terms = self.train.feature_terms()
-        if not terms:
-            if self.train.layer_map is not None:
-                raise ValueError("train.layer_map is set but no objective has a feature term (e.g. pkd, tinybert); "
-                                 "remove it or add the term")
-            return
-        if self.extra_teachers or self.student.vocab_size is not None or self.on_policy is not None or self.labels.fill == "live":
-            raise ValueError(f"feature terms {terms} read one teacher's features on the cached text: they work without "
-                             "extra_teachers, student.vocab_size, on_policy and labels.fill=live")
-        if self.train.strategy == "fsdp":
-            raise ValueError(f"feature terms {terms} run the teacher whole in each worker: use train.strategy=ddp")
-        if "diito" in terms:  # its plan runs in every step of the workers: checked here, before any work
-            from raykd.losses.interchange import check_interchange_params
-            from raykd.losses.objective import with_defaults
-
-            check_interchange_params(with_defaults("diito", self.train.loss_params.get("diito", {})))
-        if self.train.feature_teacher == "cached":
-            from raykd.losses.features import CACHED_TERMS
-
-            if "diito" in terms:
-                raise ValueError("diito runs a second, intervened teacher forward every step: cached teacher features "
-                                 "cannot give it; set train.feature_teacher=online (or auto)")
-            if bad := sorted(set(terms) - CACHED_TERMS):
-                raise ValueError(f"feature terms {bad} have no cached form (they read every teacher layer or stage "
-                                 "their layers): set train.feature_teacher=online (or auto)")
-        if self.student.init == "pretrained" and self.student.init_from is None and self.train.layer_map is None:
-            raise ValueError(f"feature terms {terms} with a pretrained student need train.layer_map: "
-                             "[[student layer, teacher layer], ...] (only a layer-dropped student has a default stride)")
 
     def _check_on_policy(self) -> None:
         """What an on-policy run cannot combine with (the model contexts are checked in the plan)."""
@@ -908,29 +855,63 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    loaded = yaml.safe_load(path.read_text())
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return loaded or {}
+
+
+def _with_bases(tree: dict[str, Any], path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """``tree`` (read from ``path``) with every ``base:`` of its mappings, at any depth, replaced by
+    that file's tree (its own bases resolved) merged under the mapping: the mapping wins."""
+    out = {k: _with_bases(v, path, chain) if isinstance(v, dict) else v for k, v in tree.items() if k != "base"}
+    if "base" not in tree:
+        return out
+    name = str(tree["base"])
+    found = [b for b in (path.parent / name, Path(name)) if b.is_file()]
+    if not found:
+        raise ConfigError(f"base: {name} does not exist (looked beside {path} and in the working folder)")
+    base = found[0].resolve()
+    if base in chain:
+        loop = " -> ".join(str(p) for p in (*chain, base))
+        raise ConfigError(f"base: {name} in {path} inherits from itself ({loop}); remove one of the base: lines")
+    return _merge(_with_bases(_read_yaml(base), base, (*chain, base)), out)
+
+
+def read_config_tree(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping a YAML config file holds, with its ``base:`` files merged in.
+
+    A mapping (the whole file or any section) may say ``base: <file>``: that YAML file (beside this
+    one, else from the working folder) is read, its own ``base:`` lines resolved, and this
+    mapping's keys are merged on top of it, section by section (this file wins; a
+    ``train.students`` mapping is replaced whole, never merged).
+
+    Raises:
+        ConfigError: a file is missing or not a mapping, or the ``base:`` files form a loop.
+    """
+    p = Path(path)
+    return _with_bases(_read_yaml(p), p, (p.resolve(),))
+
+
 def load_config(
     model: type[BaseModel], path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Any:
-    """Load a config model from YAML plus dotted overrides.
+    """Load a config model from YAML (with ``base:`` inheritance) plus dotted overrides.
 
     Args:
         model: the pydantic config class (e.g. :class:`DistillConfig`).
-        path: YAML file, or None for the defaults.
+        path: YAML file, or None for the defaults; see :func:`read_config_tree` for ``base:``.
         overrides: ``key=value`` strings applied on top of the file.
 
     Raises:
-        ConfigError: the file is missing or not a mapping, an override is malformed, or a field
-            is unknown or out of range (the message lists each bad field).
+        ConfigError: a file is missing or not a mapping, the ``base:`` files form a loop, an
+            override is malformed, or a field is unknown or out of range (the message lists each
+            bad field).
     """
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        loaded = yaml.safe_load(p.read_text())
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        tree = loaded or {}
+    tree = read_config_tree(path) if path is not None else {}
     tree = _merge(tree, parse_overrides(list(overrides)))
     try:
         return model.model_validate(tree)

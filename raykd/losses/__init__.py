@@ -1,25 +1,27 @@
 """Distillation losses: one registry of per-token losses, and the weighted objective.
 
-Pure torch, importable without Ray. Importing this package registers the losses of
-:mod:`raykd.losses.kd` (and the other loss modules; the feature losses of
-:mod:`raykd.losses.hidden` and :mod:`raykd.losses.relations` read intermediate layers).
+Pure torch, importable without Ray. The losses of every loss module below are registered here,
+in one place: the logit losses of :mod:`raykd.losses.kd` and :mod:`raykd.losses.muki`, the
+feature losses (they read intermediate layers) of the others.
 """
 
-from raykd.losses import kd  # noqa: F401  (registers the losses)
-from raykd.losses import muki  # noqa: F401  (registers muki_kd, uhc_kl)
-from raykd.losses import contrastive, hidden, interchange, layerwise, relations, stacked  # noqa: F401  (registers the feature losses)
+from raykd.losses import contrastive, hidden, interchange, kd, layerwise, muki, relations, stacked
 from raykd.losses.objective import Objective, ObjectiveOutput, validate_params, validate_weights
-from raykd.losses.registry import LossSpec, available_losses, get_loss, register_loss
+from raykd.losses.registry import LOSSES, LossSpec, available_losses, define_loss, get_loss, register_losses
 from raykd.losses.targets import TeacherTargets
 
+for _module in (kd, muki, contrastive, hidden, interchange, layerwise, relations, stacked):
+    register_losses(_module)
+
 __all__ = [
+    "LOSSES",
     "LossSpec",
     "Objective",
     "ObjectiveOutput",
     "TeacherTargets",
     "available_losses",
+    "define_loss",
     "get_loss",
-    "register_loss",
     "validate_params",
     "validate_weights",
 ]

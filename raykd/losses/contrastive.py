@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raykd.losses.features import Features, LayerMap, masked_token_mean, projection
-from raykd.losses.registry import Param, register_loss
+from raykd.losses.registry import Param, define_loss
 
 
-@register_loss("lrc_bert", kind="features", projections=("hidden",),
+@define_loss("lrc_bert", kind="features", cached=True, projections=("hidden",),
                params={"tau": Param(float, low=0, low_open=True, meaning="temperature of the contrastive softmax")},
                description="contrastive loss of pooled intermediate states, in-batch negatives (LRC-BERT, Fu et al. 2021)")
 def lrc_bert(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],

@@ -1,7 +1,7 @@
 """What a feature (intermediate-layer) loss sees: the inside of a forward pass, a checked layer
 mapping, learned projections, and the reduction of a feature loss to the objective's positions.
 
-A feature loss is registered in the one loss registry (:func:`raykd.losses.register_loss` with
+A feature loss is registered in the one loss registry (:func:`raykd.losses.define_loss` with
 ``kind="features"``) and has the signature::
 
     fn(student: Features, teacher: Features, *, layer_map: LayerMap,
@@ -326,11 +326,6 @@ def scaled_relation(x: Tensor) -> Tensor:
     """``[B, h, T, d]`` -> ``[B, h, T, T]``: ``x x^T / sqrt(d)`` (a self-relation's scores)."""
     x = x.float()
     return x @ x.transpose(-1, -2) / math.sqrt(x.shape[-1])
-
-
-CACHED_TERMS = frozenset({"distilbert_cos", "pkd", "rail_kd", "lrc_bert", "tinybert", "minilmv2", "minilm"})
-"""Feature terms with a cached form (they read a few chosen teacher blocks, which the keyed
-teacher-feature cache of :mod:`raykd.soft_labels.feature_cache` can hold)."""
 
 
 @dataclass(frozen=True)

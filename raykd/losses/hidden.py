@@ -22,7 +22,7 @@ from raykd.losses.features import (
     projection,
     relation_kl,
 )
-from raykd.losses.registry import Param, register_loss
+from raykd.losses.registry import Param, define_loss
 
 FIRST_TOKEN_ONLY = Param(bool, meaning="match the first token ([CLS]) only; 0 on a decoder: the mean over its real tokens")
 """The ``first_token_only`` hyper-parameter the per-sequence feature losses share."""
@@ -35,7 +35,7 @@ def _tokens(x: Tensor, first_token_only: bool) -> Tensor:
     return x[:, 0] if first_token_only else x
 
 
-@register_loss("distilbert_cos", kind="features", projections=("hidden",),
+@define_loss("distilbert_cos", kind="features", cached=True, measured_faster="cached", projections=("hidden",),
                description="1 - cos(h_s, h_t) of the last mapped hidden states (DistilBERT, Sanh et al. 2019)")
 def distilbert_cos(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module]) -> Tensor:
     """DistilBERT's cosine embedding loss; Sanh et al. 2019, "DistilBERT, a distilled version of
@@ -56,7 +56,7 @@ def distilbert_cos(student: Features, teacher: Features, *, layer_map: LayerMap,
     return 1.0 - F.cosine_similarity(s.float(), teacher.hidden[j].float(), dim=-1)
 
 
-@register_loss("pkd", kind="features", projections=("hidden",), params={"first_token_only": FIRST_TOKEN_ONLY},
+@define_loss("pkd", kind="features", cached=True, measured_faster="cached", projections=("hidden",), params={"first_token_only": FIRST_TOKEN_ONLY},
                description="MSE of L2-normalised hidden states at the mapped layers (Patient KD, Sun et al. 2019)")
 def pkd(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],
         first_token_only: bool = True) -> Tensor:
@@ -124,7 +124,7 @@ def attention_score_mse(student: Features, teacher: Features, i: int, j: int) ->
     return sq.sum(-1).sum(1) / allowed.sum(-1).sum(1).clamp(min=1)
 
 
-@register_loss("tinybert", kind="features", attention=True, projections=("embeddings", "hidden"),
+@define_loss("tinybert", kind="features", cached=True, measured_faster="cached", attention=True, projections=("embeddings", "hidden"),
                params={"embeddings": EMBEDDINGS},
                description="MSE of embeddings, hidden states and attention scores (TinyBERT, Jiao et al. 2020)")
 def tinybert(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],
@@ -152,7 +152,7 @@ def tinybert(student: Features, teacher: Features, *, layer_map: LayerMap, proje
     return out
 
 
-@register_loss("alp_kd", kind="features", projections=("hidden",), params={"first_token_only": FIRST_TOKEN_ONLY},
+@define_loss("alp_kd", kind="features", projections=("hidden",), params={"first_token_only": FIRST_TOKEN_ONLY},
                description="MSE to an attention-weighted mix of all teacher layers per student layer (ALP-KD, Passban et al. 2021)")
 def alp_kd(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],
            first_token_only: bool = True) -> Tensor:
@@ -195,7 +195,7 @@ def random_layer_map(student_layers: int, teacher_layers: int, epoch: int, seed:
     return LayerMap(tuple(enumerate(picked)), student_layers, teacher_layers)
 
 
-@register_loss("rail_kd", kind="features", projections=("hidden",), params={"first_token_only": FIRST_TOKEN_ONLY},
+@define_loss("rail_kd", kind="features", cached=True, projections=("hidden",), params={"first_token_only": FIRST_TOKEN_ONLY},
                description="normalised [CLS] MSE on a layer map re-drawn at random every epoch (RAIL-KD, Haidar et al. 2022)")
 def rail_kd(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],
             first_token_only: bool = True) -> Tensor:
@@ -234,7 +234,7 @@ def pooled(f: Features, layer: int, first_token_only: bool) -> Tensor:
     return masked_token_mean(f.hidden[layer].float(), f.token_mask)
 
 
-@register_loss("universal_kd", kind="features", modules=_universal_kd_maps,
+@define_loss("universal_kd", kind="features", modules=_universal_kd_maps,
                params={"first_token_only": FIRST_TOKEN_ONLY,
                        "size": Param(int, low=0, meaning="width of the common space the maps project into; 0: the student's width")},
                description="KL of per-layer maps to an attention mix of all teacher layers (Universal-KD, Wu et al. 2021)")

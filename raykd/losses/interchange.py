@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from raykd.losses.features import Features, Intervened, LayerMap, masked_token_mean, projection
 from raykd.losses.kd import forward_kl
-from raykd.losses.registry import Param, register_loss
+from raykd.losses.registry import Param, define_loss
 from raykd.losses.targets import TeacherTargets
 
 ALIGNMENTS = ("full", "middle", "late")
@@ -39,7 +39,7 @@ def _last_cos(student: Features, teacher: Features, projections: dict[str, nn.Mo
     return 1.0 - F.cosine_similarity(s, teacher.hidden[-1].float(), dim=-1)
 
 
-@register_loss("diito", kind="features", projections=("hidden",), interventions=True, params={
+@define_loss("diito", kind="features", projections=("hidden",), interventions=True, params={
     "cos_weight": Param(float, low=0, meaning="weight of the last-state cosine"),
     "causal_cos_weight": Param(float, low=0, meaning="weight of the intervened last-state cosine"),
     "alignment": Param(str, choices=ALIGNMENTS, meaning="how the aligned layer pair is picked"),

@@ -8,7 +8,9 @@ Every loss takes ``student_logits`` [B, T, V], and keyword-only ``targets``
 Notation: p is the teacher, q the student, both at temperature tau. With dense targets they are
 distributions over the V vocabulary entries; with sparse targets over K + 1 buckets (the
 teacher's top-k ids plus one tail bucket for the rest of the vocabulary). Every teacher loss is
-multiplied by tau**2 so its gradients keep their size as tau changes (Hinton et al. 2015).
+multiplied by tau**2 so its gradients keep their size as tau changes (Hinton et al. 2015): the
+registry applies the factor (:func:`~raykd.losses.registry.times_tau_squared`), the functions
+below compute the loss at tau.
 Teacher log-probs are floored at log(:data:`~raykd.losses.reduction.TINY`) so that mass the
 student puts where the teacher has none costs a large, finite penalty instead of inf.
 
@@ -30,7 +32,7 @@ import torch
 from torch import Tensor
 
 from raykd.losses.reduction import TINY, student_bucket_log_probs, student_log_probs
-from raykd.losses.registry import Param, register_loss
+from raykd.losses.registry import Param, define_loss
 
 _SKEW = Param(float, low=0, high=1, high_open=True,
               meaning="DistiLLM's skew: the share of the other distribution mixed in; 0 is the plain KL, 1 makes it vanish")
@@ -40,14 +42,14 @@ LOG_FLOOR = math.log(TINY)
 
 
 def _at_temperature(student_logits: Tensor, targets: TeacherTargets | None, temperature: float):
-    """(teacher log_p, student log_q, tau**2): the one place temperature is applied."""
+    """(teacher log_p, student log_q) at temperature tau: the one place tau divides the logits."""
     if targets is None:
         raise ValueError("this loss needs teacher targets, got targets=None")
     ids, log_p = teacher_buckets(targets, temperature)
     log_q = student_log_probs(student_logits, temperature)
     if ids is not None:
         log_q = student_bucket_log_probs(log_q, ids)
-    return log_p.clamp(min=LOG_FLOOR), log_q, temperature**2
+    return log_p.clamp(min=LOG_FLOOR), log_q
 
 
 def kl_divergence(log_a: Tensor, log_b: Tensor) -> Tensor:
@@ -71,7 +73,7 @@ def _check_range(name: str, value: float, high_open: bool) -> None:
         raise ValueError(f"{name} must be in [0, {'1)' if high_open else '1]'}, got {value}")
 
 
-@register_loss("forward_kl", description="KL(p || q) at temperature tau, times tau^2 (Hinton et al. 2015)")
+@define_loss("forward_kl", description="KL(p || q) at temperature tau, times tau^2 (Hinton et al. 2015)")
 def forward_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
                temperature: float) -> Tensor:
     """Forward KL(p || q), mean-seeking; Hinton, Vinyals & Dean 2015, "Distilling the
@@ -80,11 +82,11 @@ def forward_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels
     Returns:
         [B, T] tau**2 * KL(p || q).
     """
-    log_p, log_q, scale = _at_temperature(student_logits, targets, temperature)
-    return scale * kl_divergence(log_p, log_q)
+    log_p, log_q = _at_temperature(student_logits, targets, temperature)
+    return kl_divergence(log_p, log_q)
 
 
-@register_loss("reverse_kl", description="KL(q || p), mode-seeking (MiniLLM, Gu et al. 2023)")
+@define_loss("reverse_kl", description="KL(q || p), mode-seeking (MiniLLM, Gu et al. 2023)")
 def reverse_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
                temperature: float) -> Tensor:
     """Reverse KL(q || p), mode-seeking; Gu et al. 2023, "MiniLLM: Knowledge Distillation of
@@ -93,11 +95,11 @@ def reverse_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels
     Returns:
         [B, T] tau**2 * KL(q || p).
     """
-    log_p, log_q, scale = _at_temperature(student_logits, targets, temperature)
-    return scale * kl_divergence(log_q, log_p)
+    log_p, log_q = _at_temperature(student_logits, targets, temperature)
+    return kl_divergence(log_q, log_p)
 
 
-@register_loss("symmetric_kl", description="KL(p || q) + KL(q || p)")
+@define_loss("symmetric_kl", description="KL(p || q) + KL(q || p)")
 def symmetric_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
                  temperature: float) -> Tensor:
     """Symmetric (Jeffreys) divergence KL(p || q) + KL(q || p). Args as in the module docstring.
@@ -105,11 +107,11 @@ def symmetric_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labe
     Returns:
         [B, T] tau**2 * (KL(p || q) + KL(q || p)).
     """
-    log_p, log_q, scale = _at_temperature(student_logits, targets, temperature)
-    return scale * (kl_divergence(log_p, log_q) + kl_divergence(log_q, log_p))
+    log_p, log_q = _at_temperature(student_logits, targets, temperature)
+    return (kl_divergence(log_p, log_q) + kl_divergence(log_q, log_p))
 
 
-@register_loss("generalized_jsd", params={"beta": Param(float, low=0, high=1, meaning="GKD's interpolation: 0 is forward "
+@define_loss("generalized_jsd", params={"beta": Param(float, low=0, high=1, meaning="GKD's interpolation: 0 is forward "
                                                                           "KL, 1 reverse KL")},
                description="JSD(beta); beta=0 forward KL, beta=1 reverse KL (GKD)")
 def generalized_jsd(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
@@ -133,16 +135,16 @@ def generalized_jsd(student_logits: Tensor, *, targets: TeacherTargets | None, l
         [B, T] tau**2 * JSD(beta).
     """
     _check_range("generalized_jsd beta", beta, high_open=False)
-    log_p, log_q, scale = _at_temperature(student_logits, targets, temperature)
+    log_p, log_q = _at_temperature(student_logits, targets, temperature)
     if beta == 0.0:
-        return scale * kl_divergence(log_p, log_q)
+        return kl_divergence(log_p, log_q)
     if beta == 1.0:
-        return scale * kl_divergence(log_q, log_p)
+        return kl_divergence(log_q, log_p)
     log_m = _log_mix(log_p, log_q, beta)
-    return scale * (beta * kl_divergence(log_p, log_m) + (1.0 - beta) * kl_divergence(log_q, log_m))
+    return (beta * kl_divergence(log_p, log_m) + (1.0 - beta) * kl_divergence(log_q, log_m))
 
 
-@register_loss("skew_kl", params={"alpha": _SKEW}, description="KL(p || alpha p + (1 - alpha) q) (DistiLLM, Ko et al. 2024)")
+@define_loss("skew_kl", params={"alpha": _SKEW}, description="KL(p || alpha p + (1 - alpha) q) (DistiLLM, Ko et al. 2024)")
 def skew_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
             temperature: float, alpha: float = 0.1) -> Tensor:
     """Skew KL, KL(p || alpha * p + (1 - alpha) * q); Ko et al. 2024, "DistiLLM: Towards
@@ -155,11 +157,11 @@ def skew_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels: T
         [B, T] tau**2 * skew KL.
     """
     _check_range("skew_kl alpha", alpha, high_open=True)
-    log_p, log_q, scale = _at_temperature(student_logits, targets, temperature)
-    return scale * kl_divergence(log_p, _log_mix(log_p, log_q, alpha))
+    log_p, log_q = _at_temperature(student_logits, targets, temperature)
+    return kl_divergence(log_p, _log_mix(log_p, log_q, alpha))
 
 
-@register_loss("skew_reverse_kl", params={"alpha": _SKEW}, description="KL(q || alpha q + (1 - alpha) p) (DistiLLM, Ko et al. 2024)")
+@define_loss("skew_reverse_kl", params={"alpha": _SKEW}, description="KL(q || alpha q + (1 - alpha) p) (DistiLLM, Ko et al. 2024)")
 def skew_reverse_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
                     temperature: float, alpha: float = 0.1) -> Tensor:
     """Skew reverse KL, KL(q || alpha * q + (1 - alpha) * p); Ko et al. 2024, "DistiLLM".
@@ -172,11 +174,11 @@ def skew_reverse_kl(student_logits: Tensor, *, targets: TeacherTargets | None, l
         [B, T] tau**2 * skew reverse KL.
     """
     _check_range("skew_reverse_kl alpha", alpha, high_open=True)
-    log_p, log_q, scale = _at_temperature(student_logits, targets, temperature)
-    return scale * kl_divergence(log_q, _log_mix(log_q, log_p, alpha))
+    log_p, log_q = _at_temperature(student_logits, targets, temperature)
+    return kl_divergence(log_q, _log_mix(log_q, log_p, alpha))
 
 
-@register_loss("tvd", description="total variation distance 0.5 * sum |p - q|")
+@define_loss("tvd", description="total variation distance 0.5 * sum |p - q|")
 def tvd(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
         temperature: float) -> Tensor:
     """Total variation distance 0.5 * sum |p - q|, in [0, 1] before the tau**2 factor; as used
@@ -186,11 +188,11 @@ def tvd(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tenso
     Returns:
         [B, T] tau**2 * TVD(p, q).
     """
-    log_p, log_q, scale = _at_temperature(student_logits, targets, temperature)
-    return scale * 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    log_p, log_q = _at_temperature(student_logits, targets, temperature)
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
 
 
-@register_loss("mse_logits", forms=("dense",), description="MSE of the logits (Ba & Caruana 2014)")
+@define_loss("mse_logits", forms=("dense",), tau_squared=False, description="MSE of the logits (Ba & Caruana 2014)")
 def mse_logits(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
                temperature: float) -> Tensor:
     """Mean squared error between raw student and teacher logits, averaged over V; Ba & Caruana
@@ -208,7 +210,7 @@ def mse_logits(student_logits: Tensor, *, targets: TeacherTargets | None, labels
     return (student_logits.float() - targets.logits.float()).square().mean(-1)
 
 
-@register_loss("ce", forms=(), needs_teacher=False, description="cross entropy on the hard next-token labels")
+@define_loss("ce", forms=(), needs_teacher=False, description="cross entropy on the hard next-token labels")
 def ce(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
        temperature: float) -> Tensor:
     """Cross entropy of the student on the hard labels, at temperature 1 and without the tau**2
@@ -228,7 +230,7 @@ def ce(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor
     return -log_q.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
 
 
-@register_loss("uld", description="sorted-probability L1 across vocabularies, no id mapping (ULD, Boizard et al. 2024)")
+@define_loss("uld", description="sorted-probability L1 across vocabularies, no id mapping (ULD, Boizard et al. 2024)")
 def uld(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor,
         temperature: float) -> Tensor:
     """Universal Logit Distillation; Boizard et al. 2024, "Towards Cross-Tokenizer Distillation:
@@ -262,7 +264,7 @@ def uld(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tenso
         width = max(p.shape[-1], q.shape[-1])
         p = torch.nn.functional.pad(p, (0, width - p.shape[-1]))
         q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
-        return temperature**2 * (p - q).abs().sum(-1)
+        return (p - q).abs().sum(-1)
     if not 0.0 < temperature < math.inf:
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     masses = torch.cat([targets.topk_logprobs.float(), targets.tail_logmass.float().unsqueeze(-1)], dim=-1)
@@ -272,4 +274,4 @@ def uld(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tenso
     q_top = q.topk(min(k, q.shape[-1]), dim=-1).values
     q_top = torch.nn.functional.pad(q_top, (0, k - q_top.shape[-1]))
     q_tail = (1.0 - q_top.sum(-1)).clamp(min=0.0)
-    return temperature**2 * ((p_top - q_top).abs().sum(-1) + (p_tail - q_tail).abs())
+    return (p_top - q_top).abs().sum(-1) + (p_tail - q_tail).abs()

@@ -14,10 +14,10 @@ from torch import Tensor, nn
 
 from raykd.losses.features import Features, LayerMap
 from raykd.losses.hidden import EMBEDDINGS, attention_kl_pair, state_mse
-from raykd.losses.registry import register_loss
+from raykd.losses.registry import define_loss
 
 
-@register_loss("hidden_mse", kind="features", projections=("embeddings", "hidden"), params={"embeddings": EMBEDDINGS},
+@define_loss("hidden_mse", kind="features", transfer=True, projections=("embeddings", "hidden"), params={"embeddings": EMBEDDINGS},
                description="MSE of mapped block outputs (MobileBERT's feature-map transfer, Sun et al. 2020)")
 def hidden_mse(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],
                embeddings: bool = False) -> Tensor:
@@ -34,7 +34,7 @@ def hidden_mse(student: Features, teacher: Features, *, layer_map: LayerMap, pro
     return state_mse(student, teacher, layer_map, projections, embeddings)
 
 
-@register_loss("attention_kl", kind="features", attention=True,
+@define_loss("attention_kl", kind="features", transfer=True, attention=True,
                description="KL of mapped attention distributions (MobileBERT's attention transfer, Sun et al. 2020)")
 def attention_kl(student: Features, teacher: Features, *, layer_map: LayerMap,
                  projections: dict[str, nn.Module]) -> Tensor:

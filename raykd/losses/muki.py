@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from raykd.losses.reduction import TINY, student_log_probs
-from raykd.losses.registry import Param, register_loss
+from raykd.losses.registry import Param, define_loss
 from raykd.losses.targets import TeacherTargets
 
 SCORE_TEMPERATURE = 0.2
@@ -188,7 +188,7 @@ def _dense(targets: TeacherTargets | None, name: str) -> Tensor:
     return targets.logits.float()
 
 
-@register_loss("muki_kd", forms=("dense",), description="w * KL(integrated teachers || q), w read from the targets' mass (MUKI, Li et al. 2022)")
+@define_loss("muki_kd", forms=("dense",), description="w * KL(integrated teachers || q), w read from the targets' mass (MUKI, Li et al. 2022)")
 def muki_kd(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor, temperature: float) -> Tensor:
     """MUKI's distillation term: each example's KL from the integrated soft labels to the student,
     times the example's weight; Li et al. 2022, "From Mimicking to Integrating".
@@ -196,7 +196,7 @@ def muki_kd(student_logits: Tensor, *, targets: TeacherTargets | None, labels: T
     The targets are :func:`integrated_targets`: ``log(w * p)``. ``p = softmax(targets)`` is taken
     as is (it was built from teacher probabilities at the KD temperature already); ``w`` is
     ``exp(logsumexp(targets))`` (1 without re-weighting). The student is at ``temperature``;
-    the loss is multiplied by ``temperature**2`` like every teacher loss (MUKI uses T = 1).
+    the loss is multiplied by ``temperature**2`` like every teacher loss, by the registry (MUKI uses T = 1).
 
     Args:
         student_logits: ``[B, T, C]`` (``T = 1`` for a classifier).
@@ -209,10 +209,10 @@ def muki_kd(student_logits: Tensor, *, targets: TeacherTargets | None, labels: T
     log_w = torch.logsumexp(z, dim=-1)
     log_p = (z - log_w.unsqueeze(-1)).clamp(min=LOG_FLOOR)
     log_q = student_log_probs(student_logits, temperature)
-    return log_w.exp() * temperature**2 * _kl(log_p, log_q)
+    return log_w.exp() * _kl(log_p, log_q)
 
 
-@register_loss("uhc_kl", forms=("dense",), params={"blocks": Param(list, meaning="each teacher's class ids, e.g. [[0, 1], [2, 3, 4]]; "
+@define_loss("uhc_kl", forms=("dense",), params={"blocks": Param(list, meaning="each teacher's class ids, e.g. [[0, 1], [2, 3, 4]]; "
                                                                               "the MUKI recipe fills them in")},
                description="sum over teacher blocks of KL(teacher || student renormalised on the block) (UHC)")
 def uhc_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tensor, temperature: float,
@@ -247,7 +247,7 @@ def uhc_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Te
         log_q = torch.log_softmax(student_logits[..., idx].float() / temperature, dim=-1)
         term = _kl(log_p, log_q)
         total = term if total is None else total + term
-    return temperature**2 * total
+    return total
 
 
 class FeatureAmalgamation(nn.Module):

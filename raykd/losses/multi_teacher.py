@@ -23,11 +23,13 @@ freed slots are padding (id -1, log-prob -inf), which the losses ignore. Pure to
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from raykd.losses.targets import TeacherTargets, merge_duplicate_ids, teacher_buckets
+from raykd.registry import Registry
 
 
 def mix_sparse(targets: Sequence[TeacherTargets], weights: Tensor) -> TeacherTargets:
@@ -91,9 +93,39 @@ def entropy_weights(targets, label_logprobs, mask, temperature):  # noqa: ARG001
 
 
 WeightFn = Callable[[Sequence[TeacherTargets], Tensor, Tensor, float], Tensor]
-COMBINERS: dict[str, WeightFn] = {"mean": mean_weights, "truth": truth_weights, "entropy": entropy_weights}
-"""Teacher-weight functions by name: ``fn(targets, label_logprobs [B, T, M], mask [B, T],
-temperature) -> weights [B, T or 1, M]``. ``policy`` weights come from :class:`TeacherPolicy`."""
+
+
+@dataclass(frozen=True)
+class Combiner:
+    """A rule that turns M teachers into one target (the ``combine`` of a multi-teacher method).
+
+    Attributes:
+        name: the rule's name (:attr:`raykd.methods.Method.combine`).
+        description: one line, with the method it comes from.
+        weights: ``fn(targets, label_logprobs [B, T, M], mask [B, T], temperature) -> weights
+            [B, T or 1, M]``; None for a learned rule (``policy``), whose weights a
+            :class:`TeacherPolicy` samples and learns during training.
+    """
+
+    name: str
+    description: str
+    weights: WeightFn | None = None
+
+    @property
+    def learned(self) -> bool:
+        """Whether the weights come from a :class:`TeacherPolicy` trained beside the student."""
+        return self.weights is None
+
+
+COMBINERS: Registry[Combiner] = Registry("teacher combination")
+"""Every rule by name (see the module docstring), registered below."""
+for _combiner in (
+    Combiner("mean", "TMKD: every teacher weighs 1 / M", mean_weights),
+    Combiner("truth", "MT-BERT: per example, by each teacher's likelihood of the real text", truth_weights),
+    Combiner("entropy", "Uncertainty: per token, by each teacher's confidence", entropy_weights),
+    Combiner("policy", "RL-KD: one teacher per example, sampled by a learned TeacherPolicy"),
+):
+    COMBINERS.add(_combiner.name, _combiner)
 
 
 def teacher_weights(combine: str, targets: Sequence[TeacherTargets], label_logprobs: Tensor, mask: Tensor,
@@ -101,11 +133,15 @@ def teacher_weights(combine: str, targets: Sequence[TeacherTargets], label_logpr
     """Weights ``[B, T or 1, M]`` of the ``combine`` rule (see the module docstring).
 
     Raises:
-        KeyError: an unknown rule; the message lists the valid ones.
+        KeyError: (a :class:`~raykd.registry.UnknownNameError`) an unknown rule; the message lists
+            the valid ones.
+        ValueError: a learned rule (``policy``): its weights come from a :class:`TeacherPolicy`.
     """
-    if combine not in COMBINERS:
-        raise KeyError(f"unknown teacher combination {combine!r}; valid: {', '.join(sorted(COMBINERS))}, policy")
-    return COMBINERS[combine](targets, label_logprobs, mask, temperature)
+    rule = COMBINERS.get(combine)
+    if rule.weights is None:
+        raise ValueError(f"teacher combination {combine!r} is learned: its weights come from a TeacherPolicy "
+                         "(raykd.train.teachers.TeacherMix runs one)")
+    return rule.weights(targets, label_logprobs, mask, temperature)
 
 
 def teacher_features(targets: Sequence[TeacherTargets], label_logprobs: Tensor, mask: Tensor) -> Tensor:

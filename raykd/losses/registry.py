@@ -6,8 +6,14 @@ A loss is a pure function with the signature::
        temperature: float, **hyper_params) -> per-token loss [B, T]
 
 It returns the loss unreduced; masking and reduction happen once, in
-:mod:`raykd.losses.reduction`. Losses are registered when :mod:`raykd.losses` imports the
-modules that define them.
+:mod:`raykd.losses.reduction`. :func:`define_loss` declares a loss (its :class:`LossSpec`,
+checked against the function); :mod:`raykd.losses` adds every declared loss of its loss modules
+to :data:`LOSSES`, in one place.
+
+Temperature: a loss reads its distributions at ``temperature`` tau, and the registry multiplies
+every loss that declares ``tau_squared`` (the default for a logit loss with a teacher) by tau**2
+(:func:`times_tau_squared`), so its gradients keep their size as tau changes (Hinton et al.
+2015); no loss applies the factor itself.
 
 Every hyper-parameter (a keyword-only argument besides the common ones) is declared on the entry
 as a :class:`Param`, with its type and range: ``train.loss_params`` is checked against them when
@@ -21,6 +27,7 @@ read the student's and the teacher's :class:`~raykd.losses.features.Features` in
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping
@@ -28,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
+
+from raykd.registry import Registry, UnknownNameError
 
 LossFn = Callable[..., Tensor]
 FORMS = ("sparse", "dense")
@@ -126,6 +135,19 @@ class LossSpec:
             made by the shared step; DIITO); it needs the teacher online.
         params: its hyper-parameters by name, with types and ranges (:class:`Param`); exactly
             the keyword-only arguments of ``fn`` besides :data:`COMMON_ARGS`.
+        cached: a feature loss with a cached form: it reads a few chosen teacher blocks, which the
+            keyed teacher-feature cache (:mod:`raykd.soft_labels.feature_cache`) can hold.
+        measured_faster: for a feature loss, the source of its teacher features measured faster
+            on the LM path (``cached`` or ``online``; ``train.feature_teacher=auto`` takes it), from
+            the step times of ``benchmarks/bench_feature_cost_lm.py``
+            (``benchmarks/results/feature_cost_lm*.json``; the attention terms from the steady-load
+            rerun ``feature_cost_lm_attention.json``: cached 1.8-1.9x faster). None: not measured
+            (it runs online).
+        transfer: a layer-wise transfer term of progressive knowledge transfer
+            (:mod:`raykd.train.progressive`, MobileBERT).
+        tau_squared: ``fn`` is the loss at temperature tau times tau**2, the factor applied by the
+            registry (:func:`times_tau_squared`) to the declared function's value; False for a loss
+            without the factor (hard-label CE, logit MSE, the feature losses).
     """
 
     name: str
@@ -139,19 +161,21 @@ class LossSpec:
     modules: Callable[..., Any] | None = None
     interventions: bool = False
     params: Mapping[str, Param] = field(default_factory=dict)
+    cached: bool = False
+    measured_faster: str | None = None
+    transfer: bool = False
+    tau_squared: bool = False
 
 
-class UnknownLossError(KeyError):
+class UnknownLossError(UnknownNameError):
     """A loss name that is not registered; the message lists the valid names."""
 
-    def __str__(self) -> str:  # KeyError would quote the whole message
-        return str(self.args[0])
+
+LOSSES: Registry[LossSpec] = Registry("loss", "losses", error=UnknownLossError)
+"""Every loss by name, filled by :mod:`raykd.losses` (:func:`register_losses` on each loss module)."""
 
 
-_REGISTRY: dict[str, LossSpec] = {}
-
-
-def register_loss(
+def define_loss(
     name: str,
     *,
     forms: tuple[str, ...] | None = None,
@@ -163,8 +187,14 @@ def register_loss(
     modules: Callable[..., Any] | None = None,
     interventions: bool = False,
     params: Mapping[str, Param] | None = None,
+    cached: bool = False,
+    measured_faster: str | None = None,
+    transfer: bool = False,
+    tau_squared: bool | None = None,
 ) -> Callable[[LossFn], LossFn]:
-    """Decorator that registers a loss function under ``name``.
+    """Decorator that declares ``fn`` a loss called ``name``: it checks the declaration against
+    the function and puts the :class:`LossSpec` on it as ``fn.loss_spec`` (registered by
+    :func:`register_losses`).
 
     Args:
         name: registry name.
@@ -174,19 +204,23 @@ def register_loss(
         description: one line for listings.
         kind, attention, projections, modules, interventions: see :class:`LossSpec`; a feature loss has ``forms=()``
             and ``needs_teacher=True`` (it needs the teacher's features, not its targets).
+        cached, measured_faster, transfer: facts about a feature loss, see :class:`LossSpec`.
+        tau_squared: the registry multiplies the function's value by tau**2 (default: True for a
+            logit loss with a teacher); only a logit loss with a teacher may set it.
         params: the hyper-parameters with types and ranges (:class:`Param`), one per keyword-only
             argument of the function besides :data:`COMMON_ARGS`.
 
     Returns:
-        The decorator; it returns the function unchanged.
+        The decorator; it returns the loss as registered (the function, times tau**2 where
+        ``tau_squared``) with its ``loss_spec``.
 
     Raises:
-        ValueError: ``name`` is already registered, ``forms`` is invalid or does not agree with
-            ``needs_teacher``, or ``params`` does not declare exactly the function's hyper-parameters.
+        ValueError: ``forms`` is invalid or does not agree with ``needs_teacher``, the feature
+            facts are given to a logit loss or disagree, ``tau_squared`` is set on a loss without
+            a teacher's logits, or ``params`` does not declare exactly the function's
+            hyper-parameters.
     """
     forms = tuple(forms) if forms is not None else (FORMS if kind == "logits" else ())
-    if name in _REGISTRY:
-        raise ValueError(f"loss {name!r} is already registered")
     if kind not in KINDS:
         raise ValueError(f"loss {name!r}: kind {kind!r} must be one of {KINDS}")
     if any(f not in FORMS for f in forms):
@@ -197,6 +231,13 @@ def register_loss(
         raise ValueError(f"loss {name!r}: a logit loss needs a teacher exactly when it accepts target forms, "
                          "and has no attention, projections, modules or interventions")
 
+    if kind == "logits" and (cached or measured_faster or transfer):
+        raise ValueError(f"loss {name!r}: cached, measured_faster and transfer describe feature losses")
+    if measured_faster not in (None, "cached", "online") or measured_faster == "cached" and not cached:
+        raise ValueError(f"loss {name!r}: measured_faster is None, 'online', or 'cached' with cached=True")
+    tau_squared = kind == "logits" and needs_teacher if tau_squared is None else tau_squared
+    if tau_squared and not (kind == "logits" and needs_teacher):
+        raise ValueError(f"loss {name!r}: tau_squared scales a logit loss with a teacher")
     declared = dict(params or {})
 
     def decorate(fn: LossFn) -> LossFn:
@@ -205,11 +246,33 @@ def register_loss(
         if wanted != sorted(declared) or any(p.type not in PARAM_TYPES for p in declared.values()):
             raise ValueError(f"loss {name!r}: declare params={{name: Param(...)}} for exactly its hyper-parameters "
                              f"{wanted} (declared {sorted(declared)}; types {PARAM_TYPES})")
-        _REGISTRY[name] = LossSpec(name, fn, forms, needs_teacher, description, kind, attention, tuple(projections),
-                                   modules, interventions, declared)
-        return fn
+        loss = times_tau_squared(fn) if tau_squared else fn
+        loss.loss_spec = LossSpec(name, loss, forms, needs_teacher, description, kind, attention, tuple(projections),
+                                  modules, interventions, declared, cached, measured_faster, transfer, tau_squared)
+        return loss
 
     return decorate
+
+
+def times_tau_squared(fn: LossFn) -> LossFn:
+    """``fn`` (a loss at temperature tau) times tau**2: the one place the factor is applied."""
+
+    @functools.wraps(fn)
+    def scaled(*args: Any, temperature: float, **kwargs: Any) -> Tensor:
+        return temperature**2 * fn(*args, temperature=temperature, **kwargs)
+
+    return scaled
+
+
+def register_losses(module: Any) -> None:
+    """Add every loss that ``module`` defines (:func:`define_loss`) to :data:`LOSSES`, in order.
+
+    Raises:
+        ValueError: a name is already registered.
+    """
+    for value in list(vars(module).values()):
+        if getattr(value, "__module__", None) == module.__name__ and (spec := getattr(value, "loss_spec", None)):
+            LOSSES.add(spec.name, spec)
 
 
 def get_loss(name: str) -> LossSpec:
@@ -219,13 +282,15 @@ def get_loss(name: str) -> LossSpec:
         KeyError: (an :class:`UnknownLossError`) ``name`` is not registered; the message
             lists the valid names, sorted.
     """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        valid = ", ".join(sorted(_REGISTRY))
-        raise UnknownLossError(f"unknown loss {name!r}; valid losses: {valid}") from None
+    return LOSSES.get(name)
+
+
+def losses_where(fact: str, value: Any = True) -> tuple[str, ...]:
+    """The names of the registered losses whose ``LossSpec.<fact>`` equals ``value``, in
+    registration order (e.g. ``losses_where("cached")``)."""
+    return tuple(n for n, spec in LOSSES.entries().items() if getattr(spec, fact) == value)
 
 
 def available_losses() -> dict[str, LossSpec]:
     """All registered losses by name, sorted (a copy)."""
-    return dict(sorted(_REGISTRY.items()))
+    return dict(sorted(LOSSES.entries().items()))

@@ -15,10 +15,10 @@ from torch import Tensor, nn
 
 from raykd.losses.features import Features, LayerMap, masked_token_mean, relation_kl, scaled_relation, split_heads
 from raykd.losses.hidden import _check_heads
-from raykd.losses.registry import Param, register_loss
+from raykd.losses.registry import Param, define_loss
 
 
-@register_loss("minilm", kind="features", attention=True,
+@define_loss("minilm", kind="features", cached=True, attention=True,
                params={"value_relation": Param(bool, meaning="add the value-value relation to the attention KL")},
                description="KL of last-layer attention distributions + value relations (MiniLM, Wang et al. 2020)")
 def minilm(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],
@@ -52,7 +52,7 @@ def minilm(student: Features, teacher: Features, *, layer_map: LayerMap, project
     return out
 
 
-@register_loss("minilmv2", kind="features", attention=True,
+@define_loss("minilmv2", kind="features", cached=True, measured_faster="cached", attention=True,
                params={"relation_heads": Param(int, low=1, meaning="heads the concatenated queries, keys and values are split "
                                                                   "into; it must also divide both models' widths"),
                        "teacher_layer": Param(int, low=0, optional=True,
@@ -107,7 +107,7 @@ def _pair_mask(token_mask: Tensor) -> Tensor:
     return token_mask[:, :, None] & token_mask[:, None, :]
 
 
-@register_loss("ckd", kind="features",
+@define_loss("ckd", kind="features",
                params={"word_weight": Param(float, low=0, meaning="weight of the word-relation term"),
                        "layer_weight": Param(float, low=0, meaning="weight of the layer-transforming term")},
                description="Huber loss on word relations and layer-transforming relations (CKD, Park et al. 2021)")
@@ -152,7 +152,7 @@ def _spans(h: Tensor, mask: Tensor, span: int) -> tuple[Tensor, Tensor]:
     return h.sum(2) / m.sum(2, keepdim=True).clamp(min=1), m.sum(2) > 0
 
 
-@register_loss("mgskd", kind="features",
+@define_loss("mgskd", kind="features",
                params={"span": Param(int, low=1, meaning="tokens per span window")},
                description="Huber loss on token, span and sample relations (MGSKD, Liu et al. 2022)")
 def mgskd(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],

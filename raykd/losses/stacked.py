@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from raykd.losses.features import Features, LayerMap, masked_token_mean
 from raykd.losses.hidden import FIRST_TOKEN_ONLY, attention_kl_pair, pooled
-from raykd.losses.registry import Param, register_loss
+from raykd.losses.registry import Param, define_loss
 
 _SID_PARAMS = {"unlocked": Param(int, low=0, meaning="the first this many layer-map pairs are matched; 0: every pair"),
                "first_token_only": FIRST_TOKEN_ONLY,
@@ -37,7 +37,7 @@ def _check_widths(student: Features, teacher: Features) -> None:
                          f"width {student.width} must equal the teacher's {teacher.width}")
 
 
-@register_loss("sid_cos", kind="features", params=_SID_PARAMS,
+@define_loss("sid_cos", kind="features", params=_SID_PARAMS,
                description="SID's [CLS] cosine of the unlocked pairs alone: its stage threshold (Aguilar et al. 2020)")
 def sid_cos(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],
             unlocked: int = 0, first_token_only: bool = True, threshold: float = 0.0) -> Tensor:
@@ -62,7 +62,7 @@ def sid_cos(student: Features, teacher: Features, *, layer_map: LayerMap, projec
     return out
 
 
-@register_loss("sid", kind="features", attention=True, params=_SID_PARAMS,
+@define_loss("sid", kind="features", attention=True, params=_SID_PARAMS,
                description="stacked internal distillation: attention KL + [CLS] cosine, layers unlocked in stages (SID, Aguilar et al. 2020)")
 def sid(student: Features, teacher: Features, *, layer_map: LayerMap, projections: dict[str, nn.Module],
         unlocked: int = 0, first_token_only: bool = True, threshold: float = 0.0) -> Tensor:

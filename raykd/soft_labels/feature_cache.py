@@ -51,23 +51,17 @@ FEATURE_FORMAT = 1
 """Version of the feature shard layout (part of the key)."""
 SHAPES_META = b"raykd.feature_shapes"
 
-MEASURED_FASTER: dict[str, str] = {"distilbert_cos": "cached", "pkd": "cached", "tinybert": "cached",
-                                   "minilmv2": "cached"}
-"""The faster source of each term's teacher features on the LM path, from the step times of
-``benchmarks/bench_feature_cost_lm.py`` (``benchmarks/results/feature_cost_lm*.json``; the attention
-terms from the steady-load rerun ``feature_cost_lm_attention.json``: cached 1.8-1.9x faster); a term
-not measured runs online."""
-
 
 def feature_source(terms: Sequence[str], setting: str) -> str:
     """``online`` or ``cached`` for a student's feature ``terms`` under ``train.feature_teacher``
-    (``auto``: cached only when every term measured faster cached)."""
+    (``auto``: cached only when every term measured faster cached, ``LossSpec.measured_faster``)."""
     if setting != "auto":
         return setting
-    return "cached" if terms and all(MEASURED_FASTER.get(t) == "cached" for t in terms) else "online"
+    return "cached" if terms and all(get_loss(t).measured_faster == "cached" for t in terms) else "online"
 
 
-from raykd.losses.features import CACHED_TERMS, FeatureLayout, features_from_batch  # noqa: E402,F401  (the cache's terms and layout)
+from raykd.losses import get_loss  # noqa: E402
+from raykd.losses.features import FeatureLayout, features_from_batch  # noqa: E402,F401  (the cache's layout)
 
 
 def feature_layout(terms: dict[str, dict[str, Any]], layer_map) -> FeatureLayout:

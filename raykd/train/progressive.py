@@ -36,8 +36,10 @@ from torch import nn
 
 from raykd.losses import Objective
 from raykd.losses.features import LayerMap
+from raykd.losses.registry import losses_where
 
-TRANSFER_TERMS = ("hidden_mse", "attention_kl")
+TRANSFER_TERMS = losses_where("transfer")
+"""The layer-wise transfer terms (``hidden_mse``, ``attention_kl``: ``LossSpec.transfer``)."""
 
 
 @dataclass

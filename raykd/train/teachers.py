@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from raykd.losses import TeacherTargets
-from raykd.losses.multi_teacher import TeacherPolicy, mix_sparse, teacher_features, teacher_weights
+from raykd.losses.multi_teacher import COMBINERS, TeacherPolicy, mix_sparse, teacher_features, teacher_weights
 from raykd.soft_labels.join import teacher_column
 
 
@@ -51,7 +51,7 @@ class TeacherMix:
     def __init__(self, combine: str, num_teachers: int, weight_temperature: float = 1.0, policy_lr: float = 0.05,
                  seed: int = 0):
         self.combine, self.num_teachers, self.weight_temperature = combine, num_teachers, weight_temperature
-        self.policy = TeacherPolicy(lr=policy_lr) if combine == "policy" else None
+        self.policy = TeacherPolicy(lr=policy_lr) if COMBINERS.get(combine).learned else None
         self.generator = torch.Generator().manual_seed(seed)
         self.pending: list[dict[str, Any]] = []
         self.chosen = torch.zeros(num_teachers)

@@ -44,8 +44,11 @@ def _tiny_encoder(folder, docs):
 
 
 def test_muki_tiny_end_to_end_and_cached_rerun(ray_start, tmp_path, monkeypatch):
-    from raykd.recipes.muki.config import METHODS, MukiConfig
+    from raykd.recipes.muki.config import MukiConfig
+    from raykd.recipes.muki.rows import ROWS
     from raykd.recipes.muki.run import main_muki
+
+    METHODS = ROWS.names()
 
     monkeypatch.setenv("RAYKD_CACHE", str(tmp_path / "cache"))  # the fine-tuned teachers go here
     docs = _docs()

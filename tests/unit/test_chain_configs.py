@@ -4,27 +4,27 @@ from __future__ import annotations
 
 import pytest
 
-from raykd.config import ConfigError, DistillConfig, GenerationConfig, load_config
+from raykd.config import ConfigError, DistillConfig, GenerationConfig
 from raykd.data import Document
-from raykd.methods import get_method
+from raykd.methods import get_method, load
 from raykd.recipes.lm.chains import _served, _stage_config
 from raykd.soft_labels.generations import generation_key, prompts_of
 
 
 def test_chain_methods_check_assistant_sizes():
-    cfg = load_config(DistillConfig, get_method("takd").config_path)
+    cfg = load(DistillConfig, get_method("takd").config_path)
     assert len(cfg.chain.assistants[0].keep_layers) > len(cfg.student.keep_layers)
     with pytest.raises(ConfigError, match="more layers than the student"):
-        load_config(DistillConfig, get_method("takd").config_path, ["chain.assistants=[{keep_layers: [0, 29]}]"])
+        load(DistillConfig, get_method("takd").config_path, ["chain.assistants=[{keep_layers: [0, 29]}]"])
     with pytest.raises(ConfigError, match="does not use \\['chain'\\]"):
-        load_config(DistillConfig, None, ["chain={assistants: [{keep_layers: [0, 1, 2]}]}"])
+        load(DistillConfig, None, ["chain={assistants: [{keep_layers: [0, 1, 2]}]}"])
     with pytest.raises(ConfigError, match="needs \\['generate'\\]"):
-        load_config(DistillConfig, None, ["method=seqkd"])
+        load(DistillConfig, None, ["method=seqkd"])
 
 
 @pytest.mark.parametrize("method", ["takd", "dgkd"])
 def test_stage_configs_serve_each_trained_assistant_as_a_teacher(method, tmp_path):
-    cfg = load_config(DistillConfig, get_method(method).config_path)
+    cfg = load(DistillConfig, get_method(method).config_path)
     ta = _served(cfg, "ta1", str(tmp_path / "ta1"))
     assert ta.name == f"{cfg.run_name}-ta1" and ta.model == str(tmp_path / "ta1") and not ta.keep_alive
     teachers = [cfg.teacher, ta] if method == "dgkd" else [ta]

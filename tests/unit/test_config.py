@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from raykd.config import ConfigError, DistillConfig, load_config, parse_overrides, TrainConfig
+from raykd.methods import load
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,7 +55,7 @@ def test_student_vocab_size_is_a_count_or_a_fraction_and_the_map_a_known_name():
 
 def test_unknown_loss_lists_the_valid_names():
     with pytest.raises(ConfigError, match="forward_kl"):
-        load_config(DistillConfig, None, ["train.students={s: {forward_kll: 1.0}}"])
+        load(DistillConfig, None, ["train.students={s: {forward_kll: 1.0}}"])
 
 
 def test_students_override_replaces_the_mapping():
@@ -64,9 +65,9 @@ def test_students_override_replaces_the_mapping():
 
 def test_nonsense_weights_are_refused():
     with pytest.raises(ConfigError, match=">= 0"):
-        load_config(DistillConfig, None, ["train.students={s: {ce: -1.0}}"])
+        load(DistillConfig, None, ["train.students={s: {ce: -1.0}}"])
     with pytest.raises(ConfigError, match="all weights are zero"):
-        load_config(DistillConfig, None, ["train.students={s: {ce: 0.0}}"])
+        load(DistillConfig, None, ["train.students={s: {ce: 0.0}}"])
 
 
 def test_batch_must_split_over_workers():
@@ -133,3 +134,32 @@ def test_cache_misses_are_filled_before_training_unless_live_is_asked_for():
     assert load_config(DistillConfig, tmkd, []).labels.fill == "before"
     with pytest.raises(ConfigError, match="labels.fill=live .* extra_teachers"):
         load_config(DistillConfig, tmkd, ["labels.fill=live"])
+
+
+def test_a_config_inherits_its_base_section_by_section_and_wins(tmp_path):
+    (tmp_path / "root.yaml").write_text("run_name: root\ntrain: {max_steps: 7, lr: 0.1, students: {a: {ce: 1.0}}}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../root.yaml\ntrain: {lr: 0.2}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: sub/mid.yaml\nrun_name: child\ntrain: {students: {b: {forward_kl: 1.0}}}\n")
+    cfg = load_config(DistillConfig, child, ["train.max_steps=9"])
+    assert (cfg.run_name, cfg.train.max_steps, cfg.train.lr) == ("child", 9, 0.2)
+    assert cfg.train.students == {"b": {"forward_kl": 1.0}}  # an objective mapping is replaced, never merged
+
+
+def test_a_section_may_name_its_own_base(tmp_path):
+    (tmp_path / "train.yaml").write_text("max_steps: 11\nlr: 0.3\n")
+    p = tmp_path / "job.yaml"
+    p.write_text("train: {base: train.yaml, lr: 0.4}\n")
+    cfg = load_config(DistillConfig, p)
+    assert (cfg.train.max_steps, cfg.train.lr) == (11, 0.4)
+
+
+def test_a_base_loop_and_a_missing_base_are_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"base: a.yaml in .*b.yaml inherits from itself \(.*a.yaml -> .*b.yaml -> .*a.yaml\)"):
+        load_config(DistillConfig, tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="base: nowhere.yaml does not exist"):
+        load_config(DistillConfig, tmp_path / "c.yaml")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from raykd.cli import cli
-from raykd.config import ConfigError, DistillConfig, load_config
+from raykd.config import ConfigError, DistillConfig
 from raykd.data.alignment import (
     align_positions,
     common_prefix,
@@ -21,6 +21,7 @@ from raykd.data.alignment import (
 )
 from raykd.losses import Objective, TeacherTargets, get_loss
 from raykd.losses.targets import teacher_buckets
+from raykd.methods import load
 from raykd.soft_labels.plan import Plan
 from raykd.students import VocabularyMismatchError
 from tests.conftest import build_tiny_model, make_corpus, tiny_distill_config
@@ -226,7 +227,7 @@ def test_the_cli_refusal_is_one_error_line(capsys, tiny_model, corpus_jsonl, tmp
 def test_cross_tokenizer_configs_that_cannot_work_are_refused_at_load_time(overrides, message):
     base = ["method=uld"] if not any(o.startswith("method=") for o in overrides) else []
     with pytest.raises(ConfigError, match=message):
-        load_config(DistillConfig, None, [*base, "train.students={s: {uld: 1.0}}", *overrides])
+        load(DistillConfig, None, [*base, "train.students={s: {uld: 1.0}}", *overrides])
 
 
 def test_a_gguf_path_that_does_not_exist_names_the_file(tmp_path):

@@ -331,3 +331,15 @@ def test_lrc_bert_contrastive_checks():
     torch.testing.assert_close(single, torch.zeros(1))
     with pytest.raises(ValueError, match="tau"):
         fn(s, tau=0.0)
+
+
+def test_the_facts_of_each_feature_loss_live_on_its_entry():
+    from raykd.losses.registry import define_loss, losses_where
+
+    assert set(losses_where("cached")) == {"distilbert_cos", "pkd", "rail_kd", "lrc_bert", "tinybert", "minilmv2", "minilm"}
+    assert set(losses_where("measured_faster", "cached")) == {"distilbert_cos", "pkd", "tinybert", "minilmv2"}
+    assert losses_where("transfer") == ("hidden_mse", "attention_kl")
+    with pytest.raises(ValueError, match="describe feature losses"):
+        define_loss("x_logit", description="", cached=True)
+    with pytest.raises(ValueError, match="'cached' with cached=True"):
+        define_loss("x_feature", kind="features", description="", measured_faster="cached")

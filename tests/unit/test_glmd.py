@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raykd.config import ConfigError, DistillConfig, load_config
-from raykd.methods import get_method
+from raykd.config import ConfigError, DistillConfig
+from raykd.methods import get_method, load
 from raykd.recipes.lm.glmd import agnostic_stage_config, task_stage_config
 from raykd.train.loop import online_teacher
 from raykd.train.step import StudentBatch
 
 
 def _glmd(*overrides: str) -> DistillConfig:
-    return load_config(DistillConfig, get_method("glmd").config_path, list(overrides))
+    return load(DistillConfig, get_method("glmd").config_path, list(overrides))
 
 
 def test_the_shipped_glmd_runs_a_temperature_15_stage_with_the_teacher_online_then_the_task_stage():

@@ -175,13 +175,13 @@ def test_every_registered_loss_declares_its_hyper_parameters_with_types_and_rang
 
 
 def test_a_loss_that_does_not_declare_its_hyper_parameters_is_refused():
-    from raykd.losses.registry import register_loss
+    from raykd.losses.registry import define_loss
 
     def loss(student_logits, *, targets, labels, temperature, gamma: float = 1.0):
         return student_logits.sum(-1)
 
     with pytest.raises(ValueError, match=r"exactly its hyper-parameters \['gamma'\] \(declared \[\]"):
-        register_loss("undeclared_gamma", description="a test loss")(loss)
+        define_loss("undeclared_gamma", description="a test loss")(loss)
     assert "undeclared_gamma" not in available_losses()
 
 
@@ -395,3 +395,42 @@ def test_truncating_a_top_k_cache_equals_labeling_at_the_smaller_k():
     assert truncate_topk(eight, 8) is eight and truncate_topk(eight, 50) is eight
     with pytest.raises(ValueError, match="at least 1"):
         truncate_topk(eight, 0)
+
+
+def test_the_registry_applies_tau_squared_to_every_teacher_logit_loss():
+    for name, spec in available_losses().items():
+        assert spec.tau_squared == (spec.kind == "logits" and spec.needs_teacher and name != "mse_logits"), name
+        if spec.tau_squared:  # the registered loss is the declared function (the loss at tau) times tau**2
+            student, teacher = _logits(), _logits()
+            kw = {"blocks": [[0, 1, 2], list(range(3, V))]} if name == "uhc_kl" else {}
+            targets = TeacherTargets.dense(teacher)
+            at_tau = spec.fn.__wrapped__(student, targets=targets, labels=_labels(), temperature=2.5, **kw)
+            torch.testing.assert_close(spec.fn(student, targets=targets, labels=_labels(), temperature=2.5, **kw),
+                                       6.25 * at_tau, rtol=0, atol=0)
+
+
+def test_uld_muki_kd_and_uhc_kl_keep_their_values_at_a_temperature_above_one():
+    """The three losses that once applied tau**2 themselves give what they gave then (by hand)."""
+    student, teacher, tau = _logits(), _logits(), 2.5
+    p, q = torch.softmax(teacher / tau, -1), torch.softmax(student / tau, -1)
+    sort = lambda x: x.sort(-1, descending=True).values  # noqa: E731
+    torch.testing.assert_close(_loss("uld", student, TeacherTargets.dense(teacher), tau),
+                               tau**2 * (sort(p) - sort(q)).abs().sum(-1), rtol=1e-6, atol=1e-7)
+    targets = _sparse(teacher, 3, tau)  # sparse: the top-3 + tail of each side, sorted
+    pb = torch.softmax(torch.cat([targets.topk_logprobs, targets.tail_logmass.unsqueeze(-1)], -1), -1)
+    q_top = q.topk(3, -1).values
+    expected = (sort(pb[..., :3]) - q_top).abs().sum(-1) + (pb[..., 3] - (1 - q_top.sum(-1)).clamp(min=0)).abs()
+    torch.testing.assert_close(_loss("uld", student, targets, tau), tau**2 * expected, rtol=1e-6, atol=1e-6)
+    from raykd.losses.muki import integrated_targets
+
+    probs, w = torch.softmax(teacher[:, 0], -1), torch.rand(B)
+    integrated = TeacherTargets.dense(integrated_targets(probs, w)[:, None])
+    q1 = torch.log_softmax(student[:, :1] / tau, -1)
+    kl = (probs[:, None] * (probs[:, None].log() - q1)).sum(-1)
+    torch.testing.assert_close(_loss("muki_kd", student[:, :1], integrated, tau), w[:, None] * tau**2 * kl,
+                               rtol=1e-5, atol=1e-6)
+    blocks = [[0, 1, 2], list(range(3, V))]
+    expected = sum(F.kl_div(torch.log_softmax(student[..., b] / tau, -1), torch.log_softmax(teacher[..., b] / tau, -1),
+                            log_target=True, reduction="none").sum(-1) for b in blocks)
+    torch.testing.assert_close(_loss("uhc_kl", student, TeacherTargets.dense(teacher), tau, blocks=blocks),
+                               tau**2 * expected, rtol=1e-5, atol=1e-6)

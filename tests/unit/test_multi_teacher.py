@@ -90,8 +90,10 @@ def test_teacher_weights_follow_each_rule():
     ent = teacher_weights("entropy", [sharp, flat], label_lp, mask)
     assert ent.shape == (B, T, 2) and (ent[..., 0] > 0.5).all()  # the confident teacher counts more
     assert (bucket_entropy(sharp) < bucket_entropy(flat)).all()
-    with pytest.raises(KeyError, match="valid: entropy, mean, truth, policy"):
+    with pytest.raises(KeyError, match="valid teacher combinations: entropy, mean, policy, truth"):
         teacher_weights("median", [sharp, flat], label_lp, mask)
+    with pytest.raises(ValueError, match="'policy' is learned"):
+        teacher_weights("policy", [sharp, flat], label_lp, mask)
 
 
 def test_policy_learns_to_pick_the_teacher_that_is_rewarded():

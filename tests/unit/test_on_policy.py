@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from raykd.config import ConfigError, DistillConfig, OnPolicyConfig, load_config
+from raykd.config import ConfigError, DistillConfig, OnPolicyConfig
 from raykd.losses import Objective
-from raykd.methods import get_method
+from raykd.methods import get_method, load
 from raykd.train.on_policy import (
     OnPolicySampler,
     ReplayBuffer,
@@ -240,7 +240,7 @@ def test_teacher_loglik_of_greedy_continuations_is_the_teachers_own_score(studen
 
 def _on_policy(tiny_model, corpus, tmp_path, method="gkd", **on_policy):
     data = tiny_distill_config(tiny_model, corpus, tmp_path / "cache").model_dump(mode="json")
-    shipped = load_config(DistillConfig, get_method(method).config_path)
+    shipped = load(DistillConfig, get_method(method).config_path)
     data.update(method=method, on_policy={**shipped.on_policy.model_dump(), **on_policy})
     data["train"].update(students=shipped.train.students, loss_params=shipped.train.loss_params)
     return DistillConfig.model_validate(data)
@@ -249,7 +249,7 @@ def _on_policy(tiny_model, corpus, tmp_path, method="gkd", **on_policy):
 @pytest.mark.parametrize("share", [-0.1, 1.5])
 def test_on_policy_share_outside_0_1_is_refused(share):
     with pytest.raises(ConfigError, match="on_policy.on_policy_share: Input should be (greater|less) than or equal to"):
-        load_config(DistillConfig, get_method("gkd").config_path, [f"on_policy.on_policy_share={share}"])
+        load(DistillConfig, get_method("gkd").config_path, [f"on_policy.on_policy_share={share}"])
 
 
 def test_sampling_beyond_the_models_context_is_refused_before_labeling(tiny_model, corpus_jsonl, tmp_path):
@@ -287,4 +287,4 @@ def test_no_running_teacher_with_start_false_is_refused(monkeypatch):
 ])
 def test_bad_on_policy_configs_are_refused_at_load_time(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(DistillConfig, None, overrides)
+        load(DistillConfig, None, overrides)

@@ -96,7 +96,7 @@ def test_info_carries_fingerprints(engine, tiny_model):
 
 
 def test_unknown_engine_lists_valid(tiny_model):
-    with pytest.raises(ValueError, match=r"valid: \['classifier', 'hf', 'vllm'\]"):
+    with pytest.raises(ValueError, match=r"unknown teacher engine 'nope'; valid teacher engines: classifier, hf, vllm"):
         build_engine("nope", tiny_model)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from raykd.config import DistillConfig, TeacherConfig
+from raykd.methods import validate
 
 
 def _stage_config(cfg: DistillConfig, *, index: int, name: str, keep_layers: list[int], teachers: list[TeacherConfig],
@@ -37,7 +38,7 @@ def _stage_config(cfg: DistillConfig, *, index: int, name: str, keep_layers: lis
         "train": cfg.train.model_copy(update={"students": students, "max_steps": max_steps or cfg.train.max_steps,
                                               "seed": cfg.train.seed + index}),
     })
-    return DistillConfig.model_validate(staged.model_dump())
+    return validate(DistillConfig.model_validate(staged.model_dump()))
 
 
 def _served(cfg: DistillConfig, name: str, model_dir: str) -> TeacherConfig:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from raykd.config import DistillConfig, PhaseConfig
+from raykd.methods import validate
 
 
 def agnostic_stage_config(cfg: DistillConfig) -> DistillConfig:
@@ -38,7 +39,7 @@ def agnostic_stage_config(cfg: DistillConfig) -> DistillConfig:
     })
     staged = cfg.model_copy(update={"run_name": f"{cfg.run_name}-agnostic", "agnostic_stage": None,
                                     "train": train})
-    return DistillConfig.model_validate(staged.model_dump())
+    return validate(DistillConfig.model_validate(staged.model_dump()))
 
 
 def task_stage_config(cfg: DistillConfig, student_dir: str | None) -> DistillConfig:
@@ -46,7 +47,7 @@ def task_stage_config(cfg: DistillConfig, student_dir: str | None) -> DistillCon
     update: dict[str, Any] = {"agnostic_stage": None}
     if student_dir is not None:
         update["student"] = cfg.student.model_copy(update={"init": "pretrained", "model": student_dir})
-    return DistillConfig.model_validate(cfg.model_copy(update=update).model_dump())
+    return validate(DistillConfig.model_validate(cfg.model_copy(update=update).model_dump()))
 
 
 def run_glmd(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:

@@ -35,11 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, field_validator, model_validator
 
 from raykd import console
-from raykd.config import ConfigError, DistillConfig, RayConfig, Strict, _merge, parse_overrides
+from raykd.config import ConfigError, DistillConfig, RayConfig, Strict
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ class KDSearchConfig(Strict):
     """Name of the search (its Tune experiments are ``<run_name>-search`` / ``-baseline``) and in the results JSON."""
     distill: DistillConfig
     """The main job whose KD settings are searched (data, teacher, student, budget); in YAML
-    usually ``base: <distill config>`` plus a ``distill:`` mapping of changes."""
+    usually a ``distill:`` mapping that says ``base: <distill config>`` plus its changes."""
     space: KDSpace = Field(default_factory=KDSpace)
     """The grid of KD settings the trials draw from."""
     num_samples: int = Field(default=12, ge=1)
@@ -158,37 +157,6 @@ class KDSearchConfig(Strict):
         return {"temperature": self.distill.labels.temperature, "kd_weight": kd / total if total else 0.0,
                 "divergence": div, "jsd_beta": self.distill.train.loss_params.get("generalized_jsd", {}).get("beta", 0.5),
                 "k": self.distill.labels.k}
-
-
-def load_search_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> KDSearchConfig:
-    """Load a :class:`KDSearchConfig` from YAML: ``base: <distill YAML>`` (relative to the working
-    folder or to this file) is the ``distill`` tree, and this file's ``distill:`` mapping and the
-    ``key=value`` overrides (``distill.train.max_steps=40``) are merged on top.
-
-    Raises:
-        ConfigError: a missing file, a malformed override or a bad field (each one listed).
-    """
-    from pydantic import ValidationError
-
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        tree = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        if base := tree.pop("base", None):
-            b = Path(base) if Path(base).is_file() else p.parent / base
-            if not b.is_file():
-                raise ConfigError(f"base: {base} does not exist (looked in the working folder and beside {p})")
-            tree["distill"] = _merge(yaml.safe_load(b.read_text()) or {}, tree.get("distill") or {})
-    tree = _merge(tree, parse_overrides(list(overrides)))
-    try:
-        return KDSearchConfig.model_validate(tree)
-    except ValidationError as e:
-        lines = [f"  {'.'.join(str(x) for x in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()]
-        raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
 
 
 def trial_objective(setting: dict[str, Any]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:

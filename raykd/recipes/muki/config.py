@@ -12,9 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from raykd.config import ClassifierTeacherConfig, RayConfig, Seeds, Strict
-
-METHODS = ("kd", "uhc", "dfa", "muki_hard", "muki_soft", "muki_soft_reweight", "muki_no_mc")
-"""The student rows, by name (see :data:`raykd.recipes.muki.methods.INTEGRATIONS`)."""
+from raykd.recipes.muki.rows import ROWS
 
 
 class MukiDataConfig(Strict):
@@ -210,8 +208,8 @@ class MukiConfig(Strict):
     """The student and its training budget per row and seed."""
     integration: IntegrationConfig = Field(default_factory=IntegrationConfig)
     """Temperatures and weights of the student rows."""
-    methods: list[str] = Field(default_factory=lambda: list(METHODS))
-    """Student rows to train, from :data:`METHODS`."""
+    methods: list[str] = Field(default_factory=lambda: ROWS.names())
+    """Student rows to train, from :data:`raykd.recipes.muki.rows.ROWS`."""
     seeds: Seeds = Field(default_factory=lambda: [0, 1, 2])
     """Student seeds (head initialisation and batch order); the table gives mean +/- std over them."""
     oracle: bool = True
@@ -223,11 +221,11 @@ class MukiConfig(Strict):
     @field_validator("methods")
     @classmethod
     def _methods_known(cls, v: list[str]) -> list[str]:
-        unknown = [m for m in v if m not in METHODS]
+        unknown = [m for m in v if m not in ROWS]
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; valid: {', '.join(METHODS)}")
+            raise ValueError(f"unknown methods {unknown}; valid: {', '.join(ROWS.names())}")
         if not v:
-            raise ValueError(f"methods is empty; pick from {', '.join(METHODS)}")
+            raise ValueError(f"methods is empty; pick from {', '.join(ROWS.names())}")
         return v
 
     @field_validator("partitions")

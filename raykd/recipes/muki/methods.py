@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -30,6 +29,7 @@ from raykd.losses.muki import (
 )
 from raykd.recipes.muki.config import IntegrationConfig, StudentConfig
 from raykd.recipes.muki.labels import TeacherLabels
+from raykd.recipes.muki.rows import Integration
 from raykd.teacher.engines.classifier import pooled_features
 from raykd.train.local import (
     ClassData,
@@ -39,44 +39,6 @@ from raykd.train.local import (
     trainable_parameters,
 )
 from raykd.train.step import StudentBatch, build_optimizer, classifier_logits, run_steps
-
-
-@dataclass(frozen=True)
-class Integration:
-    """One student row.
-
-    Attributes:
-        loss: the registry loss the student trains on.
-        target: ``concat`` (the teachers' raw logits side by side) or ``integrated`` (MUKI).
-        mode: ``hard`` / ``soft`` integration (MUKI rows).
-        reweight: weight each example by ``|s_top1 - s_top2|``.
-        mc: scores from Monte-Carlo dropout (else one deterministic pass, the ablation).
-        features: add DFA's feature amalgamation.
-    """
-
-    name: str
-    description: str
-    loss: str
-    target: str
-    mode: str | None = None
-    reweight: bool = False
-    mc: bool = False
-    features: bool = False
-
-
-INTEGRATIONS: dict[str, Integration] = {
-    i.name: i
-    for i in (
-        Integration("kd", "vanilla KD: KL to softmax(concatenated teacher logits / T), x T^2", "forward_kl", "concat"),
-        Integration("uhc", "UHC: student renormalised over each teacher's classes, one KL per teacher", "uhc_kl", "concat"),
-        Integration("dfa", "DFA: vanilla KD + feature amalgamation (encode/decode MSE, student-to-code MSE)", "forward_kl", "concat", features=True),
-        Integration("muki_hard", "MUKI hard: the most certain teacher (MC-dropout scores)", "muki_kd", "integrated", "hard", mc=True),
-        Integration("muki_soft", "MUKI soft: teachers weighted by softmax(s / 0.2)", "muki_kd", "integrated", "soft", mc=True),
-        Integration("muki_soft_reweight", "MUKI soft, each example weighted by |s_top1 - s_top2|", "muki_kd", "integrated", "soft", True, mc=True),
-        Integration("muki_no_mc", "MUKI soft + re-weighting, scores from one deterministic pass (no MC)", "muki_kd", "integrated", "soft", True),
-    )
-}
-"""Student rows by name (the names of :data:`raykd.recipes.muki.config.METHODS`)."""
 
 
 def build_targets(row: Integration, teachers: Sequence[TeacherLabels], blocks: Sequence[Sequence[int]], num_classes: int,

@@ -29,7 +29,6 @@ import numpy as np
 from raykd.data.documents import Document
 from raykd.recipes.muki.config import MukiConfig
 from raykd.recipes.muki.methods import (
-    INTEGRATIONS,
     build_targets,
     objective_of,
     predict,
@@ -42,6 +41,7 @@ from raykd.recipes.muki.prepare import (
     prepare_teachers,
     stratified_split,
 )
+from raykd.recipes.muki.rows import ROWS
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def train_students(cfg: MukiConfig, parts, entries, labels_of, rows, output_dir:
         for p in parts:
             for m in cfg.methods:
                 entry, targets = entries[(p.name, m)]
-                result = train_seed(cfg, INTEGRATIONS[m], p, labels_of[p.name], targets, rows[p.name], seed, output_dir)
+                result = train_seed(cfg, ROWS.get(m), p, labels_of[p.name], targets, rows[p.name], seed, output_dir)
                 stats["students_cached" if result["cached"] else "students_trained"] += 1
                 add_seed(entry, result, rows[p.name]["test"]["label"])
                 if after is not None and not result["cached"]:
@@ -246,7 +246,7 @@ def main_muki(cfg: MukiConfig, output_dir: str | Path, docs: list[Document] | No
     tables = {p.name: _teacher_rows(p, labels_of[p.name], oracle_logits[p.name], rows[p.name]["test"]["label"]) for p in parts}
     reports = {p.name: selection_report(labels_of[p.name], p.blocks, rows[p.name]["train"]["label"], cfg.integration.muki_temperature)
                for p in parts}
-    entries = {(p.name, m): row_entry(cfg, INTEGRATIONS[m], p, labels_of[p.name], rows[p.name]["train"]["label"])
+    entries = {(p.name, m): row_entry(cfg, ROWS.get(m), p, labels_of[p.name], rows[p.name]["train"]["label"])
                for p in parts for m in cfg.methods}
     t_students = time.time()
 
