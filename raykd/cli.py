@@ -107,15 +107,30 @@ def config_schema(kind: str) -> dict[str, Any]:
     from pydantic import TypeAdapter
 
     models = config_models(kind)
-    if kind == "tune-kd":  # its loader (load_search_config) also reads ``base:``
-        schema = models[0].model_json_schema()
-        schema["properties"]["base"] = {"type": "string", "title": "Base", "description": "A distill config file whose tree "
-                                        "is ``distill`` (relative to the working folder or to this file); this file's "
-                                        "``distill:`` mapping is merged on top."}
-        return schema
     if len(models) == 1:
-        return models[0].model_json_schema()
-    return {"title": f"raykd {kind} config", **TypeAdapter(Union[tuple(models)]).json_schema()}  # noqa: UP007
+        schema = models[0].model_json_schema()
+    else:
+        schema = {"title": f"raykd {kind} config", **TypeAdapter(Union[tuple(models)]).json_schema()}  # noqa: UP007
+    return _with_base(schema)
+
+
+BASE_FIELD = {"type": "string", "title": "Base", "description": (
+    "A YAML file this mapping is merged onto (looked up beside this file, then in the working folder; "
+    "this mapping's keys win; loops are refused).")}
+
+
+def _with_base(schema: Any) -> Any:
+    """``schema`` with the ``base:`` key (:func:`raykd.config.load_config` reads it on any mapping)
+    allowed in every object that lists its properties."""
+    if isinstance(schema, dict):
+        if isinstance(schema.get("properties"), dict):
+            schema["properties"].setdefault("base", dict(BASE_FIELD))
+        for value in schema.values():
+            _with_base(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            _with_base(value)
+    return schema
 
 
 VERBOSE_HELP = "show everything: Ray's own output, INFO logs and tracebacks (default: progress, results, warnings)"
