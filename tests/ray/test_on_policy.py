@@ -62,6 +62,7 @@ def test_on_policy_method_trains_on_samples_scored_by_the_served_teacher(method,
     if method == "distillm":  # every step on-policy, so the buffer fills after one step and is reused
         on_policy.update(on_policy_share=1.0, replay_size=ROWS, replay_share=0.5)
     else:
+        on_policy.update(on_policy_share=1.0)  # every step asks the teacher from the worker (0.5 drew none of 3)
         train.update(num_workers=shipped_cfg.train.num_workers, cpus_per_worker=shipped_cfg.train.cpus_per_worker)
         teacher.update(num_cpus=shipped_cfg.teacher.num_cpus)
         assert shipped_cfg.train.num_workers == 1 and shipped_cfg.ray.num_cpus is None  # the shipped: a worker, the machine's CPUs
