@@ -28,11 +28,13 @@ from pathlib import Path
 
 from raykd.console import logs
 from raykd.console.errors import USER_ERROR_TYPES, UserError, error_message, is_user_error, ray_cause, user_errors
-from raykd.console.logs import LOG_FILE, RAY_LOGS, _keep_ray_logs, _Settings, _setup_logging, _teardown_logging, ray_connected, ray_init_options
+from raykd.console.logs import (LOG_FILE, RAY_LOGS, _keep_ray_logs, _Settings, _setup_logging, _teardown_logging,
+                                core_worker_noise_filtered, ray_connected, ray_init_options)
 from raykd.console.progress import ProgressSink, _close_bars, finish_progress, progress, progress_count, train_progress
 
 __all__ = [
-    "LOG_FILE", "RAY_LOGS", "USER_ERROR_TYPES", "ProgressSink", "UserError", "error_message", "finish_progress",
+    "LOG_FILE", "RAY_LOGS", "USER_ERROR_TYPES", "ProgressSink", "UserError", "core_worker_noise_filtered", "error_message",
+    "finish_progress",
     "is_user_error", "progress", "progress_count", "ray_connected", "ray_init_options", "run", "train_progress", "user_errors",
 ]
 

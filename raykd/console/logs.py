@@ -9,7 +9,9 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,7 +127,45 @@ def _setup_logging(verbose: bool, log_dir: Path | None) -> _Settings:
     logging.captureWarnings(True)  # Python warnings through the same handlers: shown, and in the file
     if not verbose:
         _hide_hf_progress_bars(settings)
+        _filter_raylet_notes(settings)
     return settings
+
+
+RAYLET_NOTES = ("worker processes have been started on node",)
+"""Raylet warnings Ray prints on the driver's stdout (``(raylet) ...``) that raykd causes on
+purpose: fractional-CPU Ray Data tasks start more workers than the node's cores (Ray's own
+advice for that note: ray-project/ray#3644). Log file only; other raylet messages still show."""
+
+
+class _NoteFilter:
+    """``sys.stdout`` without the lines of :data:`RAYLET_NOTES` (they go to the log file)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._dropped = False
+
+    def write(self, text: str) -> int:
+        if any(note in text for note in RAYLET_NOTES) or (self._dropped and text == "\n"):  # print(): text, then "\n"
+            self._dropped = text != "\n"
+            if self._dropped:
+                log.info("raylet: %s", text.strip(), extra={"console": False})
+            return len(text)
+        self._dropped = False
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _filter_raylet_notes(settings: _Settings) -> None:
+    real = sys.stdout
+    sys.stdout = _NoteFilter(real)
+
+    def undo() -> None:
+        if isinstance(sys.stdout, _NoteFilter):
+            sys.stdout = real
+
+    settings.restore.append(undo)
 
 
 def _hide_hf_progress_bars(settings: _Settings) -> None:
@@ -260,3 +300,52 @@ def _keep_ray_logs(settings: _Settings) -> None:
         shutil.copytree(target, link, symlinks=True, ignore_dangling_symlinks=True)
     except (OSError, shutil.Error) as e:
         log.warning("could not copy Ray's logs from %s to %s: %s", target, link, e)
+
+
+CORE_WORKER_NOISE = re.compile(
+    rb"\[[0-9-]+ [0-9:,]+ [EW] \d+ \d+\] core_worker\.cc:\d+: Actor with class name: '[^']*' and ID: '[0-9a-f]+' "
+    rb"has constructor arguments in the object store and max_restarts > 0\.[^\n]*\n")
+"""The line Ray's C++ core worker writes to this process's stderr when Ray Data starts an actor
+pool (its map function goes to the object store and its actors restart by default): nothing a
+user can change (ray-project/ray#53727)."""
+
+
+@contextmanager
+def core_worker_noise_filtered() -> Iterator[None]:
+    """Inside the block, drop :data:`CORE_WORKER_NOISE` from what this process writes to file
+    descriptor 2 (C++ code included) and pass everything else on at once (progress bars too).
+    Only under the quiet CLI; a no-op for library use and with ``--verbose``.
+
+    A thread copies a pipe to the real stderr; on exit stderr is the real one again and the
+    pipe is drained. Raykd starts no child process inside these blocks (Ray's workers are the
+    raylet's children, with their own log files), so nothing outlives the pipe.
+    """
+    if active is None or active.verbose:
+        yield
+        return
+    sys.stderr.flush()
+    real = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+
+    def copy() -> None:
+        with os.fdopen(read, "rb", buffering=0) as src:
+            while chunk := src.read(65536):
+                try:
+                    kept = CORE_WORKER_NOISE.sub(b"", chunk)
+                    if kept != chunk:
+                        log.debug("dropped from stderr: %s", chunk.decode(errors="replace").strip(), extra={"console": False})
+                except Exception:  # noqa: BLE001 - never lose stderr over a filter
+                    kept = chunk
+                os.write(real, kept)
+
+    thread = threading.Thread(target=copy, name="raykd-stderr-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(real, 2)  # the pipe's last writer is gone: the thread drains it and ends
+        thread.join(timeout=10)
+        os.close(real)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from raykd import console
 from raykd.config import GenerationConfig
 from raykd.data import Document
 from raykd.soft_labels.cache import documents_fingerprint
@@ -120,7 +121,8 @@ def generate_documents(
         ds = ray.data.from_items(items).map_batches(
             _Generator, fn_constructor_args=(app_name, gen.model_dump()), batch_size=gen.batch_size * 2,
             concurrency=num_actors, num_cpus=0.25)
-        ds.write_parquet(str(partial))
+        with console.core_worker_noise_filtered():  # Ray Data's actor pool starts here
+            ds.write_parquet(str(partial))
         table = _read(partial, ["new_tokens"])
         meta = {"rows": table.num_rows, "new_tokens": int(np.sum(table["new_tokens"].to_numpy())),
                 "generate_s": time.perf_counter() - start, "teacher": teacher, "generation": gen.model_dump()}

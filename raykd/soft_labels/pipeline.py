@@ -226,7 +226,9 @@ def label_parts(parts: list[PartSpec], todo: dict[str, list[str]], targets: dict
                 "progress": progress,
             },
         )
-        for row in ds.iter_rows():
+        with console.core_worker_noise_filtered():  # Ray Data's actor pool starts here
+            rows_out = list(ds.iter_rows())
+        for row in rows_out:
             t = totals[row["target"]]
             t["parts"] += 1
             for field in ("docs", "rows", "tokens", "calls"):
