@@ -184,14 +184,26 @@ class FeatureTeacher:
     def __init__(self, model: nn.Module, logits_fn, *, attention: bool):
         self.model, self.logits_fn, self.attention = model.eval(), logits_fn, attention
 
-    @torch.no_grad()
+    @classmethod
+    def load(cls, path: str, *, attention: bool) -> FeatureTeacher:
+        """The features-only teacher of the causal LM folder ``path``: what the feature cache is
+        filled with (:func:`raykd.soft_labels.feature_cache.label_features` receives this loader)."""
+        from raykd.models import load_causal_lm  # lazy: keeps transformers out of import time
+
+        return cls(load_causal_lm(path), None, attention=attention)
+
     def __call__(self, batch) -> tuple[TeacherTargets | None, Features]:
         """A :class:`~raykd.train.step.StudentBatch` -> (dense targets or None, teacher features)."""
-        with capture_features(self.model, batch.inputs, attention=self.attention) as cap:
+        return self.forward(batch.inputs)
+
+    @torch.no_grad()
+    def forward(self, inputs: dict[str, Tensor]) -> tuple[TeacherTargets | None, Features]:
+        """Model inputs (``input_ids``, ``attention_mask`` ``[B, T]``) -> (dense targets or None, features)."""
+        with capture_features(self.model, inputs, attention=self.attention) as cap:
             if self.logits_fn is None:
-                self.model.base_model(**batch.inputs)
+                self.model.base_model(**inputs)
             else:
-                logits = self.logits_fn(self.model, batch.inputs)
+                logits = self.logits_fn(self.model, inputs)
         return (None if self.logits_fn is None else TeacherTargets.dense(logits.float())), cap.features
 
 

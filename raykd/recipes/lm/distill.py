@@ -28,6 +28,7 @@ from raykd.soft_labels.cache import shard_paths
 from raykd.soft_labels.live import start_live_fill
 from raykd.soft_labels.plan import Plan, ensure_soft_labels, teacher_for_training
 from raykd.train.evaluate import evaluate_students
+from raykd.train.features import FeatureTeacher
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,8 @@ def _feature_caches(cfg: DistillConfig, plan: Plan, train_dir, train_manifest) -
         if not terms or feature_source(terms, cfg.train.feature_teacher) != "cached":
             continue
         params = {t: cfg.train.loss_params.get(t, {}) for t in terms}
-        pairs, layout, stats = ensure_teacher_features(plan, train_dir, train_manifest, params, plan.layer_map)
+        pairs, layout, stats = ensure_teacher_features(plan, train_dir, train_manifest, params, plan.layer_map,
+                                                       FeatureTeacher.load)
         log.info("student %s: teacher features %s (%s, %.0f B/token)", name, "cache hit" if stats["hit"] else "labeled",
                  stats["path"], stats["bytes_per_token"])
         out[name] = {"pairs": pairs, "layout": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(layout).items()},

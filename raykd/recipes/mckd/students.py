@@ -82,7 +82,7 @@ class Task:
                 for i, d in enumerate(docs)]
 
     def _class_data(self, docs: Sequence[Document]) -> dict[str, np.ndarray]:
-        from raykd.teacher.finetune import tokenize_documents
+        from raykd.train.finetune import tokenize_documents
 
         return tokenize_documents(self.tokenizer, docs, self.classes, self.cfg.data.seq_len)
 

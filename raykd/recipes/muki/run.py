@@ -153,7 +153,7 @@ def partition_rows(tokenizer, splits: dict[str, list[Document]], labels: list[st
     """The tokenised rows and document fingerprints of each split, restricted to ``labels``'
     articles (label indices into ``labels``)."""
     from raykd.soft_labels.cache import documents_fingerprint
-    from raykd.teacher.finetune import tokenize_documents
+    from raykd.train.finetune import tokenize_documents
 
     keep = {s: [d for d in splits[s] if d.label in set(labels)] for s in SPLITS}
     return ({s: tokenize_documents(tokenizer, keep[s], labels, seq_len) for s in SPLITS},

@@ -67,7 +67,7 @@ def check_teacher(path: Path) -> None:
 def _label_splits(cfg: ScheduleConfig, teacher_path: Path, docs: dict[str, list[Document]], labels: list[str]) -> tuple[dict[str, str], dict[str, Any]]:
     """Find each split's class-label cache, or label it through the Serve teacher."""
     from raykd.models import load_tokenizer, tokenizer_fingerprint, weights_fingerprint
-    from raykd.teacher.finetune import tokenize_documents
+    from raykd.train.finetune import tokenize_documents
     from raykd.soft_labels.cache import documents_fingerprint
     from raykd.soft_labels.class_labels import class_cache_key, find_class_cache, label_rows
 
@@ -141,7 +141,7 @@ def prepare(cfg: ScheduleConfig, output_dir: Path, docs: list[Document] | None =
     """
     import torch
 
-    from raykd.teacher.finetune import finetune_classifier
+    from raykd.train.finetune import finetune_classifier
     from raykd.recipes.ta_search.chain import importance_of
     from raykd.teacher.engines.classifier import load_classifier
 

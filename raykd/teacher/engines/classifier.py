@@ -116,7 +116,7 @@ def load_classifier(model_path: str | Path, dtype: str = "float32", device: str 
         FileNotFoundError: no ``config.json`` in ``model_path``.
         NotAClassifierError: the config names no classification architecture or labels
             (e.g. the bare all-MiniLM-L6-v2 encoder: fine-tune it first with
-            :mod:`raykd.teacher.finetune`).
+            :mod:`raykd.train.finetune`).
     """
     import json
 
