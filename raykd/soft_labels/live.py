@@ -41,7 +41,6 @@ from raykd.soft_labels.plan import (
     finished_caches,
     label_missing,
     missing_parts,
-    release_teacher,
     start_labeling_teacher,
 )
 
@@ -135,8 +134,8 @@ class LiveFill:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.plan.hold_teacher = self.plan.cfg.on_policy is not None
-        release_teacher(self.plan)
+        self.plan.teacher.hold = self.plan.cfg.on_policy is not None
+        self.plan.teacher.release()
 
 
 def start_live_fill(plan: Plan) -> LiveFill | None:
@@ -174,6 +173,6 @@ def start_live_fill(plan: Plan) -> LiveFill | None:
     stats: dict[str, Any] = {"hit": False, "teacher_calls": 0, "label_s": 0.0, "teacher": None, "parts": {}, "fill": "live"}
     todo_by_source = missing_parts(plan, targets, planned, missing, stats)
     stats["teacher"] = start_labeling_teacher(plan, why, "train")
-    plan.hold_teacher = True  # training labels through it
+    plan.teacher.hold = True  # training labels through it
     todo = todo_by_source.get(id(plan.sources[TRAIN][1]), {})
     return LiveFill(plan, missing, todo, done_before, stats, seconds=time.perf_counter() - start)

@@ -26,7 +26,7 @@ from raykd import console
 from raykd.config import DistillConfig
 from raykd.soft_labels.cache import shard_paths
 from raykd.soft_labels.live import start_live_fill
-from raykd.soft_labels.plan import Plan, ensure_soft_labels, teacher_for_training
+from raykd.soft_labels.plan import Plan, ensure_soft_labels
 from raykd.train.evaluate import evaluate_students
 from raykd.train.features import FeatureTeacher
 
@@ -88,7 +88,8 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
     feature_caches = _feature_caches(cfg, plan, *caches["train"]) if live is None else {}
     t_train = time.perf_counter()
     # on-policy runs: the served teacher stays up (else None); a live fill holds it until the caches are finished
-    with live or contextlib.nullcontext(), teacher_for_training(plan) as teacher_app:
+    serving = plan.teacher.serving() if cfg.on_policy is not None else contextlib.nullcontext()  # yields the app or None
+    with live or contextlib.nullcontext(), serving as teacher_app:
         results = {name: train_student(name, student_path=init_dir, shard_files=train_files, weights=weights,
                                        temperature=cfg.labels.temperature, cfg=cfg.train,
                                        storage_path=cfg.train.checkpoint_dir or output_dir / "ray_train",

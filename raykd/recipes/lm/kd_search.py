@@ -224,9 +224,9 @@ def _label_all(cfg: KDSearchConfig) -> tuple[dict[float, dict[str, Any]], dict[s
     out, stats, owned = {}, {"teacher_calls": 0, "label_s": 0.0, "labeled": [], "k": k_label}, False
     try:
         for t, plan in plans.items():
-            plan.hold_teacher = True  # one teacher for every temperature; stopped below if this search started it
+            plan.teacher.hold = True  # one teacher for every temperature; stopped below if this search started it
             caches, s = ensure_soft_labels(plan)
-            owned = owned or plan.owns_teacher
+            owned = owned or plan.teacher.owns
             stats["teacher_calls"] += s["teacher_calls"]
             stats["label_s"] += s["label_s"]
             if not s["hit"]:
