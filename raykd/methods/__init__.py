@@ -185,6 +185,7 @@ def _objectives(cfg: DistillConfig) -> list[dict[str, float]]:
 
 
 def _teacher_terms(weights: dict[str, float]) -> list[str]:
+    # lazy: keeps torch out of import time
     from raykd.losses import get_loss
 
     return [n for n, w in weights.items() if w > 0 and get_loss(n).needs_teacher]
@@ -579,6 +580,7 @@ register_method(_feature_method_entry(
 
 
 def _mixbaseline(cfg: DistillConfig) -> None:
+    # lazy: keeps torch out of import time
     from raykd.losses import get_loss
 
     for name, weights in cfg.train.students.items():

@@ -38,8 +38,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from raykd import storage
 from raykd.losses.features import CACHED_TERMS, FeatureLayout, features_from_batch  # noqa: F401  (the cache's terms and layout)
 from raykd.soft_labels.cache import (
+    MANIFEST,
     SCHEMA_VERSION,
     cache_dir_for,
     done_parts,
@@ -47,6 +49,7 @@ from raykd.soft_labels.cache import (
     open_cache,
     write_part,
 )
+from raykd.soft_labels.schema import decode_batch
 
 FEATURE_FORMAT = 1
 """Version of the feature shard layout (part of the key)."""
@@ -193,10 +196,6 @@ def label_features(label_dir: str, label_manifest, cache_root: str, key: Feature
     import pyarrow.parquet as pq
     import torch
 
-    from raykd import storage
-    from raykd.soft_labels.cache import MANIFEST
-    from raykd.soft_labels.schema import decode_batch
-
     folder = cache_dir_for(cache_root, key)
     if storage.is_file(storage.join(folder, MANIFEST)):
         return folder, open_cache(folder, None), {"hit": True, "teacher_calls": 0, "seconds": 0.0}
@@ -240,8 +239,6 @@ def paired_shards(label_dir: str, label_manifest, feature_dir: str, feature_mani
     Raises:
         ValueError: a soft-label part has no feature part (the caches do not describe the same rows).
     """
-    from raykd import storage
-
     by_part = {s["file"].rsplit("/", 1)[-1]: s["file"] for s in feature_manifest.shards}
     out = []
     for s in label_manifest.shards:
@@ -259,9 +256,6 @@ def read_paired(pair: dict[str, Any]) -> dict[str, np.ndarray]:
         ValueError: the two shards do not hold the same rows in the same order.
     """
     import pyarrow.parquet as pq
-
-    from raykd import storage
-    from raykd.soft_labels.schema import decode_batch
 
     with storage.open_input(pair["labels"]) as f:
         labels = pq.read_table(f, columns=["doc_id", "block_index", "input_ids", "attention_mask", "loss_mask",
@@ -317,16 +311,12 @@ def ensure_teacher_features(plan, label_dir: str, label_manifest, terms: dict[st
 
 
 def _feature_root(plan) -> str:
-    from raykd import storage
-
     return storage.join(plan.cache_root, "teacher_features")
 
 
 def read_shapes(shard: str) -> dict[str, Any]:
     """The ``raykd.feature_shapes`` metadata of a feature shard."""
     import pyarrow.parquet as pq
-
-    from raykd import storage
 
     with storage.open_input(shard) as f:
         return json.loads(pq.read_schema(f).metadata[SHAPES_META])

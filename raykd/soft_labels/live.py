@@ -34,6 +34,8 @@ from typing import Any, Self
 
 from raykd import console
 from raykd.soft_labels.cache import Manifest, done_parts, read_entry
+from raykd.soft_labels.join import LABEL_COLUMNS
+from raykd.soft_labels.pipeline import live_label_rows
 from raykd.soft_labels.plan import (
     Plan,
     print_labeling,
@@ -71,9 +73,6 @@ class LiveFill:
         """The train split's rows as a lazy Ray Dataset of undecoded cache rows (see the module
         docstring for the order). Every iteration (each epoch, each student) streams the parts
         again; a part committed meanwhile is read from its shard, never labeled twice."""
-        from raykd.soft_labels.join import LABEL_COLUMNS
-        from raykd.soft_labels.pipeline import live_label_rows
-
         plan, cfg = self.plan, self.plan.cfg
         data, parts = plan.sources[TRAIN]
         todo = self._still_missing(parts)
@@ -156,6 +155,7 @@ def start_live_fill(plan: Plan) -> LiveFill | None:
         raykd.soft_labels.cache.CacheError, ValueError: a committed part is corrupt or of another
             key, ids repeat, or the running teacher is not the run's teacher (``error: ...``).
     """
+    # lazy: keeps ray out of import time
     from raykd.teacher.deployment import check_teacher_reachable
 
     start = time.perf_counter()

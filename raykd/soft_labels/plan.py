@@ -24,6 +24,7 @@ from raykd.data.sources import (
     plan_parts,
     source_identity,
 )
+from raykd.losses.features import LayerMap
 from raykd.models import (
     check_local_model,
     load_tokenizer,
@@ -32,15 +33,25 @@ from raykd.models import (
     weights_fingerprint,
 )
 from raykd.soft_labels.cache import (
+    CacheError,
     CacheKey,
     Manifest,
+    cache_dir_for,
     documents_fingerprint,
+    done_parts,
+    finalize,
     fingerprint,
+    open_cache,
+    read_entry,
+    remove_partials,
 )
-from raykd.soft_labels.pipeline import Selection, Target
+from raykd.soft_labels.pipeline import Selection, Target, label_parts
+from raykd.students import VocabularyMismatchError, check_same_vocabulary
+from raykd.students.build import check_keep_layers, read_layer_origin
 from raykd.students.vocab import resolve_vocab_size
 from raykd.teacher.engines import LOGPROBS_MODE, check_engine_request, resolve_engine
 from raykd.teacher.lease import TeacherLease
+from raykd.teacher.sanity import check_teacher_perplexity
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +144,6 @@ class Plan:
 
     def targets(self) -> dict[str, Target]:
         """The cache each split is labeled into."""
-        from raykd.soft_labels.cache import cache_dir_for
-
         return {split: Target(key, cache_dir_for(self.cache_root, key), self.selections[split]) for split, key in self.keys.items()}
 
     def documents(self, split: str) -> list[Document]:
@@ -191,8 +200,6 @@ def _vocab_size(model_path: Path) -> int:
 def _check_layer_drops(cfg: DistillConfig, teacher_config) -> None:
     """Every layer-dropped model of the run (the student, each chain assistant) keeps layers
     its source model has, so a bad index fails here rather than after labeling."""
-    from raykd.students.build import check_keep_layers
-
     if cfg.student.init == "layer_drop" and cfg.student.init_from is None:
         source = _model_config(resolve_model_path(cfg.student.model, setting="student.model")) if cfg.student.model else teacher_config
         check_keep_layers(cfg.student.keep_layers, source.num_hidden_layers, "student.keep_layers",
@@ -213,12 +220,9 @@ def _feature_layer_map(cfg: DistillConfig, teacher_config):
     terms = cfg.train.feature_terms()
     if not terms:
         return None
-    from raykd.losses.features import LayerMap
 
     s = cfg.student
     if s.init_from is not None:  # a staged start keeps the stride its first run was built from
-        from raykd.students.build import read_layer_origin
-
         source = _model_config(Path(s.init_from))
         origin = read_layer_origin(Path(s.init_from))
         same = origin is not None and origin["teacher_layers"] == teacher_config.num_hidden_layers
@@ -266,8 +270,6 @@ def _check_student_tokenizer(cfg: DistillConfig, teacher_tok_fp: str, teacher_vo
     Raises:
         VocabularyMismatchError: the tokenizers differ and no alignment is named.
     """
-    from raykd.students import VocabularyMismatchError, check_same_vocabulary
-
     if cfg.student.init_from is not None:  # a staged start: another run's trained student
         path = Path(cfg.student.init_from)
         if not (path / "config.json").exists():
@@ -340,8 +342,6 @@ def finished_caches(plan: Plan, targets: dict[str, Target], planned: dict[str, l
         raykd.soft_labels.cache.CacheError: a manifest exists but the cache is corrupt or of other
             settings (shown as ``error: ...``).
     """
-    from raykd.soft_labels.cache import CacheError, open_cache
-
     caches: dict[str, Any] = {}
     for split, t in targets.items():
         if storage.is_file(storage.join(t.cache_dir, "manifest.json")):
@@ -371,13 +371,6 @@ def missing_parts(plan: Plan, targets: dict[str, Target], planned: dict[str, lis
     Raises:
         raykd.soft_labels.cache.CacheError, ValueError: shown as ``error: ...`` (exit 2).
     """
-    from raykd.soft_labels.cache import (
-        CacheError,
-        done_parts,
-        read_entry,
-        remove_partials,
-    )
-
     todo_by_source: dict[int, dict[str, list[str]]] = {}
     with console.user_errors(CacheError, ValueError):
         for split in missing:
@@ -435,8 +428,6 @@ def label_missing(plan: Plan, targets: dict[str, Target], missing: list[str],
         The ``score`` calls made (counted by the labelers); ``stats["parts"][split]["labeled"]``
         gets the parts labeled.
     """
-    from raykd.soft_labels.pipeline import label_parts
-
     cfg, calls = plan.cfg, 0
     for split_of_source in {id(plan.sources[s][1]): s for s in missing}.values():
         data, parts = plan.sources[split_of_source]
@@ -460,8 +451,6 @@ def finalize_splits(plan: Plan, targets: dict[str, Target], planned: dict[str, l
     Raises:
         raykd.soft_labels.cache.CacheError: a part is missing or corrupt (``error: ...``).
     """
-    from raykd.soft_labels.cache import CacheError, finalize
-
     out = {}
     with console.user_errors(CacheError):
         for split in splits:
@@ -477,8 +466,8 @@ def _check_teacher(plan: Plan, handle, split: str, n_docs: int = 4) -> tuple[flo
     Returns:
         ``(perplexity or None when the check could not run, score calls it made)``.
     """
+    # lazy: keeps ray out of import time
     from raykd.teacher.deployment import ResentCall
-    from raykd.teacher.sanity import check_teacher_perplexity
 
     data, parts = plan.sources[split]
     texts = []

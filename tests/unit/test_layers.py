@@ -124,3 +124,4 @@ def test_pure_parts_import_neither_ray_nor_serve():
             names = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
             names += [n.module for n in top if isinstance(n, ast.ImportFrom) and n.module]
             assert not [n for n in names if n.split(".")[0] == "ray"], path
+

@@ -39,7 +39,8 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from raykd import console
-from raykd.config import ConfigError, DistillConfig, RayConfig, Strict, _merge, parse_overrides
+from raykd.cluster import connect
+from raykd.config import ConfigError, DistillConfig, RayConfig, Strict, TrainConfig, _merge, parse_overrides
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,7 @@ def _label_all(cfg: KDSearchConfig) -> tuple[dict[float, dict[str, Any]], dict[s
         TeacherNotRunningError: a cache is missing, ``teacher.start`` is false and no teacher of
             that name runs (checked before any labeling).
     """
+    # lazy: keeps pyarrow out of import time
     from raykd import storage
     from raykd.soft_labels.cache import shard_paths
     from raykd.soft_labels.plan import Plan, ensure_soft_labels
@@ -250,7 +252,7 @@ def train_segment(name: str, setting: dict[str, Any], train: dict[str, Any], ini
         ``eval_ppl``, ``top1_agreement``, ``kl`` (at the trial's temperature), ``step``,
         ``train_loss`` and ``train_s`` of the segment.
     """
-    from raykd.config import TrainConfig
+    # lazy: keeps torch and pyarrow out of import time
     from raykd.train.evaluate import evaluate_folder
     from raykd.train.trainer import train_student
 
@@ -269,8 +271,6 @@ def kd_trial(config: dict[str, Any]) -> None:
     import ray
     from ray import tune
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from raykd.config import TrainConfig
 
     setting = config["setting"]
     base = TrainConfig.model_validate(config["train"])
@@ -325,11 +325,11 @@ def main_kd_search(cfg: KDSearchConfig, output_dir: str | Path) -> dict[str, Any
         ConfigError, ValueError, FileNotFoundError: bad input, before any labeling or trial.
         TeacherNotRunningError: as :func:`_label_all`.
     """
+    # lazy: keeps torch out of import time
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from raykd.cluster import connect
     from raykd.students import build_student
 
     t0 = time.time()

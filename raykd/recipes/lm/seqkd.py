@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from raykd.config import DistillConfig, default_cache_root
+from raykd.models import load_tokenizer
 from raykd.recipes.lm.distill import run_distill
+from raykd.soft_labels.generations import DONE, generate_documents, generations_dir
 from raykd.soft_labels.plan import Plan
 
 
@@ -31,9 +33,6 @@ def run_seqkd(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
     plans: list[Plan] = []
 
     def generate(plan: Plan) -> dict[str, Any]:
-        from raykd.models import load_tokenizer
-        from raykd.soft_labels.generations import DONE, generate_documents, generations_dir
-
         plans.append(plan)
         root = (Path(cfg.labels.cache_dir).expanduser().parent if cfg.labels.cache_dir else default_cache_root()) / "generations"
         teacher = plan.teacher_meta()

@@ -114,6 +114,7 @@ def prepare_teachers(cfg: MukiConfig, train: list[Document], parts: list[Partiti
     Returns:
         ``({partition name: [folder per teacher]}, {partition name: oracle folder})``.
     """
+    # lazy: keeps torch out of import time
     from raykd.train.finetune import finetune_classifier
 
     folders: dict[str, list[str]] = {}
