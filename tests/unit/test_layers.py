@@ -125,3 +125,27 @@ def test_pure_parts_import_neither_ray_nor_serve():
             names += [n.module for n in top if isinstance(n, ast.ImportFrom) and n.module]
             assert not [n for n in names if n.split(".")[0] == "ray"], path
 
+
+def test_function_level_imports_say_why():
+    """A raykd import inside a function keeps a heavy library out of import time (or breaks a stated
+    loop); its function says which in a ``# lazy: ...`` (or ``# loop: ...``) comment."""
+    quiet = []
+    for name, path in MODULES.items():
+        if name == "raykd.config":  # moved by issue-25b (the registry checks leave config.py)
+            continue
+        source = path.read_text()
+        lines = source.split("\n")
+        for fn in ast.walk(ast.parse(source)):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            own = [n for n in ast.walk(fn) if _targets(n) and _enclosing(fn, n)]
+            text = "\n".join(lines[fn.lineno - 1:fn.end_lineno])
+            if own and "# lazy:" not in text and "# loop:" not in text:
+                quiet.append(f"{name}.{fn.name}")
+    assert not quiet, "function-level raykd imports without a reason: " + ", ".join(sorted(quiet))
+
+
+def _enclosing(fn: ast.AST, node: ast.AST) -> bool:
+    """True when ``node`` belongs to ``fn`` itself, not to a function nested in it."""
+    inner = [f for f in ast.walk(fn) if f is not fn and isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    return not any(node in set(ast.walk(f)) for f in inner)
