@@ -395,7 +395,8 @@ def missing_parts(plan: Plan, targets: dict[str, Target], planned: dict[str, lis
 
 
 def start_labeling_teacher(plan: Plan, why: str, check_split: str | None = None) -> dict[str, Any]:
-    """Start the run's teacher (or reuse a running one, checked to be the run's teacher).
+    """Start the run's teacher through its lease (or reuse a running one, checked to be the run's
+    teacher; :meth:`raykd.teacher.lease.TeacherLease.acquire`).
 
     Args:
         why: what the teacher is needed for (in the error when it may not be started).
