@@ -2,7 +2,7 @@
 at a low-data budget; and the cost of their teacher features, online against cached.
 
 Teacher: all-MiniLM-L6-v2 fine-tuned on all training articles (5 topics; cached by
-:func:`raykd.teacher.finetune.finetune_classifier`). Student: the teacher's layers 0, 2, 4 (and its
+:func:`raykd.train.finetune.finetune_classifier`). Student: the teacher's layers 0, 2, 4 (and its
 embeddings and classification head), :func:`raykd.students.build.layer_drop`; the layer map is the
 default one of that student, ``(0, 0), (1, 2), (2, 4)``. Every student trains through the shared
 objective and step (:func:`raykd.train.local.train_classifier`) on ``--share`` of the training
@@ -215,7 +215,7 @@ def load(args):
     from raykd.data.bbc import load_bbc_news
     from raykd.models import load_tokenizer
     from raykd.recipes.muki.prepare import stratified_split
-    from raykd.teacher.finetune import finetune_classifier, tokenize_documents
+    from raykd.train.finetune import finetune_classifier, tokenize_documents
     from transformers import AutoModelForSequenceClassification
 
     docs = load_bbc_news()

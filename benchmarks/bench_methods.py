@@ -23,6 +23,7 @@ import platform
 import time
 from pathlib import Path
 
+from raykd.losses.registry import feature_terms
 from raykd.config import DistillConfig, load_config
 from raykd.methods import available_methods, get_method, run_method
 
@@ -59,7 +60,7 @@ def run_one(method: str, out_root: Path, budget: list[str]) -> dict:
         "extra_teachers": extra, "cache_hit": report["cache"]["hit"], "wall_s": wall_s,
         "eval_docs": report.get("data", {}).get("eval_docs"),
         **({"feature_cache": s["feature_cache"]} if s.get("feature_cache") else {}),
-        **({"feature_teacher": "cached" if s.get("feature_cache") else "online"} if cfg.train.feature_terms() else {}),
+        **({"feature_teacher": "cached" if s.get("feature_cache") else "online"} if feature_terms(cfg.train.objective_terms()) else {}),
         **chain, **({"generations": prepare} if prepare else {}),
     }
 

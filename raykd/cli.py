@@ -27,21 +27,28 @@ from pathlib import Path
 from typing import Any
 
 from raykd import console
-from raykd.config import DistillConfig
-from raykd.methods import load
+from raykd.cluster import connect
+from raykd.config import DistillConfig, default_cache_root
+from raykd.console import user_errors
+from raykd.methods import available_methods, get_method, load, run_method
+from raykd.recipes.lm.kd_search import KDSearchConfig, main_kd_search
+from raykd.recipes.mckd.config import MckdConfig
+from raykd.recipes.muki.config import MukiConfig
+from raykd.recipes.ta_search import lm_search
+from raykd.recipes.ta_search.config import ScheduleConfig
+from raykd.recipes.ta_search.lm_config import LMScheduleConfig
+from raykd.report import print_files
 from raykd.teacher.service import add_teacher_commands, run_teacher_command
 
 
 def main_distill(cfg: DistillConfig, output_dir: str | Path) -> dict[str, Any]:
     """Run the main job with the recipe of ``cfg.method`` (see :mod:`raykd.methods`)."""
-    from raykd.methods import run_method
-
     return run_method(cfg, Path(output_dir))
 
 
 def main_label(cfg: DistillConfig) -> dict[str, Any]:
     """Find or write the soft-label caches of the train and eval splits; print where they are."""
-    from raykd.cluster import connect
+    # lazy: keeps torch and pyarrow out of import time
     from raykd.soft_labels.plan import Plan, ensure_soft_labels
 
     plan = Plan(cfg)
@@ -58,8 +65,8 @@ def main_methods(verbose: bool = False) -> list[tuple[str, str]]:
     """Print every distillation method (one line each, its config file), every loss with the
     target forms it accepts, then the student architectures built from a teacher. ``verbose``
     adds each method's paper and composition."""
+    # lazy: keeps torch out of import time
     from raykd.losses import available_losses
-    from raykd.methods import available_methods
     from raykd.students import STUDENT_ARCHITECTURES
 
     methods = [(m.name, f"{m.description}  [{m.config_path.relative_to(m.config_path.parents[3])}]")
@@ -201,21 +208,16 @@ def _add_tune_commands(sub) -> None:
 
 def run_tune_command(args: argparse.Namespace) -> int:
     """Dispatch ``raykd tune ...``; returns the exit code."""
+    # lazy: keeps torch out of import time
     from raykd.recipes.ta_search import search as schedule_search
-    from raykd.recipes.ta_search.config import ScheduleConfig
 
     if args.tune_command == "sweep":
         schedule_search.main_sweep(args.minidisc_dir, args.maxidisc_dir, args.output_dir)
         return 0
     if args.tune_command == "kd":
-        from raykd.recipes.lm.kd_search import KDSearchConfig, main_kd_search
-
         main_kd_search(load(KDSearchConfig, args.config, args.overrides), args.output_dir)
         return 0
     if _schedule_task(args.config, args.overrides) == "lm":
-        from raykd.recipes.ta_search import lm_search
-        from raykd.recipes.ta_search.lm_config import LMScheduleConfig
-
         cfg = load(LMScheduleConfig, args.config, args.overrides)
         main = lm_search.main_minidisc_lm if args.tune_command == "minidisc" else lm_search.main_maxidisc_lm
     else:
@@ -243,7 +245,7 @@ def main_muki(cfg, output_dir: str | Path) -> dict[str, Any]:
     """``raykd muki``: :func:`raykd.recipes.muki.run.main_muki` on a
     :class:`~raykd.recipes.muki.config.MukiConfig`. Bad partitions, teacher labels or head sizes
     are user errors, raised before any training."""
-    from raykd.console import user_errors
+    # lazy: keeps pyarrow out of import time
     from raykd.recipes.muki.prepare import check_plan
     from raykd.recipes.muki.run import main_muki as run_muki
 
@@ -258,6 +260,7 @@ def main_mckd(cfg, output_dir: str | Path) -> dict[str, Any]:
     """``raykd mckd``: :func:`raykd.recipes.mckd.run.main_mckd` on a
     :class:`~raykd.recipes.mckd.config.MckdConfig`. Bad input (gold examples, verbalisers, halves,
     the student's labels) is a user error, raised before any LLM call."""
+    # lazy: keeps pyarrow out of import time
     from raykd.recipes.mckd.run import main_mckd as run_mckd
 
     return run_mckd(cfg, output_dir)
@@ -271,6 +274,7 @@ def main_cache(command: str, location: str) -> int:
     Raises:
         raykd.soft_labels.cache.CacheError: no cache at ``location``; ``verify`` found damage.
     """
+    # lazy: keeps pyarrow out of import time
     from raykd.soft_labels.cache import CacheError
     from raykd.soft_labels.repair import cache_folders, repair_cache, verify_cache
 
@@ -297,13 +301,9 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.command == "cache":
         return main_cache(args.cache_command, args.dir)
     if args.command == "mckd":
-        from raykd.recipes.mckd.config import MckdConfig
-
         main_mckd(load(MckdConfig, args.config, args.overrides), args.output_dir)
         return 0
     if args.command == "muki":
-        from raykd.recipes.muki.config import MukiConfig
-
         main_muki(load(MukiConfig, args.config, args.overrides), args.output_dir)
         return 0
     if args.command == "teacher":
@@ -318,15 +318,11 @@ def _run_command(args: argparse.Namespace) -> int:
         return 0
     config = args.config
     if args.method:
-        from raykd.methods import get_method
-
         config = get_method(args.method).config_path
     cfg = load(DistillConfig, config, args.overrides)
     if args.command == "label":
         main_label(cfg)
         return 0
-    from raykd.report import print_files
-
     print_files(main_distill(cfg, args.output_dir), Path(args.output_dir))
     return 0
 
@@ -347,6 +343,7 @@ def cli(argv: list[str] | None = None) -> int:
 
     def command() -> int:
         if remote:
+            # lazy: keeps pyarrow out of import time
             from raykd import storage
 
             with console.user_errors(ValueError):
@@ -368,13 +365,12 @@ def _staging_dir(uri: str) -> Path:
     Train resumes from its checkpoints)."""
     import hashlib
 
-    from raykd.config import default_cache_root
-
     return default_cache_root() / "runs" / hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
 def _upload_run(folder: Path, uri: str) -> int:
     """Copy the run folder to ``uri`` (pyarrow.fs); 0 on success, 1 (with ``error: ...``) on failure."""
+    # lazy: keeps pyarrow out of import time
     import pyarrow.fs
 
     from raykd import storage

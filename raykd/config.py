@@ -690,12 +690,6 @@ class TrainConfig(Strict):
         """Every loss name a phase of the schedule uses."""
         return {n for p in self.phases for n in (*(p.weights or {}), *(p.weights_end or {}))}
 
-    def feature_terms(self) -> list[str]:
-        """The feature (intermediate-layer) losses any student or phase uses, weight 0 included."""
-        from raykd.losses.registry import get_loss
-
-        return [n for n in self.objective_terms() if get_loss(n).kind == "features"]
-
     def objective_terms(self) -> list[str]:
         """Every loss name any student or phase uses (the terms logged at every step)."""
         return sorted({n for w in self.students.values() for n in w} | self.phase_terms())

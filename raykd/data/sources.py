@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raykd import storage
+from raykd.data.bbc import bbc_news_folder, read_article, topic_of_folder
 from raykd.data.documents import Document
 
 if TYPE_CHECKING:
@@ -259,8 +260,6 @@ def _lines(f, chunk: int = 1 << 20) -> Iterator[bytes]:
 
 def _text_parts(cfg: DataConfig) -> list[PartSpec]:
     if cfg.source == "bbc":
-        from raykd.data.bbc import bbc_news_folder
-
         folder, name = str(bbc_news_folder()), "bbc"
     else:
         folder = cfg.path  # type: ignore[assignment]
@@ -397,8 +396,6 @@ def _hf_rows(spec: PartSpec, cfg: DataConfig) -> Iterator[tuple[str, Any, Any]]:
 
 
 def _text_rows(spec: PartSpec) -> dict[str, np.ndarray]:
-    from raykd.data.bbc import read_article, topic_of_folder
-
     ids, texts, labels = [], [], []
     for rel in spec.files:
         raw = storage.read_bytes(storage.join(spec.location, rel))

@@ -7,7 +7,7 @@ feature losses (they read intermediate layers) of the others.
 
 from raykd.losses import contrastive, hidden, interchange, kd, layerwise, muki, relations, stacked
 from raykd.losses.objective import Objective, ObjectiveOutput, validate_params, validate_weights
-from raykd.losses.registry import LOSSES, LossSpec, available_losses, define_loss, get_loss, register_losses
+from raykd.losses.registry import LOSSES, LossSpec, available_losses, define_loss, feature_terms, get_loss, register_losses
 from raykd.losses.targets import TeacherTargets
 
 for _module in (kd, muki, contrastive, hidden, interchange, layerwise, relations, stacked):
@@ -21,6 +21,7 @@ __all__ = [
     "TeacherTargets",
     "available_losses",
     "define_loss",
+    "feature_terms",
     "get_loss",
     "validate_params",
     "validate_weights",

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from raykd.losses.kd import kl_divergence
 from raykd.losses.reduction import TINY, student_log_probs
 from raykd.losses.registry import Param, define_loss
 from raykd.losses.targets import TeacherTargets
@@ -177,8 +178,6 @@ def concat_logits(logits: Sequence[Tensor], blocks: Sequence[Sequence[int]], num
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     # kd.py imports the registry, which imports this module: kd is read at call time
-    from raykd.losses.kd import kl_divergence
-
     return kl_divergence(log_p, log_q)
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from raykd.losses.features import Features, Intervened, LayerMap, term_modules, to_positions
+from raykd.losses.interchange import check_interchange_params
 from raykd.losses.reduction import count_tokens, masked_sum, shared_log_probs
 from raykd.losses.registry import COMMON_ARGS as _COMMON_ARGS
 from raykd.losses.registry import LossSpec, get_loss
@@ -152,8 +153,6 @@ class Objective:
                              "LayerMap.from_keep_layers(keep_layers, teacher_layers)) or explicit (student, teacher) pairs")
         self.layer_map = layer_map
         if self.needs_interventions:
-            from raykd.losses.interchange import check_interchange_params
-
             check_interchange_params(self.intervention_params)
         built = {name: term_modules(self.specs[name], widths, layer_map, self.params.get(name))
                  for name in self._feature_terms()} if projections is None else {}

@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -283,6 +283,16 @@ def get_loss(name: str) -> LossSpec:
             lists the valid names, sorted.
     """
     return LOSSES.get(name)
+
+
+def feature_terms(names: Iterable[str]) -> list[str]:
+    """The feature (intermediate-layer) losses among ``names``, in order (e.g. a config's
+    ``train.objective_terms()``: every term any student or phase uses, weight 0 included).
+
+    Raises:
+        KeyError: a name is not a registered loss.
+    """
+    return [n for n in names if get_loss(n).kind == "features"]
 
 
 def losses_where(fact: str, value: Any = True) -> tuple[str, ...]:

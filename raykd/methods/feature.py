@@ -148,7 +148,7 @@ LRC_BERT = _feature_method_entry(
 
 
 def _mixbaseline(cfg: DistillConfig) -> None:
-    from raykd.losses import get_loss  # here, not at the top: keeps torch out of importing the methods
+    from raykd.losses import get_loss  # lazy: keeps torch out of importing the methods
 
     for name, weights in cfg.train.students.items():
         feature = [n for n, w in weights.items() if w > 0 and get_loss(n).kind == "features"]

@@ -104,6 +104,8 @@ class Method:
 
 def config_features(cfg: DistillConfig) -> set[str]:
     """The :data:`FEATURES` a config uses."""
+    from raykd.losses.registry import feature_terms  # lazy: keeps torch out of importing the registry
+
     flags = {
         "phases": bool(cfg.train.phases),
         "teachers": bool(cfg.extra_teachers),
@@ -114,7 +116,7 @@ def config_features(cfg: DistillConfig) -> set[str]:
         "agnostic_stage": cfg.agnostic_stage is not None,
         "on_policy": getattr(cfg, "on_policy", None) is not None,
         "cross_tokenizer": getattr(cfg.student, "tokenizer_alignment", None) is not None,
-        "features": bool(cfg.train.feature_terms()),
+        "features": bool(feature_terms(cfg.train.objective_terms())),
     }
     return {name for name, on in flags.items() if on}
 
@@ -164,7 +166,7 @@ def objectives(cfg: DistillConfig) -> list[dict[str, float]]:
 
 def teacher_terms(weights: dict[str, float]) -> list[str]:
     """The terms of ``weights`` with a weight > 0 that read the teacher."""
-    from raykd.losses import get_loss  # here, not at the top: keeps torch out of importing the registry
+    from raykd.losses import get_loss  # lazy: keeps torch out of importing the registry
 
     return [n for n, w in weights.items() if w > 0 and get_loss(n).needs_teacher]
 

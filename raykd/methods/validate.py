@@ -35,7 +35,8 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     Raises:
         ValueError: the first problem found; the message names the field and the fix.
     """
-    from raykd.losses.objective import validate_params, validate_weights  # here: keeps torch out of import time
+    from raykd.losses.objective import validate_params, validate_weights  # lazy: keeps torch out of import time
+    from raykd.losses.registry import feature_terms
 
     objectives = {f"train.students.{n}": w for n, w in cfg.train.students.items()}
     for i, phase in enumerate(cfg.train.phases):
@@ -52,7 +53,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     except KeyError as e:
         raise ValueError(str(e.args[0])) from None
     if cfg.student.tokenizer_alignment is not None and (features := sorted(
-            {n for w in cfg.train.students.values() for n in w} & set(cfg.train.feature_terms()))):
+            {n for w in cfg.train.students.values() for n in w} & set(feature_terms(cfg.train.objective_terms())))):
         raise ValueError(f"student.tokenizer_alignment aligns output distributions only; feature terms {features} "
                          "read intermediate layers position by position: remove them")
     _check_feature_terms(cfg)
@@ -62,7 +63,9 @@ def validate(cfg: DistillConfig) -> DistillConfig:
 def _check_feature_terms(cfg: DistillConfig) -> None:
     """Feature terms read the one teacher's features in every Train worker (the model-dependent
     checks, layer map against both models, run in the plan)."""
-    terms = cfg.train.feature_terms()
+    from raykd.losses.registry import feature_terms  # lazy: keeps torch out of import time
+
+    terms = feature_terms(cfg.train.objective_terms())
     if not terms:
         if cfg.train.layer_map is not None:
             raise ValueError("train.layer_map is set but no objective has a feature term (e.g. pkd, tinybert); "
@@ -74,12 +77,12 @@ def _check_feature_terms(cfg: DistillConfig) -> None:
     if cfg.train.strategy == "fsdp":
         raise ValueError(f"feature terms {terms} run the teacher whole in each worker: use train.strategy=ddp")
     if "diito" in terms:  # its plan runs in every step of the workers: checked here, before any work
-        from raykd.losses.interchange import check_interchange_params  # here: keeps torch out of import time
+        from raykd.losses.interchange import check_interchange_params  # lazy: keeps torch out of import time
         from raykd.losses.objective import with_defaults
 
         check_interchange_params(with_defaults("diito", cfg.train.loss_params.get("diito", {})))
     if cfg.train.feature_teacher == "cached":
-        from raykd.losses import get_loss  # here: keeps torch out of import time
+        from raykd.losses import get_loss  # lazy: keeps torch out of import time
 
         if "diito" in terms:
             raise ValueError("diito runs a second, intervened teacher forward every step: cached teacher features "

@@ -31,14 +31,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from raykd import storage
+from raykd.losses import get_loss
+from raykd.losses.features import FeatureLayout, features_from_batch  # noqa: F401  (the cache's layout)
 from raykd.soft_labels.cache import (
+    MANIFEST,
     SCHEMA_VERSION,
     cache_dir_for,
     done_parts,
@@ -46,6 +50,7 @@ from raykd.soft_labels.cache import (
     open_cache,
     write_part,
 )
+from raykd.soft_labels.schema import decode_batch
 
 FEATURE_FORMAT = 1
 """Version of the feature shard layout (part of the key)."""
@@ -58,10 +63,6 @@ def feature_source(terms: Sequence[str], setting: str) -> str:
     if setting != "auto":
         return setting
     return "cached" if terms and all(get_loss(t).measured_faster == "cached" for t in terms) else "online"
-
-
-from raykd.losses import get_loss  # noqa: E402
-from raykd.losses.features import FeatureLayout, features_from_batch  # noqa: E402,F401  (the cache's layout)
 
 
 def feature_layout(terms: dict[str, dict[str, Any]], layer_map) -> FeatureLayout:
@@ -170,12 +171,18 @@ def decode_features(table: pa.Table) -> dict[str, np.ndarray]:
 
 
 def label_features(label_dir: str, label_manifest, cache_root: str, key: FeatureKey, teacher_path: str,
-                   layout: FeatureLayout, *, batch_size: int = 8, threads: int | None = None) -> tuple[str, Any, dict]:
+                   layout: FeatureLayout, load_teacher: Callable[..., Any], *, batch_size: int = 8,
+                   threads: int | None = None) -> tuple[str, Any, dict]:
     """Fill (or resume) the feature cache of ``key``: the teacher runs once over the rows of the
     soft-label cache ``label_dir``, part by part, each part committed through ``write_part``.
 
     Runs where it is called (a Ray task in :func:`ensure_teacher_features`). A cache whose
     manifest exists is opened and returned: the teacher is asked nothing.
+
+    Args:
+        load_teacher: ``load_teacher(teacher_path, attention=...)`` -> the feature teacher, with
+            ``.model`` and ``.forward(inputs) -> (_, Features)`` (e.g.
+            :meth:`raykd.train.features.FeatureTeacher.load`); called once, on the first missing part.
 
     Returns:
         ``(cache folder, manifest, {"hit", "teacher_calls", "seconds"})``.
@@ -183,19 +190,11 @@ def label_features(label_dir: str, label_manifest, cache_root: str, key: Feature
     import pyarrow.parquet as pq
     import torch
 
-    from raykd import storage
-    from raykd.soft_labels.cache import MANIFEST
-    from raykd.soft_labels.schema import decode_batch
-
     folder = cache_dir_for(cache_root, key)
     if storage.is_file(storage.join(folder, MANIFEST)):
         return folder, open_cache(folder, None), {"hit": True, "teacher_calls": 0, "seconds": 0.0}
     if threads:
         torch.set_num_threads(threads)
-    from raykd.models import load_causal_lm
-    from raykd.train.features import FeatureTeacher
-    from raykd.train.step import StudentBatch
-
     start, calls = time.perf_counter(), 0
     teacher = None
     done = done_parts(folder)
@@ -206,9 +205,8 @@ def label_features(label_dir: str, label_manifest, cache_root: str, key: Feature
         if part in done:
             continue
         if teacher is None:
-            model = load_causal_lm(teacher_path)
-            teacher = FeatureTeacher(model, None, attention=bool(layout.attention))
-            shapes = teacher_shapes(model, label_manifest.key_fields["seq_len"])
+            teacher = load_teacher(teacher_path, attention=bool(layout.attention))
+            shapes = teacher_shapes(teacher.model, label_manifest.key_fields["seq_len"])
         with storage.open_input(storage.join(label_dir, shard["file"])) as f:
             table = pq.read_table(f)
         rows = decode_batch(table)
@@ -216,7 +214,7 @@ def label_features(label_dir: str, label_manifest, cache_root: str, key: Feature
         for s in range(0, table.num_rows, batch_size):
             ids = torch.as_tensor(rows["input_ids"][s: s + batch_size]).long()
             am = torch.as_tensor(rows["attention_mask"][s: s + batch_size]).long()
-            _, feats = teacher(StudentBatch({"input_ids": ids, "attention_mask": am}, ids, am.bool()))
+            _, feats = teacher.forward({"input_ids": ids, "attention_mask": am})
             calls += 1
             tables.append(encode_features(feats, layout, table.column("doc_id").to_pylist()[s: s + batch_size],
                                           table.column("block_index").to_pylist()[s: s + batch_size],
@@ -235,8 +233,6 @@ def paired_shards(label_dir: str, label_manifest, feature_dir: str, feature_mani
     Raises:
         ValueError: a soft-label part has no feature part (the caches do not describe the same rows).
     """
-    from raykd import storage
-
     by_part = {s["file"].rsplit("/", 1)[-1]: s["file"] for s in feature_manifest.shards}
     out = []
     for s in label_manifest.shards:
@@ -254,9 +250,6 @@ def read_paired(pair: dict[str, Any]) -> dict[str, np.ndarray]:
         ValueError: the two shards do not hold the same rows in the same order.
     """
     import pyarrow.parquet as pq
-
-    from raykd import storage
-    from raykd.soft_labels.schema import decode_batch
 
     with storage.open_input(pair["labels"]) as f:
         labels = pq.read_table(f, columns=["doc_id", "block_index", "input_ids", "attention_mask", "loss_mask",
@@ -289,9 +282,10 @@ def paired_dataset(pairs: Sequence[tuple[str, str]], shuffle: bool, seed: int):
 
 
 def ensure_teacher_features(plan, label_dir: str, label_manifest, terms: dict[str, dict[str, Any]], layer_map,
-                            *, batch_size: int = 8) -> tuple[list[tuple[str, str]], FeatureLayout, dict[str, Any]]:
+                            load_teacher: Callable[..., Any], *, batch_size: int = 8) -> tuple[list[tuple[str, str]], FeatureLayout, dict[str, Any]]:
     """The feature cache of a student's ``terms`` over the train split's soft-label cache, filled
     by the teacher in one Ray task when its key has no finished cache (a hit asks nothing).
+    ``load_teacher`` loads that teacher inside the task (see :func:`label_features`).
 
     Returns:
         ``(paired shards, layout, stats)``: stats has ``key``, ``path``, ``hit``, ``teacher_calls``,
@@ -304,23 +298,19 @@ def ensure_teacher_features(plan, label_dir: str, label_manifest, terms: dict[st
     root = _feature_root(plan)
     task = ray.remote(num_cpus=1)(label_features)
     folder, manifest, stats = ray.get(task.remote(label_dir, label_manifest, root, key, str(plan.teacher_path), layout,
-                                                  batch_size=batch_size, threads=plan.cfg.teacher.num_threads))
+                                                  load_teacher, batch_size=batch_size, threads=plan.cfg.teacher.num_threads))
     pairs = paired_shards(label_dir, label_manifest, folder, manifest)
     stats.update(key=key.digest(), path=folder, bytes_per_token=manifest.bytes_per_token, shapes=read_shapes(pairs[0][1]))
     return pairs, layout, stats
 
 
 def _feature_root(plan) -> str:
-    from raykd import storage
-
     return storage.join(plan.cache_root, "teacher_features")
 
 
 def read_shapes(shard: str) -> dict[str, Any]:
     """The ``raykd.feature_shapes`` metadata of a feature shard."""
     import pyarrow.parquet as pq
-
-    from raykd import storage
 
     with storage.open_input(shard) as f:
         return json.loads(pq.read_schema(f).metadata[SHAPES_META])

@@ -64,6 +64,7 @@ class _Generator:
     """Ray Data actor: a batch of prompts -> the teacher's completions (several calls in flight)."""
 
     def __init__(self, app_name: str, gen: dict[str, Any]):
+        # lazy: keeps ray out of import time
         from ray import serve
 
         from raykd.teacher.deployment import DEPLOYMENT_NAME

@@ -34,6 +34,8 @@ from typing import Any, Self
 
 from raykd import console
 from raykd.soft_labels.cache import Manifest, done_parts, read_entry
+from raykd.soft_labels.join import LABEL_COLUMNS
+from raykd.soft_labels.pipeline import live_label_rows
 from raykd.soft_labels.plan import (
     Plan,
     print_labeling,
@@ -41,7 +43,6 @@ from raykd.soft_labels.plan import (
     finished_caches,
     label_missing,
     missing_parts,
-    release_teacher,
     start_labeling_teacher,
 )
 
@@ -72,9 +73,6 @@ class LiveFill:
         """The train split's rows as a lazy Ray Dataset of undecoded cache rows (see the module
         docstring for the order). Every iteration (each epoch, each student) streams the parts
         again; a part committed meanwhile is read from its shard, never labeled twice."""
-        from raykd.soft_labels.join import LABEL_COLUMNS
-        from raykd.soft_labels.pipeline import live_label_rows
-
         plan, cfg = self.plan, self.plan.cfg
         data, parts = plan.sources[TRAIN]
         todo = self._still_missing(parts)
@@ -135,8 +133,8 @@ class LiveFill:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.plan.hold_teacher = self.plan.cfg.on_policy is not None
-        release_teacher(self.plan)
+        self.plan.teacher.hold = self.plan.cfg.on_policy is not None
+        self.plan.teacher.release()
 
 
 def start_live_fill(plan: Plan) -> LiveFill | None:
@@ -157,6 +155,7 @@ def start_live_fill(plan: Plan) -> LiveFill | None:
         raykd.soft_labels.cache.CacheError, ValueError: a committed part is corrupt or of another
             key, ids repeat, or the running teacher is not the run's teacher (``error: ...``).
     """
+    # lazy: keeps ray out of import time
     from raykd.teacher.deployment import check_teacher_reachable
 
     start = time.perf_counter()
@@ -174,6 +173,6 @@ def start_live_fill(plan: Plan) -> LiveFill | None:
     stats: dict[str, Any] = {"hit": False, "teacher_calls": 0, "label_s": 0.0, "teacher": None, "parts": {}, "fill": "live"}
     todo_by_source = missing_parts(plan, targets, planned, missing, stats)
     stats["teacher"] = start_labeling_teacher(plan, why, "train")
-    plan.hold_teacher = True  # training labels through it
+    plan.teacher.hold = True  # training labels through it
     todo = todo_by_source.get(id(plan.sources[TRAIN][1]), {})
     return LiveFill(plan, missing, todo, done_before, stats, seconds=time.perf_counter() - start)

@@ -28,9 +28,12 @@ import pyarrow as pa
 from raykd import console, storage
 from raykd.config import DataConfig, SoftLabelConfig
 from raykd.data import tokenize_to_blocks
+from raykd.data.blocks import pad_id
 from raykd.data.documents import Document
+from raykd.data.perturb import perturb_documents
 from raykd.data.sources import PartSpec, read_part
 from raykd.data.splits import select_split
+from raykd.models import load_tokenizer
 from raykd.soft_labels.cache import (
     CacheKey,
     ledger_file,
@@ -100,8 +103,6 @@ class Target:
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(path: str):
-    from raykd.models import load_tokenizer
-
     return load_tokenizer(Path(path))
 
 
@@ -110,6 +111,7 @@ class _PartLabeler:
 
     def __init__(self, app_name: str, targets: dict[str, Target], data: DataConfig, k: int, temperature: float,
                  vocab_size: int, tokenizer_path: str, batch_size: int, progress: console.ProgressSink):
+        # lazy: keeps ray out of import time
         from ray import serve
 
         from raykd.teacher.deployment import DEPLOYMENT_NAME
@@ -117,7 +119,6 @@ class _PartLabeler:
         self.handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name)
         self.targets, self.data, self.k, self.temperature = targets, data, k, temperature
         self.tokenizer_path, self.batch_size, self.progress = tokenizer_path, batch_size, progress
-        from raykd.data.blocks import pad_id
 
         self.schemas = {
             name: soft_label_schema(data.seq_len, k, vocab_size, {"cache_key": t.key.digest(), "temperature": temperature},
@@ -130,8 +131,6 @@ class _PartLabeler:
         ids, texts = rows["doc_id"][keep], rows["text"][keep]
         tokenizer = _tokenizer(self.tokenizer_path)
         if selection.perturb_share > 0:
-            from raykd.data.perturb import perturb_documents
-
             docs = perturb_documents([Document(str(i), str(t)) for i, t in zip(ids, texts)], tokenizer,
                                      selection.perturb_share, selection.perturb_seed)
             texts = np.array([d.text for d in docs], dtype=object)
@@ -157,6 +156,7 @@ class _PartLabeler:
         rows = read_part(spec, self.data)
         input_fp = rows_fingerprint(rows["doc_id"], rows["text"])
         work = {n: self._blocks(rows, self.targets[n].selection) for n in names}
+        # lazy: keeps ray out of import time
         from raykd.teacher.deployment import ResentCall
 
         pending = {  # every chunk of every target in flight at once; the replicas queue them; resent if a replica dies

@@ -4,15 +4,13 @@
 split, the resolved teacher and engine, the fingerprints and the cache key of each split. Every
 check that can be made from the config and the model configs runs here.
 :func:`ensure_soft_labels` then opens the finished caches or labels the missing splits through
-the teacher deployment.
+the teacher, which the plan's :class:`~raykd.teacher.lease.TeacherLease` starts and stops.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,8 @@ from raykd.data.sources import (
     plan_parts,
     source_identity,
 )
+from raykd.losses.features import LayerMap
+from raykd.losses.registry import feature_terms
 from raykd.models import (
     check_local_model,
     load_tokenizer,
@@ -34,15 +34,25 @@ from raykd.models import (
     weights_fingerprint,
 )
 from raykd.soft_labels.cache import (
+    CacheError,
     CacheKey,
     Manifest,
+    cache_dir_for,
     documents_fingerprint,
+    done_parts,
+    finalize,
     fingerprint,
+    open_cache,
+    read_entry,
+    remove_partials,
 )
-from raykd.soft_labels.pipeline import Selection, Target
+from raykd.soft_labels.pipeline import Selection, Target, label_parts
+from raykd.students import VocabularyMismatchError, check_same_vocabulary
+from raykd.students.build import check_keep_layers, read_layer_origin
 from raykd.students.vocab import resolve_vocab_size
 from raykd.teacher.engines import LOGPROBS_MODE, check_engine_request, resolve_engine
-from raykd.teacher.running import check_running_teacher
+from raykd.teacher.lease import TeacherLease
+from raykd.teacher.sanity import check_teacher_perplexity
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +80,10 @@ class Plan:
         """
         with console.user_errors(ValueError, FileNotFoundError):  # bad input: `raykd` prints error: ..., exits 2
             self._settle(cfg)  # (raykd.storage.StorageError is a ValueError)
-        self.owns_teacher = False
-        """True once this run has started its teacher (e.g. a recipe's ``prepare`` step did): the
-        run then stops it after labeling, so its CPUs/GPUs are free for training."""
-        self.hold_teacher = cfg.on_policy is not None
-        """The teacher stays up after labeling: on-policy training scores the student's samples
-        with it (:func:`teacher_for_training` releases it afterwards)."""
+        self.teacher = TeacherLease(cfg.teacher, str(self.teacher_path), self.running_teacher_fields(),
+                                    hold=cfg.on_policy is not None)
+        """The run's hold on its teacher application: it starts, reuses and stops it (held after
+        labeling when on-policy training scores the student's samples with it)."""
 
     def _settle(self, cfg: DistillConfig) -> None:
         self.cfg = cfg
@@ -137,8 +145,6 @@ class Plan:
 
     def targets(self) -> dict[str, Target]:
         """The cache each split is labeled into."""
-        from raykd.soft_labels.cache import cache_dir_for
-
         return {split: Target(key, cache_dir_for(self.cache_root, key), self.selections[split]) for split, key in self.keys.items()}
 
     def documents(self, split: str) -> list[Document]:
@@ -195,8 +201,6 @@ def _vocab_size(model_path: Path) -> int:
 def _check_layer_drops(cfg: DistillConfig, teacher_config) -> None:
     """Every layer-dropped model of the run (the student, each chain assistant) keeps layers
     its source model has, so a bad index fails here rather than after labeling."""
-    from raykd.students.build import check_keep_layers
-
     if cfg.student.init == "layer_drop" and cfg.student.init_from is None:
         source = _model_config(resolve_model_path(cfg.student.model, setting="student.model")) if cfg.student.model else teacher_config
         check_keep_layers(cfg.student.keep_layers, source.num_hidden_layers, "student.keep_layers",
@@ -214,15 +218,12 @@ def _feature_layer_map(cfg: DistillConfig, teacher_config):
         ValueError: the map does not fit the models, or the widths differ (a learned projection)
             with several workers (its gradients are not synchronised).
     """
-    terms = cfg.train.feature_terms()
+    terms = feature_terms(cfg.train.objective_terms())
     if not terms:
         return None
-    from raykd.losses.features import LayerMap
 
     s = cfg.student
     if s.init_from is not None:  # a staged start keeps the stride its first run was built from
-        from raykd.students.build import read_layer_origin
-
         source = _model_config(Path(s.init_from))
         origin = read_layer_origin(Path(s.init_from))
         same = origin is not None and origin["teacher_layers"] == teacher_config.num_hidden_layers
@@ -270,8 +271,6 @@ def _check_student_tokenizer(cfg: DistillConfig, teacher_tok_fp: str, teacher_vo
     Raises:
         VocabularyMismatchError: the tokenizers differ and no alignment is named.
     """
-    from raykd.students import VocabularyMismatchError, check_same_vocabulary
-
     if cfg.student.init_from is not None:  # a staged start: another run's trained student
         path = Path(cfg.student.init_from)
         if not (path / "config.json").exists():
@@ -317,7 +316,7 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[str, Manifest]], dic
     missing = [split for split in targets if split not in caches]
     stats: dict[str, Any] = {"hit": not missing, "teacher_calls": 0, "label_s": 0.0, "teacher": None, "parts": {}}
     if not missing:
-        release_teacher(plan)
+        plan.teacher.release()
         _remove_old_partial_folders(plan.cache_root)  # on a hit too: nothing else would clear them
         print("soft labels found in the cache (" + ", ".join(f"{s} {m.rows:,} rows" for s, (_, m) in caches.items())
               + f"): no teacher calls; {caches['train'][0]}")
@@ -329,7 +328,7 @@ def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[str, Manifest]], dic
         try:
             stats["teacher_calls"] += label_missing(plan, targets, missing, todo_by_source, stats)
         finally:
-            release_teacher(plan)
+            plan.teacher.release()
     stats["label_s"] = time.perf_counter() - start
     caches.update(finalize_splits(plan, targets, planned, missing, stats["label_s"]))
     print_labeling(caches, missing, stats)
@@ -344,8 +343,6 @@ def finished_caches(plan: Plan, targets: dict[str, Target], planned: dict[str, l
         raykd.soft_labels.cache.CacheError: a manifest exists but the cache is corrupt or of other
             settings (shown as ``error: ...``).
     """
-    from raykd.soft_labels.cache import CacheError, open_cache
-
     caches: dict[str, Any] = {}
     for split, t in targets.items():
         if storage.is_file(storage.join(t.cache_dir, "manifest.json")):
@@ -375,13 +372,6 @@ def missing_parts(plan: Plan, targets: dict[str, Target], planned: dict[str, lis
     Raises:
         raykd.soft_labels.cache.CacheError, ValueError: shown as ``error: ...`` (exit 2).
     """
-    from raykd.soft_labels.cache import (
-        CacheError,
-        done_parts,
-        read_entry,
-        remove_partials,
-    )
-
     todo_by_source: dict[int, dict[str, list[str]]] = {}
     with console.user_errors(CacheError, ValueError):
         for split in missing:
@@ -406,7 +396,8 @@ def missing_parts(plan: Plan, targets: dict[str, Target], planned: dict[str, lis
 
 
 def start_labeling_teacher(plan: Plan, why: str, check_split: str | None = None) -> dict[str, Any]:
-    """Start the run's teacher (or reuse a running one, checked to be the run's teacher).
+    """Start the run's teacher through its lease (or reuse a running one, checked to be the run's
+    teacher; :meth:`raykd.teacher.lease.TeacherLease.acquire`).
 
     Args:
         why: what the teacher is needed for (in the error when it may not be started).
@@ -423,17 +414,9 @@ def start_labeling_teacher(plan: Plan, why: str, check_split: str | None = None)
             false (``error: ...``, exit 2, before any compute).
         ValueError: the running teacher is not the run's teacher (``error: ...``).
     """
-    from raykd.teacher.deployment import check_teacher_reachable, start_teacher
-
     cfg = plan.cfg
-    with console.user_errors(ValueError):
-        check_teacher_reachable(cfg.teacher, why)
-    handle, started = start_teacher(cfg.teacher, str(plan.teacher_path))
-    info = handle.info.remote().result()
-    plan.owns_teacher = started = started or plan.owns_teacher
-    if not started:
-        with console.user_errors(ValueError):
-            check_running_teacher(info, cfg.teacher.name, plan.running_teacher_fields())
+    handle = plan.teacher.acquire(why)
+    info, started = handle.info.remote().result(), plan.teacher.owns
     check_ppl, check_calls = _check_teacher(plan, handle, check_split) if check_split else (None, 0)
     return {"name": cfg.teacher.name, "started_by_run": started, "engine": info["engine"], "replica": info["replica"],
             "check_ppl": check_ppl, "check_calls": check_calls}
@@ -447,8 +430,6 @@ def label_missing(plan: Plan, targets: dict[str, Target], missing: list[str],
         The ``score`` calls made (counted by the labelers); ``stats["parts"][split]["labeled"]``
         gets the parts labeled.
     """
-    from raykd.soft_labels.pipeline import label_parts
-
     cfg, calls = plan.cfg, 0
     for split_of_source in {id(plan.sources[s][1]): s for s in missing}.values():
         data, parts = plan.sources[split_of_source]
@@ -472,8 +453,6 @@ def finalize_splits(plan: Plan, targets: dict[str, Target], planned: dict[str, l
     Raises:
         raykd.soft_labels.cache.CacheError: a part is missing or corrupt (``error: ...``).
     """
-    from raykd.soft_labels.cache import CacheError, finalize
-
     out = {}
     with console.user_errors(CacheError):
         for split in splits:
@@ -489,8 +468,8 @@ def _check_teacher(plan: Plan, handle, split: str, n_docs: int = 4) -> tuple[flo
     Returns:
         ``(perplexity or None when the check could not run, score calls it made)``.
     """
+    # lazy: keeps ray out of import time
     from raykd.teacher.deployment import ResentCall
-    from raykd.teacher.sanity import check_teacher_perplexity
 
     data, parts = plan.sources[split]
     texts = []
@@ -526,15 +505,6 @@ def _remove_old_partial_folders(cache_root: str) -> None:
         print(f"removed {len(stale)} unfinished cache folder(s) (*.partial-*) that interrupted runs left in {cache_root}")
 
 
-def release_teacher(plan: Plan) -> None:
-    """Stop the teacher this run started (unless ``keep_alive``), so training gets its CPUs/GPUs."""
-    if plan.owns_teacher and not plan.cfg.teacher.keep_alive and not plan.hold_teacher:
-        from raykd.teacher.deployment import stop_teacher
-
-        stop_teacher(plan.cfg.teacher.name)
-        plan.owns_teacher = False
-
-
 def print_labeling(caches: dict[str, Any], labeled: list[str], stats: dict[str, Any]) -> None:
     """One line under the labeling bar: what was written (the details are in raykd.log)."""
     splits = []
@@ -544,34 +514,3 @@ def print_labeling(caches: dict[str, Any], labeled: list[str], stats: dict[str, 
         log.info("%s cache: %d rows, %d tokens, %d shards, %.1f B/token, %.1f s, %.0f tokens/s", split, m.rows, m.tokens,
                  len(m.shards), m.bytes_per_token, m.label_seconds, m.tokens / max(m.label_seconds, 1e-9))
     print(f"soft labels written: {', '.join(splits)}; {stats['teacher_calls']} teacher calls, {stats['label_s']:.0f} s")
-
-
-@contextlib.contextmanager
-def teacher_for_training(plan: Plan) -> Iterator[str | None]:
-    """The teacher application on-policy training scores with, up for the block.
-
-    Yields None when the run has no ``on_policy``. Otherwise starts the teacher (or reuses a
-    running one, checked to be the run's teacher; with ``teacher.start=false`` only a running
-    one) and yields its application name; afterwards the teacher is released as after labeling
-    (stopped if this run started it, unless ``teacher.keep_alive``).
-
-    Raises:
-        raykd.teacher.deployment.TeacherNotRunningError: none runs and ``teacher.start`` is false.
-        ValueError: the running teacher is not the run's teacher.
-    """
-    if plan.cfg.on_policy is None:
-        yield None
-        return
-    from raykd.teacher.deployment import start_teacher
-
-    cfg = plan.cfg.teacher
-    try:
-        with console.user_errors(ValueError):
-            handle, started = start_teacher(cfg, str(plan.teacher_path))
-            plan.owns_teacher = plan.owns_teacher or started
-            if not plan.owns_teacher:
-                check_running_teacher(handle.info.remote().result(), cfg.name, plan.running_teacher_fields())
-        yield cfg.name
-    finally:
-        plan.hold_teacher = False
-        release_teacher(plan)

@@ -14,6 +14,7 @@ import numpy as np
 
 from raykd import console
 from raykd.soft_labels.pseudo_labels import PseudoLabels, first_line
+from raykd.teacher.engines import build_engine
 
 
 class EngineLabeler:
@@ -24,8 +25,6 @@ class EngineLabeler:
     """
 
     def __init__(self, engine: str, folder: str, options: dict[str, Any]):
-        from raykd.teacher.engines import build_engine
-
         self.kind = engine
         self.options = dict(options)
         self.engine = build_engine(engine, folder, num_threads=self.options.pop("num_threads", 1), device="cpu")

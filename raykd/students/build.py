@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from raykd.config import StudentConfig
+from raykd.models import load_tokenizer, resolve_model_path, tokenizer_fingerprint
 
 
 class VocabularyMismatchError(ValueError):
@@ -120,8 +121,6 @@ def build_student(cfg: StudentConfig, teacher_path: Path, out_dir: Path) -> Path
         ValueError: bad ``keep_layers``.
     """
     from transformers import AutoModelForCausalLM
-
-    from raykd.models import load_tokenizer, resolve_model_path, tokenizer_fingerprint
 
     teacher_tok = load_tokenizer(teacher_path)
     origin = None

@@ -21,7 +21,10 @@ import ray
 from ray import serve
 
 from raykd.config import TeacherConfig
-from raykd.teacher.engines import check_engine_request, resolve_engine
+from raykd.teacher.batching import Call, FairBatcher
+from raykd.teacher.engines import build_engine, check_engine_request, resolve_engine
+from raykd.teacher.engines.base import cut_at_stop
+from raykd.teacher.merges import MERGES, run_group
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +120,6 @@ class TeacherDeployment:
 
     def __init__(self, model_path: str, engine: str = "hf", engine_kwargs: dict[str, Any] | None = None,
                  max_batch_size: int = 64, max_batch_tokens: int = 8192, batch_wait_ms: float = 5.0):
-        from raykd.teacher.batching import FairBatcher
-        from raykd.teacher.engines import build_engine
-        from raykd.teacher.merges import run_group
-
         self.engine = build_engine(engine, model_path, **(engine_kwargs or {}))
         self.max_batch_size = max_batch_size
         self.batcher = FairBatcher(lambda group, payloads: run_group(self.engine, group, payloads),
@@ -139,9 +138,6 @@ class TeacherDeployment:
             raise ValueError(f"the {type(self.engine).__name__} has no {method}; {fix}")
 
     async def _submit(self, method: str, payload: Any, caller: str | None, counted_as: str, priority: int = 0) -> Any:
-        from raykd.teacher.batching import Call
-        from raykd.teacher.merges import MERGES
-
         merge = MERGES[method]
         rows, width = merge.size(payload)
         call = Call(caller=caller or "anonymous", group=merge.group(payload), payload=payload, rows=int(rows),
@@ -219,8 +215,6 @@ class TeacherDeployment:
         Raises:
             ValueError: more prompts than ``max_batch_size`` or the engine's own errors.
         """
-        from raykd.teacher.engines.base import cut_at_stop
-
         self._check_rows(len(prompts), "prompts")
         if not prompts:
             raise ValueError("prompts: the list of prompts must not be empty")

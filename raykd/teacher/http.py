@@ -58,6 +58,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from raykd.models import load_tokenizer
 from raykd.teacher import openai_format as fmt
 from raykd.teacher.engines.base import encode_prompts
 from raykd.teacher.schemas import (
@@ -250,8 +251,6 @@ class HTTPIngress:
         lazy ``transformers`` import raced from several threads fails)."""
         async with self._tokenizer_lock:
             if self._tokenizer is None:
-                from raykd.models import load_tokenizer
-
                 info = await self._call("info")
                 self._tokenizer = await asyncio.to_thread(load_tokenizer, info["model_path"])
         return self._tokenizer

@@ -52,6 +52,7 @@ def check_teacher_perplexity(score, tokenizer: Any, texts: list[str], *, seq_len
     Returns:
         The perplexity, or None when the texts give no block.
     """
+    # lazy: keeps pyarrow out of import time
     from raykd.data.blocks import tokenize_to_blocks
 
     batch = {"doc_id": np.array([str(i) for i in range(len(texts))], dtype=object), "text": np.array(texts, dtype=object)}

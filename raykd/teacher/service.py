@@ -31,8 +31,19 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from raykd import console
-from raykd.cluster import ClusterRecord, cluster_dir
+from raykd.cluster import (
+    RECORDED,
+    ClusterError,
+    ClusterRecord,
+    cluster_dir,
+    join,
+    owned_cluster,
+    recorded_cluster,
+    stop_owned_cluster,
+    use_auth_mode,
+)
 from raykd.config import RayConfig, Strict, TeacherAutoscalingConfig, TeacherConfig, check_custom_resources, load_config
+from raykd.models import resolve_model_path
 from raykd.teacher.schemas import HTTPConfig
 
 log = logging.getLogger(__name__)
@@ -133,6 +144,7 @@ def served_teacher_app(served: ServedTeacher, model_path: str):
     Returns:
         a ``serve.Application`` (not yet running).
     """
+    # lazy: keeps ray out of import time
     from raykd.teacher.deployment import GRACEFUL_SHUTDOWN_S, teacher_app
     from raykd.teacher.http import HTTPIngress
 
@@ -163,6 +175,7 @@ def placement_options(served: ServedTeacher) -> dict[str, Any]:
     """Serve ``Deployment.options`` that add ``served.resources`` to each replica (empty when there
     are none): to the replica actor, and with tensor/pipeline parallelism also to the replica's own
     (first) placement-group bundle, which the actor runs in (pure: starts nothing)."""
+    # lazy: keeps ray out of import time
     from raykd.teacher.deployment import deployment_options
 
     if not served.resources:
@@ -194,6 +207,7 @@ def check_placeable(served: ServedTeacher, nodes: list[dict[str, float]]) -> Non
         ValueError: as :func:`raykd.teacher.deployment.check_cluster_resources` (GPUs), or no
             single node has every resource one replica needs (the message lists the nodes).
     """
+    # lazy: keeps ray out of import time
     from raykd.teacher.deployment import check_cluster_resources
 
     t = served.teacher_config
@@ -226,8 +240,6 @@ def _connect(ray_cfg: RayConfig | None, *, start: bool) -> ClusterRecord | None:
     """
     import ray
 
-    from raykd.cluster import RECORDED, join, owned_cluster, recorded_cluster, use_auth_mode
-
     if ray.is_initialized():
         return None
     address = (ray_cfg.address if ray_cfg else None) or os.environ.get("RAY_ADDRESS")
@@ -251,6 +263,7 @@ class NoClusterError(ValueError):
 
 def _teacher_apps(details) -> dict[str, Any]:
     """The teacher applications raykd deployed (others on the cluster are not listed)."""
+    # lazy: keeps ray out of import time
     from raykd.teacher.deployment import DEPLOYMENT_NAME, deployed_by_raykd
 
     apps = details.applications if details is not None else {}
@@ -285,10 +298,10 @@ def teacher_up(cfg: TeacherServiceConfig) -> dict[str, Any]:
             application of a teacher's name exists that raykd did not deploy.
         ClusterError: the named cluster refused the connection (token authentication).
     """
+    # lazy: keeps ray out of import time
     import ray
     from ray import serve
 
-    from raykd.models import resolve_model_path
     from raykd.teacher.deployment import running_teacher, serve_details
 
     record = _connect(cfg.ray, start=True)
@@ -336,6 +349,7 @@ def teacher_status() -> list[dict[str, Any]]:
         (running), ``url`` (HTTP base URL or None), and for running teachers
         ``weights_fingerprint``, ``tokenizer_fingerprint``, ``vocab_size``, ``calls``.
     """
+    # lazy: keeps ray out of import time
     from ray import serve
 
     from raykd.teacher.deployment import DEPLOYMENT_NAME, serve_details
@@ -379,6 +393,7 @@ def teacher_down(name: str) -> None:
             cluster runs. ``ForeignAppError``: an application of that name exists but raykd did
             not deploy it (it is left running).
     """
+    # lazy: keeps ray out of import time
     from ray import serve
 
     from raykd.teacher.deployment import check_ours, serve_details
@@ -401,8 +416,6 @@ def teacher_env() -> dict[str, str]:
     Raises:
         NoClusterError: raykd's cluster is not running.
     """
-    from raykd.cluster import recorded_cluster
-
     record = recorded_cluster()
     if record is None:
         raise NoClusterError(f"no raykd cluster is running (record: {cluster_dir() / 'cluster.json'}): "
@@ -440,8 +453,6 @@ def run_teacher_command(args: argparse.Namespace) -> int:
 
 
 def _teacher_command(args: argparse.Namespace) -> None:
-    from raykd.cluster import ClusterError
-
     # Each raises ValueError / RuntimeError / FileNotFoundError for input to fix (see their docstrings).
     with console.user_errors(ValueError, RuntimeError, FileNotFoundError, ClusterError):
         if args.teacher_command == "up":
@@ -485,7 +496,5 @@ def _status_command(as_json: bool) -> None:
 
 
 def _stop_cluster() -> None:
-    from raykd.cluster import stop_owned_cluster
-
     record = stop_owned_cluster()
     print(f"stopped raykd's cluster at {record.gcs_address}" if record else "no raykd cluster is recorded")

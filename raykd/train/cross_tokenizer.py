@@ -44,7 +44,12 @@ from raykd.data.alignment import (
     vocabulary_bytes,
     vocabulary_map,
 )
-from raykd.losses.targets import TeacherTargets, retemper
+from raykd.losses.kd import kl_divergence, uld
+from raykd.losses.reduction import student_bucket_log_probs
+from raykd.losses.targets import TeacherTargets, retemper, teacher_buckets
+from raykd.models import load_tokenizer
+from raykd.soft_labels.cache import iter_cache_batches
+from raykd.train.step import StudentBatch
 
 
 @dataclass
@@ -80,8 +85,6 @@ class TokenizerAlignment:
     """
 
     def __init__(self, teacher_folder: str | Path, student_folder: str | Path):
-        from raykd.models import load_tokenizer
-
         self.teacher_tok, self.student_tok = load_tokenizer(Path(teacher_folder)), load_tokenizer(Path(student_folder))
         t_size = max(len(self.teacher_tok), _config_vocab(teacher_folder))
         s_size = max(len(self.student_tok), _config_vocab(student_folder))
@@ -175,8 +178,6 @@ class TokenizerAlignment:
         """A :class:`~raykd.train.step.StudentBatch` for the student from a batch of cache rows:
         the student's ids, its next tokens as labels, the aligned positions as the mask and the
         mapped teacher targets re-tempered to ``temperature``."""
-        from raykd.train.step import StudentBatch
-
         rows = self.align(batch["input_ids"], batch["attention_mask"])
         targets = retemper(self.targets(batch, rows), cached_temperature, temperature)
         labels = torch.where(rows.aligned_mask, rows.labels, torch.full_like(rows.labels, -100))
@@ -209,11 +210,6 @@ def aligned_metrics(model, shard_files: list[str], alignment: TokenizerAlignment
         ``tokens`` (student positions counted for ppl), ``aligned`` (positions for the rest)
         and ``aligned_share``.
     """
-    from raykd.losses.kd import kl_divergence, uld
-    from raykd.losses.reduction import student_bucket_log_probs
-    from raykd.losses.targets import teacher_buckets
-    from raykd.soft_labels.cache import iter_cache_batches
-
     model.eval()
     nll, nbytes, agree, kl, ul, n, n_aligned = 0.0, 0, 0, 0.0, 0.0, 0, 0
     for raw in iter_cache_batches(shard_files, batch_size):
@@ -240,8 +236,6 @@ def aligned_metrics(model, shard_files: list[str], alignment: TokenizerAlignment
 
 def teacher_bits_per_byte(shard_files: list[str], alignment: TokenizerAlignment) -> float:
     """The teacher's NLL of its own next tokens (the cache's ``label_logprobs``) per byte of text."""
-    from raykd.soft_labels.cache import iter_cache_batches
-
     nll, nbytes = 0.0, 0
     for b in iter_cache_batches(shard_files, 256):
         m = b["loss_mask"].astype(bool)

@@ -24,6 +24,8 @@ from raykd.losses.reduction import student_bucket_log_probs, with_tail_bucket
 from raykd.losses.targets import TeacherTargets, teacher_buckets
 from raykd.soft_labels.cache import iter_cache_batches
 from raykd.students.vocab import VocabMap
+from raykd.train.cross_tokenizer import TokenizerAlignment, aligned_metrics, teacher_bits_per_byte
+from raykd.train.export import export_student, param_count
 
 
 def teacher_metrics(shard_files: list[str]) -> dict[str, float]:
@@ -146,14 +148,10 @@ def evaluate_students(teacher: dict[str, Any], init_dir: Path, results: dict[str
     Returns:
         ``{"students", "teacher", "student_init", <name>...}`` entries of the report.
     """
-    from raykd.train.export import export_student, param_count
-
     n_student = param_count(init_dir)
     evaluate = functools.partial(evaluate_folder, vocab_dir=init_dir)
     teacher_entry = teacher_metrics(eval_files)
     if cross_tokenizer:
-        from raykd.train.cross_tokenizer import TokenizerAlignment, aligned_metrics, teacher_bits_per_byte
-
         alignment = TokenizerAlignment(teacher["path"], init_dir)
         teacher_entry["bits_per_byte"] = teacher_bits_per_byte(eval_files, alignment)
         evaluate = lambda folder, files, bs, **_: aligned_metrics(_load(folder), files, alignment, bs)  # noqa: E731

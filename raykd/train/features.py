@@ -28,8 +28,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from raykd.losses import TeacherTargets
-from raykd.losses.features import Features, _repeat_heads
+from raykd.losses import TeacherTargets, get_loss
+from raykd.losses.features import FeatureLayout, Features, LayerMap, _repeat_heads, features_from_batch, term_modules
+from raykd.models import load_causal_lm
+from raykd.students.build import transformer_layers
+from raykd.train.schedule import StackedSchedule
 
 ATTENTION_NAME = "raykd_capture"
 _RECORD: contextvars.ContextVar[list | None] = contextvars.ContextVar("raykd_attention_record", default=None)
@@ -131,7 +134,6 @@ def capture_features(model: nn.Module, inputs: dict[str, Tensor], *, attention: 
     if not enabled:
         yield None
         return
-    from raykd.students.build import transformer_layers
 
     if attention:
         _register()
@@ -184,14 +186,24 @@ class FeatureTeacher:
     def __init__(self, model: nn.Module, logits_fn, *, attention: bool):
         self.model, self.logits_fn, self.attention = model.eval(), logits_fn, attention
 
-    @torch.no_grad()
+    @classmethod
+    def load(cls, path: str, *, attention: bool) -> FeatureTeacher:
+        """The features-only teacher of the causal LM folder ``path``: what the feature cache is
+        filled with (:func:`raykd.soft_labels.feature_cache.label_features` receives this loader)."""
+        return cls(load_causal_lm(path), None, attention=attention)
+
     def __call__(self, batch) -> tuple[TeacherTargets | None, Features]:
         """A :class:`~raykd.train.step.StudentBatch` -> (dense targets or None, teacher features)."""
-        with capture_features(self.model, batch.inputs, attention=self.attention) as cap:
+        return self.forward(batch.inputs)
+
+    @torch.no_grad()
+    def forward(self, inputs: dict[str, Tensor]) -> tuple[TeacherTargets | None, Features]:
+        """Model inputs (``input_ids``, ``attention_mask`` ``[B, T]``) -> (dense targets or None, features)."""
+        with capture_features(self.model, inputs, attention=self.attention) as cap:
             if self.logits_fn is None:
-                self.model.base_model(**batch.inputs)
+                self.model.base_model(**inputs)
             else:
-                logits = self.logits_fn(self.model, batch.inputs)
+                logits = self.logits_fn(self.model, inputs)
         return (None if self.logits_fn is None else TeacherTargets.dense(logits.float())), cap.features
 
 
@@ -263,9 +275,6 @@ class FeatureTerms:
     def __init__(self, student: nn.Module, layer_map, terms: Sequence[str], *, teacher: nn.Module | None = None,
                  teacher_shape: tuple[int, int] | None = None, attention: bool = False, dense_logits: bool = False,
                  lr: float = 1e-3, params: dict | None = None, stages=None):
-        from raykd.losses import get_loss
-        from raykd.losses.features import LayerMap, term_modules
-
         blocks, width = ((teacher.config.num_hidden_layers, teacher.config.hidden_size) if teacher is not None
                          else teacher_shape)
         self.layer_map = LayerMap(tuple(map(tuple, layer_map)), student.config.num_hidden_layers, blocks)
@@ -298,12 +307,9 @@ class FeatureTerms:
         """
         if layer_map is None:
             return None
-        from raykd.losses import get_loss
 
         stages = None
         if "sid" in terms:
-            from raykd.train.schedule import StackedSchedule
-
             gated = [n for n in terms if get_loss(n).kind == "logits"]
             stages = StackedSchedule(len(layer_map), total_steps or 1, gated,
                                      float((params or {}).get("sid", {}).get("threshold", 0.0)))
@@ -311,13 +317,11 @@ class FeatureTerms:
         kw = {"lr": lr, "params": params, "stages": stages}
         if layout is not None:
             out = cls(student, layer_map, terms, teacher_shape=(shapes["layers"], shapes["hidden"]), **kw)
-            from raykd.losses.features import FeatureLayout
 
             out.cached = (FeatureLayout(**{k: tuple(v) if isinstance(v, list) else v for k, v in layout.items()}), shapes)
             return out
         if teacher_path is None:
             raise ValueError("feature terms need the teacher's folder (online) or its cached features' layout")
-        from raykd.models import load_causal_lm
 
         teacher = load_causal_lm(teacher_path).requires_grad_(False).to(device)
         return cls(student, layer_map, terms, teacher=teacher, attention=any(get_loss(n).attention for n in terms),
@@ -327,8 +331,6 @@ class FeatureTerms:
         """``sb`` (a :class:`~raykd.train.step.StudentBatch`) with the cached teacher features of
         its rows (the batch's ``f.*`` columns); unchanged when the teacher runs online."""
         if self.cached is not None:
-            from raykd.losses.features import features_from_batch
-
             sb.teacher_features = features_from_batch(batch, *self.cached)
         return sb
 

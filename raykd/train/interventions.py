@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from raykd.losses.features import Intervened, LayerMap
 from raykd.losses.interchange import ALIGNMENTS
+from raykd.students.build import transformer_layers
 from raykd.train.features import _unwrap, capture_features
 
 
@@ -84,8 +85,6 @@ def interchange(model: nn.Module, layer: int, mask: Tensor, dual_mask: Tensor) -
     Raises:
         ValueError: ``mask`` and ``dual_mask`` differ in count in some row.
     """
-    from raykd.students.build import transformer_layers
-
     if not torch.equal(mask.sum(1), dual_mask.sum(1)):
         raise ValueError("interchange needs as many dual positions as replaced positions in every row")
     block = transformer_layers(_unwrap(model))[layer]

@@ -39,8 +39,11 @@ from pydantic import Field
 from raykd.config import OnPolicyConfig, Strict, TrainConfig
 from raykd.losses import Objective, TeacherTargets
 from raykd.losses.targets import retemper, truncate_topk
+from raykd.models import load_causal_lm
 from raykd.students.vocab import VocabMap, map_ids, map_targets
+from raykd.train.cross_tokenizer import TokenizerAlignment
 from raykd.train.features import FeatureTerms
+from raykd.train.on_policy import OnPolicySampler, served_score
 from raykd.train.parallel import (
     SHARDED_DIR,
     full_model_state,
@@ -309,8 +312,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sampler.load_state_dict(state["on_policy"])
 
     if cfg.teacher_tokenizer is not None:
-        from raykd.train.cross_tokenizer import TokenizerAlignment
-
         aligner = TokenizerAlignment(cfg.teacher_tokenizer, cfg.student_path)
         to_student = lambda b, tau: aligner.student_batch(b, cfg.temperature, tau)  # noqa: E731
     else:
@@ -379,8 +380,6 @@ def online_teacher(path: str, device: torch.device, shards: int = 1) -> Callable
     (fp32 logits of the batch's own ``input_ids``; the loss applies the temperature). With
     ``shards`` > 1 it is sharded over the workers as an FSDP student is (every worker must call it
     for every micro-batch)."""
-    from raykd.models import load_causal_lm
-
     model = load_causal_lm(Path(path)).eval().requires_grad_(False)
     model = shard(model, shards, device) if shards > 1 else model.to(device)
 
@@ -395,7 +394,6 @@ def _on_policy_sampler(cfg: LoopConfig, core, rank: int):
     """The on-policy sampler of ``cfg.on_policy`` calling the served teacher, or None."""
     if cfg.on_policy is None:
         return None
-    from raykd.train.on_policy import OnPolicySampler, served_score
 
     if cfg.teacher_app is None:
         raise ValueError("on_policy training needs the running teacher's application name (teacher_app)")

@@ -61,6 +61,7 @@ must not wait for the answer."""
 def served_score(app_name: str, k: int, temperature: float, attempts: int = 3) -> ScoreFn:
     """A :data:`ScoreFn` calling the running teacher application ``app_name`` through its Serve
     handle (works from any Ray worker, e.g. a Train worker)."""
+    # lazy: keeps ray out of import time
     from ray import serve
 
     from raykd.teacher.deployment import DEPLOYMENT_NAME, ResentCall

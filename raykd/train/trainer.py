@@ -16,6 +16,8 @@ import pyarrow.fs
 
 from raykd import console, storage
 from raykd.config import OnPolicyConfig, TrainConfig
+from raykd.losses import get_loss
+from raykd.soft_labels.feature_cache import paired_dataset
 from raykd.soft_labels.join import LABEL_COLUMNS, decode_joined, teacher_column
 from raykd.soft_labels.schema import decode_batch
 from raykd.train.loop import (
@@ -64,8 +66,6 @@ def soft_label_dataset(shard_files: list[str], shuffle: bool, seed: int, num_tea
     the read tasks with its endpoint and credentials (:mod:`raykd.storage`).
     """
     import ray
-
-    from raykd import storage
 
     columns = ["input_ids", "attention_mask", "loss_mask"] + [
         teacher_column(i, name) for i in range(num_teachers) for name in LABEL_COLUMNS]
@@ -122,8 +122,6 @@ def _train_dataset(shard_files: list[str], cfg: TrainConfig, teachers: dict[str,
                    feature_cache: dict[str, Any] | None):
     """The soft-label rows, with their cached teacher features beside them when given."""
     if feature_cache is not None:
-        from raykd.soft_labels.feature_cache import paired_dataset
-
         return paired_dataset(feature_cache["pairs"], cfg.shuffle, cfg.seed)
     return soft_label_dataset(shard_files, cfg.shuffle, cfg.seed, (teachers or {}).get("num_teachers", 1))
 
@@ -317,7 +315,6 @@ def train_student(
     if on_policy is not None and teacher_app is None:
         raise ValueError("on_policy training needs a running teacher: pass teacher_app (its Serve application name)")
     terms = sorted(set(weights) | cfg.phase_terms())
-    from raykd.losses import get_loss
 
     has_features = any(get_loss(n).kind == "features" for n in terms)
     if has_features and (layer_map is None or (online_teacher is None and feature_cache is None)):

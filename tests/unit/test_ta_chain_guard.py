@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from raykd.config import ClassifierTeacherConfig
-from raykd.teacher.finetune import finetune_classifier, tokenize_documents
+from raykd.train.finetune import finetune_classifier, tokenize_documents
 from tests.ray.test_minidisc_tune import build_tiny_classifier, make_labeled_docs
 
 LABELS = ["film", "money", "sport"]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from raykd.config import DistillConfig, TeacherConfig
-from raykd.methods import validate
+from raykd.methods import run_method, validate
 
 
 def _stage_config(cfg: DistillConfig, *, index: int, name: str, keep_layers: list[int], teachers: list[TeacherConfig],
@@ -61,6 +61,7 @@ def run_takd(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
     Raises:
         ValueError: no ``chain`` section, or a stage config fails validation (before any work).
     """
+    # lazy: keeps torch and pyarrow out of import time
     from raykd.train.evaluate import evaluate_folder
 
     if cfg.chain is None:
@@ -102,12 +103,11 @@ def run_takd(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
 
 def run_distill_stage(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
     """One stage: the main job with the stage's method (``kd`` or ``tmkd``)."""
-    from raykd.methods import run_method
-
     return run_method(cfg, output_dir)
 
 
 def _eval_files(report: dict[str, Any]) -> list[str]:
+    # lazy: keeps pyarrow out of import time
     from raykd.soft_labels.cache import open_cache, shard_paths
 
     folder = report["cache"]["eval_path"]

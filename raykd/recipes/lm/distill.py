@@ -23,11 +23,21 @@ from pathlib import Path
 from typing import Any
 
 from raykd import console
+from raykd.cluster import connect
 from raykd.config import DistillConfig
+from raykd.losses import get_loss
+from raykd.recipes.lm.multi_teacher import extra_teacher_plans, prepare_teachers
+from raykd.report import print_table, write_report
 from raykd.soft_labels.cache import shard_paths
+from raykd.soft_labels.feature_cache import ensure_teacher_features, feature_source
 from raykd.soft_labels.live import start_live_fill
-from raykd.soft_labels.plan import Plan, ensure_soft_labels, teacher_for_training
+from raykd.soft_labels.plan import Plan, ensure_soft_labels
+from raykd.students import build_student
+from raykd.students.vocab import compress_student_folder
 from raykd.train.evaluate import evaluate_students
+from raykd.train.features import FeatureTeacher
+from raykd.train.on_policy import time_split
+from raykd.train.trainer import check_student_gpus, train_student
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +56,6 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
         raykd.config.ConfigError, ValueError, FileNotFoundError: bad input, before any compute.
         raykd.soft_labels.cache.CacheError: a cache for this key exists but is corrupt.
     """
-    from raykd.cluster import connect
-    from raykd.recipes.lm.multi_teacher import extra_teacher_plans, prepare_teachers
-    from raykd.report import print_table, write_report
-    from raykd.students import build_student
-    from raykd.students.vocab import compress_student_folder
-    from raykd.train.trainer import train_student
-
     t0 = time.perf_counter()
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -61,8 +64,8 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
     extra_plans = extra_teacher_plans(cfg, plan)  # [] for one teacher; tokenizers checked here
     log.info("%d parts of data, cache keys %s", len(plan.sources["train"][1]), {s: k.digest() for s, k in plan.keys.items()})
     connect(cfg.ray, recorded=not cfg.teacher.start)  # teacher.start=false: the service's cluster
+    # lazy: keeps ray out of import time
     from raykd.teacher.deployment import cluster_node_gpus
-    from raykd.train.trainer import check_student_gpus
 
     with console.user_errors(ValueError):
         check_student_gpus(cfg.train, cluster_node_gpus())  # before any teacher starts
@@ -87,7 +90,8 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
     feature_caches = _feature_caches(cfg, plan, *caches["train"]) if live is None else {}
     t_train = time.perf_counter()
     # on-policy runs: the served teacher stays up (else None); a live fill holds it until the caches are finished
-    with live or contextlib.nullcontext(), teacher_for_training(plan) as teacher_app:
+    serving = plan.teacher.serving() if cfg.on_policy is not None else contextlib.nullcontext()  # yields the app or None
+    with live or contextlib.nullcontext(), serving as teacher_app:
         results = {name: train_student(name, student_path=init_dir, shard_files=train_files, weights=weights,
                                        temperature=cfg.labels.temperature, cfg=cfg.train,
                                        storage_path=cfg.train.checkpoint_dir or output_dir / "ray_train",
@@ -118,8 +122,6 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
     for name, fc in feature_caches.items():
         report[name]["feature_cache"] = fc["stats"]
     if cfg.on_policy is not None:
-        from raykd.train.on_policy import time_split
-
         for name, res in results.items():
             report[name]["time_split"] = time_split(res.history)
     if prepared is not None:
@@ -137,16 +139,14 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
 def _feature_caches(cfg: DistillConfig, plan: Plan, train_dir, train_manifest) -> dict[str, dict[str, Any]]:
     """For each student whose feature terms read cached teacher features (``train.feature_teacher``),
     its feature cache over the train split's blocks (filled by the teacher once per key)."""
-    from raykd.losses import get_loss
-    from raykd.soft_labels.feature_cache import ensure_teacher_features, feature_source
-
     out = {}
     for name, weights in cfg.train.students.items():
         terms = sorted(n for n in set(weights) | cfg.train.phase_terms() if get_loss(n).kind == "features")
         if not terms or feature_source(terms, cfg.train.feature_teacher) != "cached":
             continue
         params = {t: cfg.train.loss_params.get(t, {}) for t in terms}
-        pairs, layout, stats = ensure_teacher_features(plan, train_dir, train_manifest, params, plan.layer_map)
+        pairs, layout, stats = ensure_teacher_features(plan, train_dir, train_manifest, params, plan.layer_map,
+                                                       FeatureTeacher.load)
         log.info("student %s: teacher features %s (%s, %.0f B/token)", name, "cache hit" if stats["hit"] else "labeled",
                  stats["path"], stats["bytes_per_token"])
         out[name] = {"pairs": pairs, "layout": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(layout).items()},

@@ -24,6 +24,7 @@ from typing import Any
 
 from raykd.config import DistillConfig, PhaseConfig
 from raykd.methods import validate
+from raykd.report import render_markdown
 
 
 def agnostic_stage_config(cfg: DistillConfig) -> DistillConfig:
@@ -64,6 +65,7 @@ def run_glmd(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
         ValueError: a stage config fails validation (both are built before any work) or the
             config has more than one student (the task stage starts from the one stage-1 student).
     """
+    # lazy: keeps torch and pyarrow out of import time
     from raykd.recipes.lm.distill import run_distill
 
     output_dir = Path(output_dir).resolve()
@@ -94,8 +96,6 @@ def _write(report: dict[str, Any], output_dir: Path, task_dir: Path) -> None:
     """``report.json`` and ``report.md`` (the task stage's table, then one line per stage) and the
     task stage's loss curves in ``output_dir``."""
     import shutil
-
-    from raykd.report import render_markdown
 
     (output_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     lines = ["", "| stage | temperature | teacher | steps | held-out ppl | top-1 agreement | KL(teacher, student) |",

@@ -38,7 +38,8 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from raykd import console
-from raykd.config import ConfigError, DistillConfig, RayConfig, Strict
+from raykd.cluster import connect
+from raykd.config import ConfigError, DistillConfig, RayConfig, Strict, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,7 @@ def _label_all(cfg: KDSearchConfig) -> tuple[dict[float, dict[str, Any]], dict[s
         TeacherNotRunningError: a cache is missing, ``teacher.start`` is false and no teacher of
             that name runs (checked before any labeling).
     """
+    # lazy: keeps pyarrow out of import time
     from raykd import storage
     from raykd.soft_labels.cache import shard_paths
     from raykd.soft_labels.plan import Plan, ensure_soft_labels
@@ -197,9 +199,9 @@ def _label_all(cfg: KDSearchConfig) -> tuple[dict[float, dict[str, Any]], dict[s
     out, stats, owned = {}, {"teacher_calls": 0, "label_s": 0.0, "labeled": [], "k": k_label}, False
     try:
         for t, plan in plans.items():
-            plan.hold_teacher = True  # one teacher for every temperature; stopped below if this search started it
+            plan.teacher.hold = True  # one teacher for every temperature; stopped below if this search started it
             caches, s = ensure_soft_labels(plan)
-            owned = owned or plan.owns_teacher
+            owned = owned or plan.teacher.owns
             stats["teacher_calls"] += s["teacher_calls"]
             stats["label_s"] += s["label_s"]
             if not s["hit"]:
@@ -223,7 +225,7 @@ def train_segment(name: str, setting: dict[str, Any], train: dict[str, Any], ini
         ``eval_ppl``, ``top1_agreement``, ``kl`` (at the trial's temperature), ``step``,
         ``train_loss`` and ``train_s`` of the segment.
     """
-    from raykd.config import TrainConfig
+    # lazy: keeps torch and pyarrow out of import time
     from raykd.train.evaluate import evaluate_folder
     from raykd.train.trainer import train_student
 
@@ -242,8 +244,6 @@ def kd_trial(config: dict[str, Any]) -> None:
     import ray
     from ray import tune
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from raykd.config import TrainConfig
 
     setting = config["setting"]
     base = TrainConfig.model_validate(config["train"])
@@ -298,11 +298,11 @@ def main_kd_search(cfg: KDSearchConfig, output_dir: str | Path) -> dict[str, Any
         ConfigError, ValueError, FileNotFoundError: bad input, before any labeling or trial.
         TeacherNotRunningError: as :func:`_label_all`.
     """
+    # lazy: keeps torch out of import time
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from raykd.cluster import connect
     from raykd.students import build_student
 
     t0 = time.time()

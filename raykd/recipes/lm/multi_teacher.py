@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from raykd.config import DistillConfig
+from raykd.methods import get_method
 from raykd.soft_labels.plan import Plan, ensure_soft_labels
 from raykd.soft_labels.cache import shard_paths
 from raykd.soft_labels.join import decode_joined, join_caches
 from raykd.students import check_same_vocabulary
+from raykd.train.evaluate import teacher_metrics
 
 
 def extra_teacher_plans(cfg: DistillConfig, primary: Plan) -> list[Plan]:
@@ -50,9 +52,6 @@ def prepare_teachers(cfg: DistillConfig, primary: Plan, primary_caches: dict[str
         raykd.soft_labels.join.CacheJoinError: the caches' rows do not line up (the first
             mismatching row is named).
     """
-    from raykd.methods import get_method
-    from raykd.train.evaluate import teacher_metrics
-
     caches = [primary_caches] + [ensure_soft_labels(plan)[0] for plan in plans]
     names = [cfg.teacher.name] + [t.name for t in cfg.extra_teachers]
     train_files = join_caches([_split_files(c, "train") for c in caches], names, output_dir / "joined" / "train",

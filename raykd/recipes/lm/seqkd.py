@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from raykd.config import DistillConfig, default_cache_root
+from raykd.models import load_tokenizer
 from raykd.recipes.lm.distill import run_distill
-from raykd.soft_labels.plan import Plan, release_teacher
-from raykd.teacher.running import check_running_teacher
+from raykd.soft_labels.generations import DONE, generate_documents, generations_dir
+from raykd.soft_labels.plan import Plan
 
 
 def run_seqkd(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
@@ -32,21 +33,13 @@ def run_seqkd(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
     plans: list[Plan] = []
 
     def generate(plan: Plan) -> dict[str, Any]:
-        from raykd.models import load_tokenizer
-        from raykd.soft_labels.generations import DONE, generate_documents, generations_dir
-        from raykd.teacher.deployment import start_teacher
-
         plans.append(plan)
         root = (Path(cfg.labels.cache_dir).expanduser().parent if cfg.labels.cache_dir else default_cache_root()) / "generations"
         teacher = plan.teacher_meta()
         train_docs = plan.documents("train")  # the prompts: read into the driver (a seqkd run is small)
         if not (generations_dir(root, teacher, train_docs, cfg.generation) / DONE).is_file():
             # the teacher stays up for the labeling that follows, which stops it if this run started it
-            handle, started = start_teacher(cfg.teacher, str(plan.teacher_path))
-            if started:
-                plan.owns_teacher = True
-            else:
-                check_running_teacher(handle.info.remote().result(), cfg.teacher.name, plan.running_teacher_fields())
+            plan.teacher.acquire()
         docs, stats = generate_documents(
             train_docs, app_name=cfg.teacher.name, tokenizer=load_tokenizer(plan.teacher_path),
             teacher=teacher, gen=cfg.generation, cache_root=root, num_actors=cfg.labels.num_labelers)
@@ -57,4 +50,4 @@ def run_seqkd(cfg: DistillConfig, output_dir: Path) -> dict[str, Any]:
         return run_distill(cfg, output_dir, prepare=generate)
     finally:  # a failure between generating and labeling leaves the teacher this run started
         if plans:
-            release_teacher(plans[0])
+            plans[0].teacher.release()

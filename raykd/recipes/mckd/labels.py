@@ -21,9 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from raykd.cluster import connect
+from raykd.config import TeacherConfig, default_cache_root
 from raykd.data.documents import Document
+from raykd.models import load_tokenizer, resolve_model_path, tokenizer_fingerprint, weights_fingerprint
 from raykd.recipes.mckd.config import MckdConfig
 from raykd.recipes.mckd.prepare import headline_and_body
+from raykd.recipes.mckd.students import Task
 from raykd.soft_labels.cache import documents_fingerprint, fingerprint
 from raykd.soft_labels.pseudo_labels import (
     PseudoLabels,
@@ -67,18 +71,10 @@ class LLMLabeler:
     """
 
     def __init__(self, cfg: MckdConfig, classes: list[str], gold: Sequence[Document], stats: dict[str, Any]):
-        from raykd.models import (
-            load_tokenizer,
-            resolve_model_path,
-            tokenizer_fingerprint,
-            weights_fingerprint,
-        )
-
         self.cfg, self.lc, self.classes, self.gold, self.stats = cfg, cfg.labeler, classes, list(gold), stats
         self.path = resolve_model_path(self.lc.model)
         self.tokenizer = load_tokenizer(self.path)
         self.fps = (weights_fingerprint(self.path), tokenizer_fingerprint(self.tokenizer))
-        from raykd.config import default_cache_root
 
         self.root = Path(self.lc.cache_dir).expanduser() if self.lc.cache_dir else default_cache_root() / "pseudo_labels"
         self.handle = None
@@ -110,8 +106,7 @@ class LLMLabeler:
 
     def _serve(self):
         if self.handle is None:
-            from raykd.cluster import connect
-            from raykd.config import TeacherConfig
+            # lazy: keeps ray out of import time
             from raykd.teacher.deployment import start_teacher
 
             connect(self.cfg.ray)  # Ray starts only when the LLM must be asked
@@ -123,6 +118,7 @@ class LLMLabeler:
     def close(self) -> None:
         """Stop the served LLM if this labeler started it."""
         if self.handle is not None:
+            # lazy: keeps ray out of import time
             from raykd.teacher.deployment import stop_teacher
 
             stop_teacher(self.lc.name)
@@ -190,8 +186,6 @@ class LLMLabeler:
         Args:
             score: ``(labels, truth) -> float`` (accuracy, or ROUGE-L).
         """
-        from raykd.recipes.mckd.students import Task
-
         options = [(shots, cal) for shots in sorted(self.lc.shots) for cal in ([False] if self.generation else self.lc.calibration)]
         if len(options) == 1:  # nothing to choose: the held-out gold examples are not labeled
             return Choice(*options[0], [{"shots": options[0][0], "calibrate": options[0][1], "held_out": None}])

@@ -28,7 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from raykd.cluster import connect
+from raykd.console import user_errors
+from raykd.data.bbc import load_bbc_news
 from raykd.data.documents import Document
+from raykd.models import load_tokenizer, resolve_model_path, tokenizer_fingerprint
 from raykd.recipes.mckd.config import MckdConfig
 from raykd.recipes.mckd.labels import LLMLabeler, class_histogram
 from raykd.recipes.mckd.prepare import (
@@ -42,7 +46,9 @@ from raykd.recipes.mckd.prepare import (
     hard_labels,
     split_halves,
 )
+from raykd.recipes.mckd.report import publish, results_table, write_all
 from raykd.recipes.mckd.students import Task
+from raykd.report import bootstrap_ci
 from raykd.soft_labels.cache import CacheKey, fingerprint
 from raykd.soft_labels.pseudo_labels import (
     PseudoLabels,
@@ -51,6 +57,7 @@ from raykd.soft_labels.pseudo_labels import (
     pseudo_label_key,
     read_labels,
 )
+from raykd.soft_labels.relabel import relabel
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +91,6 @@ class Artifacts:
 
     def labels_by(self, folder: Path, docs: list[Document]) -> PseudoLabels:
         """A trained student's labels of ``docs``, through Ray Data on its serving engine."""
-        from raykd.cluster import connect
-        from raykd.soft_labels.relabel import relabel
-
         connect(self.task.cfg.ray)
         st = self.task.cfg.student
         self.stats["relabels"] += 1
@@ -172,8 +176,6 @@ class Rows:
 
     def add(self, name: str, kind: str, preds: PseudoLabels, quality: PseudoLabels | None = None, seconds: float | None = None) -> None:
         """Score one seed's test predictions of row ``name`` (and the quality of its training labels)."""
-        from raykd.report import bootstrap_ci
-
         row = self.rows.setdefault(name, {"row": name, "kind": kind, "test": {}, "label_quality": {}, "wall_s": []})
         for metric, value in self.task.score(preds, self.truth["test"]).items():
             row["test"].setdefault(metric, []).append(value)
@@ -189,8 +191,6 @@ class Rows:
         """Each row's difference to ``reference`` on the same test articles: the mean and a paired
         bootstrap 95% interval (seeds matched by position; a one-seed row, such as the LLM's,
         is compared with every seed of the other)."""
-        from raykd.report import bootstrap_ci
-
         if reference not in self.items:
             return
         ref = np.stack(self.items[reference])
@@ -252,10 +252,6 @@ def labeler_report(pseudo: PseudoLabels, truth: PseudoLabels, classes: list[str]
 def plan_run(cfg: MckdConfig, docs: list[Document] | None, stats: dict[str, Any]):
     """The split, the checks and the tokenizers, before any model is called; bad input exits
     with ``error: ...``. Returns ``(splits, classes, labeler, student tokenizer)``."""
-    from raykd.console import user_errors
-    from raykd.data.bbc import load_bbc_news
-    from raykd.models import load_tokenizer, resolve_model_path
-
     with user_errors(ValueError, FileNotFoundError):
         docs = docs if docs is not None else load_bbc_news()
         splits = gold_split(docs, test_share=cfg.data.test_share, gold=cfg.data.gold, seed=cfg.data.split_seed,
@@ -278,9 +274,6 @@ def main_mckd(cfg: MckdConfig, output_dir: str | Path, docs: list[Document] | No
     Raises:
         ValueError: bad input (see :func:`raykd.recipes.mckd.prepare.check_plan`), before any LLM call.
     """
-    from raykd.models import tokenizer_fingerprint
-    from raykd.recipes.mckd.report import publish, results_table, write_all
-
     t0 = time.time()
     output_dir = Path(output_dir).resolve()
     stats: dict[str, Any] = {"llm_calls": 0, "label_s": 0.0, "label_tokens": 0, "new_tokens": 0, "cache_hits": 0, "cache_misses": 0,

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from raykd.data.documents import Document
+from raykd.models import load_causal_lm, resolve_model_path
 from raykd.recipes.mckd.config import MckdConfig
 from raykd.recipes.mckd.prepare import hard_labels, headline_and_body
 from raykd.soft_labels.pseudo_labels import PseudoLabels, truncate
@@ -82,7 +83,8 @@ class Task:
                 for i, d in enumerate(docs)]
 
     def _class_data(self, docs: Sequence[Document]) -> dict[str, np.ndarray]:
-        from raykd.teacher.finetune import tokenize_documents
+        # lazy: keeps torch out of import time
+        from raykd.train.finetune import tokenize_documents
 
         return tokenize_documents(self.tokenizer, docs, self.classes, self.cfg.data.seq_len)
 
@@ -90,6 +92,7 @@ class Task:
         """``labels`` against ``truth`` (same documents): accuracy and macro-F1, or ROUGE-L."""
         truth = truth.select(labels.doc_ids)
         if self.generation:
+            # lazy: keeps torch out of import time
             from raykd.train.seq2seq import mean_rouge_l
 
             return {"rouge_l": mean_rouge_l(labels.texts, truth.texts)}
@@ -100,6 +103,7 @@ class Task:
         items a bootstrap interval resamples)."""
         truth = truth.select(labels.doc_ids)
         if self.generation:
+            # lazy: keeps torch out of import time
             from raykd.train.seq2seq import rouge_l
 
             return np.array([rouge_l(p, t) for p, t in zip(labels.texts, truth.texts)])
@@ -146,6 +150,7 @@ class Task:
     def budget(self, n_docs: int) -> tuple[int, int]:
         """``(steps, eval_every)`` of a student on ``n_docs`` articles
         (:func:`raykd.train.local.epoch_budget`)."""
+        # lazy: keeps torch out of import time
         from raykd.train.local import epoch_budget
 
         st = self.cfg.student
@@ -168,9 +173,9 @@ class Task:
         return on_step, best
 
     def _train_classifier(self, docs, labels: PseudoLabels, val, seed: int):
+        # lazy: keeps torch out of import time
         from transformers import AutoModelForSequenceClassification
 
-        from raykd.models import resolve_model_path
         from raykd.train.local import train_classifier
 
         st = self.cfg.student
@@ -193,6 +198,7 @@ class Task:
         return model.eval(), {**best, "final_loss": round(losses[-1], 5)}
 
     def _predict_classes(self, model, docs) -> PseudoLabels:
+        # lazy: keeps torch out of import time
         import torch
 
         from raykd.train.local import class_batch
@@ -208,7 +214,7 @@ class Task:
         return PseudoLabels([d.doc_id for d in docs], np.concatenate(out))
 
     def _train_lm(self, docs, labels: PseudoLabels, val, seed: int):
-        from raykd.models import load_causal_lm, resolve_model_path
+        # lazy: keeps torch out of import time
         from raykd.students.build import layer_drop
         from raykd.train.seq2seq import pair_rows, train_on_pairs
 
@@ -230,6 +236,7 @@ class Task:
         return model.eval(), {**best, "final_loss": round(losses[-1], 5)}
 
     def _predict_texts(self, model, docs) -> PseudoLabels:
+        # lazy: keeps torch out of import time
         from raykd.train.seq2seq import greedy_texts
 
         texts = greedy_texts(model, self.tokenizer, self.prompts(docs), max_new_tokens=self.cfg.data.target_tokens,

@@ -28,8 +28,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raykd.config import TeacherConfig
+from raykd.cluster import connect
+from raykd.config import TeacherConfig, default_cache_root
+from raykd.models import load_tokenizer, tokenizer_fingerprint, weights_fingerprint
 from raykd.recipes.muki.config import MCConfig, MukiConfig
+from raykd.recipes.muki.prepare import _teacher_labels
 from raykd.soft_labels.cache import (
     CacheKey,
     cache_dir_for,
@@ -138,9 +141,6 @@ def teacher_labels(cfg: MukiConfig, name: str, path: str, rows: dict[str, dict[s
             of its train labeling) and, for a head-only run with ``mc.cost_sample``,
             ``encoder_mc_cost`` (the paper's full-encoder MC timed on a sample).
     """
-    from raykd.models import load_tokenizer, tokenizer_fingerprint, weights_fingerprint
-    from raykd.recipes.muki.prepare import _teacher_labels
-
     root = (Path(cfg.labels.cache_dir).expanduser().resolve() if cfg.labels.cache_dir else _default_root()) / "class_labels"
     n_cls = len(_teacher_labels(path))
     w_fp, t_fp = weights_fingerprint(path), tokenizer_fingerprint(load_tokenizer(path))
@@ -158,9 +158,8 @@ def teacher_labels(cfg: MukiConfig, name: str, path: str, rows: dict[str, dict[s
     def get_handle():
         nonlocal handle
         if handle is None:
-            from raykd.cluster import connect
-
             connect(cfg.ray)  # Ray starts only when a teacher must be asked
+            # lazy: keeps ray out of import time
             from raykd.teacher.deployment import start_teacher
 
             handle, _ = start_teacher(teacher_config(cfg, name, path), str(path))
@@ -214,6 +213,7 @@ def teacher_labels(cfg: MukiConfig, name: str, path: str, rows: dict[str, dict[s
         if cfg.mc.cost_sample and need_mc:
             stats.setdefault("encoder_mc_cost", {})[name] = measure_encoder_mc(handle, rows["train"], cfg)
         if not cfg.teacher.keep_alive:
+            # lazy: keeps ray out of import time
             from raykd.teacher.deployment import stop_teacher
 
             stop_teacher(name)
@@ -236,6 +236,4 @@ def measure_encoder_mc(handle, rows: dict[str, np.ndarray], cfg: MukiConfig) -> 
 
 
 def _default_root() -> Path:
-    from raykd.config import default_cache_root
-
     return default_cache_root() / "soft_labels"

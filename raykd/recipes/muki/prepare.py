@@ -3,7 +3,7 @@
 :func:`stratified_split` splits by article within each class; :func:`check_plan` refuses bad
 input (partitions, teacher labels, the student's head size) before anything is trained;
 :func:`prepare_teachers` fine-tunes each teacher on its class block only (cached by
-:func:`raykd.teacher.finetune.finetune_classifier`: a rerun trains nothing).
+:func:`raykd.train.finetune.finetune_classifier`: a rerun trains nothing).
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ def prepare_teachers(cfg: MukiConfig, train: list[Document], parts: list[Partiti
     Returns:
         ``({partition name: [folder per teacher]}, {partition name: oracle folder})``.
     """
-    from raykd.teacher.finetune import finetune_classifier
+    # lazy: keeps torch out of import time
+    from raykd.train.finetune import finetune_classifier
 
     folders: dict[str, list[str]] = {}
     for part in parts:

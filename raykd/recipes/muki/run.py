@@ -26,8 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from raykd.data.bbc import load_bbc_news
 from raykd.data.documents import Document
+from raykd.models import load_tokenizer, resolve_model_path
 from raykd.recipes.muki.config import MukiConfig
+from raykd.recipes.muki.labels import teacher_labels
 from raykd.recipes.muki.methods import (
     build_targets,
     objective_of,
@@ -41,7 +44,11 @@ from raykd.recipes.muki.prepare import (
     prepare_teachers,
     stratified_split,
 )
+from raykd.recipes.muki.report import plot_results, table_markdown, write_results
 from raykd.recipes.muki.rows import ROWS
+from raykd.report import bootstrap_ci
+from raykd.soft_labels.cache import documents_fingerprint, fingerprint
+from raykd.train.finetune import tokenize_documents
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +61,6 @@ def subset_accuracy(pred: np.ndarray, gold: np.ndarray, blocks: list[list[int]])
 
 def _teacher_rows(part, teachers, oracle_logits, gold: np.ndarray) -> list[dict[str, Any]]:
     """The teachers' and the oracle's rows (test accuracy, bootstrap 95% interval)."""
-    from raykd.report import bootstrap_ci
-
     rows = []
     for i, (names, block, t) in enumerate(zip(part.names, part.blocks, teachers)):
         pred = np.asarray(block)[t.logits["test"].argmax(-1)]
@@ -103,9 +108,6 @@ def train_seed(cfg: MukiConfig, row, part, teachers, targets: np.ndarray, rows: 
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from raykd.models import resolve_model_path
-    from raykd.soft_labels.cache import fingerprint
-
     key = fingerprint({"row": row.name, "part": [part.labels, part.blocks], "seed": seed, "student": cfg.student.model_dump(),
                        "integration": cfg.integration.model_dump(), "seq_len": cfg.data.seq_len,
                        "targets": hashlib.sha256(np.ascontiguousarray(targets, dtype=np.float32).tobytes()).hexdigest(),
@@ -138,8 +140,6 @@ def train_seed(cfg: MukiConfig, row, part, teachers, targets: np.ndarray, rows: 
 def add_seed(entry: dict[str, Any], result: dict[str, Any], gold: np.ndarray) -> None:
     """Append one seed's result to a row's entry, and update its bootstrap 95% interval of the
     test accuracy (test articles resampled, the mean over the seeds so far)."""
-    from raykd.report import bootstrap_ci
-
     entry["overall"].append(result["test_acc"])
     for j, x in enumerate(result["subset_acc"]):
         entry["subsets"][j].append(x)
@@ -152,9 +152,6 @@ def add_seed(entry: dict[str, Any], result: dict[str, Any], gold: np.ndarray) ->
 def partition_rows(tokenizer, splits: dict[str, list[Document]], labels: list[str], seq_len: int):
     """The tokenised rows and document fingerprints of each split, restricted to ``labels``'
     articles (label indices into ``labels``)."""
-    from raykd.soft_labels.cache import documents_fingerprint
-    from raykd.teacher.finetune import tokenize_documents
-
     keep = {s: [d for d in splits[s] if d.label in set(labels)] for s in SPLITS}
     return ({s: tokenize_documents(tokenizer, keep[s], labels, seq_len) for s in SPLITS},
             {s: documents_fingerprint(keep[s]) for s in SPLITS})
@@ -171,9 +168,6 @@ def prepare_labels(cfg: MukiConfig, splits: dict[str, list[Document]], parts, st
     Raises:
         ValueError: a teacher whose tokenizer is not the student's.
     """
-    from raykd.models import load_tokenizer, resolve_model_path
-    from raykd.recipes.muki.labels import teacher_labels
-
     student_base = resolve_model_path(cfg.student.base_model)
     t_ft = time.time()
     folders, oracles = prepare_teachers(cfg, splits["train"], parts)
@@ -230,9 +224,6 @@ def main_muki(cfg: MukiConfig, output_dir: str | Path, docs: list[Document] | No
     """
     import torch
 
-    from raykd.data.bbc import load_bbc_news
-    from raykd.recipes.muki.report import table_markdown
-
     t0 = time.time()
     output_dir = Path(output_dir)
     docs = docs if docs is not None else load_bbc_news()
@@ -287,8 +278,6 @@ def write_run(run: SimpleNamespace, seeds_done: list[int]) -> dict[str, Any]:
 
 def write_all(output_dir: Path, results: dict[str, Any], stem: str | None) -> None:
     """``results.json``, ``results.md`` and ``muki.png`` in ``output_dir``, copied to ``<stem>.*`` when given."""
-    from raykd.recipes.muki.report import plot_results, table_markdown, write_results
-
     output_dir.mkdir(parents=True, exist_ok=True)
     write_results(output_dir, results)
     (output_dir / "results.md").write_text(table_markdown(results))

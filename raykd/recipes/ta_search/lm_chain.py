@@ -78,6 +78,7 @@ def load_lm_data(train_files: Sequence[str], eval_files: Sequence[str], kd: LMKD
     Raises:
         ValueError: an empty split.
     """
+    # lazy: keeps pyarrow out of import time
     from raykd.soft_labels.cache import iter_cache_batches
 
     keep = lambda b: {k: b[k] for k in CACHE_COLUMNS}
@@ -97,6 +98,7 @@ def load_lm_data(train_files: Sequence[str], eval_files: Sequence[str], kd: LMKD
 def to_student_batch(b: dict[str, np.ndarray], data: LMData, kd: LMKDConfig, device: torch.device) -> StudentBatch:
     """A cached batch as a causal-LM :class:`StudentBatch`: targets cut to the top ``kd.k``
     (:func:`raykd.losses.targets.truncate_topk`) and re-tempered to ``kd.temperature``."""
+    # lazy: keeps pyarrow out of import time
     from raykd.train.loop import student_batch
 
     return student_batch({k: torch.as_tensor(v).to(device) for k, v in b.items()}, data.cached_temperature, kd.temperature,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from raykd import console
+from raykd.cluster import connect
 from raykd.recipes.ta_search.lm_config import LMScheduleConfig
 from raykd.recipes.ta_search.paths import (
     Hop,
@@ -30,6 +31,7 @@ from raykd.recipes.ta_search.paths import (
     parse_path,
     resolve_path,
 )
+from raykd.recipes.ta_search.report import write_results
 
 
 @dataclass
@@ -85,6 +87,7 @@ def check_lm_schedule(cfg: LMScheduleConfig, search: str):
             path or student hop (:class:`PathError`), a grid the GQA groups cannot realise
             (:class:`~raykd.students.gqa_sparsify.UnrealisableSparsityError`).
     """
+    # lazy: keeps torch out of import time
     from raykd.recipes.ta_search.lm_chain import check_minidisc_target
     from raykd.soft_labels.plan import Plan
     from raykd.students.gqa_sparsify import check_sparsity_grid, decoder_layers
@@ -106,7 +109,7 @@ def check_lm_schedule(cfg: LMScheduleConfig, search: str):
 
 def prepare_lm(cfg: LMScheduleConfig, plan) -> LMPrepared:
     """The train and eval soft-label caches of the main job (found, or labeled by the Serve teacher)."""
-    from raykd.cluster import connect
+    # lazy: keeps pyarrow out of import time
     from raykd.soft_labels.cache import shard_paths
     from raykd.soft_labels.plan import ensure_soft_labels
     from raykd.train.evaluate import teacher_metrics
@@ -123,6 +126,7 @@ def prepare_lm(cfg: LMScheduleConfig, plan) -> LMPrepared:
 
 def _load(config: dict[str, Any]):
     """Inside a trial: the config, the teacher and the cached rows."""
+    # lazy: keeps torch out of import time
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -138,6 +142,7 @@ def _load(config: dict[str, Any]):
 
 def maxidisc_trial(config: dict[str, Any]) -> None:
     """Tune function trainable: one TA path (``config["path"]``), reporting the student's held-out perplexity."""
+    # lazy: keeps torch out of import time
     from ray import tune
 
     from raykd.recipes.ta_search.lm_chain import distill_path
@@ -149,6 +154,7 @@ def maxidisc_trial(config: dict[str, Any]) -> None:
 
 def minidisc_trial(config: dict[str, Any]) -> None:
     """Tune function trainable: the whole MiniDisc search; its result goes to ``config["result_file"]``."""
+    # lazy: keeps torch out of import time
     from ray import tune
 
     from raykd.recipes.ta_search.lm_chain import run_minidisc
@@ -183,8 +189,6 @@ def _header(search: str, cfg: LMScheduleConfig, prepared: LMPrepared) -> dict[st
 
 
 def _finish(output_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
-    from raykd.recipes.ta_search.report import write_results
-
     write_results(output_dir, results)
     _plot(output_dir, results)
     _print(results)

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from raykd.recipes.ta_search.config import ScheduleConfig
+from raykd.teacher.engines.classifier import load_classifier
 
 
 def maxidisc_trial(config: dict[str, Any]) -> None:
@@ -21,12 +22,12 @@ def maxidisc_trial(config: dict[str, Any]) -> None:
     ``config`` also carries ``schedule`` (the :class:`ScheduleConfig` as a dict) and ``prepared``
     (a :class:`~raykd.recipes.ta_search.prepare.Prepared` as a dict).
     """
+    # lazy: keeps pyarrow out of import time
     import torch
     from ray import tune
 
     from raykd.recipes.ta_search.prepare import Prepared, load_importance, load_splits
     from raykd.recipes.ta_search.chain import distill_chain
-    from raykd.teacher.engines.classifier import load_classifier
 
     cfg = ScheduleConfig.model_validate(config["schedule"])
     prepared = Prepared(**config["prepared"])

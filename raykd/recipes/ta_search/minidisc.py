@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from raykd.recipes.ta_search.config import ScheduleConfig
-from raykd.recipes.ta_search.chain import importance_of, kd_phase, prune_to
+from raykd.recipes.ta_search.chain import distill_chain, importance_of, kd_phase, prune_to
+from raykd.teacher.engines.classifier import load_classifier
 from raykd.train.local import ClassData, accuracy, class_batches, device_of, logits_fn_of, train_classifier
 from raykd.students.sparsify import Masker, densify, masks_for_sparsity, prunable_params, unit_params
 
@@ -112,8 +113,6 @@ def run_minidisc(cfg: ScheduleConfig, teacher: torch.nn.Module, importance, spli
         chosen, in order), ``chosen_ta``, ``sweep`` (the pick of each ``minidisc.lambda_sweep``
         lambda on the first hop's table), ``student`` (the chain's numbers), ``timings``.
     """
-    from raykd.recipes.ta_search.chain import distill_chain
-
     sp, md, kd = cfg.sparsify, cfg.minidisc, cfg.kd
     base = prunable_params(teacher)
     t0 = time.time()
@@ -161,12 +160,12 @@ def minidisc_trial(config: dict[str, Any]) -> None:
     :class:`~raykd.recipes.ta_search.prepare.Prepared` as a dict); the result dict is reported
     with the chain's last report and written to ``minidisc_trial.json`` in the trial folder.
     """
+    # lazy: keeps pyarrow out of import time
     import json
 
     from ray import tune
 
     from raykd.recipes.ta_search.prepare import Prepared, load_importance, load_splits
-    from raykd.teacher.engines.classifier import load_classifier
 
     cfg = ScheduleConfig.model_validate(config["schedule"])
     prepared = Prepared(**config["prepared"])

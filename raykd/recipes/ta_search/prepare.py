@@ -16,11 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raykd.cluster import connect
 from raykd.config import TeacherConfig, default_cache_root
 from raykd.data.bbc import BBC_TOPICS, load_bbc_news
 from raykd.data.documents import Document
 from raykd.data.splits import split_documents
+from raykd.models import load_tokenizer, resolve_model_path, tokenizer_fingerprint, weights_fingerprint
 from raykd.recipes.ta_search.config import ScheduleConfig
+from raykd.soft_labels.cache import documents_fingerprint, open_cache
+from raykd.soft_labels.class_labels import class_cache_key, find_class_cache, label_rows, read_class_cache
+from raykd.teacher.engines.classifier import load_classifier
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +64,13 @@ class Prepared:
 
 def check_teacher(path: Path) -> None:
     """Raise :class:`~raykd.teacher.engines.classifier.NotAClassifierError` unless ``path`` is a classifier."""
-    from raykd.teacher.engines.classifier import load_classifier
-
     load_classifier(path)
 
 
 def _label_splits(cfg: ScheduleConfig, teacher_path: Path, docs: dict[str, list[Document]], labels: list[str]) -> tuple[dict[str, str], dict[str, Any]]:
     """Find each split's class-label cache, or label it through the Serve teacher."""
-    from raykd.models import load_tokenizer, tokenizer_fingerprint, weights_fingerprint
-    from raykd.teacher.finetune import tokenize_documents
-    from raykd.soft_labels.cache import documents_fingerprint
-    from raykd.soft_labels.class_labels import class_cache_key, find_class_cache, label_rows
+    # lazy: keeps torch out of import time
+    from raykd.train.finetune import tokenize_documents
 
     root = Path(cfg.labels.cache_dir).expanduser().resolve() if cfg.labels.cache_dir else default_cache_root() / "soft_labels"
     root = root / "class_labels"
@@ -81,7 +82,6 @@ def _label_splits(cfg: ScheduleConfig, teacher_path: Path, docs: dict[str, list[
         folder, manifest = find_class_cache(root, key)
         if manifest is None:
             if handle is None:
-                from raykd.cluster import connect
                 from raykd.teacher.deployment import start_teacher
 
                 connect(cfg.ray)  # Ray starts only when the teacher must be asked
@@ -104,14 +104,12 @@ def _label_splits(cfg: ScheduleConfig, teacher_path: Path, docs: dict[str, list[
 
 def load_splits(prepared: Prepared) -> dict[str, dict]:
     """The cached rows of every split (see :func:`raykd.soft_labels.class_labels.read_class_cache`)."""
-    from raykd.soft_labels.cache import open_cache
-    from raykd.soft_labels.class_labels import read_class_cache
-
     return {s: read_class_cache(Path(p), open_cache(Path(p))) for s, p in prepared.caches.items()}
 
 
 def load_importance(path: str | Path):
     """Unit scores saved by :func:`prepare` (a :class:`~raykd.students.sparsify.Masks` of floats)."""
+    # lazy: keeps torch out of import time
     import torch
 
     from raykd.students.sparsify import Masks
@@ -122,6 +120,7 @@ def load_importance(path: str | Path):
 
 def check_importance(teacher, importance_path: str | Path) -> None:
     """Raise :class:`~raykd.students.sparsify.MaskError` unless saved scores fit the teacher."""
+    # lazy: keeps torch out of import time
     from raykd.students.sparsify import check_masks
 
     check_masks(teacher, load_importance(importance_path))
@@ -139,19 +138,17 @@ def prepare(cfg: ScheduleConfig, output_dir: Path, docs: list[Document] | None =
         NotAClassifierError: ``teacher.model`` has no classification head.
         ValueError: too few articles for the split.
     """
+    # lazy: keeps torch out of import time
     import torch
 
-    from raykd.teacher.finetune import finetune_classifier
+    from raykd.train.finetune import finetune_classifier
     from raykd.recipes.ta_search.chain import importance_of
-    from raykd.teacher.engines.classifier import load_classifier
 
     t0 = time.time()
     output_dir = Path(output_dir).resolve()  # trials read these paths from their own folders
     splits = split_bbc(cfg, docs)
     labels = sorted({d.label for d in splits["train"] if d.label is not None}) if docs is not None else list(BBC_TOPICS)
     if cfg.teacher.model:
-        from raykd.models import resolve_model_path
-
         teacher_path = resolve_model_path(cfg.teacher.model)
         check_teacher(teacher_path)
     else:

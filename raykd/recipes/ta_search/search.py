@@ -16,7 +16,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from raykd.recipes.ta_search.minidisc import lambda_tradeoff, sweep_lambdas
+from raykd.cluster import connect
+from raykd.recipes.ta_search.maxidisc import best_trial, collect_trials, maxidisc_trial
+from raykd.recipes.ta_search.minidisc import lambda_tradeoff, minidisc_trial, sweep_lambdas
 from raykd.recipes.ta_search.config import ScheduleConfig
 from raykd.recipes.ta_search.report import plot_results, print_table, write_results
 
@@ -38,7 +40,7 @@ def _tuner(trainable: Callable, param_space: dict[str, Any], cfg: ScheduleConfig
 
 
 def _start(cfg: ScheduleConfig, output_dir: Path, docs):
-    from raykd.cluster import connect
+    # lazy: keeps pyarrow out of import time
     from raykd.recipes.ta_search.prepare import prepare
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -79,8 +81,6 @@ def main_minidisc(cfg: ScheduleConfig, output_dir: str | Path, docs=None) -> dic
         MaskError: ``sparsify.importance_file`` does not fit the teacher (before any trial).
         RuntimeError: the MiniDisc trial failed (its error is in the message).
     """
-    from raykd.recipes.ta_search.minidisc import minidisc_trial
-
     t0 = time.time()
     output_dir = Path(output_dir).resolve()  # trials run in their own folders
     prepared = _start(cfg, output_dir, docs)
@@ -132,8 +132,6 @@ def main_maxidisc(cfg: ScheduleConfig, output_dir: str | Path, docs=None, traina
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-
-    from raykd.recipes.ta_search.maxidisc import best_trial, collect_trials, maxidisc_trial
 
     t0 = time.time()
     output_dir = Path(output_dir).resolve()  # trials run in their own folders

@@ -116,8 +116,9 @@ def load_classifier(model_path: str | Path, dtype: str = "float32", device: str 
         FileNotFoundError: no ``config.json`` in ``model_path``.
         NotAClassifierError: the config names no classification architecture or labels
             (e.g. the bare all-MiniLM-L6-v2 encoder: fine-tune it first with
-            :mod:`raykd.teacher.finetune`).
+            :mod:`raykd.train.finetune`).
     """
+    # lazy: keeps torch out of import time
     import json
 
     import torch
@@ -234,6 +235,7 @@ class ClassifierEngine:
             ValueError: what :meth:`validate_score_request` raises, a bad ``passes`` or
                 ``scope``, or a one-class teacher asked for scores.
         """
+        # lazy: keeps torch out of import time
         import torch
 
         from raykd.losses.muki import uncertainty_score

@@ -18,6 +18,7 @@ from raykd.teacher.engines.base import (
     ids_dtype,
     validate_score_request,
 )
+from raykd.teacher.engines.continuations import continuation_logprobs, greedy_after_prefix
 
 SAFE_MEMORY_FRACTION = 0.5
 """Share of the free device memory a ``score`` chunk may plan to use (the rest covers what the
@@ -58,6 +59,7 @@ def score_bytes_per_token(
     Returns:
         Bytes per token (> 0).
     """
+    # lazy: keeps torch out of import time
     from raykd.teacher.engines import topk
 
     group_size = topk.DEFAULT_GROUP_SIZE if group_size is None else group_size
@@ -200,6 +202,7 @@ class HFEngine:
         """Rows of one forward in :meth:`score`: ``max_tokens_per_forward // T`` on CPU (4,096
         tokens by default); on CUDA from the free device memory (:func:`chunk_rows`), capped by
         ``max_tokens_per_forward`` when given."""
+        # lazy: keeps torch out of import time
         import torch
 
         from raykd.teacher.engines.topk import triton_available
@@ -280,6 +283,7 @@ class HFEngine:
 
     def _score_chunk(self, ids, am, k: int, temperature: float):
         """Packed soft labels (uint8 ``[n]``, on the device) of one chunk ``ids`` ``[R, T]``."""
+        # lazy: keeps torch out of import time
         from raykd.teacher.engines.topk import pack_soft_labels, soft_labels_of_logits
 
         logits = self.model(input_ids=ids, attention_mask=am, use_cache=False).logits
@@ -287,6 +291,7 @@ class HFEngine:
         return pack_soft_labels(labels, self.vocab_size)
 
     def _store(self, out: ScoreResult, start: int, stop: int, ticket) -> None:
+        # lazy: keeps torch out of import time
         from raykd.teacher.engines.topk import unpack_soft_labels
 
         t, k = out["topk_ids"].shape[1:]
@@ -397,8 +402,6 @@ class HFEngine:
         """
         import torch
 
-        from raykd.teacher.engines.continuations import continuation_logprobs
-
         tok = self.tokenizer
         prefix_ids = tok(prefix, add_special_tokens=True)["input_ids"] if prefix else []
         text_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -426,8 +429,6 @@ class HFEngine:
             ValueError: an empty or malformed prompt list, or ``max_new_tokens < 1``.
         """
         import torch
-
-        from raykd.teacher.engines.continuations import greedy_after_prefix
 
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

@@ -32,6 +32,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from raykd.teacher.engines.base import ids_dtype
+
 log = logging.getLogger(__name__)
 
 DEFAULT_GROUP_SIZE = 128
@@ -304,8 +306,6 @@ def unpack_soft_labels(raw: np.ndarray, rows: int, seq_len: int, k: int, vocab_s
     Raises:
         ValueError: ``raw`` has the wrong size for the shape.
     """
-    from raykd.teacher.engines.base import ids_dtype
-
     n, id_dt = rows * seq_len, ids_dtype(vocab_size)
     sizes = [4 * n, 4 * n, n * k * id_dt.itemsize, 2 * n * k]
     if raw.size != sum(sizes):
