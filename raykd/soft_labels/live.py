@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Self
 
 from raykd import console
@@ -137,12 +138,13 @@ class LiveFill:
         self.plan.teacher.release()
 
 
-def start_live_fill(plan: Plan) -> LiveFill | None:
+def start_live_fill(plan: Plan, before_teacher: Callable[[], None] | None = None) -> LiveFill | None:
     """Check the committed parts and start the teacher for a live fill of the train cache.
 
     Everything that can fail runs here, before any training: committed parts are read (their
     key and shard size checked), and the teacher must be startable or running
-    (``teacher.start=false`` with none running is refused).
+    (``teacher.start=false`` with none running is refused). ``before_teacher`` runs when parts
+    are missing, right before the teacher starts (e.g. a check that training fits beside it).
 
     Returns:
         None when every part of the train split is committed (nothing to label during training:
@@ -172,6 +174,8 @@ def start_live_fill(plan: Plan) -> LiveFill | None:
         check_teacher_reachable(plan.cfg.teacher, why)  # first: it reads nothing
     stats: dict[str, Any] = {"hit": False, "teacher_calls": 0, "label_s": 0.0, "teacher": None, "parts": {}, "fill": "live"}
     todo_by_source = missing_parts(plan, targets, planned, missing, stats)
+    if before_teacher is not None:
+        before_teacher()
     stats["teacher"] = start_labeling_teacher(plan, why, "train")
     plan.teacher.hold = True  # training labels through it
     todo = todo_by_source.get(id(plan.sources[TRAIN][1]), {})

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow.fs
 
 from raykd import console, storage
-from raykd.config import OnPolicyConfig, TrainConfig
+from raykd.config import OnPolicyConfig, TeacherConfig, TrainConfig
 from raykd.losses import get_loss
 from raykd.soft_labels.feature_cache import paired_dataset
 from raykd.soft_labels.join import LABEL_COLUMNS, decode_joined, teacher_column
@@ -182,6 +182,38 @@ def check_training_resources(cfg: TrainConfig, name: str, wait_s: float = 30.0) 
         + "Stop a teacher you do not need (`raykd teacher down NAME`), give teachers fewer (`teacher.num_cpus`), lower "
         "`train.cpus_per_worker` / `train.num_workers`, or start Ray with more (`ray.num_cpus`). The soft-label "
         "caches are written; a rerun reuses them.")
+
+
+def check_room_beside_teacher(cfg: TrainConfig, teacher: TeacherConfig, why: str) -> None:
+    """Refuse, before the teacher starts, a run whose teacher serves during training (on-policy,
+    ``labels.fill=live``) when the teacher's replicas and the Train workers cannot both fit.
+
+    A teacher of that name already running holds its CPUs already (counted with the other Serve
+    replicas); else this run's ``teacher.num_cpus`` times its replicas at start are added.
+
+    Raises:
+        InsufficientResourcesError: the CPUs needed, what the cluster has and Serve holds, and
+            the overrides that make the run fit.
+    """
+    import ray
+
+    from raykd.teacher.deployment import running_teacher  # lazy: keeps ray out of import time
+
+    total, held = ray.cluster_resources().get("CPU", 0.0), _serve_held().get("CPU", 0.0)
+    replicas = (teacher.num_replicas if teacher.autoscaling is None else
+                max(1, teacher.autoscaling.initial_replicas or teacher.autoscaling.min_replicas))
+    starting = 0.0 if running_teacher(teacher.name) is not None else teacher.num_cpus * replicas
+    need = cfg.num_workers * cfg.cpus_per_worker + DATA_CPUS
+    if total - held - starting + 1e-6 >= need:
+        return
+    fits = fitting_overrides(cfg, total, held + starting)
+    if starting and total - held >= need + 0.1 * replicas:  # a smaller teacher reservation fits too
+        fits.append(f"`teacher.num_cpus={math.floor((total - held - need) / replicas * 100) / 100:g}`")
+    raise InsufficientResourcesError(
+        f"{why}: the teacher serves during training and cannot share the cluster with the Train workers (CPU: "
+        f"{cfg.num_workers} worker(s) x {cfg.cpus_per_worker:g} + {DATA_CPUS:g} to read the soft-label cache = {need:g}, "
+        f"teacher {teacher.name!r} {'running' if not starting else f'{replicas} replica(s) x {teacher.num_cpus:g} = {starting:g}'}, "
+        f"other Serve replicas {held:g}, cluster {total:g}). It fits with {' or '.join(fits)}. Nothing was started.")
 
 
 def fitting_overrides(cfg: TrainConfig, total_cpus: float, serve_cpus: float) -> list[str]:

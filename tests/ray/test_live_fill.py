@@ -133,6 +133,26 @@ def test_live_fill_with_start_false_and_no_running_teacher_fails_before_any_work
     assert all(not done_parts(t.cache_dir) for t in Plan(cfg).targets().values())  # nothing labeled
 
 
+def test_a_teacher_that_leaves_no_room_for_the_workers_is_refused_before_it_starts(ray_start, tiny_model, corpus_jsonl,
+                                                                                   tmp_path):
+    """Issue 28: `labels.fill=live` on a cluster where the teacher's replica and the Train worker
+    cannot both fit is refused with the overrides that fit, before the teacher starts (it used to
+    start the teacher, then refuse)."""
+    import ray
+
+    from raykd.teacher.deployment import running_teacher
+    from raykd.train.trainer import InsufficientResourcesError
+
+    total = ray.cluster_resources()["CPU"]
+    cfg = _config(tiny_model, corpus_jsonl, tmp_path / "cache", labels={"fill": "live"},
+                  teacher={"name": "too-big-teacher", "num_cpus": total - 0.5}, train={"num_workers": 1})
+    with pytest.raises(InsufficientResourcesError, match=r"labels\.fill=live: the teacher serves during training .* "
+                       r"It fits with .*`ray\.num_cpus=\d+` \(a local Ray\).* Nothing was started"):
+        run_distill(cfg, tmp_path / "out")
+    assert running_teacher("too-big-teacher") is None
+    assert all(not done_parts(t.cache_dir) for t in Plan(cfg).targets().values())  # nothing labeled
+
+
 def test_a_stream_stopped_midway_keeps_the_parts_it_committed(half_labeled, tiny_model, corpus_jsonl, tmp_path):
     """A live run killed in the middle: the parts it committed stay committed, with no manifest,
     and every committed part is whole (its key and shard size check out)."""

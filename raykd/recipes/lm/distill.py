@@ -37,7 +37,7 @@ from raykd.students.vocab import compress_student_folder
 from raykd.train.evaluate import evaluate_students
 from raykd.train.features import FeatureTeacher
 from raykd.train.on_policy import time_split
-from raykd.train.trainer import check_student_gpus, train_student
+from raykd.train.trainer import check_room_beside_teacher, check_student_gpus, train_student
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,11 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
 
         with console.user_errors(ValueError):
             check_teacher_reachable(cfg.teacher, "on-policy training (on_policy)")
+    if cfg.on_policy is not None:  # the teacher serves beside the workers: both must fit, checked before it starts
+        check_room_beside_teacher(cfg.train, cfg.teacher, "on-policy training")
     prepared = prepare(plan) if prepare is not None else None
-    live = start_live_fill(plan) if cfg.labels.fill == "live" else None  # None: nothing to fill
+    live = (start_live_fill(plan, before_teacher=lambda: check_room_beside_teacher(cfg.train, cfg.teacher, "labels.fill=live"))
+            if cfg.labels.fill == "live" else None)  # None: nothing to fill
     train_files, teachers, teachers_report = None, None, {}
     if live is None:
         caches, label_stats = ensure_soft_labels(plan)
