@@ -83,7 +83,7 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     "distill": ("raykd.config:DistillConfig",),
     "mckd": ("raykd.recipes.mckd.config:MckdConfig",),
     "muki": ("raykd.recipes.muki.config:MukiConfig",),
-    "tune": ("raykd.recipes.ta_search.config:ScheduleConfig", "raykd.recipes.ta_search.lm_config:LMScheduleConfig"),
+    "tune": ("raykd.recipes.ta_search.config:ClassifierScheduleConfig", "raykd.recipes.ta_search.config:LMScheduleConfig"),
     "tune-kd": ("raykd.recipes.lm.kd_search:KDSearchConfig",),
     "teacher": ("raykd.teacher.service:TeacherServiceConfig",),
 }
@@ -186,7 +186,7 @@ def _add_tune_commands(sub) -> None:
 def run_tune_command(args: argparse.Namespace) -> int:
     """Dispatch ``raykd tune ...``; returns the exit code."""
     from raykd.recipes.ta_search import search as schedule_search
-    from raykd.recipes.ta_search.config import ScheduleConfig
+    from raykd.recipes.ta_search.config import load_schedule_config
 
     if args.tune_command == "sweep":
         schedule_search.main_sweep(args.minidisc_dir, args.maxidisc_dir, args.output_dir)
@@ -196,31 +196,9 @@ def run_tune_command(args: argparse.Namespace) -> int:
 
         main_kd_search(load_search_config(args.config, args.overrides), args.output_dir)
         return 0
-    if _schedule_task(args.config, args.overrides) == "lm":
-        from raykd.recipes.ta_search import lm_search
-        from raykd.recipes.ta_search.lm_config import LMScheduleConfig
-
-        cfg = load_config(LMScheduleConfig, args.config, args.overrides)
-        main = lm_search.main_minidisc_lm if args.tune_command == "minidisc" else lm_search.main_maxidisc_lm
-    else:
-        cfg = load_config(ScheduleConfig, args.config, args.overrides)
-        main = schedule_search.main_minidisc if args.tune_command == "minidisc" else schedule_search.main_maxidisc
-    main(cfg, args.output_dir)
+    cfg = load_schedule_config(args.config, args.overrides)  # ``task`` picks the model
+    schedule_search.SEARCHES[args.tune_command](cfg, args.output_dir)
     return 0
-
-
-def _schedule_task(config: str | None, overrides: list[str]) -> str:
-    """``task`` of a schedule-search config (``classifier`` or ``lm``): an override, else the YAML's, else classifier."""
-    import yaml
-
-    for o in overrides:
-        if o.startswith("task="):
-            return o.split("=", 1)[1].strip()
-    if config and Path(config).is_file():
-        data = yaml.safe_load(Path(config).read_text()) or {}
-        if isinstance(data, dict):
-            return str(data.get("task", "classifier"))
-    return "classifier"
 
 
 def main_muki(cfg, output_dir: str | Path) -> dict[str, Any]:
