@@ -8,18 +8,16 @@ Serve teacher into the cache, teacher importance), then hand the trials to a Ray
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from raykd.recipes.ta_search.minidisc import lambda_tradeoff, sweep_lambdas
 from raykd.recipes.ta_search.config import ClassifierScheduleConfig
 from raykd.recipes.ta_search.report import plot_results, print_table, write_results
-from raykd.recipes.ta_search.tuner import asha, tuner
+from raykd.recipes.ta_search.tuner import maxidisc_trials, minidisc_trial_result
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +69,7 @@ def main_minidisc_classifier(cfg: ClassifierScheduleConfig, output_dir: str | Pa
     t0 = time.time()
     output_dir = Path(output_dir).resolve()  # trials run in their own folders
     prepared = _start(cfg, output_dir, docs)
-    result_file = output_dir / "minidisc_trial.json"
-    space = {"schedule": cfg.model_dump(), "prepared": asdict(prepared), "result_file": str(result_file.resolve())}
-    grid = tuner(minidisc_trial, space, cfg, output_dir, f"{cfg.run_name}-minidisc").fit()
-    if grid[0].error is not None:
-        raise RuntimeError(f"the MiniDisc trial failed: {grid[0].error}")
-    out = json.loads(result_file.read_text())
+    out, grid = minidisc_trial_result(minidisc_trial, cfg, output_dir, prepared)
     student = out["student"]
     candidates = [
         {
@@ -117,16 +110,13 @@ def main_maxidisc_classifier(cfg: ClassifierScheduleConfig, output_dir: str | Pa
         NotAClassifierError, MaskError: as :func:`main_minidisc_classifier`, before any trial. A failed trial
         is listed in ``trials_failed`` and does not raise.
     """
-    from ray import tune
-
     from raykd.recipes.ta_search.maxidisc import best_trial, collect_trials, maxidisc_trial
 
     t0 = time.time()
     output_dir = Path(output_dir).resolve()  # trials run in their own folders
     prepared = _start(cfg, output_dir, docs)
     sparsities = ([0.0] if cfg.maxidisc.include_direct else []) + cfg.sparsify.candidates
-    space = {"schedule": cfg.model_dump(), "prepared": asdict(prepared), "ta_sparsity": tune.grid_search(sparsities)}
-    grid = tuner(trainable or maxidisc_trial, space, cfg, output_dir, f"{cfg.run_name}-maxidisc", asha(cfg)).fit()
+    grid = maxidisc_trials(trainable or maxidisc_trial, cfg, output_dir, prepared, "ta_sparsity", sparsities)
     rows, failed = collect_trials(grid, cfg.kd.steps)
     for f in failed:
         log.warning("trial ta_sparsity=%s failed: %s", f["ta_sparsity"], f["error"])

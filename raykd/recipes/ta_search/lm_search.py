@@ -19,7 +19,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from raykd.recipes.ta_search.paths import (
     parse_path,
     resolve_path,
 )
-from raykd.recipes.ta_search.tuner import asha, tuner
+from raykd.recipes.ta_search.tuner import maxidisc_trials, minidisc_trial_result
 
 
 @dataclass
@@ -194,12 +194,7 @@ def main_minidisc_lm(cfg: LMScheduleConfig, output_dir: str | Path) -> dict[str,
     output_dir.mkdir(parents=True, exist_ok=True)
     plan, _ = check_lm_schedule(cfg, "minidisc")
     prepared = prepare_lm(cfg, plan)
-    result_file = output_dir / "minidisc_trial.json"
-    space = {"schedule": cfg.model_dump(), "prepared": asdict(prepared), "result_file": str(result_file)}
-    grid = tuner(minidisc_trial, space, cfg, output_dir, f"{cfg.run_name}-minidisc").fit()
-    if grid[0].error is not None:
-        raise RuntimeError(f"the MiniDisc trial failed: {grid[0].error}")
-    out = json.loads(result_file.read_text())
+    out, grid = minidisc_trial_result(minidisc_trial, cfg, output_dir, prepared)
     results = {**_header("minidisc", cfg, prepared), "candidates": out["table"], "chosen_ta": out["chosen_ta"], "hops": out["hops"],
                "best": {"path": out["student"]["path"], "student_ppl": out["student"]["student_ppl"],
                         "student_params": out["student"]["student_params"], "hops": out["student"]["hops"]},
@@ -231,15 +226,12 @@ def main_maxidisc_lm(cfg: LMScheduleConfig, output_dir: str | Path, trainable: C
     Raises:
         ValueError: bad input, before any labeling or trial. A failed trial is listed, not raised.
     """
-    from ray import tune
-
     t0 = time.time()
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     plan, paths = check_lm_schedule(cfg, "maxidisc")
     prepared = prepare_lm(cfg, plan)
-    space = {"schedule": cfg.model_dump(), "prepared": asdict(prepared), "path": tune.grid_search([format_path(p) for p in paths])}
-    grid = tuner(trainable or maxidisc_trial, space, cfg, output_dir, f"{cfg.run_name}-maxidisc", asha(cfg)).fit()
+    grid = maxidisc_trials(trainable or maxidisc_trial, cfg, output_dir, prepared, "path", [format_path(p) for p in paths])
     rows = collect_paths(grid, cfg.kd.steps)
     done = [r for r in rows if r["status"] == "done" and r["student_ppl"] is not None]
     best_by_length = {n: min((r for r in done if r["length"] <= n), key=lambda r: r["student_ppl"], default=None)

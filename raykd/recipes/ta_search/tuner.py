@@ -8,7 +8,9 @@ retries and ASHA come from the shared ``maxidisc`` settings.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +51,30 @@ def tuner(trainable: Callable, space: dict[str, Any], cfg: ScheduleSearchConfig,
         run_config=tune.RunConfig(name=name, storage_path=str(output_dir.resolve() / "tune"), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=mx.max_failures)),
     )
+
+
+def minidisc_trial_result(trainable: Callable, cfg: ScheduleSearchConfig, output_dir: Path, prepared: Any):
+    """MiniDisc as one Tune trial: runs ``trainable`` (which writes its result to
+    ``config["result_file"]``, ``<output_dir>/minidisc_trial.json``) and returns ``(result, grid)``.
+
+    Args:
+        prepared: what the task prepared before any trial (a dataclass; it travels as a dict).
+
+    Raises:
+        RuntimeError: the trial failed (its error is in the message).
+    """
+    result_file = output_dir / "minidisc_trial.json"
+    space = {"schedule": cfg.model_dump(), "prepared": asdict(prepared), "result_file": str(result_file.resolve())}
+    grid = tuner(trainable, space, cfg, output_dir, f"{cfg.run_name}-minidisc").fit()
+    if grid[0].error is not None:
+        raise RuntimeError(f"the MiniDisc trial failed: {grid[0].error}")
+    return json.loads(result_file.read_text()), grid
+
+
+def maxidisc_trials(trainable: Callable, cfg: ScheduleSearchConfig, output_dir: Path, prepared: Any, key: str, values: list):
+    """MaxiDisc: one Tune trial of ``trainable`` per value of ``config[key]`` (a TA sparsity or a
+    TA path), under :func:`asha`; returns Tune's result grid (a failed trial is in it, not raised)."""
+    from ray import tune
+
+    space = {"schedule": cfg.model_dump(), "prepared": asdict(prepared), key: tune.grid_search(values)}
+    return tuner(trainable, space, cfg, output_dir, f"{cfg.run_name}-maxidisc", asha(cfg)).fit()
