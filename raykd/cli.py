@@ -34,9 +34,7 @@ from raykd.methods import available_methods, get_method, load, run_method
 from raykd.recipes.lm.kd_search import KDSearchConfig, main_kd_search
 from raykd.recipes.mckd.config import MckdConfig
 from raykd.recipes.muki.config import MukiConfig
-from raykd.recipes.ta_search import lm_search
-from raykd.recipes.ta_search.config import ScheduleConfig
-from raykd.recipes.ta_search.lm_config import LMScheduleConfig
+from raykd.recipes.ta_search.config import load_schedule_config
 from raykd.report import print_files
 from raykd.teacher.service import add_teacher_commands, run_teacher_command
 
@@ -91,7 +89,7 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     "distill": ("raykd.config:DistillConfig",),
     "mckd": ("raykd.recipes.mckd.config:MckdConfig",),
     "muki": ("raykd.recipes.muki.config:MukiConfig",),
-    "tune": ("raykd.recipes.ta_search.config:ScheduleConfig", "raykd.recipes.ta_search.lm_config:LMScheduleConfig"),
+    "tune": ("raykd.recipes.ta_search.config:ClassifierScheduleConfig", "raykd.recipes.ta_search.config:LMScheduleConfig"),
     "tune-kd": ("raykd.recipes.lm.kd_search:KDSearchConfig",),
     "teacher": ("raykd.teacher.service:TeacherServiceConfig",),
 }
@@ -217,28 +215,9 @@ def run_tune_command(args: argparse.Namespace) -> int:
     if args.tune_command == "kd":
         main_kd_search(load(KDSearchConfig, args.config, args.overrides), args.output_dir)
         return 0
-    if _schedule_task(args.config, args.overrides) == "lm":
-        cfg = load(LMScheduleConfig, args.config, args.overrides)
-        main = lm_search.main_minidisc_lm if args.tune_command == "minidisc" else lm_search.main_maxidisc_lm
-    else:
-        cfg = load(ScheduleConfig, args.config, args.overrides)
-        main = schedule_search.main_minidisc if args.tune_command == "minidisc" else schedule_search.main_maxidisc
-    main(cfg, args.output_dir)
+    cfg = load_schedule_config(args.config, args.overrides)  # ``task`` picks the model
+    schedule_search.SEARCHES[args.tune_command](cfg, args.output_dir)
     return 0
-
-
-def _schedule_task(config: str | None, overrides: list[str]) -> str:
-    """``task`` of a schedule-search config (``classifier`` or ``lm``): an override, else the YAML's, else classifier."""
-    import yaml
-
-    for o in overrides:
-        if o.startswith("task="):
-            return o.split("=", 1)[1].strip()
-    if config and Path(config).is_file():
-        data = yaml.safe_load(Path(config).read_text()) or {}
-        if isinstance(data, dict):
-            return str(data.get("task", "classifier"))
-    return "classifier"
 
 
 def main_muki(cfg, output_dir: str | Path) -> dict[str, Any]:

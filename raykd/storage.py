@@ -55,7 +55,7 @@ import json
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -472,13 +472,22 @@ def open_output_atomic(location: Location) -> Iterator[pa.NativeFile]:
     folder, name = os.path.split(path)
     temp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
     _make_parent(fs, path)
-    try:
+    with _replaced_on_success(lambda: fs.move(temp, path), lambda: fs.delete_file(temp)):
         with fs.open_output_stream(temp) as stream:
             yield stream
-        fs.move(temp, path)
+
+
+@contextlib.contextmanager
+def _replaced_on_success(commit: Callable[[], None], discard: Callable[[], None]) -> Iterator[None]:
+    """The commit step of both atomic writers: after a block that writes a temporary file,
+    ``commit()`` moves it onto its name; if the block or the move raises, ``discard()`` deletes
+    it (an ``OSError`` there is ignored) and the error goes on."""
+    try:
+        yield
+        commit()
     except BaseException:
         with contextlib.suppress(OSError):
-            fs.delete_file(temp)
+            discard()
         raise
 
 
@@ -514,16 +523,10 @@ def write_bytes_atomic(location: Location, data: bytes) -> None:
         return
     _make_parent(fs, path)
     temp = f"{path}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temp)
-        raise
+    with _replaced_on_success(lambda: os.replace(temp, path), lambda: os.remove(temp)), open(temp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_json(location: Location) -> Any:

@@ -62,17 +62,27 @@ def layer_drop(teacher: nn.Module, keep_layers: list[int]) -> nn.Module:
     idx = check_keep_layers(keep_layers, n)
     student = copy.deepcopy(teacher)
     parent, attr, layers = _decoder_layers(student)
-    kept = nn.ModuleList([layers[i] for i in idx])
+    layer_types = getattr(student.config, "layer_types", None)
+    types = [layer_types[i] for i in idx] if layer_types is not None and len(layer_types) == n else None
+    set_layers(student, parent, attr, [layers[i] for i in idx], types)
+    return student
+
+
+def set_layers(model: nn.Module, parent: nn.Module, attr: str, layers: list[nn.Module], layer_types: list | None) -> None:
+    """Make ``layers`` the block list ``parent.<attr>`` of ``model``, re-indexed in their new order.
+
+    Every submodule's ``layer_idx`` (its KV-cache slot) becomes its layer's new position,
+    ``config.num_hidden_layers`` the new count and, when given, ``config.layer_types`` the
+    new layers' types (None leaves the config's list as it is)."""
+    kept = nn.ModuleList(layers)
     for new_idx, layer in enumerate(kept):  # KV-cache slots follow the new positions
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_idx
     setattr(parent, attr, kept)
-    student.config.num_hidden_layers = len(idx)
-    layer_types = getattr(student.config, "layer_types", None)
-    if layer_types is not None and len(layer_types) == n:
-        student.config.layer_types = [layer_types[i] for i in idx]
-    return student
+    model.config.num_hidden_layers = len(kept)
+    if layer_types is not None:
+        model.config.layer_types = layer_types
 
 
 def check_keep_layers(keep_layers: list[int], num_layers: int, field: str = "student.keep_layers",

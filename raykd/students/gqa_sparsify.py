@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from raykd.students.sparsify import MaskError, Masker, Masks, _keep_linear, masks_for_sparsity
+from raykd.students.sparsify import MaskError, Masker, Masks, _keep_linear, masks_for_sparsity, summed_unit_scores
 
 UNITS = ("heads", "neurons")
 """Unit kinds: ``heads`` = GQA head groups, ``neurons`` = FFN neurons."""
@@ -163,23 +163,7 @@ def taylor_importance(model: nn.Module, batches: Iterable[Any], loss_fn: Callabl
         ValueError: no batch was given, or the model is not Llama-like.
     """
     layers, (d, g) = decoder_layers(model), gqa_shape(model)
-    s = structure(model)
-    scores = Masks([torch.zeros(n) for n in s["heads"]], [torch.zeros(n) for n in s["neurons"]])
-    was_training, seen = model.training, 0
-    model.eval()
-    for batch in batches:
-        model.zero_grad(set_to_none=True)
-        loss_fn(model, batch).backward()
-        for i, layer in enumerate(layers):
-            h, n = _layer_scores(layer, d, g)
-            scores.heads[i] += h
-            scores.neurons[i] += n
-        seen += 1
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
-    if not seen:
-        raise ValueError("taylor_importance needs at least one batch")
-    return scores
+    return summed_unit_scores(model, layers, structure(model), batches, loss_fn, lambda layer: _layer_scores(layer, d, g))
 
 
 def nearest_realisable(sparsity: float, model: nn.Module, units: Sequence[str] = UNITS) -> float:

@@ -27,7 +27,7 @@ import contextlib
 import copy
 import json
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,14 +164,32 @@ def taylor_importance(model: nn.Module, batches: Iterable[Any], loss_fn: Callabl
         ValueError: no batch was given, or the model is not BERT-like.
     """
     layers, d = encoder_layers(model), head_size(model)
-    scores = Masks([torch.zeros(n) for n in structure(model)["heads"]], [torch.zeros(n) for n in structure(model)["neurons"]])
+    return summed_unit_scores(model, layers, structure(model), batches, loss_fn, lambda layer: _unit_scores(layer, d))
+
+
+def summed_unit_scores(model: nn.Module, layers: Sequence[nn.Module], units: dict[str, list[int]], batches: Iterable[Any],
+                       loss_fn: Callable[[nn.Module, Any], Tensor],
+                       layer_scores: Callable[[nn.Module], tuple[Tensor, Tensor]]) -> Masks:
+    """The Taylor scores of every layer's units, summed over ``batches``: the loop that the BERT
+    (:func:`taylor_importance`) and GQA (``gqa_sparsify.taylor_importance``) scorers share.
+
+    Per batch the gradients are cleared, ``loss_fn(model, batch)`` is back-propagated and
+    ``layer_scores(layer)`` (``(heads, neurons)`` scores of one layer) is added for each layer;
+    ``units`` holds the unit counts per layer (the model family's ``structure(model)``).
+    The model runs in eval mode (no dropout: the score measures the deterministic network); its
+    training mode is restored and its gradients cleared afterwards.
+
+    Raises:
+        ValueError: no batch was given.
+    """
+    scores = Masks([torch.zeros(n) for n in units["heads"]], [torch.zeros(n) for n in units["neurons"]])
     was_training, seen = model.training, 0
-    model.eval()  # no dropout: the score measures the deterministic network
+    model.eval()
     for batch in batches:
         model.zero_grad(set_to_none=True)
         loss_fn(model, batch).backward()
         for i, layer in enumerate(layers):
-            h, n = _unit_scores(layer, d)
+            h, n = layer_scores(layer)
             scores.heads[i] += h.cpu()
             scores.neurons[i] += n.cpu()
         seen += 1

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from raykd.students.build import _decoder_layers
+from raykd.students.build import _decoder_layers, set_layers
 
 
 class TheseusLayers(nn.Module):
@@ -141,15 +141,9 @@ def export_student(model: nn.Module) -> nn.Module:
         for child_name, child in module.named_children():
             if child is theseus:
                 parent, attr = module, child_name
-    kept = nn.ModuleList(list(theseus.successors))
-    for new_idx, layer in enumerate(kept):
+    successors = list(theseus.successors)
+    for layer in successors:
         layer.requires_grad_(True)
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_idx
-    setattr(parent, attr, kept)
-    student.config.num_hidden_layers = len(kept)
     layer_types = getattr(student.config, "layer_types", None)
-    if layer_types is not None:
-        student.config.layer_types = [layer_types[g[0]] for g in theseus.groups]
+    set_layers(student, parent, attr, successors, None if layer_types is None else [layer_types[g[0]] for g in theseus.groups])
     return student

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.ray
 
 
 def _schedule(tiny_labeled, **sections):
-    from raykd.recipes.ta_search.lm_config import LMScheduleConfig
+    from raykd.recipes.ta_search.config import LMScheduleConfig
 
     cfg, _plan, _caches, _stats = tiny_labeled
     base = {"run_name": "tiny_lm", "data": cfg.data.model_dump(), "teacher": cfg.teacher.model_dump(), "labels": cfg.labels.model_dump(),

@@ -45,10 +45,10 @@ def build_tiny_classifier(folder, labels, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def tiny_schedule(tmp_path_factory):
-    from raykd.recipes.ta_search.config import ScheduleConfig
+    from raykd.recipes.ta_search.config import ClassifierScheduleConfig
 
     folder = build_tiny_classifier(tmp_path_factory.mktemp("tiny_cls"), ["film", "money", "sport"])
-    cfg = ScheduleConfig.model_validate({
+    cfg = ClassifierScheduleConfig.model_validate({
         "run_name": "tiny",
         "data": {"max_docs": None, "test_docs": 12, "dev_docs": 12, "seq_len": 16},
         "teacher": {"model": str(folder), "name": "tiny-classifier", "num_threads": 1, "num_cpus": 0.5},

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from raykd.config import load_config
-from raykd.recipes.ta_search.config import ScheduleConfig
+from raykd.recipes.ta_search.config import ClassifierScheduleConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -31,7 +31,7 @@ def test_readme_minidisc_command_gives_a_good_student(ray_start, tmp_path):
 
     # the overrides of tune/README.md's measured run, read from the README itself
     overrides = shlex.split(re.search(r'^O="([^"]+)"$', (ROOT / "tune/README.md").read_text(), re.MULTILINE).group(1))
-    cfg = load_config(ScheduleConfig, ROOT / "tune/configs/minidisc_bbc.yaml", overrides)
+    cfg = load_config(ClassifierScheduleConfig, ROOT / "tune/configs/minidisc_bbc.yaml", overrides)
     out = main_minidisc(cfg, tmp_path / "minidisc")
     assert out["teacher"]["test_acc"] >= 0.9
     assert out["chosen_ta"] is not None and 0 < out["chosen_ta"] < cfg.sparsify.target

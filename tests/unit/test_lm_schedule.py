@@ -16,7 +16,7 @@ from raykd.recipes.ta_search.lm_chain import (
     run_minidisc,
     shrink,
 )
-from raykd.recipes.ta_search.lm_config import LMScheduleConfig
+from raykd.recipes.ta_search.config import LMScheduleConfig
 from raykd.recipes.ta_search.paths import Hop, PathError, parse_path, resolve_path
 from raykd.students.gqa_sparsify import prunable_params, structure
 
@@ -39,11 +39,11 @@ def test_numbers_are_hops_too():
 
 
 def test_cli_picks_the_lm_search_from_the_config():
-    from raykd.cli import _schedule_task
+    from raykd.recipes.ta_search.config import load_schedule_config
 
-    assert _schedule_task("tune/configs/minidisc_smollm2.yaml", []) == "lm"
-    assert _schedule_task("tune/configs/minidisc_bbc.yaml", []) == "classifier"
-    assert _schedule_task(None, ["task=lm"]) == "lm"
+    assert load_schedule_config("tune/configs/minidisc_smollm2.yaml", []).task == "lm"
+    assert load_schedule_config("tune/configs/minidisc_bbc.yaml", []).task == "classifier"
+    assert load_schedule_config(None, ["task=lm"]).task == "lm"
 
 
 # --- a tiny Llama and synthetic cached rows ------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 
 from raykd.config import ConfigError, load_config
 from raykd.recipes.ta_search.minidisc import lambda_tradeoff, select_teacher_assistant, sweep_lambdas
-from raykd.recipes.ta_search.config import ScheduleConfig
+from raykd.recipes.ta_search.config import ClassifierScheduleConfig
 
 # dev accuracy of the sandwich student at each sparsity (a fixed table)
 TABLE = [
@@ -56,9 +56,9 @@ def test_negative_lambda_is_refused():
     with pytest.raises(ValueError, match="lambda must be >= 0"):
         select_teacher_assistant(TABLE, -0.1, 0.0, 0.9)
     with pytest.raises(ConfigError, match="lambda_tradeoff"):
-        load_config(ScheduleConfig, None, ["minidisc.lambda_tradeoff=-0.5"])
+        load_config(ClassifierScheduleConfig, None, ["minidisc.lambda_tradeoff=-0.5"])
     with pytest.raises(ConfigError, match="lambda_sweep"):
-        load_config(ScheduleConfig, None, ["minidisc.lambda_sweep=[0.1, -1]"])
+        load_config(ClassifierScheduleConfig, None, ["minidisc.lambda_sweep=[0.1, -1]"])
 
 
 def test_sweep_lists_the_pick_of_each_lambda():
@@ -71,11 +71,11 @@ def test_sweep_lists_the_pick_of_each_lambda():
 )
 def test_bad_schedule_configs_fail_at_load(override):
     with pytest.raises(ConfigError):
-        load_config(ScheduleConfig, None, [override])
+        load_config(ClassifierScheduleConfig, None, [override])
 
 
 def test_shipped_config_loads():
-    cfg = load_config(ScheduleConfig, "tune/configs/minidisc_bbc.yaml")
+    cfg = load_config(ClassifierScheduleConfig, "tune/configs/minidisc_bbc.yaml")
     assert cfg.sparsify.target == 0.9 and cfg.sparsify.candidates == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 
 

@@ -85,6 +85,20 @@ def test_atomic_writes_replace_whole_files_and_leave_no_temp(tmp_path):
     assert os.listdir(tmp_path) == ["ledger.json"]
 
 
+def test_write_bytes_atomic_failure_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    target = str(tmp_path / "ledger.json")
+    storage.write_bytes_atomic(target, b"old")
+
+    def refuse(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(storage.os, "replace", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        storage.write_bytes_atomic(target, b"new")
+    assert storage.read_bytes(target) == b"old"
+    assert os.listdir(tmp_path) == ["ledger.json"]
+
+
 def test_open_output_atomic_parquet_and_failure_leaves_nothing(tmp_path):
     table = pa.table({"x": list(range(100))})
     part = storage.join(str(tmp_path), "train", "part-00000.parquet")

@@ -39,6 +39,8 @@ def test_hybrid_is_the_teacher_at_p0_and_the_student_at_p1(kind):
         torch.testing.assert_close(fn(hybrid, batch.inputs), fn(student, batch.inputs))
         torch.testing.assert_close(fn(export_student(hybrid).eval(), batch.inputs), fn(student, batch.inputs))
     assert export_student(hybrid).config.num_hidden_layers == 2
+    if kind == "llama":  # KV-cache slots follow the successors' new positions
+        assert [layer.self_attn.layer_idx for layer in export_student(hybrid).model.layers] == [0, 1]
 
 
 def test_replacement_is_random_per_group_and_only_successors_learn():

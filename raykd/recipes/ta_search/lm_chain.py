@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from raykd.losses import Objective, TeacherTargets
-from raykd.recipes.ta_search.lm_config import LMKDConfig, LMScheduleConfig
+from raykd.recipes.ta_search.config import LMKDConfig, LMScheduleConfig
 from raykd.recipes.ta_search.minidisc import (
     lambda_tradeoff,
     select_teacher_assistant,

@@ -1,4 +1,7 @@
-"""``raykd tune minidisc|maxidisc`` for decoder LMs (a config with ``task: lm``), on Ray Tune.
+"""The decoder-LM task of the TA schedule search (``task: lm``): MiniDisc and MaxiDisc on Ray Tune.
+
+Called through :mod:`raykd.recipes.ta_search.search` (``main_minidisc`` / ``main_maxidisc``
+dispatch on ``task``).
 
 Order of work (every check that can fail runs before the teacher labels anything or a trial starts):
 
@@ -16,13 +19,13 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from raykd import console
 from raykd.cluster import connect
-from raykd.recipes.ta_search.lm_config import LMScheduleConfig
+from raykd.recipes.ta_search.config import LMScheduleConfig
 from raykd.recipes.ta_search.paths import (
     Hop,
     PathError,
@@ -32,6 +35,7 @@ from raykd.recipes.ta_search.paths import (
     resolve_path,
 )
 from raykd.recipes.ta_search.report import write_results
+from raykd.recipes.ta_search.tuner import maxidisc_trials, minidisc_trial_result
 
 
 @dataclass
@@ -167,19 +171,6 @@ def minidisc_trial(config: dict[str, Any]) -> None:
         tune.report(r)
 
 
-def _tuner(trainable: Callable, space: dict[str, Any], cfg: LMScheduleConfig, output_dir: Path, name: str, scheduler=None):
-    from ray import tune
-
-    mx = cfg.maxidisc
-    return tune.Tuner(
-        tune.with_resources(trainable, {"cpu": mx.cpus_per_trial}),
-        param_space=space,
-        tune_config=tune.TuneConfig(metric="student_ppl", mode="min", scheduler=scheduler, max_concurrent_trials=mx.max_concurrent_trials),
-        run_config=tune.RunConfig(name=name, storage_path=str(output_dir / "tune"), verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=mx.max_failures)),
-    )
-
-
 def _header(search: str, cfg: LMScheduleConfig, prepared: LMPrepared) -> dict[str, Any]:
     return {"search": search, "task": "lm", "run_name": cfg.run_name, "student": cfg.sparsify.student,
             "lambda_tradeoff": cfg.minidisc.lambda_tradeoff,
@@ -207,12 +198,7 @@ def main_minidisc_lm(cfg: LMScheduleConfig, output_dir: str | Path) -> dict[str,
     output_dir.mkdir(parents=True, exist_ok=True)
     plan, _ = check_lm_schedule(cfg, "minidisc")
     prepared = prepare_lm(cfg, plan)
-    result_file = output_dir / "minidisc_trial.json"
-    space = {"schedule": cfg.model_dump(), "prepared": asdict(prepared), "result_file": str(result_file)}
-    grid = _tuner(minidisc_trial, space, cfg, output_dir, f"{cfg.run_name}-minidisc").fit()
-    if grid[0].error is not None:
-        raise RuntimeError(f"the MiniDisc trial failed: {grid[0].error}")
-    out = json.loads(result_file.read_text())
+    out, grid = minidisc_trial_result(minidisc_trial, cfg, output_dir, prepared)
     results = {**_header("minidisc", cfg, prepared), "candidates": out["table"], "chosen_ta": out["chosen_ta"], "hops": out["hops"],
                "best": {"path": out["student"]["path"], "student_ppl": out["student"]["student_ppl"],
                         "student_params": out["student"]["student_params"], "hops": out["student"]["hops"]},
@@ -244,19 +230,12 @@ def main_maxidisc_lm(cfg: LMScheduleConfig, output_dir: str | Path, trainable: C
     Raises:
         ValueError: bad input, before any labeling or trial. A failed trial is listed, not raised.
     """
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
     t0 = time.time()
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     plan, paths = check_lm_schedule(cfg, "maxidisc")
     prepared = prepare_lm(cfg, plan)
-    mx = cfg.maxidisc
-    space = {"schedule": cfg.model_dump(), "prepared": asdict(prepared), "path": tune.grid_search([format_path(p) for p in paths])}
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.kd.reports, grace_period=mx.grace_period,
-                               reduction_factor=mx.reduction_factor) if mx.early_stopping else None)
-    grid = _tuner(trainable or maxidisc_trial, space, cfg, output_dir, f"{cfg.run_name}-maxidisc", scheduler).fit()
+    grid = maxidisc_trials(trainable or maxidisc_trial, cfg, output_dir, prepared, "path", [format_path(p) for p in paths])
     rows = collect_paths(grid, cfg.kd.steps)
     done = [r for r in rows if r["status"] == "done" and r["student_ppl"] is not None]
     best_by_length = {n: min((r for r in done if r["length"] <= n), key=lambda r: r["student_ppl"], default=None)

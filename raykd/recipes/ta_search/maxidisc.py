@@ -12,14 +12,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from raykd.recipes.ta_search.config import ScheduleConfig
+from raykd.recipes.ta_search.config import ClassifierScheduleConfig
 from raykd.teacher.engines.classifier import load_classifier
 
 
 def maxidisc_trial(config: dict[str, Any]) -> None:
     """Ray Tune function trainable for one candidate: ``config["ta_sparsity"]`` (0 = direct).
 
-    ``config`` also carries ``schedule`` (the :class:`ScheduleConfig` as a dict) and ``prepared``
+    ``config`` also carries ``schedule`` (the :class:`ClassifierScheduleConfig` as a dict) and ``prepared``
     (a :class:`~raykd.recipes.ta_search.prepare.Prepared` as a dict).
     """
     # lazy: keeps pyarrow out of import time
@@ -29,7 +29,7 @@ def maxidisc_trial(config: dict[str, Any]) -> None:
     from raykd.recipes.ta_search.prepare import Prepared, load_importance, load_splits
     from raykd.recipes.ta_search.chain import distill_chain
 
-    cfg = ScheduleConfig.model_validate(config["schedule"])
+    cfg = ClassifierScheduleConfig.model_validate(config["schedule"])
     prepared = Prepared(**config["prepared"])
     torch.set_num_threads(cfg.kd.torch_threads)
     splits = load_splits(prepared)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raykd.recipes.ta_search.config import ScheduleConfig
+from raykd.recipes.ta_search.config import ClassifierScheduleConfig
 from raykd.recipes.ta_search.chain import distill_chain, importance_of, kd_phase, prune_to
 from raykd.teacher.engines.classifier import load_classifier
 from raykd.train.local import ClassData, accuracy, class_batches, device_of, logits_fn_of, train_classifier
@@ -67,7 +67,7 @@ def sweep_lambdas(table: Sequence[dict[str, float]], lambdas: Sequence[float], c
 
 
 def sandwich_table(
-    teacher: torch.nn.Module, importance, grid: Sequence[float], splits: dict[str, ClassData], cfg: ScheduleConfig, teacher_fn=None
+    teacher: torch.nn.Module, importance, grid: Sequence[float], splits: dict[str, ClassData], cfg: ClassifierScheduleConfig, teacher_fn=None
 ) -> list[dict[str, float]]:
     """Train the sandwich student from ``teacher`` and evaluate every grid sparsity on dev.
 
@@ -105,7 +105,7 @@ def sandwich_table(
     return table
 
 
-def run_minidisc(cfg: ScheduleConfig, teacher: torch.nn.Module, importance, splits: dict[str, ClassData], report=None) -> dict[str, Any]:
+def run_minidisc(cfg: ClassifierScheduleConfig, teacher: torch.nn.Module, importance, splits: dict[str, ClassData], report=None) -> dict[str, Any]:
     """The whole MiniDisc search in one process: sandwich, selection, TA -> student.
 
     Returns:
@@ -156,7 +156,7 @@ def run_minidisc(cfg: ScheduleConfig, teacher: torch.nn.Module, importance, spli
 def minidisc_trial(config: dict[str, Any]) -> None:
     """Ray Tune function trainable: the whole MiniDisc search as one trial.
 
-    ``config`` carries ``schedule`` (a :class:`ScheduleConfig` as a dict) and ``prepared`` (a
+    ``config`` carries ``schedule`` (a :class:`ClassifierScheduleConfig` as a dict) and ``prepared`` (a
     :class:`~raykd.recipes.ta_search.prepare.Prepared` as a dict); the result dict is reported
     with the chain's last report and written to ``minidisc_trial.json`` in the trial folder.
     """
@@ -167,7 +167,7 @@ def minidisc_trial(config: dict[str, Any]) -> None:
 
     from raykd.recipes.ta_search.prepare import Prepared, load_importance, load_splits
 
-    cfg = ScheduleConfig.model_validate(config["schedule"])
+    cfg = ClassifierScheduleConfig.model_validate(config["schedule"])
     prepared = Prepared(**config["prepared"])
     torch.set_num_threads(cfg.kd.torch_threads)
     splits = load_splits(prepared)

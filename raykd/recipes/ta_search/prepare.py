@@ -22,7 +22,7 @@ from raykd.data.bbc import BBC_TOPICS, load_bbc_news
 from raykd.data.documents import Document
 from raykd.data.splits import split_documents
 from raykd.models import load_tokenizer, resolve_model_path, tokenizer_fingerprint, weights_fingerprint
-from raykd.recipes.ta_search.config import ScheduleConfig
+from raykd.recipes.ta_search.config import ClassifierScheduleConfig
 from raykd.soft_labels.cache import documents_fingerprint, open_cache
 from raykd.soft_labels.class_labels import class_cache_key, find_class_cache, label_rows, read_class_cache
 from raykd.teacher.engines.classifier import load_classifier
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "dev", "test")
 
 
-def split_bbc(cfg: ScheduleConfig, docs: list[Document] | None = None) -> dict[str, list[Document]]:
+def split_bbc(cfg: ClassifierScheduleConfig, docs: list[Document] | None = None) -> dict[str, list[Document]]:
     """Train / dev / test articles, split by article with ``data.split_seed``.
 
     Raises:
@@ -44,7 +44,7 @@ def split_bbc(cfg: ScheduleConfig, docs: list[Document] | None = None) -> dict[s
     return {"train": train, "dev": dev, "test": test}
 
 
-def teacher_deployment_config(cfg: ScheduleConfig, model_path: Path) -> TeacherConfig:
+def teacher_deployment_config(cfg: ClassifierScheduleConfig, model_path: Path) -> TeacherConfig:
     """The Serve config of the classifier teacher."""
     t = cfg.teacher
     return TeacherConfig(name=t.name, model=str(model_path), engine="classifier", num_threads=t.num_threads, num_cpus=t.num_cpus, keep_alive=t.keep_alive)
@@ -67,7 +67,7 @@ def check_teacher(path: Path) -> None:
     load_classifier(path)
 
 
-def _label_splits(cfg: ScheduleConfig, teacher_path: Path, docs: dict[str, list[Document]], labels: list[str]) -> tuple[dict[str, str], dict[str, Any]]:
+def _label_splits(cfg: ClassifierScheduleConfig, teacher_path: Path, docs: dict[str, list[Document]], labels: list[str]) -> tuple[dict[str, str], dict[str, Any]]:
     """Find each split's class-label cache, or label it through the Serve teacher."""
     # lazy: keeps torch out of import time
     from raykd.train.finetune import tokenize_documents
@@ -126,7 +126,7 @@ def check_importance(teacher, importance_path: str | Path) -> None:
     check_masks(teacher, load_importance(importance_path))
 
 
-def prepare(cfg: ScheduleConfig, output_dir: Path, docs: list[Document] | None = None) -> Prepared:
+def prepare(cfg: ClassifierScheduleConfig, output_dir: Path, docs: list[Document] | None = None) -> Prepared:
     """Data, teacher, soft-label caches and teacher importance for a schedule search.
 
     Args:

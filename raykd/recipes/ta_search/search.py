@@ -1,184 +1,74 @@
-"""``raykd tune minidisc|maxidisc|sweep``: the two TA schedule searches on Ray Tune, and the lambda sweep.
+"""``raykd tune minidisc|maxidisc|sweep``: the TA schedule search on Ray Tune, and the lambda sweep.
 
-Each ``main_*`` takes a config and an output folder, so the CLI, ``jobs/minidisc.py`` /
-``jobs/maxidisc.py`` and the tests call the same function. Both searches first run
-:func:`~raykd.recipes.ta_search.prepare.prepare` (teacher fine-tuned once, soft labels from the
-Serve teacher into the cache, teacher importance), then hand the trials to a Ray Tune ``Tuner``.
+One entry per search for both tasks: :func:`main_minidisc` and :func:`main_maxidisc` take a
+config of either task (:data:`~raykd.recipes.ta_search.config.TAScheduleConfig`; its ``task``
+picks the model when it is loaded) and an output folder, and hand it to that task's
+:class:`SearchTask` in :data:`TASKS`. The CLI, ``jobs/minidisc.py`` / ``jobs/maxidisc.py`` and the
+tests call the same functions. Each task prepares its teacher and soft labels once, then runs its
+trials on the one :func:`~raykd.recipes.ta_search.tuner.tuner`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raykd.cluster import connect
-from raykd.recipes.ta_search.maxidisc import best_trial, collect_trials, maxidisc_trial
-from raykd.recipes.ta_search.minidisc import lambda_tradeoff, minidisc_trial, sweep_lambdas
-from raykd.recipes.ta_search.config import ScheduleConfig
-from raykd.recipes.ta_search.report import plot_results, print_table, write_results
-
-log = logging.getLogger(__name__)
+from raykd.recipes.ta_search import classifier_search, lm_search
+from raykd.recipes.ta_search.config import ScheduleSearchConfig
 
 
-def _tuner(trainable: Callable, param_space: dict[str, Any], cfg: ScheduleConfig, output_dir: Path, name: str, scheduler=None):
-    from ray import tune
+@dataclass(frozen=True)
+class SearchTask:
+    """One task's two searches, each ``(cfg, output_dir, **options) -> results`` (the results are
+    also written to ``<output_dir>/results.json``)."""
 
-    mx = cfg.maxidisc
-    return tune.Tuner(
-        tune.with_resources(trainable, {"cpu": mx.cpus_per_trial}),
-        param_space=param_space,
-        tune_config=tune.TuneConfig(metric="student_dev_acc", mode="max", scheduler=scheduler, max_concurrent_trials=mx.max_concurrent_trials),
-        run_config=tune.RunConfig(
-            name=name, storage_path=str(output_dir.resolve() / "tune"), failure_config=tune.FailureConfig(max_failures=mx.max_failures), verbose=1
-        ),
-    )
+    minidisc: Callable[..., dict[str, Any]]
+    """MiniDisc in one Tune trial: the sandwich table, the TA each lambda picks, the student."""
+    maxidisc: Callable[..., dict[str, Any]]
+    """MaxiDisc: one Tune trial per TA (path), ASHA early stopping."""
 
 
-def _start(cfg: ScheduleConfig, output_dir: Path, docs):
-    # lazy: keeps pyarrow out of import time
-    from raykd.recipes.ta_search.prepare import prepare
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    prepared = prepare(cfg, output_dir, docs)  # fine-tunes and labels first; starts Ray only to label
-    connect(cfg.ray)
-    return prepared
+TASKS: dict[str, SearchTask] = {
+    "classifier": SearchTask(classifier_search.main_minidisc_classifier, classifier_search.main_maxidisc_classifier),
+    "lm": SearchTask(lm_search.main_minidisc_lm, lm_search.main_maxidisc_lm),
+}
+"""``task`` -> its searches (the keys are :data:`~raykd.recipes.ta_search.config.TASKS`)."""
 
 
-def _header(search: str, cfg: ScheduleConfig, prepared) -> dict[str, Any]:
-    return {
-        "search": search,
-        "run_name": cfg.run_name,
-        "target_sparsity": cfg.sparsify.target,
-        "lambda_tradeoff": cfg.minidisc.lambda_tradeoff,
-        "teacher": {"path": prepared.teacher_path, "dev_acc": prepared.teacher_acc["dev"], "test_acc": prepared.teacher_acc["test"]},
-        "labels": prepared.stats,
-        "config": cfg.model_dump(),
-    }
-
-
-def _finish(output_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
-    write_results(output_dir, results)
-    plot_results(output_dir, results)
-    print_table(results)
-    return results
-
-
-def main_minidisc(cfg: ScheduleConfig, output_dir: str | Path, docs=None) -> dict[str, Any]:
-    """MiniDisc in one Tune trial; writes ``results.json`` and ``minidisc.png`` in ``output_dir``.
+def main_minidisc(cfg: ScheduleSearchConfig, output_dir: str | Path, **options: Any) -> dict[str, Any]:
+    """MiniDisc of ``cfg.task``; writes ``results.json`` and ``minidisc.png`` in ``output_dir``.
 
     Args:
-        cfg: the search config (checked when it was loaded: grid, target, lambdas).
+        cfg: the search config of either task (checked when it was loaded).
         output_dir: results folder (Tune's trial folders go to ``<output_dir>/tune``).
-        docs: a corpus instead of BBC News (tests).
+        options: the task's own (the classifier's ``docs``: a corpus instead of BBC News, for tests).
 
     Raises:
-        NotAClassifierError: the teacher has no classification head (before any trial).
-        MaskError: ``sparsify.importance_file`` does not fit the teacher (before any trial).
+        ValueError: bad input, before any labeling or trial (the task's checks).
         RuntimeError: the MiniDisc trial failed (its error is in the message).
     """
-    t0 = time.time()
-    output_dir = Path(output_dir).resolve()  # trials run in their own folders
-    prepared = _start(cfg, output_dir, docs)
-    result_file = output_dir / "minidisc_trial.json"
-    space = {"schedule": cfg.model_dump(), "prepared": asdict(prepared), "result_file": str(result_file.resolve())}
-    grid = _tuner(minidisc_trial, space, cfg, output_dir, f"{cfg.run_name}-minidisc").fit()
-    if grid[0].error is not None:
-        raise RuntimeError(f"the MiniDisc trial failed: {grid[0].error}")
-    out = json.loads(result_file.read_text())
-    student = out["student"]
-    candidates = [
-        {
-            "sparsity": r["sparsity"],
-            "params": r["params"],
-            "ta_dev_metric": r["dev_metric"],
-            "lambda_tradeoff": r["lambda_tradeoff"],
-            "student_dev_acc": student["student_dev_acc"] if r["sparsity"] == out["chosen_ta"] else None,
-            "student_test_acc": student["student_test_acc"] if r["sparsity"] == out["chosen_ta"] else None,
-            "status": "chosen" if r["sparsity"] == out["chosen_ta"] else ("target" if r["sparsity"] == cfg.sparsify.target else "scored"),
-        }
-        for r in out["table"]
-    ]
-    results = {
-        **_header("minidisc", cfg, prepared),
-        "candidates": candidates,
-        "chosen_ta": out["chosen_ta"],
-        "hops": out["hops"],
-        "student": student,
-        "lambda_sweep": out["sweep"],
-        "trials_run": len(grid),
-        "trials_failed": [],
-        "timings": {**out["timings"], "prepare_s": prepared.stats.get("prepare_s")},
-        "wall_s": round(time.time() - t0, 1),
-    }
-    return _finish(output_dir, results)
+    return TASKS[cfg.task].minidisc(cfg, output_dir, **options)
 
 
-def main_maxidisc(cfg: ScheduleConfig, output_dir: str | Path, docs=None, trainable: Callable | None = None) -> dict[str, Any]:
-    """MaxiDisc: one Tune trial per candidate TA (plus the direct baseline), ASHA early stopping.
+def main_maxidisc(cfg: ScheduleSearchConfig, output_dir: str | Path, **options: Any) -> dict[str, Any]:
+    """MaxiDisc of ``cfg.task``; writes ``results.json`` and ``maxidisc.png`` in ``output_dir``.
 
     Args:
-        cfg, output_dir, docs: as :func:`main_minidisc`.
-        trainable: the trial function (default :func:`~raykd.recipes.ta_search.maxidisc.maxidisc_trial`;
-            tests wrap it to make a trial fail).
+        cfg, output_dir: as :func:`main_minidisc`.
+        options: the task's own (``trainable``: the trial function, tests wrap it; the classifier's ``docs``).
 
     Raises:
-        NotAClassifierError, MaskError: as :func:`main_minidisc`, before any trial. A failed trial
-        is listed in ``trials_failed`` and does not raise.
+        ValueError: bad input, before any labeling or trial. A failed trial is listed in the
+            results' ``trials_failed``, not raised.
     """
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    return TASKS[cfg.task].maxidisc(cfg, output_dir, **options)
 
-    t0 = time.time()
-    output_dir = Path(output_dir).resolve()  # trials run in their own folders
-    prepared = _start(cfg, output_dir, docs)
-    sparsities = ([0.0] if cfg.maxidisc.include_direct else []) + cfg.sparsify.candidates
-    space = {"schedule": cfg.model_dump(), "prepared": asdict(prepared), "ta_sparsity": tune.grid_search(sparsities)}
-    mx = cfg.maxidisc
-    scheduler = (
-        ASHAScheduler(time_attr="training_iteration", max_t=cfg.kd.reports, grace_period=mx.grace_period, reduction_factor=mx.reduction_factor)
-        if mx.early_stopping
-        else None
-    )
-    grid = _tuner(trainable or maxidisc_trial, space, cfg, output_dir, f"{cfg.run_name}-maxidisc", scheduler).fit()
-    rows, failed = collect_trials(grid, cfg.kd.steps)
-    for f in failed:
-        log.warning("trial ta_sparsity=%s failed: %s", f["ta_sparsity"], f["error"])
-    lam = cfg.minidisc.lambda_tradeoff
-    candidates = [
-        {
-            "sparsity": r["ta_sparsity"],
-            "params": r["ta_params"],
-            "ta_dev_metric": r["ta_dev_acc"],
-            "lambda_tradeoff": None if r["ta_dev_acc"] is None else lambda_tradeoff(r["ta_dev_acc"], r["ta_sparsity"], lam),
-            "student_dev_acc": r["student_dev_acc"],
-            "student_test_acc": r["student_test_acc"],
-            "status": r["status"],
-        }
-        for r in rows
-        if r["ta_sparsity"] > 0
-    ]
-    best = best_trial(rows)
-    direct = next((r for r in rows if r["ta_sparsity"] == 0), None)
-    scored = [{"sparsity": c["sparsity"], "dev_metric": c["ta_dev_metric"]} for c in candidates if c["ta_dev_metric"] is not None]
-    results = {
-        **_header("maxidisc", cfg, prepared),
-        "candidates": candidates,
-        "direct": direct,
-        "best_ta": best["ta_sparsity"] if best else None,
-        "chosen_ta": best["ta_sparsity"] if best else None,
-        "best": best,
-        "lambda_sweep_on_trained_tas": sweep_lambdas(scored, cfg.minidisc.lambda_sweep, 0.0, cfg.sparsify.target) if scored else [],
-        "trials_run": len(rows),
-        "trials_failed": failed,
-        "trials_stopped_early": [r["ta_sparsity"] for r in rows if r["status"] == "stopped_early"],
-        "wall_s": round(time.time() - t0, 1),
-    }
-    return _finish(output_dir, results)
+
+SEARCHES: dict[str, Callable[..., dict[str, Any]]] = {"minidisc": main_minidisc, "maxidisc": main_maxidisc}
+"""``raykd tune <search>`` -> its entry."""
 
 
 def main_sweep(minidisc_dir: str | Path, maxidisc_dir: str | Path, output_dir: str | Path | None = None) -> dict[str, Any]:
