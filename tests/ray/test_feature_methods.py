@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from raykd.soft_labels.cache import shard_paths
+from raykd.train.run import FeaturePart, StudentRun
 from raykd.train.trainer import train_student
 
 pytestmark = pytest.mark.ray
@@ -81,9 +82,9 @@ def test_student_copied_from_the_mapped_layers_has_zero_feature_loss_at_step_0(t
     params = {"pkd": {"first_token_only": 0.0}} if term == "pkd" else {}
     first = {}
     for name, pairs in (("stride", [(0, 0), (1, 3)]), ("naive", [(0, 0), (1, 1)])):
-        result = train_student(f"{term}_{name}", student_path=student, shard_files=files, weights=weights,
-                               temperature=1.0, cfg=train_cfg, storage_path=tmp_path / "runs", params=params,
-                               online_teacher=teacher, layer_map=pairs)
+        result = train_student(StudentRun(name=f"{term}_{name}", student_path=student, shard_files=files, weights=weights,
+                                          temperature=1.0, train=train_cfg, storage_path=tmp_path / "runs", params=params,
+                                          features=FeaturePart(layer_map=pairs, teacher=teacher)))
         first[name] = result.history[0][term]
     assert first["stride"] == pytest.approx(0.0, abs=1e-6)
     assert first["naive"] > 1e-4  # 100x the tolerance of the zero above

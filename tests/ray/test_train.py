@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from raykd.soft_labels.cache import shard_paths
 from raykd.students import build_student
+from raykd.train.run import StudentRun
 from raykd.train.trainer import train_student
 
 pytestmark = pytest.mark.ray
@@ -25,8 +26,8 @@ def setup(tiny_labeled, tmp_path_factory):
 def _train(setup, name, **overrides):
     cfg, files, init, runs = setup
     train_cfg = cfg.train.model_copy(update={"shuffle": False, "num_workers": 1, **overrides})
-    return train_student(name, student_path=init, shard_files=files, weights={"forward_kl": 0.5, "ce": 0.5},
-                         temperature=1.0, cfg=train_cfg, storage_path=runs)
+    return train_student(StudentRun(name=name, student_path=init, shard_files=files, weights={"forward_kl": 0.5, "ce": 0.5},
+                                    temperature=1.0, train=train_cfg, storage_path=runs))
 
 
 def test_local_mode_ddp_and_fsdp_train_alike_and_a_sharded_run_resumes_on_other_workers(setup):
@@ -117,10 +118,10 @@ def test_metrics_reach_mlflow_through_rays_integration(setup, tmp_path, monkeypa
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for an opt-in to read a file store
     uri = (tmp_path / "mlruns").as_uri()
     cfg, files, init, runs = setup
-    res = train_student("tracked", student_path=init, shard_files=files, weights={"forward_kl": 0.5, "ce": 0.5},
-                        temperature=1.0, cfg=cfg.train.model_copy(update={"max_steps": 3, "checkpoint_every": 3,
-                                                                          "num_workers": 1}),
-                        storage_path=runs, mlflow_uri=uri, mlflow_experiment="raykd-test")
+    train = cfg.train.model_copy(update={"max_steps": 3, "checkpoint_every": 3, "num_workers": 1})
+    res = train_student(StudentRun(name="tracked", student_path=init, shard_files=files, weights={"forward_kl": 0.5, "ce": 0.5},
+                                   temperature=1.0, train=train, storage_path=runs, mlflow_uri=uri,
+                                   mlflow_experiment="raykd-test"))
     client = mlflow.tracking.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("raykd-test").experiment_id])
     assert run.info.run_name == "tracked"

@@ -252,11 +252,13 @@ def train_segment(name: str, setting: dict[str, Any], train: dict[str, Any], ini
     """
     from raykd.config import TrainConfig
     from raykd.train.evaluate import evaluate_folder
+    from raykd.train.run import StudentRun
     from raykd.train.trainer import train_student
 
     weights, params = trial_objective(setting)
-    res = train_student(name, student_path=Path(init_dir), shard_files=labels["train"], weights=weights, params=params,
-                        temperature=float(setting["temperature"]), cfg=TrainConfig.model_validate(train), storage_path=storage)
+    res = train_student(StudentRun(name=name, student_path=Path(init_dir), shard_files=labels["train"], weights=weights,
+                                   params=params, temperature=float(setting["temperature"]),
+                                   train=TrainConfig.model_validate(train), storage_path=storage))
     m = evaluate_folder(res.model_dir, labels["eval"], batch_size=eval_batch_size)
     return {"eval_ppl": m["ppl"], "top1_agreement": m["top1_agreement"], "kl": m["kl"], "step": res.steps,
             "train_loss": res.history[-1]["loss"], "train_s": res.seconds}
