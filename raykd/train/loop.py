@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from raykd.config import OnPolicyConfig, Strict, TrainConfig
 from raykd.losses import Objective, TeacherTargets
 from raykd.losses.targets import retemper, truncate_topk
 from raykd.students.vocab import VocabMap, map_ids, map_targets
+from raykd.train.cross_tokenizer import TokenizerAlignment
 from raykd.train.features import FeatureTerms
 from raykd.train.parallel import (
     SHARDED_DIR,
@@ -251,120 +253,196 @@ def _all_reduce(values: list[float], world: int, device) -> list[float]:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point; ``config`` is a :class:`LoopConfig` as a dict."""
-    import ray.train
-    import ray.train.torch
+    """Ray Train worker entry point; ``config`` is a :class:`LoopConfig` as a dict.
 
-    cfg = LoopConfig.model_validate(config)
-    train = cfg.train
-    ctx = ray.train.get_context()
-    world, rank = ctx.get_world_size(), ctx.get_world_rank()
-    threads = train.torch_threads or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size()))
-    torch.set_num_threads(threads)
-    torch.manual_seed(train.seed)
+    Three parts: the setup (the student at its checkpoint, its optimizer and each feature's
+    helper), the resume (the helpers' and the data's state from the checkpoint) and the steps."""
+    worker = _setup(LoopConfig.model_validate(config))
+    worker.steps()
 
-    stack = ExitStack()
-    model, state, history, step, sharded_from = _load_student(cfg, rank, stack)
-    # Where the data stands; checkpoints older than this field held one group per step from epoch 0.
-    position = dict(state.get("data") or {"epoch": 0, "group": step}) if state is not None else {"epoch": 0, "group": 0}
-    resumed_from = [*state.get("resumed_from", []), step] if state is not None else []
-    device = ray.train.torch.get_device()
-    bf16 = train.autocast == "bf16" or (train.autocast == "auto" and device.type == "cuda")
-    model = prepare_student(model, train.strategy, world, device, bf16=bf16,
-                            gradient_checkpointing=train.gradient_checkpointing)
-    core = unwrapped(model)
-    optim, sched = build_optimizer(list(model.parameters()), lr=train.lr, weight_decay=train.weight_decay,
-                                   schedule="cosine", warmup=train.warmup_steps, total=train.total_steps)
-    mix = TeacherMix(cfg.combine, cfg.num_teachers, cfg.weight_temperature, cfg.policy_lr, train.seed + rank) if cfg.combine else None
-    vmap = VocabMap.load(cfg.student_path)
-    vocab_table = vmap.to_compressed() if vmap is not None else None
-    if sharded_from is not None:
-        load_sharded(model, optim, sharded_from)
-    elif state is not None:
-        load_optimizer_state(model, optim, state["optim"])
-    stack.close()
-    if state is not None:
-        sched.load_state_dict(state["sched"])
-        if mix is not None and state.get("mix"):
-            mix.load_state_dict(state["mix"])
-    tracker = _mlflow(cfg, rank)
-    sharded = train.strategy == "fsdp" and world > 1
-    features = FeatureTerms.for_run(cfg.layer_map, cfg.terms, core, device, teacher_path=cfg.feature_teacher,
-                                    layout=cfg.feature_layout, shapes=cfg.feature_shapes,
-                                    dense_logits=bool(cfg.online_teacher), lr=train.lr, params=cfg.loss_params,
-                                    total_steps=train.total_steps)
-    teacher = online_teacher(cfg.online_teacher, device, world if sharded else 1) \
-        if cfg.online_teacher and (features is None or features.teacher is None) else None
-    if features is not None and state is not None and state.get("features"):
-        features.load_state_dict(state["features"])
-    sampler = _on_policy_sampler(cfg, core, rank)
-    if sampler is not None and state is not None and state.get("on_policy"):
-        sampler.load_state_dict(state["on_policy"])
 
-    if cfg.teacher_tokenizer is not None:
-        from raykd.train.cross_tokenizer import TokenizerAlignment
+@dataclass
+class _Worker:
+    """One worker's run: the student, its optimizer and scheduler, where it stands (step, history,
+    data position, restarts) and each method feature's helper (None when the run has not that feature)."""
 
-        aligner = TokenizerAlignment(cfg.teacher_tokenizer, cfg.student_path)
-        to_student = lambda b, tau: aligner.student_batch(b, cfg.temperature, tau)  # noqa: E731
-    else:
-        to_student = lambda b, tau: student_batch(b, cfg.temperature, tau, mix, vocab_table, train.target_k)  # noqa: E731
+    cfg: LoopConfig
+    world: int
+    rank: int
+    device: torch.device
+    model: torch.nn.Module
+    optim: torch.optim.Optimizer
+    sched: Any
+    history: list[dict[str, Any]]
+    step: int
+    position: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "group": 0})
+    """Where the data stands (:func:`_micro_batches`)."""
+    resumed_from: list[int] = field(default_factory=list)
+    mix: TeacherMix | None = None
+    features: FeatureTerms | None = None
+    teacher: Callable[[StudentBatch], TeacherTargets] | None = None
+    sampler: Any = None
+    tracker: Any = None
+    to_student: Callable[[dict[str, torch.Tensor], float], StudentBatch] | None = None
+    clock: dict[str, float] = field(default_factory=dict)
+    """Step timing: the data wait, the update, tokens per second between log lines."""
+    raw: Any = None
+    """The shard's groups of decoded micro-batches (set when the steps start)."""
 
-    raw = _micro_batches(ray.train.get_dataset_shard("train"), train.batch_size // world, train, device, position)
-    clock = {"t": time.perf_counter(), "positions": 0.0, "data_s": 0.0, "ready": 0.0}
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's ``state``: the data position, the restarts and the
+        helpers' state (teacher mix, feature projections, on-policy sampler)."""
+        # checkpoints older than the data field held one group per step from epoch 0
+        self.position = dict(state.get("data") or {"epoch": 0, "group": self.step})
+        self.resumed_from = [*state.get("resumed_from", []), self.step]
+        for helper, key in ((self.mix, "mix"), (self.features, "features"), (self.sampler, "on_policy")):
+            if helper is not None and state.get(key):
+                helper.load_state_dict(state[key])
 
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        if features is not None:
-            features.step(step, metrics)
-        extra = mix.after_step(model) if mix is not None else {}
-        if sampler is not None:  # the step's time split (the update: from the group being ready to here)
-            extra.update(sampler.last, data_s=clock["data_s"], update_s=time.perf_counter() - clock["ready"])
+    def steps(self) -> None:
+        """Train from the step it stands at to ``train.max_steps``."""
+        import ray.train
+
+        train = self.cfg.train
+        self.raw = _micro_batches(ray.train.get_dataset_shard("train"), train.batch_size // self.world, train,
+                                  self.device, self.position)
+        self.clock = {"t": time.perf_counter(), "positions": 0.0, "data_s": 0.0, "ready": 0.0}
+        mix = self.mix
+        run_steps(self.model, self.optim, self.next_group, partial(self.cfg.objective_at, features=self.features),
+                  max_steps=train.max_steps, start=self.step, on_step=self.on_step, scheduler=self.sched,
+                  max_grad_norm=train.max_grad_norm, world=self.world,
+                  all_reduce=partial(_all_reduce, world=self.world, device=self.device),
+                  autocast=partial(_autocast, train.autocast, self.device), teacher=self.teacher,
+                  feature_teacher=self.features.teacher if self.features is not None else None,
+                  on_logits=(lambda b, logits: mix.remember((b.inputs["input_ids"], b.inputs["attention_mask"], b.labels,
+                                                             b.mask), logits)) if mix is not None else None)
+        if self.tracker is not None:
+            self.tracker.end_run()
+
+    def next_group(self, tau: float) -> list[StudentBatch]:
+        """The step's micro-batches, decoded for its temperature (``data_s``: the wait for them)."""
+        start = time.perf_counter()
+        batches = next(self.raw)
+        group = [self.to_student(b, tau) for b in batches]
+        if self.features is not None:  # cached teacher features ride on the rows (``f.*`` columns)
+            group = [self.features.attach(sb, b) for sb, b in zip(group, batches, strict=True)]
+        self.clock["data_s"] = time.perf_counter() - start
+        if self.sampler is not None:
+            group = self.sampler(group, tau)
+        self.clock["ready"] = time.perf_counter()
+        return group
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        """After each step: the history row, the log line, MLflow, and a checkpoint or a metrics report."""
+        import ray.train
+
+        train, clock = self.cfg.train, self.clock
+        if self.features is not None:
+            self.features.step(step, metrics)
+        extra = self.mix.after_step(self.model) if self.mix is not None else {}
+        if self.sampler is not None:  # the step's time split (the update: from the group being ready to here)
+            extra.update(self.sampler.last, data_s=clock["data_s"], update_s=time.perf_counter() - clock["ready"])
         positions = metrics.pop("positions")
-        row = {"step": step, **metrics, "lr": sched.get_last_lr()[0], "data_s": clock["data_s"], **extra}
-        history.append(row)
+        row = {"step": step, **metrics, "lr": self.sched.get_last_lr()[0], "data_s": clock["data_s"], **extra}
+        self.history.append(row)
         clock["positions"] += positions
         last = step == train.max_steps
         if step % train.log_every == 0 or last:
-            if rank == 0:
-                tok_s = clock["positions"] / max(time.perf_counter() - clock["t"], 1e-9)
-                terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("step", "lr", "temperature"))
-                log.info("[%s] step %d/%d %s tok/s=%.0f", cfg.run_label, step, train.max_steps, terms, tok_s)
-            clock["t"], clock["positions"] = time.perf_counter(), 0.0
-        if tracker is not None:
-            tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+            self._log(step, row)
+        if self.tracker is not None:
+            self.tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
         if step % train.checkpoint_every == 0 or last:
-            state = {"sched": sched.state_dict(), "step": step, "mix": mix.state_dict() if mix else None,
-                     "data": dict(position), "resumed_from": resumed_from,
-                     "on_policy": sampler.state_dict() if sampler is not None else None,
-                     "features": features.state_dict() if features is not None else None}
-            if train.checkpoint_format == "sharded":
-                _report_sharded(model, optim, state, history, rank, row)
-            else:
-                _report_checkpoint(core, full_model_state(model), {"optim": full_optimizer_state(model, optim), **state},
-                                   history, rank, row, cfg.checkpoint_root)
+            self._checkpoint(step, row)
         elif step % train.log_every == 0:  # metrics only (every worker reports: Ray Train counts reports)
             ray.train.report(row)
 
-    def next_group(tau: float) -> list[StudentBatch]:  # decoded for the step's temperature; data_s: the wait for it
-        start = time.perf_counter()
-        batches = next(raw)
-        group = [to_student(b, tau) for b in batches]
-        if features is not None:  # cached teacher features ride on the rows (``f.*`` columns)
-            group = [features.attach(sb, b) for sb, b in zip(group, batches, strict=True)]
-        clock["data_s"] = time.perf_counter() - start
-        if sampler is not None:
-            group = sampler(group, tau)
-        clock["ready"] = time.perf_counter()
-        return group
+    def _log(self, step: int, row: dict[str, float]) -> None:
+        clock = self.clock
+        if self.rank == 0:
+            tok_s = clock["positions"] / max(time.perf_counter() - clock["t"], 1e-9)
+            terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("step", "lr", "temperature"))
+            log.info("[%s] step %d/%d %s tok/s=%.0f", self.cfg.run_label, step, self.cfg.train.max_steps, terms, tok_s)
+        clock["t"], clock["positions"] = time.perf_counter(), 0.0
 
-    run_steps(model, optim, next_group, partial(cfg.objective_at, features=features), max_steps=train.max_steps,
-              start=step, on_step=on_step, scheduler=sched, max_grad_norm=train.max_grad_norm, world=world,
-              all_reduce=partial(_all_reduce, world=world, device=device),
-              autocast=partial(_autocast, train.autocast, device), teacher=teacher,
-              feature_teacher=features.teacher if features is not None else None,
-              on_logits=(lambda b, logits: mix.remember((b.inputs["input_ids"], b.inputs["attention_mask"], b.labels,
-                                                         b.mask), logits)) if mix is not None else None)
-    if tracker is not None:
-        tracker.end_run()
+    def _checkpoint(self, step: int, row: dict[str, float]) -> None:
+        """Report ``row`` with a checkpoint of the student, optimizer, scheduler, data position and helpers."""
+        state = {"sched": self.sched.state_dict(), "step": step, "mix": self.mix.state_dict() if self.mix else None,
+                 "data": dict(self.position), "resumed_from": self.resumed_from,
+                 "on_policy": self.sampler.state_dict() if self.sampler is not None else None,
+                 "features": self.features.state_dict() if self.features is not None else None}
+        if self.cfg.train.checkpoint_format == "sharded":
+            _report_sharded(self.model, self.optim, state, self.history, self.rank, row)
+        else:
+            _report_checkpoint(unwrapped(self.model), full_model_state(self.model),
+                               {"optim": full_optimizer_state(self.model, self.optim), **state}, self.history,
+                               self.rank, row, self.cfg.checkpoint_root)
+
+
+def _setup(cfg: LoopConfig) -> _Worker:
+    """The worker's student at its checkpoint (or initial weights), its optimizer and each feature's
+    helper, in the order their random initialisations draw from the seeded torch generator."""
+    import ray.train
+    import ray.train.torch
+
+    train = cfg.train
+    ctx = ray.train.get_context()
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
+    torch.set_num_threads(train.torch_threads or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
+    torch.manual_seed(train.seed)
+    device = ray.train.torch.get_device()
+    model, optim, sched, state, history, step = _student(cfg, rank, world, device)
+    core = unwrapped(model)
+    w = _Worker(cfg, world, rank, device, model, optim, sched, history, step)
+    w.mix = TeacherMix(cfg.combine, cfg.num_teachers, cfg.weight_temperature, cfg.policy_lr, train.seed + rank) \
+        if cfg.combine else None
+    vmap = VocabMap.load(cfg.student_path)
+    vocab_table = vmap.to_compressed() if vmap is not None else None
+    w.tracker = _mlflow(cfg, rank)
+    sharded = train.strategy == "fsdp" and world > 1
+    w.features = FeatureTerms.for_run(cfg.layer_map, cfg.terms, core, device, teacher_path=cfg.feature_teacher,
+                                      layout=cfg.feature_layout, shapes=cfg.feature_shapes,
+                                      dense_logits=bool(cfg.online_teacher), lr=train.lr, params=cfg.loss_params,
+                                      total_steps=train.total_steps)
+    w.teacher = online_teacher(cfg.online_teacher, device, world if sharded else 1) \
+        if cfg.online_teacher and (w.features is None or w.features.teacher is None) else None
+    w.sampler = _on_policy_sampler(cfg, core, rank)
+    w.to_student = _to_student(cfg, w.mix, vocab_table)
+    if state is not None:
+        w.resume(state)
+    return w
+
+
+def _student(cfg: LoopConfig, rank: int, world: int, device: torch.device):
+    """The student prepared for the strategy (DDP or FSDP) with its optimizer and scheduler, at the
+    last checkpoint's weights and optimizer state when the run restarts.
+
+    Returns:
+        ``(model, optimizer, scheduler, state, history, step)`` (:func:`_load_student`).
+    """
+    train = cfg.train
+    with ExitStack() as stack:  # a sharded checkpoint's folder stays available until its state is loaded
+        model, state, history, step, sharded_from = _load_student(cfg, rank, stack)
+        bf16 = train.autocast == "bf16" or (train.autocast == "auto" and device.type == "cuda")
+        model = prepare_student(model, train.strategy, world, device, bf16=bf16,
+                                gradient_checkpointing=train.gradient_checkpointing)
+        optim, sched = build_optimizer(list(model.parameters()), lr=train.lr, weight_decay=train.weight_decay,
+                                       schedule="cosine", warmup=train.warmup_steps, total=train.total_steps)
+        if sharded_from is not None:
+            load_sharded(model, optim, sharded_from)
+        elif state is not None:
+            load_optimizer_state(model, optim, state["optim"])
+    if state is not None:
+        sched.load_state_dict(state["sched"])
+    return model, optim, sched, state, history, step
+
+
+def _to_student(cfg: LoopConfig, mix: TeacherMix | None, vocab_table: torch.Tensor | None):
+    """A decoded cache batch and the step's temperature -> the student's micro-batch: re-tokenised
+    and aligned for a student of another tokenizer, else :func:`student_batch`."""
+    if cfg.teacher_tokenizer is not None:
+        aligner = TokenizerAlignment(cfg.teacher_tokenizer, cfg.student_path)
+        return lambda b, tau: aligner.student_batch(b, cfg.temperature, tau)
+    return lambda b, tau: student_batch(b, cfg.temperature, tau, mix, vocab_table, cfg.train.target_k)
 
 
 def online_teacher(path: str, device: torch.device, shards: int = 1) -> Callable[[StudentBatch], TeacherTargets]:
