@@ -316,6 +316,36 @@ def _rows(grid) -> list[dict[str, Any]]:
     return rows
 
 
+def _search_space(cfg: KDSearchConfig, common: dict[str, Any]):
+    """Tune's space (a choice per setting, beside the trials' ``common`` settings) and ASHA's scheduler."""
+    from ray import tune  # Ray Tune: not at import time
+    from ray.tune.schedulers import ASHAScheduler
+
+    space = {"setting": {"temperature": tune.choice(cfg.space.temperature), "kd_weight": tune.choice(cfg.space.kd_weight),
+                         "divergence": tune.choice(cfg.space.divergence), "jsd_beta": tune.choice(cfg.space.jsd_beta),
+                         "k": tune.choice(cfg.space.k)}, **common}
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.segments, grace_period=cfg.asha.grace_period,
+                              reduction_factor=cfg.asha.reduction_factor)
+    return space, scheduler
+
+
+def _baseline(cfg: KDSearchConfig, caches: dict[float, Any], label_stats: dict[str, Any], common: dict[str, Any],
+              output_dir: Path) -> dict[str, Any]:
+    """The default setting trained with the full budget (one Tune trial): its row and wall time.
+
+    Raises:
+        ConfigError: the default setting's temperature or k was not labeled for the search space.
+    """
+    default = cfg.default_setting()
+    if default["temperature"] not in caches or default["k"] > label_stats["k"]:
+        raise ConfigError(f"the baseline setting {default} is outside the search space's caches; add its temperature "
+                          "and k to the space, or set baseline: false")
+    t_base = time.time()
+    base_grid = _tuner(cfg, kd_trial, {"setting": default, **common, "name": "baseline"}, output_dir,
+                       f"{cfg.run_name}-baseline").fit()
+    return {**_rows(base_grid)[0], "wall_s": round(time.time() - t_base, 1)}
+
+
 def main_kd_search(cfg: KDSearchConfig, output_dir: str | Path) -> dict[str, Any]:
     """Run the search; write ``results.json``, ``results.md`` and ``kd_search.png`` in ``output_dir``.
 
@@ -327,8 +357,6 @@ def main_kd_search(cfg: KDSearchConfig, output_dir: str | Path) -> dict[str, Any
         ConfigError, ValueError, FileNotFoundError: bad input, before any labeling or trial.
         TeacherNotRunningError: as :func:`_label_all`.
     """
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from raykd.cluster import connect
@@ -345,11 +373,7 @@ def main_kd_search(cfg: KDSearchConfig, output_dir: str | Path) -> dict[str, Any
     common = {"train": cfg.distill.train.model_dump(), "eval_every": cfg.asha.eval_every, "segments": cfg.segments,
               "init_dir": str(init_dir), "storage": str(output_dir / "trials"), "eval_batch_size": cfg.distill.eval.batch_size,
               "caches": {str(float(t)): {"train": c["train"], "eval": c["eval"]} for t, c in caches.items()}}
-    space = {"setting": {"temperature": tune.choice(cfg.space.temperature), "kd_weight": tune.choice(cfg.space.kd_weight),
-                         "divergence": tune.choice(cfg.space.divergence), "jsd_beta": tune.choice(cfg.space.jsd_beta),
-                         "k": tune.choice(cfg.space.k)}, **common}
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.segments, grace_period=cfg.asha.grace_period,
-                              reduction_factor=cfg.asha.reduction_factor)
+    space, scheduler = _search_space(cfg, common)
     t_search = time.time()
     grid = _tuner(cfg, kd_trial, space, output_dir, f"{cfg.run_name}-search", scheduler,
                   # Tune ignores max_concurrent_trials for a BasicVariantGenerator passed in: it is given here
@@ -358,16 +382,7 @@ def main_kd_search(cfg: KDSearchConfig, output_dir: str | Path) -> dict[str, Any
     trials = _rows(grid)
     full = [r for r in trials if r["steps"] == cfg.distill.train.max_steps and r["eval_ppl"] is not None]
     best = min(full, key=lambda r: r["eval_ppl"]) if full else None
-    baseline = None
-    if cfg.baseline:
-        default = cfg.default_setting()
-        if default["temperature"] not in caches or default["k"] > label_stats["k"]:
-            raise ConfigError(f"the baseline setting {default} is outside the search space's caches; add its temperature "
-                              "and k to the space, or set baseline: false")
-        t_base = time.time()
-        base_grid = _tuner(cfg, kd_trial, {"setting": default, **common, "name": "baseline"}, output_dir,
-                           f"{cfg.run_name}-baseline").fit()
-        baseline = {**_rows(base_grid)[0], "wall_s": round(time.time() - t_base, 1)}
+    baseline = _baseline(cfg, caches, label_stats, common, output_dir) if cfg.baseline else None
     results = {
         "search": "kd",
         "run_name": cfg.run_name,
