@@ -19,12 +19,7 @@ pytestmark = pytest.mark.ray
 FEATURE_METHODS = ["tinybert_kd", "sid"]
 """Run end to end here (tinybert_kd: hidden states, embeddings and attention, the widest capture; sid:
 the stage schedule, with DIITO's intervened forwards in the same run)."""
-SAME_PATH_AS = {"distilbert_kd": "tinybert_kd", "patient_kd": "tinybert_kd", "minilmv2_kd": "tinybert_kd",
-                "mixbaseline": "tinybert_kd", "universal_kd": "tinybert_kd", "diito": "sid",
-                "minilm_kd": "tinybert_kd", "alp_kd": "tinybert_kd", "ckd": "tinybert_kd", "mgskd": "tinybert_kd",
-                "lrc_bert": "tinybert_kd"}
-"""Same loop: patient_kd (and distilbert_kd, minilmv2_kd) take the cached features under `auto`, run in the
-cached-feature test below; every loss is tested on tiny models in tests/unit/test_feature_training.py."""
+# Every feature method's shipped objective also has a short run of its own without Ray (tests/unit/test_method_runs.py).
 
 
 def test_feature_method_trains_through_ray_train_and_its_feature_loss_decreases(tiny_labeled, tmp_path):
