@@ -18,15 +18,11 @@ from raykd import console, storage
 from raykd.config import TrainConfig
 from raykd.soft_labels.join import LABEL_COLUMNS, decode_joined, teacher_column
 from raykd.soft_labels.schema import decode_batch
-from raykd.train.loop import (
-    HISTORY_FILE,
-    RESUMES_FILE,
-    LoopConfig,
-    train_loop_per_worker,
-)
 from raykd.train.failures import training_failure
+from raykd.train.loop import HISTORY_FILE, RESUMES_FILE, LoopConfig
 from raykd.train.parallel import SHARDED_DIR, export_sharded
 from raykd.train.run import OnPolicyPart, StudentRun
+from raykd.train.worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
