@@ -135,26 +135,13 @@ def online_teacher(teacher: TeacherFn | None) -> Callable[[StudentBatch], Teache
 
 
 def train_classifier(
-    student: nn.Module,
-    data: ClassData,
-    weights: Mapping[str, float],
-    *,
-    temperature: float = 1.0,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-    teacher: TeacherFn | None = None,
-    freeze_embeddings: bool = False,
-    max_grad_norm: float | None = 1.0,
-    groups: Iterator[list[StudentBatch]] | None = None,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    student: nn.Module, data: ClassData, weights: Mapping[str, float], *, temperature: float = 1.0, steps: int,
+    batch_size: int, lr: float, weight_decay: float = 0.0, seed: int = 0, teacher: TeacherFn | None = None,
+    freeze_embeddings: bool = False, max_grad_norm: float | None = 1.0,
+    groups: Iterator[list[StudentBatch]] | None = None, on_step: Callable[[int, dict[str, float]], None] | None = None,
     objective: Objective | None = None,
     feature_teacher: Callable[[StudentBatch], tuple[TeacherTargets | None, Any]] | None = None,
-    schedule: Literal["cosine", "linear", "constant"] = "constant",
-    warmup: int = 0,
-    balanced: bool = False,
+    schedule: Literal["cosine", "linear", "constant"] = "constant", warmup: int = 0, balanced: bool = False,
 ) -> list[float]:
     """Train a classification student with AdamW (constant learning rate unless ``schedule``).
 

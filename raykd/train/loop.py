@@ -1,35 +1,14 @@
-"""The per-worker training loop run by Ray Train's ``TorchTrainer`` for language-model students.
-
-Each optimizer step takes ``grad_accum`` micro-batches from this worker's shard of the
-soft-label dataset (``ray.train.get_dataset_shard``) and runs :func:`raykd.train.step.train_step`
-(the step every student kind shares): the valid tokens are counted and all-reduced, and each
-micro-batch back-propagates ``loss_sum * W / N_global`` (DDP averages gradients over the ``W``
-workers). Every valid token then weighs ``1 / N_global``, so a step gives the same gradient for
-any split over workers and accumulation steps (see :mod:`raykd.losses.objective`).
-
-The loop's settings are one typed :class:`LoopConfig`. Every step's history row holds ``data_s``,
-the time the step waited for its micro-batches (reading and decoding the cache; with
-``labels.fill=live`` also the wait for a part the teacher is still labeling).
-
-Checkpoints (model, optimizer, scheduler, step, loss history, position in the data) are
-reported to Ray Train every ``checkpoint_every`` steps and at the end. A run restarted after a
-worker failure (``train.max_failures``, Ray Train's ``FailureConfig``) or rerun under the same
-name continues from the latest one: the history keeps the checkpoint's steps and appends the
-steps trained after it, so steps that ran between the checkpoint and the failure appear once,
-as retrained; the data resumes at the checkpoint's group of micro-batches, so with one worker
-the resumed timeline trains exactly as a run that never failed.
+"""The Ray Train worker loop's parts for language-model students: its settings (:class:`LoopConfig`),
+cache batches decoded into the student's micro-batches (:func:`student_batch`), the shard's groups of
+micro-batches (:func:`micro_batch_groups`) and the frozen teacher run in the worker for dense
+targets (:func:`online_teacher`). The loop itself, its setup, resume and steps, is
+:mod:`raykd.train.worker`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import tempfile
-import time
 from collections.abc import Callable
-from contextlib import ExitStack, nullcontext
-from functools import partial
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -40,26 +19,12 @@ from raykd.config import OnPolicyConfig, Strict, TrainConfig
 from raykd.losses import Objective, TeacherTargets
 from raykd.losses.targets import retemper, truncate_topk
 from raykd.models import load_causal_lm
-from raykd.students.vocab import VocabMap, map_ids, map_targets
-from raykd.train.cross_tokenizer import TokenizerAlignment
+from raykd.students.vocab import map_ids, map_targets
 from raykd.train.features import FeatureTerms
-from raykd.train.on_policy import OnPolicySampler, served_score
-from raykd.train.parallel import (
-    SHARDED_DIR,
-    full_model_state,
-    full_optimizer_state,
-    load_optimizer_state,
-    load_sharded,
-    prepare_student,
-    save_sharded,
-    shard,
-    unwrapped,
-)
+from raykd.train.parallel import shard
 from raykd.train.schedule import schedule_at
-from raykd.train.step import StudentBatch, build_optimizer, run_steps
+from raykd.train.step import StudentBatch
 from raykd.train.teachers import TeacherMix
-
-log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
@@ -186,14 +151,15 @@ class LoopConfig(Strict):
         return Objective(weights, params, layer_map=features.layer_map, projections=features.projections), tau
 
 
-def _autocast(mode: str, device: torch.device):
+def autocast_for(mode: str, device: torch.device):
+    """The student forward's mixed-precision context for ``train.autocast`` on ``device``."""
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return nullcontext()
     dtype = torch.float16 if mode == "fp16" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _micro_batches(shard, per_worker: int, train: TrainConfig, device, position: dict[str, int]):
+def micro_batch_groups(shard, per_worker: int, train: TrainConfig, device, position: dict[str, int]):
     """Endless iterator over lists of ``grad_accum`` decoded micro-batches (epochs repeat the shard).
 
     Args:
@@ -221,37 +187,8 @@ def _micro_batches(shard, per_worker: int, train: TrainConfig, device, position:
         position["epoch"], position["group"] = position["epoch"] + 1, 0
 
 
-def _load_student(cfg: LoopConfig, rank: int, stack: ExitStack):
-    """The student to train: the initial weights, or the last checkpoint of a restarted run.
-
-    Returns:
-        ``(model, state, history, step, sharded)``; ``state`` (optimizer, scheduler, teacher mix,
-        data position, ``resumed_from``) is None for a fresh run. ``sharded`` is the DCP folder of
-        a sharded checkpoint (kept available until ``stack`` closes): the model then holds the
-        initial weights, and the checkpoint's weights and optimizer state are loaded after the
-        model is prepared (:func:`raykd.train.parallel.load_sharded`).
-    """
-    import ray.train
-    from transformers import AutoModelForCausalLM
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and cfg.checkpoint_root is not None:  # local mode keeps its checkpoints itself
-        found = sorted(Path(cfg.checkpoint_root).glob("checkpoint_*"))
-        checkpoint = ray.train.Checkpoint.from_directory(found[-1]) if found else None
-    if checkpoint is None:
-        return AutoModelForCausalLM.from_pretrained(cfg.student_path, dtype=torch.float32), None, [], 0, None
-    d = Path(stack.enter_context(checkpoint.as_directory()))  # resume: weights, optimizer, scheduler, step, history
-    sharded = d / SHARDED_DIR if (d / SHARDED_DIR).is_dir() else None
-    model = AutoModelForCausalLM.from_pretrained(cfg.student_path if sharded else d, dtype=torch.float32)
-    state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=False)
-    history = json.loads((d / HISTORY_FILE).read_text())
-    if rank == 0:
-        log.info("[%s] resuming from %s checkpoint at step %d", cfg.run_label, "sharded" if sharded else "full",
-                 state["step"])
-    return model, state, history, state["step"], sharded
-
-
-def _all_reduce(values: list[float], world: int, device) -> list[float]:
+def all_reduce_sum(values: list[float], world: int, device) -> list[float]:
+    """``values`` summed over the ``world`` workers (float64; unchanged for one worker)."""
     import torch.distributed as dist
 
     t = torch.tensor(values, device=device, dtype=torch.float64)
@@ -260,126 +197,12 @@ def _all_reduce(values: list[float], world: int, device) -> list[float]:
     return t.tolist()
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point; ``config`` is a :class:`LoopConfig` as a dict."""
-    import ray.train
-    import ray.train.torch
-
-    cfg = LoopConfig.model_validate(config)
-    train = cfg.train
-    ctx = ray.train.get_context()
-    world, rank = ctx.get_world_size(), ctx.get_world_rank()
-    threads = train.torch_threads or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size()))
-    torch.set_num_threads(threads)
-    torch.manual_seed(train.seed)
-
-    stack = ExitStack()
-    model, state, history, step, sharded_from = _load_student(cfg, rank, stack)
-    # Where the data stands; checkpoints older than this field held one group per step from epoch 0.
-    position = dict(state.get("data") or {"epoch": 0, "group": step}) if state is not None else {"epoch": 0, "group": 0}
-    resumed_from = [*state.get("resumed_from", []), step] if state is not None else []
-    device = ray.train.torch.get_device()
-    bf16 = train.autocast == "bf16" or (train.autocast == "auto" and device.type == "cuda")
-    model = prepare_student(model, train.strategy, world, device, bf16=bf16,
-                            gradient_checkpointing=train.gradient_checkpointing)
-    core = unwrapped(model)
-    optim, sched = build_optimizer(list(model.parameters()), lr=train.lr, weight_decay=train.weight_decay,
-                                   schedule="cosine", warmup=train.warmup_steps, total=train.total_steps)
-    mix = TeacherMix(cfg.combine, cfg.num_teachers, cfg.weight_temperature, cfg.policy_lr, train.seed + rank) if cfg.combine else None
-    vmap = VocabMap.load(cfg.student_path)
-    vocab_table = vmap.to_compressed() if vmap is not None else None
-    if sharded_from is not None:
-        load_sharded(model, optim, sharded_from)
-    elif state is not None:
-        load_optimizer_state(model, optim, state["optim"])
-    stack.close()
-    if state is not None:
-        sched.load_state_dict(state["sched"])
-        if mix is not None and state.get("mix"):
-            mix.load_state_dict(state["mix"])
-    tracker = _mlflow(cfg, rank)
-    sharded = train.strategy == "fsdp" and world > 1
-    features = FeatureTerms.for_run(cfg.layer_map, cfg.terms, core, device, teacher_path=cfg.feature_teacher,
-                                    layout=cfg.feature_layout, shapes=cfg.feature_shapes,
-                                    dense_logits=bool(cfg.online_teacher), lr=train.lr, params=cfg.loss_params,
-                                    total_steps=train.total_steps)
-    teacher = online_teacher(cfg.online_teacher, device, world if sharded else 1) \
-        if cfg.online_teacher and (features is None or features.teacher is None) else None
-    if features is not None and state is not None and state.get("features"):
-        features.load_state_dict(state["features"])
-    sampler = _on_policy_sampler(cfg, core, rank)
-    if sampler is not None and state is not None and state.get("on_policy"):
-        sampler.load_state_dict(state["on_policy"])
-
-    if cfg.teacher_tokenizer is not None:
-        aligner = TokenizerAlignment(cfg.teacher_tokenizer, cfg.student_path)
-        to_student = lambda b, tau: aligner.student_batch(b, cfg.temperature, tau)  # noqa: E731
-    else:
-        to_student = lambda b, tau: student_batch(b, cfg.temperature, tau, mix, vocab_table, train.target_k)  # noqa: E731
-
-    raw = _micro_batches(ray.train.get_dataset_shard("train"), train.batch_size // world, train, device, position)
-    clock = {"t": time.perf_counter(), "positions": 0.0, "data_s": 0.0, "ready": 0.0}
-
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        if features is not None:
-            features.step(step, metrics)
-        extra = mix.after_step(model) if mix is not None else {}
-        if sampler is not None:  # the step's time split (the update: from the group being ready to here)
-            extra.update(sampler.last, data_s=clock["data_s"], update_s=time.perf_counter() - clock["ready"])
-        positions = metrics.pop("positions")
-        row = {"step": step, **metrics, "lr": sched.get_last_lr()[0], "data_s": clock["data_s"], **extra}
-        history.append(row)
-        clock["positions"] += positions
-        last = step == train.max_steps
-        if step % train.log_every == 0 or last:
-            if rank == 0:
-                tok_s = clock["positions"] / max(time.perf_counter() - clock["t"], 1e-9)
-                terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("step", "lr", "temperature"))
-                log.info("[%s] step %d/%d %s tok/s=%.0f", cfg.run_label, step, train.max_steps, terms, tok_s)
-            clock["t"], clock["positions"] = time.perf_counter(), 0.0
-        if tracker is not None:
-            tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
-        if step % train.checkpoint_every == 0 or last:
-            state = {"sched": sched.state_dict(), "step": step, "mix": mix.state_dict() if mix else None,
-                     "data": dict(position), "resumed_from": resumed_from,
-                     "on_policy": sampler.state_dict() if sampler is not None else None,
-                     "features": features.state_dict() if features is not None else None}
-            if train.checkpoint_format == "sharded":
-                _report_sharded(model, optim, state, history, rank, row)
-            else:
-                _report_checkpoint(core, full_model_state(model), {"optim": full_optimizer_state(model, optim), **state},
-                                   history, rank, row, cfg.checkpoint_root)
-        elif step % train.log_every == 0:  # metrics only (every worker reports: Ray Train counts reports)
-            ray.train.report(row)
-
-    def next_group(tau: float) -> list[StudentBatch]:  # decoded for the step's temperature; data_s: the wait for it
-        start = time.perf_counter()
-        batches = next(raw)
-        group = [to_student(b, tau) for b in batches]
-        if features is not None:  # cached teacher features ride on the rows (``f.*`` columns)
-            group = [features.attach(sb, b) for sb, b in zip(group, batches, strict=True)]
-        clock["data_s"] = time.perf_counter() - start
-        if sampler is not None:
-            group = sampler(group, tau)
-        clock["ready"] = time.perf_counter()
-        return group
-
-    run_steps(model, optim, next_group, partial(cfg.objective_at, features=features), max_steps=train.max_steps,
-              start=step, on_step=on_step, scheduler=sched, max_grad_norm=train.max_grad_norm, world=world,
-              all_reduce=partial(_all_reduce, world=world, device=device),
-              autocast=partial(_autocast, train.autocast, device), teacher=teacher,
-              feature_teacher=features.teacher if features is not None else None,
-              on_logits=(lambda b, logits: mix.remember((b.inputs["input_ids"], b.inputs["attention_mask"], b.labels,
-                                                         b.mask), logits)) if mix is not None else None)
-    if tracker is not None:
-        tracker.end_run()
-
-
 def online_teacher(path: str, device: torch.device, shards: int = 1) -> Callable[[StudentBatch], TeacherTargets]:
     """A frozen causal-LM teacher in this process: a micro-batch -> dense targets ``[B, T, V]``
     (fp32 logits of the batch's own ``input_ids``; the loss applies the temperature). With
     ``shards`` > 1 it is sharded over the workers as an FSDP student is (every worker must call it
     for every micro-batch)."""
+
     model = load_causal_lm(Path(path)).eval().requires_grad_(False)
     model = shard(model, shards, device) if shards > 1 else model.to(device)
 
@@ -389,77 +212,3 @@ def online_teacher(path: str, device: torch.device, shards: int = 1) -> Callable
 
     return targets
 
-
-def _on_policy_sampler(cfg: LoopConfig, core, rank: int):
-    """The on-policy sampler of ``cfg.on_policy`` calling the served teacher, or None."""
-    if cfg.on_policy is None:
-        return None
-
-    if cfg.teacher_app is None:
-        raise ValueError("on_policy training needs the running teacher's application name (teacher_app)")
-    score = served_score(cfg.teacher_app, cfg.teacher_k, cfg.temperature)
-    return OnPolicySampler(cfg.on_policy, core, score, cached_temperature=cfg.temperature, seed=cfg.train.seed, rank=rank)
-
-
-def _mlflow(cfg: LoopConfig, rank: int):
-    """Ray's MLflow integration on rank 0 (``ray.air.integrations.mlflow.setup_mlflow``), or None."""
-    if cfg.mlflow_uri is None or rank != 0:
-        return None
-    from ray.air.integrations.mlflow import setup_mlflow
-
-    if cfg.mlflow_uri.startswith("file:"):  # a file store asked for by name (MLflow 3 wants an explicit opt-in)
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    return setup_mlflow(config={"weights": cfg.weights, **cfg.train.model_dump(include={"lr", "batch_size", "max_steps"})},
-                        tracking_uri=cfg.mlflow_uri, experiment_name=cfg.mlflow_experiment, run_name=cfg.run_label,
-                        rank_zero_only=True, create_experiment_if_not_exists=True)
-
-
-def _save(core, weights: dict[str, torch.Tensor], state: dict[str, Any], history: list[dict], folder: Path) -> None:
-    core.save_pretrained(folder, state_dict=weights)
-    torch.save(state, folder / STATE_FILE)
-    (folder / HISTORY_FILE).write_text(json.dumps(history))
-    (folder / RESUMES_FILE).write_text(json.dumps(state.get("resumed_from", [])))
-
-
-def _report_sharded(model, optim, state: dict[str, Any], history: list[dict], rank: int, metrics: dict) -> None:
-    """Report ``metrics`` with a sharded checkpoint: every worker writes its DCP shards into its
-    own folder and reports it (Ray Train merges them); rank 0 adds the model config, the
-    scheduler/data state and the history."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        save_sharded(model, optim, Path(tmp) / SHARDED_DIR)
-        if rank == 0:
-            unwrapped(model).config.save_pretrained(tmp)
-            torch.save(state, Path(tmp) / STATE_FILE)
-            (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
-            (Path(tmp) / RESUMES_FILE).write_text(json.dumps(state.get("resumed_from", [])))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def _report_checkpoint(core, weights: dict[str, torch.Tensor], state: dict[str, Any], history: list[dict], rank: int,
-                       metrics: dict, checkpoint_root: str | None = None) -> None:
-    """Report ``metrics`` with a checkpoint (the whole ``weights``, optimizer state, history) from rank 0.
-
-    Ray Train persists the reported folder into the run's storage; in local mode
-    (``checkpoint_root`` set) the folder itself is the persistent checkpoint.
-    """
-    import shutil
-
-    import ray.train
-
-    if checkpoint_root is not None:
-        root = Path(checkpoint_root)
-        folder = root / f"checkpoint_{state['step']:06d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        _save(core, weights, state, history, folder)
-        for old in sorted(root.glob("checkpoint_*"))[:-2]:
-            shutil.rmtree(old, ignore_errors=True)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            _save(core, weights, state, history, Path(tmp))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)

@@ -91,17 +91,9 @@ def objective_loss(model: nn.Module, batch: StudentBatch, objective: Objective, 
 
 
 def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    group: Sequence[StudentBatch],
-    objective: Objective,
-    temperature: float,
-    *,
-    logits_fn: LogitsFn = causal_lm_logits,
-    scheduler: Any = None,
-    max_grad_norm: float | None = None,
-    world: int = 1,
-    all_reduce: Callable[[list[float]], list[float]] | None = None,
+    model: nn.Module, optimizer: torch.optim.Optimizer, group: Sequence[StudentBatch], objective: Objective,
+    temperature: float, *, logits_fn: LogitsFn = causal_lm_logits, scheduler: Any = None,
+    max_grad_norm: float | None = None, world: int = 1, all_reduce: Callable[[list[float]], list[float]] | None = None,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     teacher: Callable[[StudentBatch], TeacherTargets] | None = None,
     on_logits: Callable[[StudentBatch, Tensor], None] | None = None,
@@ -129,12 +121,7 @@ def train_step(
         on_logits: called with every micro-batch and its logits (e.g. a teacher-selection
             policy that learns from the student's loss).
         feature_teacher: an online teacher giving ``(targets, features)`` of a micro-batch in one
-            forward (:class:`raykd.train.features.FeatureTeacher`); its targets replace
-            ``batch.targets`` unless None, its features ``batch.teacher_features``. The student's
-            own features are captured around its forward when the objective has feature terms.
-            An objective with an intervention term (DIITO) also gets the intervened forwards of
-            student and teacher (:func:`raykd.train.interventions.interchange_forwards`), which
-            need this online teacher.
+            forward (:class:`raykd.train.features.FeatureTeacher`; see :func:`_backward`).
 
     Returns:
         Per-position means over the step: every term (weight 0 included), ``loss``, and
@@ -144,48 +131,78 @@ def train_step(
         ValueError: an empty group, an intervention term without an online feature teacher, or
             what :class:`~raykd.losses.Objective` raises.
     """
-    if not group:
-        raise ValueError("a training step needs at least one micro-batch")
-    if objective.needs_interventions and feature_teacher is None:
-        raise ValueError("diito intervenes on the teacher's forward: it needs the teacher online (feature_teacher, "
-                         "train.feature_teacher=online), not cached teacher features")
+    _check_step(group, objective, feature_teacher)
     reduce = all_reduce or (lambda values: values)
     n_global = max(reduce([float(sum(b.num_positions for b in group))])[0], 1.0)
     sums: dict[str, float] = {}
     for i, batch in enumerate(group):
-        targets = teacher(batch) if teacher is not None else batch.targets
-        teacher_features = batch.teacher_features
-        if feature_teacher is not None:
-            online, teacher_features = feature_teacher(batch)
-            targets = online if online is not None else targets
         last = i == len(group) - 1
         sync = model.no_sync() if (world > 1 and not last and hasattr(model, "no_sync")) else nullcontext()
         with sync:
-            with batch.context() if batch.context is not None else nullcontext(), autocast(), \
-                    capture_features(model, batch.inputs, attention=objective.needs_attention,
-                                     enabled=objective.needs_features) as captured:
-                logits = logits_fn(model, batch.inputs)
-            features = (captured.features, teacher_features) if captured is not None else None
-            intervened = None
-            if objective.needs_interventions:  # a second, intervened forward of student and teacher
-                context = batch.context() if batch.context is not None else nullcontext()
-                with context, autocast():
-                    intervened = interchange_forwards(model, batch, objective, logits_fn, feature_teacher)
-            out = objective(logits.float(), batch.labels, batch.mask, targets, temperature, features, intervened)
-            (out.loss_sum * world / n_global).backward()
+            out, logits = _backward(model, batch, objective, temperature, world, n_global, logits_fn=logits_fn,
+                                    autocast=autocast, teacher=teacher, feature_teacher=feature_teacher)
         if on_logits is not None:
             on_logits(batch, logits)
         for name, value in out.term_sums.items():
             sums[name] = sums.get(name, 0.0) + float(value)
         sums["loss"] = sums.get("loss", 0.0) + float(out.loss_sum.detach())
+    _update(optimizer, scheduler, max_grad_norm)
+    totals = reduce(list(sums.values()))
+    return {**{k: v / n_global for k, v in zip(sums, totals)}, "positions": n_global}
+
+
+def _check_step(group: Sequence[StudentBatch], objective: Objective, feature_teacher: Any) -> None:
+    if not group:
+        raise ValueError("a training step needs at least one micro-batch")
+    if objective.needs_interventions and feature_teacher is None:
+        raise ValueError("diito intervenes on the teacher's forward: it needs the teacher online (feature_teacher, "
+                         "train.feature_teacher=online), not cached teacher features")
+
+
+def _backward(model: nn.Module, batch: StudentBatch, objective: Objective, temperature: float, world: int,
+              n_global: float, *, logits_fn: LogitsFn, autocast: Callable[[], AbstractContextManager],
+              teacher: Callable[[StudentBatch], TeacherTargets] | None,
+              feature_teacher: Callable[[StudentBatch], tuple[TeacherTargets | None, Features]] | None):
+    """One micro-batch of :func:`train_step`: its teacher targets and features, the student's
+    forward, the objective, and ``loss_sum * world / n_global`` back-propagated.
+
+    A ``feature_teacher``'s targets replace ``batch.targets`` unless None, its features
+    ``batch.teacher_features``. The student's own features are captured around its forward when
+    the objective has feature terms. An objective with an intervention term (DIITO) also gets the
+    intervened forwards of student and teacher (:func:`raykd.train.interventions.interchange_forwards`),
+    which need this online teacher.
+
+    Returns:
+        ``(the objective's output, the student's logits)``.
+    """
+    targets = teacher(batch) if teacher is not None else batch.targets
+    teacher_features = batch.teacher_features
+    if feature_teacher is not None:
+        online, teacher_features = feature_teacher(batch)
+        targets = online if online is not None else targets
+    with batch.context() if batch.context is not None else nullcontext(), autocast(), \
+            capture_features(model, batch.inputs, attention=objective.needs_attention,
+                             enabled=objective.needs_features) as captured:
+        logits = logits_fn(model, batch.inputs)
+    features = (captured.features, teacher_features) if captured is not None else None
+    intervened = None
+    if objective.needs_interventions:  # a second, intervened forward of student and teacher
+        context = batch.context() if batch.context is not None else nullcontext()
+        with context, autocast():
+            intervened = interchange_forwards(model, batch, objective, logits_fn, feature_teacher)
+    out = objective(logits.float(), batch.labels, batch.mask, targets, temperature, features, intervened)
+    (out.loss_sum * world / n_global).backward()
+    return out, logits
+
+
+def _update(optimizer: torch.optim.Optimizer, scheduler: Any, max_grad_norm: float | None) -> None:
+    """Clip the global gradient norm (when set), step the optimizer and the scheduler, clear the gradients."""
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    totals = reduce(list(sums.values()))
-    return {**{k: v / n_global for k, v in zip(sums, totals)}, "positions": n_global}
 
 
 def run_steps(

@@ -8,26 +8,21 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
 
 from raykd import console, storage
-from raykd.config import OnPolicyConfig, TeacherConfig, TrainConfig
-from raykd.losses import get_loss
-from raykd.soft_labels.feature_cache import paired_dataset
+from raykd.config import TeacherConfig, TrainConfig
 from raykd.soft_labels.join import LABEL_COLUMNS, decode_joined, teacher_column
 from raykd.soft_labels.schema import decode_batch
-from raykd.train.loop import (
-    HISTORY_FILE,
-    RESUMES_FILE,
-    LoopConfig,
-    train_loop_per_worker,
-)
 from raykd.train.failures import training_failure
+from raykd.train.loop import HISTORY_FILE, RESUMES_FILE, LoopConfig
 from raykd.train.parallel import SHARDED_DIR, export_sharded
+from raykd.train.run import OnPolicyPart, StudentRun
+from raykd.train.worker import train_loop_per_worker
 from raykd.watchdog import StallWatchdog
 
 log = logging.getLogger(__name__)
@@ -118,12 +113,16 @@ def _ordered_ingest():
     return options
 
 
-def _train_dataset(shard_files: list[str], cfg: TrainConfig, teachers: dict[str, Any] | None,
-                   feature_cache: dict[str, Any] | None):
-    """The soft-label rows, with their cached teacher features beside them when given."""
-    if feature_cache is not None:
-        return paired_dataset(feature_cache["pairs"], cfg.shuffle, cfg.seed)
-    return soft_label_dataset(shard_files, cfg.shuffle, cfg.seed, (teachers or {}).get("num_teachers", 1))
+def _train_dataset(run: StudentRun, loop: LoopConfig):
+    """The run's rows: a live fill's, or the cache's soft labels with their cached teacher
+    features beside them when the feature terms read them."""
+    if run.rows is not None:
+        return decoded(run.rows)
+    if loop.feature_layout:
+        from raykd.soft_labels.feature_cache import paired_dataset  # lazy: keeps pyarrow and Ray Data out of import time
+
+        return paired_dataset(run.features.cache["pairs"], run.train.shuffle, run.train.seed)
+    return soft_label_dataset(run.shard_files, run.train.shuffle, run.train.seed, loop.num_teachers)
 
 
 def check_student_gpus(cfg: TrainConfig, node_gpus: list[float]) -> None:
@@ -268,134 +267,75 @@ def _serve_apps() -> str:
         return "none"
 
 
-def train_student(
-    name: str,
-    *,
-    student_path: Path,
-    shard_files: list[str] | None,
-    weights: dict[str, float],
-    temperature: float,
-    cfg: TrainConfig,
-    storage_path: str | Path,
-    params: dict[str, dict[str, float]] | None = None,
-    teachers: dict[str, Any] | None = None,
-    mlflow_uri: str | None = None,
-    mlflow_experiment: str = "raykd",
-    online_teacher: str | Path | None = None,
-    on_policy: OnPolicyConfig | None = None,
-    teacher_app: str | None = None,
-    teacher_k: int = 32,
-    rows: Any = None,
-    teacher_tokenizer: str | Path | None = None,
-    layer_map: list[tuple[int, int]] | None = None,
-    feature_cache: dict[str, Any] | None = None,
-) -> TrainResult:
+def loop_config(run: StudentRun, checkpoint_root: str | None = None) -> LoopConfig:
+    """The workers' settings of ``run`` (each feature's part as the loop's fields).
+
+    Args:
+        checkpoint_root: where Ray Train's local mode keeps its checkpoints (None with workers).
+    """
+    features = run.feature_part()
+    cache = features.cache if features is not None else None
+    return LoopConfig(
+        run_label=run.name,
+        student_path=str(run.student_path),
+        weights=dict(run.weights),
+        terms=run.terms(),
+        loss_params={**run.train.loss_params, **(run.params or {})},
+        temperature=run.temperature,
+        train=run.train,
+        mlflow_uri=run.mlflow_uri,
+        mlflow_experiment=run.mlflow_experiment,
+        checkpoint_root=checkpoint_root,
+        online_teacher=str(run.online_teacher) if run.train.online_teacher else None,
+        **(_on_policy_fields(run.on_policy) if run.on_policy is not None else {}),
+        teacher_tokenizer=str(run.teacher_tokenizer) if run.teacher_tokenizer is not None else None,
+        layer_map=[tuple(p) for p in features.layer_map] if features is not None else None,
+        feature_teacher=str(features.teacher) if features is not None and cache is None else None,
+        feature_layout=cache["layout"] if cache else None,
+        feature_shapes=cache["shapes"] if cache else None,
+        **(asdict(run.teachers) if run.teachers is not None else {}),
+    )
+
+
+def _on_policy_fields(part: OnPolicyPart) -> dict[str, Any]:
+    return {"on_policy": part.config, "teacher_app": part.teacher_app, "teacher_k": part.teacher_k}
+
+
+def train_student(run: StudentRun) -> TrainResult:
     """Train one student with Ray Train on a soft-label cache.
 
     Args:
-        name: run name (also the Ray Train run folder under ``storage_path``; running again
-            with the same name and storage resumes from the last checkpoint).
-        student_path: initial weights folder (see :func:`raykd.students.build_student`).
-        shard_files: Parquet shards of the cache (None with ``rows``).
-        weights: objective ``{loss name: weight}``.
-        temperature: the cache's soft-label temperature.
-        cfg: workers, devices, batch, steps, optimizer.
-        storage_path: Ray Train storage (checkpoints): a local folder or a URI (``s3://``,
-            ``gs://``) resolved through :mod:`raykd.storage`; from object storage the final
-            checkpoint is downloaded into a local folder for evaluation and export.
-        online_teacher: with ``cfg.online_teacher``, the teacher folder each worker loads for
-            dense targets (the cache then supplies only the blocks); with feature terms, the
-            teacher each worker runs for their features.
-        layer_map: the feature terms' checked ``(student layer, teacher layer)`` pairs
-            (:attr:`raykd.soft_labels.plan.Plan.layer_map`); required when an objective has one.
-        feature_cache: the feature terms' teacher features from the feature cache instead of an
-            online teacher: ``pairs`` (soft-label shard, feature shard) per part, ``layout`` and
-            ``shapes`` (:func:`raykd.soft_labels.feature_cache.ensure_teacher_features`).
-        on_policy: on-policy steps (:mod:`raykd.train.on_policy`), scored by the running teacher
-            application ``teacher_app`` at top-``teacher_k`` and the cache's ``temperature``.
-        teacher_tokenizer: the teacher's folder when the student's tokenizer differs from it
-            (``student.tokenizer_alignment``): every batch is re-tokenised and aligned in the worker.
-        params: loss hyper-parameters on top of ``cfg.loss_params``.
-        rows: instead of ``shard_files``, a Ray Dataset of the cache's undecoded rows in training
-            order (a cache filled live: :meth:`raykd.soft_labels.live.LiveFill.rows`).
-        teachers: for joined multi-teacher shards, ``combine`` (the method's rule),
-            ``num_teachers``, ``weight_temperature`` and ``policy_lr``.
-        mlflow_uri: also log every step's metrics to this MLflow tracking URI (experiment
-            ``mlflow_experiment``, one run per student) through Ray's MLflow integration.
+        run: the student, its objective and data, and each method feature's part
+            (:class:`raykd.train.run.StudentRun`).
 
     Returns:
         The final model folder (from the last checkpoint), the per-step loss history and the
-        steps the run resumed from (worker failures recovered through ``cfg.max_failures``).
+        steps the run resumed from (worker failures recovered through ``train.max_failures``).
 
     Raises:
+        ValueError: a feature's part is missing (:meth:`StudentRun.check`), before any work.
         InsufficientResourcesError: the cluster cannot give the run its workers (before training).
-        raykd.train.failures.TrainingFailed: a worker failed more than ``cfg.max_failures`` times;
+        raykd.train.failures.TrainingFailed: a worker failed more than ``train.max_failures`` times;
             one line naming its error, the last checkpoint's step and that a rerun resumes.
     """
-    from ray.train import (
-        CheckpointConfig,
-        DataConfig,
-        FailureConfig,
-        RunConfig,
-        ScalingConfig,
-        TrainingFailedError,
-    )
+    from ray.train import DataConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
-    if cfg.online_teacher and online_teacher is None:
-        raise ValueError("train.online_teacher is set but no teacher folder was given to train_student")
-    if on_policy is not None and teacher_app is None:
-        raise ValueError("on_policy training needs a running teacher: pass teacher_app (its Serve application name)")
-    terms = sorted(set(weights) | cfg.phase_terms())
-
-    has_features = any(get_loss(n).kind == "features" for n in terms)
-    if has_features and (layer_map is None or (online_teacher is None and feature_cache is None)):
-        raise ValueError(f"student {name!r} has feature terms: pass layer_map and the teacher folder (online_teacher) "
-                         "or its cached features (feature_cache)")
-    layer_map = layer_map if has_features else None  # a student without feature terms runs no teacher for them
+    cfg, name = run.train, run.name
+    run.check()
     check_training_resources(cfg, name)
-    fs, fs_path = storage.resolve(storage_path, setting="train.checkpoint_dir")
+    fs, fs_path = storage.resolve(run.storage_path, setting="train.checkpoint_dir")
     local = isinstance(fs, pyarrow.fs.LocalFileSystem)
     if not local and not cfg.num_workers:
-        raise storage.StorageError(f"train.checkpoint_dir={storage_path!r} is on object storage, which Ray Train's local "
-                                   "mode (train.num_workers=0) cannot write; set train.num_workers >= 1")
-    loop = LoopConfig(
-        run_label=name,
-        student_path=str(student_path),
-        weights=dict(weights),
-        terms=terms,
-        loss_params={**cfg.loss_params, **(params or {})},
-        temperature=temperature,
-        train=cfg,
-        mlflow_uri=mlflow_uri,
-        mlflow_experiment=mlflow_experiment,
-        checkpoint_root=None if cfg.num_workers else str(Path(fs_path) / name),
-        online_teacher=str(online_teacher) if cfg.online_teacher else None,
-        on_policy=on_policy,
-        teacher_app=teacher_app,
-        teacher_k=teacher_k,
-        teacher_tokenizer=str(teacher_tokenizer) if teacher_tokenizer is not None else None,
-        layer_map=[tuple(p) for p in layer_map] if layer_map is not None else None,
-        feature_teacher=str(online_teacher) if layer_map is not None and feature_cache is None else None,
-        feature_layout=feature_cache["layout"] if layer_map is not None and feature_cache else None,
-        feature_shapes=feature_cache["shapes"] if layer_map is not None and feature_cache else None,
-        **(teachers or {}),
-    )
+        raise storage.StorageError(f"train.checkpoint_dir={run.storage_path!r} is on object storage, which Ray Train's "
+                                   "local mode (train.num_workers=0) cannot write; set train.num_workers >= 1")
+    loop = loop_config(run, None if cfg.num_workers else str(Path(fs_path) / name))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop.model_dump(),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **cfg.resources_per_worker} if cfg.num_workers else None),
-        run_config=RunConfig(
-            name=name,
-            storage_path=fs_path,
-            storage_filesystem=None if local else fs,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=[console.train_progress(name, cfg.max_steps)],  # this student's progress bar on the driver
-        ),
-        datasets={"train": in_order(decoded(rows) if rows is not None else
-                                    _train_dataset(shard_files, cfg, teachers, feature_cache if loop.feature_layout else None))},
+        scaling_config=_scaling_config(cfg),
+        run_config=_run_config(name, cfg, fs_path, None if local else fs),
+        datasets={"train": in_order(_train_dataset(run, loop))},
         dataset_config=DataConfig(execution_options=_ordered_ingest()),
     )
     start = time.perf_counter()
@@ -403,15 +343,41 @@ def train_student(
         with StallWatchdog(lambda: console.progress_count(name), f"student {name!r}"):
             result = trainer.fit()
     except TrainingFailedError as e:  # one line on the console; the worker's traceback goes to raykd.log
-        raise training_failure(name, e, storage.join(str(storage_path), name), max_steps=cfg.max_steps,
+        raise training_failure(name, e, storage.join(str(run.storage_path), name), max_steps=cfg.max_steps,
                                max_failures=cfg.max_failures) from e
-    seconds = time.perf_counter() - start
+    return _finished(run, result, local, time.perf_counter() - start)
+
+
+def _scaling_config(cfg: TrainConfig):
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                         resources_per_worker={"CPU": cfg.cpus_per_worker, **cfg.resources_per_worker}
+                         if cfg.num_workers else None)
+
+
+def _run_config(name: str, cfg: TrainConfig, fs_path: str, fs: pyarrow.fs.FileSystem | None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    return RunConfig(
+        name=name,
+        storage_path=fs_path,
+        storage_filesystem=fs,
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+        callbacks=[console.train_progress(name, cfg.max_steps)],  # this student's progress bar on the driver
+    )
+
+
+def _finished(run: StudentRun, result, local: bool, seconds: float) -> TrainResult:
+    """The run's final model folder (exported from a sharded checkpoint), history and restarts."""
+    name = run.name
     if result.checkpoint is None:
         raise RuntimeError(f"student {name} finished without a checkpoint")
     model_dir = (Path(result.checkpoint.path) if local
                  else Path(result.checkpoint.to_directory(tempfile.mkdtemp(prefix=f"raykd-{name}-"))))
     if (model_dir / SHARDED_DIR).is_dir() and not (model_dir / "model.safetensors").exists():
-        export_sharded(model_dir / SHARDED_DIR, student_path, model_dir)  # the Hugging Face folder evaluation reads
+        export_sharded(model_dir / SHARDED_DIR, run.student_path, model_dir)  # the Hugging Face folder evaluation reads
     history = json.loads((model_dir / HISTORY_FILE).read_text())
     resumes = model_dir / RESUMES_FILE  # absent in checkpoints written before restarts were recorded
     resumed_from = json.loads(resumes.read_text()) if resumes.exists() else []

@@ -10,6 +10,7 @@ from raykd.soft_labels.cache import open_cache, shard_paths
 from raykd.soft_labels.plan import Plan, ensure_soft_labels
 from raykd.students import build_student
 from raykd.soft_labels.cache import iter_cache_batches
+from raykd.train.run import StudentRun
 from raykd.train.trainer import train_student
 from tests.conftest import tiny_distill_config
 
@@ -39,9 +40,10 @@ def test_label_train_and_hit_with_corpus_and_cache_on_s3(ray_start, s3_server, t
     assert rows == eval_manifest.rows > 0
 
     init = build_student(cfg.student, plan.teacher_path, tmp_path / "init")
-    result = train_student("s3", student_path=init, shard_files=shard_paths(folder, manifest), weights={"forward_kl": 1.0},
-                           temperature=1.0, cfg=cfg.train.model_copy(update={"max_steps": 2, "checkpoint_every": 2}),
-                           storage_path=tmp_path / "runs")
+    result = train_student(StudentRun(name="s3", student_path=init, shard_files=shard_paths(folder, manifest),
+                                      weights={"forward_kl": 1.0}, temperature=1.0,
+                                      train=cfg.train.model_copy(update={"max_steps": 2, "checkpoint_every": 2}),
+                                      storage_path=tmp_path / "runs"))
     assert result.steps == 2 and all(r["loss"] > 0 for r in result.history)
 
     again, stats = ensure_soft_labels(Plan(cfg))

@@ -22,6 +22,7 @@ from raykd.teacher.deployment import (
     start_teacher,
     stop_teacher,
 )
+from raykd.train.run import StudentRun
 from raykd.train.trainer import train_student
 from tests.conftest import tiny_distill_config
 from tests.faults import (
@@ -50,8 +51,8 @@ def _train(student_setup, name: str, **overrides):
     cfg, files, init, runs = student_setup
     train_cfg = cfg.train.model_copy(update={"shuffle": False, "num_workers": 1, "max_steps": MAX_STEPS,
                                              "checkpoint_every": CHECKPOINT_EVERY, "log_every": 1, **overrides})
-    return train_student(name, student_path=init, shard_files=files, weights={"forward_kl": 0.5, "ce": 0.5},
-                         temperature=1.0, cfg=train_cfg, storage_path=runs)
+    return train_student(StudentRun(name=name, student_path=init, shard_files=files, weights={"forward_kl": 0.5, "ce": 0.5},
+                                    temperature=1.0, train=train_cfg, storage_path=runs))
 
 
 def _registered_checkpoint_step(run_dir: Path) -> int | None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from raykd.soft_labels.cache import shard_paths
+from raykd.train.run import FeaturePart, StudentRun
 from raykd.train.trainer import train_student
 
 pytestmark = pytest.mark.ray
@@ -18,12 +19,7 @@ pytestmark = pytest.mark.ray
 FEATURE_METHODS = ["tinybert_kd", "sid"]
 """Run end to end here (tinybert_kd: hidden states, embeddings and attention, the widest capture; sid:
 the stage schedule, with DIITO's intervened forwards in the same run)."""
-SAME_PATH_AS = {"distilbert_kd": "tinybert_kd", "patient_kd": "tinybert_kd", "minilmv2_kd": "tinybert_kd",
-                "mixbaseline": "tinybert_kd", "universal_kd": "tinybert_kd", "diito": "sid",
-                "minilm_kd": "tinybert_kd", "alp_kd": "tinybert_kd", "ckd": "tinybert_kd", "mgskd": "tinybert_kd",
-                "lrc_bert": "tinybert_kd"}
-"""Same loop: patient_kd (and distilbert_kd, minilmv2_kd) take the cached features under `auto`, run in the
-cached-feature test below; every loss is tested on tiny models in tests/unit/test_feature_training.py."""
+# Every feature method's shipped objective also has a short run of its own without Ray (tests/unit/test_method_runs.py).
 
 
 def test_feature_method_trains_through_ray_train_and_its_feature_loss_decreases(tiny_labeled, tmp_path):
@@ -81,9 +77,9 @@ def test_student_copied_from_the_mapped_layers_has_zero_feature_loss_at_step_0(t
     params = {"pkd": {"first_token_only": 0.0}} if term == "pkd" else {}
     first = {}
     for name, pairs in (("stride", [(0, 0), (1, 3)]), ("naive", [(0, 0), (1, 1)])):
-        result = train_student(f"{term}_{name}", student_path=student, shard_files=files, weights=weights,
-                               temperature=1.0, cfg=train_cfg, storage_path=tmp_path / "runs", params=params,
-                               online_teacher=teacher, layer_map=pairs)
+        result = train_student(StudentRun(name=f"{term}_{name}", student_path=student, shard_files=files, weights=weights,
+                                          temperature=1.0, train=train_cfg, storage_path=tmp_path / "runs", params=params,
+                                          features=FeaturePart(layer_map=pairs, teacher=teacher)))
         first[name] = result.history[0][term]
     assert first["stride"] == pytest.approx(0.0, abs=1e-6)
     assert first["naive"] > 1e-4  # 100x the tolerance of the zero above

@@ -15,9 +15,8 @@ from tests.ray.test_methods import method_config
 pytestmark = pytest.mark.ray
 
 ON_POLICY = ["gkd", "distillm"]
-SAME_PATH_AS = {"minillm": "gkd"}
-"""On-policy methods without a run of their own: MiniLLM's single-step form is GKD's on-policy path
-with every step on-policy and the reverse KL (its config and loss: tests/unit/test_on_policy.py)."""
+# Every on-policy method's shipped objective also has a short run of its own without Ray, MiniLLM's
+# included (tests/unit/test_on_policy.py).
 
 STEPS = 3
 ROWS = 4  # tiny_distill_config's batch (one micro-batch per step, local mode)

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from raykd.soft_labels.cache import shard_paths
 from raykd.students import build_student
+from raykd.train.run import StudentRun
 from raykd.train.trainer import train_student
 
 pytestmark = pytest.mark.ray
@@ -22,32 +23,53 @@ def setup(tiny_labeled, tmp_path_factory):
     return cfg, shard_paths(folder, manifest), init, tmp_path_factory.mktemp("runs")
 
 
-def _train(setup, name, **overrides):
+def _train(setup, name, rows=None, **overrides):
     cfg, files, init, runs = setup
     train_cfg = cfg.train.model_copy(update={"shuffle": False, "num_workers": 1, **overrides})
-    return train_student(name, student_path=init, shard_files=files, weights={"forward_kl": 0.5, "ce": 0.5},
-                         temperature=1.0, cfg=train_cfg, storage_path=runs)
+    return train_student(StudentRun(name=name, student_path=init, shard_files=None if rows is not None else files,
+                                    rows=rows, weights={"forward_kl": 0.5, "ce": 0.5}, temperature=1.0, train=train_cfg,
+                                    storage_path=runs))
+
+
+def _in_blocks(files: list[str], rows: int, block_rows: int):
+    """The cache's first ``rows`` undecoded rows as a Ray Dataset of ``block_rows``-row blocks, in
+    the cache's order. With ``preserve_order``, Ray Train's split hands whole blocks to the worker
+    with the fewest rows so far (Ray Data's ``OutputSplitter``): blocks of one micro-batch go to
+    the workers in turn, so step ``k`` of 2 workers reads the rows of step ``k`` in local mode."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from raykd.soft_labels.join import LABEL_COLUMNS
+
+    table = pa.concat_tables(pq.read_table(f, columns=["input_ids", "attention_mask", "loss_mask", *LABEL_COLUMNS])
+                             for f in files).slice(0, rows)
+    assert table.num_rows == rows
+    return ray.data.from_arrow([table.slice(i, block_rows) for i in range(0, rows, block_rows)])
 
 
 def test_local_mode_ddp_and_fsdp_train_alike_and_a_sharded_run_resumes_on_other_workers(setup):
-    """Same global batch, same steps: ``train.num_workers=0`` (Ray Train's local mode, used by most
-    tests) and two DDP workers give close loss curves (the data order differs between the splits);
-    FSDP over the same 2 workers (gloo on CPU) trains as DDP, with sharded (DCP) checkpoints. That
-    run, continued with a larger budget on 1 DDP worker, resumes from its last checkpoint: DCP
-    reshards the weights and the optimizer state for the new worker count. (One test: each Ray
-    Train run costs ~15 s of start-up.)"""
-    local = _train(setup, "w0", num_workers=0, max_steps=8, checkpoint_every=4)
+    """Same rows in every step: ``train.num_workers=0`` (Ray Train's local mode, used by most
+    tests) and two DDP workers give the same loss curve (every position weighs 1/N of the step,
+    however the step is split); FSDP over the same 2 workers (gloo on CPU) trains as DDP, with
+    sharded (DCP) checkpoints. That run, continued with a larger budget on 1 DDP worker, resumes
+    from its last checkpoint: DCP reshards the weights and the optimizer state for the new worker
+    count. (One test: each Ray Train run costs ~15 s of start-up.)"""
+    steps, batch = 8, setup[0].train.batch_size
+    files = setup[1]
+    local = _train(setup, "w0", rows=_in_blocks(files, steps * batch, batch // 2), num_workers=0, max_steps=steps,
+                   checkpoint_every=4)
     assert local.model_dir.name == "checkpoint_000008" and (local.model_dir / "model.safetensors").exists()
-    two = _train(setup, "w2", num_workers=2, max_steps=8, checkpoint_every=8, cpus_per_worker=0.5)
+    two = _train(setup, "w2", rows=_in_blocks(files, steps * batch, batch // 2), num_workers=2, max_steps=steps,
+                 checkpoint_every=8, cpus_per_worker=0.5)
     a = np.array([r["loss"] for r in local.history])
     b = np.array([r["loss"] for r in two.history])
-    assert len(a) == len(b) == 8
+    assert len(a) == len(b) == steps
     assert a[-1] < a[0] and b[-1] < b[0]  # both learn
-    np.testing.assert_allclose(a, b, rtol=0.08)
-    assert abs(a.mean() - b.mean()) / a.mean() < 0.03
+    np.testing.assert_allclose(a, b, rtol=1e-6)
 
-    sharded = _train(setup, "f2", num_workers=2, strategy="fsdp", max_steps=8, checkpoint_every=4, cpus_per_worker=0.5,
-                     checkpoint_format="sharded")
+    sharded = _train(setup, "f2", rows=_in_blocks(files, steps * batch, batch // 2), num_workers=2, strategy="fsdp",
+                     max_steps=steps, checkpoint_every=4, cpus_per_worker=0.5, checkpoint_format="sharded")
     np.testing.assert_allclose([r["loss"] for r in sharded.history], b, rtol=1e-4)  # same data split, same maths
     dcp_files = sorted(p.name for p in (sharded.model_dir / "sharded").iterdir())
     assert dcp_files == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # both workers' shards, merged by Ray Train
@@ -117,10 +139,10 @@ def test_metrics_reach_mlflow_through_rays_integration(setup, tmp_path, monkeypa
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for an opt-in to read a file store
     uri = (tmp_path / "mlruns").as_uri()
     cfg, files, init, runs = setup
-    res = train_student("tracked", student_path=init, shard_files=files, weights={"forward_kl": 0.5, "ce": 0.5},
-                        temperature=1.0, cfg=cfg.train.model_copy(update={"max_steps": 3, "checkpoint_every": 3,
-                                                                          "num_workers": 1}),
-                        storage_path=runs, mlflow_uri=uri, mlflow_experiment="raykd-test")
+    train = cfg.train.model_copy(update={"max_steps": 3, "checkpoint_every": 3, "num_workers": 1})
+    res = train_student(StudentRun(name="tracked", student_path=init, shard_files=files, weights={"forward_kl": 0.5, "ce": 0.5},
+                                   temperature=1.0, train=train, storage_path=runs, mlflow_uri=uri,
+                                   mlflow_experiment="raykd-test"))
     client = mlflow.tracking.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("raykd-test").experiment_id])
     assert run.info.run_name == "tracked"

@@ -27,13 +27,22 @@ def test_every_method_has_a_config_that_names_it_and_every_config_a_method():
         assert cfg.method == name and cfg.run_name == name
 
 
-def test_every_method_config_has_a_short_run_in_the_ray_tests():
-    from tests.ray import test_chains, test_cross_tokenizer, test_feature_methods, test_methods, test_on_policy
+def test_every_method_is_listed_as_run_by_a_test_or_as_taking_the_path_of_one_that_is():
+    """Bookkeeping over the tests' lists (it checks names, not runs): every method is named in the
+    list of a test that gives it a short run of its own (the Ray tests, or the runs without Ray of
+    the feature and on-policy methods' shipped objectives), or in a ``SAME_PATH_AS`` table that
+    points it at such a method (TAKD at DGKD's chain)."""
+    from tests.ray import test_chains, test_cross_tokenizer, test_feature_methods, test_methods
+    from tests.ray import test_on_policy as ray_on_policy
+    from tests.unit import test_method_runs
+    from tests.unit import test_on_policy as unit_on_policy
 
-    covered = {*test_methods.SINGLE_TEACHER, *test_methods.MULTI_TEACHER, *test_methods.RUN_ELSEWHERE,
-               *test_chains.CHAINS, *test_chains.SAME_PATH_AS, *test_on_policy.ON_POLICY, *test_on_policy.SAME_PATH_AS, "seqkd",
-               *test_cross_tokenizer.CROSS_TOKENIZER, *test_feature_methods.FEATURE_METHODS, *test_feature_methods.SAME_PATH_AS}
-    assert covered == set(METHODS), f"methods without a tiny-model run: {sorted(set(METHODS) - covered)}"
+    run = {*test_methods.SINGLE_TEACHER, *test_methods.MULTI_TEACHER, *test_methods.RUN_ELSEWHERE, *test_chains.CHAINS,
+           *ray_on_policy.ON_POLICY, "seqkd", *test_cross_tokenizer.CROSS_TOKENIZER, *test_feature_methods.FEATURE_METHODS,
+           *test_method_runs.FEATURE_METHODS, *unit_on_policy.ON_POLICY_METHODS}
+    same_path = dict(test_chains.SAME_PATH_AS)
+    assert run | set(same_path) == set(METHODS), f"methods without a tiny-model run: {sorted(set(METHODS) - run - set(same_path))}"
+    assert set(same_path.values()) <= run  # the path they take is run
 
 
 def test_raykd_methods_lists_every_method_loss_and_student_architecture(capsys):

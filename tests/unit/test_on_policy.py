@@ -10,7 +10,7 @@ import torch
 
 from raykd.config import ConfigError, DistillConfig, OnPolicyConfig
 from raykd.losses import Objective
-from raykd.methods import get_method, load
+from raykd.methods import available_methods, get_method, load
 from raykd.train.on_policy import (
     OnPolicySampler,
     ReplayBuffer,
@@ -288,3 +288,39 @@ def test_no_running_teacher_with_start_false_is_refused(monkeypatch):
 def test_bad_on_policy_configs_are_refused_at_load_time(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load(DistillConfig, None, overrides)
+
+
+ON_POLICY_METHODS = sorted(m for m in available_methods()
+                           if load(DistillConfig, get_method(m).config_path).on_policy is not None)
+
+
+@pytest.mark.parametrize("method", ON_POLICY_METHODS)
+def test_on_policy_method_trains_two_steps_on_scored_samples_with_its_shipped_objective(method, tiny_model, engine):
+    """Each on-policy method's shipped objective and on-policy settings (every step on-policy, short
+    samples) through the Train worker's parts: the sampler scoring the student's samples with the
+    teacher, the objective schedule of :class:`~raykd.train.loop.LoopConfig`, the shared step."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from raykd.train.loop import LoopConfig
+    from raykd.train.step import build_optimizer, run_steps
+
+    shipped = load(DistillConfig, get_method(method).config_path)
+    (weights,) = shipped.train.students.values()
+    cfg = shipped.on_policy.model_copy(update={"on_policy_share": 1.0, "prompt_tokens": 8, "max_new_tokens": 6,
+                                               "teacher_batch": 2})
+    train = shipped.train.model_copy(update={"max_steps": 2, "warmup_steps": 1})
+    loop = LoopConfig(run_label=method, student_path=str(tiny_model), weights=weights,
+                      terms=sorted(set(weights) | train.phase_terms()), loss_params=train.loss_params,
+                      temperature=shipped.labels.temperature, train=train, on_policy=cfg, teacher_app="in-process")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    teacher = RecordingTeacher(engine)
+    sampler = OnPolicySampler(cfg, model, teacher, cached_temperature=loop.temperature, seed=train.seed)
+    optim, sched = build_optimizer(list(model.parameters()), lr=train.lr, schedule="cosine", warmup=1, total=2)
+    history = run_steps(model, optim, lambda tau: sampler(cached_group(1), tau), loop.objective_at, max_steps=2,
+                        scheduler=sched)
+    assert len(history) == 2 and teacher.calls  # the teacher scored the student's samples
+    for row in history:
+        assert set(weights) <= set(row) and all(math.isfinite(row[t]) for t in weights) and row["positions"] > 0

@@ -227,11 +227,13 @@ def train_segment(name: str, setting: dict[str, Any], train: dict[str, Any], ini
     """
     # lazy: keeps torch and pyarrow out of import time
     from raykd.train.evaluate import evaluate_folder
+    from raykd.train.run import StudentRun
     from raykd.train.trainer import train_student
 
     weights, params = trial_objective(setting)
-    res = train_student(name, student_path=Path(init_dir), shard_files=labels["train"], weights=weights, params=params,
-                        temperature=float(setting["temperature"]), cfg=TrainConfig.model_validate(train), storage_path=storage)
+    res = train_student(StudentRun(name=name, student_path=Path(init_dir), shard_files=labels["train"], weights=weights,
+                                   params=params, temperature=float(setting["temperature"]),
+                                   train=TrainConfig.model_validate(train), storage_path=storage))
     m = evaluate_folder(res.model_dir, labels["eval"], batch_size=eval_batch_size)
     return {"eval_ppl": m["ppl"], "top1_agreement": m["top1_agreement"], "kl": m["kl"], "step": res.steps,
             "train_loss": res.history[-1]["loss"], "train_s": res.seconds}
@@ -287,6 +289,36 @@ def _rows(grid) -> list[dict[str, Any]]:
     return rows
 
 
+def _search_space(cfg: KDSearchConfig, common: dict[str, Any]):
+    """Tune's space (a choice per setting, beside the trials' ``common`` settings) and ASHA's scheduler."""
+    from ray import tune  # Ray Tune: not at import time
+    from ray.tune.schedulers import ASHAScheduler
+
+    space = {"setting": {"temperature": tune.choice(cfg.space.temperature), "kd_weight": tune.choice(cfg.space.kd_weight),
+                         "divergence": tune.choice(cfg.space.divergence), "jsd_beta": tune.choice(cfg.space.jsd_beta),
+                         "k": tune.choice(cfg.space.k)}, **common}
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.segments, grace_period=cfg.asha.grace_period,
+                              reduction_factor=cfg.asha.reduction_factor)
+    return space, scheduler
+
+
+def _baseline(cfg: KDSearchConfig, caches: dict[float, Any], label_stats: dict[str, Any], common: dict[str, Any],
+              output_dir: Path) -> dict[str, Any]:
+    """The default setting trained with the full budget (one Tune trial): its row and wall time.
+
+    Raises:
+        ConfigError: the default setting's temperature or k was not labeled for the search space.
+    """
+    default = cfg.default_setting()
+    if default["temperature"] not in caches or default["k"] > label_stats["k"]:
+        raise ConfigError(f"the baseline setting {default} is outside the search space's caches; add its temperature "
+                          "and k to the space, or set baseline: false")
+    t_base = time.time()
+    base_grid = _tuner(cfg, kd_trial, {"setting": default, **common, "name": "baseline"}, output_dir,
+                       f"{cfg.run_name}-baseline").fit()
+    return {**_rows(base_grid)[0], "wall_s": round(time.time() - t_base, 1)}
+
+
 def main_kd_search(cfg: KDSearchConfig, output_dir: str | Path) -> dict[str, Any]:
     """Run the search; write ``results.json``, ``results.md`` and ``kd_search.png`` in ``output_dir``.
 
@@ -298,9 +330,7 @@ def main_kd_search(cfg: KDSearchConfig, output_dir: str | Path) -> dict[str, Any
         ConfigError, ValueError, FileNotFoundError: bad input, before any labeling or trial.
         TeacherNotRunningError: as :func:`_label_all`.
     """
-    # lazy: keeps torch out of import time
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    # lazy: keeps ray out of import time
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from raykd.students import build_student
@@ -316,11 +346,7 @@ def main_kd_search(cfg: KDSearchConfig, output_dir: str | Path) -> dict[str, Any
     common = {"train": cfg.distill.train.model_dump(), "eval_every": cfg.asha.eval_every, "segments": cfg.segments,
               "init_dir": str(init_dir), "storage": str(output_dir / "trials"), "eval_batch_size": cfg.distill.eval.batch_size,
               "caches": {str(float(t)): {"train": c["train"], "eval": c["eval"]} for t, c in caches.items()}}
-    space = {"setting": {"temperature": tune.choice(cfg.space.temperature), "kd_weight": tune.choice(cfg.space.kd_weight),
-                         "divergence": tune.choice(cfg.space.divergence), "jsd_beta": tune.choice(cfg.space.jsd_beta),
-                         "k": tune.choice(cfg.space.k)}, **common}
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.segments, grace_period=cfg.asha.grace_period,
-                              reduction_factor=cfg.asha.reduction_factor)
+    space, scheduler = _search_space(cfg, common)
     t_search = time.time()
     grid = _tuner(cfg, kd_trial, space, output_dir, f"{cfg.run_name}-search", scheduler,
                   # Tune ignores max_concurrent_trials for a BasicVariantGenerator passed in: it is given here
@@ -329,16 +355,7 @@ def main_kd_search(cfg: KDSearchConfig, output_dir: str | Path) -> dict[str, Any
     trials = _rows(grid)
     full = [r for r in trials if r["steps"] == cfg.distill.train.max_steps and r["eval_ppl"] is not None]
     best = min(full, key=lambda r: r["eval_ppl"]) if full else None
-    baseline = None
-    if cfg.baseline:
-        default = cfg.default_setting()
-        if default["temperature"] not in caches or default["k"] > label_stats["k"]:
-            raise ConfigError(f"the baseline setting {default} is outside the search space's caches; add its temperature "
-                              "and k to the space, or set baseline: false")
-        t_base = time.time()
-        base_grid = _tuner(cfg, kd_trial, {"setting": default, **common, "name": "baseline"}, output_dir,
-                           f"{cfg.run_name}-baseline").fit()
-        baseline = {**_rows(base_grid)[0], "wall_s": round(time.time() - t_base, 1)}
+    baseline = _baseline(cfg, caches, label_stats, common, output_dir) if cfg.baseline else None
     results = {
         "search": "kd",
         "run_name": cfg.run_name,
