@@ -58,6 +58,9 @@ import torch
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # GKDTrainer lives in trl.experimental: we know
 ARMS = ("raykd_cached", "raykd_online", "trl_gkd")
 OBJECTIVES = {"kl": {"forward_kl": 1.0}, "kl_ce": {"forward_kl": 0.5, "ce": 0.5}}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine_gpu import SHAPES  # noqa: E402  (the teacher shapes of the GPU benchmarks)
+
 QUICK_SHAPE = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
                "intermediate_size": 64, "vocab_size": 256, "tie_word_embeddings": True}
 """LlamaConfig fields of the ``--quick`` teacher (its student keeps layers 0 and 3)."""
@@ -94,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a deeper teacher from SmolLM2's config with this many layers, random weights (timing only)")
     p.add_argument("--steps", type=int, default=None, help="default: the config's train.max_steps")
     p.add_argument("--batch-size", type=int, default=None, help="default: the config's train.batch_size")
+    p.add_argument("--train-blocks", type=int, default=None, help="use only the first N train blocks (check runs)")
     p.add_argument("--segment", type=int, default=5, help="steps of one arm before the next arm's turn")
     p.add_argument("--objective", choices=sorted(OBJECTIVES), default="kl", help="the raykd arms' loss (TRL: forward KL)")
     p.add_argument("--k", type=int, default=None, help="cached top-k (default: the config's labels.k)")
@@ -102,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rss-steps", type=int, default=3, help="steps of each arm's peak-RSS subprocess (0: skip)")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     p.add_argument("--quick", action="store_true", help="a tiny model built from a config and random blocks: a smoke run")
+    p.add_argument("--synthetic", action="store_true",
+                   help="SmolLM2-135M's shape with random weights and random blocks at the demo's sizes (no model or data files)")
+    p.add_argument("--device", default="auto", help="auto (cuda when there is one) | cpu | cuda")
     p.add_argument("--out", default="bench_peers.json")
     p.add_argument("--rss-arm", choices=ARMS, help=argparse.SUPPRESS)  # internal: one arm in a fresh process
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -118,31 +125,49 @@ def tiny_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="t0", unk_token="t1", eos_token="t2")
 
 
-def quick_setup(args: argparse.Namespace) -> Setup:
-    """A tiny random teacher, its 2-layer student and random token blocks (no download, seconds)."""
+def synthetic_setup(args: argparse.Namespace) -> Setup:
+    """A random-weight teacher of a known shape, its layer-dropped student and random token blocks
+    (no files, no download): ``--quick`` a tiny shape in seconds, ``--synthetic`` SmolLM2-135M's
+    shape at the demo's sizes (324 train / 77 held-out blocks of 128 tokens, 6 of 30 layers kept)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from raykd.students import layer_drop
     from raykd.train.local import batch_indices
 
+    if args.quick:
+        shape, sizes, keep = QUICK_SHAPE, {"train": 8, "held_out": 4, "seq_len": 16, "steps": 6, "batch": 2}, [0, -1]
+    else:
+        shape, sizes, keep = SHAPES["smollm2-135m"], {"train": 324, "held_out": 77, "seq_len": 128, "steps": 80, "batch": 4}, [0, 6, 12, 18, 24, 29]
+    layers = args.teacher_layers or shape["num_hidden_layers"]
+    keep = spread(keep, shape["num_hidden_layers"], layers)
     torch.manual_seed(args.seed)
-    shape = {**QUICK_SHAPE, "num_hidden_layers": args.teacher_layers or QUICK_SHAPE["num_hidden_layers"]}
     start = time.perf_counter()
-    teacher = LlamaForCausalLM(LlamaConfig(**shape, max_position_embeddings=64, pad_token_id=0)).eval()
+    teacher = LlamaForCausalLM(LlamaConfig(**{**shape, "num_hidden_layers": layers}, max_position_embeddings=2048,
+                                           pad_token_id=0)).eval()
     load_s = time.perf_counter() - start
     rng = np.random.default_rng(args.seed)
 
     def blocks(n: int) -> dict[str, np.ndarray]:
-        ids = rng.integers(1, shape["vocab_size"], size=(n, 16))
+        ids = rng.integers(1, shape["vocab_size"], size=(n, sizes["seq_len"]))
         return {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids, dtype=bool)}
 
-    steps, batch = args.steps or 6, args.batch_size or 2
-    train = blocks(8)
+    steps, batch = args.steps or sizes["steps"], args.batch_size or sizes["batch"]
+    train = blocks(args.train_blocks or sizes["train"])
     order = np.stack(list(batch_indices(len(train["input_ids"]), batch, steps, args.seed)))
-    return Setup(teacher, layer_drop(teacher, [0, shape["num_hidden_layers"] - 1]), train, blocks(4), order, load_s,
-                 {"teacher": f"tiny random Llama, {shape['num_hidden_layers']} layers", "student_layers": 2,
-                  "k": args.k or 8, "lr": 3e-4, "warmup_steps": 1, "steps": steps, "batch_size": batch, "seq_len": 16},
+    name = "tiny" if args.quick else "smollm2-135m"
+    return Setup(teacher, layer_drop(teacher, keep), train, blocks(sizes["held_out"]), order, load_s,
+                 {"teacher": f"{name} shape, {layers} layers, random weights; random token blocks", "student_layers": keep,
+                  "k": args.k or (8 if args.quick else 32), "lr": 3e-4, "warmup_steps": 1 if args.quick else 8,
+                  "steps": steps, "batch_size": batch, "seq_len": sizes["seq_len"]},
                  tiny_tokenizer(shape["vocab_size"]))
+
+
+def spread(keep: list[int], layers: int, deeper: int) -> list[int]:
+    """``keep``'s layer indices (negative: from the end) moved to the same relative depths of a
+    teacher with ``deeper`` layers instead of ``layers``."""
+    if deeper == layers:
+        return [k % layers for k in keep]
+    return [round((k % layers) * (deeper - 1) / (layers - 1)) for k in keep]
 
 
 def real_setup(args: argparse.Namespace) -> Setup:
@@ -161,6 +186,7 @@ def real_setup(args: argparse.Namespace) -> Setup:
     tok = load_tokenizer(path)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
+    config_layers = AutoConfig.from_pretrained(path).num_hidden_layers
     if args.teacher_layers:
         config = AutoConfig.from_pretrained(path)
         config.num_hidden_layers = args.teacher_layers
@@ -183,20 +209,28 @@ def real_setup(args: argparse.Namespace) -> Setup:
         out = tokenize_to_blocks(batch, tok, seq_len=d.seq_len, max_blocks_per_doc=d.max_blocks_per_doc, min_tokens=d.min_tokens)
         return {k: out[k] for k in ("input_ids", "attention_mask", "loss_mask")}
 
-    train = blocks("train")
+    train = {k: v[: args.train_blocks] for k, v in blocks("train").items()}
     steps, batch = args.steps or cfg.train.max_steps, args.batch_size or cfg.train.batch_size
     order = np.stack(list(batch_indices(len(train["input_ids"]), batch, steps, args.seed)))
-    keep_layers = list(cfg.student.keep_layers)
-    if args.teacher_layers:  # the same share of layers, spread over the deeper teacher
-        keep_layers = [round(i * (args.teacher_layers - 1) / (len(keep_layers) - 1)) for i in range(len(keep_layers))]
+    keep_layers = spread(list(cfg.student.keep_layers), config_layers, args.teacher_layers or config_layers)
     return Setup(teacher, layer_drop(teacher, keep_layers), train, blocks("eval"), order, load_s,
                  {"teacher": cfg.teacher.model + (f" config, {args.teacher_layers} layers, random weights" if args.teacher_layers else ""),
                   "student_layers": keep_layers, "k": args.k or cfg.labels.k, "lr": cfg.train.lr,
                   "warmup_steps": cfg.train.warmup_steps, "steps": steps, "batch_size": batch, "seq_len": d.seq_len}, tok)
 
 
-def rows(data: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(v[idx]) for k, v in data.items()}
+def rows(data: dict[str, np.ndarray], idx: np.ndarray, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v[idx]).to(device) for k, v in data.items()}
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a step's clock stops when its kernels are done)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
@@ -206,10 +240,10 @@ def label(teacher: torch.nn.Module, train: dict[str, np.ndarray], k: int, batch_
 
     parts: dict[str, list[torch.Tensor]] = {"topk_logprobs": [], "topk_ids": [], "tail_logmass": []}
     for s in range(0, len(train["input_ids"]), batch_size):
-        b = rows(train, np.arange(s, min(s + batch_size, len(train["input_ids"]))))
+        b = rows(train, np.arange(s, min(s + batch_size, len(train["input_ids"]))), device_of(teacher))
         lp, ids, tail = topk_with_tail(teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, k, 1.0)
         for name, v in zip(parts, (lp.half(), ids.int(), tail)):
-            parts[name].append(v)
+            parts[name].append(v.cpu())  # the cache lives on the host
     return {name: torch.cat(v) for name, v in parts.items()}
 
 
@@ -240,12 +274,14 @@ class RaykdArm:
         from raykd.train.loop import batch_to_inputs
         from raykd.train.step import StudentBatch
 
-        b = rows(self.setup.train, idx)
+        device = device_of(self.model)
+        b = rows(self.setup.train, idx, device)
         if self.labels is not None:
-            b.update({k: v[torch.as_tensor(idx)] for k, v in self.labels.items()})
+            b.update({k: v[torch.as_tensor(idx)].to(device) for k, v in self.labels.items()})
         else:  # online: batch_to_inputs reads the label columns; the teacher replaces the targets
             shape = b["input_ids"].shape
-            b.update(topk_ids=torch.zeros(*shape, 1), topk_logprobs=torch.zeros(*shape, 1), tail_logmass=torch.zeros(*shape))
+            b.update(topk_ids=torch.zeros(*shape, 1, device=device), topk_logprobs=torch.zeros(*shape, 1, device=device),
+                     tail_logmass=torch.zeros(*shape, device=device))
         ids, am, labels, mask, targets = batch_to_inputs(b)
         return StudentBatch({"input_ids": ids, "attention_mask": am}, labels, mask, targets if self.labels is not None else None)
 
@@ -258,6 +294,7 @@ class RaykdArm:
             start = time.perf_counter()
             train_step(self.model, self.optimizer, [self.batch(self.setup.order[self.done])], self.objective, 1.0,
                        scheduler=self.scheduler, max_grad_norm=1.0, teacher=self.teacher_fn)
+            sync(device_of(self.model))
             self.step_s.append(time.perf_counter() - start)
             self.done += 1
 
@@ -306,6 +343,7 @@ def trl_trainer(setup: Setup, workdir: Path, on_segment=None, segment: int = 1):
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            sync(device_of(setup.student))
             step_s.append(time.perf_counter() - self.t0)
             if on_segment is not None and state.global_step % segment == 0:
                 on_segment()
@@ -316,7 +354,7 @@ def trl_trainer(setup: Setup, workdir: Path, on_segment=None, segment: int = 1):
     config = GKDConfig(output_dir=str(workdir / "trl"), per_device_train_batch_size=d["batch_size"], max_steps=d["steps"],
                        lmbda=0.0, beta=0.0, seq_kd=False, max_grad_norm=1.0, learning_rate=d["lr"], logging_steps=10**6,
                        save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0, disable_tqdm=True,
-                       use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False)
+                       use_cpu=device_of(setup.student).type == "cpu", bf16=False, fp16=False)
     trainer = InOrder(model=model, teacher_model=setup.teacher, args=config, data_collator=collate, train_dataset=data,
                       processing_class=setup.tokenizer, optimizers=(optimizer, scheduler), callbacks=[Clock()])
     return trainer, step_s, time.perf_counter() - start
@@ -328,12 +366,12 @@ def evaluate(model: torch.nn.Module, held_out: dict[str, np.ndarray], teacher_to
     model.eval()
     nll, agree, n = 0.0, 0, 0
     for s in range(0, len(held_out["input_ids"]), batch_size):
-        b = rows(held_out, np.arange(s, min(s + batch_size, len(held_out["input_ids"]))))
+        b = rows(held_out, np.arange(s, min(s + batch_size, len(held_out["input_ids"]))), device_of(model))
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
         m = b["loss_mask"][:, 1:].bool() & b["loss_mask"][:, :-1].bool()
         tok_lp = torch.log_softmax(logits, -1).gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
         nll -= float(tok_lp[m].double().sum())
-        agree += int((logits.argmax(-1) == teacher_top1[s : s + len(logits)])[m].sum())
+        agree += int((logits.argmax(-1) == teacher_top1[s : s + len(logits)].to(logits.device))[m].sum())
         n += int(m.sum())
     return {"ppl": float(np.exp(nll / max(n, 1))), "top1_agreement": agree / max(n, 1), "tokens": n}
 
@@ -342,9 +380,13 @@ def evaluate(model: torch.nn.Module, held_out: dict[str, np.ndarray], teacher_to
 def teacher_top1(teacher: torch.nn.Module, held_out: dict[str, np.ndarray], batch_size: int = 16) -> torch.Tensor:
     out = []
     for s in range(0, len(held_out["input_ids"]), batch_size):
-        b = rows(held_out, np.arange(s, min(s + batch_size, len(held_out["input_ids"]))))
+        b = rows(held_out, np.arange(s, min(s + batch_size, len(held_out["input_ids"]))), device_of(teacher))
         out.append(teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].argmax(-1))
     return torch.cat(out)
+
+
+def pick(device: str) -> torch.device:
+    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
 
 
 def save_workdir(setup: Setup, labels: dict[str, torch.Tensor] | None, workdir: Path) -> None:
@@ -367,8 +409,9 @@ def rss_child(args: argparse.Namespace) -> None:
     order = blocks.pop("order")[: args.rss_steps]
     describe = {**json.loads((workdir / "describe.json").read_text()), "steps": len(order)}
     cached = args.rss_arm == "raykd_cached"
-    teacher = None if cached else AutoModelForCausalLM.from_pretrained(workdir / "teacher").eval()
-    student = AutoModelForCausalLM.from_pretrained(workdir / "student")
+    device = pick(args.device)
+    teacher = None if cached else AutoModelForCausalLM.from_pretrained(workdir / "teacher").eval().to(device)
+    student = AutoModelForCausalLM.from_pretrained(workdir / "student").to(device)
     setup = Setup(teacher, student, blocks, {}, order, 0.0, describe, AutoTokenizer.from_pretrained(workdir / "student"))
     if args.rss_arm == "trl_gkd":
         with tempfile.TemporaryDirectory() as tmp:
@@ -376,17 +419,19 @@ def rss_child(args: argparse.Namespace) -> None:
     else:
         labels = torch.load(workdir / "labels.pt") if cached else None
         RaykdArm(setup, OBJECTIVES[args.objective], labels, teacher).run(len(order))
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_gpu_mb": gpu}))
 
 
-def peak_rss(args: argparse.Namespace, arm: str, workdir: Path) -> float | None:
+def peak_memory(args: argparse.Namespace, arm: str, workdir: Path) -> dict:
+    """Peak RSS (and peak GPU memory on CUDA) of a fresh process running ``--rss-steps`` of ``arm``."""
     cmd = [sys.executable, __file__, "--rss-arm", arm, "--workdir", str(workdir), "--rss-steps", str(args.rss_steps),
-           "--objective", args.objective]
+           "--objective", args.objective, "--device", args.device]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         print(f"peak RSS of {arm} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+        return {"peak_rss_mb": None, "peak_gpu_mb": None, "error": done.stderr[-500:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def summarise(step_s: list[float], startup_s: float, labeling_s: float, teacher_load_s: float, students: list[int]) -> dict:
@@ -433,7 +478,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     if args.rss_arm:
         return rss_child(args)
-    setup = quick_setup(args) if args.quick else real_setup(args)
+    setup = synthetic_setup(args) if args.quick or args.synthetic else real_setup(args)
+    device = pick(args.device)
+    setup.teacher.to(device), setup.student.to(device)
     d = setup.describe
     trl_missing = trl_available() if "trl_gkd" in args.arms else "not requested (--arms)"
     arms = [a for a in args.arms if a != "trl_gkd" or trl_missing is None]
@@ -456,7 +503,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         if args.rss_steps:
             save_workdir(setup, labels, Path(tmp))
             for name in arms:
-                results[name]["peak_rss_mb"] = peak_rss(args, name, Path(tmp))
+                results[name].update(peak_memory(args, name, Path(tmp)))
     ratios = {}
     if "trl_gkd" in results:
         trl = results["trl_gkd"]
@@ -469,7 +516,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         "benchmark": "peers",
         "setup": {**d, "objective_raykd": OBJECTIVES[args.objective], "objective_trl": "GKDTrainer lmbda=0 beta=0 (forward KL, full vocabulary)",
                   "segment": args.segment, "seed": args.seed, "quick": args.quick, "torch_threads": torch.get_num_threads(),
-                  "device": "cpu", "teacher_load_s": setup.teacher_load_s, "rss_steps": args.rss_steps},
+                  "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                  "teacher_load_s": setup.teacher_load_s, "rss_steps": args.rss_steps},
         "trl": {"version": __import__("trl").__version__} if trl_missing is None else {"skipped": trl_missing},
         "arms": results,
         "ratio_to_trl": ratios,
