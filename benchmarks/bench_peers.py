@@ -98,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="default: the config's train.max_steps")
     p.add_argument("--batch-size", type=int, default=None, help="default: the config's train.batch_size")
     p.add_argument("--train-blocks", type=int, default=None, help="use only the first N train blocks (check runs)")
+    p.add_argument("--held-out-blocks", type=int, default=None, help="use only the first N held-out blocks (check runs)")
     p.add_argument("--segment", type=int, default=5, help="steps of one arm before the next arm's turn")
     p.add_argument("--objective", choices=sorted(OBJECTIVES), default="kl", help="the raykd arms' loss (TRL: forward KL)")
     p.add_argument("--k", type=int, default=None, help="cached top-k (default: the config's labels.k)")
@@ -213,7 +214,8 @@ def real_setup(args: argparse.Namespace) -> Setup:
     steps, batch = args.steps or cfg.train.max_steps, args.batch_size or cfg.train.batch_size
     order = np.stack(list(batch_indices(len(train["input_ids"]), batch, steps, args.seed)))
     keep_layers = spread(list(cfg.student.keep_layers), config_layers, args.teacher_layers or config_layers)
-    return Setup(teacher, layer_drop(teacher, keep_layers), train, blocks("eval"), order, load_s,
+    held_out = {k: v[: args.held_out_blocks] for k, v in blocks("eval").items()}
+    return Setup(teacher, layer_drop(teacher, keep_layers), train, held_out, order, load_s,
                  {"teacher": cfg.teacher.model + (f" config, {args.teacher_layers} layers, random weights" if args.teacher_layers else ""),
                   "student_layers": keep_layers, "k": args.k or cfg.labels.k, "lr": cfg.train.lr,
                   "warmup_steps": cfg.train.warmup_steps, "steps": steps, "batch_size": batch, "seq_len": d.seq_len}, tok)

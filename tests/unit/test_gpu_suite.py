@@ -59,7 +59,7 @@ def test_dry_run_on_cpu_without_ray(tmp_path):
     out = tmp_path / "dry.json"
     env = {"PYTHONPATH": f"{blocked.parent}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--dry", "--out", str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1100)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
     status = {r["arm"]: r for r in result["arms"]}
