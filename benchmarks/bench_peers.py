@@ -526,8 +526,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         "targets": {"raykd_cached end_to_end_4 / trl_gkd (deeper teacher)": "<= 0.5",
                     "raykd ppl / trl ppl at the same objective": "<= 1.02 (over 3 seeds, with sampled labels)"},
     }
-    print_table(result)
     Path(args.out).write_text(json.dumps(result, indent=2))
+    print_table(result)
     return result
 
 
@@ -544,7 +544,7 @@ def print_table(result: dict) -> None:
         rss = r.get("peak_rss_mb")
         print(f"{name:<13} {r['step_s']:>7.3f} {ratio:>5.2f} {r['step_s_with_startup']:>12.3f} "
               + " ".join(f"{r['end_to_end_s'][n]:>9.1f}" for n in n_keys)
-              + f" {r['eval']['ppl']:>9.1f} {r['eval']['top1_agreement']:>6.3f} {rss if rss is None else round(rss):>7}")
+              + f" {r['eval']['ppl']:>9.1f} {r['eval']['top1_agreement']:>6.3f} {'-' if rss is None else str(round(rss)):>7}")
     if "skipped" in result["trl"]:
         print(f"trl_gkd skipped: {result['trl']['skipped']}")
 
