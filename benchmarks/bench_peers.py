@@ -289,7 +289,18 @@ def rss_child(args: argparse.Namespace) -> None:
         labels = torch.load(workdir / "labels.pt") if cached else None
         RaykdArm(setup, OBJECTIVES[args.objective], labels, teacher).run(len(order))
     gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_gpu_mb": gpu}))
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": gpu}))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS: ``VmHWM`` of its own address space (``ru_maxrss`` survives
+    ``exec`` and would report the forking parent's size in a child), else ``ru_maxrss``."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_memory(args: argparse.Namespace, arm: str, workdir: Path) -> dict:
