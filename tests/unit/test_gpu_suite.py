@@ -1,0 +1,71 @@
+"""``benchmarks/gpu_suite.py``: its arms in the issue's order, skips that name their reason, and
+a ``--dry`` run on CPU (no GPU, no Ray) whose JSON a first GPU run will also write."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def suite():
+    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_arms_in_order_within_the_budget(suite):
+    arms = suite.arms(sys.executable)
+    assert [a.name for a in arms] == ["pytest_gpu", "engine_vs_bare", "vllm_vs_offline", "chunked_loss_memory", "kd_200_steps"]
+    assert sum(a.cap_s for a in arms) <= 600  # caps; the suite's own budget (480 s) cuts the rest
+    kd = arms[-1].command(Path("kd.json"), False)
+    assert "--steps" in kd and kd[kd.index("--steps") + 1] == "200" and "--device" in kd
+
+
+def test_an_arm_whose_package_is_missing_is_skipped_with_the_reason(suite, tmp_path):
+    arm = suite.Arm("needs_nothing_here", 10, suite.needs("no_such_package_raykd"), lambda out, dry: ["false"])
+    record = suite.run_arm(arm, tmp_path, dry=True, left_s=100, env={})
+    assert record["status"] == "skipped" and "no_such_package_raykd" in record["reason"]
+    late = suite.Arm("late", 10, lambda: None, lambda out, dry: ["false"])
+    assert "budget" in suite.run_arm(late, tmp_path, dry=True, left_s=5, env={})["reason"]
+
+
+def test_a_failing_arm_is_recorded_not_raised(suite, tmp_path):
+    arm = suite.Arm("fails", 10, lambda: None, lambda out, dry: [sys.executable, "-c", "raise SystemExit(3)"])
+    record = suite.run_arm(arm, tmp_path, dry=True, left_s=100, env={})
+    assert record["status"] == "failed" and record["returncode"] == 3
+
+
+def test_chunked_loss_arm_says_why_until_item_2_lands(suite):
+    reason = suite.chunked_loss_missing()
+    built = (ROOT / "benchmarks" / "bench_chunked_loss.py").is_file()
+    assert (reason is None) == built or reason == suite.CHUNKED_MISSING
+
+
+@pytest.mark.slow
+def test_dry_run_on_cpu_without_ray(tmp_path):
+    blocked = tmp_path / "blocked" / "ray"  # any `import ray` in an arm fails the suite
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('the GPU suite must run without Ray')\n")
+    out = tmp_path / "dry.json"
+    env = {"PYTHONPATH": f"{blocked.parent}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--dry", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1100)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    status = {r["arm"]: r for r in result["arms"]}
+    assert list(status) == ["pytest_gpu", "engine_vs_bare", "vllm_vs_offline", "chunked_loss_memory", "kd_200_steps"]
+    for r in status.values():
+        assert r["status"] in ("ok", "skipped"), r
+        assert r["status"] == "ok" or r["reason"]
+    assert status["kd_200_steps"]["status"] == "ok" and "raykd_cached" in status["kd_200_steps"]["result"]["arms"]
+    assert status["engine_vs_bare"]["status"] == "ok"
