@@ -4,7 +4,8 @@ Ray queues a task, actor or placement group whose resources are not free and wai
 without a word, e.g. a Ray Data task of 1 CPU on a 2-CPU node whose teacher replica and Train
 worker hold 1.5. :class:`StallWatchdog` watches a progress count (a bar's steps or rows) beside
 Ray's pending demands (its state API: tasks waiting for a node, actors waiting to be created,
-placement groups waiting for bundles). When the count has not moved for ``timeout_s`` and
+placement groups waiting for bundles, from the cluster status the GCS keeps). When the count has
+not moved for ``timeout_s`` and
 demands are pending, it interrupts the main thread, and the block raises :class:`StalledError`
 naming each demand and what holds the resources.
 
@@ -62,16 +63,38 @@ def _state(fn: Callable[..., list], **filters: Any) -> list:
 
 
 def pending_demands() -> list[str]:
-    """What Ray has not scheduled yet, each as ``"what (CPU: 1)"``: tasks waiting for a node,
-    actors waiting to be created, placement groups waiting for their bundles. Empty when none
-    are pending or the state API does not answer (no dashboard)."""
+    """What Ray has not scheduled yet, each as ``"what (CPU: 1)"``. The demand shapes come from
+    the cluster status the raylets report to the GCS (what Ray's autoscaler reads: tasks and
+    actors waiting for resources, placement groups waiting for bundles); the state API names
+    them where it knows them (task events may lag or be dropped). Empty when nothing is pending
+    or neither answers."""
+    names = _named_demands()
+    return names or _demand_shapes()
+
+
+def _demand_shapes() -> list[str]:
+    import ray
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    try:
+        demands = get_cluster_status(ray.get_runtime_context().gcs_address).resource_demands
+    except Exception:  # noqa: BLE001 - no answer: nothing known to be pending
+        return []
+    out = [f"{b.count} task(s) or actor(s) of ({_resources(b.bundle)})"
+           for d in demands.ray_task_actor_demand for b in d.bundles_by_count]
+    out += [f"a placement group of ({'; '.join(_resources(b.bundle) for b in d.bundles_by_count)})"
+            for d in demands.placement_group_demand]
+    return out
+
+
+def _named_demands() -> list[str]:
     from ray.util.state import list_actors, list_placement_groups, list_tasks
 
     try:
         tasks = _state(list_tasks, state="PENDING_NODE_ASSIGNMENT")
         actors = _state(list_actors, state="PENDING_CREATION")
         groups = _state(list_placement_groups, state="PENDING")
-    except Exception:  # noqa: BLE001 - no state API: nothing known to be pending
+    except Exception:  # noqa: BLE001 - no state API (no dashboard)
         return []
     out = [f"task {t.name} ({_resources(t.required_resources)})" for t in tasks]
     out += [f"actor {a.class_name} ({_resources(a.required_resources)})" for a in actors]
