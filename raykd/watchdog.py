@@ -131,7 +131,10 @@ class StallWatchdog:
         StalledError: on exit, when the watchdog interrupted the block.
 
     It watches only when entered from the main thread (the one a SIGINT interrupts); elsewhere,
-    e.g. in a Tune trial's thread, it does nothing.
+    e.g. in a Tune trial's thread, it does nothing. While it watches, SIGINT has Python's default
+    handler (a ``KeyboardInterrupt``) unless the block installs its own, as Ray Train's ``fit``
+    does (it then aborts the run); a handler an earlier ``fit`` left behind, which only logs, is
+    set aside and restored on exit.
     """
 
     def __init__(self, progress: Callable[[], float | None], what: str, timeout_s: float | None = None,
@@ -142,9 +145,11 @@ class StallWatchdog:
         self.message: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="raykd-stall-watchdog", daemon=True)
+        self._old_handler: Any = None
 
     def __enter__(self) -> StallWatchdog:
         if threading.current_thread() is threading.main_thread():  # it interrupts the main thread only
+            self._old_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
             self._thread.start()
         return self
 
@@ -152,6 +157,8 @@ class StallWatchdog:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=self.poll_s + 5)
+        if self._old_handler is not None:
+            signal.signal(signal.SIGINT, self._old_handler)
         if self.message is not None and (kind is None or issubclass(kind, KeyboardInterrupt)):
             raise StalledError(self.message) from None
 
