@@ -77,11 +77,7 @@ def tokenize_to_blocks(
     Raises:
         ValueError: a column is missing from ``batch`` or a size argument is out of range.
     """
-    if seq_len < 2 or max_blocks_per_doc < 1 or not 1 <= min_tokens <= seq_len:
-        raise ValueError(
-            f"need seq_len >= 2, max_blocks_per_doc >= 1 and 1 <= min_tokens <= seq_len; got "
-            f"seq_len={seq_len}, max_blocks_per_doc={max_blocks_per_doc}, min_tokens={min_tokens}"
-        )
+    _check_block_sizes(seq_len, max_blocks_per_doc, min_tokens)
     for column in (id_column, text_column):
         if column not in batch:
             raise ValueError(f"batch has no column {column!r} (columns: {', '.join(map(repr, batch))})")
@@ -89,24 +85,54 @@ def tokenize_to_blocks(
     texts = [str(t) for t in batch[text_column]]
     if not texts:
         return _empty_blocks(seq_len)
-
     bos, pad = _special_ids(tokenizer)
     prefix = [] if bos is None else [int(bos)]
-    token_lists = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    token_lists = [prefix + list(tokens) for tokens in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    chunks, owners = _cut_blocks(doc_ids, token_lists, seq_len, max_blocks_per_doc, min_tokens)
+    return _pack_blocks(chunks, owners, seq_len, pad) if chunks else _empty_blocks(seq_len)
 
+
+def _check_block_sizes(seq_len: int, max_blocks_per_doc: int, min_tokens: int) -> None:
+    """The size arguments of :func:`tokenize_to_blocks`, checked before any tokenising.
+
+    Raises:
+        ValueError: ``seq_len < 2``, ``max_blocks_per_doc < 1`` or ``min_tokens`` outside ``[1, seq_len]``.
+    """
+    if seq_len < 2 or max_blocks_per_doc < 1 or not 1 <= min_tokens <= seq_len:
+        raise ValueError(
+            f"need seq_len >= 2, max_blocks_per_doc >= 1 and 1 <= min_tokens <= seq_len; got "
+            f"seq_len={seq_len}, max_blocks_per_doc={max_blocks_per_doc}, min_tokens={min_tokens}"
+        )
+
+
+def _cut_blocks(doc_ids: list[Any], token_lists: list[list[int]], seq_len: int, max_blocks_per_doc: int,
+                min_tokens: int) -> tuple[list[list[int]], list[tuple[Any, int]]]:
+    """Consecutive, non-overlapping ``seq_len``-token pieces of each document, from its start.
+
+    Args:
+        doc_ids: ``[D]`` document ids; token_lists: ``[D]`` token ids per document (BOS included).
+        seq_len, max_blocks_per_doc, min_tokens: as :func:`tokenize_to_blocks`; a piece shorter
+            than ``min_tokens`` ends its document (it and every later piece are dropped).
+
+    Returns:
+        ``(chunks, owners)``: ``N`` token lists of 1 to ``seq_len`` ids, and each one's
+        ``(doc_id, block index)``.
+    """
     chunks: list[list[int]] = []
     owners: list[tuple[Any, int]] = []
     for doc_id, tokens in zip(doc_ids, token_lists):
-        tokens = prefix + list(tokens)
         for b in range(max_blocks_per_doc):
             chunk = tokens[b * seq_len : (b + 1) * seq_len]
             if len(chunk) < min_tokens:
                 break
             chunks.append(chunk)
             owners.append((doc_id, b))
-    if not chunks:
-        return _empty_blocks(seq_len)
+    return chunks, owners
 
+
+def _pack_blocks(chunks: list[list[int]], owners: list[tuple[Any, int]], seq_len: int, pad: int) -> dict[str, np.ndarray]:
+    """The block columns of :func:`tokenize_to_blocks` from ``N >= 1`` pieces: each right-padded
+    with ``pad`` to ``T = seq_len``, its masks set by the module's convention."""
     n = len(chunks)
     input_ids = np.full((n, seq_len), pad, dtype=np.int32)
     attention_mask = np.zeros((n, seq_len), dtype=np.uint8)
