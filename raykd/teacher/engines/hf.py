@@ -147,6 +147,28 @@ class _ToHost:
         return host.numpy()
 
 
+def left_padded(encoded: list[list[int]], pad: int):
+    """Token-id rows as one left-padded batch for decoder-only generation.
+
+    Args:
+        encoded: ``B`` rows of token ids (at least one id each).
+        pad: the id the short rows start with.
+
+    Returns:
+        ``(ids, attention_mask)``: torch int64 ``[B, P]`` (``P`` the longest row), the mask 1 on
+        each row's own ids (its right end).
+    """
+    import torch
+
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for i, e in enumerate(encoded):
+        ids[i, width - len(e) :] = torch.tensor(e)
+        am[i, width - len(e) :] = 1
+    return ids, am
+
+
 class HFEngine:
     """Teacher engine on plain ``transformers`` (any ``AutoModelForCausalLM``).
 
@@ -329,18 +351,25 @@ class HFEngine:
         Raises:
             ValueError: empty prompt list, malformed prompt, bad ``k`` or ``max_new_tokens``.
         """
-        import torch
-
         if not 1 <= k <= self.vocab_size or max_new_tokens < 1 or not 0 < top_p <= 1:
             raise ValueError(f"need 1 <= k <= {self.vocab_size}, max_new_tokens >= 1 and 0 < top_p <= 1")
         encoded = encode_prompts(self.tokenizer, prompts)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        am = torch.zeros_like(ids)
-        for i, e in enumerate(encoded):  # left padding for decoder-only generation
-            ids[i, width - len(e) :] = torch.tensor(e)
-            am[i, width - len(e) :] = 1
+        ids, am = left_padded(encoded, pad)
+        new_ids, logits = self._sample(ids, am, pad, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                       top_p=top_p)
+        return self._completions(new_ids, logits, k)
+
+    def _sample(self, ids, am, pad: int, *, max_new_tokens: int, temperature: float, seed: int | None,
+                top_p: float):
+        """One ``model.generate`` over left-padded prompts ``[B, P]`` (greedy at temperature 0).
+
+        Returns:
+            ``(new_ids, logits)`` on the CPU: the generated ids ``[B, N]`` (pad after a row's end)
+            and the model's raw logits at each of them ``[B, N, V]`` (float32, temperature 1).
+        """
+        import torch
+
         if seed is not None:
             torch.manual_seed(seed)
         do_sample = temperature > 0
@@ -358,15 +387,20 @@ class HFEngine:
                 return_dict_in_generate=True,
                 output_logits=True,
             )
-        gen = out.sequences[:, width:].cpu()
-        logits = torch.stack(out.logits, dim=1).float().cpu()  # [B, N, V]
+        return out.sequences[:, ids.shape[1]:].cpu(), torch.stack(out.logits, dim=1).float().cpu()
+
+    def _completions(self, new_ids, logits, k: int) -> list[dict[str, Any]]:
+        """:meth:`generate`'s dicts from the generated ids ``[B, N]`` and raw logits ``[B, N, V]``:
+        each row cut after its first EOS (kept), with its top-``k`` and chosen-token log-probabilities."""
+        import torch
+
         logp = torch.log_softmax(logits, dim=-1)  # raw logits (output_logits), temperature 1
         top_lp, top_ids = logp.topk(k, dim=-1)
-        chosen = logp.gather(-1, gen[..., None]).squeeze(-1)
+        chosen = logp.gather(-1, new_ids[..., None]).squeeze(-1)
         results = []
         eos = self.tokenizer.eos_token_id
-        for i in range(len(encoded)):
-            toks = gen[i].tolist()
+        for i in range(len(new_ids)):
+            toks = new_ids[i].tolist()
             n = toks.index(eos) + 1 if eos in toks else len(toks)
             results.append(
                 {
