@@ -126,6 +126,80 @@ def _ask(handle, rows: dict[str, np.ndarray], batch_size: int, **kwargs: Any) ->
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+@dataclasses.dataclass
+class _TeacherCaches:
+    """Where one teacher's caches live (``root``, one key per kind) and which of them are finished.
+
+    ``found`` per split and ``mc_found`` are :func:`~raykd.soft_labels.class_labels.find_class_cache`'s
+    ``(folder, manifest or None)``; ``mc_found`` is None when MC labels are not asked for, and
+    ``feat_done`` is True when features are not.
+    """
+
+    root: Path
+    n_cls: int
+    info: dict[str, Any]
+    keys: dict[str, CacheKey]
+    mc_key: CacheKey
+    feat_key: CacheKey
+    found: dict[str, tuple]
+    mc_found: tuple | None
+    feat_dir: Path
+    feat_done: bool
+
+    def train_missing(self, need_mc: bool) -> bool:
+        """Whether a train cache asked for is not finished (one pass over train then makes them all)."""
+        return self.found["train"][1] is None or (need_mc and self.mc_found[1] is None) or not self.feat_done
+
+
+def _find_caches(cfg: MukiConfig, path: str, rows: dict[str, dict[str, np.ndarray]], data_fps: dict[str, str], *,
+                 need_mc: bool, need_features: bool) -> _TeacherCaches:
+    """The keys of one teacher's caches (its weights and tokenizer fingerprints, each split's
+    data fingerprint, ``seq_len``) and which are finished under the labels' cache root."""
+    root = (Path(cfg.labels.cache_dir).expanduser().resolve() if cfg.labels.cache_dir else _default_root()) / "class_labels"
+    n_cls = len(_teacher_labels(path))
+    w_fp, t_fp = weights_fingerprint(path), tokenizer_fingerprint(load_tokenizer(path))
+    keys = {s: class_cache_key(w_fp, t_fp, "float32", n_cls, data_fps[s], cfg.data.seq_len) for s in rows}
+    mc_key = dataclasses.replace(keys["train"], logprobs_mode=mc_mode(cfg.mc))
+    feat_key = dataclasses.replace(keys["train"], logprobs_mode=FEATURES_MODE)
+    feat_dir = Path(cache_dir_for(root, feat_key))
+    return _TeacherCaches(
+        root, n_cls, {"path": str(path), "weights_fingerprint": w_fp}, keys, mc_key, feat_key,
+        found={s: find_class_cache(root, k) for s, k in keys.items()},
+        mc_found=find_class_cache(root, mc_key) if need_mc else None,
+        feat_dir=feat_dir, feat_done=(feat_dir / "manifest.json").is_file() if need_features else True)
+
+
+class _ServedTeacher:
+    """One teacher's Serve application, started on first use: Ray starts only when a teacher must be asked."""
+
+    def __init__(self, cfg: MukiConfig, name: str, path: str) -> None:
+        self.cfg, self.name, self.path = cfg, name, path
+        self._handle = None
+
+    @property
+    def started(self) -> bool:
+        return self._handle is not None
+
+    @property
+    def handle(self):
+        """The deployment handle (the teacher is deployed on the first call)."""
+        if self._handle is None:
+            connect(self.cfg.ray)
+            # lazy: keeps ray out of import time
+            from raykd.teacher.deployment import start_teacher
+
+            self._handle, _ = start_teacher(teacher_config(self.cfg, self.name, self.path), str(self.path))
+        return self._handle
+
+    def release(self) -> None:
+        """Stop the application unless ``teacher.keep_alive``."""
+        if not self.cfg.teacher.keep_alive:
+            # lazy: keeps ray out of import time
+            from raykd.teacher.deployment import stop_teacher
+
+            stop_teacher(self.name)
+
+
 def teacher_labels(cfg: MukiConfig, name: str, path: str, rows: dict[str, dict[str, np.ndarray]], data_fps: dict[str, str],
                    *, need_mc: bool, need_features: bool, stats: dict[str, Any]) -> TeacherLabels:
     """Find (or make through the served teacher) one teacher's caches.
@@ -141,83 +215,82 @@ def teacher_labels(cfg: MukiConfig, name: str, path: str, rows: dict[str, dict[s
             of its train labeling) and, for a head-only run with ``mc.cost_sample``,
             ``encoder_mc_cost`` (the paper's full-encoder MC timed on a sample).
     """
-    root = (Path(cfg.labels.cache_dir).expanduser().resolve() if cfg.labels.cache_dir else _default_root()) / "class_labels"
-    n_cls = len(_teacher_labels(path))
-    w_fp, t_fp = weights_fingerprint(path), tokenizer_fingerprint(load_tokenizer(path))
-    keys = {s: class_cache_key(w_fp, t_fp, "float32", n_cls, data_fps[s], cfg.data.seq_len) for s in rows}
-    mc_key = dataclasses.replace(keys["train"], logprobs_mode=mc_mode(cfg.mc))
-    feat_key = dataclasses.replace(keys["train"], logprobs_mode=FEATURES_MODE)
-    found = {s: find_class_cache(root, k) for s, k in keys.items()}
-    mc_found = find_class_cache(root, mc_key) if need_mc else None
-    feat_dir = Path(cache_dir_for(root, feat_key))
-    feat_done = (feat_dir / "manifest.json").is_file() if need_features else True
-    out = TeacherLabels({})
-    handle = None
-    info = {"path": str(path), "weights_fingerprint": w_fp}
-
-    def get_handle():
-        nonlocal handle
-        if handle is None:
-            connect(cfg.ray)  # Ray starts only when a teacher must be asked
-            # lazy: keeps ray out of import time
-            from raykd.teacher.deployment import start_teacher
-
-            handle, _ = start_teacher(teacher_config(cfg, name, path), str(path))
-        return handle
-
-    train_missing = found["train"][1] is None or (need_mc and mc_found[1] is None) or not feat_done
-    if train_missing:
-        t0 = time.time()
-        passes = cfg.mc.passes if need_mc and mc_found[1] is None else 0
-        got = _ask(get_handle(), rows["train"], cfg.labels.batch_size, passes=passes, scope=cfg.mc.scope, seed=cfg.mc.seed)
-        seconds = time.time() - t0
-        n = len(rows["train"]["label"])
-        stats["teacher_calls"] += -(-n // cfg.labels.batch_size)
-        stats["label_s"] += seconds
-        stats["mc_passes"] += passes * n
-        stats["encoder_passes"] = stats.get("encoder_passes", 0) + n * (1 + (passes if cfg.mc.scope == "encoder" else 0))
-        stats.setdefault("mc_s", {})[name] = round(seconds, 1)
-        seq_len = rows["train"]["input_ids"].shape[1]
-        if found["train"][1] is None:
-            _commit(root, keys["train"], encode_rows(rows["train"], got["logits"], class_label_schema(seq_len, n_cls, keys["train"])), info, seconds)
-        if passes:
-            log_mean = np.log(np.clip(got["mean_probs"], 1e-30, None)).astype(np.float32)
-            _commit(root, mc_key, encode_rows(rows["train"], log_mean, class_label_schema(seq_len, n_cls, mc_key)),
-                    {**info, "mc_passes": passes, "mc_scope": cfg.mc.scope, "encoder_passes": passes * n if cfg.mc.scope == "encoder" else n}, seconds)
-        if not feat_done:
-            f = got["features"].astype(np.float32)
-            table = pa.Table.from_arrays(
-                [pa.array(np.asarray(rows["train"]["doc_id"]).astype(str)), _fixed(rows["train"]["attention_mask"].astype(np.uint8), pa.uint8()),
-                 pa.array(rows["train"]["label"].astype(np.int32)), _fixed(f, pa.float32())],
-                schema=feature_schema(seq_len, f.shape[1], feat_key))
-            _commit(root, feat_key, table, info, seconds)
-        stats["cache_misses"] += 1
-        found["train"] = find_class_cache(root, keys["train"])
-        mc_found = find_class_cache(root, mc_key) if need_mc else None
+    caches = _find_caches(cfg, path, rows, data_fps, need_mc=need_mc, need_features=need_features)
+    teacher = _ServedTeacher(cfg, name, path)
+    if caches.train_missing(need_mc):
+        _label_train(caches, teacher, rows["train"], cfg, need_mc, stats)
     else:
         stats["cache_hits"] += 1
+    out = TeacherLabels({})
     for split, split_rows in rows.items():
-        if found[split][1] is None:
-            t0 = time.time()
-            label_rows(get_handle(), split_rows, root, keys[split], num_classes=n_cls, batch_size=cfg.labels.batch_size, teacher=info)
-            stats["teacher_calls"] += -(-len(split_rows["label"]) // cfg.labels.batch_size)
-            stats["label_s"] += time.time() - t0
-            stats["cache_misses"] += 1
-            found[split] = find_class_cache(root, keys[split])
-        out.logits[split] = read_class_cache(*found[split])["teacher_logits"]
+        if caches.found[split][1] is None:
+            _label_split(caches, split, split_rows, teacher, cfg, stats)
+        out.logits[split] = read_class_cache(*caches.found[split])["teacher_logits"]
     if need_mc:
-        out.mean_probs = np.exp(read_class_cache(*mc_found)["teacher_logits"])
+        out.mean_probs = np.exp(read_class_cache(*caches.mc_found)["teacher_logits"])
     if need_features:
-        out.features = read_features(feat_dir, feat_key)
-    if handle is not None:
+        out.features = read_features(caches.feat_dir, caches.feat_key)
+    if teacher.started:
         if cfg.mc.cost_sample and need_mc:
-            stats.setdefault("encoder_mc_cost", {})[name] = measure_encoder_mc(handle, rows["train"], cfg)
-        if not cfg.teacher.keep_alive:
-            # lazy: keeps ray out of import time
-            from raykd.teacher.deployment import stop_teacher
-
-            stop_teacher(name)
+            stats.setdefault("encoder_mc_cost", {})[name] = measure_encoder_mc(teacher.handle, rows["train"], cfg)
+        teacher.release()
     return out
+
+
+def _label_train(caches: _TeacherCaches, teacher: _ServedTeacher, rows: dict[str, np.ndarray], cfg: MukiConfig,
+                 need_mc: bool, stats: dict[str, Any]) -> None:
+    """Ask the teacher once over the train rows for every missing train cache (logits, the MC
+    mean of ``mc.passes`` passes, pooled features), commit them, and count the work in ``stats``
+    (as :func:`teacher_labels`); ``caches.found["train"]`` and ``caches.mc_found`` are refreshed."""
+    t0 = time.time()
+    passes = cfg.mc.passes if need_mc and caches.mc_found[1] is None else 0
+    got = _ask(teacher.handle, rows, cfg.labels.batch_size, passes=passes, scope=cfg.mc.scope, seed=cfg.mc.seed)
+    seconds = time.time() - t0
+    n = len(rows["label"])
+    stats["teacher_calls"] += -(-n // cfg.labels.batch_size)
+    stats["label_s"] += seconds
+    stats["mc_passes"] += passes * n
+    stats["encoder_passes"] = stats.get("encoder_passes", 0) + n * (1 + (passes if cfg.mc.scope == "encoder" else 0))
+    stats.setdefault("mc_s", {})[teacher.name] = round(seconds, 1)
+    _commit_train(caches, rows, got, passes, cfg.mc.scope, seconds)
+    stats["cache_misses"] += 1
+    caches.found["train"] = find_class_cache(caches.root, caches.keys["train"])
+    caches.mc_found = find_class_cache(caches.root, caches.mc_key) if need_mc else None
+
+
+def _commit_train(caches: _TeacherCaches, rows: dict[str, np.ndarray], got: dict[str, np.ndarray], passes: int,
+                  scope: str, seconds: float) -> None:
+    """Commit what one pass over the train rows gave (``got``: ``logits`` ``[N, C]``, with
+    ``passes`` the ``mean_probs`` ``[N, C]`` and ``features`` ``[N, H]``) into the caches still missing."""
+    seq_len, n = rows["input_ids"].shape[1], len(rows["label"])
+    keys, info = caches.keys, caches.info
+    if caches.found["train"][1] is None:
+        table = encode_rows(rows, got["logits"], class_label_schema(seq_len, caches.n_cls, keys["train"]))
+        _commit(caches.root, keys["train"], table, info, seconds)
+    if passes:
+        log_mean = np.log(np.clip(got["mean_probs"], 1e-30, None)).astype(np.float32)
+        _commit(caches.root, caches.mc_key, encode_rows(rows, log_mean, class_label_schema(seq_len, caches.n_cls, caches.mc_key)),
+                {**info, "mc_passes": passes, "mc_scope": scope, "encoder_passes": passes * n if scope == "encoder" else n}, seconds)
+    if not caches.feat_done:
+        f = got["features"].astype(np.float32)
+        table = pa.Table.from_arrays(
+            [pa.array(np.asarray(rows["doc_id"]).astype(str)), _fixed(rows["attention_mask"].astype(np.uint8), pa.uint8()),
+             pa.array(rows["label"].astype(np.int32)), _fixed(f, pa.float32())],
+            schema=feature_schema(seq_len, f.shape[1], caches.feat_key))
+        _commit(caches.root, caches.feat_key, table, info, seconds)
+
+
+def _label_split(caches: _TeacherCaches, split: str, rows: dict[str, np.ndarray], teacher: _ServedTeacher,
+                 cfg: MukiConfig, stats: dict[str, Any]) -> None:
+    """Label one split's missing logits cache through the teacher (:func:`~raykd.soft_labels.class_labels.label_rows`),
+    count it in ``stats`` and refresh ``caches.found[split]``."""
+    t0 = time.time()
+    label_rows(teacher.handle, rows, caches.root, caches.keys[split], num_classes=caches.n_cls,
+               batch_size=cfg.labels.batch_size, teacher=caches.info)
+    stats["teacher_calls"] += -(-len(rows["label"]) // cfg.labels.batch_size)
+    stats["label_s"] += time.time() - t0
+    stats["cache_misses"] += 1
+    caches.found[split] = find_class_cache(caches.root, caches.keys[split])
 
 
 def measure_encoder_mc(handle, rows: dict[str, np.ndarray], cfg: MukiConfig) -> dict[str, float]:
