@@ -152,7 +152,7 @@ def test_class_label_cache_round_trip(tmp_path):
 
 def test_ta_chain_on_a_tiny_encoder(tmp_path):
     from raykd.recipes.ta_search.config import KDConfig, SparsifyConfig
-    from raykd.recipes.ta_search.chain import distill_chain, importance_of
+    from raykd.recipes.ta_search.classifier_chain import distill_chain, importance_of
     from raykd.students.sparsify import prunable_params
     from raykd.teacher.engines.classifier import load_classifier
 
@@ -181,7 +181,7 @@ def test_ta_chain_on_a_tiny_encoder(tmp_path):
 
 def test_layer_dropped_student_on_the_classifier_path(tmp_path):
     """Issue 5 wired ``student_kind=layer_drop``; here it runs: direct and through a sparse TA."""
-    from raykd.recipes.ta_search.chain import distill_chain, importance_of
+    from raykd.recipes.ta_search.classifier_chain import distill_chain, importance_of
     from raykd.recipes.ta_search.config import KDConfig, SparsifyConfig
     from raykd.teacher.engines.classifier import load_classifier
 

@@ -67,7 +67,7 @@ def test_ta_chain_student_stays_near_the_direct_student(base, tmp_path):
     The teacher and the direct student must have learnt the task (chance is 1/3), and the TA's
     student must stay within 0.1 of the direct one (3 of 30 test articles)."""
     from raykd.models import load_tokenizer
-    from raykd.recipes.ta_search.chain import distill_chain, importance_of
+    from raykd.recipes.ta_search.classifier_chain import distill_chain, importance_of
     from raykd.recipes.ta_search.config import KDConfig, SparsifyConfig
     from raykd.teacher.engines.classifier import load_classifier
 

@@ -1,3 +1,6 @@
-"""Teacher-assistant schedule search on a classification task: :mod:`.config`, :mod:`.prepare`
-(teacher, soft labels, importance), :mod:`.chain` (teacher -> TA -> student), :mod:`.minidisc`,
-:mod:`.maxidisc`, :mod:`.search` (the Tune experiments) and :mod:`.report`."""
+"""Teacher-assistant schedule search, for a classifier and a decoder LM: :mod:`.config`,
+:mod:`.chain` (the one teacher -> TA(s) -> student walk), :mod:`.classifier_chain` and
+:mod:`.lm_chain` (each task's hops and phases), :mod:`.paths` (TA paths as data),
+:mod:`.prepare` (the classifier's teacher, soft labels, importance), :mod:`.minidisc`,
+:mod:`.maxidisc`, :mod:`.classifier_search` and :mod:`.lm_search` (each task's searches),
+:mod:`.search` (one entry per search), :mod:`.tuner` (the Tune experiments) and :mod:`.report`."""

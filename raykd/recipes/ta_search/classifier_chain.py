@@ -7,21 +7,23 @@ same way with the same budget:
   computed online), with the objective ``kd_weight * forward_kl + ce_weight * ce`` through the
   training step every student shares (:mod:`raykd.train.local`).
 - :func:`prune_to`: a teacher (or TA) pruned to a sparsity relative to the original teacher.
+- :class:`ClassifierChain`: the classifier's :class:`~raykd.recipes.ta_search.chain.ChainTask`
+  (hops are sparsities; the student's is the target).
 - :func:`distill_chain`: teacher -> TA -> student (Mirzadeh et al. 2020, "Improved Knowledge
-  Distillation via Teacher Assistant"), with a callback for Tune reports.
+  Distillation via Teacher Assistant") on the one chain walk
+  (:func:`~raykd.recipes.ta_search.chain.walk_chain`), with a callback for Tune reports.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
+from raykd.recipes.ta_search.chain import walk_chain
 from raykd.recipes.ta_search.config import KDConfig, SparsifyConfig
 from raykd.students.build import count_parameters, layer_drop
 from raykd.students.sparsify import Masks, densify, masks_for_sparsity, prunable_params, taylor_importance, unit_params
@@ -87,11 +89,39 @@ class ChainResult:
         return dict(self.__dict__)
 
 
-def make_student(source: nn.Module, target: float, base_prunable: int, train: ClassData, kd: KDConfig, sp: SparsifyConfig) -> nn.Module:
-    """The student built from its teacher (or TA): pruned to ``target`` or layer-dropped."""
-    if sp.student_kind == "layer_drop":
-        return layer_drop(source, sp.keep_layers)
-    return prune_to(source, target, base_prunable, importance_of(source, train, kd, sp.importance_batches))
+@dataclass
+class ClassifierChain:
+    """The classifier's hops: a hop is a sparsity of the teacher's prunable parameters, the
+    student's is ``sp.target`` (pruned to it, or layer-dropped with ``sp.student_kind="layer_drop"``).
+
+    From the teacher a model is pruned by ``teacher_importance``, scored once; from a TA by the
+    TA's own importance on ``train`` (:func:`importance_of`, :func:`prune_to`). Every phase is
+    :func:`kd_phase` on ``train``.
+    """
+
+    teacher: nn.Module
+    teacher_importance: Masks
+    train: ClassData
+    kd: KDConfig
+    sp: SparsifyConfig
+
+    def __post_init__(self) -> None:
+        self.base_prunable = prunable_params(self.teacher)
+
+    def shrink(self, model: nn.Module, prev: float, hop: float) -> nn.Module:
+        """A copy of ``model`` (the teacher, or a TA at sparsity ``prev``) pruned to sparsity ``hop``
+        of the teacher's prunable parameters, or layer-dropped to ``sp.keep_layers`` when ``hop``
+        is the student's and ``sp.student_kind`` is ``layer_drop``."""
+        if hop == self.sp.target and self.sp.student_kind == "layer_drop":
+            return layer_drop(model, self.sp.keep_layers)
+        if model is self.teacher:
+            return densify(model, masks_for_sparsity(self.teacher_importance, hop, *unit_params(model)))
+        source = copy.deepcopy(model)  # scoring its units leaves gradients on it
+        return prune_to(source, hop, self.base_prunable, importance_of(source, self.train, self.kd, self.sp.importance_batches))
+
+    def phase(self, model: nn.Module, teacher: nn.Module | None, seed: int, on_step: Callable[[int], None] | None) -> None:
+        """:func:`kd_phase` of ``model``: from ``teacher``'s logits online, or the cached teacher logits."""
+        kd_phase(model, None if teacher is None else logits_fn_of(teacher), self.train, self.kd, seed=seed, on_step=on_step)
 
 
 def distill_chain(
@@ -109,7 +139,9 @@ def distill_chain(
 
     The TA is the teacher pruned to ``ta_sparsity`` and distilled from the teacher's cached
     logits; the student is the TA pruned further (or layer-dropped) and distilled from the TA
-    online. ``ta_sparsity = 0`` is the direct baseline (teacher -> student).
+    online. ``ta_sparsity = 0`` is the direct baseline (teacher -> student). The TA is hop 0 and
+    the student hop 1 of the walk (:func:`~raykd.recipes.ta_search.chain.walk_chain`), with or
+    without a TA before it: the student draws its batches with seed ``kd.seed + 1``.
 
     Args:
         teacher: the dense classification teacher (not changed).
@@ -126,31 +158,25 @@ def distill_chain(
     """
     if not 0 <= ta_sparsity < sp.target:
         raise ValueError(f"TA sparsity {ta_sparsity} must lie in [0, target={sp.target})")
-    torch.manual_seed(kd.seed)
-    base = prunable_params(teacher)
-    train, dev = splits["train"], splits["dev"]
-    if ta is None and ta_sparsity > 0:
-        ta = densify(teacher, masks_for_sparsity(teacher_importance, ta_sparsity, *unit_params(teacher)))
-        kd_phase(ta, None, train, kd, seed=kd.seed)
-    source = ta if ta is not None else teacher
-    ta_acc = accuracy(source, dev, kd.eval_batch_size)
-    if ta is None:  # direct: the student comes from the teacher and learns from its cached logits
-        student = densify(teacher, masks_for_sparsity(teacher_importance, sp.target, *unit_params(teacher))) if sp.student_kind == "sparse" else layer_drop(teacher, sp.keep_layers)
-        online = None
-    else:
-        student = make_student(copy.deepcopy(source), sp.target, base, train, kd, sp)
-        online = logits_fn_of(source)
-    every = max(1, math.ceil(kd.steps / kd.reports))
-    result = ChainResult(ta_sparsity, count_parameters(source), ta_acc, count_parameters(student), float("nan"), float("nan"))
+    dev, nan = splits["dev"], float("nan")
+    result = ChainResult(ta_sparsity, count_parameters(ta if ta is not None else teacher), nan, 0, nan, nan)
 
-    def on_step(step: int) -> None:
-        if step % every and step != kd.steps:
-            return
+    def on_report(student: nn.Module, step: int) -> None:
+        result.student_params = count_parameters(student)
         result.student_dev_acc = accuracy(student, dev, kd.eval_batch_size)
         if step == kd.steps:
             result.student_test_acc = accuracy(student, splits["test"], kd.eval_batch_size)
         if report is not None:
             report({**result.as_dict(), "step": step})
 
-    kd_phase(student, online, train, kd, seed=kd.seed + 1, on_step=on_step)
+    task = ClassifierChain(teacher, teacher_importance, splits["train"], kd, sp)
+    if ta is None and ta_sparsity > 0:  # the TA from the teacher's cached logits, then the student from it
+        start, hops, first_hop = (teacher, 0.0), [ta_sparsity, sp.target], 0
+    else:  # only the student (still hop 1): from the given TA online, or direct from the cached logits
+        start, hops, first_hop = ((teacher, 0.0) if ta is None else (ta, ta_sparsity)), [sp.target], 1
+        result.ta_dev_acc = accuracy(start[0], dev, kd.eval_batch_size)
+    for hop, model in walk_chain(task, start, hops, seed=kd.seed, first_hop=first_hop, online=ta is not None,
+                                 steps=kd.steps, reports=kd.reports, on_report=on_report):
+        if hop != sp.target:  # the TA, before the student is made from it
+            result.ta_params, result.ta_dev_acc = count_parameters(model), accuracy(model, dev, kd.eval_batch_size)
     return result

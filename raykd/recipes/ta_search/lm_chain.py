@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from raykd.losses import Objective, TeacherTargets
+from raykd.recipes.ta_search.chain import walk_chain
 from raykd.recipes.ta_search.config import LMKDConfig, LMScheduleConfig
 from raykd.recipes.ta_search.minidisc import (
     lambda_tradeoff,
@@ -205,10 +206,42 @@ def shrink(model: nn.Module, prev: Hop, hop: Hop, dense_prunable: int, teacher_l
     return out
 
 
+@dataclass
+class LMChain:
+    """The decoder LM's hops (:class:`~raykd.recipes.ta_search.paths.Hop`, resolved): each made by
+    :func:`shrink` and distilled by :func:`lm_phase` on ``data``'s cached rows."""
+
+    teacher: nn.Module
+    data: LMData
+    cfg: LMScheduleConfig
+
+    def __post_init__(self) -> None:
+        self.dense_prunable = prunable_params(self.teacher)
+        self.teacher_layers = self.teacher.config.num_hidden_layers
+
+    def shrink(self, model: nn.Module, prev: Hop, hop: Hop) -> nn.Module:
+        """:func:`shrink` of ``model`` from ``prev`` to ``hop``.
+
+        Raises:
+            PathError: ``hop`` is not smaller than ``prev``.
+        """
+        return shrink(model, prev, hop, self.dense_prunable, self.teacher_layers, self.data, self.cfg)
+
+    def phase(self, model: nn.Module, teacher: nn.Module | None, seed: int, on_step: Callable[[int], None] | None) -> None:
+        """:func:`lm_phase` of ``model`` from ``teacher`` online, or the teacher's cached top-k soft labels."""
+        lm_phase(model, self.data, self.cfg.kd, teacher=teacher, seed=seed, on_step=on_step)
+
+
+def hop_row(hop: Hop, model: nn.Module, data: LMData) -> dict[str, Any]:
+    """A trained hop's row: ``hop`` (text), ``params`` and ``heldout_ppl``."""
+    return {"hop": str(hop), "params": count_parameters(model), "heldout_ppl": math.exp(heldout_nll(model, data))}
+
+
 def distill_path(teacher: nn.Module, path: Sequence[Hop], data: LMData, cfg: LMScheduleConfig, *,
                  report: Callable[[dict[str, Any]], None] | None = None, start: tuple[nn.Module, Hop] | None = None,
                  first_hop: int = 0) -> dict[str, Any]:
-    """Teacher -> hop 1 -> ... -> student, one phase of ``kd.steps`` per hop.
+    """Teacher -> hop 1 -> ... -> student, one phase of ``kd.steps`` per hop, on the one chain walk
+    (:func:`~raykd.recipes.ta_search.chain.walk_chain`).
 
     Args:
         teacher: the dense teacher (not changed).
@@ -228,28 +261,20 @@ def distill_path(teacher: nn.Module, path: Sequence[Hop], data: LMData, cfg: LMS
         PathError: a hop that does not shrink the model.
     """
     t0 = time.time()
-    kd, L = cfg.kd, teacher.config.num_hidden_layers
-    torch.manual_seed(kd.seed)
-    dense_prunable = prunable_params(teacher)
-    prev_model, prev_hop = start if start is not None else (teacher, Hop(L, 0.0))
-    online = start is not None
+    kd = cfg.kd
     hops: list[dict[str, Any]] = []
     out: dict[str, Any] = {"path": format_path(path), "hops": hops}
-    every = max(1, math.ceil(kd.steps / kd.reports))
-    for i, hop in enumerate(path):
-        model = shrink(prev_model, prev_hop, hop, dense_prunable, L, data, cfg)
-        last = i == len(path) - 1
 
-        def on_step(step: int, model=model) -> None:
-            if step % every and step != kd.steps:
-                return
-            ppl = math.exp(heldout_nll(model, data))
-            if report is not None:
-                report({"student_ppl": ppl, "step": step, "path": out["path"], "tas": json.dumps(hops)})
+    def on_report(student: nn.Module, step: int) -> None:
+        ppl = math.exp(heldout_nll(student, data))
+        if report is not None:
+            report({"student_ppl": ppl, "step": step, "path": out["path"], "tas": json.dumps(hops)})
 
-        lm_phase(model, data, kd, teacher=prev_model if online else None, seed=kd.seed + first_hop + i, on_step=on_step if last else None)
-        hops.append({"hop": str(hop), "params": count_parameters(model), "heldout_ppl": math.exp(heldout_nll(model, data))})
-        prev_model, prev_hop, online = model, hop, True
+    walk = walk_chain(LMChain(teacher, data, cfg), start or (teacher, Hop(teacher.config.num_hidden_layers, 0.0)), path,
+                      seed=kd.seed, first_hop=first_hop, online=start is not None, steps=kd.steps, reports=kd.reports,
+                      on_report=on_report)
+    for hop, model in walk:
+        hops.append(hop_row(hop, model, data))  # a TA's row is in the student's reports
     out.update(student_ppl=hops[-1]["heldout_ppl"], student_params=hops[-1]["params"], seconds=round(time.time() - t0, 1))
     return out
 
@@ -322,7 +347,8 @@ def run_minidisc(cfg: LMScheduleConfig, teacher: nn.Module, data: LMData, report
     """
     md, L = cfg.minidisc, teacher.config.num_hidden_layers
     target = check_minidisc_target(cfg, L)
-    dense = prunable_params(teacher)
+    chain = LMChain(teacher, data, cfg)
+    dense = chain.dense_prunable
     t0 = time.time()
     current, cur_hop, online, tas, first_table, built = teacher, Hop(L, 0.0), None, [], None, []
     for _ in range(md.iterations - 1):
@@ -336,9 +362,9 @@ def run_minidisc(cfg: LMScheduleConfig, teacher: nn.Module, data: LMData, report
         s_ta = select_teacher_assistant(table, md.lambda_tradeoff, cur_hop.sparsity, target.sparsity)
         tas.append(s_ta)
         ta_hop = Hop(L, s_ta)
-        ta = shrink(current, cur_hop, ta_hop, dense, L, data, cfg)
-        lm_phase(ta, data, cfg.kd, teacher=online, seed=cfg.kd.seed + len(tas) - 1)
-        built.append({"hop": str(ta_hop), "params": count_parameters(ta), "heldout_ppl": math.exp(heldout_nll(ta, data))})
+        ta = chain.shrink(current, cur_hop, ta_hop)
+        chain.phase(ta, online, cfg.kd.seed + len(tas) - 1, None)
+        built.append(hop_row(ta_hop, ta, data))
         current, cur_hop, online = ta, ta_hop, ta
     select_s = time.time() - t0
     student = distill_path(teacher, [target], data, cfg, report=report, start=(current, cur_hop) if tas else None, first_hop=len(tas))

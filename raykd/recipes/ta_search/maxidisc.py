@@ -27,7 +27,7 @@ def maxidisc_trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     from raykd.recipes.ta_search.prepare import Prepared, load_importance, load_splits
-    from raykd.recipes.ta_search.chain import distill_chain
+    from raykd.recipes.ta_search.classifier_chain import distill_chain
 
     cfg = ClassifierScheduleConfig.model_validate(config["schedule"])
     prepared = Prepared(**config["prepared"])

@@ -10,7 +10,7 @@ Schedule for Language Model Compression", arXiv:2205.14570).
    among those strictly between the current teacher and the target
    (:func:`select_teacher_assistant`, a pure function).
 4. Teacher -> TA -> student at the target, exactly as one MaxiDisc trial does it
-   (:func:`raykd.recipes.ta_search.chain.distill_chain`), so the two searches differ only in how the
+   (:func:`raykd.recipes.ta_search.classifier_chain.distill_chain`), so the two searches differ only in how the
    TA is picked. With ``minidisc.iterations > 2`` the search repeats from the new TA.
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from raykd.recipes.ta_search.config import ClassifierScheduleConfig
-from raykd.recipes.ta_search.chain import distill_chain, importance_of, kd_phase, prune_to
+from raykd.recipes.ta_search.classifier_chain import distill_chain, importance_of, kd_phase, prune_to
 from raykd.teacher.engines.classifier import load_classifier
 from raykd.train.local import ClassData, accuracy, class_batches, device_of, logits_fn_of, train_classifier
 from raykd.students.sparsify import Masker, densify, masks_for_sparsity, prunable_params, unit_params

@@ -142,7 +142,7 @@ def prepare(cfg: ClassifierScheduleConfig, output_dir: Path, docs: list[Document
     import torch
 
     from raykd.train.finetune import finetune_classifier
-    from raykd.recipes.ta_search.chain import importance_of
+    from raykd.recipes.ta_search.classifier_chain import importance_of
 
     t0 = time.time()
     output_dir = Path(output_dir).resolve()  # trials read these paths from their own folders
