@@ -18,7 +18,7 @@ from raykd.cluster import connect
 from raykd.recipes.ta_search.maxidisc import best_trial, collect_trials, maxidisc_trial
 from raykd.recipes.ta_search.minidisc import lambda_tradeoff, minidisc_trial, sweep_lambdas
 from raykd.recipes.ta_search.config import ClassifierScheduleConfig
-from raykd.recipes.ta_search.report import plot_results, print_table, write_results
+from raykd.recipes.ta_search.report import CLASSIFIER_COLUMNS, classifier_summary, plot_results, print_table, write_results
 from raykd.recipes.ta_search.tuner import maxidisc_trials, minidisc_trial_result
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def _header(search: str, cfg: ClassifierScheduleConfig, prepared) -> dict[str, A
 def _finish(output_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     write_results(output_dir, results)
     plot_results(output_dir, results)
-    print_table(results)
+    print_table(results["candidates"], CLASSIFIER_COLUMNS, below=[classifier_summary(results)])
     return results
 
 

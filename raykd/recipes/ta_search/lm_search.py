@@ -34,7 +34,7 @@ from raykd.recipes.ta_search.paths import (
     parse_path,
     resolve_path,
 )
-from raykd.recipes.ta_search.report import write_results
+from raykd.recipes.ta_search.report import Column, print_table, write_results
 from raykd.recipes.ta_search.tuner import maxidisc_trials, minidisc_trial_result
 
 
@@ -248,21 +248,25 @@ def main_maxidisc_lm(cfg: LMScheduleConfig, output_dir: str | Path, trainable: C
     return _finish(output_dir, results)
 
 
+MINIDISC_COLUMNS = (Column("sparsity", width=9, fmt=str), Column("params", width=11, fmt="{:,}".format),
+                    Column("heldout_ppl", "held-out ppl", 13, "{:.2f}".format),
+                    Column("lambda_tradeoff", "tradeoff", 9, "{:.3f}".format))
+"""MiniDisc's sandwich table for an LM: held-out perplexity and lambda-tradeoff per sparsity."""
+
+MAXIDISC_COLUMNS = (Column("path", width=28, fmt=str),
+                    Column("student_ppl", "student ppl", 12, lambda ppl: "-" if ppl is None else f"{ppl:.2f}"),
+                    Column("status", width=14, fmt=str))
+"""MaxiDisc's trials for an LM: the student's held-out perplexity per TA path."""
+
+
 def _print(results: dict[str, Any]) -> None:
-    print(f"{results['search']} (LM): teacher held-out ppl {results['teacher']['heldout_ppl']:.2f}, "
-          f"{results['trials_run']} trial(s), {results['wall_s']:.0f} s")
-    if results["search"] == "minidisc":
-        print(f"{'sparsity':>9} {'params':>11} {'held-out ppl':>13} {'tradeoff':>9}")
-        for r in results["candidates"]:
-            print(f"{r['sparsity']:>9} {r['params']:>11,} {r['heldout_ppl']:>13.2f} {r['lambda_tradeoff']:>9.3f}")
-    else:
-        print(f"{'path':>28} {'student ppl':>12} {'status':>14}")
-        for r in results["candidates"]:
-            ppl = "-" if r["student_ppl"] is None else f"{r['student_ppl']:.2f}"
-            print(f"{r['path']:>28} {ppl:>12} {r['status']:>14}")
+    """The search's table (:func:`~raykd.recipes.ta_search.report.print_table`) under a line of
+    teacher, trials and time, and the best path under it."""
     best = results.get("best")
-    if best:
-        print(f"best path: {best['path']}  student held-out ppl {best['student_ppl']:.2f}")
+    print_table(results["candidates"], MINIDISC_COLUMNS if results["search"] == "minidisc" else MAXIDISC_COLUMNS, sep=" ",
+                above=[f"{results['search']} (LM): teacher held-out ppl {results['teacher']['heldout_ppl']:.2f}, "
+                       f"{results['trials_run']} trial(s), {results['wall_s']:.0f} s"],
+                below=[f"best path: {best['path']}  student held-out ppl {best['student_ppl']:.2f}"] if best else [])
 
 
 def _plot(output_dir: Path, results: dict[str, Any]) -> Path:

@@ -1,9 +1,12 @@
-"""Results of a schedule search: ``results.json``, a short table, and the PNG of student metric
+"""Results of a schedule search: ``results.json``, a short table (one printer, :func:`print_table`,
+for both tasks; each names its :class:`Column` s), and the PNG of the classifier's student metric
 and lambda-tradeoff against TA sparsity."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +24,38 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
-def print_table(results: dict[str, Any]) -> str:
-    """A table of the candidates a person can read; also returned as a string."""
-    cols = ("sparsity", "params", "ta_dev_metric", "lambda_tradeoff", "student_dev_acc", "student_test_acc", "status")
-    lines = ["  ".join(f"{c:>16}" for c in cols)]
-    for row in results["candidates"]:
-        lines.append("  ".join(f"{_fmt(row.get(c)):>16}" for c in cols))
-    lines.append(
-        f"search={results['search']} chosen_ta={results.get('chosen_ta')} trials={results['trials_run']} "
-        f"wall={results['wall_s']:.0f}s teacher test acc={_fmt(results['teacher']['test_acc'])}"
-    )
-    text = "\n".join(lines)
+@dataclass(frozen=True)
+class Column:
+    """One column of a results table: ``key`` of the rows, its ``header`` (default the key), its
+    ``width`` (values right-aligned) and how a value is written (``fmt``; default 3 decimals for
+    floats, ``-`` for None)."""
+
+    key: str
+    header: str | None = None
+    width: int = 16
+    fmt: Callable[[Any], str] = _fmt
+
+
+CLASSIFIER_COLUMNS = tuple(Column(c) for c in ("sparsity", "params", "ta_dev_metric", "lambda_tradeoff", "student_dev_acc",
+                                               "student_test_acc", "status"))
+"""The classifier's candidates (MiniDisc's and MaxiDisc's alike): TA and student accuracies."""
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], *,
+                above: Sequence[str] = (), below: Sequence[str] = (), sep: str = "  ") -> str:
+    """Print a table a person can read: the ``above`` lines, a header, one line per row (a
+    missing key is None), then the ``below`` lines; also returned as a string."""
+    lines = [*above, sep.join(f"{c.header or c.key:>{c.width}}" for c in columns)]
+    lines += [sep.join(f"{c.fmt(row.get(c.key)):>{c.width}}" for c in columns) for row in rows]
+    text = "\n".join([*lines, *below])
     print(text)
     return text
+
+
+def classifier_summary(results: dict[str, Any]) -> str:
+    """The line under a classifier search's table: the search, the chosen TA, trials, wall time, teacher test accuracy."""
+    return (f"search={results['search']} chosen_ta={results.get('chosen_ta')} trials={results['trials_run']} "
+            f"wall={results['wall_s']:.0f}s teacher test acc={_fmt(results['teacher']['test_acc'])}")
 
 
 def plot_results(output_dir: Path, results: dict[str, Any]) -> Path:
