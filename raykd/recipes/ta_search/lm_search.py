@@ -16,7 +16,6 @@ Order of work (every check that can fail runs before the teacher labels anything
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from raykd.recipes.ta_search.paths import (
     resolve_path,
 )
 from raykd.recipes.ta_search.report import Column, print_table, write_results
-from raykd.recipes.ta_search.tuner import maxidisc_trials, minidisc_trial_result
+from raykd.recipes.ta_search.tuner import error_line, finite, maxidisc_trials, minidisc_trial_result, trial_status
 
 
 @dataclass
@@ -212,12 +211,9 @@ def collect_paths(result_grid, kd_steps: int) -> list[dict[str, Any]]:
     rows = []
     for r in result_grid:
         m = r.metrics or {}
-        status = "error" if r.error is not None else ("done" if m.get("step") == kd_steps else "stopped_early")
-        ppl = m.get("student_ppl")
-        rows.append({"path": r.config["path"], "length": len(parse_path(r.config["path"])),
-                     "student_ppl": None if ppl is None or (isinstance(ppl, float) and math.isnan(ppl)) else ppl,
-                     "tas": json.loads(m["tas"]) if isinstance(m.get("tas"), str) else [], "status": status,
-                     "error": None if r.error is None else (str(r.error).strip().splitlines() or [type(r.error).__name__])[-1]})
+        rows.append({"path": r.config["path"], "length": len(parse_path(r.config["path"])), "student_ppl": finite(m.get("student_ppl")),
+                     "tas": json.loads(m["tas"]) if isinstance(m.get("tas"), str) else [], "status": trial_status(r, kd_steps),
+                     "error": error_line(r.error)})
     return sorted(rows, key=lambda r: (r["length"], r["path"]))
 
 

@@ -9,10 +9,10 @@ and does not stop the others.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from raykd.recipes.ta_search.config import ClassifierScheduleConfig
+from raykd.recipes.ta_search.tuner import error_line, finite, trial_status
 from raykd.teacher.engines.classifier import load_classifier
 
 
@@ -37,10 +37,6 @@ def maxidisc_trial(config: dict[str, Any]) -> None:
     distill_chain(teacher, float(config["ta_sparsity"]), load_importance(prepared.importance_file), splits, cfg.kd, cfg.sparsify, report=tune.report)
 
 
-def _finite(x: Any) -> Any:
-    return None if isinstance(x, float) and math.isnan(x) else x
-
-
 def collect_trials(result_grid, kd_steps: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Rows per trial from a Tune ``ResultGrid`` and the failed trials.
 
@@ -48,24 +44,23 @@ def collect_trials(result_grid, kd_steps: int) -> tuple[list[dict[str, Any]], li
         ``(rows, failed)``: rows hold ``ta_sparsity``, ``ta_params``, ``ta_dev_acc``,
         ``student_params``, ``student_dev_acc``, ``student_test_acc`` (None unless the trial ran
         to the end) and ``status`` (``done``, ``stopped_early`` or ``error``); ``failed`` holds
-        ``ta_sparsity`` and ``error`` (the exception's first line).
+        ``ta_sparsity`` and ``error`` (the exception's last line).
     """
     rows, failed = [], []
     for result in result_grid:
         s = float(result.config["ta_sparsity"])
         m = result.metrics or {}
         if result.error is not None:
-            msg = str(result.error).strip().splitlines()
-            failed.append({"ta_sparsity": s, "error": msg[-1] if msg else type(result.error).__name__})
-        status = "error" if result.error is not None else ("done" if m.get("step") == kd_steps else "stopped_early")
+            failed.append({"ta_sparsity": s, "error": error_line(result.error)})
+        status = trial_status(result, kd_steps)
         rows.append(
             {
                 "ta_sparsity": s,
                 "ta_params": m.get("ta_params"),
-                "ta_dev_acc": _finite(m.get("ta_dev_acc")),
+                "ta_dev_acc": finite(m.get("ta_dev_acc")),
                 "student_params": m.get("student_params"),
-                "student_dev_acc": _finite(m.get("student_dev_acc")),
-                "student_test_acc": _finite(m.get("student_test_acc")) if status == "done" else None,
+                "student_dev_acc": finite(m.get("student_dev_acc")),
+                "student_test_acc": finite(m.get("student_test_acc")) if status == "done" else None,
                 "status": status,
             }
         )

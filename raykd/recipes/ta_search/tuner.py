@@ -9,6 +9,7 @@ retries and ASHA come from the shared ``maxidisc`` settings.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -78,3 +79,23 @@ def maxidisc_trials(trainable: Callable, cfg: ScheduleSearchConfig, output_dir: 
 
     space = {"schedule": cfg.model_dump(), "prepared": asdict(prepared), key: tune.grid_search(values)}
     return tuner(trainable, space, cfg, output_dir, f"{cfg.run_name}-maxidisc", asha(cfg)).fit()
+
+
+def trial_status(result, kd_steps: int) -> str:
+    """How a trial of Tune's result grid ended: ``error`` (it raised), ``done`` (it reported the
+    student's last step, ``kd_steps``) or ``stopped_early`` (ASHA stopped it)."""
+    if result.error is not None:
+        return "error"
+    return "done" if (result.metrics or {}).get("step") == kd_steps else "stopped_early"
+
+
+def error_line(error: BaseException | None) -> str | None:
+    """The last line of a failed trial's error (the exception's name when it has no text); None for none."""
+    if error is None:
+        return None
+    return (str(error).strip().splitlines() or [type(error).__name__])[-1]
+
+
+def finite(x: Any) -> Any:
+    """``x``, or None for a NaN metric (a report before the value existed)."""
+    return None if isinstance(x, float) and math.isnan(x) else x
