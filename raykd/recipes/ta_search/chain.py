@@ -66,18 +66,26 @@ def walk_chain(task: ChainTask[HopT], start: tuple[nn.Module, HopT], hops: Seque
         for it, so what the caller measures on ``model`` runs before that.
 
     Raises:
-        Whatever ``task.shrink`` raises for a hop that does not shrink the model before it.
+        What ``task.shrink`` raises for a hop it cannot build (e.g.
+        :class:`~raykd.recipes.ta_search.paths.PathError`: the hop does not shrink the model).
     """
     torch.manual_seed(seed)
     every = max(1, math.ceil(steps / reports))
     prev_model, prev_hop = start
     for i, hop in enumerate(hops):
         model = task.shrink(prev_model, prev_hop, hop)
-        on_step = None
-        if i == len(hops) - 1 and on_report is not None:
-            def on_step(step: int, model: nn.Module = model) -> None:
-                if step % every == 0 or step == steps:
-                    on_report(model, step)
+        last = i == len(hops) - 1
+        on_step = _reporting(model, on_report, every, steps) if last and on_report is not None else None
         task.phase(model, prev_model if online else None, seed + first_hop + i, on_step)
         yield hop, model
         prev_model, prev_hop, online = model, hop, True
+
+
+def _reporting(model: nn.Module, on_report: Callable[[nn.Module, int], None], every: int, steps: int) -> Callable[[int], None]:
+    """A phase's ``on_step`` that calls ``on_report(model, step)`` every ``every`` steps and at step ``steps``."""
+
+    def on_step(step: int) -> None:
+        if step % every == 0 or step == steps:
+            on_report(model, step)
+
+    return on_step
