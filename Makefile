@@ -34,8 +34,11 @@ $(VENV)/.raykd-setup: pyproject.toml Makefile
 demo: setup
 	$(BIN)/raykd distill --config jobs/configs/bbc_smollm2.yaml --output-dir $(OUT)
 
+# Two pytest-xdist workers, whole files each (a module's fixtures, e.g. its Serve deployment,
+# stay in one worker; each worker starts its own local Ray on first use). TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
 test: setup docs
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 # The docs (docs/, mkdocs.yml) built strict into a temporary folder: a broken link or anchor fails.
 docs: setup
