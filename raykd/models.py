@@ -277,3 +277,47 @@ def load_causal_lm(folder: Path, dtype: str = "float32", device: str = "cpu"):
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype))
     return model.to(device).eval()
+
+
+class _DropLoadReport(logging.Filter):
+    """Drops transformers' ``LOAD REPORT`` table (checked by :func:`new_classifier` instead)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+def new_classifier(folder: Path | str, labels: list[str]):
+    """An encoder from ``folder`` with a new sequence-classification head for ``labels`` (in
+    eval mode, as ``from_pretrained`` returns it).
+
+    The head's weights are new by design, so transformers' load report (a table printed for every
+    missing key) is kept off the console; any *other* missing, unexpected or mismatched weight is
+    an error here instead of a table.
+
+    Args:
+        folder: a transformers model folder (an encoder such as all-MiniLM-L6-v2).
+        labels: class names; the head has ``len(labels)`` outputs, ``id2label`` in this order.
+
+    Returns:
+        ``AutoModelForSequenceClassification``: logits ``[B, len(labels)]``.
+
+    Raises:
+        ValueError: a weight of the encoder itself did not load (missing or of another shape).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    report = logging.getLogger("transformers.modeling_utils")
+    quiet = _DropLoadReport()  # a filter, not a level: transformers runs other checks by its logger's level
+    report.addFilter(quiet)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(folder), num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={n: i for i, n in enumerate(labels)}, output_loading_info=True)
+    finally:
+        report.removeFilter(quiet)
+    head = {name for name, _ in model.named_parameters() if not name.startswith(f"{model.base_model_prefix}.")}
+    bad = sorted(set(info.get("missing_keys", ())) - head) + [str(m) for m in info.get("mismatched_keys", ())]
+    if bad:
+        raise ValueError(f"{folder}: encoder weights did not load: {', '.join(bad[:5])}"
+                         f"{' ...' if len(bad) > 5 else ''}; is it the encoder the config names?")
+    return model

@@ -23,7 +23,7 @@ import torch
 
 from raykd.config import default_cache_root
 from raykd.data.documents import Document
-from raykd.models import load_tokenizer, resolve_model_path, weights_fingerprint
+from raykd.models import load_tokenizer, new_classifier, resolve_model_path, weights_fingerprint
 from raykd.config import ClassifierTeacherConfig
 from raykd.soft_labels.cache import documents_fingerprint
 from raykd.train.local import train_classifier
@@ -80,8 +80,6 @@ def finetune_classifier(
         ValueError: a training article has no label among ``labels``.
         FileNotFoundError: the base model cannot be found.
     """
-    from transformers import AutoModelForSequenceClassification
-
     base = resolve_model_path(cfg.base_model)
     root = (cache_root or default_cache_root()) / "models"
     out = root / f"classifier-{finetune_key(cfg, base, train, labels, seq_len)}"
@@ -96,9 +94,7 @@ def finetune_classifier(
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(base), num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}
-    )
+    model = new_classifier(base, list(labels))
     if cfg.freeze_embeddings:  # no gradients for them at all (faster on CPU), not only no updates
         model.get_input_embeddings().weight.requires_grad_(False)
     t0 = time.time()

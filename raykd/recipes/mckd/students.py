@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from raykd.data.documents import Document
-from raykd.models import load_causal_lm, resolve_model_path
+from raykd.models import load_causal_lm, new_classifier, resolve_model_path
 from raykd.recipes.mckd.config import MckdConfig
 from raykd.recipes.mckd.prepare import hard_labels, headline_and_body
 from raykd.soft_labels.pseudo_labels import PseudoLabels, truncate
@@ -174,14 +174,10 @@ class Task:
 
     def _train_classifier(self, docs, labels: PseudoLabels, val, seed: int):
         # lazy: keeps torch out of import time
-        from transformers import AutoModelForSequenceClassification
-
         from raykd.train.local import train_classifier
 
         st = self.cfg.student
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(resolve_model_path(st.base_model)), num_labels=len(self.classes), id2label=dict(enumerate(self.classes)),
-            label2id={n: i for i, n in enumerate(self.classes)})
+        model = new_classifier(resolve_model_path(st.base_model), list(self.classes))
         data = {**self._class_data(docs), "label": labels.hard}
         weights = {"ce": 1.0}
         if self.cfg.soft_relabel:

@@ -28,7 +28,7 @@ import numpy as np
 
 from raykd.data.bbc import load_bbc_news
 from raykd.data.documents import Document
-from raykd.models import load_tokenizer, resolve_model_path
+from raykd.models import load_tokenizer, new_classifier, resolve_model_path
 from raykd.recipes.muki.config import MukiConfig
 from raykd.recipes.muki.labels import teacher_labels
 from raykd.recipes.muki.methods import (
@@ -106,7 +106,6 @@ def train_seed(cfg: MukiConfig, row, part, teachers, targets: np.ndarray, rows: 
     import json
 
     import torch
-    from transformers import AutoModelForSequenceClassification
 
     key = fingerprint({"row": row.name, "part": [part.labels, part.blocks], "seed": seed, "student": cfg.student.model_dump(),
                        "integration": cfg.integration.model_dump(), "seq_len": cfg.data.seq_len,
@@ -117,9 +116,7 @@ def train_seed(cfg: MukiConfig, row, part, teachers, targets: np.ndarray, rows: 
         return {**json.loads(path.read_text()), "cached": True}
     ts = time.time()
     torch.manual_seed(seed)
-    student = AutoModelForSequenceClassification.from_pretrained(
-        str(resolve_model_path(cfg.student.base_model)), num_labels=len(part.labels), id2label=dict(enumerate(part.labels)),
-        label2id={n: i for i, n in enumerate(part.labels)})
+    student = new_classifier(resolve_model_path(cfg.student.base_model), list(part.labels))
     objective, tau = objective_of(row, part.blocks, cfg.integration)
     features = np.concatenate([t.features for t in teachers], -1) if row.features else None
     dfa = ([t.features.shape[1] for t in teachers], cfg.integration.dfa_amalgamation_weight,
