@@ -301,10 +301,11 @@ def main() -> None:
     tok = load_tokenizer(Path(model_path))
     blocks = bbc_blocks(tok, N, args.seq_len)
     chats = bbc_chats(N)
-    url, handle = start_service(model_path, args)
-    handle.score.remote(blocks[:2], k=32).result()  # warm
-    arms = args.arms.split(",")
+    arms = [a for a in args.arms.split(",") if a]  # --arms "" --vllm: the vLLM arm alone
     runs: dict[str, list[dict]] = {a: [] for a in arms}
+    if arms:
+        url, handle = start_service(model_path, args)
+        handle.score.remote(blocks[:2], k=32).result()  # warm
     for rep in range(args.repeats):
         for arm, fn in (("score", lambda: score_arm(handle, blocks)), ("generate", lambda: generate_arm(handle, url, chats, "smollm2-bench")),
                         ("fair", lambda: fair_arm(handle, blocks))):
@@ -314,7 +315,8 @@ def main() -> None:
                 print(f"repeat {rep + 1}/{args.repeats} arm {arm}: {time.perf_counter() - start:.0f} s", flush=True)
     from raykd.teacher.service import teacher_down
 
-    teacher_down("smollm2-bench")
+    if arms:
+        teacher_down("smollm2-bench")
     if args.vllm:
         runs["vllm"] = [vllm_arm(model_path, chats, args)]
     med = {a: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))} for a, rs in runs.items()}

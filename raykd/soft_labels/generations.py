@@ -121,7 +121,7 @@ def generate_documents(
         partial = final.parent / f"{final.name}.partial-{uuid.uuid4().hex[:8]}"
         ds = ray.data.from_items(items).map_batches(
             _Generator, fn_constructor_args=(app_name, gen.model_dump()), batch_size=gen.batch_size * 2,
-            concurrency=num_actors, num_cpus=0.25)
+            compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=0.25)
         with console.core_worker_noise_filtered():  # Ray Data's actor pool starts here
             ds.write_parquet(str(partial))
         table = _read(partial, ["new_tokens"])

@@ -56,7 +56,7 @@ def relabel(engine: str, folder: str, rows: list[dict[str, Any]], *, batch_size:
 
     ds = ray.data.from_items(rows).map_batches(
         EngineLabeler, fn_constructor_args=(engine, str(folder), {"num_threads": num_threads, "max_new_tokens": max_new_tokens}),
-        batch_size=batch_size, concurrency=1, num_cpus=num_cpus, batch_format="numpy")
+        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=num_cpus, batch_format="numpy")
     with console.core_worker_noise_filtered():  # Ray Data's actor pool starts here
         got = {r["doc_id"]: r for r in ds.take_all()}
     ids = [str(r["doc_id"]) for r in rows]
