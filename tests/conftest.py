@@ -201,3 +201,12 @@ def vllm_tiny_model(tmp_path_factory) -> Path:
         tmp_path_factory.mktemp("vllm_tiny"), num_layers=2, hidden_size=128, intermediate_size=256,
         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
     )
+
+
+_TIER_ORDER = {"slow": 0, "ray": 1, "unit": 2, "gpu": 3}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest tiers first (slow, ray, then the many short unit tests, which fill the gaps at the
+    end): with ``make test``'s two xdist workers, a long module left for last would run alone."""
+    items.sort(key=lambda item: _TIER_ORDER.get(Path(str(item.fspath)).parent.name, 2))

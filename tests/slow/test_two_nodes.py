@@ -93,16 +93,24 @@ def two_nodes():
     env = {**os.environ, "PATH": _user_path_without_venv(), "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "disabled"}
     for var in ("RAY_ADDRESS", "VIRTUAL_ENV"):
         env.pop(var, None)
-    gcs_port, dashboard_port, client_port = free_ports(3)
-    groups = []
+    groups: list[int] = []
     try:
-        groups.append(start_node(
-            "--head", f"--temp-dir={tmp}/ray", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-            '--resources={"teacher_node": 1}', f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_port}", *node_port_args(), env=env))
-        groups.append(start_node(  # its own temp dir, as on another machine: the head's session folder is not shared
-            f"--address=127.0.0.1:{gcs_port}", f"--temp-dir={tmp}/w", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-            '--resources={"train_node": 1}', *node_port_args(), env=env))
+        for attempt in (1, 2):  # `ray start` gives up when its node is slow to come up (a loaded machine)
+            gcs_port, dashboard_port, client_port = free_ports(3)
+            try:
+                groups.append(start_node(
+                    "--head", f"--temp-dir={tmp}/ray", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                    '--resources={"teacher_node": 1}', f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_port}", *node_port_args(), env=env))
+                groups.append(start_node(  # its own temp dir, as on another machine: the head's session folder is not shared
+                    f"--address=127.0.0.1:{gcs_port}", f"--temp-dir={tmp}/w", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                    '--resources={"train_node": 1}', *node_port_args(), env=env))
+                break
+            except RuntimeError:
+                _stop_groups(groups)
+                groups.clear()
+                if attempt == 2:
+                    raise
         dashboard = f"http://127.0.0.1:{dashboard_port}"
         node_of = _wait_for_nodes(dashboard, ("teacher_node", "train_node"))
         assert node_of["teacher_node"] != node_of["train_node"]
