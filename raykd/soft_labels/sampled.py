@@ -5,9 +5,9 @@ The estimator (Anshumann et al., ACL 2025, "Sparse Logit Sampling: Accelerating 
 Distillation in LLMs", Random Sampling KD). At each position the teacher's distribution at the
 soft-label temperature, ``p = softmax(z / tau)`` over the whole vocabulary, is sampled ``S``
 times with replacement; the target is the empirical distribution ``p_hat_i = c_i / S`` of the
-counts ``c_i``. The paper draws from a proposal ``q`` and weights each drawn id by ``p_i / q_i``;
-we use the simplest unbiased member of that family, ``q = p`` (the paper's proposal at its
-temperature 1), where every weight is 1 and nothing but the counts needs storing. Then
+counts ``c_i``. The paper draws from a proposal ``q`` (a tempered teacher) and weights each
+drawn id by ``p_i / q_i``; we use the simplest unbiased member of that family, ``q = p``, where
+every weight is 1 and nothing but the counts needs storing. Then
 ``E[c_i] = S p_i``, so ``E[p_hat] = p`` exactly, and for any loss linear in the teacher's
 probabilities the expected gradient is the full-vocabulary one. Forward KL is:
 ``KL(p_hat || q_s) = sum_i p_hat_i log p_hat_i - sum_i p_hat_i log q_s_i``, whose gradient in the
