@@ -35,6 +35,8 @@ import statistics
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from raykd.config import DistillConfig
 from raykd.methods import load, run_method
 from raykd.soft_labels.cache import iter_cache_batches, open_cache, shard_paths
@@ -74,6 +76,20 @@ def distinct_per_position(cache: str) -> float:
     return slots / max(positions, 1)
 
 
+def column_bytes_per_token(cache: str) -> dict[str, float]:
+    """Bytes on disk per real token of each column of a cache's shards (compressed column
+    chunks, from the Parquet footers; the rest of the bytes is footers and page headers)."""
+    manifest = open_cache(cache)
+    sizes: dict[str, int] = {}
+    for path in shard_paths(cache, manifest):
+        meta = pq.read_metadata(path)
+        for g in range(meta.num_row_groups):
+            for c in range(meta.num_columns):
+                col = meta.row_group(g).column(c)
+                sizes[col.path_in_schema.split(".")[0]] = sizes.get(col.path_in_schema.split(".")[0], 0) + col.total_compressed_size
+    return {name: size / manifest.tokens for name, size in sizes.items()}
+
+
 def summarize(runs: list[dict]) -> dict[str, dict]:
     """Per arm: mean and standard deviation over seeds of each metric, bytes per token, seeds."""
     out = {}
@@ -86,6 +102,9 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
             values = [r["eval"][m] for r in rows]
             entry[m] = {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
         entry["bytes_per_token"] = None if arm == "full" else statistics.mean(r["bytes_per_token"] for r in rows)
+        if arm != "full":
+            entry["column_bytes_per_token"] = {c: statistics.mean(r["column_bytes_per_token"][c] for r in rows)
+                                               for c in rows[0]["column_bytes_per_token"]}
         if arm == "sampled":
             entry["distinct_ids_per_position"] = statistics.mean(r["distinct_ids_per_position"] for r in rows)
         out[arm] = entry
@@ -137,6 +156,7 @@ def main() -> None:
     files = shard_paths(eval_cache, open_cache(eval_cache))
     for r in results["runs"]:  # one scoring of every student, on the same held-out blocks and labels
         r["eval"] = evaluate_folder(Path(r["model_dir"]), files)
+        r["column_bytes_per_token"] = column_bytes_per_token(r["cache"])
     any_run = results["runs"][0]
     results["budget"] = {"steps": any_run["steps"], "batch_size": any_run["batch_size"], "seq_len": any_run["seq_len"],
                          "overrides": args.override, "eval_tokens": any_run["eval"]["tokens"],
