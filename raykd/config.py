@@ -314,8 +314,21 @@ class ClassifierTeacherConfig(Strict):
 class SoftLabelConfig(Strict):
     """How soft labels are produced and cached."""
 
+    form: Literal["topk", "sampled"] = "topk"
+    """What the cache keeps per position. ``topk``: the teacher's ``k`` most probable ids, their
+    log-probs and the mass of the rest (a biased, truncated target). ``sampled``: ``samples`` ids
+    drawn from the teacher's whole distribution, as distinct ids and counts, whose empirical
+    distribution is an unbiased estimate of it (Anshumann et al., ACL 2025, "Sparse Logit
+    Sampling"; :mod:`raykd.soft_labels.sampled`); only terms unbiased on it (``forward_kl``) may
+    read it, and only the ``hf`` engine draws it."""
     k: int = Field(default=32, ge=1, le=4096)
-    """Top-k logprobs kept per position ``K``."""
+    """Top-k logprobs kept per position ``K`` (``form=topk``)."""
+    samples: int = Field(default=32, ge=1, le=4096)
+    """Draws per position ``S`` (``form=sampled``), with replacement; the cache stores the
+    distinct ids and their counts."""
+    seed: int = Field(default=0, ge=0)
+    """Seed of the draws (``form=sampled``): each block's draws follow from it, its document id and
+    its block index, so a resumed or repeated labeling writes the same labels."""
     temperature: float = Field(default=1.0, gt=0, le=100)
     """Teacher softmax temperature; the same value scales the student in the KD loss."""
     batch_size: int = Field(default=16, ge=1)
@@ -336,6 +349,11 @@ class SoftLabelConfig(Strict):
     on the committed parts at once while the served teacher labels the missing ones, and the
     student trains on each as it is committed (:mod:`raykd.soft_labels.live`). Either way the new
     labels are committed into the cache as parts, so the next run finds them."""
+
+    @property
+    def width(self) -> int:
+        """Ids per position the teacher returns and the decoded cache holds: ``k``, or ``samples``."""
+        return self.samples if self.form == "sampled" else self.k
 
 
 class StudentConfig(Strict):

@@ -68,19 +68,27 @@ def _count(n: Any) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
 
 
+def _label_form(cache: dict[str, Any]) -> str:
+    """``k=32`` for top-k soft labels, ``sampled S=32`` for sampled ones."""
+    return f"sampled S={cache['samples']}" if cache.get("form") == "sampled" else f"k={cache['k']}"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown (models table, cache line, timings)."""
-    lines = [f"# raykd distill: {report['run_name']}", "", "| model | params | held-out ppl | top-1 agreement | KL(teacher, student) | objective | steps |", "|---|---|---|---|---|---|---|"]
+    lines = [f"# raykd distill: {report['run_name']}", "",
+             "| model | params | held-out ppl | ECE | top-1 agreement | KL(teacher, student) | objective | steps |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, m in model_rows(report):
         objective = ", ".join(f"{w} {k}" for k, w in m.get("objective", {}).items()) or "-"
         lines.append(
-            f"| {name} | {_fmt(m.get('params'))} | {_fmt(m['ppl'], 2)} | {_fmt(m['top1_agreement'])} | {_fmt(m.get('kl'))} | {objective} | {_fmt(m.get('steps'))} |"
+            f"| {name} | {_fmt(m.get('params'))} | {_fmt(m['ppl'], 2)} | {_fmt(m.get('ece'))} | {_fmt(m['top1_agreement'])} "
+            f"| {_fmt(m.get('kl'))} | {objective} | {_fmt(m.get('steps'))} |"
         )
     c = report["cache"]
     lines += [
         "",
         f"Soft-label cache: `{c['path']}`: {c['rows']} rows, {c['tokens']} tokens, {c['bytes']:,} bytes "
-        f"({c['bytes_per_token']:.1f} B/token), k={c['k']}, temperature={c['temperature']}, "
+        f"({c['bytes_per_token']:.1f} B/token), {_label_form(c)}, temperature={c['temperature']}, "
         f"hit={c['hit']}, teacher calls={c['teacher_calls']}.",
         "",
         "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()),
@@ -94,10 +102,11 @@ def print_table(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"raykd distill: {report['run_name']}")
-    for col in ("model", "params", "held-out ppl", "top-1 agreement", "KL(teacher, student)", "steps"):
+    for col in ("model", "params", "held-out ppl", "ECE", "top-1 agreement", "KL(teacher, student)", "steps"):
         table.add_column(col, justify="right" if col != "model" else "left")
     for name, m in model_rows(report):
-        table.add_row(name, _count(m.get("params")), _fmt(m["ppl"], 2), _fmt(m["top1_agreement"]), _fmt(m.get("kl")), _fmt(m.get("steps")))
+        table.add_row(name, _count(m.get("params")), _fmt(m["ppl"], 2), _fmt(m.get("ece")), _fmt(m["top1_agreement"]),
+                      _fmt(m.get("kl")), _fmt(m.get("steps")))
     console = Console()
     console.print(table)
     c = report["cache"]

@@ -57,7 +57,37 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise ValueError(f"student.tokenizer_alignment aligns output distributions only; feature terms {features} "
                          "read intermediate layers position by position: remove them")
     _check_feature_terms(cfg)
+    _check_sampled_labels(cfg)
     return cfg
+
+
+def _check_sampled_labels(cfg: DistillConfig) -> None:
+    """``labels.form=sampled`` caches an unbiased sample of the teacher's distribution with no
+    tail (:mod:`raykd.soft_labels.sampled`). The rule: a teacher-logit term reads it only if its
+    gradient is linear in the teacher's probabilities (``forward_kl``); hard-label and feature
+    terms do not read it, and with ``train.online_teacher`` the terms read the teacher's dense
+    logits instead. Settings that need the top-k logprobs themselves are refused with it."""
+    if cfg.labels.form != "sampled":
+        return
+    from raykd.losses import get_loss  # lazy: keeps torch out of import time
+    from raykd.soft_labels.sampled import UNBIASED_TERMS
+
+    reading = [] if cfg.train.online_teacher else [
+        n for n in cfg.train.objective_terms() if get_loss(n).kind == "logits" and get_loss(n).needs_teacher]
+    if biased := sorted(set(reading) - UNBIASED_TERMS):
+        raise ValueError(f"labels.form=sampled gives an unbiased target only to terms linear in the teacher's "
+                         f"probabilities ({sorted(UNBIASED_TERMS)}); {biased} would be biased by the sampled, tail-less "
+                         "target: use labels.form=topk, or replace them")
+    needs_topk = {"train.target_k": cfg.train.target_k is not None,
+                  "a train.phases temperature (re-tempers cached top-k logprobs)": any(
+                      p.temperature is not None for p in cfg.train.phases),
+                  "extra_teachers": bool(cfg.extra_teachers), "on_policy": cfg.on_policy is not None,
+                  "student.vocab_size": cfg.student.vocab_size is not None,
+                  "student.tokenizer_alignment": cfg.student.tokenizer_alignment is not None,
+                  "chain": cfg.chain is not None, "agnostic_stage": cfg.agnostic_stage is not None}
+    if clash := [name for name, on in needs_topk.items() if on]:
+        raise ValueError(f"labels.form=sampled stores drawn ids and counts, not top-k logprobs; {clash} need top-k "
+                         "soft labels: set labels.form=topk or remove them")
 
 
 def _check_feature_terms(cfg: DistillConfig) -> None:

@@ -1,7 +1,8 @@
 """The soft-label cache: committed *parts* plus a ledger, named by the cache key.
 
 The key hashes everything that changes the labels: schema version, teacher weights and
-tokenizer fingerprints, engine and dtype, ``K``, temperature, the data (the source's identity
+tokenizer fingerprints, engine and dtype, the form (``K``, or the draws ``S`` and their seed),
+temperature, the data (the source's identity
 and the selection of documents: split, fractions, seed, sample) and how it is cut into blocks.
 
 A cache folder (a local path or a URI, through :mod:`raykd.storage`) holds::
@@ -73,10 +74,21 @@ class CacheKey:
     """What the logprobs are: ``raw_logprobs`` = log-softmax of the unprocessed logits (at the
     key's temperature); other modes (vLLM's processed logprobs) would give other numbers."""
     schema_version: int = SCHEMA_VERSION
+    form: str = "topk"
+    """``topk`` or ``sampled`` (:mod:`raykd.soft_labels.sampled`; ``k`` is then the draws ``S``)."""
+    samples: int = 0
+    """Draws per position of the sampled form (0 for top-k)."""
+    sample_seed: int = 0
+    """``labels.seed`` of the sampled form's draws (0 for top-k)."""
 
     def digest(self) -> str:
-        """Hex SHA-256 of the canonical JSON of the fields (24 characters kept)."""
-        blob = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        """Hex SHA-256 of the canonical JSON of the fields (24 characters kept). A top-k key leaves
+        out the sampled form's fields, so it is the digest top-k caches had before they existed."""
+        fields = asdict(self)
+        if self.form == "topk":
+            for name in ("form", "samples", "sample_seed"):
+                fields.pop(name)
+        blob = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 

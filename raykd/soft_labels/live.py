@@ -35,7 +35,7 @@ from typing import Any, Self
 
 from raykd import console
 from raykd.soft_labels.cache import Manifest, done_parts, read_entry
-from raykd.soft_labels.join import LABEL_COLUMNS
+from raykd.soft_labels.schema import label_columns
 from raykd.soft_labels.pipeline import live_label_rows
 from raykd.soft_labels.plan import (
     Plan,
@@ -78,7 +78,7 @@ class LiveFill:
         data, parts = plan.sources[TRAIN]
         todo = self._still_missing(parts)
         return live_label_rows(parts, todo, {s: plan.targets()[s] for s in self.missing}, train=TRAIN,
-                               columns=["input_ids", "attention_mask", "loss_mask", *LABEL_COLUMNS],
+                               columns=["input_ids", "attention_mask", "loss_mask", *label_columns(cfg.labels.form)],
                                app_name=cfg.teacher.name, tokenizer_path=str(plan.teacher_path),
                                vocab_size=plan.vocab_size, data=data, labels=cfg.labels, shuffle=shuffle, seed=seed)
 

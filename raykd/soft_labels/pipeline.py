@@ -41,6 +41,7 @@ from raykd.soft_labels.cache import (
     rows_fingerprint,
     write_part,
 )
+from raykd.soft_labels.sampled import block_seeds
 from raykd.soft_labels.schema import encode_batch, soft_label_schema
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def _tokenizer(path: str):
 class _PartLabeler:
     """Ray Data actor: one part -> documents per target -> blocks -> ``score`` calls -> committed parts."""
 
-    def __init__(self, app_name: str, targets: dict[str, Target], data: DataConfig, k: int, temperature: float,
+    def __init__(self, app_name: str, targets: dict[str, Target], data: DataConfig, labels: SoftLabelConfig,
                  vocab_size: int, tokenizer_path: str, batch_size: int, progress: console.ProgressSink):
         # lazy: keeps ray out of import time
         from ray import serve
@@ -117,12 +118,13 @@ class _PartLabeler:
         from raykd.teacher.deployment import DEPLOYMENT_NAME
 
         self.handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name)
-        self.targets, self.data, self.k, self.temperature = targets, data, k, temperature
+        self.targets, self.data, self.labels = targets, data, labels
         self.tokenizer_path, self.batch_size, self.progress = tokenizer_path, batch_size, progress
 
         self.schemas = {
-            name: soft_label_schema(data.seq_len, k, vocab_size, {"cache_key": t.key.digest(), "temperature": temperature},
-                                    pad_id=pad_id(_tokenizer(tokenizer_path)))
+            name: soft_label_schema(data.seq_len, labels.width, vocab_size,
+                                    {"cache_key": t.key.digest(), "temperature": labels.temperature},
+                                    pad_id=pad_id(_tokenizer(tokenizer_path)), form=labels.form)
             for name, t in targets.items()
         }
 
@@ -148,6 +150,14 @@ class _PartLabeler:
                     out[field].append(value)
         return {k: np.asarray(v) for k, v in out.items()}
 
+    def _seeds(self, blocks: dict[str, np.ndarray], start: int) -> dict[str, np.ndarray]:
+        """``{"seeds": [b]}`` of the chunk of blocks from ``start`` for sampled labels (one seed per
+        block, :func:`raykd.soft_labels.sampled.block_seeds`), else nothing."""
+        if self.labels.form != "sampled":
+            return {}
+        rows = slice(start, start + self.batch_size)
+        return {"seeds": block_seeds(blocks["doc_id"][rows], blocks["block_index"][rows], self.labels.seed)}
+
     def _label(self, spec: PartSpec, names: list[str]) -> dict[str, dict[str, int]]:
         start = time.perf_counter()
         digest = spec.digest()
@@ -161,7 +171,7 @@ class _PartLabeler:
 
         pending = {  # every chunk of every target in flight at once; the replicas queue them; resent if a replica dies
             n: [ResentCall(self.handle.score, b["input_ids"][s : s + self.batch_size], b["attention_mask"][s : s + self.batch_size],
-                           k=self.k, temperature=self.temperature)
+                           k=self.labels.width, temperature=self.labels.temperature, **self._seeds(b, s))
                 for s in range(0, len(b["input_ids"]), self.batch_size)]
             for n, (b, _) in work.items()
         }
@@ -193,7 +203,8 @@ def label_parts(parts: list[PartSpec], todo: dict[str, list[str]], targets: dict
         tokenizer_path: folder of the tokenizer the keys were made with.
         vocab_size: teacher vocabulary ``V`` (picks the id dtype).
         data: block settings (``seq_len``, ``max_blocks_per_doc``, ``min_tokens``) and columns.
-        labels: ``k``, ``temperature``, ``batch_size`` (sequences per ``score`` call), ``num_labelers``.
+        labels: the form and its ``k`` (or ``samples`` and ``seed``), ``temperature``, ``batch_size``
+            (sequences per ``score`` call), ``num_labelers``.
 
     Returns:
         Per target: ``parts``, ``docs``, ``rows``, ``tokens`` and ``calls`` (``score`` calls,
@@ -221,7 +232,7 @@ def label_parts(parts: list[PartSpec], todo: dict[str, list[str]], targets: dict
             memory=LABELER_MEMORY,
             **storage.remote_args(),  # runtime_env: the labelers read parts and write shards by location
             fn_constructor_kwargs={
-                "app_name": app_name, "targets": targets, "data": data, "k": labels.k, "temperature": labels.temperature,
+                "app_name": app_name, "targets": targets, "data": data, "labels": labels,
                 "vocab_size": vocab_size, "tokenizer_path": tokenizer_path, "batch_size": labels.batch_size,
                 "progress": progress,
             },
@@ -305,7 +316,7 @@ def live_label_rows(parts: list[PartSpec], todo: dict[str, list[str]], targets: 
         **storage.remote_args(),
         fn_constructor_kwargs={
             "train": train, "columns": columns,
-            "app_name": app_name, "targets": targets, "data": data, "k": labels.k, "temperature": labels.temperature,
+            "app_name": app_name, "targets": targets, "data": data, "labels": labels,
             "vocab_size": vocab_size, "tokenizer_path": tokenizer_path, "batch_size": labels.batch_size,
             "progress": console.ProgressSink(None, "live"),
         },

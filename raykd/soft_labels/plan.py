@@ -101,14 +101,16 @@ class Plan:
         self.selections = {split: Selection.of(split, cfg.data) for split in ("train", "eval")}
         self.teacher_path = resolve_model_path(cfg.teacher.model, setting="teacher.model")
         self.engine = resolve_engine(cfg.teacher)
-        check_engine_request(self.engine, cfg.teacher, k=cfg.labels.k, temperature=cfg.labels.temperature)
+        check_engine_request(self.engine, cfg.teacher, k=cfg.labels.width, temperature=cfg.labels.temperature,
+                             form=cfg.labels.form)
         tokenizer = load_tokenizer(self.teacher_path)
         self.tokenizer_fp = tokenizer_fingerprint(tokenizer)
         self.weights_fp = weights_fingerprint(self.teacher_path)
         teacher_config = _model_config(self.teacher_path)
         self.vocab_size = int(teacher_config.vocab_size)
-        if cfg.labels.k > self.vocab_size:
-            raise ValueError(f"labels.k={cfg.labels.k} exceeds the teacher vocabulary ({self.vocab_size})")
+        if cfg.labels.width > self.vocab_size:
+            setting = "labels.samples" if cfg.labels.form == "sampled" else "labels.k"
+            raise ValueError(f"{setting}={cfg.labels.width} exceeds the teacher vocabulary ({self.vocab_size})")
         if cfg.student.vocab_size is not None:
             resolve_vocab_size(cfg.student.vocab_size, self.vocab_size)
         self.cross_tokenizer = _check_student_tokenizer(cfg, self.tokenizer_fp, self.vocab_size)
@@ -130,13 +132,15 @@ class Plan:
             tokenizer_fingerprint=self.tokenizer_fp,
             engine=self.engine,
             dtype=c.teacher.dtype,
-            k=c.labels.k,
+            k=c.labels.width,
             temperature=c.labels.temperature,
             data_fingerprint=fingerprint(data),
             seq_len=c.data.seq_len,
             max_blocks_per_doc=c.data.max_blocks_per_doc,
             min_tokens=c.data.min_tokens,
             logprobs_mode=LOGPROBS_MODE,
+            **({"form": "sampled", "samples": c.labels.samples, "sample_seed": c.labels.seed}
+               if c.labels.form == "sampled" else {}),
         )
 
     def planned_parts(self) -> dict[str, list[str]]:

@@ -1,5 +1,10 @@
 """The Arrow schema of soft-label shards (version 2), its encoder, decoder and token counts.
 
+Two forms share version 2 and every column but the labels': ``topk`` (the teacher's top-k
+log-probs and the tail mass, the table below) and ``sampled`` (``S`` ids drawn from the
+teacher's distribution, stored as distinct ids and counts; :mod:`raykd.soft_labels.sampled`).
+A shard's form follows from its columns; :func:`decode_batch` gives both as the same arrays.
+
 One row is one training block of ``T`` tokens, right-padded, of which the first ``n`` are real.
 Only the ``n`` real positions are stored (padding costs nothing); :func:`decode_batch` pads the
 arrays back to ``[B, T]`` / ``[B, T, K]``, so readers see the same dense arrays as in version 1.
@@ -64,6 +69,14 @@ metadata (0 when absent), ``topk_ids`` = ``0 .. K-1``, ``topk_logprobs`` and ``t
 = ``-log(K + 1)`` (a uniform distribution over the ``K + 1`` buckets) and ``label_logprobs`` 0:
 finite everywhere, so a loss masked there stays finite (and so does its gradient).
 
+The sampled form stores ``sample_dict``, ``sample_index`` and ``sample_counts`` (binary, laid
+out as ``topk_dict`` / ``topk_index``; counts as varints) and ``label_logprobs`` in place of the
+top-k's label columns; its schema metadata adds ``form: sampled`` and ``samples: S`` (``k`` is
+``S``, the decoded width). It decodes to ``topk_ids`` ``[B, T, S]`` (the distinct drawn ids by
+descending count, then -1), ``topk_logprobs`` float32 ``log(count / S)`` (``-inf`` after the
+distinct ids: fp16 would bias the estimate by up to 0.2%) and ``tail_logmass`` ``-inf``: a
+sparse distribution with no tail. Its top-1 is the most drawn id, not necessarily the teacher's.
+
 Bump :data:`SCHEMA_VERSION` on any change: the version is part of the cache key and is checked
 when a cache is opened (caches of another version must be relabeled).
 """
@@ -73,10 +86,31 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from raykd.soft_labels import sampled
+from raykd.soft_labels.packing import (
+    SchemaError,
+    binary_column,
+    binary_parts,
+    decode_dictionary,
+    decode_gaps,
+    dictionary_column,
+    gaps_column,
+    list_column,
+    varint_decode,
+    varint_encode,
+)
+
+__all__ = [
+    "BLOCK_COLUMNS", "DECODED_LABELS", "FORMS", "LABEL_COLUMNS", "META_PREFIX", "SCHEMA_VERSION", "SQRT_LEVELS",
+    "SchemaError", "count_tokens", "decode_batch", "encode_batch", "form_of", "from_sqrt_levels", "label_columns",
+    "schema_metadata", "soft_label_schema", "to_sqrt_levels", "varint_decode", "varint_encode",
+]
 
 SCHEMA_VERSION = 2
 META_PREFIX = b"raykd."
@@ -87,50 +121,64 @@ SQRT_LEVELS = 127
 ZERO_LEVEL = 0.3
 """Level 0 decodes to ``sqrt(p) = ZERO_LEVEL / L`` (inside the bin ``[0, 0.5 / L)``)."""
 
+LabelForm = Literal["topk", "sampled"]
+FORMS: tuple[LabelForm, ...] = ("topk", "sampled")
+"""The soft-label forms (``labels.form``)."""
+
 BLOCK_COLUMNS = ("doc_id", "block_index", "input_ids", "attention_mask", "loss_mask")
 """Columns describing the block (shared by every teacher of a joined cache)."""
 
 LABEL_COLUMNS = ("topk_dict", "topk_index", "topk_sqrtp", "top1_rank", "tail_sqrtp", "label_logprobs")
-"""Stored columns of one teacher's labels."""
+"""Stored columns of one teacher's top-k labels."""
+
+SAMPLED_LABEL_COLUMNS = (*sampled.COLUMNS, "label_logprobs")
+"""Stored columns of one teacher's sampled labels."""
 
 DECODED_LABELS = ("topk_ids", "topk_logprobs", "tail_logmass", "label_logprobs")
-"""Keys of one teacher's labels in :func:`decode_batch`'s output."""
+"""Keys of one teacher's labels in :func:`decode_batch`'s output (both forms)."""
 
 
-class SchemaError(ValueError):
-    """A table or batch does not match the soft-label schema."""
+def label_columns(form: str) -> tuple[str, ...]:
+    """The stored label columns of ``form`` (``topk`` or ``sampled``).
+
+    Raises:
+        SchemaError: an unknown form.
+    """
+    if form not in FORMS:
+        raise SchemaError(f"unknown soft-label form {form!r}; valid: {list(FORMS)}")
+    return SAMPLED_LABEL_COLUMNS if form == "sampled" else LABEL_COLUMNS
+
+
+def form_of(column_names: list[str] | tuple[str, ...]) -> LabelForm:
+    """The form of a shard with these columns (``sampled`` when it has ``sample_counts``)."""
+    return "sampled" if "sample_counts" in column_names else "topk"
 
 
 def soft_label_schema(seq_len: int, k: int, vocab_size: int, metadata: dict[str, str] | None = None,
-                      *, pad_id: int = 0) -> pa.Schema:
-    """The Arrow schema for blocks of ``seq_len`` tokens and top-``k`` labels.
+                      *, pad_id: int = 0, form: LabelForm = "topk") -> pa.Schema:
+    """The Arrow schema for blocks of ``seq_len`` tokens and their labels.
 
     Args:
         seq_len: ``T``.
-        k: ``K`` (recorded in the metadata; each row's ``K`` also follows from its columns).
+        k: ``K`` of the top-k form, ``S`` (draws per position) of the sampled form (recorded in
+            the metadata; each row's width also follows from its columns).
         vocab_size: teacher vocabulary size ``V`` (recorded in the metadata).
         metadata: extra ``raykd.*`` key/values stored in the schema (and Parquet footer).
         pad_id: the id :func:`decode_batch` puts at padding positions (metadata ``pad_id``).
+        form: ``topk`` or ``sampled`` (metadata ``form`` and ``samples`` for the sampled form).
+
+    Raises:
+        SchemaError: an unknown form.
     """
+    extra = {"form": form, "samples": k} if form == "sampled" else {}
     meta = {META_PREFIX + b"schema_version": str(SCHEMA_VERSION).encode()}
-    for key, value in {"seq_len": seq_len, "k": k, "vocab_size": vocab_size, "pad_id": pad_id, **(metadata or {})}.items():
+    for key, value in {"seq_len": seq_len, "k": k, "vocab_size": vocab_size, "pad_id": pad_id, **extra,
+                       **(metadata or {})}.items():
         meta[META_PREFIX + key.encode()] = str(value).encode()
-    return pa.schema(
-        [
-            pa.field("doc_id", pa.string()),
-            pa.field("block_index", pa.int32()),
-            pa.field("input_ids", pa.list_(pa.int32())),
-            pa.field("attention_mask", pa.list_(pa.uint8())),
-            pa.field("loss_mask", pa.list_(pa.uint8(), seq_len)),
-            pa.field("topk_dict", pa.binary()),
-            pa.field("topk_index", pa.binary()),
-            pa.field("topk_sqrtp", pa.binary()),
-            pa.field("top1_rank", pa.binary()),
-            pa.field("tail_sqrtp", pa.binary()),
-            pa.field("label_logprobs", pa.binary()),
-        ],
-        metadata=meta,
-    )
+    block = [pa.field("doc_id", pa.string()), pa.field("block_index", pa.int32()),
+             pa.field("input_ids", pa.list_(pa.int32())), pa.field("attention_mask", pa.list_(pa.uint8())),
+             pa.field("loss_mask", pa.list_(pa.uint8(), seq_len))]
+    return pa.schema([*block, *(pa.field(name, pa.binary()) for name in label_columns(form))], metadata=meta)
 
 
 def schema_metadata(schema: pa.Schema) -> dict[str, str]:
@@ -140,70 +188,6 @@ def schema_metadata(schema: pa.Schema) -> dict[str, str]:
         if key.startswith(META_PREFIX):
             out[key[len(META_PREFIX) :].decode()] = value.decode()
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Byte-level helpers (vectorised over a whole batch).
-
-def varint_encode(values: np.ndarray) -> np.ndarray:
-    """LEB128 bytes of non-negative integers: 7 bits per byte, high bit set on all but the last.
-
-    Args:
-        values: int array ``[N]``, each in ``[0, 2^35)``.
-
-    Returns:
-        uint8 ``[sum of byte lengths]``; values below 128 take one byte, below 16,384 two.
-    """
-    v = np.asarray(values, dtype=np.int64).ravel()
-    if v.size and (v.min() < 0 or v.max() >= 1 << 35):
-        raise SchemaError(f"varint values must be in [0, 2^35), got [{v.min()}, {v.max()}]")
-    nbytes = 1 + sum((v >= 1 << (7 * j)).astype(np.int64) for j in range(1, 5))
-    starts = np.cumsum(nbytes) - nbytes
-    owner = np.repeat(np.arange(v.size), nbytes)
-    j = np.arange(int(nbytes.sum())) - starts[owner]
-    more = (j < nbytes[owner] - 1).astype(np.int64) << 7
-    return (((v[owner] >> (7 * j)) & 0x7F) | more).astype(np.uint8)
-
-
-def varint_decode(buf: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`varint_encode`: int64 ``[number of values]`` of uint8 ``buf``.
-
-    Raises:
-        SchemaError: ``buf`` ends inside a value (a truncated or foreign column).
-    """
-    buf = np.asarray(buf, dtype=np.uint8)
-    if buf.size == 0:
-        return np.zeros(0, np.int64)
-    last = buf < 0x80
-    if not last[-1]:
-        raise SchemaError("a varint column ends inside a value: the shard is corrupt or not raykd schema v2")
-    ends = np.flatnonzero(last)
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    owner = np.cumsum(np.concatenate([[0], last[:-1]]))
-    j = np.arange(buf.size) - starts[owner]
-    return np.add.reduceat((buf & 0x7F).astype(np.int64) << (7 * j), starts)
-
-
-def _binary(data: np.ndarray, lengths: np.ndarray) -> pa.BinaryArray:
-    """A binary array of ``len(lengths)`` rows, row ``r`` holding the next ``lengths[r]`` bytes."""
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    return pa.Array.from_buffers(pa.binary(), len(lengths), [None, pa.py_buffer(offsets),
-                                                             pa.py_buffer(np.ascontiguousarray(data, np.uint8))])
-
-
-def _binary_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """``(bytes, per-row byte lengths)`` of a (possibly sliced) binary array."""
-    if not pa.types.is_binary(arr.type):
-        raise SchemaError(f"expected a binary column, got {arr.type}")
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + len(arr) + 1]
-    data = arr.buffers()[2]
-    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
-    return data[offsets[0] : offsets[-1]], np.diff(offsets)
-
-
-def _list(values: np.ndarray, lengths: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.ascontiguousarray(values), type=arrow_type))
 
 
 def to_sqrt_levels(logprobs: np.ndarray) -> np.ndarray:
@@ -232,14 +216,60 @@ def _real_lengths(attention_mask: np.ndarray) -> np.ndarray:
     return n
 
 
+def _check_shapes(ids: np.ndarray, label_ids: np.ndarray, schema: pa.Schema) -> int:
+    """``K`` (or ``S``) of labels ``[B, T, K]`` for blocks ``[B, T]``, checked against the schema."""
+    t = ids.shape[1]
+    if schema.field("loss_mask").type.list_size != t or label_ids.shape[:2] != ids.shape:
+        raise SchemaError(f"block shape {ids.shape} and labels {label_ids.shape} do not fit the schema "
+                          f"(T={schema.field('loss_mask').type.list_size})")
+    k, meta = label_ids.shape[2], schema_metadata(schema)
+    if "k" in meta and int(meta["k"]) != k:
+        raise SchemaError(f"K={k} does not match the schema (K={meta['k']})")
+    return k
+
+
+def _block_arrays(block: dict[str, np.ndarray], n: np.ndarray, real: np.ndarray) -> list[pa.Array]:
+    """The :data:`BLOCK_COLUMNS` of a batch (only the ``n`` real tokens of each row)."""
+    ids = np.asarray(block["input_ids"])
+    return [
+        pa.array(np.asarray(block["doc_id"]).astype(str), type=pa.string()),
+        pa.array(np.asarray(block["block_index"], dtype=np.int32)),
+        list_column(ids[real].astype(np.int32), n, pa.int32()),
+        list_column(np.ones(int(n.sum()), np.uint8), n, pa.uint8()),
+        pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(block["loss_mask"], dtype=np.uint8).reshape(-1)), ids.shape[1]),
+    ]
+
+
+def _topk_arrays(labels: dict[str, np.ndarray], real: np.ndarray, row_of: np.ndarray, n: np.ndarray) -> list[pa.Array]:
+    """``topk_dict``, ``topk_index``, ``topk_sqrtp``, ``top1_rank`` and ``tail_sqrtp`` of the real positions."""
+    top_ids = np.asarray(labels["topk_ids"])[real].astype(np.int64)  # [N, K], the top-1 first
+    lp = np.asarray(labels["topk_logprobs"])[real].astype(np.float32)
+    tail = np.asarray(labels["tail_logmass"])[real].astype(np.float32)
+    if top_ids.size and top_ids.min() < 0:
+        raise SchemaError("topk_ids holds negative ids")
+    if np.isnan(lp).any() or np.isnan(tail).any() or (lp > 1e-3).any():
+        raise SchemaError("topk_logprobs / tail_logmass hold NaN or positive log-probs")
+    n_all, k = top_ids.shape
+    dict_col, local = dictionary_column(top_ids.ravel(), np.repeat(row_of, k), len(n))
+    order = np.argsort(local.reshape(n_all, k), axis=1, kind="stable")  # each position's ids in dictionary order
+    local = np.take_along_axis(local.reshape(n_all, k), order, 1)
+    q = np.take_along_axis(to_sqrt_levels(lp), order, 1)  # [N, K] in id order
+    desc = np.argsort(-q.astype(np.int16), axis=1, kind="stable")  # what decode will compute
+    top1_rank = np.argmax(desc == np.argmax(order == 0, axis=1)[:, None], axis=1).astype(np.uint8)
+    return [dict_col, gaps_column(local.ravel(), np.repeat(np.arange(n_all), k), row_of, len(n)),
+            binary_column(q.reshape(-1), n * k), binary_column(top1_rank, n), binary_column(to_sqrt_levels(tail), n)]
+
+
 def encode_batch(block: dict[str, np.ndarray], labels: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
     """Build a shard table from tokenised blocks and the teacher's ``score`` output.
 
     Args:
         block: ``doc_id`` [B], ``block_index`` [B], ``input_ids`` / ``attention_mask`` /
             ``loss_mask`` [B, T] (right-padded: each mask row is ones, then zeros).
-        labels: ``topk_ids`` / ``topk_logprobs`` [B, T, K] (``topk_ids[..., 0]`` is the top-1),
-            ``tail_logmass`` / ``label_logprobs`` [B, T]; only real positions are read.
+        labels: top-k form: ``topk_ids`` / ``topk_logprobs`` [B, T, K] (``topk_ids[..., 0]`` is
+            the top-1), ``tail_logmass`` / ``label_logprobs`` [B, T]. Sampled form (a schema
+            with ``form=sampled``): ``topk_ids`` [B, T, S] holds the ``S`` draws (the engine's
+            ``score`` with ``seeds``) and ``label_logprobs`` [B, T]. Only real positions are read.
         schema: from :func:`soft_label_schema`.
 
     Raises:
@@ -247,70 +277,17 @@ def encode_batch(block: dict[str, np.ndarray], labels: dict[str, np.ndarray], sc
             right-padded, an id is negative, or a log-prob is NaN or positive.
     """
     ids = np.asarray(block["input_ids"])
-    b, t = ids.shape
-    meta = schema_metadata(schema)
-    top_ids = np.asarray(labels["topk_ids"])
-    if schema.field("loss_mask").type.list_size != t or top_ids.shape[:2] != (b, t):
-        raise SchemaError(f"block shape {ids.shape} and labels {top_ids.shape} do not fit the schema "
-                          f"(T={schema.field('loss_mask').type.list_size})")
-    k = top_ids.shape[2]
-    if "k" in meta and int(meta["k"]) != k:
-        raise SchemaError(f"K={k} does not match the schema (K={meta['k']})")
+    _check_shapes(ids, np.asarray(labels["topk_ids"]), schema)
     n = _real_lengths(block["attention_mask"])
-    real = np.arange(t)[None, :] < n[:, None]
-    top_ids = top_ids[real].astype(np.int64)  # [N, K]
-    lp = np.asarray(labels["topk_logprobs"])[real].astype(np.float32)
-    tail = np.asarray(labels["tail_logmass"])[real].astype(np.float32)
-    if top_ids.size and top_ids.min() < 0:
-        raise SchemaError("topk_ids holds negative ids")
-    if np.isnan(lp).any() or np.isnan(tail).any() or (lp > 1e-3).any():
-        raise SchemaError("topk_logprobs / tail_logmass hold NaN or positive log-probs")
-    n_all = len(top_ids)
-    row_of = np.repeat(np.arange(b), n)  # [N]
-
-    # The row's dictionary of distinct ids, and each position's ids as sorted indices into it.
-    width = int(top_ids.max()) + 1 if top_ids.size else 1
-    keys = row_of[:, None] * width + top_ids  # unique per (row, id), sorted by row then id
-    uniq, inverse = np.unique(keys, return_inverse=True)
-    dict_row, dict_id = uniq // width, uniq % width
-    dict_len = np.bincount(dict_row, minlength=b)
-    dict_start = np.cumsum(dict_len) - dict_len
-    dict_gaps = np.diff(dict_id, prepend=0)
-    dict_gaps[dict_start[dict_len > 0]] = dict_id[dict_start[dict_len > 0]]
-    local = inverse.reshape(top_ids.shape) - dict_start[row_of][:, None]  # [N, K]
-    order = np.argsort(local, axis=1, kind="stable")
-    local = np.take_along_axis(local, order, 1)
-    index_gaps = np.diff(local, axis=1, prepend=0)
-
-    q = np.take_along_axis(to_sqrt_levels(lp), order, 1)  # [N, K] in id order
-    desc = np.argsort(-q.astype(np.int16), axis=1, kind="stable")  # what decode will compute
-    slot0 = np.argmax(order == 0, axis=1)  # where the teacher's top-1 went
-    top1_rank = np.argmax(desc == slot0[:, None], axis=1).astype(np.uint8)
-
-    dict_bytes = varint_encode(dict_gaps)
-    dict_byte_len = np.bincount(np.repeat(dict_row, _varint_lengths(dict_gaps)), minlength=b)
-    index_bytes = varint_encode(index_gaps.ravel())
-    index_byte_len = np.bincount(np.repeat(row_of, _varint_lengths(index_gaps).sum(1)), minlength=b)
+    real = np.arange(ids.shape[1])[None, :] < n[:, None]
+    row_of = np.repeat(np.arange(len(n)), n)  # [N]
+    if schema_metadata(schema).get("form") == "sampled":
+        label_arrays = sampled.encode_columns(np.asarray(labels["topk_ids"])[real], row_of, len(n))
+    else:
+        label_arrays = _topk_arrays(labels, real, row_of, n)
     label_lp = np.asarray(labels["label_logprobs"])[real].astype("<f2")
-    arrays = [
-        pa.array(np.asarray(block["doc_id"]).astype(str), type=pa.string()),
-        pa.array(np.asarray(block["block_index"], dtype=np.int32)),
-        _list(ids[real].astype(np.int32), n, pa.int32()),
-        _list(np.ones(n_all, np.uint8), n, pa.uint8()),
-        pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(block["loss_mask"], dtype=np.uint8).reshape(-1)), t),
-        _binary(dict_bytes, dict_byte_len),
-        _binary(index_bytes, index_byte_len),
-        _binary(q.reshape(-1), n * k),
-        _binary(top1_rank, n),
-        _binary(to_sqrt_levels(tail), n),
-        _binary(label_lp.view(np.uint8), 2 * n),
-    ]
+    arrays = [*_block_arrays(block, n, real), *label_arrays, binary_column(label_lp.view(np.uint8), 2 * n)]
     return pa.Table.from_arrays(arrays, schema=schema)
-
-
-def _varint_lengths(values: np.ndarray) -> np.ndarray:
-    v = np.asarray(values, dtype=np.int64)
-    return 1 + sum((v >= 1 << (7 * j)).astype(np.int64) for j in range(1, 5))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,79 +298,100 @@ def _column(table: pa.Table, name: str) -> pa.Array:
     return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
 
 
-def decode_batch(table: pa.Table, *, with_ids: bool = False) -> dict[str, np.ndarray]:
-    """Turn a shard table (or a batch of it) back into dense numpy arrays, padded to ``T``.
-
-    Returns:
-        ``input_ids`` int64 [B, T], ``attention_mask`` / ``loss_mask`` uint8 [B, T],
-        ``topk_ids`` int64 [B, T, K] (``[..., 0]`` the top-1, then descending probability),
-        ``topk_logprobs`` float16 [B, T, K], ``tail_logmass`` / ``label_logprobs`` float32
-        [B, T]; plus ``doc_id`` / ``block_index`` if ``with_ids``. Padding positions hold the
-        finite values listed in the module docstring.
+def _check_columns(table: pa.Table) -> LabelForm:
+    """The table's form, after checking it has every column of it.
 
     Raises:
-        SchemaError: a column is missing or has another type (e.g. a cache of schema version 1:
-            relabel it).
+        SchemaError: a column is missing (e.g. a cache of schema version 1).
     """
     names = set(table.column_names)
-    needed = {"input_ids", "attention_mask", "loss_mask", *LABEL_COLUMNS}
-    if missing := needed - names:
+    form = form_of(table.column_names)
+    if missing := {"input_ids", "attention_mask", "loss_mask", *label_columns(form)} - names:
         old = " (it has version 1 columns: relabel it)" if "topk_logprobs" in names else ""
         raise SchemaError(f"soft-label table lacks columns {sorted(missing)}; it was not written by raykd schema "
                           f"v{SCHEMA_VERSION}{old}")
-    b = table.num_rows
-    loss_arr = _column(table, "loss_mask")
-    if not pa.types.is_fixed_size_list(loss_arr.type):
-        raise SchemaError(f"column loss_mask has type {loss_arr.type}, expected a fixed-size list (schema v{SCHEMA_VERSION})")
-    t = loss_arr.type.list_size
-    ids_arr = _column(table, "input_ids")
-    if not pa.types.is_list(ids_arr.type):
-        raise SchemaError(f"column input_ids has type {ids_arr.type}, expected a list (schema v{SCHEMA_VERSION}); relabel")
-    n = ids_arr.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
-    n_all = int(n.sum())
-    real = np.arange(t)[None, :] < n[:, None]
-    row_of = np.repeat(np.arange(b), n)
+    for name, is_type, expected in (("loss_mask", pa.types.is_fixed_size_list, "a fixed-size list"),
+                                    ("input_ids", pa.types.is_list, "a list")):
+        if not is_type(table.schema.field(name).type):
+            raise SchemaError(f"column {name} has type {table.schema.field(name).type}, expected {expected} "
+                              f"(schema v{SCHEMA_VERSION}); relabel")
+    return form
 
-    q, q_len = _binary_parts(_column(table, "topk_sqrtp"))
+
+def _decode_topk(table: pa.Table, n: np.ndarray, row_of: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids [N, K], logprobs [N, K], tail [N])`` of the real positions: the top-1 first, then
+    descending probability (ties: ascending id).
+
+    Raises:
+        SchemaError: ``topk_sqrtp`` does not hold ``K`` bytes per real position.
+    """
+    n_all = len(row_of)
+    q, q_len = binary_parts(_column(table, "topk_sqrtp"))
     k = len(q) // n_all if n_all else int(schema_metadata(table.schema).get("k", 1))
     if len(q) != n_all * k or not np.array_equal(q_len, n * k):
         raise SchemaError("topk_sqrtp does not hold K bytes per real position; the shard is corrupt")
     q = q.reshape(n_all, k)
-
-    dict_bytes, dict_byte_len = _binary_parts(_column(table, "topk_dict"))
-    gaps = varint_decode(dict_bytes)
-    terminators = np.concatenate([[0], np.cumsum(dict_bytes < 0x80)])
-    byte_end = np.cumsum(dict_byte_len)
-    dict_len = terminators[byte_end] - terminators[byte_end - dict_byte_len]  # values per row
-    dict_start = np.cumsum(dict_len) - dict_len
-    running = np.cumsum(gaps)  # a running sum over all rows, restarted at each row's first id
-    nonempty = dict_len > 0
-    before = np.zeros(b, np.int64)
-    before[nonempty] = running[dict_start[nonempty]] - gaps[dict_start[nonempty]]
-    dict_ids = running - np.repeat(before, dict_len)
-    local = np.cumsum(varint_decode(_binary_parts(_column(table, "topk_index"))[0]).reshape(n_all, k), axis=1)
+    dict_ids, dict_start = decode_dictionary(_column(table, "topk_dict"))
+    local = decode_gaps(_column(table, "topk_index"), np.repeat(np.arange(n_all), k)).reshape(n_all, k)
     top_ids = dict_ids[local + dict_start[row_of][:, None]]  # [N, K] ascending ids
-
     desc = np.argsort(-q.astype(np.int16), axis=1, kind="stable")
-    rank1 = _binary_parts(_column(table, "top1_rank"))[0].astype(np.int64)
+    rank1 = binary_parts(_column(table, "top1_rank"))[0].astype(np.int64)
     j = np.arange(k)[None, :]
-    src = np.where(j == 0, rank1[:, None], np.where(j <= rank1[:, None], j - 1, j))  # move rank1 to the front
-    order = np.take_along_axis(desc, src, 1)
+    order = np.take_along_axis(desc, np.where(j == 0, rank1[:, None], np.where(j <= rank1[:, None], j - 1, j)), 1)
+    tail = from_sqrt_levels(binary_parts(_column(table, "tail_sqrtp"))[0])
+    return np.take_along_axis(top_ids, order, 1), from_sqrt_levels(np.take_along_axis(q, order, 1)), tail
 
-    out = {
-        "input_ids": np.full((b, t), int(schema_metadata(table.schema).get("pad_id", 0)), np.int64),
-        "attention_mask": real.astype(np.uint8),
-        "loss_mask": loss_arr.flatten().to_numpy(zero_copy_only=False).reshape(b, t).astype(np.uint8),
+
+def _decode_sampled(table: pa.Table, row_of: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids [N, S], logprobs [N, S], tail [N])`` of the real positions (:func:`raykd.soft_labels.sampled.decode_columns`; no tail)."""
+    samples = schema_metadata(table.schema).get("samples")
+    ids, lp, _ = sampled.decode_columns({c: _column(table, c) for c in sampled.COLUMNS}, row_of,
+                                        int(samples) if samples else None)
+    return ids, lp, np.full(len(row_of), -math.inf, np.float32)
+
+
+def _padded(b: int, t: int, k: int, pad_id: int, logprob_dtype: type) -> dict[str, np.ndarray]:
+    """Dense ``[B, T]`` / ``[B, T, K]`` arrays holding the padding values of the module docstring."""
+    return {
+        "input_ids": np.full((b, t), pad_id, np.int64),
         "topk_ids": np.broadcast_to(np.arange(k, dtype=np.int64), (b, t, k)).copy(),
-        "topk_logprobs": np.full((b, t, k), -math.log(k + 1), np.float16),
+        "topk_logprobs": np.full((b, t, k), -math.log(k + 1), logprob_dtype),
         "tail_logmass": np.full((b, t), -math.log(k + 1), np.float32),
         "label_logprobs": np.zeros((b, t), np.float32),
     }
+
+
+def decode_batch(table: pa.Table, *, with_ids: bool = False) -> dict[str, np.ndarray]:
+    """Turn a shard table (or a batch of it) of either form back into dense numpy arrays, padded to ``T``.
+
+    Returns:
+        ``input_ids`` int64 [B, T], ``attention_mask`` / ``loss_mask`` uint8 [B, T],
+        ``topk_ids`` int64 [B, T, K] (``[..., 0]`` the top-1, then descending probability),
+        ``topk_logprobs`` float16 [B, T, K] (float32 for the sampled form), ``tail_logmass`` /
+        ``label_logprobs`` float32 [B, T]; plus ``doc_id`` / ``block_index`` if ``with_ids``.
+        Padding positions hold the finite values listed in the module docstring.
+
+    Raises:
+        SchemaError: a column is missing or has another type (e.g. a cache of schema version 1:
+            relabel it), or a label column is corrupt.
+    """
+    form = _check_columns(table)
+    loss_arr, ids_arr = _column(table, "loss_mask"), _column(table, "input_ids")
+    b, t = table.num_rows, loss_arr.type.list_size
+    n = ids_arr.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+    real = np.arange(t)[None, :] < n[:, None]
+    row_of = np.repeat(np.arange(b), n)
+    if form == "sampled":
+        top_ids, top_lp, tail = _decode_sampled(table, row_of)
+    else:
+        top_ids, top_lp, tail = _decode_topk(table, n, row_of)
+    pad_id = int(schema_metadata(table.schema).get("pad_id", 0))
+    out = _padded(b, t, top_ids.shape[1], pad_id, np.float32 if form == "sampled" else np.float16)
+    out["attention_mask"] = real.astype(np.uint8)
+    out["loss_mask"] = loss_arr.flatten().to_numpy(zero_copy_only=False).reshape(b, t).astype(np.uint8)
     out["input_ids"][real] = ids_arr.flatten().to_numpy(zero_copy_only=False)
-    out["topk_ids"][real] = np.take_along_axis(top_ids, order, 1)
-    out["topk_logprobs"][real] = from_sqrt_levels(np.take_along_axis(q, order, 1))
-    out["tail_logmass"][real] = from_sqrt_levels(_binary_parts(_column(table, "tail_sqrtp"))[0])
-    out["label_logprobs"][real] = _binary_parts(_column(table, "label_logprobs"))[0].view("<f2")
+    out["topk_ids"][real], out["topk_logprobs"][real], out["tail_logmass"][real] = top_ids, top_lp, tail
+    out["label_logprobs"][real] = binary_parts(_column(table, "label_logprobs"))[0].view("<f2")
     if with_ids:
         out["doc_id"] = np.asarray(table.column("doc_id").to_pylist(), dtype=object)
         out["block_index"] = table.column("block_index").to_numpy()

@@ -13,6 +13,7 @@ replicas each one would know only its own share.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -147,21 +148,28 @@ class TeacherDeployment:
         return out
 
     async def score(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *, k: int = 32,
-                    temperature: float = 1.0, caller: str | None = None, priority: int = 0) -> dict[str, np.ndarray]:
-        """Top-k soft labels for ``input_ids`` ``[B, T]``; see :meth:`raykd.teacher.engines.hf.HFEngine.score`.
+                    temperature: float = 1.0, seeds: np.ndarray | None = None, caller: str | None = None,
+                    priority: int = 0) -> dict[str, np.ndarray]:
+        """Top-k soft labels for ``input_ids`` ``[B, T]`` (with ``seeds`` ``[B]``: ``k`` draws per
+        position, sampled soft labels); see :meth:`raykd.teacher.engines.hf.HFEngine.score`.
         Concurrent calls at the same ``k`` and temperature share one forward; the answer equals
-        the unbatched one.
+        the unbatched one (a row's draws depend only on its seed).
 
         Raises:
-            ValueError: ``B`` above ``max_batch_size`` or any engine validation error (checked
-                before the call joins a batch, so it fails alone).
+            ValueError: ``B`` above ``max_batch_size``, ``seeds`` for an engine that cannot draw
+                them, or any engine validation error (checked before the call joins a batch, so
+                it fails alone).
         """
         input_ids = np.asarray(input_ids)
         if input_ids.ndim == 2:
             self._check_rows(input_ids.shape[0], "rows")
-        self.engine.validate_score_request(input_ids, k, temperature)
+        sampled = {} if seeds is None else {"seeds": np.asarray(seeds)}
+        if sampled and "seeds" not in inspect.signature(self.engine.score).parameters:
+            raise ValueError(f"the {self.engine.name} engine cannot draw sampled soft labels (it returns top-k logprobs "
+                             "only): use teacher.engine=hf for labels.form=sampled")
+        self.engine.validate_score_request(input_ids, k, temperature, **sampled)
         mask = None if attention_mask is None else np.asarray(attention_mask)
-        return await self._submit("score", (input_ids, mask, k, temperature), caller, "score", priority)
+        return await self._submit("score", (input_ids, mask, k, temperature, sampled.get("seeds")), caller, "score", priority)
 
     async def score_mc(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *,
                        caller: str | None = None, **kwargs: Any) -> dict[str, np.ndarray]:

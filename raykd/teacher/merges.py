@@ -7,7 +7,8 @@ one answer per payload, equal to what the payload alone would have got:
 
 - ``score``: rows of every call, right-padded to the longest ``T`` with attention mask 0; a
   causal LM's positions before the padding do not see it, so each caller's ``[b, T_i]`` slice
-  equals its unbatched answer (up to fp32 summation order). Grouped by ``(k, temperature)``.
+  equals its unbatched answer (up to fp32 summation order). Grouped by ``(k, temperature)`` and
+  whether the call draws sampled soft labels (``seeds``, one per row, travel with their rows).
 - ``generate``: prompts of every call in one ``generate`` (left-padded by the engine).
   Grouped by ``max_new_tokens``, ``temperature``, ``k``, ``top_p``; seeded sampling is not
   merged (its draws would depend on the batch).
@@ -82,18 +83,19 @@ def split_rows(out: dict[str, np.ndarray], shapes: list[tuple[int, int]]) -> lis
 
 
 def _run_score(engine: Any, group: Hashable, payloads: list[Any]) -> list[Any]:
-    _, k, temperature = group
+    _, k, temperature, sampled = group
     ids, mask = pad_rows([(p[0], p[1]) for p in payloads])
-    out = engine.score(ids, mask, k=k, temperature=temperature)
+    seeds = {"seeds": np.concatenate([p[4] for p in payloads])} if sampled else {}
+    out = engine.score(ids, mask, k=k, temperature=temperature, **seeds)
     return split_rows(out, [p[0].shape for p in payloads])
 
 
 SCORE = Merge(
-    group=lambda p: ("score", p[2], float(p[3])),
+    group=lambda p: ("score", p[2], float(p[3]), p[4] is not None),
     size=lambda p: p[0].shape,
     run=_run_score,
 )
-"""Payload ``(input_ids [b, T], attention_mask [b, T] | None, k, temperature)``."""
+"""Payload ``(input_ids [b, T], attention_mask [b, T] | None, k, temperature, seeds [b] | None)``."""
 
 
 # --- generate ------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Held-out evaluation from a soft-label cache: perplexity, top-1 agreement with the teacher and
-the forward KL from the teacher's cached distribution to the student's.
+"""Held-out evaluation from a soft-label cache: perplexity, calibration (expected calibration
+error of the next-token probabilities), top-1 agreement with the teacher and the forward KL from
+the teacher's cached distribution to the student's.
 
 The eval split is labeled like the train split, so the teacher's own numbers come from the cache
 (``label_logprobs`` gives its perplexity, ``topk_ids[..., 0]`` its top-1 prediction) and a second
@@ -28,6 +29,33 @@ from raykd.train.cross_tokenizer import TokenizerAlignment, aligned_metrics, tea
 from raykd.train.export import export_student, param_count
 
 
+ECE_BINS = 15
+"""Equal-width confidence bins of the expected calibration error (Guo et al. 2017)."""
+
+
+def calibration_bins(confidence: torch.Tensor, correct: torch.Tensor, bins: int = ECE_BINS) -> torch.Tensor:
+    """Per confidence bin: positions, summed confidence and summed correctness, float64 ``[3, bins]``.
+
+    Args:
+        confidence: ``[N]`` the probability of each position's predicted (top-1) token, in [0, 1].
+        correct: ``[N]`` bool, the prediction equals the real next token.
+        bins: equal-width bins over [0, 1] (a confidence of 1 falls in the last).
+    """
+    which = (confidence.double() * bins).long().clamp(0, bins - 1)
+    out = torch.zeros(3, bins, dtype=torch.float64, device=confidence.device)
+    for row, values in enumerate((torch.ones_like(confidence), confidence, correct)):
+        out[row].index_add_(0, which, values.double())
+    return out
+
+
+def expected_calibration_error(counts: torch.Tensor) -> float:
+    """ECE = sum over bins of (positions in bin / positions) * |accuracy - mean confidence|, of
+    :func:`calibration_bins` counts summed over batches; Guo et al. 2017, "On Calibration of
+    Modern Neural Networks" (0: calibrated; in [0, 1])."""
+    n, conf, acc = counts
+    return float((conf - acc).abs().sum() / n.sum().clamp(min=1))
+
+
 def teacher_metrics(shard_files: list[str]) -> dict[str, float]:
     """Teacher perplexity on the cached split (``exp`` of the mean negative ``label_logprobs``)."""
     nll, n = 0.0, 0
@@ -52,16 +80,19 @@ def student_metrics(model, shard_files: list[str], batch_size: int = 16, device:
             so perplexity and agreement are over the same tokens as for any other student.
 
     Returns:
-        ``ppl`` (exp of the mean next-token NLL over ``loss_mask`` positions),
-        ``top1_agreement`` (share of those positions where the student's argmax equals the
-        teacher's top-1 id), ``kl`` (mean KL(teacher || student) in nats per position at
-        temperature 1, over the cache's K + 1 buckets: the top-k ids and the tail, as the
-        sparse ``forward_kl`` loss sees them; a lower bound on the full-vocabulary KL),
-        ``tokens`` (positions counted).
+        ``ppl`` (exp of the mean next-token NLL over ``loss_mask`` positions), ``ece`` (expected
+        calibration error of the student's top-1 next-token probability against the real next
+        token, :data:`ECE_BINS` bins), ``top1_agreement`` (share of those positions where the
+        student's argmax equals the teacher's top-1 id), ``kl`` (mean KL(teacher || student) in
+        nats per position at temperature 1, over the cache's K + 1 buckets: the top-k ids and
+        the tail, as the sparse ``forward_kl`` loss sees them; a lower bound on the
+        full-vocabulary KL), ``tokens`` (positions counted). On a cache of sampled soft labels
+        the teacher's top-1 is its most drawn id and ``kl`` is taken from the drawn
+        distribution (:mod:`raykd.soft_labels.sampled`): both are estimates.
     """
     model.eval()
     table = vocab.to_compressed().to(device) if vocab is not None else None
-    nll, agree, kl, n = 0.0, 0, 0.0, 0
+    nll, agree, kl, n, calib = 0.0, 0, 0.0, 0, 0.0
     for b in iter_cache_batches(shard_files, batch_size):
         ids = torch.tensor(b["input_ids"], device=device)
         am = torch.tensor(b["attention_mask"], device=device).long()
@@ -72,14 +103,19 @@ def student_metrics(model, shard_files: list[str], batch_size: int = 16, device:
         nxt = ids[:, 1:]
         if table is None:
             tok_lp, top1 = logp.gather(-1, nxt[..., None]).squeeze(-1), logits[:, :-1].argmax(-1)
+            top1_lp = logp.amax(-1)
         else:
             tok_lp, top1 = _compressed_to_teacher(logp, nxt, table, vocab)
+            top1_lp = _teacher_id_log_probs(logp, top1[..., None], table, vocab.group_log_freq().to(device)).squeeze(-1)
         nll -= float(tok_lp[m].double().sum())
+        calib = calib + calibration_bins(top1_lp[m].exp(), (top1 == nxt)[m])
         teacher_top1 = torch.tensor(b["topk_ids"][:, :-1, 0], device=device)
         agree += int((top1 == teacher_top1)[m].sum())
         kl += float(_bucket_kl(logp, b, table, vocab)[m].double().sum())
         n += int(m.sum())
-    return {"ppl": math.exp(nll / max(n, 1)), "top1_agreement": agree / max(n, 1), "kl": kl / max(n, 1), "tokens": n}
+    ece = expected_calibration_error(calib) if n else float("nan")
+    return {"ppl": math.exp(nll / max(n, 1)), "ece": ece, "top1_agreement": agree / max(n, 1), "kl": kl / max(n, 1),
+            "tokens": n}
 
 
 def _bucket_kl(logp: torch.Tensor, b: dict[str, np.ndarray], table: torch.Tensor | None, vocab: VocabMap | None) -> torch.Tensor:

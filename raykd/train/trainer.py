@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
+import pyarrow.parquet as pq
 
 from raykd import console, storage
 from raykd.config import TeacherConfig, TrainConfig
-from raykd.soft_labels.join import LABEL_COLUMNS, decode_joined, teacher_column
-from raykd.soft_labels.schema import decode_batch
+from raykd.soft_labels.join import decode_joined, teacher_column
+from raykd.soft_labels.schema import decode_batch, form_of, label_columns
 from raykd.train.failures import training_failure
 from raykd.train.loop import HISTORY_FILE, RESUMES_FILE, LoopConfig
 from raykd.train.parallel import SHARDED_DIR, export_sharded
@@ -62,9 +63,10 @@ def soft_label_dataset(shard_files: list[str], shuffle: bool, seed: int, num_tea
     """
     import ray
 
+    fs, first = storage.resolve(shard_files[0], setting="labels.cache_dir")
+    form = form_of(pq.read_schema(first, filesystem=fs).names)  # top-k or sampled labels: their own columns
     columns = ["input_ids", "attention_mask", "loss_mask"] + [
-        teacher_column(i, name) for i in range(num_teachers) for name in LABEL_COLUMNS]
-    fs, _ = storage.resolve(shard_files[0], setting="labels.cache_dir")
+        teacher_column(i, name) for i in range(num_teachers) for name in label_columns(form)]
     paths = [storage.resolve(f)[1] for f in shard_files]
     # One block per shard, read by a task of DATA_CPUS. Not `ray.data.read_parquet`: from Ray 2.60 it
     # first runs a `ListFiles` task that always reserves 1 CPU whatever `num_cpus` says, and on a

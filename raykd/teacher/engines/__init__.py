@@ -81,25 +81,30 @@ def resolve_engine(teacher: Any) -> str:
     return name
 
 
-def check_engine_request(engine: str, teacher: Any, *, k: int | None = None, temperature: float = 1.0) -> None:
+def check_engine_request(engine: str, teacher: Any, *, k: int | None = None, temperature: float = 1.0,
+                         form: str = "topk") -> None:
     """Refuse, before any work, a teacher or labels the chosen engine cannot produce.
 
     Args:
         engine: the resolved engine name (see :func:`resolve_engine`).
         teacher: the :class:`raykd.config.TeacherConfig`.
-        k: top-k of the labels (None: only the teacher itself is checked).
+        k: top-k (or draws) of the labels (None: only the teacher itself is checked).
         temperature: labelling temperature.
+        form: ``topk`` or ``sampled`` (draws from the whole distribution: the ``hf`` engine only).
 
     Raises:
         ValueError: tensor/pipeline parallelism on an engine other than ``vllm`` (for example
-            ``auto`` resolved to ``hf``); ``vllm`` with ``k`` above ``teacher.max_k`` or
-            ``temperature != 1``.
+            ``auto`` resolved to ``hf``); sampled labels on an engine other than ``hf``; ``vllm``
+            with ``k`` above ``teacher.max_k`` or ``temperature != 1``.
     """
     tp, pp = getattr(teacher, "tensor_parallel_size", 1), getattr(teacher, "pipeline_parallel_size", 1)
     if tp * pp > 1 and engine != "vllm":
         raise ValueError(f"teacher.tensor_parallel_size={tp} x pipeline_parallel_size={pp} needs the vllm engine, "
                          f"but the teacher runs on {engine!r} (a single-device engine): install vLLM "
                          "(pip install -e .[vllm]) and set teacher.engine=vllm, or use parallel sizes of 1")
+    if form == "sampled" and engine != "hf":
+        raise ValueError(f"labels.form=sampled draws from the teacher's whole distribution, which the {engine!r} engine "
+                         "does not return (top-k logprobs only): set teacher.engine=hf")
     if engine != "vllm" or k is None:
         return
     if k > teacher.max_k:

@@ -25,7 +25,9 @@ from raykd.models import tokenizer_fingerprint, weights_fingerprint
 ScoreResult = dict[str, np.ndarray]
 """``topk_ids`` [B, T, K] (uint16 if V <= 65536 else int32), ``topk_logprobs`` [B, T, K]
 float16, ``tail_logmass`` [B, T] float32, ``label_logprobs`` [B, T] float32 (0 at the last
-position and at padding)."""
+position and at padding). Scored with ``seeds`` (sampled soft labels), the ``K`` slots hold ``K``
+ids drawn with replacement from the whole distribution at the temperature, in ascending order,
+with their log-probs, and ``tail_logmass`` is the log of the mass outside the distinct drawn ids."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,8 @@ def topk_and_tail_of(logp, k: int):
 
 
 def validate_score_request(
-    input_ids: np.ndarray, k: int, temperature: float, *, vocab_size: int, max_seq_len: int, max_k: int
+    input_ids: np.ndarray, k: int, temperature: float, *, vocab_size: int, max_seq_len: int, max_k: int,
+    seeds: np.ndarray | None = None,
 ) -> None:
     """Check a ``score`` request against what an engine can answer.
 
@@ -101,10 +104,11 @@ def validate_score_request(
         input_ids: ``[B, T]`` token ids.
         k: requested ``K``; must lie in ``[1, max_k]`` and not exceed ``vocab_size``.
         temperature: must be > 0.
+        seeds: None, or ``[B]`` integers in ``[0, 2^63)`` (one per row: sampled soft labels).
 
     Raises:
         ValueError: empty or non-2-D batch, ``T`` over the context, ids outside ``[0, V)``, bad
-            ``k`` or temperature; the message names the value and the limit.
+            ``k``, temperature or seeds; the message names the value and the limit.
     """
     if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty [B, T] array, got shape {input_ids.shape}")
@@ -117,6 +121,11 @@ def validate_score_request(
         raise ValueError(f"k={k} must lie in [1, {min(max_k, vocab_size)}] for this teacher engine")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if seeds is not None:
+        seeds = np.asarray(seeds)
+        if seeds.shape != input_ids.shape[:1] or seeds.dtype.kind not in "iu" or (seeds.size and seeds.min() < 0):
+            raise ValueError(f"seeds must be {input_ids.shape[0]} non-negative integers (one per row), "
+                             f"got {seeds.dtype} of shape {seeds.shape}")
 
 
 def encode_prompts(tokenizer: Any, prompts: list[Any]) -> list[list[int]]:
@@ -200,7 +209,8 @@ class TeacherEngine(Protocol):
     def score(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *, k: int = 32,
               temperature: float = 1.0) -> dict[str, np.ndarray]:
         """Teacher-forced soft labels of ``input_ids`` ``[B, T]``: :data:`ScoreResult` for an LM
-        teacher, ``logits`` ``[B, C]`` for a classifier.
+        teacher, ``logits`` ``[B, C]`` for a classifier. An engine that also takes ``seeds``
+        (``[B]``; the ``hf`` engine) draws sampled soft labels with them.
 
         Raises:
             ValueError: a request the engine cannot answer (see :meth:`validate_score_request`).

@@ -215,10 +215,10 @@ class HFEngine:
     def info(self) -> EngineInfo:
         return self._info
 
-    def validate_score_request(self, input_ids: np.ndarray, k: int, temperature: float) -> None:
+    def validate_score_request(self, input_ids: np.ndarray, k: int, temperature: float, seeds: np.ndarray | None = None) -> None:
         """Raise ``ValueError`` naming the problem for a request the engine cannot answer."""
         validate_score_request(input_ids, k, temperature, vocab_size=self.vocab_size,
-                               max_seq_len=self.max_seq_len, max_k=self.vocab_size)
+                               max_seq_len=self.max_seq_len, max_k=self.vocab_size, seeds=seeds)
 
     def rows_per_chunk(self, batch: int, seq_len: int, k: int, temperature: float = 1.0) -> int:
         """Rows of one forward in :meth:`score`: ``max_tokens_per_forward // T`` on CPU (4,096
@@ -253,6 +253,7 @@ class HFEngine:
         *,
         k: int = 32,
         temperature: float = 1.0,
+        seeds: np.ndarray | None = None,
     ) -> ScoreResult:
         """Teacher-forced top-k soft labels for a batch.
 
@@ -266,6 +267,8 @@ class HFEngine:
             attention_mask: 0/1 array ``[B, T]`` (1 = real token; right padding), or None.
             k: top-k size ``K``.
             temperature: softmax temperature of ``topk_logprobs`` and ``tail_logmass``.
+            seeds: int ``[B]``: draw ``k`` ids per position from the whole distribution instead,
+                row ``i``'s from seed ``i`` (sampled soft labels; see :data:`ScoreResult`).
 
         Returns:
             :data:`ScoreResult` arrays.
@@ -276,7 +279,7 @@ class HFEngine:
         import torch
 
         input_ids = np.asarray(input_ids)
-        self.validate_score_request(input_ids, k, temperature)
+        self.validate_score_request(input_ids, k, temperature, seeds)
         # An all-ones mask is no mask: the model then skips building (and checking) one.
         mask = None if attention_mask is None or np.all(attention_mask) else np.asarray(attention_mask)
         b, t = input_ids.shape
@@ -295,7 +298,8 @@ class HFEngine:
             rows = self.rows_per_chunk(b, t, k, temperature)
             pending = None
             for s in range(0, b, rows):
-                chunk = self._score_chunk(ids[s : s + rows], None if am is None else am[s : s + rows], k, temperature)
+                chunk = self._score_chunk(ids[s : s + rows], None if am is None else am[s : s + rows], k, temperature,
+                                          None if seeds is None else seeds[s : s + rows])
                 ticket = self._to_host.start(chunk)  # queued behind the chunk's kernels
                 if pending is not None:  # the previous chunk's copy ran under this forward
                     self._store(out, *pending)
@@ -303,13 +307,13 @@ class HFEngine:
             self._store(out, *pending)
         return out
 
-    def _score_chunk(self, ids, am, k: int, temperature: float):
+    def _score_chunk(self, ids, am, k: int, temperature: float, seeds=None):
         """Packed soft labels (uint8 ``[n]``, on the device) of one chunk ``ids`` ``[R, T]``."""
         # lazy: keeps torch out of import time
         from raykd.teacher.engines.topk import pack_soft_labels, soft_labels_of_logits
 
         logits = self.model(input_ids=ids, attention_mask=am, use_cache=False).logits
-        labels = soft_labels_of_logits(logits, ids, am, k=k, temperature=temperature)
+        labels = soft_labels_of_logits(logits, ids, am, k=k, temperature=temperature, seeds=seeds)
         return pack_soft_labels(labels, self.vocab_size)
 
     def _store(self, out: ScoreResult, start: int, stop: int, ticket) -> None:

@@ -1,4 +1,5 @@
-"""Sparse soft labels from logits on the logits' own device: top-k, tail mass, label log-prob,
+"""Sparse soft labels from logits on the logits' own device: top-k, tail mass, label log-prob
+(or, for sampled soft labels, seeded draws from the whole distribution: :func:`sample_and_mass`),
 and the packing of the four :data:`~raykd.teacher.engines.base.ScoreResult` arrays into one
 byte buffer, so a chunk reaches the host in a single copy.
 
@@ -238,8 +239,64 @@ def topk_and_tail(z, k: int, group_size: int = DEFAULT_GROUP_SIZE, backend: str 
     return TopK((top_vals - m) - log_norm[:, None], ids, torch.log(tail) - log_norm, m.squeeze(1), log_norm)
 
 
+# ---------------------------------------------------------------------------------------------
+# Sampled soft labels: draws from the whole distribution.
+
+def row_uniforms(seeds, positions: int, draws: int):
+    """Uniforms in ``[0, 1)`` for the draws of ``R`` rows, each row's from its own seed, on the CPU
+    (so they do not depend on the device, the batch or the other rows).
+
+    Args:
+        seeds: ``R`` integer seeds in ``[0, 2^63)``.
+        positions: ``T``.
+        draws: ``S``.
+
+    Returns:
+        fp32 tensor ``[R * T, S]``.
+    """
+    return torch.cat([torch.rand((positions, draws), generator=torch.Generator().manual_seed(int(seed)))
+                      for seed in seeds])
+
+
+def sample_and_mass(z, k: int, seeds) -> TopK:
+    """``K`` draws with replacement per row of ``softmax(z)``, by inverting its cumulative sum
+    (Anshumann et al. 2025, "Sparse Logit Sampling": the sampled form of soft labels,
+    :mod:`raykd.soft_labels.sampled`). The sum is fp32, so an id with probability below about
+    1e-7 of the row's total is drawn with that much error.
+
+    Args:
+        z: float tensor ``[R * T, V]`` of logits (already divided by the temperature).
+        k: draws per position ``S``.
+        seeds: ``R`` seeds, one per row of ``T`` positions (:func:`row_uniforms`).
+
+    Returns:
+        :class:`TopK` with ``ids`` ``[N, S]`` the draws in ascending id order (repeats kept),
+        ``logprobs`` ``[N, S]`` their log-probabilities, ``tail_logmass`` ``[N]`` the log of the
+        mass outside the distinct drawn ids (``log(1 - sum)``, ``-inf`` when they hold it all),
+        and ``max_logit`` / ``log_norm`` as :func:`topk_and_tail` gives them.
+
+    Raises:
+        ValueError: ``z``'s rows do not split into ``len(seeds)`` rows of positions, or ``k < 1``.
+    """
+    n, v = z.shape
+    if k < 1 or not len(seeds) or n % len(seeds):
+        raise ValueError(f"need k >= 1 draws and {n} positions that split into {len(seeds)} rows, got k={k}")
+    m = z.amax(-1, keepdim=True).float()
+    cdf = (z.float() - m).exp_().cumsum_(-1)  # fp32 [N, V], the one temporary of the row's size
+    total = cdf[:, -1:]
+    u = row_uniforms(seeds, n // len(seeds), k).to(z.device)
+    ids = torch.searchsorted(cdf, (u * total).contiguous(), right=True).clamp_(max=v - 1).sort(-1).values
+    del cdf
+    log_norm = total.squeeze(1).log()
+    logprobs = (z.gather(1, ids).float() - m) - log_norm[:, None]
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    covered = torch.where(first, logprobs.exp(), 0.0).sum(-1)
+    return TopK(logprobs, ids, torch.log1p(-covered.clamp(max=1.0)), m.squeeze(1), log_norm)
+
+
 def soft_labels_of_logits(logits, input_ids, attention_mask=None, *, k: int, temperature: float = 1.0,
-                          group_size: int = DEFAULT_GROUP_SIZE, backend: str = "auto") -> SoftLabels:
+                          group_size: int = DEFAULT_GROUP_SIZE, backend: str = "auto", seeds=None) -> SoftLabels:
     """The :data:`~raykd.teacher.engines.base.ScoreResult` quantities of a chunk, on the
     logits' device.
 
@@ -247,22 +304,25 @@ def soft_labels_of_logits(logits, input_ids, attention_mask=None, *, k: int, tem
         logits: ``[R, T, V]`` next-token logits (any float dtype).
         input_ids: long ``[R, T]`` (the next token of position ``t`` is ``input_ids[:, t + 1]``).
         attention_mask: 0/1 ``[R, T]`` or None (all real tokens).
-        k: ``K``.
+        k: ``K`` (``S`` draws with ``seeds``).
         temperature: softmax temperature > 0 of ``topk_logprobs`` and ``tail_logmass``; the
             label log-prob is always at temperature 1.
         group_size, backend: see :func:`topk_and_tail`.
+        seeds: None for the top-k; ``R`` seeds for ``k`` draws per position instead
+            (:func:`sample_and_mass`: the draws in ascending order, their log-probs and the mass
+            outside the distinct ones).
 
     Returns:
         :class:`SoftLabels` (``topk_ids`` int64, the rest fp32), ``label_logprobs`` 0 at the
         last position and where the next token is padding.
 
     Raises:
-        ValueError: ``k`` outside ``[1, V]``.
+        ValueError: ``k`` outside ``[1, V]`` (top-k), or seeds that do not match the rows.
     """
     r, t, v = logits.shape
     flat = logits.reshape(r * t, v)
     z = flat if temperature == 1.0 else flat.float() / temperature
-    top = topk_and_tail(z, k, group_size, backend)
+    top = topk_and_tail(z, k, group_size, backend) if seeds is None else sample_and_mass(z, k, seeds)
     del z
     if temperature == 1.0:
         m1, norm1 = top.max_logit, top.log_norm
