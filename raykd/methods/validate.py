@@ -57,7 +57,20 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise ValueError(f"student.tokenizer_alignment aligns output distributions only; feature terms {features} "
                          "read intermediate layers position by position: remove them")
     _check_feature_terms(cfg)
+    _check_chunked_loss(cfg)
     return cfg
+
+
+def _check_chunked_loss(cfg: DistillConfig) -> None:
+    """A learned teacher combination (``rl_kd``'s policy) rewards each micro-batch with the
+    student's per-example CE from its whole logits, which the chunked loss never makes."""
+    from raykd.losses.multi_teacher import COMBINERS  # lazy: keeps torch out of import time
+
+    combine = get_method(cfg.method).combine
+    if cfg.train.loss_chunk_positions and combine is not None and COMBINERS.get(combine).learned:
+        raise ValueError(f"method {cfg.method!r} learns its teacher choice from the student's whole logits of each "
+                         f"micro-batch, which train.loss_chunk_positions={cfg.train.loss_chunk_positions} never makes: "
+                         "set train.loss_chunk_positions=null")
 
 
 def _check_feature_terms(cfg: DistillConfig) -> None:
