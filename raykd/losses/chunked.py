@@ -104,14 +104,15 @@ def _add(sums: dict[str, Tensor], terms: dict[str, Tensor]) -> None:
 class _HeadChunks(torch.autograd.Function):
     """:func:`chunked_head_loss` with gradients: each chunk's head and loss run under grad, its
     gradients with respect to the chunk's hidden rows and the head's parameters are taken at
-    once (``torch.autograd.grad``, nothing accumulates in ``.grad``) and summed, and the chunk's
-    graph is freed. Backward returns the sums times the incoming scalar gradient."""
+    once (``torch.autograd.grad``, nothing accumulates in ``.grad``) and summed (fp32), and the
+    chunk's graph is freed. Backward scales the sums by the incoming scalar gradient in place
+    (once: the graph cannot be back-propagated twice)."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, head: nn.Module, loss_of: ChunkLoss, chunk: int, positions: Tensor,
                 sums: dict[str, Tensor], *params: Tensor) -> Tensor:
         grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
-        grad_params = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        grad_params: list[Tensor | None] = [None] * len(params)
         total = hidden.new_zeros((), dtype=torch.float32)
         for rows in _chunks(len(hidden), chunk):
             with torch.enable_grad():
@@ -121,22 +122,23 @@ class _HeadChunks(torch.autograd.Function):
             if value is None:  # every logit term has weight 0 (logged only)
                 continue
             total = total + value.detach()
-            wrt = [h, *params] if grad_hidden is not None else list(params)
-            grads = torch.autograd.grad(value, wrt, allow_unused=True)
-            if grad_hidden is not None:
-                if grads[0] is not None:
-                    grad_hidden[rows] = grads[0]
-                grads = grads[1:]
-            for acc, g in zip(grad_params, grads):
+            grads = list(torch.autograd.grad(value, [h, *params] if grad_hidden is not None else list(params),
+                                             allow_unused=True))
+            if grad_hidden is not None and (g := grads.pop(0)) is not None:
+                grad_hidden[rows] = g
+            for i, g in enumerate(grads):  # the first chunk's gradient is kept, the others are added to it
                 if g is not None:
-                    acc.add_(g)
+                    g = g.float()
+                    grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
+        grad_params = [torch.zeros_like(p, dtype=torch.float32) if g is None else g for g, p in zip(grad_params, params)]
         ctx.save_for_backward(*([] if grad_hidden is None else [grad_hidden]), *grad_params)
         ctx.has_hidden, ctx.dtypes = grad_hidden is not None, [p.dtype for p in params]
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        saved = list(ctx.saved_tensors)
-        grad_hidden = saved.pop(0) * grad_out if ctx.has_hidden else None
-        grad_params = [(g * grad_out).to(dtype) for g, dtype in zip(saved, ctx.dtypes)]
+        saved = [g.mul_(grad_out) for g in ctx.saved_tensors]
+        grad_hidden = saved.pop(0) if ctx.has_hidden else None
+        grad_params = [g.to(dtype) for g, dtype in zip(saved, ctx.dtypes)]
         return (grad_hidden, None, None, None, None, None, *grad_params)

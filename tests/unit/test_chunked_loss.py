@@ -108,11 +108,11 @@ class _GradRecorder(torch.optim.SGD):
         self.grads = [p.grad.detach().clone() for g in self.param_groups for p in g["params"]]
 
 
-def _tiny_lm():
+def _tiny_lm(layers: int = 2, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
                                         tie_word_embeddings=True))
 
@@ -152,6 +152,29 @@ def test_chunked_step_with_accumulation_equals_the_unchunked_step():
             assert abs(metrics[key] - want) <= TOLERANCE * abs(want), (arm, key)
         for got, want in zip(grads, want_grads, strict=True):
             assert _rel(got, want) <= TOLERANCE, arm
+
+
+def test_feature_terms_run_unchanged_beside_chunked_logit_terms():
+    """An online teacher giving dense logits and features: a feature term (hidden_mse) beside
+    chunked forward KL and CE gives the unchunked step's metrics and gradients."""
+    from raykd.losses.features import LayerMap
+    from raykd.train.features import FeatureTeacher
+    from raykd.train.step import causal_lm_logits
+
+    teacher, student = _tiny_lm(layers=4, seed=1).eval(), _tiny_lm()
+    objective = Objective({"hidden_mse": 1.0, "forward_kl": 0.5, "ce": 0.5}, layer_map=LayerMap([(0, 1), (1, 3)], 2, 4))
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(8))
+    labels, mask = _padding(2, 9, seed=9)
+    batch = StudentBatch({"input_ids": ids, "attention_mask": mask.long()}, labels, mask)
+    online = FeatureTeacher(teacher, causal_lm_logits, attention=False)
+    runs = []
+    for chunk in (None, 4):
+        m = copy.deepcopy(student)
+        opt = _GradRecorder(m.parameters())
+        runs.append((train_step(m, opt, [batch], objective, 2.0, feature_teacher=online, chunk_positions=chunk), opt.grads))
+    (want_metrics, want_grads), (metrics, grads) = runs
+    assert all(abs(metrics[k] - v) <= TOLERANCE * abs(v) for k, v in want_metrics.items()) and metrics["hidden_mse"] > 0
+    assert all(_rel(g, w) <= TOLERANCE for g, w in zip(grads, want_grads, strict=True))
 
 
 def test_a_model_that_changes_its_logits_after_the_head_is_refused():
