@@ -56,15 +56,17 @@ def at_positions(targets: TeacherTargets | None, index: Tensor) -> TeacherTarget
                                             for name, t in fields.items() if t is not None})
 
 
-def chunked_head_loss(hidden: Tensor, head: nn.Module, loss_of: ChunkLoss, chunk_positions: int,
+def chunked_head_loss(hidden: Tensor, head: nn.Linear, loss_of: ChunkLoss, chunk_positions: int,
                       positions: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """A loss of ``head(hidden)`` computed ``chunk_positions`` rows at a time, never holding the
-    logits of all rows at once; its gradient reaches ``hidden`` and the head's parameters.
+    logits of all rows at once; its gradient reaches ``hidden`` and the head's weight and bias.
 
     Args:
         hidden: ``[N, H]`` final hidden states of the positions that count (with grad).
-        head: the LM head, ``[n, H] -> [n, V]`` logits (``nn.Linear``, the model's output
-            embeddings); its parameters that require grad get the loss's gradient.
+        head: the LM head, an ``nn.Linear`` ``[n, H] -> [n, V]`` (the model's output
+            embeddings); its weight ``[V, H]`` and bias, where they require grad, get the loss's
+            gradient (the head's own backward is done here: ``g @ W``, ``W``'s gradient summed
+            over the chunks in place in fp32).
         loss_of: the loss of one chunk (:data:`ChunkLoss`); its weighted sum must be a sum over
             the chunk's positions (so chunks add up).
         chunk_positions: rows per chunk, >= 1; the last chunk may be shorter.
@@ -75,14 +77,17 @@ def chunked_head_loss(hidden: Tensor, head: nn.Module, loss_of: ChunkLoss, chunk
         grad is enabled and ``hidden`` or the head needs it) and each term's sum over all rows.
 
     Raises:
-        ValueError: ``chunk_positions < 1``.
+        ValueError: ``chunk_positions < 1``, or the head is not an ``nn.Linear``.
     """
     if chunk_positions < 1:
         raise ValueError(f"chunk_positions must be >= 1, got {chunk_positions}")
-    params = [p for p in head.parameters() if p.requires_grad]
-    if torch.is_grad_enabled() and (hidden.requires_grad or params):
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"the chunked loss runs the LM head's backward itself: it needs an nn.Linear head, got "
+                         f"{type(head).__name__}; set train.loss_chunk_positions=null")
+    trains = hidden.requires_grad or any(p.requires_grad for p in head.parameters())
+    if torch.is_grad_enabled() and trains:
         sums: dict[str, Tensor] = {}
-        loss = _HeadChunks.apply(hidden, head, loss_of, chunk_positions, positions, sums, *params)
+        loss = _HeadChunks.apply(hidden, head.weight, head.bias, head, loss_of, chunk_positions, positions, sums)
         return loss, sums
     total, sums = hidden.new_zeros((), dtype=torch.float32), {}
     for rows in _chunks(len(hidden), chunk_positions):
@@ -101,44 +106,60 @@ def _add(sums: dict[str, Tensor], terms: dict[str, Tensor]) -> None:
         sums[name] = sums[name] + value if name in sums else value
 
 
+def _zeros_if_trained(t: Tensor | None) -> Tensor | None:
+    """An fp32 gradient buffer for ``t`` where it requires grad, else None."""
+    return torch.zeros_like(t, dtype=torch.float32) if t is not None and t.requires_grad else None
+
+
+def _add_product(acc: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
+    """``acc + a @ b`` in fp32, in place (``addmm_``, no temporary the size of ``acc``) where the
+    dtypes agree; in mixed precision the product runs in the autocast dtype, as autograd's
+    linear backward would. ``acc`` None: a new fp32 ``a @ b``."""
+    if acc is None:
+        return torch.mm(a, b).float()
+    if a.dtype == b.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    return acc.add_(torch.mm(a, b))
+
+
 class _HeadChunks(torch.autograd.Function):
-    """:func:`chunked_head_loss` with gradients: each chunk's head and loss run under grad, its
-    gradients with respect to the chunk's hidden rows and the head's parameters are taken at
-    once (``torch.autograd.grad``, nothing accumulates in ``.grad``) and summed (fp32), and the
-    chunk's graph is freed. Backward scales the sums by the incoming scalar gradient in place
-    (once: the graph cannot be back-propagated twice)."""
+    """:func:`chunked_head_loss` with gradients. Per chunk: the head's logits (no graph), the
+    loss and its gradient ``g`` with respect to those logits (``torch.autograd.grad``), then the
+    head's backward by hand: ``g @ W`` into the chunk's rows of the hidden states' gradient,
+    ``g^T h`` added in place to the weight's fp32 gradient (:func:`_add_product`), ``g`` summed
+    into the bias's. The chunk's tensors are then freed. Backward scales the stored gradients
+    by the incoming scalar gradient in place (once: the graph cannot be back-propagated twice)."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, head: nn.Module, loss_of: ChunkLoss, chunk: int, positions: Tensor,
-                sums: dict[str, Tensor], *params: Tensor) -> Tensor:
-        grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
-        grad_params: list[Tensor | None] = [None] * len(params)
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, head: nn.Linear, loss_of: ChunkLoss,
+                chunk: int, positions: Tensor, sums: dict[str, Tensor]) -> Tensor:
+        grad_hidden, grad_bias = _zeros_if_trained(hidden), _zeros_if_trained(bias)
+        grad_weight = None  # made by the first chunk's product (no zero fill of [V, H])
         total = hidden.new_zeros((), dtype=torch.float32)
         for rows in _chunks(len(hidden), chunk):
+            h = hidden[rows]
+            logits = head(h).requires_grad_()  # forward runs without grad: a leaf
             with torch.enable_grad():
-                h = hidden[rows].detach().requires_grad_(hidden.requires_grad)
-                value, terms = loss_of(head(h), positions[rows])
+                value, terms = loss_of(logits, positions[rows])
             _add(sums, terms)
             if value is None:  # every logit term has weight 0 (logged only)
                 continue
             total = total + value.detach()
-            grads = list(torch.autograd.grad(value, [h, *params] if grad_hidden is not None else list(params),
-                                             allow_unused=True))
-            if grad_hidden is not None and (g := grads.pop(0)) is not None:
-                grad_hidden[rows] = g
-            for i, g in enumerate(grads):  # the first chunk's gradient is kept, the others are added to it
-                if g is not None:
-                    g = g.float()
-                    grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
-        grad_params = [torch.zeros_like(p, dtype=torch.float32) if g is None else g for g, p in zip(grad_params, params)]
-        ctx.save_for_backward(*([] if grad_hidden is None else [grad_hidden]), *grad_params)
-        ctx.has_hidden, ctx.dtypes = grad_hidden is not None, [p.dtype for p in params]
+            (g,) = torch.autograd.grad(value, logits)
+            if grad_hidden is not None:
+                grad_hidden[rows] = torch.mm(g, weight)
+            if weight.requires_grad:
+                grad_weight = _add_product(grad_weight, g.T, h)
+            if grad_bias is not None:
+                grad_bias.add_(g.sum(0))
+        if grad_weight is None and weight.requires_grad:  # no chunk trained (no position, or weight 0)
+            grad_weight = _zeros_if_trained(weight)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias)]
         return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        saved = [g.mul_(grad_out) for g in ctx.saved_tensors]
-        grad_hidden = saved.pop(0) if ctx.has_hidden else None
-        grad_params = [g.to(dtype) for g, dtype in zip(saved, ctx.dtypes)]
-        return (grad_hidden, None, None, None, None, None, *grad_params)
+        scaled = [None if g is None else g.mul_(grad_out).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        return (*scaled, None, None, None, None, None)

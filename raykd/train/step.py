@@ -81,12 +81,13 @@ def head_input(model: nn.Module) -> Iterator[HeadInput]:
     that input.
 
     Raises:
-        ValueError: the model has no output embeddings, or calls them without a positional input.
+        ValueError: the model's output embeddings are not an ``nn.Linear``, or it calls them
+            without a positional input.
     """
     head = unwrapped(model).get_output_embeddings()
-    if head is None or getattr(head, "weight", None) is None:
-        raise ValueError(f"{type(unwrapped(model)).__name__} has no LM head with a weight (get_output_embeddings()); "
-                         "train it with train.loss_chunk_positions=null")
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"{type(unwrapped(model)).__name__}'s LM head (get_output_embeddings()) is "
+                         f"{type(head).__name__}, not an nn.Linear: train it with train.loss_chunk_positions=null")
     caught = HeadInput(head)
 
     def pre_hook(_module: nn.Module, args: tuple) -> tuple:

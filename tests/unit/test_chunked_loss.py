@@ -82,7 +82,7 @@ def test_every_logit_term_chunked_equals_unchunked(name, form):
 
 def test_chunked_without_grad_and_without_valid_positions():
     """Under no_grad the chunks give the values alone; a micro-batch with no valid position gives
-    zero, as the unchunked objective does."""
+    zero, as the unchunked objective does; a head that is not an nn.Linear is refused."""
     torch.manual_seed(0)
     hidden, head = torch.randn(B, T, H), torch.nn.Linear(H, V)
     labels, mask = _padding(B, T, seed=3)
@@ -95,6 +95,8 @@ def test_chunked_without_grad_and_without_valid_positions():
     none = torch.zeros_like(mask)
     empty = objective.from_hidden(hidden, head, torch.full_like(labels, -100), none, targets, 1.0, chunk_positions=5)
     assert float(empty.loss_sum.detach()) == 0.0 and all(float(v) == 0.0 for v in empty.term_sums.values())
+    with pytest.raises(ValueError, match="nn.Linear"):
+        objective.from_hidden(hidden, torch.nn.Bilinear(H, H, V), labels, mask, targets, 1.0, chunk_positions=5)
 
 
 class _GradRecorder(torch.optim.SGD):
