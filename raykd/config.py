@@ -640,6 +640,18 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them (less memory, about a
     third more compute)."""
+    loss_chunk_positions: int | None = Field(default=None, ge=0)
+    """Positions per chunk of the loss (>= 1): the LM head and every logit term (the divergences
+    and CE) run on this many valid positions at a time, gradients taken chunk by chunk
+    (:mod:`raykd.losses.chunked`), so neither the logits ``[B, T, V]`` nor their log-softmax is
+    ever held for a whole micro-batch: at V = 262,144 and T = 2,048 one step of a tiny student
+    peaks at 1.0x the memory of a CE step instead of 1.6x
+    (``benchmarks/results/chunked_loss.json``). Values and gradients equal the unchunked
+    step's; feature terms run as before. None or 0: the whole micro-batch at once (the default).
+    Refused with ``strategy=fsdp`` on more than one worker (the sharded head is gathered only
+    inside the model's forward) and with ``rl_kd`` (its teacher policy reads each micro-batch's
+    whole logits); a student that transforms its logits after the head (logit soft-capping) is
+    refused when training starts."""
     online_teacher: bool = False
     """The teacher runs inside every Train worker (frozen, no gradients) and gives dense targets
     ``[B, T, V]`` over its whole vocabulary; the soft-label cache then supplies only the blocks.
@@ -678,6 +690,14 @@ class TrainConfig(Strict):
         if self.schedule_steps is not None and self.schedule_steps < self.max_steps:
             raise ValueError(f"train.schedule_steps={self.schedule_steps} is below train.max_steps={self.max_steps}: "
                              "the schedule must span every step trained")
+        return self
+
+    @model_validator(mode="after")
+    def _chunked_loss_needs_the_whole_head(self) -> TrainConfig:
+        if self.loss_chunk_positions and self.strategy == "fsdp" and self.num_workers > 1:
+            raise ValueError(f"train.loss_chunk_positions={self.loss_chunk_positions} runs the LM head outside the "
+                             "model's forward, where FSDP keeps its weight sharded: use train.strategy=ddp, or set "
+                             "train.loss_chunk_positions=null")
         return self
 
     @model_validator(mode="after")

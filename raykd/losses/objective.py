@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from raykd.losses.chunked import at_positions, chunked_head_loss
 from raykd.losses.features import Features, Intervened, LayerMap, term_modules, to_positions
 from raykd.losses.interchange import check_interchange_params
 from raykd.losses.reduction import count_tokens, masked_sum, shared_log_probs
@@ -219,21 +220,81 @@ class Objective:
             ValueError: inputs disagree in shape, a term needs targets and got None or a form
                 it does not accept, teacher ids fall outside V, or a masked-in label is < 0.
         """
-        self._check_inputs(student_logits, labels, mask, targets, temperature)
+        self._check_all(tuple(student_logits.shape), labels, mask, targets, temperature, features, intervened)
+
+        def term(name: str) -> Tensor:
+            return masked_sum(self._term(name, student_logits, labels, targets, temperature, features, intervened), mask)
+
+        with shared_log_probs():
+            loss_sum, term_sums = self._weighted(self.weights, term)
+        return ObjectiveOutput(loss_sum=loss_sum, term_sums=term_sums, num_tokens=count_tokens(mask))
+
+    def from_hidden(self, hidden: Tensor, head: nn.Module, labels: Tensor, mask: Tensor,
+                    targets: TeacherTargets | None, temperature: float, features: tuple[Features, Features] | None = None,
+                    intervened: Intervened | None = None, *, chunk_positions: int) -> ObjectiveOutput:
+        """The objective of the logits ``head(hidden)``, with the LM head and every logit term run
+        on chunks of ``chunk_positions`` valid positions (:mod:`raykd.losses.chunked`), so the
+        logits of the whole micro-batch are never held at once. Values and gradients equal
+        ``self(head(hidden), ...)`` up to the order of the sums; feature terms run as there.
+
+        Only the positions where ``mask`` is True are read (a masked position adds nothing to any
+        term), so padding costs no head matmul.
+
+        Args:
+            hidden: ``[B, T, H]`` the student's final hidden states (the LM head's input, with grad).
+            head: the LM head, ``[..., H] -> [..., V]`` (an ``nn.Linear`` with ``weight`` ``[V, H]``:
+                the model's ``get_output_embeddings()``).
+            chunk_positions: positions per chunk, >= 1 (the last chunk may be shorter).
+            labels, mask, targets, temperature, features, intervened: as in :meth:`__call__`.
+
+        Returns:
+            :class:`ObjectiveOutput` as :meth:`__call__` gives it.
+
+        Raises:
+            ValueError: as :meth:`__call__`, or ``chunk_positions < 1``.
+        """
+        _check(hidden.dim() == 3, f"hidden must be [B, T, H], got {tuple(hidden.shape)}")
+        self._check_all((*hidden.shape[:2], head.weight.shape[0]), labels, mask, targets, temperature, features,
+                        intervened)
+        valid = mask.bool().flatten().nonzero().squeeze(-1)
+        flat_labels = labels.flatten()
+        logit_terms = [n for n in self.weights if self.specs[n].kind == "logits"]
+
+        def chunk_loss(logits: Tensor, index: Tensor) -> tuple[Tensor | None, dict[str, Tensor]]:
+            chunk = (logits.unsqueeze(0), flat_labels[index].unsqueeze(0), at_positions(targets, index))
+            with shared_log_probs():
+                return self._weighted(logit_terms, lambda n: self._term(n, *chunk, temperature, None).sum())
+
+        loss_sum, term_sums = chunked_head_loss(hidden.flatten(0, 1)[valid], head, chunk_loss, chunk_positions, valid)
+        rest, rest_sums = self._weighted([n for n in self.weights if n not in logit_terms], lambda n: masked_sum(
+            self._term(n, None, labels, targets, temperature, features, intervened), mask))
+        sums = {**term_sums, **rest_sums}
+        zero = hidden.new_zeros((), dtype=torch.float32)
+        return ObjectiveOutput(loss_sum=loss_sum if rest is None else loss_sum + rest,
+                               term_sums={n: sums.get(n, zero) for n in self.weights}, num_tokens=count_tokens(mask))
+
+    def _weighted(self, names, term) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """The weighted sum of the terms ``names`` (``term(name)``: the term's sum, computed under
+        no_grad where its weight is 0, logged only), or None when none has a weight; and each
+        term's sum, detached."""
+        loss_sum, term_sums = None, {}
+        for name in names:
+            weight = self.weights[name]
+            with torch.set_grad_enabled(weight > 0 and torch.is_grad_enabled()):
+                value = term(name)
+            term_sums[name] = value.detach()
+            if weight > 0:
+                loss_sum = weight * value if loss_sum is None else loss_sum + weight * value
+        return loss_sum, term_sums
+
+    def _check_all(self, shape: tuple[int, int, int], labels: Tensor, mask: Tensor, targets: TeacherTargets | None,
+                   temperature: float, features: tuple[Features, Features] | None,
+                   intervened: Intervened | None) -> None:
+        self._check_inputs(shape, labels, mask, targets, temperature)
         self._check_features(features)
         if self.needs_interventions and intervened is None:
             raise ValueError("an intervention term (diito) needs the intervened forwards of the batch; train through "
                              "raykd.train.step.train_step with the teacher online (feature_teacher)")
-        loss_sum, term_sums = None, {}
-        with shared_log_probs():
-            for name, weight in self.weights.items():
-                with torch.set_grad_enabled(weight > 0 and torch.is_grad_enabled()):
-                    term = masked_sum(self._term(name, student_logits, labels, targets, temperature, features,
-                                                 intervened), mask)
-                term_sums[name] = term.detach()
-                if weight > 0:
-                    loss_sum = weight * term if loss_sum is None else loss_sum + weight * term
-        return ObjectiveOutput(loss_sum=loss_sum, term_sums=term_sums, num_tokens=count_tokens(mask))
 
     def _term(self, name: str, student_logits: Tensor, labels: Tensor, targets: TeacherTargets | None,
               temperature: float, features: tuple[Features, Features] | None,
@@ -266,9 +327,8 @@ class Objective:
                 raise ValueError(f"student width {student.width} != teacher width {teacher.width}, and terms {missing} "
                                  "have no projection: build the Objective with widths=(student, teacher)")
 
-    def _check_inputs(self, student_logits: Tensor, labels: Tensor, mask: Tensor,
+    def _check_inputs(self, shape: tuple[int, ...], labels: Tensor, mask: Tensor,
                       targets: TeacherTargets | None, temperature: float) -> None:
-        shape = tuple(student_logits.shape)
         _check(len(shape) == 3, f"student_logits must be [B, T, V], got {shape}")
         _check(labels.shape == mask.shape == shape[:2],
                f"labels {tuple(labels.shape)} and mask {tuple(mask.shape)} must be [B, T] = {shape[:2]}")

@@ -5,10 +5,12 @@ A loss is a pure function with the signature::
     fn(student_logits [B, T, V], *, targets: TeacherTargets | None, labels [B, T],
        temperature: float, **hyper_params) -> per-token loss [B, T]
 
-It returns the loss unreduced; masking and reduction happen once, in
-:mod:`raykd.losses.reduction`. :func:`define_loss` declares a loss (its :class:`LossSpec`,
-checked against the function); :mod:`raykd.losses` adds every declared loss of its loss modules
-to :data:`LOSSES`, in one place.
+It returns the loss unreduced, and each position's value depends on that position's logits,
+targets and label alone (no loss reads across positions): so the objective may compute a logit
+loss on any subset of positions, and :mod:`raykd.losses.chunked` computes it chunk by chunk.
+Masking and reduction happen once, in :mod:`raykd.losses.reduction`. :func:`define_loss`
+declares a loss (its :class:`LossSpec`, checked against the function); :mod:`raykd.losses` adds
+every declared loss of its loss modules to :data:`LOSSES`, in one place.
 
 Temperature: a loss reads its distributions at ``temperature`` tau, and the registry multiplies
 every loss that declares ``tau_squared`` (the default for a logit loss with a teacher) by tau**2

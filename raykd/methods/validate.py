@@ -58,6 +58,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
                          "read intermediate layers position by position: remove them")
     _check_feature_terms(cfg)
     _check_sampled_labels(cfg)
+    _check_chunked_loss(cfg)
     return cfg
 
 
@@ -88,6 +89,18 @@ def _check_sampled_labels(cfg: DistillConfig) -> None:
     if clash := [name for name, on in needs_topk.items() if on]:
         raise ValueError(f"labels.form=sampled stores drawn ids and counts, not top-k logprobs; {clash} need top-k "
                          "soft labels: set labels.form=topk or remove them")
+
+
+def _check_chunked_loss(cfg: DistillConfig) -> None:
+    """A learned teacher combination (``rl_kd``'s policy) rewards each micro-batch with the
+    student's per-example CE from its whole logits, which the chunked loss never makes."""
+    from raykd.losses.multi_teacher import COMBINERS  # lazy: keeps torch out of import time
+
+    combine = get_method(cfg.method).combine
+    if cfg.train.loss_chunk_positions and combine is not None and COMBINERS.get(combine).learned:
+        raise ValueError(f"method {cfg.method!r} learns its teacher choice from the student's whole logits of each "
+                         f"micro-batch, which train.loss_chunk_positions={cfg.train.loss_chunk_positions} never makes: "
+                         "set train.loss_chunk_positions=null")
 
 
 def _check_feature_terms(cfg: DistillConfig) -> None:

@@ -14,6 +14,10 @@ through the same three parts:
 - :func:`run_steps`: the step loop, calling back after every step (logging, checkpoints,
   evaluation, Tune reports).
 
+With ``chunk_positions`` a causal LM's step never holds the logits of a whole micro-batch: the
+forward stops at the LM head's input (:func:`head_input`) and the objective runs the head and
+every logit term on chunks of positions (:meth:`raykd.losses.Objective.from_hidden`).
+
 The Ray Train worker (:mod:`raykd.train.loop`) adds the dataset shard, DDP and checkpoints on
 top; :mod:`raykd.train.local` adds in-memory classification data.
 """
@@ -21,8 +25,8 @@ top; :mod:`raykd.train.local` adds in-memory classification data.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,6 +37,7 @@ from raykd.losses import Objective, TeacherTargets
 from raykd.losses.features import Features
 from raykd.train.features import capture_features
 from raykd.train.interventions import interchange_forwards
+from raykd.train.parallel import unwrapped
 
 LogitsFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 """``(model, inputs) -> logits [B, P, V]``: how a student kind's logits are read."""
@@ -50,6 +55,79 @@ def classifier_logits(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
 
 STUDENT_KINDS: dict[str, LogitsFn] = {"causal_lm": causal_lm_logits, "classifier": classifier_logits}
 """Student kind -> how its logits are read."""
+
+
+@dataclass
+class HeadInput:
+    """What :func:`head_input` caught: the LM head and its input.
+
+    Attributes:
+        head: the model's output embeddings (the LM head, ``[..., H] -> [..., V]``).
+        hidden: ``[B, T, H]`` the final hidden states of the last forward in the block (with
+            grad), or None before one ran.
+    """
+
+    head: nn.Module
+    hidden: Tensor | None = None
+
+
+@contextmanager
+def head_input(model: nn.Module) -> Iterator[HeadInput]:
+    """Inside the block, a forward of the causal LM ``model`` (a DDP wrapper of one too) hands
+    its LM head's input to the yielded :class:`HeadInput` and runs the head on no position: its
+    logits come out ``[B, 0, V]``, so the full ``[B, T, V]`` is never made. The forward itself
+    (and DDP's bookkeeping) is the model's own. A forward pre-hook on
+    ``get_output_embeddings()``; :func:`check_head_input` checks a model's logits are the head of
+    that input.
+
+    Raises:
+        ValueError: the model's output embeddings are not an ``nn.Linear``, or it calls them
+            without a positional input.
+    """
+    head = unwrapped(model).get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"{type(unwrapped(model)).__name__}'s LM head (get_output_embeddings()) is "
+                         f"{type(head).__name__}, not an nn.Linear: train it with train.loss_chunk_positions=null")
+    caught = HeadInput(head)
+
+    def pre_hook(_module: nn.Module, args: tuple) -> tuple:
+        if not args:
+            raise ValueError("the model calls its LM head without a positional input; set train.loss_chunk_positions=null")
+        caught.hidden = args[0]
+        return (args[0][..., :0, :], *args[1:])
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        yield caught
+    finally:
+        handle.remove()
+
+
+def check_head_input(model: nn.Module, tokens: int = 8) -> None:
+    """Check that ``model``'s logits are its LM head applied to the head's input, which the chunked
+    step (:func:`head_input`) relies on: one no-grad forward of ``tokens`` ids in eval mode, with
+    and without the hook. Run it once, before training.
+
+    Raises:
+        ValueError: the two differ (the model transforms the logits after the head, e.g. Gemma 2's
+            final logit soft-capping), naming the model and the setting to change.
+    """
+    core = unwrapped(model)
+    was_training = core.training
+    core.eval()
+    try:
+        with torch.no_grad():
+            with head_input(core) as caught:
+                ids = torch.arange(tokens, device=caught.head.weight.device)[None] % caught.head.weight.shape[0]
+                core(input_ids=ids)
+            have = caught.head(caught.hidden).float()  # the hook is gone: the head runs on every position
+            want = core(input_ids=ids).logits.float()
+    finally:
+        core.train(was_training)
+    if have.shape != want.shape or not torch.allclose(have, want, rtol=1e-4, atol=1e-4):
+        raise ValueError(f"{type(core).__name__}'s logits are not its LM head applied to its last hidden states (it "
+                         "transforms them after the head, e.g. logit soft-capping): the chunked loss cannot compute "
+                         "them; set train.loss_chunk_positions=null")
 
 
 @dataclass
@@ -98,6 +176,7 @@ def train_step(
     teacher: Callable[[StudentBatch], TeacherTargets] | None = None,
     on_logits: Callable[[StudentBatch, Tensor], None] | None = None,
     feature_teacher: Callable[[StudentBatch], tuple[TeacherTargets | None, Features]] | None = None,
+    chunk_positions: int | None = None,
 ) -> dict[str, float]:
     """One optimizer step over the micro-batches ``group`` (gradient accumulation).
 
@@ -122,16 +201,24 @@ def train_step(
             policy that learns from the student's loss).
         feature_teacher: an online teacher giving ``(targets, features)`` of a micro-batch in one
             forward (:class:`raykd.train.features.FeatureTeacher`; see :func:`_backward`).
+        chunk_positions: a causal LM's logit terms run on chunks of this many positions with the
+            LM head inside the chunk (``train.loss_chunk_positions``; the model passed
+            :func:`check_head_input`); None or 0: on the whole micro-batch's logits.
 
     Returns:
         Per-position means over the step: every term (weight 0 included), ``loss``, and
         ``positions`` (``N``).
 
     Raises:
-        ValueError: an empty group, an intervention term without an online feature teacher, or
-            what :class:`~raykd.losses.Objective` raises.
+        ValueError: an empty group, an intervention term without an online feature teacher,
+            ``chunk_positions`` with another student kind than ``causal_lm`` or with
+            ``on_logits`` (no whole logits to hand over), or what
+            :class:`~raykd.losses.Objective` raises.
     """
     _check_step(group, objective, feature_teacher)
+    if chunk_positions and (logits_fn is not causal_lm_logits or on_logits is not None):
+        raise ValueError("chunk_positions runs a causal LM's head chunk by chunk: it needs logits_fn=causal_lm_logits "
+                         "and no on_logits (the whole logits are never made)")
     reduce = all_reduce or (lambda values: values)
     n_global = max(reduce([float(sum(b.num_positions for b in group))])[0], 1.0)
     sums: dict[str, float] = {}
@@ -140,7 +227,8 @@ def train_step(
         sync = model.no_sync() if (world > 1 and not last and hasattr(model, "no_sync")) else nullcontext()
         with sync:
             out, logits = _backward(model, batch, objective, temperature, world, n_global, logits_fn=logits_fn,
-                                    autocast=autocast, teacher=teacher, feature_teacher=feature_teacher)
+                                    autocast=autocast, teacher=teacher, feature_teacher=feature_teacher,
+                                    chunk_positions=chunk_positions)
         if on_logits is not None:
             on_logits(batch, logits)
         for name, value in out.term_sums.items():
@@ -162,9 +250,12 @@ def _check_step(group: Sequence[StudentBatch], objective: Objective, feature_tea
 def _backward(model: nn.Module, batch: StudentBatch, objective: Objective, temperature: float, world: int,
               n_global: float, *, logits_fn: LogitsFn, autocast: Callable[[], AbstractContextManager],
               teacher: Callable[[StudentBatch], TeacherTargets] | None,
-              feature_teacher: Callable[[StudentBatch], tuple[TeacherTargets | None, Features]] | None):
+              feature_teacher: Callable[[StudentBatch], tuple[TeacherTargets | None, Features]] | None,
+              chunk_positions: int | None = None):
     """One micro-batch of :func:`train_step`: its teacher targets and features, the student's
-    forward, the objective, and ``loss_sum * world / n_global`` back-propagated.
+    forward, the objective, and ``loss_sum * world / n_global`` back-propagated. With
+    ``chunk_positions`` the forward stops at the LM head's input and the objective runs the head
+    chunk by chunk, under the same ``autocast`` as the forward (:meth:`~raykd.losses.Objective.from_hidden`).
 
     A ``feature_teacher``'s targets replace ``batch.targets`` unless None, its features
     ``batch.teacher_features``. The student's own features are captured around its forward when
@@ -173,7 +264,7 @@ def _backward(model: nn.Module, batch: StudentBatch, objective: Objective, tempe
     which need this online teacher.
 
     Returns:
-        ``(the objective's output, the student's logits)``.
+        ``(the objective's output, the student's logits)`` (``[B, 0, V]`` when chunked).
     """
     targets = teacher(batch) if teacher is not None else batch.targets
     teacher_features = batch.teacher_features
@@ -182,7 +273,8 @@ def _backward(model: nn.Module, batch: StudentBatch, objective: Objective, tempe
         targets = online if online is not None else targets
     with batch.context() if batch.context is not None else nullcontext(), autocast(), \
             capture_features(model, batch.inputs, attention=objective.needs_attention,
-                             enabled=objective.needs_features) as captured:
+                             enabled=objective.needs_features) as captured, \
+            head_input(model) if chunk_positions else nullcontext() as caught:
         logits = logits_fn(model, batch.inputs)
     features = (captured.features, teacher_features) if captured is not None else None
     intervened = None
@@ -190,7 +282,12 @@ def _backward(model: nn.Module, batch: StudentBatch, objective: Objective, tempe
         context = batch.context() if batch.context is not None else nullcontext()
         with context, autocast():
             intervened = interchange_forwards(model, batch, objective, logits_fn, feature_teacher)
-    out = objective(logits.float(), batch.labels, batch.mask, targets, temperature, features, intervened)
+    if caught is not None:
+        with autocast():
+            out = objective.from_hidden(caught.hidden, caught.head, batch.labels, batch.mask, targets, temperature,
+                                        features, intervened, chunk_positions=chunk_positions)
+    else:
+        out = objective(logits.float(), batch.labels, batch.mask, targets, temperature, features, intervened)
     (out.loss_sum * world / n_global).backward()
     return out, logits
 

@@ -63,7 +63,7 @@ from raykd.train.parallel import (
     save_sharded,
     unwrapped,
 )
-from raykd.train.step import StudentBatch, build_optimizer, run_steps
+from raykd.train.step import StudentBatch, build_optimizer, check_head_input, run_steps
 from raykd.train.teachers import TeacherMix
 
 log = logging.getLogger(__name__)
@@ -125,14 +125,17 @@ class _Worker:
                                   self.device, self.position)
         self.clock = {"t": time.perf_counter(), "positions": 0.0, "data_s": 0.0, "ready": 0.0}
         mix = self.mix
+        remember = None  # only a learned teacher choice (rl_kd) reads the student's logits
+        if mix is not None and mix.policy is not None:
+            remember = lambda b, logits: mix.remember(  # noqa: E731
+                (b.inputs["input_ids"], b.inputs["attention_mask"], b.labels, b.mask), logits)
         run_steps(self.model, self.optim, self.next_group, partial(self.cfg.objective_at, features=self.features),
                   max_steps=train.max_steps, start=self.step, on_step=self.on_step, scheduler=self.sched,
                   max_grad_norm=train.max_grad_norm, world=self.world,
                   all_reduce=partial(all_reduce_sum, world=self.world, device=self.device),
                   autocast=partial(autocast_for, train.autocast, self.device), teacher=self.teacher,
                   feature_teacher=self.features.teacher if self.features is not None else None,
-                  on_logits=(lambda b, logits: mix.remember((b.inputs["input_ids"], b.inputs["attention_mask"], b.labels,
-                                                             b.mask), logits)) if mix is not None else None)
+                  chunk_positions=train.loss_chunk_positions, on_logits=remember)
         if self.tracker is not None:
             self.tracker.end_run()
 
@@ -209,6 +212,8 @@ def _setup(cfg: LoopConfig) -> _Worker:
     device = ray.train.torch.get_device()
     model, optim, sched, state, history, step = _student(cfg, rank, world, device)
     core = unwrapped(model)
+    if train.loss_chunk_positions:
+        check_head_input(core)
     w = _Worker(cfg, world, rank, device, model, optim, sched, history, step)
     w.mix = TeacherMix(cfg.combine, cfg.num_teachers, cfg.weight_temperature, cfg.policy_lr, train.seed + rank) \
         if cfg.combine else None
