@@ -121,9 +121,11 @@ def _add_product(acc: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
 
 
 class _Head(torch.autograd.Function):
-    """``h W^T + b`` of ``h`` ``[n, H]``, whose backward adds the weight's and bias's gradients into the fp32 buffers
-    ``grads`` (a list ``[weight, bias]``, None until the first chunk) in place instead of
-    returning them, so the chunks' ``[V, H]`` gradients are summed without a temporary each."""
+    """``h W^T + b`` of ``h`` ``[n, H]``, whose backward adds the weight's and bias's gradients
+    into the fp32 buffers ``grads`` (a list ``[weight, bias]``, None until the first chunk) in
+    place instead of returning them, so the chunks' ``[V, H]`` gradients are summed without a
+    temporary each. Under autocast the forward's matmul runs in the autocast dtype, and so do
+    the backward's."""
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, grads: list[Tensor | None]) -> Tensor:
