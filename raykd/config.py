@@ -644,10 +644,12 @@ class TrainConfig(Strict):
     """Positions per chunk of the loss (>= 1): the LM head and every logit term (the divergences
     and CE) run on this many valid positions at a time, gradients taken chunk by chunk
     (:mod:`raykd.losses.chunked`), so neither the logits ``[B, T, V]`` nor their log-softmax is
-    ever held for a whole micro-batch: at V = 262,144 and T = 2,048 one step of a tiny student
-    peaks at 1.0x the memory of a CE step instead of 1.6x
-    (``benchmarks/results/chunked_loss.json``). Values and gradients equal the unchunked
-    step's; feature terms run as before. None or 0: the whole micro-batch at once (the default).
+    ever held for a whole micro-batch: at V = 262,144 and T = 2,048 one KD step of a tiny student
+    peaks at 1.4 GB of RSS with 256 positions per chunk instead of 8.7 GB, the same as a CE step
+    (``benchmarks/results/chunked_loss.json``; a chunk of N holds about two fp32 ``[N, V]`` at once).
+    Values and gradients equal the unchunked step's; feature terms run as before; an online
+    teacher's dense targets are still its whole logits. None or 0: the whole micro-batch at
+    once (the default; at the demo's shape both take the same time).
     Refused with ``strategy=fsdp`` on more than one worker (the sharded head is gathered only
     inside the model's forward) and with ``rl_kd`` (its teacher policy reads each micro-batch's
     whole logits); a student that transforms its logits after the head (logit soft-capping) is

@@ -65,8 +65,8 @@ def chunked_head_loss(hidden: Tensor, head: nn.Linear, loss_of: ChunkLoss, chunk
         hidden: ``[N, H]`` final hidden states of the positions that count (with grad).
         head: the LM head, an ``nn.Linear`` ``[n, H] -> [n, V]`` (the model's output
             embeddings); its weight ``[V, H]`` and bias, where they require grad, get the loss's
-            gradient (the head's own backward is done here: ``g @ W``, ``W``'s gradient summed
-            over the chunks in place in fp32).
+            gradient (the head's backward is done here: ``g @ W``, and ``W``'s gradient summed
+            over the chunks in place, in fp32).
         loss_of: the loss of one chunk (:data:`ChunkLoss`); its weighted sum must be a sum over
             the chunk's positions (so chunks add up).
         chunk_positions: rows per chunk, >= 1; the last chunk may be shorter.
@@ -87,7 +87,7 @@ def chunked_head_loss(hidden: Tensor, head: nn.Linear, loss_of: ChunkLoss, chunk
     trains = hidden.requires_grad or any(p.requires_grad for p in head.parameters())
     if torch.is_grad_enabled() and trains:
         sums: dict[str, Tensor] = {}
-        loss = _HeadChunks.apply(hidden, head.weight, head.bias, head, loss_of, chunk_positions, positions, sums)
+        loss = _HeadChunks.apply(hidden, head.weight, head.bias, loss_of, chunk_positions, positions, sums)
         return loss, sums
     total, sums = hidden.new_zeros((), dtype=torch.float32), {}
     for rows in _chunks(len(hidden), chunk_positions):
@@ -106,55 +106,74 @@ def _add(sums: dict[str, Tensor], terms: dict[str, Tensor]) -> None:
         sums[name] = sums[name] + value if name in sums else value
 
 
-def _zeros_if_trained(t: Tensor | None) -> Tensor | None:
-    """An fp32 gradient buffer for ``t`` where it requires grad, else None."""
-    return torch.zeros_like(t, dtype=torch.float32) if t is not None and t.requires_grad else None
-
-
 def _add_product(acc: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
     """``acc + a @ b`` in fp32, in place (``addmm_``, no temporary the size of ``acc``) where the
-    dtypes agree; in mixed precision the product runs in the autocast dtype, as autograd's
-    linear backward would. ``acc`` None: a new fp32 ``a @ b``."""
+    dtypes agree, else with the product in the lower precision of the two (mixed precision, as
+    autograd's linear backward runs it). ``acc`` None: a new fp32 ``a @ b``."""
+    if a.dtype != b.dtype:
+        low = a.dtype if a.element_size() < b.element_size() else b.dtype
+        a, b = a.to(low), b.to(low)
     if acc is None:
         return torch.mm(a, b).float()
-    if a.dtype == b.dtype == acc.dtype:
+    if a.dtype == acc.dtype:
         return acc.addmm_(a, b)
     return acc.add_(torch.mm(a, b))
 
 
-class _HeadChunks(torch.autograd.Function):
-    """:func:`chunked_head_loss` with gradients. Per chunk: the head's logits (no graph), the
-    loss and its gradient ``g`` with respect to those logits (``torch.autograd.grad``), then the
-    head's backward by hand: ``g @ W`` into the chunk's rows of the hidden states' gradient,
-    ``g^T h`` added in place to the weight's fp32 gradient (:func:`_add_product`), ``g`` summed
-    into the bias's. The chunk's tensors are then freed. Backward scales the stored gradients
-    by the incoming scalar gradient in place (once: the graph cannot be back-propagated twice)."""
+class _Head(torch.autograd.Function):
+    """``h W^T + b`` of ``h`` ``[n, H]``, whose backward adds the weight's and bias's gradients
+    into the fp32 buffers ``grads`` (a list ``[weight, bias]``, None until the first chunk) in
+    place instead of returning them, so the chunks' ``[V, H]`` gradients are summed without a
+    temporary each. Under autocast the forward's matmul runs in the autocast dtype, and so do
+    the backward's."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, head: nn.Linear, loss_of: ChunkLoss,
-                chunk: int, positions: Tensor, sums: dict[str, Tensor]) -> Tensor:
-        grad_hidden, grad_bias = _zeros_if_trained(hidden), _zeros_if_trained(bias)
-        grad_weight = None  # made by the first chunk's product (no zero fill of [V, H])
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, grads: list[Tensor | None]) -> Tensor:
+        ctx.save_for_backward(h, weight)
+        ctx.grads, ctx.trains = grads, (weight.requires_grad, bias is not None and bias.requires_grad)
+        return torch.nn.functional.linear(h, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):  # g: [n, V], h: [n, H]
+        h, weight = ctx.saved_tensors
+        if ctx.trains[0]:
+            ctx.grads[0] = _add_product(ctx.grads[0], g.T, h)
+        if ctx.trains[1]:
+            total = g.float().sum(0)
+            ctx.grads[1] = total if ctx.grads[1] is None else ctx.grads[1].add_(total)
+        return g.mm(weight.to(g.dtype)), None, None, None
+
+
+class _HeadChunks(torch.autograd.Function):
+    """:func:`chunked_head_loss` with gradients. Per chunk, under grad: the head's logits
+    (:class:`_Head`, which sums the head's gradients into shared buffers in place), the loss, and
+    its gradient with respect to the chunk's hidden rows (``torch.autograd.grad``, nothing
+    accumulates in ``.grad``), written into those rows; the chunk's graph and logits are then
+    freed. Backward scales the stored gradients by the incoming scalar gradient in place (once:
+    the graph cannot be back-propagated twice)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, loss_of: ChunkLoss, chunk: int,
+                positions: Tensor, sums: dict[str, Tensor]) -> Tensor:
+        grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
+        head_grads: list[Tensor | None] = [None, None]
         total = hidden.new_zeros((), dtype=torch.float32)
         for rows in _chunks(len(hidden), chunk):
-            h = hidden[rows]
-            logits = head(h).requires_grad_()  # forward runs without grad: a leaf
-            with torch.enable_grad():
-                value, terms = loss_of(logits, positions[rows])
+            h = hidden[rows].detach().requires_grad_()
+            with torch.enable_grad():  # the logits are not bound to a name: the loss frees them when done
+                value, terms = loss_of(_Head.apply(h, weight, bias, head_grads), positions[rows])
             _add(sums, terms)
             if value is None:  # every logit term has weight 0 (logged only)
                 continue
             total = total + value.detach()
-            (g,) = torch.autograd.grad(value, logits)
+            (g,) = torch.autograd.grad(value, h)
             if grad_hidden is not None:
-                grad_hidden[rows] = torch.mm(g, weight)
-            if weight.requires_grad:
-                grad_weight = _add_product(grad_weight, g.T, h)
-            if grad_bias is not None:
-                grad_bias.add_(g.sum(0))
-        if grad_weight is None and weight.requires_grad:  # no chunk trained (no position, or weight 0)
-            grad_weight = _zeros_if_trained(weight)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+                grad_hidden[rows] = g
+        for i, p in enumerate((weight, bias)):  # a trained parameter no chunk reached (no position, or weight 0)
+            if head_grads[i] is None and p is not None and p.requires_grad:
+                head_grads[i] = torch.zeros_like(p, dtype=torch.float32)
+        ctx.save_for_backward(grad_hidden, *head_grads)
         ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias)]
         return total
 
@@ -162,4 +181,4 @@ class _HeadChunks(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
         scaled = [None if g is None else g.mul_(grad_out).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
-        return (*scaled, None, None, None, None, None)
+        return (*scaled, None, None, None, None)

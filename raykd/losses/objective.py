@@ -229,7 +229,7 @@ class Objective:
             loss_sum, term_sums = self._weighted(self.weights, term)
         return ObjectiveOutput(loss_sum=loss_sum, term_sums=term_sums, num_tokens=count_tokens(mask))
 
-    def from_hidden(self, hidden: Tensor, head: nn.Module, labels: Tensor, mask: Tensor,
+    def from_hidden(self, hidden: Tensor, head: nn.Linear, labels: Tensor, mask: Tensor,
                     targets: TeacherTargets | None, temperature: float, features: tuple[Features, Features] | None = None,
                     intervened: Intervened | None = None, *, chunk_positions: int) -> ObjectiveOutput:
         """The objective of the logits ``head(hidden)``, with the LM head and every logit term run
@@ -242,7 +242,7 @@ class Objective:
 
         Args:
             hidden: ``[B, T, H]`` the student's final hidden states (the LM head's input, with grad).
-            head: the LM head, ``[..., H] -> [..., V]`` (an ``nn.Linear`` with ``weight`` ``[V, H]``:
+            head: the LM head, an ``nn.Linear`` ``[..., H] -> [..., V]`` (``weight`` ``[V, H]``:
                 the model's ``get_output_embeddings()``).
             chunk_positions: positions per chunk, >= 1 (the last chunk may be shorter).
             labels, mask, targets, temperature, features, intervened: as in :meth:`__call__`.
@@ -251,7 +251,8 @@ class Objective:
             :class:`ObjectiveOutput` as :meth:`__call__` gives it.
 
         Raises:
-            ValueError: as :meth:`__call__`, or ``chunk_positions < 1``.
+            ValueError: as :meth:`__call__`, ``hidden`` is not ``[B, T, H]``, the head is not an
+                ``nn.Linear``, or ``chunk_positions < 1``.
         """
         _check(hidden.dim() == 3, f"hidden must be [B, T, H], got {tuple(hidden.shape)}")
         self._check_all((*hidden.shape[:2], head.weight.shape[0]), labels, mask, targets, temperature, features,

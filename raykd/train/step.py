@@ -62,12 +62,12 @@ class HeadInput:
     """What :func:`head_input` caught: the LM head and its input.
 
     Attributes:
-        head: the model's output embeddings (the LM head, ``[..., H] -> [..., V]``).
+        head: the model's output embeddings (the LM head, an ``nn.Linear`` ``[..., H] -> [..., V]``).
         hidden: ``[B, T, H]`` the final hidden states of the last forward in the block (with
             grad), or None before one ran.
     """
 
-    head: nn.Module
+    head: nn.Linear
     hidden: Tensor | None = None
 
 

@@ -88,12 +88,25 @@ def test_local_mode_ddp_and_fsdp_train_alike_and_a_sharded_run_resumes_on_other_
     assert saved["by_name"] and "model.embed_tokens.weight" in saved["state"]  # full checkpoints again
 
 
-def test_grad_accumulation_matches_one_big_batch(setup):
+def test_grad_accumulation_and_the_chunked_loss_match_one_big_batch(setup, monkeypatch):
+    """The worker's step with ``grad_accum=2``, and with it the chunked loss
+    (``train.loss_chunk_positions``, 7 positions per chunk), trains as one big batch does."""
+    from raykd.losses import Objective
+
+    chunked_calls = []
+    from_hidden = Objective.from_hidden
+    monkeypatch.setattr(Objective, "from_hidden", lambda self, *a, **k: chunked_calls.append(1) or from_hidden(self, *a, **k))
     plain = _train(setup, "acc1", num_workers=0, max_steps=3, checkpoint_every=3)
     accum = _train(setup, "acc2", num_workers=0, max_steps=3, checkpoint_every=3, grad_accum=2)
+    assert not chunked_calls
+    chunked = _train(setup, "acc3", num_workers=0, max_steps=3, checkpoint_every=3, grad_accum=2, loss_chunk_positions=7)
+    assert len(chunked_calls) == 3 * 2  # local mode runs the loop in this process: every micro-batch chunked
     a = np.array([r["loss"] for r in plain.history])
     b = np.array([r["loss"] for r in accum.history])
+    c = np.array([r["loss"] for r in chunked.history])
     np.testing.assert_allclose(a, b, rtol=1e-4)  # same rows, same order: equal up to float error
+    np.testing.assert_allclose(a, c, rtol=1e-4)
+    assert chunked.history[0]["forward_kl"] == pytest.approx(plain.history[0]["forward_kl"], rel=1e-4)
 
 
 def test_a_run_that_can_never_get_its_cpus_is_refused_naming_the_serve_teacher(setup, ray_start):
