@@ -22,7 +22,9 @@ top-1 agreement with the teacher and KL over the teacher's top-32 + tail buckets
     .venv/bin/python benchmarks/bench_sampled_labels.py --arms topk,sampled --seeds 0 --override train.max_steps=20
 
 Prints a table (mean and standard deviation over seeds) and writes every run's numbers and the
-summary to ``--json`` (runs already in it are kept, so arms and seeds can be run in batches).
+summary to ``--json`` (runs already in it are kept, so arms and seeds can be run in batches;
+``--arms ""`` only rescores the runs there). Times are recorded per run (``train_s``,
+``label_s``) but not tabled: on a shared machine they measure the other jobs.
 """
 
 from __future__ import annotations
@@ -118,14 +120,14 @@ def table(summary: dict[str, dict], budget: dict) -> str:
 
     lines = [f"Budget: {budget['steps']} steps x batch {budget['batch_size']} x {budget['seq_len']} tokens, objective "
              f"forward_kl 1.0, {budget['machine']}; held-out: the top-32 eval cache ({budget['eval_tokens']:,} positions).", "",
-             "| arm | cache B/token | distinct ids / position | held-out ppl | ECE | top-1 agreement | KL(top-32 buckets) | seeds | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| arm | cache B/token | distinct ids / position | held-out ppl | ECE | top-1 agreement | KL(top-32 buckets) | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
     names = {"topk": "top-32", "sampled": "sampled, S = 32", "full": "full vocabulary (teacher online)"}
     for arm, e in summary.items():
         size = "-" if e["bytes_per_token"] is None else f"{e['bytes_per_token']:.1f}"
         distinct = f"{e['distinct_ids_per_position']:.1f}" if "distinct_ids_per_position" in e else "-"
         lines.append(f"| {names[arm]} | {size} | {distinct} | {pm(e, 'ppl', 1)} | {pm(e, 'ece', 4)} | "
-                     f"{pm(e, 'top1_agreement', 3)} | {pm(e, 'kl', 3)} | {len(e['seeds'])} | {e['train_s']:.0f} |")
+                     f"{pm(e, 'top1_agreement', 3)} | {pm(e, 'kl', 3)} | {len(e['seeds'])} |")
     return "\n".join(lines) + "\n"
 
 

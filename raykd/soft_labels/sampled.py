@@ -34,7 +34,9 @@ Storage (columns of the sampled form, :mod:`raykd.soft_labels.schema`): ``sample
 row's distinct drawn ids), ``sample_index`` (per position, its distinct ids as ascending indices
 into the dictionary), ``sample_counts`` (per position, the count of each, as LEB128 varints: one
 byte for counts below 128, like uint8; two up to 16,383). Each position's counts sum to ``S``,
-which marks where a position ends, so no per-position length is stored.
+which marks where a position ends, so no per-position length is stored. On the demo (SmolLM2-135M,
+BBC, ``S = 32``): 14.7 distinct ids per position, 30.6 B per token on disk against 60.8 for
+top-32 (``benchmarks/bench_sampled_labels.py``, ``docs/soft-label-cache.md``).
 """
 
 from __future__ import annotations
