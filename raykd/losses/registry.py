@@ -199,13 +199,11 @@ def define_loss(
     :func:`register_losses`).
 
     Args:
-        name: registry name.
-        forms: teacher target forms the loss accepts, a subset of ``("sparse", "dense")``
-            (default: both for a logit loss, none for a feature loss).
+        name: registry name; description: one line for listings.
+        forms: target forms accepted, from :data:`FORMS` (default: all for a logit loss, none else).
         needs_teacher: False for losses on hard labels only; they must have ``forms=()``.
-        description: one line for listings.
-        kind, attention, projections, modules, interventions: see :class:`LossSpec`; a feature loss has ``forms=()``
-            and ``needs_teacher=True`` (it needs the teacher's features, not its targets).
+        kind, attention, projections, modules, interventions: see :class:`LossSpec`; a feature loss
+            has ``forms=()`` and ``needs_teacher=True`` (it reads the teacher's features).
         cached, measured_faster, transfer: facts about a feature loss, see :class:`LossSpec`.
         tau_squared: the registry multiplies the function's value by tau**2 (default: True for a
             logit loss with a teacher); only a logit loss with a teacher may set it.
@@ -223,23 +221,8 @@ def define_loss(
             hyper-parameters.
     """
     forms = tuple(forms) if forms is not None else (FORMS if kind == "logits" else ())
-    if kind not in KINDS:
-        raise ValueError(f"loss {name!r}: kind {kind!r} must be one of {KINDS}")
-    if any(f not in FORMS for f in forms):
-        raise ValueError(f"loss {name!r}: forms {forms} must be a subset of {FORMS}")
-    if kind == "features" and (forms or not needs_teacher):
-        raise ValueError(f"feature loss {name!r} reads teacher features: give forms=() and needs_teacher=True")
-    if kind == "logits" and (needs_teacher == (not forms) or attention or projections or modules or interventions):
-        raise ValueError(f"loss {name!r}: a logit loss needs a teacher exactly when it accepts target forms, "
-                         "and has no attention, projections, modules or interventions")
-
-    if kind == "logits" and (cached or measured_faster or transfer):
-        raise ValueError(f"loss {name!r}: cached, measured_faster and transfer describe feature losses")
-    if measured_faster not in (None, "cached", "online") or measured_faster == "cached" and not cached:
-        raise ValueError(f"loss {name!r}: measured_faster is None, 'online', or 'cached' with cached=True")
-    tau_squared = kind == "logits" and needs_teacher if tau_squared is None else tau_squared
-    if tau_squared and not (kind == "logits" and needs_teacher):
-        raise ValueError(f"loss {name!r}: tau_squared scales a logit loss with a teacher")
+    _check_kind(name, kind, forms, needs_teacher, attention or projections or modules or interventions)
+    tau_squared = _check_facts(name, kind, needs_teacher, cached, measured_faster, transfer, tau_squared)
     declared = dict(params or {})
 
     def decorate(fn: LossFn) -> LossFn:
@@ -254,6 +237,33 @@ def define_loss(
         return loss
 
     return decorate
+
+
+def _check_kind(name: str, kind: str, forms: tuple[str, ...], needs_teacher: bool, feature_parts: Any) -> None:
+    """:func:`define_loss`'s checks of kind, forms and teacher; raises ValueError."""
+    if kind not in KINDS:
+        raise ValueError(f"loss {name!r}: kind {kind!r} must be one of {KINDS}")
+    if any(f not in FORMS for f in forms):
+        raise ValueError(f"loss {name!r}: forms {forms} must be a subset of {FORMS}")
+    if kind == "features" and (forms or not needs_teacher):
+        raise ValueError(f"feature loss {name!r} reads teacher features: give forms=() and needs_teacher=True")
+    if kind == "logits" and (needs_teacher == (not forms) or feature_parts):
+        raise ValueError(f"loss {name!r}: a logit loss needs a teacher exactly when it accepts target forms, "
+                         "and has no attention, projections, modules or interventions")
+
+
+def _check_facts(name: str, kind: str, needs_teacher: bool, cached: bool, measured_faster: str | None,
+                 transfer: bool, tau_squared: bool | None) -> bool:
+    """:func:`define_loss`'s checks of the feature facts and tau**2; returns ``tau_squared`` with
+    its default filled in (True for a logit loss with a teacher); raises ValueError."""
+    if kind == "logits" and (cached or measured_faster or transfer):
+        raise ValueError(f"loss {name!r}: cached, measured_faster and transfer describe feature losses")
+    if measured_faster not in (None, "cached", "online") or measured_faster == "cached" and not cached:
+        raise ValueError(f"loss {name!r}: measured_faster is None, 'online', or 'cached' with cached=True")
+    tau_squared = kind == "logits" and needs_teacher if tau_squared is None else tau_squared
+    if tau_squared and not (kind == "logits" and needs_teacher):
+        raise ValueError(f"loss {name!r}: tau_squared scales a logit loss with a teacher")
+    return tau_squared
 
 
 def times_tau_squared(fn: LossFn) -> LossFn:

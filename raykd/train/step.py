@@ -185,61 +185,55 @@ def train_step(
     the step is split (DDP averages gradients over the ``world`` workers; the factor cancels).
 
     Args:
-        model: the student (a DDP-wrapped model skips the gradient sync but on the last
-            micro-batch).
+        model: the student (DDP-wrapped: gradients sync on the last micro-batch only).
         optimizer: its optimizer; scheduler: a learning-rate scheduler stepped after it, or None.
         group: the step's micro-batches (at least one).
         objective: the step's weighted loss terms; temperature: the teacher terms' tau.
         logits_fn: the student kind's logits (:data:`STUDENT_KINDS`).
         max_grad_norm: clip the global gradient norm to this (None: no clipping).
-        world: number of data-parallel workers; all_reduce: sums a list of floats over them
-            (None for one worker).
+        world: data-parallel workers; all_reduce: sums a list of floats over them (None: one).
         autocast: context of the student's forward (mixed precision).
-        teacher: computes targets of a micro-batch online (a frozen teacher in the same
-            process), replacing ``batch.targets``.
-        on_logits: called with every micro-batch and its logits (e.g. a teacher-selection
-            policy that learns from the student's loss).
-        feature_teacher: an online teacher giving ``(targets, features)`` of a micro-batch in one
-            forward (:class:`raykd.train.features.FeatureTeacher`; see :func:`_backward`).
+        teacher: a frozen in-process teacher giving a micro-batch's targets (replacing ``batch.targets``).
+        on_logits: called with every micro-batch and its logits (e.g. a teacher-selection policy).
+        feature_teacher: an online teacher giving a micro-batch's ``(targets, features)`` in one
+            forward (:class:`raykd.train.features.FeatureTeacher`).
         chunk_positions: a causal LM's logit terms run on chunks of this many positions with the
             LM head inside the chunk (``train.loss_chunk_positions``; the model passed
             :func:`check_head_input`); None or 0: on the whole micro-batch's logits.
 
     Returns:
-        Per-position means over the step: every term (weight 0 included), ``loss``, and
-        ``positions`` (``N``).
+        Per-position means over the step of every term (weight 0 included) and ``loss``; ``positions`` (``N``).
 
     Raises:
         ValueError: an empty group, an intervention term without an online feature teacher,
-            ``chunk_positions`` with another student kind than ``causal_lm`` or with
-            ``on_logits`` (no whole logits to hand over), or what
-            :class:`~raykd.losses.Objective` raises.
+            ``chunk_positions`` with a student kind other than ``causal_lm`` or with ``on_logits``
+            (no whole logits to hand over), or what :class:`~raykd.losses.Objective` raises.
     """
-    _check_step(group, objective, feature_teacher)
-    if chunk_positions and (logits_fn is not causal_lm_logits or on_logits is not None):
-        raise ValueError("chunk_positions runs a causal LM's head chunk by chunk: it needs logits_fn=causal_lm_logits "
-                         "and no on_logits (the whole logits are never made)")
+    _check_step(group, objective, feature_teacher, chunked=bool(chunk_positions),
+                whole_logits=logits_fn is not causal_lm_logits or on_logits is not None)
     reduce = all_reduce or (lambda values: values)
     n_global = max(reduce([float(sum(b.num_positions for b in group))])[0], 1.0)
     sums: dict[str, float] = {}
     for i, batch in enumerate(group):
         last = i == len(group) - 1
-        sync = model.no_sync() if (world > 1 and not last and hasattr(model, "no_sync")) else nullcontext()
-        with sync:
+        with model.no_sync() if (world > 1 and not last and hasattr(model, "no_sync")) else nullcontext():
             out, logits = _backward(model, batch, objective, temperature, world, n_global, logits_fn=logits_fn,
                                     autocast=autocast, teacher=teacher, feature_teacher=feature_teacher,
                                     chunk_positions=chunk_positions)
         if on_logits is not None:
             on_logits(batch, logits)
-        for name, value in out.term_sums.items():
+        for name, value in [*out.term_sums.items(), ("loss", out.loss_sum.detach())]:
             sums[name] = sums.get(name, 0.0) + float(value)
-        sums["loss"] = sums.get("loss", 0.0) + float(out.loss_sum.detach())
     _update(optimizer, scheduler, max_grad_norm)
     totals = reduce(list(sums.values()))
     return {**{k: v / n_global for k, v in zip(sums, totals)}, "positions": n_global}
 
 
-def _check_step(group: Sequence[StudentBatch], objective: Objective, feature_teacher: Any) -> None:
+def _check_step(group: Sequence[StudentBatch], objective: Objective, feature_teacher: Any, *, chunked: bool,
+                whole_logits: bool) -> None:
+    if chunked and whole_logits:
+        raise ValueError("chunk_positions runs a causal LM's head chunk by chunk: it needs logits_fn=causal_lm_logits "
+                         "and no on_logits (the whole logits are never made)")
     if not group:
         raise ValueError("a training step needs at least one micro-batch")
     if objective.needs_interventions and feature_teacher is None:

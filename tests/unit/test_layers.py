@@ -142,3 +142,17 @@ def _enclosing(fn: ast.AST, node: ast.AST) -> bool:
     """True when ``node`` belongs to ``fn`` itself, not to a function nested in it."""
     inner = [f for f in ast.walk(fn) if f is not fn and isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))]
     return not any(node in set(ast.walk(f)) for f in inner)
+
+
+MAX_FUNCTION_LINES = 60
+"""Issue 25: no function in ``raykd/`` over this many lines (signature and docstring included)."""
+
+
+def test_no_function_over_sixty_lines():
+    """A long function is split into named steps; the limit counts every line from ``def`` to its end."""
+    long = []
+    for name, path in MODULES.items():
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and fn.end_lineno - fn.lineno + 1 > MAX_FUNCTION_LINES:
+                long.append(f"{name}.{fn.name} ({fn.end_lineno - fn.lineno + 1} lines)")
+    assert not long, "functions over 60 lines: " + ", ".join(sorted(long))
