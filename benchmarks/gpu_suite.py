@@ -111,8 +111,9 @@ def arms(py: str) -> list[Arm]:
         return [py, __file__, "--run-vllm", "--out", str(out), *(["--dry"] if dry else [])]
 
     def chunked(out: Path, dry: bool) -> list[str]:
-        size = ["--device", "cpu", "--vocab", "4096", "--seq-len", "128", "--demo-steps", "1", "--demo-warmup", "0"] \
-            if dry else ["--device", "cuda", "--vocab", "262144", "--seq-len", "2048", "--demo-steps", "20"]
+        size = ["--device", "cpu", "--vocab", "4096", "--seq-len", "128", "--demo-steps", "1", "--demo-warmup", "0",
+                "--demo-chunks", "128"] if dry else \
+            ["--device", "cuda", "--vocab", "262144", "--seq-len", "2048", "--demo-steps", "20"]
         return [py, str(BENCH / "bench_chunked_loss.py"), *size, "--out", str(out)]
 
     def kd(out: Path, dry: bool) -> list[str]:
