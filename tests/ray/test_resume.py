@@ -47,14 +47,14 @@ def test_killed_labeling_resumes_with_only_the_missing_parts(ray_start, tiny_mod
     import ray
 
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("\n".join(json.dumps(d) for d in make_corpus(120, seed=5)) + "\n")
+    corpus.write_text("\n".join(json.dumps(d) for d in make_corpus(72, seed=5)) + "\n")
     cfg = _config(tiny_model, corpus, tmp_path / "cache", "resume-teacher")
     plan = Plan(cfg)
     n_parts = len(plan.sources["train"][1])
-    assert n_parts == 15
+    assert n_parts >= 8
     train_dir = cache_dir_for(plan.cache_root, plan.keys["train"])
 
-    # the same `raykd label` a user runs, as a driver joined to this Ray, killed once 4 parts are committed
+    # the same `raykd label` a user runs, as a driver joined to this Ray, killed once 3 parts are committed
     config_file = tmp_path / "label.yaml"
     config_file.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": os.getcwd()}
@@ -63,7 +63,7 @@ def test_killed_labeling_resumes_with_only_the_missing_parts(ray_start, tiny_mod
                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     try:
-        while len(done_parts(train_dir)) < 4:
+        while len(done_parts(train_dir)) < 3:
             assert driver.poll() is None, "the labeling driver ended before it could be killed"
             assert time.monotonic() < deadline, "no part was committed within 5 minutes"
             time.sleep(0.2)  # polling the ledger on disk: there is no event to wait on
@@ -73,7 +73,7 @@ def test_killed_labeling_resumes_with_only_the_missing_parts(ray_start, tiny_mod
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
     before = done_parts(train_dir)
-    assert 4 <= len(before) < n_parts
+    assert 3 <= len(before) < n_parts
 
     try:
         caches, stats = ensure_soft_labels(Plan(cfg))

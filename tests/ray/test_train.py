@@ -23,12 +23,12 @@ def setup(tiny_labeled, tmp_path_factory):
     return cfg, shard_paths(folder, manifest), init, tmp_path_factory.mktemp("runs")
 
 
-def _train(setup, name, rows=None, **overrides):
+def _train(setup, name, rows=None, mlflow_uri=None, **overrides):
     cfg, files, init, runs = setup
     train_cfg = cfg.train.model_copy(update={"shuffle": False, "num_workers": 1, **overrides})
     return train_student(StudentRun(name=name, student_path=init, shard_files=None if rows is not None else files,
                                     rows=rows, weights={"forward_kl": 0.5, "ce": 0.5}, temperature=1.0, train=train_cfg,
-                                    storage_path=runs))
+                                    storage_path=runs, mlflow_uri=mlflow_uri, mlflow_experiment="raykd-test"))
 
 
 def _in_blocks(files: list[str], rows: int, block_rows: int):
@@ -48,20 +48,31 @@ def _in_blocks(files: list[str], rows: int, block_rows: int):
     return ray.data.from_arrow([table.slice(i, block_rows) for i in range(0, rows, block_rows)])
 
 
-def test_local_mode_ddp_and_fsdp_train_alike_and_a_sharded_run_resumes_on_other_workers(setup):
+def test_local_mode_ddp_and_fsdp_train_alike_and_a_sharded_run_resumes_on_other_workers(setup, tmp_path, monkeypatch):
     """Same rows in every step: ``train.num_workers=0`` (Ray Train's local mode, used by most
     tests) and two DDP workers give the same loss curve (every position weighs 1/N of the step,
     however the step is split); FSDP over the same 2 workers (gloo on CPU) trains as DDP, with
     sharded (DCP) checkpoints. That run, continued with a larger budget on 1 DDP worker, resumes
     from its last checkpoint: DCP reshards the weights and the optimizer state for the new worker
-    count. (One test: each Ray Train run costs ~15 s of start-up.)"""
+    count. The DDP run reports to MLflow (``tracking.mlflow_uri``, a local file store) through
+    Ray's integration: one MLflow run with every step's loss. (One test: each Ray Train run costs
+    ~15 s of start-up.)"""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for an opt-in to read a file store
+    uri = (tmp_path / "mlruns").as_uri()
     steps, batch = 8, setup[0].train.batch_size
     files = setup[1]
     local = _train(setup, "w0", rows=_in_blocks(files, steps * batch, batch // 2), num_workers=0, max_steps=steps,
                    checkpoint_every=4)
     assert local.model_dir.name == "checkpoint_000008" and (local.model_dir / "model.safetensors").exists()
     two = _train(setup, "w2", rows=_in_blocks(files, steps * batch, batch // 2), num_workers=2, max_steps=steps,
-                 checkpoint_every=8, cpus_per_worker=0.5)
+                 checkpoint_every=8, cpus_per_worker=0.5, mlflow_uri=uri)
+    client = mlflow.tracking.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("raykd-test").experiment_id])
+    assert run.info.run_name == "w2"
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert losses == pytest.approx([r["loss"] for r in two.history])
     a = np.array([r["loss"] for r in local.history])
     b = np.array([r["loss"] for r in two.history])
     assert len(a) == len(b) == steps
@@ -145,19 +156,3 @@ def test_a_run_that_can_never_get_its_cpus_is_refused_naming_the_serve_teacher(s
         ray.kill(job)
 
 
-def test_metrics_reach_mlflow_through_rays_integration(setup, tmp_path, monkeypatch):
-    """`tracking.mlflow_uri` (a local file store): one MLflow run per student with every step's loss."""
-    import mlflow
-
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for an opt-in to read a file store
-    uri = (tmp_path / "mlruns").as_uri()
-    cfg, files, init, runs = setup
-    train = cfg.train.model_copy(update={"max_steps": 3, "checkpoint_every": 3, "num_workers": 1})
-    res = train_student(StudentRun(name="tracked", student_path=init, shard_files=files, weights={"forward_kl": 0.5, "ce": 0.5},
-                                   temperature=1.0, train=train, storage_path=runs, mlflow_uri=uri,
-                                   mlflow_experiment="raykd-test"))
-    client = mlflow.tracking.MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("raykd-test").experiment_id])
-    assert run.info.run_name == "tracked"
-    losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
-    assert losses == pytest.approx([r["loss"] for r in res.history])
