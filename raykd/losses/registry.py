@@ -221,7 +221,7 @@ def define_loss(
             hyper-parameters.
     """
     forms = tuple(forms) if forms is not None else (FORMS if kind == "logits" else ())
-    _check_kind(name, kind, forms, needs_teacher, attention or projections or modules or interventions)
+    _check_kind(name, kind, forms, needs_teacher, bool(attention or projections or modules or interventions))
     tau_squared = _check_facts(name, kind, needs_teacher, cached, measured_faster, transfer, tau_squared)
     declared = dict(params or {})
 
@@ -239,7 +239,7 @@ def define_loss(
     return decorate
 
 
-def _check_kind(name: str, kind: str, forms: tuple[str, ...], needs_teacher: bool, feature_parts: Any) -> None:
+def _check_kind(name: str, kind: str, forms: tuple[str, ...], needs_teacher: bool, feature_parts: bool) -> None:
     """:func:`define_loss`'s checks of kind, forms and teacher; raises ValueError."""
     if kind not in KINDS:
         raise ValueError(f"loss {name!r}: kind {kind!r} must be one of {KINDS}")
