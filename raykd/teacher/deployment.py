@@ -104,6 +104,11 @@ class TeacherDeployment:
     (:mod:`raykd.teacher.merges` says how each method merges and splits). The engine runs in a
     worker thread, so the replica keeps accepting calls while a batch runs.
 
+    The ``vllm`` engine is the exception: it runs vLLM's ``AsyncLLM``, whose scheduler batches
+    continuously (a request joins the running batch at the next decoding step instead of waiting
+    for the batch in flight to finish), so its calls skip the queue and go to the engine at once;
+    ``priority`` becomes vLLM's request priority.
+
     Args:
         model_path: resolved local model folder (see :func:`raykd.models.resolve_model_path`).
         engine: engine name (``hf``, ``vllm``, ``classifier``; see :data:`raykd.teacher.engines.ENGINES`).
@@ -139,13 +144,28 @@ class TeacherDeployment:
             raise ValueError(f"the {type(self.engine).__name__} has no {method}; {fix}")
 
     async def _submit(self, method: str, payload: Any, caller: str | None, counted_as: str, priority: int = 0) -> Any:
-        merge = MERGES[method]
-        rows, width = merge.size(payload)
-        call = Call(caller=caller or "anonymous", group=merge.group(payload), payload=payload, rows=int(rows),
-                    width=int(width), mergeable=merge.mergeable(payload), priority=priority)
-        out = await self.batcher.submit(call)
-        self.counter.add.remote(self.replica, counted_as, caller=call.caller)  # fire-and-forget
+        caller = caller or "anonymous"
+        if getattr(self.engine, "continuous", False):
+            out = await self._run_continuous(method, payload, priority)
+        else:
+            merge = MERGES[method]
+            rows, width = merge.size(payload)
+            call = Call(caller=caller, group=merge.group(payload), payload=payload, rows=int(rows),
+                        width=int(width), mergeable=merge.mergeable(payload), priority=priority)
+            out = await self.batcher.submit(call)
+        self.counter.add.remote(self.replica, counted_as, caller=caller)  # fire-and-forget
         return out
+
+    async def _run_continuous(self, method: str, payload: Any, priority: int) -> Any:
+        """A call on an engine with its own continuous batching (vLLM's ``AsyncLLM``): no
+        :class:`FairBatcher` in front, every row or prompt joins the engine's running batch at its
+        next step, and ``priority`` goes to vLLM's priority scheduler. Only ``score`` and
+        ``generate`` reach here (the vllm engine has no other method)."""
+        if method == "score":
+            input_ids, mask, k, temperature, _ = payload
+            return await self.engine.score_async(input_ids, mask, k=k, temperature=temperature, priority=priority)
+        prompts, kwargs = payload
+        return await self.engine.generate_async(prompts, priority=priority, **kwargs)
 
     async def score(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *, k: int = 32,
                     temperature: float = 1.0, seeds: np.ndarray | None = None, caller: str | None = None,
@@ -374,7 +394,8 @@ def engine_kwargs(cfg: TeacherConfig, engine: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"dtype": cfg.dtype, "device": cfg.device, "num_threads": cfg.num_threads}
     if engine == "vllm":
         kwargs.update(max_k=cfg.max_k, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                      tensor_parallel_size=cfg.tensor_parallel_size, pipeline_parallel_size=cfg.pipeline_parallel_size)
+                      tensor_parallel_size=cfg.tensor_parallel_size, pipeline_parallel_size=cfg.pipeline_parallel_size,
+                      asynchronous=True)  # a served vLLM teacher batches continuously (AsyncLLM)
     return kwargs
 
 

@@ -259,16 +259,19 @@ class HTTPIngress:
         if model is not None and model != self.name:
             raise HTTPException(404, detail=f"model: {model!r} is not served here; this route serves {self.name!r}")
 
-    async def _openai_generate(self, req: CompletionRequest | ChatCompletionRequest, prompts: list[Any], caller: str, top: int):
-        """Checks, then generates for an OpenAI route: the engine's outputs, the tokenizer and ``usage``."""
+    async def _openai_generate(self, req: CompletionRequest | ChatCompletionRequest, prompts: list[Any], caller: str,
+                               top: int | None):
+        """Checks, then generates for an OpenAI route: the engine's outputs, the tokenizer and ``usage``.
+        ``top``: the top log-probabilities per token the client asked for; None: no log-probabilities
+        (the engine is asked for ``k=0`` and may skip computing them)."""
         self._check_model(req.model)
         self._limits(req)
         encoded = await self._check_lengths(prompts, req.new_tokens, "messages" if isinstance(req, ChatCompletionRequest) else "prompt")
         if req.user:
             log.info("teacher %r: request of caller %r for user %r", self.name, caller, req.user)
         async with self._quota(caller):
-            outs = await self._call("generate", prompts, max_new_tokens=req.new_tokens, temperature=req.temperature, k=max(1, top),
-                                    seed=req.seed, top_p=req.top_p, stop=req.stops, caller=caller,
+            outs = await self._call("generate", prompts, max_new_tokens=req.new_tokens, temperature=req.temperature,
+                                    k=0 if top is None else max(1, top), seed=req.seed, top_p=req.top_p, stop=req.stops, caller=caller,
                                     priority=self.priority.get(caller, 0))
         tok = await self._load_tokenizer()
         prompt_tokens = sum(len(ids) for ids in encoded)
@@ -285,7 +288,7 @@ class HTTPIngress:
         """OpenAI-style text completions; ``logprobs=n`` adds the top-``n`` per token and
         ``text_offset``; ``stream=true`` answers server-sent events."""
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        outs, tok, usage = await self._openai_generate(req, prompts, caller, req.logprobs or 0)
+        outs, tok, usage = await self._openai_generate(req, prompts, caller, req.logprobs)
         if req.stream:
             with_usage = usage if (req.stream_options or {}).get("include_usage") else None
             return StreamingResponse(fmt.stream_completion(outs, tok, self.name, usage=with_usage), media_type="text/event-stream")
@@ -300,8 +303,8 @@ class HTTPIngress:
         """OpenAI-style chat completion (one choice); ``logprobs`` / ``top_logprobs`` as OpenAI;
         ``stream=true`` answers ``chat.completion.chunk`` server-sent events."""
         conversation = [m.render() for m in req.messages]
-        (o,), tok, usage = await self._openai_generate(req, [conversation], caller, req.top_logprobs or 0)
         top = (req.top_logprobs or 0) if req.logprobs else None
+        (o,), tok, usage = await self._openai_generate(req, [conversation], caller, top)
         if req.stream:
             with_usage = usage if (req.stream_options or {}).get("include_usage") else None
             return StreamingResponse(fmt.stream_chat(o, tok, self.name, top=top, usage=with_usage), media_type="text/event-stream")

@@ -83,7 +83,9 @@ def test_parallel_sizes_reach_the_vllm_engine():
     cfg = TeacherConfig(engine="vllm", tensor_parallel_size=4, pipeline_parallel_size=2)
     kw = engine_kwargs(cfg, "vllm")
     assert (kw["tensor_parallel_size"], kw["pipeline_parallel_size"]) == (4, 2)
+    assert kw["asynchronous"] is True  # a served vLLM teacher runs AsyncLLM (continuous batching)
     assert "tensor_parallel_size" not in engine_kwargs(TeacherConfig(), "hf")  # HFEngine takes no such argument
+    assert "asynchronous" not in engine_kwargs(TeacherConfig(), "hf")
 
 
 def test_vllm_engine_args_carry_capture_and_parallel_settings():
@@ -97,18 +99,24 @@ def test_vllm_engine_args_carry_capture_and_parallel_settings():
     single = vllm_engine_args("/m", dtype="float32", max_model_len=128, max_k=8, platform="cpu")
     assert single["tensor_parallel_size"] == 1 and "distributed_executor_backend" not in single
     assert single["gpu_memory_utilization"] == 0.2
+    assert "scheduling_policy" not in single
+    served = vllm_engine_args("/m", dtype="float32", max_model_len=128, max_k=8, platform="cpu", asynchronous=True)
+    assert served["scheduling_policy"] == "priority" and served["disable_log_stats"] is True
 
 
 def test_vllm_engine_args_are_accepted_by_vllm():
     pytest.importorskip("vllm")
     import dataclasses
 
-    from vllm.engine.arg_utils import EngineArgs
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
 
     fields = {f.name for f in dataclasses.fields(EngineArgs)}
     args = vllm_engine_args("/m", dtype="bfloat16", max_model_len=2048, max_k=64, platform="cuda",
                             tensor_parallel_size=2, pipeline_parallel_size=2)
     assert set(args) <= fields, set(args) - fields
+    served = vllm_engine_args("/m", dtype="bfloat16", max_model_len=2048, max_k=64, platform="cpu", asynchronous=True)
+    async_fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    assert set(served) <= async_fields, set(served) - async_fields
 
 
 def test_scoring_params_capture_settings():

@@ -15,10 +15,12 @@ a patched ``torch.set_num_threads``) stay out of the caller's process.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,10 @@ class VLLMEngine:
             product above 1 vLLM runs its workers as Ray actors in the replica's placement group
             (see :func:`raykd.teacher.deployment.deployment_options`).
         engine_kwargs: further ``vllm.LLM`` keyword arguments.
+        asynchronous: run vLLM's ``AsyncLLM`` instead of the offline ``LLM``: every request goes
+            into the engine's continuous batch on its own (it joins the running batch at the next
+            decoding step), through :meth:`score_async` / :meth:`generate_async`. The Serve
+            deployment uses this; the offline form serves in-process callers and benchmarks.
 
     Raises:
         ImportError: vLLM is not installed (names the extra to install).
@@ -89,6 +95,7 @@ class VLLMEngine:
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         engine_kwargs: dict[str, Any] | None = None,
+        asynchronous: bool = False,
     ) -> None:
         if not vllm_available():
             raise ImportError(
@@ -113,12 +120,21 @@ class VLLMEngine:
         self.max_seq_len = int(max_model_len or min(getattr(config, "max_position_embeddings", 4096), 4096))
         self.max_k = int(max_k)
         self.dtype = dtype
-        self.llm = LLM(**vllm_engine_args(
+        args = vllm_engine_args(
             self.model_path, dtype=dtype, max_model_len=self.max_seq_len, max_k=self.max_k, platform=platform,
             gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
             tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
-            engine_kwargs=engine_kwargs,
-        ))
+            engine_kwargs=engine_kwargs, asynchronous=asynchronous,
+        )
+        self.continuous = bool(asynchronous)
+        self.llm, self.async_llm = None, None
+        if asynchronous:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            self.async_llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        else:
+            self.llm = LLM(**args)
         self._flat = sampling_has_flat_logprobs()
         self._lock = threading.Lock()  # vLLM's offline LLM is not re-entrant
         import vllm
@@ -160,6 +176,39 @@ class VLLMEngine:
         Raises:
             ValueError: as :meth:`validate_score_request`.
         """
+        prompts, params, lengths = self._score_requests(input_ids, attention_mask, k, temperature)
+        return self._score_answer(self._run_offline(prompts, params), prompts, lengths, k, np.shape(input_ids)[1])
+
+    async def score_async(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *, k: int = 32,
+                          temperature: float = 1.0, priority: int = 0) -> ScoreResult:
+        """:meth:`score` on the continuous-batching engine (``asynchronous=True``): each row is one
+        vLLM request that joins the running batch; ``priority`` above 0 is scheduled first."""
+        prompts, params, lengths = self._score_requests(input_ids, attention_mask, k, temperature)
+        outputs = await self._run_continuous(prompts, params, priority)
+        return self._score_answer(outputs, prompts, lengths, k, np.shape(input_ids)[1])
+
+    def generate(self, prompts: list[Any], *, max_new_tokens: int = 64, temperature: float = 0.0, k: int = 8,
+                 seed: int | None = None, top_p: float = 1.0) -> list[dict[str, Any]]:
+        """Completions with per-token top-k log-probabilities (temperature-1 ``raw_logprobs``).
+
+        Args and returns as :meth:`raykd.teacher.engines.hf.HFEngine.generate`.
+
+        Raises:
+            ValueError: empty prompt list, malformed prompt, bad ``k``, ``max_new_tokens`` or a
+                prompt that leaves no room for ``max_new_tokens`` in the context.
+        """
+        requests, params = self._generate_requests(prompts, max_new_tokens, temperature, k, seed, top_p)
+        return self._generate_answer(self._run_offline(requests, params), k)
+
+    async def generate_async(self, prompts: list[Any], *, max_new_tokens: int = 64, temperature: float = 0.0, k: int = 8,
+                             seed: int | None = None, top_p: float = 1.0, priority: int = 0) -> list[dict[str, Any]]:
+        """:meth:`generate` on the continuous-batching engine (``asynchronous=True``): each prompt
+        is one vLLM request; cancelling the caller aborts them (vLLM frees their KV cache)."""
+        requests, params = self._generate_requests(prompts, max_new_tokens, temperature, k, seed, top_p)
+        return self._generate_answer(await self._run_continuous(requests, params, priority), k)
+
+    def _score_requests(self, input_ids: Any, attention_mask: Any, k: int, temperature: float) -> tuple[list, Any, np.ndarray]:
+        """vLLM prompts (one per row, cut to its length), sampling params and row lengths."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -169,8 +218,11 @@ class VLLMEngine:
         lengths = np.full(b, t) if attention_mask is None else np.asarray(attention_mask).sum(1).astype(int)
         params = SamplingParams(**scoring_params(k, max_k=self.max_k, flat_logprobs=self._flat))
         prompts = [TokensPrompt(prompt_token_ids=input_ids[i, : max(1, lengths[i])].tolist()) for i in range(b)]
-        with self._lock:
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return prompts, params, lengths
+
+    def _score_answer(self, outputs: list[Any], prompts: list[Any], lengths: np.ndarray, k: int, t: int) -> ScoreResult:
+        """``[B, T, ...]`` arrays of one vLLM output per row (prompt logprobs + the one decoding step)."""
+        b = len(prompts)
         placeholder = -math.log(k + 1)  # uniform over the K ids and the tail: finite, masked out
         out_ids = np.tile(np.arange(k, dtype=ids_dtype(self.vocab_size)), (b, t, 1))
         out_lp = np.full((b, t, k), placeholder, dtype=np.float16)
@@ -188,52 +240,61 @@ class VLLMEngine:
             out_label[i, : n - 1] = lps[: n - 1, 0]
         return {"topk_ids": out_ids, "topk_logprobs": out_lp, "tail_logmass": out_tail, "label_logprobs": out_label}
 
-    def generate(
-        self,
-        prompts: list[Any],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        k: int = 8,
-        seed: int | None = None,
-        top_p: float = 1.0,
-    ) -> list[dict[str, Any]]:
-        """Completions with per-token top-k log-probabilities (temperature-1 ``raw_logprobs``).
-
-        Args and returns as :meth:`raykd.teacher.engines.hf.HFEngine.generate`.
-
-        Raises:
-            ValueError: empty prompt list, malformed prompt, bad ``k``, ``max_new_tokens`` or a
-                prompt that leaves no room for ``max_new_tokens`` in the context.
-        """
+    def _generate_requests(self, prompts: list[Any], max_new_tokens: int, temperature: float, k: int,
+                           seed: int | None, top_p: float) -> tuple[list, Any]:
+        """vLLM token prompts and sampling params of a ``generate`` call (checked first)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if not 1 <= k <= self.max_k or max_new_tokens < 1:
-            raise ValueError(f"need 1 <= k <= {self.max_k} and max_new_tokens >= 1")
+        if not 0 <= k <= self.max_k or max_new_tokens < 1:
+            raise ValueError(f"need 0 <= k <= {self.max_k} and max_new_tokens >= 1")
         encoded = encode_prompts(self.tokenizer, prompts)
         longest = max(len(e) for e in encoded)
         if longest + max_new_tokens > self.max_seq_len:
             raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the context {self.max_seq_len}")
         flat = {"flat_logprobs": True} if self._flat else {}
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, logprobs=k, seed=seed,
-                                skip_special_tokens=True, **flat)
-        with self._lock:
-            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=e) for e in encoded], params, use_tqdm=False)
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, logprobs=k or None,
+                                seed=seed, skip_special_tokens=True, **flat)
+        return [TokensPrompt(prompt_token_ids=e) for e in encoded], params
+
+    @staticmethod
+    def _generate_answer(outputs: list[Any], k: int) -> list[dict[str, Any]]:
         results = []
         for out in outputs:
             gen = out.outputs[0]
+            if k == 0:  # no log-probabilities asked for: vLLM computed none
+                n = len(gen.token_ids)
+                results.append({"text": gen.text, "token_ids": list(gen.token_ids), "topk_ids": np.zeros((n, 0), np.int64),
+                                "topk_logprobs": np.zeros((n, 0), np.float32), "logprobs": np.full(n, np.nan, np.float32)})
+                continue
             ids, lps = _flat_rows(gen.logprobs, k, gen.token_ids)
-            results.append(
-                {
-                    "text": gen.text,
-                    "token_ids": list(gen.token_ids),
-                    "topk_ids": ids[:, 1:].astype(np.int64),
-                    "topk_logprobs": lps[:, 1:].astype(np.float32),
-                    "logprobs": lps[:, 0].astype(np.float32),
-                }
-            )
+            results.append({"text": gen.text, "token_ids": list(gen.token_ids), "topk_ids": ids[:, 1:].astype(np.int64),
+                            "topk_logprobs": lps[:, 1:].astype(np.float32), "logprobs": lps[:, 0].astype(np.float32)})
         return results
+
+    def _run_offline(self, prompts: list[Any], params: Any) -> list[Any]:
+        if self.llm is None:
+            raise RuntimeError("this vllm engine runs vLLM's AsyncLLM (asynchronous=True): call score_async / generate_async")
+        with self._lock:
+            return self.llm.generate(prompts, params, use_tqdm=False)
+
+    async def _run_continuous(self, prompts: list[Any], params: Any, priority: int) -> list[Any]:
+        """One AsyncLLM request per prompt, all in flight at once; their final outputs in order.
+        vLLM's priority scheduling runs lower values first, so raykd's ``priority`` is negated."""
+        from vllm.sampling_params import RequestOutputKind
+
+        if self.async_llm is None:
+            raise RuntimeError("this vllm engine runs the offline LLM (asynchronous=False): call score / generate")
+        params = params.clone()
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+
+        async def one(prompt: Any) -> Any:
+            final = None
+            async for out in self.async_llm.generate(prompt, params, f"raykd-{uuid.uuid4().hex}", priority=-int(priority)):
+                final = out
+            return final
+
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
 
     def close(self) -> None:
         """Shut the engine core down (frees its process and memory)."""
@@ -241,6 +302,9 @@ class VLLMEngine:
         if engine is not None:
             engine.llm_engine.engine_core.shutdown()
             self.llm = None
+        if getattr(self, "async_llm", None) is not None:
+            self.async_llm.shutdown()
+            self.async_llm = None
 
 
 def vllm_engine_args(
@@ -255,8 +319,9 @@ def vllm_engine_args(
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
     engine_kwargs: dict[str, Any] | None = None,
+    asynchronous: bool = False,
 ) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.LLM`` for a teacher (pure: imports no vLLM).
+    """Keyword arguments of ``vllm.LLM`` (or ``AsyncEngineArgs``) for a teacher (pure: imports no vLLM).
 
     Capture settings: ``logprobs_mode="raw_logprobs"`` (log-softmax of the unprocessed logits)
     and ``max_logprobs=max_k`` (every request has ``K <= max_k``). With
@@ -267,6 +332,9 @@ def vllm_engine_args(
         platform: ``cuda`` or ``cpu``, the installed vLLM build (sets the memory default).
         gpu_memory_utilization: None: 0.85 on ``cuda``, 0.2 on ``cpu``.
         engine_kwargs: further ``LLM`` arguments; they override the ones above.
+        asynchronous: arguments of ``AsyncEngineArgs`` instead: adds priority scheduling
+            (``scheduling_policy="priority"``, so interactive callers go first) and turns vLLM's
+            periodic stats logging off.
     """
     args: dict[str, Any] = {
         "model": str(model_path),
@@ -282,6 +350,8 @@ def vllm_engine_args(
     }
     if tensor_parallel_size * pipeline_parallel_size > 1:
         args["distributed_executor_backend"] = "ray"
+    if asynchronous:
+        args.update(scheduling_policy="priority", disable_log_stats=True)
     args.update(engine_kwargs or {})
     return args
 
