@@ -13,13 +13,12 @@ import pytest
 
 from raykd.config import TeacherConfig
 from raykd.teacher.deployment import start_teacher, stop_teacher
-from raykd.teacher.engines.hf import HFEngine
 from tests.conftest import require_vllm
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def test_served_vllm_teacher_batches_continuously_and_scores_like_the_transformers_engine(ray_start, vllm_tiny_model):
+def test_served_vllm_teacher_batches_continuously_and_answers_as_one_merged_call(ray_start, vllm_tiny_model):
     require_vllm()
     cfg = TeacherConfig(name="vllm-test", model=str(vllm_tiny_model), engine="vllm", max_k=8, num_cpus=0.5)
     handle, started = start_teacher(cfg, str(vllm_tiny_model))
@@ -28,10 +27,8 @@ def test_served_vllm_teacher_batches_continuously_and_scores_like_the_transforme
         info = handle.info.remote().result()
         assert info["engine"] == "vllm" and info["max_k"] == 8
         ids = np.random.default_rng(1).integers(3, 300, (16, 24))
-        served = handle.score.remote(ids, k=8).result()
-        local = HFEngine(vllm_tiny_model, num_threads=1).score(ids, k=8)
-        np.testing.assert_array_equal(served["topk_ids"], local["topk_ids"])
-        np.testing.assert_allclose(served["topk_logprobs"].astype(np.float32), local["topk_logprobs"].astype(np.float32), atol=2e-3)
+        served = handle.score.remote(ids, k=8).result()  # parity with the hf engine: tests/slow/test_vllm_parity.py
+        assert served["topk_ids"].shape == (16, 24, 8) and np.isfinite(served["tail_logmass"]).all()
 
         # 16 concurrent one-row calls (two callers, one of them interactive) equal the 16-row call
         with ThreadPoolExecutor(16) as pool:
