@@ -6,9 +6,11 @@ teacher, BBC News, 6-of-30-layer student) with one student trained on ``{forward
 objective of the issue-27 peer table, at the demo's budget unless overridden:
 
 - ``topk``: the cache's top-32 log-probs and tail (``labels.form=topk``, the demo's labels);
-- ``sampled``: 32 draws per position from the teacher's whole distribution, stored as distinct
-  ids and counts (``labels.form=sampled``, Anshumann et al. 2025); ``labels.seed`` = the seed, so
-  each seed has its own draws (and its own cache);
+- ``sampled``: 32 independent draws per position from the teacher's whole distribution, stored
+  as distinct ids and counts (``labels.form=sampled``, Anshumann et al. 2025); ``labels.seed`` =
+  the seed, so each seed has its own draws (and its own cache);
+- ``systematic``: the same with ``labels.draws=systematic`` (one uniform, 32 evenly spaced points
+  through the teacher's cumulative distribution: the same expected counts, least variance);
 - ``full``: the teacher in the Train worker, dense targets over the whole vocabulary
   (``train.online_teacher``): the full-vocabulary KL the two caches approximate.
 
@@ -46,16 +48,19 @@ from raykd.train.evaluate import evaluate_folder
 
 ARMS = {
     "topk": ["labels.form=topk", "labels.k=32"],
-    "sampled": ["labels.form=sampled", "labels.samples=32"],
+    "sampled": ["labels.form=sampled", "labels.samples=32", "labels.draws=independent"],
+    "systematic": ["labels.form=sampled", "labels.samples=32", "labels.draws=systematic"],
     "full": ["labels.form=topk", "labels.k=32", "train.online_teacher=true"],
 }
+SAMPLED = ("sampled", "systematic")
+"""The arms that label a sampled cache of their own per seed."""
 STUDENT = "student"
 METRICS = ("ppl", "ece", "top1_agreement", "kl")
 
 
 def run_one(config: str, arm: str, seed: int, out_root: Path, overrides: list[str]) -> dict:
     """Distil one student of ``arm`` with ``seed``; return its row (cache size, train time, folders)."""
-    extra = [f"labels.seed={seed}"] if arm == "sampled" else []
+    extra = [f"labels.seed={seed}"] if arm in SAMPLED else []
     cfg = load(DistillConfig, config, [*ARMS[arm], *extra, f"train.seed={seed}", f"run_name={arm}_s{seed}",
                                        f"train.students={{{STUDENT}: {{forward_kl: 1.0}}}}",
                                        f"labels.cache_dir={out_root / 'cache'}", *overrides])
@@ -107,7 +112,7 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
         if arm != "full":
             entry["column_bytes_per_token"] = {c: statistics.mean(r["column_bytes_per_token"][c] for r in rows)
                                                for c in rows[0]["column_bytes_per_token"]}
-        if arm == "sampled":
+        if arm in SAMPLED:
             entry["distinct_ids_per_position"] = statistics.mean(r["distinct_ids_per_position"] for r in rows)
         out[arm] = entry
     return out
@@ -122,7 +127,8 @@ def table(summary: dict[str, dict], budget: dict) -> str:
              f"forward_kl 1.0, {budget['machine']}; held-out: the top-32 eval cache ({budget['eval_tokens']:,} positions).", "",
              "| arm | cache B/token | distinct ids / position | held-out ppl | ECE | top-1 agreement | KL(top-32 buckets) | seeds |",
              "|---|---|---|---|---|---|---|---|"]
-    names = {"topk": "top-32", "sampled": "sampled, S = 32", "full": "full vocabulary (teacher online)"}
+    names = {"topk": "top-32", "sampled": "sampled, S = 32, independent draws", "systematic": "sampled, S = 32, systematic draws",
+             "full": "full vocabulary (teacher online)"}
     for arm, e in summary.items():
         size = "-" if e["bytes_per_token"] is None else f"{e['bytes_per_token']:.1f}"
         distinct = f"{e['distinct_ids_per_position']:.1f}" if "distinct_ids_per_position" in e else "-"
@@ -149,12 +155,12 @@ def main() -> None:
         for arm in arms:
             print(f"=== {arm}, seed {seed} ===", flush=True)
             row = run_one(args.config, arm, seed, out_root, args.override)
-            if arm == "sampled":
+            if arm in SAMPLED:
                 row["distinct_ids_per_position"] = distinct_per_position(row["cache"])
             results["runs"] = [r for r in results["runs"] if (r["arm"], r["seed"]) != (arm, seed)] + [row]
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results, indent=2))
-    eval_cache = next(r["eval_cache"] for r in results["runs"] if r["arm"] != "sampled")  # a top-32 eval cache
+    eval_cache = next(r["eval_cache"] for r in results["runs"] if r["arm"] not in SAMPLED)  # a top-32 eval cache
     files = shard_paths(eval_cache, open_cache(eval_cache))
     for r in results["runs"]:  # one scoring of every student, on the same held-out blocks and labels
         r["eval"] = evaluate_folder(Path(r["model_dir"]), files)

@@ -329,6 +329,13 @@ class SoftLabelConfig(Strict):
     seed: int = Field(default=0, ge=0)
     """Seed of the draws (``form=sampled``): each block's draws follow from it, its document id and
     its block index, so a resumed or repeated labeling writes the same labels."""
+    draws: Literal["independent", "systematic"] = "independent"
+    """How the ``samples`` draws of a position are made (``form=sampled``). ``independent``: ``S``
+    independent draws (multinomial counts, Anshumann et al. 2025). ``systematic``: one uniform and
+    ``S`` evenly spaced points through the teacher's cumulative distribution (systematic
+    resampling): every id's expected count is the same ``S p``, but each count is ``floor(S p)``
+    or ``ceil(S p)``, the least variance of any unbiased scheme (every id with ``p >= 1/S`` is
+    kept, so a position holds a few more distinct ids)."""
     temperature: float = Field(default=1.0, gt=0, le=100)
     """Teacher softmax temperature; the same value scales the student in the KD loss."""
     batch_size: int = Field(default=16, ge=1)

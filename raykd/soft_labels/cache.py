@@ -80,6 +80,9 @@ class CacheKey:
     """Draws per position of the sampled form (0 for top-k)."""
     sample_seed: int = 0
     """``labels.seed`` of the sampled form's draws (0 for top-k)."""
+    sample_draws: str = "independent"
+    """``labels.draws`` of the sampled form (left out of the digest when ``independent``, so the
+    sampled caches written before the field existed keep their keys)."""
 
     def digest(self) -> str:
         """Hex SHA-256 of the canonical JSON of the fields (24 characters kept). A top-k key leaves
@@ -88,6 +91,8 @@ class CacheKey:
         if self.form == "topk":
             for name in ("form", "samples", "sample_seed"):
                 fields.pop(name)
+        if self.form == "topk" or self.sample_draws == "independent":
+            fields.pop("sample_draws")
         blob = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 

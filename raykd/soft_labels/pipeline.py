@@ -151,12 +151,13 @@ class _PartLabeler:
         return {k: np.asarray(v) for k, v in out.items()}
 
     def _seeds(self, blocks: dict[str, np.ndarray], start: int) -> dict[str, np.ndarray]:
-        """``{"seeds": [b]}`` of the chunk of blocks from ``start`` for sampled labels (one seed per
-        block, :func:`raykd.soft_labels.sampled.block_seeds`), else nothing."""
+        """``{"seeds": [b], "draws": scheme}`` of the chunk of blocks from ``start`` for sampled labels
+        (one seed per block, :func:`raykd.soft_labels.sampled.block_seeds`), else nothing."""
         if self.labels.form != "sampled":
             return {}
         rows = slice(start, start + self.batch_size)
-        return {"seeds": block_seeds(blocks["doc_id"][rows], blocks["block_index"][rows], self.labels.seed)}
+        return {"seeds": block_seeds(blocks["doc_id"][rows], blocks["block_index"][rows], self.labels.seed),
+                "draws": self.labels.draws}
 
     def _label(self, spec: PartSpec, names: list[str]) -> dict[str, dict[str, int]]:
         start = time.perf_counter()

@@ -139,7 +139,7 @@ class Plan:
             max_blocks_per_doc=c.data.max_blocks_per_doc,
             min_tokens=c.data.min_tokens,
             logprobs_mode=LOGPROBS_MODE,
-            **({"form": "sampled", "samples": c.labels.samples, "sample_seed": c.labels.seed}
+            **({"form": "sampled", "samples": c.labels.samples, "sample_seed": c.labels.seed, "sample_draws": c.labels.draws}
                if c.labels.form == "sampled" else {}),
         )
 

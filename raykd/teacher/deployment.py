@@ -162,16 +162,16 @@ class TeacherDeployment:
         next step, and ``priority`` goes to vLLM's priority scheduler. Only ``score`` and
         ``generate`` reach here (the vllm engine has no other method)."""
         if method == "score":
-            input_ids, mask, k, temperature, _ = payload
+            input_ids, mask, k, temperature, *_ = payload
             return await self.engine.score_async(input_ids, mask, k=k, temperature=temperature, priority=priority)
         prompts, kwargs = payload
         return await self.engine.generate_async(prompts, priority=priority, **kwargs)
 
     async def score(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *, k: int = 32,
-                    temperature: float = 1.0, seeds: np.ndarray | None = None, caller: str | None = None,
-                    priority: int = 0) -> dict[str, np.ndarray]:
+                    temperature: float = 1.0, seeds: np.ndarray | None = None, draws: str = "independent",
+                    caller: str | None = None, priority: int = 0) -> dict[str, np.ndarray]:
         """Top-k soft labels for ``input_ids`` ``[B, T]`` (with ``seeds`` ``[B]``: ``k`` draws per
-        position, sampled soft labels); see :meth:`raykd.teacher.engines.hf.HFEngine.score`.
+        position, sampled soft labels, ``draws`` their scheme); see :meth:`raykd.teacher.engines.hf.HFEngine.score`.
         Concurrent calls at the same ``k`` and temperature share one forward; the answer equals
         the unbatched one (a row's draws depend only on its seed).
 
@@ -189,7 +189,8 @@ class TeacherDeployment:
                              "only): use teacher.engine=hf for labels.form=sampled")
         self.engine.validate_score_request(input_ids, k, temperature, **sampled)
         mask = None if attention_mask is None else np.asarray(attention_mask)
-        return await self._submit("score", (input_ids, mask, k, temperature, sampled.get("seeds")), caller, "score", priority)
+        return await self._submit("score", (input_ids, mask, k, temperature, sampled.get("seeds"), draws), caller, "score",
+                                  priority)
 
     async def score_mc(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *,
                        caller: str | None = None, **kwargs: Any) -> dict[str, np.ndarray]:

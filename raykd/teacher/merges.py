@@ -8,7 +8,8 @@ one answer per payload, equal to what the payload alone would have got:
 - ``score``: rows of every call, right-padded to the longest ``T`` with attention mask 0; a
   causal LM's positions before the padding do not see it, so each caller's ``[b, T_i]`` slice
   equals its unbatched answer (up to fp32 summation order). Grouped by ``(k, temperature)`` and
-  whether the call draws sampled soft labels (``seeds``, one per row, travel with their rows).
+  how the call draws sampled soft labels, if it does (``seeds``, one per row, travel with their
+  rows; ``draws`` is the scheme).
 - ``generate``: prompts of every call in one ``generate`` (left-padded by the engine).
   Grouped by ``max_new_tokens``, ``temperature``, ``k``, ``top_p``; seeded sampling is not
   merged (its draws would depend on the batch).
@@ -83,19 +84,19 @@ def split_rows(out: dict[str, np.ndarray], shapes: list[tuple[int, int]]) -> lis
 
 
 def _run_score(engine: Any, group: Hashable, payloads: list[Any]) -> list[Any]:
-    _, k, temperature, sampled = group
+    _, k, temperature, draws = group
     ids, mask = pad_rows([(p[0], p[1]) for p in payloads])
-    seeds = {"seeds": np.concatenate([p[4] for p in payloads])} if sampled else {}
+    seeds = {"seeds": np.concatenate([p[4] for p in payloads]), "draws": draws} if draws else {}
     out = engine.score(ids, mask, k=k, temperature=temperature, **seeds)
     return split_rows(out, [p[0].shape for p in payloads])
 
 
 SCORE = Merge(
-    group=lambda p: ("score", p[2], float(p[3]), p[4] is not None),
+    group=lambda p: ("score", p[2], float(p[3]), None if p[4] is None else p[5]),
     size=lambda p: p[0].shape,
     run=_run_score,
 )
-"""Payload ``(input_ids [b, T], attention_mask [b, T] | None, k, temperature, seeds [b] | None)``."""
+"""Payload ``(input_ids [b, T], attention_mask [b, T] | None, k, temperature, seeds [b] | None, draws)``."""
 
 
 # --- generate ------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def test_sixteen_concurrent_one_row_scores_equal_one_sixteen_row_call(engine):
     ids = rng.integers(3, engine.vocab_size, size=(16, 24))
     whole = engine.score(ids, None, k=8, temperature=2.0)
     seen: list = []
-    answers = asyncio.run(_submit_all(_batcher(engine, seen), "score", [(ids[i : i + 1], None, 8, 2.0, None) for i in range(16)],
+    answers = asyncio.run(_submit_all(_batcher(engine, seen), "score", [(ids[i : i + 1], None, 8, 2.0, None, "independent") for i in range(16)],
                                       [f"c{i}" for i in range(16)]))
     assert seen == [("score", 16)]  # one forward for the sixteen callers
     for i, a in enumerate(answers):
@@ -59,7 +59,7 @@ def test_ragged_callers_padded_and_cut_back_to_their_own_length(engine):
     short, long_ = rng.integers(3, engine.vocab_size, size=(2, 10)), rng.integers(3, engine.vocab_size, size=(3, 30))
     mask = np.ones_like(long_)
     mask[0, 20:] = 0
-    answers = asyncio.run(_submit_all(_batcher(engine), "score", [(short, None, 4, 1.0, None), (long_, mask, 4, 1.0, None)], ["a", "b"]))
+    answers = asyncio.run(_submit_all(_batcher(engine), "score", [(short, None, 4, 1.0, None, "independent"), (long_, mask, 4, 1.0, None, "independent")], ["a", "b"]))
     alone = [engine.score(short, None, k=4), engine.score(long_, mask, k=4)]
     for a, b in zip(answers, alone):
         assert a["topk_ids"].shape == b["topk_ids"].shape
@@ -71,7 +71,7 @@ def test_ragged_callers_padded_and_cut_back_to_their_own_length(engine):
 def test_different_k_or_temperature_run_in_separate_batches(engine):
     ids = np.arange(3, 3 + 16).reshape(2, 8)
     seen: list = []
-    answers = asyncio.run(_submit_all(_batcher(engine, seen), "score", [(ids, None, 4, 1.0, None), (ids, None, 8, 1.0, None)], ["a", "b"]))
+    answers = asyncio.run(_submit_all(_batcher(engine, seen), "score", [(ids, None, 4, 1.0, None, "independent"), (ids, None, 8, 1.0, None, "independent")], ["a", "b"]))
     assert sorted(seen) == [("score", 1), ("score", 1)]
     assert answers[0]["topk_ids"].shape[-1] == 4 and answers[1]["topk_ids"].shape[-1] == 8
 
@@ -83,13 +83,18 @@ def test_sampled_calls_merge_and_draw_what_each_row_draws_alone(engine):
     ids = rng.integers(3, engine.vocab_size, size=(3, 12))
     seeds = np.array([11, 12, 13])
     seen: list = []
-    payloads = [(ids[:1], None, 16, 1.0, seeds[:1]), (ids[1:], None, 16, 1.0, seeds[1:]), (ids, None, 16, 1.0, None)]
-    answers = asyncio.run(_submit_all(_batcher(engine, seen), "score", payloads, ["a", "b", "c"]))
-    assert sorted(seen) == [("score", 1), ("score", 2)]
+    payloads = [(ids[:1], None, 16, 1.0, seeds[:1], "independent"), (ids[1:], None, 16, 1.0, seeds[1:], "independent"),
+                (ids, None, 16, 1.0, None, "independent"), (ids[:1], None, 16, 1.0, seeds[:1], "systematic"),
+                (ids[1:], None, 16, 1.0, seeds[1:], "systematic")]
+    answers = asyncio.run(_submit_all(_batcher(engine, seen), "score", payloads, ["a", "b", "c", "a", "b"]))
+    assert sorted(seen) == [("score", 1), ("score", 2), ("score", 2)]  # each draw scheme is a group of its own
     alone = engine.score(ids, None, k=16, seeds=seeds)
     np.testing.assert_array_equal(np.concatenate([answers[0]["topk_ids"], answers[1]["topk_ids"]]), alone["topk_ids"])
     assert (np.diff(alone["topk_ids"].astype(np.int64), axis=-1) >= 0).all()  # the draws in ascending order
     assert not np.array_equal(answers[2]["topk_ids"], alone["topk_ids"])  # top-k, not draws
+    systematic = engine.score(ids, None, k=16, seeds=seeds, draws="systematic")
+    np.testing.assert_array_equal(np.concatenate([answers[3]["topk_ids"], answers[4]["topk_ids"]]), systematic["topk_ids"])
+    assert not np.array_equal(systematic["topk_ids"], alone["topk_ids"])
 
 
 def test_round_robin_puts_a_second_caller_in_the_next_batch():
@@ -159,7 +164,7 @@ def test_a_bad_call_fails_alone(engine):
 
     async def scenario():
         b = _batcher(engine)
-        calls = [Call(caller=c, group=("score", 4, 1.0, False), payload=(ids, None, 4, 1.0, None), rows=1, width=8)
+        calls = [Call(caller=c, group=("score", 4, 1.0, None), payload=(ids, None, 4, 1.0, None, "independent"), rows=1, width=8)
                  for c, ids in (("a", good), ("b", bad))]
         return await asyncio.gather(*(b.submit(c) for c in calls), return_exceptions=True)
 

@@ -98,10 +98,11 @@ def test_block_seeds_depend_on_seed_document_and_block_only():
 
 # --- the draws: deterministic, and an unbiased estimate of the full-vocabulary gradient -----------
 
-def _draws(logits: torch.Tensor, seeds: list[int], samples: int = S, temperature: float = 1.0) -> np.ndarray:
+def _draws(logits: torch.Tensor, seeds: list[int], samples: int = S, temperature: float = 1.0,
+           draws: str = "independent") -> np.ndarray:
     """The engine's sampled soft labels of ``logits [R, T, V]``: ``[R, T, S]`` draws."""
     ids = torch.zeros(logits.shape[:2], dtype=torch.long)
-    return soft_labels_of_logits(logits, ids, k=samples, temperature=temperature, seeds=seeds).topk_ids.numpy()
+    return soft_labels_of_logits(logits, ids, k=samples, temperature=temperature, seeds=seeds, draws=draws).topk_ids.numpy()
 
 
 def test_same_seed_same_draws_whatever_the_batch_and_chunks(tiny_model):
@@ -124,6 +125,24 @@ def _kl_grad(student: torch.Tensor, targets: TeacherTargets, temperature: float)
     get_loss("forward_kl").fn(z, targets=targets, labels=torch.zeros(z.shape[:2], dtype=torch.long),
                               temperature=temperature).sum().backward()
     return z.grad[0].mean(0)
+
+
+def test_systematic_draws_give_each_id_floor_or_ceil_of_s_p_and_s_p_on_average():
+    """Systematic draws: per position, an id of probability p is drawn floor(S p) or ceil(S p)
+    times (independent draws spread far wider), and over many positions S p times on average.
+    (Distinct ids per position are then sum(min(1, S p)), more than independent draws give.)"""
+    v, n = 12, 4000
+    logits = (torch.randn(v, generator=torch.Generator().manual_seed(3)) * 1.5).expand(1, n, v).contiguous()
+    p = torch.softmax(logits[0, 0].double(), -1).numpy()
+    counts = {d: np.stack([np.bincount(row, minlength=v) for row in _draws(logits, [5], draws=d)[0]])
+              for d in ("systematic", "independent")}
+    low, high = np.floor(S * p) - 1e-9, np.ceil(S * p) + 1e-9
+    assert ((counts["systematic"] >= low) & (counts["systematic"] <= high)).all()
+    assert not ((counts["independent"] >= low) & (counts["independent"] <= high)).all()  # the test can fail
+    # unbiased: the mean count of every id is S p, within 4 standard errors (a count varies by at most 1)
+    np.testing.assert_allclose(counts["systematic"].mean(0), S * p, atol=4 * 0.5 / math.sqrt(n))
+    with pytest.raises(ValueError, match="draws must be one of"):
+        _draws(logits[:, :2], [5], draws="stratified")
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -157,13 +176,18 @@ def test_sampled_target_gives_the_full_kl_gradient_in_expectation(temperature):
 def test_the_key_changes_with_form_draws_and_seed_and_top_k_keys_stay_as_they_were():
     base = CacheKey("w" * 16, "t" * 16, "hf", "float32", 32, 1.0, "d" * 16, 128, 1, 8)
     before = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)
-              if f.name not in ("form", "samples", "sample_seed")}  # the fields top-k keys had before
+              if f.name not in ("form", "samples", "sample_seed", "sample_draws")}  # the fields top-k keys had before
     blob = json.dumps(before, sort_keys=True, separators=(",", ":")).encode()
     assert base.digest() == hashlib.sha256(blob).hexdigest()[:24]
     sampled = dataclasses.replace(base, form="sampled", samples=32)
     digests = {base.digest(), sampled.digest(), dataclasses.replace(sampled, samples=16, k=16).digest(),
-               dataclasses.replace(sampled, samples=16).digest(), dataclasses.replace(sampled, sample_seed=1).digest()}
-    assert len(digests) == 5
+               dataclasses.replace(sampled, samples=16).digest(), dataclasses.replace(sampled, sample_seed=1).digest(),
+               dataclasses.replace(sampled, sample_draws="systematic").digest()}
+    assert len(digests) == 6
+    assert dataclasses.replace(base, sample_draws="systematic").digest() == base.digest()  # top-k: not in the key
+    independent = {f.name: getattr(sampled, f.name) for f in dataclasses.fields(sampled) if f.name != "sample_draws"}
+    blob = json.dumps(independent, sort_keys=True, separators=(",", ":")).encode()
+    assert sampled.digest() == hashlib.sha256(blob).hexdigest()[:24]  # sampled caches written before draws existed
 
 
 def test_the_plan_keys_the_cache_by_form_and_draws(tiny_model, corpus_jsonl, tmp_path):
@@ -175,6 +199,9 @@ def test_the_plan_keys_the_cache_by_form_and_draws(tiny_model, corpus_jsonl, tmp
     sampled = Plan(cfg.model_copy(update={"labels": cfg.labels.model_copy(update={"form": "sampled", "samples": 16})})).keys["train"]
     assert (sampled.form, sampled.samples, sampled.k, topk.form) == ("sampled", 16, 16, "topk")
     assert sampled.digest() != topk.digest()
+    labels = cfg.labels.model_copy(update={"form": "sampled", "samples": 16, "draws": "systematic"})
+    systematic = Plan(cfg.model_copy(update={"labels": labels})).keys["train"]
+    assert systematic.sample_draws == "systematic" and systematic.digest() != sampled.digest()
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -135,7 +135,8 @@ def _cache_report(cfg: DistillConfig, train: tuple[Path, Any], eval_: tuple[Path
         "bytes_per_token": train_manifest.bytes_per_token,
         "k": cfg.labels.k,
         "form": cfg.labels.form,
-        **({"samples": cfg.labels.samples, "seed": cfg.labels.seed} if cfg.labels.form == "sampled" else {}),
+        **({"samples": cfg.labels.samples, "seed": cfg.labels.seed, "draws": cfg.labels.draws}
+           if cfg.labels.form == "sampled" else {}),
         "temperature": cfg.labels.temperature,
         "hit": label_stats["hit"],
         "fill": cfg.labels.fill,

@@ -246,15 +246,8 @@ class HFEngine:
         )
         return chunk_rows(batch, seq_len, per_token, free, max_tokens=self.max_tokens_per_forward)
 
-    def score(
-        self,
-        input_ids: np.ndarray,
-        attention_mask: np.ndarray | None = None,
-        *,
-        k: int = 32,
-        temperature: float = 1.0,
-        seeds: np.ndarray | None = None,
-    ) -> ScoreResult:
+    def score(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *, k: int = 32, temperature: float = 1.0,
+              seeds: np.ndarray | None = None, draws: str = "independent") -> ScoreResult:
         """Teacher-forced top-k soft labels for a batch.
 
         Rows are scored in chunks (:meth:`rows_per_chunk`). Each chunk's top-k, tail mass,
@@ -269,6 +262,8 @@ class HFEngine:
             temperature: softmax temperature of ``topk_logprobs`` and ``tail_logmass``.
             seeds: int ``[B]``: draw ``k`` ids per position from the whole distribution instead,
                 row ``i``'s from seed ``i`` (sampled soft labels; see :data:`ScoreResult`).
+            draws: with ``seeds``, ``independent`` or ``systematic`` draws
+                (:func:`raykd.teacher.engines.topk.row_uniforms`).
 
         Returns:
             :data:`ScoreResult` arrays.
@@ -299,7 +294,7 @@ class HFEngine:
             pending = None
             for s in range(0, b, rows):
                 chunk = self._score_chunk(ids[s : s + rows], None if am is None else am[s : s + rows], k, temperature,
-                                          None if seeds is None else seeds[s : s + rows])
+                                          None if seeds is None else seeds[s : s + rows], draws)
                 ticket = self._to_host.start(chunk)  # queued behind the chunk's kernels
                 if pending is not None:  # the previous chunk's copy ran under this forward
                     self._store(out, *pending)
@@ -307,13 +302,13 @@ class HFEngine:
             self._store(out, *pending)
         return out
 
-    def _score_chunk(self, ids, am, k: int, temperature: float, seeds=None):
+    def _score_chunk(self, ids, am, k: int, temperature: float, seeds=None, draws: str = "independent"):
         """Packed soft labels (uint8 ``[n]``, on the device) of one chunk ``ids`` ``[R, T]``."""
         # lazy: keeps torch out of import time
         from raykd.teacher.engines.topk import pack_soft_labels, soft_labels_of_logits
 
         logits = self.model(input_ids=ids, attention_mask=am, use_cache=False).logits
-        labels = soft_labels_of_logits(logits, ids, am, k=k, temperature=temperature, seeds=seeds)
+        labels = soft_labels_of_logits(logits, ids, am, k=k, temperature=temperature, seeds=seeds, draws=draws)
         return pack_soft_labels(labels, self.vocab_size)
 
     def _store(self, out: ScoreResult, start: int, stop: int, ticket) -> None:

@@ -242,23 +242,42 @@ def topk_and_tail(z, k: int, group_size: int = DEFAULT_GROUP_SIZE, backend: str 
 # ---------------------------------------------------------------------------------------------
 # Sampled soft labels: draws from the whole distribution.
 
-def row_uniforms(seeds, positions: int, draws: int):
+DRAW_SCHEMES = ("independent", "systematic")
+"""How the ``S`` uniforms of a position are made (:func:`row_uniforms`)."""
+
+
+def row_uniforms(seeds, positions: int, draws: int, scheme: str = "independent"):
     """Uniforms in ``[0, 1)`` for the draws of ``R`` rows, each row's from its own seed, on the CPU
     (so they do not depend on the device, the batch or the other rows).
+
+    ``independent``: ``S`` independent uniforms per position (multinomial draws, as in Anshumann et
+    al. 2025). ``systematic``: one uniform ``U`` per position and the ``S`` points ``(i + U) / S``
+    (systematic resampling, Kitagawa 1996): an id of probability ``p`` is still drawn ``S p`` times
+    in expectation, but its count is ``floor(S p)`` or ``ceil(S p)``, so the target's variance is
+    the least any unbiased scheme of ``S`` draws gives.
 
     Args:
         seeds: ``R`` integer seeds in ``[0, 2^63)``.
         positions: ``T``.
         draws: ``S``.
+        scheme: one of :data:`DRAW_SCHEMES`.
 
     Returns:
         fp32 tensor ``[R * T, S]``.
+
+    Raises:
+        ValueError: an unknown ``scheme``.
     """
-    return torch.cat([torch.rand((positions, draws), generator=torch.Generator().manual_seed(int(seed)))
-                      for seed in seeds])
+    if scheme not in DRAW_SCHEMES:
+        raise ValueError(f"draws must be one of {DRAW_SCHEMES}, got {scheme!r}")
+    width = draws if scheme == "independent" else 1
+    u = torch.cat([torch.rand((positions, width), generator=torch.Generator().manual_seed(int(seed))) for seed in seeds])
+    if scheme == "systematic":
+        u = (torch.arange(draws, dtype=torch.float32) + u) / draws
+    return u
 
 
-def sample_and_mass(z, k: int, seeds) -> TopK:
+def sample_and_mass(z, k: int, seeds, draws: str = "independent") -> TopK:
     """``K`` draws with replacement per row of ``softmax(z)``, by inverting its cumulative sum
     (Anshumann et al. 2025, "Sparse Logit Sampling": the sampled form of soft labels,
     :mod:`raykd.soft_labels.sampled`). The sum is fp32, so an id with probability below about
@@ -268,6 +287,7 @@ def sample_and_mass(z, k: int, seeds) -> TopK:
         z: float tensor ``[R * T, V]`` of logits (already divided by the temperature).
         k: draws per position ``S``.
         seeds: ``R`` seeds, one per row of ``T`` positions (:func:`row_uniforms`).
+        draws: ``independent`` or ``systematic`` (:func:`row_uniforms`).
 
     Returns:
         :class:`TopK` with ``ids`` ``[N, S]`` the draws in ascending id order (repeats kept),
@@ -284,7 +304,7 @@ def sample_and_mass(z, k: int, seeds) -> TopK:
     m = z.amax(-1, keepdim=True).float()
     cdf = (z.float() - m).exp_().cumsum_(-1)  # fp32 [N, V], the one temporary of the row's size
     total = cdf[:, -1:]
-    u = row_uniforms(seeds, n // len(seeds), k).to(z.device)
+    u = row_uniforms(seeds, n // len(seeds), k, draws).to(z.device)
     ids = torch.searchsorted(cdf, (u * total).contiguous(), right=True).clamp_(max=v - 1).sort(-1).values
     del cdf
     log_norm = total.squeeze(1).log()
@@ -296,7 +316,8 @@ def sample_and_mass(z, k: int, seeds) -> TopK:
 
 
 def soft_labels_of_logits(logits, input_ids, attention_mask=None, *, k: int, temperature: float = 1.0,
-                          group_size: int = DEFAULT_GROUP_SIZE, backend: str = "auto", seeds=None) -> SoftLabels:
+                          group_size: int = DEFAULT_GROUP_SIZE, backend: str = "auto", seeds=None,
+                          draws: str = "independent") -> SoftLabels:
     """The :data:`~raykd.teacher.engines.base.ScoreResult` quantities of a chunk, on the
     logits' device.
 
@@ -311,6 +332,7 @@ def soft_labels_of_logits(logits, input_ids, attention_mask=None, *, k: int, tem
         seeds: None for the top-k; ``R`` seeds for ``k`` draws per position instead
             (:func:`sample_and_mass`: the draws in ascending order, their log-probs and the mass
             outside the distinct ones).
+        draws: how the draws' uniforms are made (:func:`row_uniforms`).
 
     Returns:
         :class:`SoftLabels` (``topk_ids`` int64, the rest fp32), ``label_logprobs`` 0 at the
@@ -322,7 +344,7 @@ def soft_labels_of_logits(logits, input_ids, attention_mask=None, *, k: int, tem
     r, t, v = logits.shape
     flat = logits.reshape(r * t, v)
     z = flat if temperature == 1.0 else flat.float() / temperature
-    top = topk_and_tail(z, k, group_size, backend) if seeds is None else sample_and_mass(z, k, seeds)
+    top = topk_and_tail(z, k, group_size, backend) if seeds is None else sample_and_mass(z, k, seeds, draws)
     del z
     if temperature == 1.0:
         m1, norm1 = top.max_logit, top.log_norm
