@@ -43,7 +43,7 @@ def settings_models() -> list[type[BaseModel]]:
 
 def test_the_settings_modules_are_found():
     names = settings_modules()
-    assert "raykd.config" in names and "raykd.recipes.muki.config" in names and "raykd.teacher.schemas" in names
+    assert "raykd.config.distill" in names and "raykd.config.teacher" in names and "raykd.recipes.muki.config" in names and "raykd.teacher.schemas" in names
 
 
 def test_every_settings_field_has_a_description():
