@@ -110,7 +110,7 @@ def main() -> None:
     )
     from raykd.soft_labels.cache import CacheKey, cache_dir_for, finalize
     from raykd.soft_labels.pipeline import Selection, Target, label_parts
-    from raykd.teacher.deployment import start_teacher, stop_teacher
+    from raykd.teacher.apps import start_teacher, stop_teacher
 
     model_path = resolve_model_path(args.model)
     tok = load_tokenizer(model_path)

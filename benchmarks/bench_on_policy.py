@@ -155,7 +155,7 @@ def main() -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(results, indent=2))
     finally:
-        from raykd.teacher.deployment import stop_teacher
+        from raykd.teacher.apps import stop_teacher
 
         try:
             import ray

@@ -115,7 +115,7 @@ def main() -> None:
         t0 = time.perf_counter()
         rerun = label(resumed_file, env)
         rerun_s = time.perf_counter() - t0
-        from raykd.teacher.deployment import stop_teacher
+        from raykd.teacher.apps import stop_teacher
 
         stop_teacher("resume-teacher")  # the killed run's teacher outlived its driver; the rerun reused it
         t0 = time.perf_counter()

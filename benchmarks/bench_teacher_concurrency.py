@@ -278,7 +278,7 @@ def _wait(url: str, deadline_s: float, proc: subprocess.Popen | None = None, log
 
 def start_service(model_path: str, args, *, engine: str = "hf", name: str = "smollm2-bench", dtype: str = "float32"):
     from raykd.config import TeacherConfig
-    from raykd.teacher.deployment import running_teacher
+    from raykd.teacher.apps import running_teacher
     from raykd.teacher.schemas import HTTPConfig
     from raykd.teacher.service import ProxyConfig, ServedTeacher, TeacherServiceConfig, teacher_up
 

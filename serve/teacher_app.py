@@ -15,7 +15,7 @@ from ray import serve
 
 from raykd.config import TeacherConfig
 from raykd.models import resolve_model_path
-from raykd.teacher.deployment import teacher_app
+from raykd.teacher.apps import teacher_app
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

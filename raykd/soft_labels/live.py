@@ -152,13 +152,13 @@ def start_live_fill(plan: Plan, before_teacher: Callable[[], None] | None = None
         missing there); else the :class:`LiveFill`, its teacher up.
 
     Raises:
-        raykd.teacher.deployment.TeacherNotRunningError: parts are missing, none runs and
+        raykd.teacher.apps.TeacherNotRunningError: parts are missing, none runs and
             ``teacher.start`` is false (``error: ...``, exit 2, before any compute).
         raykd.soft_labels.cache.CacheError, ValueError: a committed part is corrupt or of another
             key, ids repeat, or the running teacher is not the run's teacher (``error: ...``).
     """
     # lazy: keeps ray out of import time
-    from raykd.teacher.deployment import check_teacher_reachable
+    from raykd.teacher.apps import check_teacher_reachable
 
     start = time.perf_counter()
     targets, planned = plan.targets(), plan.planned_parts()

@@ -414,7 +414,7 @@ def start_labeling_teacher(plan: Plan, why: str, check_split: str | None = None)
         not counted in the labeling's ``teacher_calls``).
 
     Raises:
-        raykd.teacher.deployment.TeacherNotRunningError: none runs and ``teacher.start`` is
+        raykd.teacher.apps.TeacherNotRunningError: none runs and ``teacher.start`` is
             false (``error: ...``, exit 2, before any compute).
         ValueError: the running teacher is not the run's teacher (``error: ...``).
     """

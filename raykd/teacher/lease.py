@@ -51,10 +51,10 @@ class TeacherLease:
             The application's Serve handle.
 
         Raises:
-            raykd.teacher.deployment.TeacherNotRunningError: none runs and ``teacher.start`` is false.
+            raykd.teacher.apps.TeacherNotRunningError: none runs and ``teacher.start`` is false.
             ValueError: the running teacher is not the run's teacher (``error: ...``).
         """
-        from raykd.teacher.deployment import check_teacher_reachable, start_teacher  # lazy: keeps ray out of import time
+        from raykd.teacher.apps import check_teacher_reachable, start_teacher  # lazy: keeps ray out of import time
 
         if why is not None:
             with console.user_errors(ValueError):
@@ -69,7 +69,7 @@ class TeacherLease:
     def release(self) -> None:
         """Stop the teacher if this run started it, unless ``teacher.keep_alive`` or :attr:`hold`."""
         if self.owns and not self.cfg.keep_alive and not self.hold:
-            from raykd.teacher.deployment import stop_teacher  # lazy: keeps ray out of import time
+            from raykd.teacher.apps import stop_teacher  # lazy: keeps ray out of import time
 
             stop_teacher(self.cfg.name)
             self.owns = False
@@ -80,7 +80,7 @@ class TeacherLease:
         application name, then releases it as after labeling (:meth:`release`).
 
         Raises:
-            raykd.teacher.deployment.TeacherNotRunningError: none runs and ``teacher.start`` is false.
+            raykd.teacher.apps.TeacherNotRunningError: none runs and ``teacher.start`` is false.
             ValueError: the running teacher is not the run's teacher.
         """
         try:

@@ -14,7 +14,7 @@ Each teacher is its own Serve application, named by ``TeacherConfig.name``, with
 replicas and optionally an HTTP API in front (:mod:`raykd.teacher.http`). Serve applications
 belong to the cluster, not to the process that started them, so they keep serving after
 ``teacher up`` exits; a student run with ``teacher.name=<name>`` finds and reuses the running
-teacher (:func:`raykd.teacher.deployment.start_teacher`) instead of loading its own.
+teacher (:func:`raykd.teacher.apps.start_teacher`) instead of loading its own.
 
 The config models here are plain data; Ray is imported only by the functions that use it.
 """
@@ -145,7 +145,7 @@ def served_teacher_app(served: ServedTeacher, model_path: str):
         a ``serve.Application`` (not yet running).
     """
     # lazy: keeps ray out of import time
-    from raykd.teacher.deployment import GRACEFUL_SHUTDOWN_S, teacher_app
+    from raykd.teacher.apps import GRACEFUL_SHUTDOWN_S, teacher_app
     from raykd.teacher.http import HTTPIngress
 
     t = served.teacher_config
@@ -176,7 +176,7 @@ def placement_options(served: ServedTeacher) -> dict[str, Any]:
     are none): to the replica actor, and with tensor/pipeline parallelism also to the replica's own
     (first) placement-group bundle, which the actor runs in (pure: starts nothing)."""
     # lazy: keeps ray out of import time
-    from raykd.teacher.deployment import deployment_options
+    from raykd.teacher.apps import deployment_options
 
     if not served.resources:
         return {}
@@ -204,11 +204,11 @@ def check_placeable(served: ServedTeacher, nodes: list[dict[str, float]]) -> Non
         nodes: total resources of each alive node (e.g. ``[n["Resources"] for n in ray.nodes()]``).
 
     Raises:
-        ValueError: as :func:`raykd.teacher.deployment.check_cluster_resources` (GPUs), or no
+        ValueError: as :func:`raykd.teacher.apps.check_cluster_resources` (GPUs), or no
             single node has every resource one replica needs (the message lists the nodes).
     """
     # lazy: keeps ray out of import time
-    from raykd.teacher.deployment import check_cluster_resources
+    from raykd.teacher.apps import check_cluster_resources
 
     t = served.teacher_config
     check_cluster_resources(t, [float(n.get("GPU", 0.0)) for n in nodes])
@@ -264,7 +264,8 @@ class NoClusterError(ValueError):
 def _teacher_apps(details) -> dict[str, Any]:
     """The teacher applications raykd deployed (others on the cluster are not listed)."""
     # lazy: keeps ray out of import time
-    from raykd.teacher.deployment import DEPLOYMENT_NAME, deployed_by_raykd
+    from raykd.teacher.deployment import DEPLOYMENT_NAME
+    from raykd.teacher.apps import deployed_by_raykd
 
     apps = details.applications if details is not None else {}
     return {name: app for name, app in sorted(apps.items()) if DEPLOYMENT_NAME in app.deployments and deployed_by_raykd(app)}
@@ -302,7 +303,7 @@ def teacher_up(cfg: TeacherServiceConfig) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    from raykd.teacher.deployment import running_teacher, serve_details
+    from raykd.teacher.apps import running_teacher, serve_details
 
     record = _connect(cfg.ray, start=True)
     new = [t for t in cfg.teachers if running_teacher(t.teacher.name) is None]
@@ -352,7 +353,8 @@ def teacher_status() -> list[dict[str, Any]]:
     # lazy: keeps ray out of import time
     from ray import serve
 
-    from raykd.teacher.deployment import DEPLOYMENT_NAME, serve_details
+    from raykd.teacher.deployment import DEPLOYMENT_NAME
+    from raykd.teacher.apps import serve_details
 
     try:
         _connect(None, start=False)
@@ -385,7 +387,7 @@ def teacher_down(name: str) -> None:
     on the cluster of ``$RAY_ADDRESS``, else raykd's own.
 
     Requests the replicas have accepted are finished first (up to the deployment's
-    ``graceful_shutdown_timeout_s``, :data:`raykd.teacher.deployment.GRACEFUL_SHUTDOWN_S`); new
+    ``graceful_shutdown_timeout_s``, :data:`raykd.teacher.apps.GRACEFUL_SHUTDOWN_S`); new
     ones are refused from the start of the deletion.
 
     Raises:
@@ -396,7 +398,7 @@ def teacher_down(name: str) -> None:
     # lazy: keeps ray out of import time
     from ray import serve
 
-    from raykd.teacher.deployment import check_ours, serve_details
+    from raykd.teacher.apps import check_ours, serve_details
 
     _connect(None, start=False)
     details = serve_details()

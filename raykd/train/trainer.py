@@ -133,7 +133,7 @@ def check_student_gpus(cfg: TrainConfig, node_gpus: list[float]) -> None:
 
     Args:
         cfg: the training settings.
-        node_gpus: GPUs of each alive node (e.g. :func:`raykd.teacher.deployment.cluster_node_gpus`).
+        node_gpus: GPUs of each alive node (e.g. :func:`raykd.teacher.apps.cluster_node_gpus`).
 
     Raises:
         ValueError: ``use_gpu`` with workers, and no node has a GPU.
@@ -198,7 +198,7 @@ def check_room_beside_teacher(cfg: TrainConfig, teacher: TeacherConfig, why: str
     """
     import ray
 
-    from raykd.teacher.deployment import running_teacher  # lazy: keeps ray out of import time
+    from raykd.teacher.apps import running_teacher  # lazy: keeps ray out of import time
 
     total, held = ray.cluster_resources().get("CPU", 0.0), _serve_held().get("CPU", 0.0)
     replicas = (teacher.num_replicas if teacher.autoscaling is None else

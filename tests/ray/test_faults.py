@@ -15,13 +15,8 @@ import pytest
 
 from raykd.soft_labels.cache import shard_paths
 from raykd.students import build_student
-from raykd.teacher.deployment import (
-    COUNTER_NAMESPACE,
-    DEPLOYMENT_NAME,
-    counter_name,
-    start_teacher,
-    stop_teacher,
-)
+from raykd.teacher.deployment import COUNTER_NAMESPACE, DEPLOYMENT_NAME, counter_name
+from raykd.teacher.apps import start_teacher, stop_teacher
 from raykd.train.run import StudentRun
 from raykd.train.trainer import train_student
 from tests.conftest import tiny_distill_config

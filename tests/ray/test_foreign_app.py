@@ -6,7 +6,8 @@ import pytest
 from ray import serve
 
 from raykd.config import TeacherConfig
-from raykd.teacher.deployment import DEPLOYMENT_NAME, ForeignAppError, running_teacher, start_teacher
+from raykd.teacher.deployment import DEPLOYMENT_NAME
+from raykd.teacher.apps import ForeignAppError, running_teacher, start_teacher
 from raykd.teacher.service import teacher_down, teacher_status
 
 pytestmark = pytest.mark.ray

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from raykd.recipes.lm.kd_search import KDSearchConfig, main_kd_search
-from raykd.teacher.deployment import TeacherNotRunningError
+from raykd.teacher.apps import TeacherNotRunningError
 
 pytestmark = pytest.mark.ray
 

@@ -10,7 +10,7 @@ import pytest
 from raykd.soft_labels.cache import shard_paths
 from raykd.soft_labels.plan import Plan, ensure_soft_labels
 from raykd.soft_labels.schema import SQRT_LEVELS
-from raykd.teacher.deployment import running_teacher
+from raykd.teacher.apps import running_teacher
 from raykd.teacher.engines.hf import HFEngine
 from raykd.soft_labels.cache import iter_cache_batches
 

@@ -47,7 +47,7 @@ def _docs(plan: Plan, split: str, parts) -> set[str]:
 
 
 def _served_calls() -> int:
-    from raykd.teacher.deployment import running_teacher
+    from raykd.teacher.apps import running_teacher
 
     return running_teacher(TEACHER).info.remote().result()["calls"]["score"]
 
@@ -57,7 +57,7 @@ def half_labeled(ray_start, tiny_model, corpus_jsonl, tmp_path_factory):
     """A cache of half of the parts (0, 2, 4) of both splits, labeled through the teacher
     ``tiny-live``, which stays up for the module (so runs reuse it: its call counter counts them)."""
     from raykd.soft_labels.pipeline import label_parts
-    from raykd.teacher.deployment import start_teacher, stop_teacher
+    from raykd.teacher.apps import start_teacher, stop_teacher
 
     cache = tmp_path_factory.mktemp("live_half") / "cache"
     plan = Plan(_config(tiny_model, corpus_jsonl, cache))
@@ -123,7 +123,7 @@ def test_live_run_labels_only_the_missing_half_while_training_and_trains_the_sam
 
 def test_live_fill_with_start_false_and_no_running_teacher_fails_before_any_work(ray_start, tiny_model, corpus_jsonl,
                                                                                 tmp_path):
-    from raykd.teacher.deployment import TeacherNotRunningError
+    from raykd.teacher.apps import TeacherNotRunningError
 
     cfg = _config(tiny_model, corpus_jsonl, tmp_path / "cache", labels={"fill": "live"},
                   teacher={"name": "no-such-teacher", "start": False})
@@ -140,7 +140,7 @@ def test_a_teacher_that_leaves_no_room_for_the_workers_is_refused_before_it_star
     start the teacher, then refuse)."""
     import ray
 
-    from raykd.teacher.deployment import running_teacher
+    from raykd.teacher.apps import running_teacher
     from raykd.train.trainer import InsufficientResourcesError
 
     total = ray.cluster_resources()["CPU"]

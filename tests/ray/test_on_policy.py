@@ -50,7 +50,7 @@ def test_on_policy_method_trains_on_samples_scored_by_the_served_teacher(method,
     """gkd runs with the shipped resource settings on 2 free CPUs: a Train worker of 1 CPU (not
     local mode) beside the teacher replica of 0.5 (issue 28: step 0 waited forever, Ray Data's
     file listing asked for the last whole CPU); a stall would end in StalledError after 120 s."""
-    from raykd.teacher.deployment import running_teacher
+    from raykd.teacher.apps import running_teacher
 
     cfg0, _, _, _ = tiny_labeled
     shipped_cfg = load_config(DistillConfig, get_method(method).config_path)
@@ -84,7 +84,7 @@ def test_on_policy_method_trains_on_samples_scored_by_the_served_teacher(method,
 
 def test_on_policy_without_a_running_teacher_and_start_false_fails_before_any_work(ray_start, tiny_model, corpus_jsonl,
                                                                                  tmp_path):
-    from raykd.teacher.deployment import TeacherNotRunningError
+    from raykd.teacher.apps import TeacherNotRunningError
 
     shipped = load_config(DistillConfig, get_method("gkd").config_path).on_policy
     cfg = method_config("gkd", tiny_model, corpus_jsonl, tmp_path / "cache", on_policy=shipped.model_dump(),

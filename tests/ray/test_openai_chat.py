@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from raykd.teacher.deployment import running_teacher
+from raykd.teacher.apps import running_teacher
 from raykd.teacher.schemas import CallerToken, HTTPConfig
 from raykd.teacher.service import (
     ServedTeacher,

@@ -23,7 +23,7 @@ import yaml
 from raykd.soft_labels.cache import cache_dir_for, done_parts, shard_paths
 from raykd.soft_labels.plan import Plan, ensure_soft_labels
 from raykd.soft_labels.schema import decode_batch
-from raykd.teacher.deployment import running_teacher, stop_teacher
+from raykd.teacher.apps import running_teacher, stop_teacher
 from tests.conftest import make_corpus, tiny_distill_config
 
 pytestmark = pytest.mark.ray

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from raykd.cli import main_distill
-from raykd.teacher.deployment import start_teacher, stop_teacher
+from raykd.teacher.apps import start_teacher, stop_teacher
 from tests.conftest import tiny_distill_config
 
 pytestmark = pytest.mark.ray

@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from raykd.config import TeacherConfig
-from raykd.teacher.deployment import running_teacher
+from raykd.teacher.apps import running_teacher
 from raykd.teacher.schemas import HTTPConfig
 from raykd.teacher.service import (
     ProxyConfig,
@@ -209,7 +209,7 @@ def test_another_process_reuses_the_running_teacher(url, ray_start):
         "import sys, numpy as np, ray\n"
         "ray.init(address=sys.argv[1], log_to_driver=False)\n"
         "from raykd.config import TeacherConfig\n"
-        "from raykd.teacher.deployment import start_teacher\n"
+        "from raykd.teacher.apps import start_teacher\n"
         "handle, started = start_teacher(TeacherConfig(name=sys.argv[2], model='/no/such/model'), '/no/such/model')\n"
         "out = handle.score.remote(np.array([[1, 5, 9, 12]]), k=3).result()\n"
         "print('RESULT', started, out['topk_ids'].shape, 'transformers.models.llama.modeling_llama' in sys.modules)\n"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from raykd.soft_labels.plan import Plan, ensure_soft_labels
-from raykd.teacher.deployment import DEPLOYMENT_NAME, stop_teacher
+from raykd.teacher.deployment import DEPLOYMENT_NAME
+from raykd.teacher.apps import stop_teacher
 from tests.conftest import tiny_distill_config
 
 pytestmark = pytest.mark.ray

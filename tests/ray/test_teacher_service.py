@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from raykd.config import TeacherConfig
-from raykd.teacher.deployment import running_teacher, start_teacher, stop_teacher
+from raykd.teacher.apps import running_teacher, start_teacher, stop_teacher
 from raykd.teacher.engines.hf import HFEngine
 
 pytestmark = pytest.mark.ray

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from raykd.config import TeacherConfig
-from raykd.teacher.deployment import start_teacher, stop_teacher
+from raykd.teacher.apps import start_teacher, stop_teacher
 from tests.conftest import require_vllm
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -57,7 +57,8 @@ def test_held_stderr_drops_or_passes_what_c_code_writes(capfd, drop):
 
 
 def test_apps_raykd_deploys_carry_its_mark_and_others_do_not():
-    from raykd.teacher.deployment import DEPLOYMENT_NAME, OWNER_ENV, ForeignAppError, check_ours, deployed_by_raykd, owner_marked
+    from raykd.teacher.deployment import DEPLOYMENT_NAME
+    from raykd.teacher.apps import OWNER_ENV, ForeignAppError, check_ours, deployed_by_raykd, owner_marked
 
     options = owner_marked({"num_cpus": 1, "runtime_env": {"env_vars": {"KEEP": "1"}, "pip": ["x"]}})
     assert options["num_cpus"] == 1 and options["runtime_env"]["pip"] == ["x"]

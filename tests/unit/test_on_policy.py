@@ -264,13 +264,13 @@ def test_sampling_beyond_the_models_context_is_refused_before_labeling(tiny_mode
 
 def test_no_running_teacher_with_start_false_is_refused(monkeypatch):
     from raykd.config import TeacherConfig
-    from raykd.teacher import deployment
+    from raykd.teacher import apps
 
-    monkeypatch.setattr(deployment, "running_teacher", lambda name: None)
-    with pytest.raises(deployment.TeacherNotRunningError, match="teacher 'smollm2-teacher', which is not running, and "
-                                                              "teacher.start=false forbids starting one"):
-        deployment.check_teacher_reachable(TeacherConfig(name="smollm2-teacher", start=False), "on-policy training")
-    deployment.check_teacher_reachable(TeacherConfig(start=True), "on-policy training")  # may start one: no check
+    monkeypatch.setattr(apps, "running_teacher", lambda name: None)
+    with pytest.raises(apps.TeacherNotRunningError, match="teacher 'smollm2-teacher', which is not running, and "
+                                                        "teacher.start=false forbids starting one"):
+        apps.check_teacher_reachable(TeacherConfig(name="smollm2-teacher", start=False), "on-policy training")
+    apps.check_teacher_reachable(TeacherConfig(start=True), "on-policy training")  # may start one: no check
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from raykd.cluster import node_env, ray_start_command
 from raykd.config import TrainConfig
-from raykd.teacher.deployment import deployment_options
+from raykd.teacher.apps import deployment_options
 from raykd.teacher.service import ServedTeacher, check_placeable, placement_options
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from raykd.config import ConfigError, DistillConfig, TeacherConfig, load_config
-from raykd.teacher.deployment import check_cluster_resources, deployment_options, engine_kwargs
+from raykd.teacher.apps import check_cluster_resources, deployment_options, engine_kwargs
 from raykd.teacher.engines import check_engine_request
 from raykd.teacher.engines.vllm import _flat_rows, scoring_params, vllm_engine_args
 

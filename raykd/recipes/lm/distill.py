@@ -84,7 +84,7 @@ def run_distill(cfg: DistillConfig, output_dir: Path, prepare: Callable[[Plan], 
 
 def _connect_and_check(cfg: DistillConfig) -> None:
     """Connect to Ray and refuse, before any teacher starts, what the cluster cannot run."""
-    from raykd.teacher.deployment import check_teacher_reachable, cluster_node_gpus  # lazy: keeps ray out of import time
+    from raykd.teacher.apps import check_teacher_reachable, cluster_node_gpus  # lazy: keeps ray out of import time
 
     connect(cfg.ray, recorded=not cfg.teacher.start)  # teacher.start=false: the service's cluster
     with console.user_errors(ValueError):

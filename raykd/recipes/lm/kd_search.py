@@ -186,7 +186,7 @@ def _label_all(cfg: KDSearchConfig) -> tuple[dict[float, dict[str, Any]], dict[s
     from raykd import storage
     from raykd.soft_labels.cache import shard_paths
     from raykd.soft_labels.plan import Plan, ensure_soft_labels
-    from raykd.teacher.deployment import check_teacher_reachable, stop_teacher
+    from raykd.teacher.apps import check_teacher_reachable, stop_teacher
 
     k_label = max(cfg.space.k)
     plans = {t: Plan(_distill_at(cfg.distill, t, k_label)) for t in cfg.space.temperature}

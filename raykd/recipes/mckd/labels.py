@@ -1,7 +1,7 @@
 """MCKD's pseudo-labels: the LLM asked through the teacher service, its prompt chosen on the
 held-out gold examples, every answer cached by key.
 
-The LLM runs as a served teacher (:func:`raykd.teacher.deployment.start_teacher`, engine
+The LLM runs as a served teacher (:func:`raykd.teacher.apps.start_teacher`, engine
 ``hf``), started only when some labeling is not cached yet. Each labeling (a candidate prompt on
 the held-out gold examples, the content-free input, the unlabeled articles, the test articles)
 is one cache (:mod:`raykd.soft_labels.pseudo_labels`) keyed by the LLM's fingerprints, the
@@ -107,7 +107,7 @@ class LLMLabeler:
     def _serve(self):
         if self.handle is None:
             # lazy: keeps ray out of import time
-            from raykd.teacher.deployment import start_teacher
+            from raykd.teacher.apps import start_teacher
 
             connect(self.cfg.ray)  # Ray starts only when the LLM must be asked
             tc = TeacherConfig(name=self.lc.name, model=str(self.path), engine="hf", device="cpu", num_threads=self.lc.num_threads,
@@ -119,7 +119,7 @@ class LLMLabeler:
         """Stop the served LLM if this labeler started it."""
         if self.handle is not None:
             # lazy: keeps ray out of import time
-            from raykd.teacher.deployment import stop_teacher
+            from raykd.teacher.apps import stop_teacher
 
             stop_teacher(self.lc.name)
             self.handle = None

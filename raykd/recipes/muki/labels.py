@@ -186,7 +186,7 @@ class _ServedTeacher:
         if self._handle is None:
             connect(self.cfg.ray)
             # lazy: keeps ray out of import time
-            from raykd.teacher.deployment import start_teacher
+            from raykd.teacher.apps import start_teacher
 
             self._handle, _ = start_teacher(teacher_config(self.cfg, self.name, self.path), str(self.path))
         return self._handle
@@ -195,7 +195,7 @@ class _ServedTeacher:
         """Stop the application unless ``teacher.keep_alive``."""
         if not self.cfg.teacher.keep_alive:
             # lazy: keeps ray out of import time
-            from raykd.teacher.deployment import stop_teacher
+            from raykd.teacher.apps import stop_teacher
 
             stop_teacher(self.name)
 

@@ -82,7 +82,7 @@ def _label_splits(cfg: ClassifierScheduleConfig, teacher_path: Path, docs: dict[
         folder, manifest = find_class_cache(root, key)
         if manifest is None:
             if handle is None:
-                from raykd.teacher.deployment import start_teacher
+                from raykd.teacher.apps import start_teacher
 
                 connect(cfg.ray)  # Ray starts only when the teacher must be asked
                 handle, started = start_teacher(teacher_deployment_config(cfg, teacher_path), str(teacher_path))
@@ -96,7 +96,7 @@ def _label_splits(cfg: ClassifierScheduleConfig, teacher_path: Path, docs: dict[
             log.info("labeled %s: %d articles into %s", split, manifest.rows, folder)
         caches[split] = str(folder)
     if started and not cfg.teacher.keep_alive:
-        from raykd.teacher.deployment import stop_teacher
+        from raykd.teacher.apps import stop_teacher
 
         stop_teacher(cfg.teacher.name)
     return caches, stats

@@ -67,7 +67,7 @@ class VLLMEngine:
         tensor_parallel_size: GPUs one layer is split over (vLLM's ``tensor_parallel_size``).
         pipeline_parallel_size: pipeline stages (vLLM's ``pipeline_parallel_size``). With a
             product above 1 vLLM runs its workers as Ray actors in the replica's placement group
-            (see :func:`raykd.teacher.deployment.deployment_options`).
+            (see :func:`raykd.teacher.apps.deployment_options`).
         engine_kwargs: further ``vllm.LLM`` keyword arguments.
         asynchronous: run vLLM's ``AsyncLLM`` instead of the offline ``LLM``: every request goes
             into the engine's continuous batch on its own (it joins the running batch at the next
