@@ -271,8 +271,8 @@ class HTTPIngress:
             log.info("teacher %r: request of caller %r for user %r", self.name, caller, req.user)
         async with self._quota(caller):
             outs = await self._call("generate", prompts, max_new_tokens=req.new_tokens, temperature=req.temperature,
-                                    k=0 if top is None else max(1, top), seed=req.seed, top_p=req.top_p, stop=req.stops, caller=caller,
-                                    priority=self.priority.get(caller, 0))
+                                    k=0 if top is None else max(1, top), seed=req.seed, top_p=req.top_p, stop=req.stops,
+                                    caller=caller, priority=self.priority.get(caller, 0))
         tok = await self._load_tokenizer()
         prompt_tokens = sum(len(ids) for ids in encoded)
         generated = sum(len(o["token_ids"]) for o in outs)
