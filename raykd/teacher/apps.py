@@ -46,6 +46,7 @@ def teacher_app(cfg: TeacherConfig, model_path: str, **extra_options: Any) -> se
     options.update(extra_options)
     options["ray_actor_options"] = owner_marked(options["ray_actor_options"])
     options.setdefault("graceful_shutdown_timeout_s", GRACEFUL_SHUTDOWN_S)
+    options.setdefault("graceful_shutdown_wait_loop_s", SHUTDOWN_POLL_S)
     engine = resolve_engine(cfg)
     check_engine_request(engine, cfg)
     return TeacherDeployment.options(**options).bind(model_path, engine, engine_kwargs(cfg, engine), cfg.max_batch_size,
@@ -132,6 +133,9 @@ OWNER = "raykd"
 GRACEFUL_SHUTDOWN_S = 120.0
 """Seconds a teacher replica being deleted (``teacher down``, a run's end) keeps working on the
 requests it has already accepted (Serve's ``graceful_shutdown_timeout_s``; it takes no new ones)."""
+SHUTDOWN_POLL_S = 0.2
+"""Seconds between a deleted replica's checks for requests still in flight (Serve's
+``graceful_shutdown_wait_loop_s``, default 2: an idle teacher waited 2 s to stop)."""
 
 
 def owner_marked(actor_options: dict[str, Any]) -> dict[str, Any]:

@@ -145,7 +145,7 @@ def served_teacher_app(served: ServedTeacher, model_path: str):
         a ``serve.Application`` (not yet running).
     """
     # lazy: keeps ray out of import time
-    from raykd.teacher.apps import GRACEFUL_SHUTDOWN_S, teacher_app
+    from raykd.teacher.apps import GRACEFUL_SHUTDOWN_S, SHUTDOWN_POLL_S, teacher_app
     from raykd.teacher.http import HTTPIngress
 
     t = served.teacher_config
@@ -167,7 +167,8 @@ def served_teacher_app(served: ServedTeacher, model_path: str):
             raise ValueError(f"teacher {t.name!r}: token {c.name!r} reads ${c.token_env}, which is not set in this shell")
     http = http.model_copy(update={"token": token, "tokens": tokens, "max_batch_size": http.max_batch_size or t.max_batch_size})
     ingress = HTTPIngress.options(max_ongoing_requests=http.max_ongoing_requests, max_queued_requests=http.max_queued_requests,
-                                  graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S)  # as the teacher: finish what it took
+                                  graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,  # as the teacher: finish what it took
+                                  graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S)
     return ingress.bind(node, http)
 
 

@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 
 DATA_CPUS = 0.25
 """CPUs of each Ray Data task that reads and decodes the soft-label cache for training."""
+
+TRAIN_HEALTH_CHECK_S = 0.5
+"""Seconds between Ray Train's checks of a run's workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``,
+Ray's default 2): a finished run is noticed that much sooner."""
 
 
 class InsufficientResourcesError(RuntimeError):
@@ -341,6 +346,10 @@ def train_student(run: StudentRun) -> TrainResult:
         dataset_config=DataConfig(execution_options=_ordered_ingest()),
     )
     start = time.perf_counter()
+    # Ray Train's controller checks its workers every 2 s by default, so a finished run waits up to
+    # two checks before fit() returns (~5 s measured on a 1-worker run); every 0.5 s it is ~2 s.
+    # Ray passes the driver's value to the controller; a user's own setting wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_HEALTH_CHECK_S))
     try:
         with StallWatchdog(lambda: console.progress_count(name), f"student {name!r}"):
             result = trainer.fit()
