@@ -133,7 +133,7 @@ def test_gs_without_credentials_fails_within_the_deadline(capsys, monkeypatch, t
     start = time.monotonic()
     code, out, err = _run(capsys, ["label", "data.source=jsonl", f"data.path={corpus_jsonl}", "data.id_column=id",
                                    f"labels.cache_dir={tmp_path / 'cache'}", setting])
-    assert code == 2 and time.monotonic() - start < 10, err
+    assert code == 2 and time.monotonic() - start < 20, err  # the 2 s probe, not the 30 s default (loose: a loaded CI worker)
     assert err.startswith(f"error: {setting.split('=')[0]}='gs://no-such-raykd-bucket/") and "GOOGLE_APPLICATION_CREDENTIALS" in err
     assert "Traceback" not in out + err and not (tmp_path / "cache").exists()
 
@@ -164,7 +164,7 @@ def test_a_storage_probe_that_does_not_answer_is_bounded():
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="no answer within 0.2 s"):
         storage._within(0.2, release.wait)
-    assert time.monotonic() - start < 1
+    assert time.monotonic() - start < 5  # returned without the release (loose: a loaded CI worker)
     release.set()
     assert storage._within(1, lambda: 7) == 7
     with pytest.raises(KeyError):
