@@ -158,14 +158,14 @@ def test_a_storage_probe_that_does_not_answer_is_bounded():
     import threading
     import time
 
-    from raykd import storage
+    from raykd.storage import probe
 
     release = threading.Event()
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="no answer within 0.2 s"):
-        storage._within(0.2, release.wait)
+        probe._within(0.2, release.wait)
     assert time.monotonic() - start < 5  # returned without the release (loose: a loaded CI worker)
     release.set()
-    assert storage._within(1, lambda: 7) == 7
+    assert probe._within(1, lambda: 7) == 7
     with pytest.raises(KeyError):
-        storage._within(1, lambda: {}["x"])
+        probe._within(1, lambda: {}["x"])

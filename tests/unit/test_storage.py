@@ -92,7 +92,7 @@ def test_write_bytes_atomic_failure_keeps_the_old_file_and_no_temp(tmp_path, mon
     def refuse(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(storage.os, "replace", refuse)
+    monkeypatch.setattr(os, "replace", refuse)
     with pytest.raises(OSError, match="disk full"):
         storage.write_bytes_atomic(target, b"new")
     assert storage.read_bytes(target) == b"old"
