@@ -53,6 +53,24 @@ def alive_actor_pids(class_name: str) -> list[int]:
     return sorted(a.pid for a in actors if a.pid)
 
 
+def running_task_pids(function: str) -> list[int]:
+    """PIDs of this test process's own Ray workers (children of the Ray it started) running a task
+    of ``function`` now: Ray titles a worker ``ray::<task name>`` while it runs a task, and Ray
+    Data names its tasks after the function (``MapBatches(fn)``). Workers of another process's
+    Ray on the same machine are not counted."""
+    import psutil
+
+    pids = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if title.startswith("ray::") and f"({function})" in title:
+            pids.append(proc.pid)
+    return sorted(pids)
+
+
 def serve_replica_class(app_name: str, deployment: str) -> str:
     """The actor class name of the replicas of ``deployment`` in Serve application ``app_name``."""
     return f"ServeReplica:{app_name}:{deployment}"

@@ -39,7 +39,7 @@ class SoftLabelConfig(Strict):
     batch_size: int = Field(default=16, ge=1)
     """Sequences per teacher ``score`` call."""
     num_labelers: int = Field(default=2, ge=1)
-    """Concurrent Ray Data labeler actors (requests kept in flight at the teacher)."""
+    """Concurrent Ray Data labeling tasks, one part each (requests kept in flight at the teacher)."""
     cache_dir: str | None = None
     """Soft-label cache root (None: ``<user cache>/soft_labels``)."""
     rows_per_shard: int = Field(default=256, ge=1)

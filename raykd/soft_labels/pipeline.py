@@ -1,8 +1,8 @@
 """Labeling: parts of a source -> documents -> blocks -> teacher ``score`` (Ray Serve) -> committed parts.
 
 One Ray Data plan over the parts still missing from the caches: each row is one
-:class:`~raykd.data.sources.PartSpec` (the driver holds nothing bigger). A pool of labeler
-actors reads a part where it runs, keeps the documents of each split that still needs it (by
+:class:`~raykd.data.sources.PartSpec` (the driver holds nothing bigger). Labeling tasks
+(``labels.num_labelers`` at once) read a part where they run, keeps the documents of each split that still needs it (by
 document-id hash), tokenises them into blocks, sends every chunk to the teacher deployment at
 once (the replicas queue them, so the teacher never waits for the next batch), encodes the
 answers into the soft-label schema and commits the part into each split's cache
@@ -11,6 +11,13 @@ documents and tokens into the driver's progress bar (:func:`raykd.console.progre
 
 A part is the unit of work, of commit and of resume: Ray Data's readers would mix rows of
 several parts in one block and one batch, and a part can only be committed whole.
+
+The labelers are Ray Data *tasks*, each building its :class:`_PartLabeler` (teacher handle,
+tokenizer, schemas) once per worker process and run (:func:`_worker_labeler`), not an actor
+pool: an actor pool lives for one dataset, so every labeling run started fresh processes that
+import torch and transformers (~5 s each here) before the first part, while task workers stay in
+Ray's worker pool between runs. A task whose worker dies is retried by Ray (the part is
+committed whole or not at all, and a retried part skips the targets it already committed).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,12 +54,8 @@ from raykd.soft_labels.schema import encode_batch, soft_label_schema
 
 log = logging.getLogger(__name__)
 
-# A killed labeler comes back without losing its part: Ray Data's actor pool restarts its actors and
-# retries their tasks by default (``max_restarts=-1``, ``max_task_retries=-1``), so nothing is passed
-# through ``**ray_remote_args`` (deprecated, removed in Ray 2.64); ``runtime_env`` is a named parameter.
-
 LABELER_MEMORY = 600 * 2**20
-"""Bytes of memory each labeler actor reserves from Ray's scheduler: measured about 460 MiB on
+"""Bytes of memory each labeling task reserves from Ray's scheduler: measured about 460 MiB on
 BBC with 1,000-document parts (the process, its tokenizer and one part's blocks and labels);
 Ray Data warns, and a node could be over-committed, without a reservation."""
 
@@ -108,7 +112,8 @@ def _tokenizer(path: str):
 
 
 class _PartLabeler:
-    """Ray Data actor: one part -> documents per target -> blocks -> ``score`` calls -> committed parts."""
+    """One part -> documents per target -> blocks -> ``score`` calls -> committed parts (built
+    once per worker process and labeling run by :func:`_worker_labeler`)."""
 
     def __init__(self, app_name: str, targets: dict[str, Target], data: DataConfig, labels: SoftLabelConfig,
                  vocab_size: int, tokenizer_path: str, batch_size: int, progress: console.ProgressSink):
@@ -192,6 +197,31 @@ class _PartLabeler:
         return stats
 
 
+_WORKER_LABELERS: dict[str, _PartLabeler] = {}
+"""The labeler of the latest labeling run in this worker process, by run id."""
+
+
+def _worker_labeler(run_id: str, kind: type[_PartLabeler], kwargs: dict[str, Any]) -> _PartLabeler:
+    """This process's ``kind(**kwargs)`` for labeling run ``run_id``, built on its first part.
+    A process keeps one run's labeler: a new run id drops the older one (its teacher handle,
+    tokenizer and schemas)."""
+    labeler = _WORKER_LABELERS.get(run_id)
+    if labeler is None:
+        _WORKER_LABELERS.clear()
+        labeler = _WORKER_LABELERS[run_id] = kind(**kwargs)
+    return labeler
+
+
+def _label_part_batch(batch: dict[str, np.ndarray], *, run_id: str, labeler: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Ray Data task of :func:`label_parts`: one part labeled and committed (:class:`_PartLabeler`)."""
+    return _worker_labeler(run_id, _PartLabeler, labeler)(batch)
+
+
+def _read_live_part_batch(batch: dict[str, np.ndarray], *, run_id: str, labeler: dict[str, Any]) -> pa.Table:
+    """Ray Data task of :func:`live_label_rows`: one part's rows, labeled first if missing (:class:`_LivePartReader`)."""
+    return _worker_labeler(run_id, _LivePartReader, labeler)(batch)
+
+
 def label_parts(parts: list[PartSpec], todo: dict[str, list[str]], targets: dict[str, Target], *, app_name: str,
                 tokenizer_path: str, vocab_size: int, data: DataConfig, labels: SoftLabelConfig) -> dict[str, dict[str, int]]:
     """Label the parts ``todo`` names through the running teacher and commit each into its targets' caches.
@@ -226,19 +256,19 @@ def label_parts(parts: list[PartSpec], todo: dict[str, list[str]], targets: dict
                    for spec in parts if spec.digest() in todo)  # the documents to label (the bar ends at the count)
     with console.progress("labeling", total=round(expected), unit="doc", rate_of="tokens", estimate=True) as progress:
         ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-            _PartLabeler,
+            _label_part_batch,
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=labelers),
+            concurrency=labelers,
             num_cpus=0.1,
             memory=LABELER_MEMORY,
             **storage.remote_args(),  # runtime_env: the labelers read parts and write shards by location
-            fn_constructor_kwargs={
+            fn_kwargs={"run_id": uuid.uuid4().hex, "labeler": {
                 "app_name": app_name, "targets": targets, "data": data, "labels": labels,
                 "vocab_size": vocab_size, "tokenizer_path": tokenizer_path, "batch_size": labels.batch_size,
                 "progress": progress,
-            },
+            }},
         )
-        with console.core_worker_noise_filtered():  # Ray Data's actor pool starts here
+        with console.core_worker_noise_filtered():  # Ray Data's labeling tasks start here
             rows_out = list(ds.iter_rows())
         for row in rows_out:
             t = totals[row["target"]]
@@ -249,7 +279,7 @@ def label_parts(parts: list[PartSpec], todo: dict[str, list[str]], targets: dict
 
 
 class _LivePartReader(_PartLabeler):
-    """Ray Data actor of a training dataset filled live: one part -> its rows in the ``train``
+    """The labeler of a training dataset filled live: one part -> its rows in the ``train``
     target's cache, labeled and committed first (:meth:`_PartLabeler._label`, for every target
     that misses the part) when its ledger entry is missing, then read back from the committed shard."""
 
@@ -282,7 +312,7 @@ def live_label_rows(parts: list[PartSpec], todo: dict[str, list[str]], targets: 
     :func:`label_parts` (every chunk sent to the teacher deployment at once, answers encoded into
     the cache schema, the part committed through :func:`~raykd.soft_labels.cache.write_part` into
     every target that misses it) and then read back from its committed shard, so its rows are
-    byte for byte what a later run reads from the cache. ``labels.num_labelers`` actors work on
+    byte for byte what a later run reads from the cache. ``labels.num_labelers`` tasks work on
     consecutive parts at once while training consumes the earlier ones.
 
     The order is the order of ``parts`` (a seeded permutation of it with ``shuffle``): the
@@ -308,17 +338,17 @@ def live_label_rows(parts: list[PartSpec], todo: dict[str, list[str]], targets: 
     if shuffle:
         ds = ds.randomize_block_order(seed=seed)
     return ds.map_batches(
-        _LivePartReader,
+        _read_live_part_batch,
         batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(labels.num_labelers, len(todo) or 1))),
+        concurrency=max(1, min(labels.num_labelers, len(todo) or 1)),
         num_cpus=0.1,
         memory=LABELER_MEMORY,
         **storage.remote_args(),
-        fn_constructor_kwargs={
+        fn_kwargs={"run_id": uuid.uuid4().hex, "labeler": {
             "train": train, "columns": columns,
             "app_name": app_name, "targets": targets, "data": data, "labels": labels,
             "vocab_size": vocab_size, "tokenizer_path": tokenizer_path, "batch_size": labels.batch_size,
             "progress": console.ProgressSink(None, "live"),
-        },
+        }},
     )

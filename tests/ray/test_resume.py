@@ -25,12 +25,12 @@ from raykd.soft_labels.plan import Plan, ensure_soft_labels
 from raykd.soft_labels.schema import decode_batch
 from raykd.teacher.apps import running_teacher, stop_teacher
 from tests.conftest import make_corpus, tiny_distill_config
-from tests.faults import alive_actor_pids, wait_for
+from tests.faults import running_task_pids, wait_for
 
 pytestmark = pytest.mark.ray
 
-LABELER_CLASS = "MapWorker(MapBatches(_PartLabeler))"
-"""Class name of the labeling actors in the Ray state API (Ray Data names map workers by operator)."""
+LABELING_TASK = "_label_part_batch"
+"""The function of the labeling tasks (Ray Data titles their workers ``ray::...MapBatches(fn)``)."""
 
 
 def _config(tiny_model, corpus, cache_dir, name):
@@ -71,14 +71,15 @@ def test_killed_labeling_resumes_with_only_the_missing_parts(ray_start, tiny_mod
             assert driver.poll() is None, "the labeling driver ended before it could be killed"
             assert time.monotonic() < deadline, "no part was committed within 5 minutes"
             time.sleep(0.2)  # polling the ledger on disk: there is no event to wait on
-        assert alive_actor_pids(LABELER_CLASS), "the labelers are not found by their class name"
+        # a labeler is between two parts for milliseconds at most: found within seconds, or misnamed
+        wait_for(lambda: running_task_pids(LABELING_TASK), timeout_s=10, what="a running labeling task")
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(30)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
-    # the killed driver's labelers die when Ray notices their owner is gone; until then one may commit a part
-    wait_for(lambda: not alive_actor_pids(LABELER_CLASS), timeout_s=60, what="the killed run's labelers to end")
+    # the killed driver's labeling tasks end when Ray notices their owner is gone; until then one may commit a part
+    wait_for(lambda: not running_task_pids(LABELING_TASK), timeout_s=60, what="the killed run's labeling tasks to end")
     before = done_parts(train_dir)
     assert 3 <= len(before) < n_parts
 
