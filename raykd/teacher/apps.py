@@ -17,7 +17,8 @@ import ray
 from ray import serve
 
 from raykd.config import TeacherConfig
-from raykd.teacher.deployment import COUNTER_NAMESPACE, DEPLOYMENT_NAME, TeacherDeployment, counter_name
+from raykd.teacher.counter import COUNTER_NAMESPACE, counter_name
+from raykd.teacher.deployment import DEPLOYMENT_NAME, TeacherDeployment
 from raykd.teacher.engines import check_engine_request, resolve_engine
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ import pytest
 
 from raykd.soft_labels.cache import shard_paths
 from raykd.students import build_student
-from raykd.teacher.deployment import COUNTER_NAMESPACE, DEPLOYMENT_NAME, counter_name
+from raykd.teacher.counter import COUNTER_NAMESPACE, counter_name
+from raykd.teacher.deployment import DEPLOYMENT_NAME
 from raykd.teacher.apps import start_teacher, stop_teacher
 from raykd.train.run import StudentRun
 from raykd.train.trainer import train_student

@@ -17,7 +17,7 @@ from raykd.data.sources import read_part
 from raykd.recipes.lm.distill import run_distill
 from raykd.soft_labels.cache import MANIFEST, done_parts, open_cache, read_entry
 from raykd.soft_labels.plan import Plan, ensure_soft_labels
-from raykd.train.trainer import in_order
+from raykd.train.datasets import in_order
 from tests.conftest import tiny_distill_config
 
 pytestmark = pytest.mark.ray
