@@ -258,7 +258,7 @@ def label_parts(parts: list[PartSpec], todo: dict[str, list[str]], targets: dict
         ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
             _label_part_batch,
             batch_size=1,
-            concurrency=labelers,
+            compute=ray.data.TaskPoolStrategy(size=labelers),
             num_cpus=0.1,
             memory=LABELER_MEMORY,
             **storage.remote_args(),  # runtime_env: the labelers read parts and write shards by location
@@ -341,7 +341,7 @@ def live_label_rows(parts: list[PartSpec], todo: dict[str, list[str]], targets: 
         _read_live_part_batch,
         batch_size=1,
         batch_format="numpy",
-        concurrency=max(1, min(labels.num_labelers, len(todo) or 1)),
+        compute=ray.data.TaskPoolStrategy(size=max(1, min(labels.num_labelers, len(todo) or 1))),
         num_cpus=0.1,
         memory=LABELER_MEMORY,
         **storage.remote_args(),

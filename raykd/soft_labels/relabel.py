@@ -82,7 +82,7 @@ def relabel(engine: str, folder: str, rows: list[dict[str, Any]], *, batch_size:
     ds = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
         label_batch, fn_kwargs={"engine": engine, "folder": str(folder), "num_threads": num_threads,
                                 "max_new_tokens": max_new_tokens},
-        batch_size=batch_size, num_cpus=num_cpus, concurrency=RELABEL_CONCURRENCY, batch_format="numpy")
+        batch_size=batch_size, num_cpus=num_cpus, compute=ray.data.TaskPoolStrategy(size=RELABEL_CONCURRENCY), batch_format="numpy")
     with console.core_worker_noise_filtered():  # Ray Data's tasks start here
         got = {r["doc_id"]: r for r in ds.take_all()}
     ids = [str(r["doc_id"]) for r in rows]
