@@ -1,13 +1,13 @@
 """Labeling: parts of a source -> documents -> blocks -> teacher ``score`` (Ray Serve) -> committed parts.
 
 One Ray Data plan over the parts still missing from the caches: each row is one
-:class:`~raykd.data.sources.PartSpec` (the driver holds nothing bigger). Labeling tasks
-(``labels.num_labelers`` at once) read a part where they run, keeps the documents of each split that still needs it (by
-document-id hash), tokenises them into blocks, sends every chunk to the teacher deployment at
-once (the replicas queue them, so the teacher never waits for the next batch), encodes the
-answers into the soft-label schema and commits the part into each split's cache
-(:func:`raykd.soft_labels.cache.write_part`: shard, then ledger entry). Each labeler counts its
-documents and tokens into the driver's progress bar (:func:`raykd.console.progress`).
+:class:`~raykd.data.sources.PartSpec` (the driver holds nothing bigger). A labeling task
+(``labels.num_labelers`` run at once) reads a part where it runs, keeps the documents of each
+split that still needs it (by document-id hash), tokenises them into blocks, sends every chunk
+to the teacher deployment at once (the replicas queue them, so the teacher never waits for the
+next batch), encodes the answers into the soft-label schema and commits the part into each
+split's cache (:func:`raykd.soft_labels.cache.write_part`: shard, then ledger entry). Each task
+counts its documents and tokens into the driver's progress bar (:func:`raykd.console.progress`).
 
 A part is the unit of work, of commit and of resume: Ray Data's readers would mix rows of
 several parts in one block and one batch, and a part can only be committed whole.
@@ -16,8 +16,9 @@ The labelers are Ray Data *tasks*, each building its :class:`_PartLabeler` (teac
 tokenizer, schemas) once per worker process and run (:func:`_worker_labeler`), not an actor
 pool: an actor pool lives for one dataset, so every labeling run started fresh processes that
 import torch and transformers (~5 s each here) before the first part, while task workers stay in
-Ray's worker pool between runs. A task whose worker dies is retried by Ray (the part is
-committed whole or not at all, and a retried part skips the targets it already committed).
+Ray's worker pool between runs. A task whose worker dies is retried (Ray Data retries its tasks
+without limit, as it restarted its actors); a part is committed whole or not at all, and a
+retried part skips the targets it already committed.
 """
 
 from __future__ import annotations
