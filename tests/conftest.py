@@ -206,7 +206,21 @@ def vllm_tiny_model(tmp_path_factory) -> Path:
 _TIER_ORDER = {"slow": 0, "ray": 1, "unit": 2, "gpu": 3}
 
 
+def pytest_configure(config):
+    """Keep the order below under xdist: by default its file scheduling reorders files by their
+    number of tests, most first, which sends the long one-test files (a real model, a two-node
+    cluster) to the end of the run, where one worker runs them while the other waits."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
-    """Longest tiers first (slow, ray, then the many short unit tests, which fill the gaps at the
-    end): with ``make test``'s two xdist workers, a long module left for last would run alone."""
-    items.sort(key=lambda item: _TIER_ORDER.get(Path(str(item.fspath)).parent.name, 2))
+    """Longest tiers first: files of the slow tier or with a ``slow`` test, then the Ray tier, then
+    the many short unit tests, which fill the gaps at the end (with ``make test``'s two xdist
+    workers, a long file left for last would run alone)."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+
+    def tier(item) -> int:
+        return 0 if item.path in slow_files else _TIER_ORDER.get(item.path.parent.name, 2)
+
+    items.sort(key=tier)
