@@ -20,6 +20,16 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 # A busy 2-core machine can take over a minute to start Ray's dashboard (Ray's default limit: 60 s).
 os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray's background work, cut for a suite of short clusters on 2 cores (every Ray started here or by a
+# test's subprocess inherits these; nothing in the suite reads what they produce):
+# - the log monitor re-globs the session's log folder every 0.1 s until it holds 1,000 files (each
+#   worker adds two): every 2 s here (the suite runs with log_to_driver=False);
+# - the dashboard agent samples every process of its node every 5 s: every 30 s here;
+# - no idle workers started ahead for the first driver (a suite run left 46 of them unused).
+os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
+os.environ.setdefault("LOG_NAME_UPDATE_INTERVAL_S", "2")
+os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", "30000")
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
 _SUBJECTS = ["the market", "a minister", "the team", "our reporter", "the company", "a new film", "the band", "the court"]
 _VERBS = ["said", "reported", "announced", "denied", "expected", "won", "lost", "launched"]
