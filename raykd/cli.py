@@ -36,7 +36,7 @@ from raykd.recipes.mckd.config import MckdConfig
 from raykd.recipes.muki.config import MukiConfig
 from raykd.recipes.ta_search.config import load_schedule_config
 from raykd.report import print_files
-from raykd.teacher.service import add_teacher_commands, run_teacher_command
+from raykd.teacher.service_cli import add_teacher_commands, run_teacher_command
 
 
 def main_distill(cfg: DistillConfig, output_dir: str | Path) -> dict[str, Any]:

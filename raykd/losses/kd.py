@@ -31,7 +31,7 @@ import math
 import torch
 from torch import Tensor
 
-from raykd.losses.reduction import TINY, student_bucket_log_probs, student_log_probs
+from raykd.losses.reduction import TINY, student_bucket_log_probs, student_log_probs, tempered
 from raykd.losses.registry import Param, define_loss
 
 _SKEW = Param(float, low=0, high=1, high_open=True,
@@ -259,7 +259,7 @@ def uld(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Tenso
         raise ValueError("uld needs teacher targets, got targets=None")
     q = student_log_probs(student_logits, temperature).exp()
     if targets.form == "dense":
-        p = torch.softmax(targets.logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
+        p = torch.softmax(tempered(targets.logits, temperature), dim=-1).sort(dim=-1, descending=True).values
         q = q.sort(dim=-1, descending=True).values
         width = max(p.shape[-1], q.shape[-1])
         p = torch.nn.functional.pad(p, (0, width - p.shape[-1]))

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from raykd.losses.kd import kl_divergence
-from raykd.losses.reduction import TINY, student_log_probs
+from raykd.losses.reduction import TINY, student_log_probs, tempered
 from raykd.losses.registry import Param, define_loss
 from raykd.losses.targets import TeacherTargets
 
@@ -242,8 +242,8 @@ def uhc_kl(student_logits: Tensor, *, targets: TeacherTargets | None, labels: Te
     total = None
     for block in blocks:
         idx = list(block)
-        log_p = torch.log_softmax(z[..., idx] / temperature, dim=-1)
-        log_q = torch.log_softmax(student_logits[..., idx].float() / temperature, dim=-1)
+        log_p = torch.log_softmax(tempered(z[..., idx], temperature), dim=-1)
+        log_q = torch.log_softmax(tempered(student_logits[..., idx], temperature), dim=-1)
         term = _kl(log_p, log_q)
         total = term if total is None else total + term
     return total

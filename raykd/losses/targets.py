@@ -16,6 +16,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from raykd.losses.reduction import tempered
+
 TargetForm = Literal["sparse", "dense"]
 
 
@@ -123,7 +125,7 @@ def teacher_buckets(targets: TeacherTargets, temperature: float) -> tuple[Tensor
     if not 0.0 < temperature < float("inf"):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     if targets.form == "dense":
-        return None, torch.log_softmax(targets.logits.float() / temperature, dim=-1)
+        return None, torch.log_softmax(tempered(targets.logits, temperature), dim=-1)
     top, tail = targets.topk_logprobs.float(), targets.tail_logmass.float()
     unmatched = targets.topk_ids < 0
     if bool(unmatched.any()):  # ids with no place in the student's vocabulary: their mass joins the tail

@@ -19,13 +19,11 @@ from raykd.config import DataConfig, DistillConfig, default_cache_root
 from raykd.data import Document
 from raykd.data.sources import (
     PartSpec,
-    check_unique_ids,
     iter_documents,
     plan_parts,
     source_identity,
 )
-from raykd.losses.features import LayerMap
-from raykd.losses.registry import feature_terms
+from raykd.data.unique_ids import check_unique_ids
 from raykd.models import (
     check_local_model,
     load_tokenizer,
@@ -46,9 +44,14 @@ from raykd.soft_labels.cache import (
     read_entry,
     remove_partials,
 )
+from raykd.soft_labels.model_checks import (
+    check_layer_drops,
+    check_sampling_length,
+    check_student_tokenizer,
+    feature_layer_map,
+    model_config,
+)
 from raykd.soft_labels.pipeline import Selection, Target, label_parts
-from raykd.students import VocabularyMismatchError, check_same_vocabulary
-from raykd.students.build import check_keep_layers, read_layer_origin
 from raykd.students.vocab import resolve_vocab_size
 from raykd.teacher.engines import LOGPROBS_MODE, check_engine_request, resolve_engine
 from raykd.teacher.lease import TeacherLease
@@ -106,20 +109,20 @@ class Plan:
         tokenizer = load_tokenizer(self.teacher_path)
         self.tokenizer_fp = tokenizer_fingerprint(tokenizer)
         self.weights_fp = weights_fingerprint(self.teacher_path)
-        teacher_config = _model_config(self.teacher_path)
+        teacher_config = model_config(self.teacher_path)
         self.vocab_size = int(teacher_config.vocab_size)
         if cfg.labels.width > self.vocab_size:
             setting = "labels.samples" if cfg.labels.form == "sampled" else "labels.k"
             raise ValueError(f"{setting}={cfg.labels.width} exceeds the teacher vocabulary ({self.vocab_size})")
         if cfg.student.vocab_size is not None:
             resolve_vocab_size(cfg.student.vocab_size, self.vocab_size)
-        self.cross_tokenizer = _check_student_tokenizer(cfg, self.tokenizer_fp, self.vocab_size)
+        self.cross_tokenizer = check_student_tokenizer(cfg, self.tokenizer_fp, self.vocab_size)
         """True when the student's tokenizer differs from the teacher's (``student.tokenizer_alignment``
         then aligns them, :mod:`raykd.train.cross_tokenizer`)."""
-        _check_layer_drops(cfg, teacher_config)
-        self.layer_map = _feature_layer_map(cfg, teacher_config)
+        check_layer_drops(cfg, teacher_config)
+        self.layer_map = feature_layer_map(cfg, teacher_config)
         """The checked layer map of the feature terms (:class:`raykd.losses.features.LayerMap`), or None."""
-        _check_sampling_length(cfg, teacher_config)
+        check_sampling_length(cfg, teacher_config)
         self.keys = {split: self.key_for(split) for split in self.sources}
 
     def key_for(self, split: str) -> CacheKey:
@@ -189,113 +192,6 @@ class Plan:
     def teacher_meta(self) -> dict[str, Any]:
         return {"model": self.cfg.teacher.model, "path": str(self.teacher_path), "weights_fingerprint": self.weights_fp,
                 "tokenizer_fingerprint": self.tokenizer_fp, "engine": self.engine, "dtype": self.cfg.teacher.dtype}
-
-
-def _model_config(model_path: Path):
-    """The model's ``config.json`` as a transformers config (no weights are read)."""
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(str(model_path))
-
-
-def _vocab_size(model_path: Path) -> int:
-    return int(_model_config(model_path).vocab_size)
-
-
-def _check_layer_drops(cfg: DistillConfig, teacher_config) -> None:
-    """Every layer-dropped model of the run (the student, each chain assistant) keeps layers
-    its source model has, so a bad index fails here rather than after labeling."""
-    if cfg.student.init == "layer_drop" and cfg.student.init_from is None:
-        source = _model_config(resolve_model_path(cfg.student.model, setting="student.model")) if cfg.student.model else teacher_config
-        check_keep_layers(cfg.student.keep_layers, source.num_hidden_layers, "student.keep_layers",
-                          "the student's source model" if cfg.student.model else "the teacher")
-    for i, assistant in enumerate(cfg.chain.assistants if cfg.chain is not None else []):
-        check_keep_layers(assistant.keep_layers, teacher_config.num_hidden_layers, f"chain.assistants[{i}].keep_layers", "the teacher")
-
-
-def _feature_layer_map(cfg: DistillConfig, teacher_config):
-    """The layer map of the run's feature terms, checked against the teacher and the student
-    (None without feature terms): ``train.layer_map``, else the stride of ``student.keep_layers``
-    (only for a student layer-dropped from the teacher itself).
-
-    Raises:
-        ValueError: the map does not fit the models, or the widths differ (a learned projection)
-            with several workers (its gradients are not synchronised).
-    """
-    terms = feature_terms(cfg.train.objective_terms())
-    if not terms:
-        return None
-
-    s = cfg.student
-    if s.init_from is not None:  # a staged start keeps the stride its first run was built from
-        source = _model_config(Path(s.init_from))
-        origin = read_layer_origin(Path(s.init_from))
-        same = origin is not None and origin["teacher_layers"] == teacher_config.num_hidden_layers
-        keep, student_layers = (origin["keep_layers"] if same else None), source.num_hidden_layers
-    else:
-        from_teacher = s.init == "layer_drop" and not s.model
-        source = teacher_config if from_teacher else _model_config(resolve_model_path(s.model, setting="student.model"))
-        student_layers = len(s.keep_layers) if s.init == "layer_drop" else source.num_hidden_layers
-        keep = s.keep_layers if from_teacher else None
-    try:
-        layer_map = LayerMap.for_student(cfg.train.layer_map, keep, student_layers, teacher_config.num_hidden_layers)
-    except ValueError as e:
-        raise ValueError(f"train.layer_map of {terms}: {e}") from None
-    widths = (source.hidden_size, teacher_config.hidden_size)
-    if widths[0] != widths[1] and cfg.train.num_workers > 1:
-        raise ValueError(f"student width {widths[0]} != teacher width {widths[1]}: feature terms {terms} learn a "
-                         "projection, trained on one worker only; set train.num_workers to 0 or 1")
-    return layer_map
-
-
-def _check_sampling_length(cfg: DistillConfig, teacher_config) -> None:
-    """On-policy samples (prompt + continuation) fit the teacher's and the student's context."""
-    if cfg.on_policy is None:
-        return
-    length = cfg.on_policy.prompt_tokens + cfg.on_policy.max_new_tokens
-    models = {"teacher": teacher_config}
-    if cfg.student.init == "pretrained" or cfg.student.model:
-        models["student"] = _model_config(resolve_model_path(cfg.student.model, setting="student.model"))
-    for who, config in models.items():
-        context = getattr(config, "max_position_embeddings", None)
-        if context is not None and length > context:
-            raise ValueError(f"on_policy.prompt_tokens + on_policy.max_new_tokens = {cfg.on_policy.prompt_tokens} + "
-                             f"{cfg.on_policy.max_new_tokens} = {length} tokens exceeds the {who}'s context "
-                             f"(max_position_embeddings={context}); lower on_policy.max_new_tokens or prompt_tokens")
-
-
-def _check_student_tokenizer(cfg: DistillConfig, teacher_tok_fp: str, teacher_vocab: int) -> bool:
-    """A student built from its own model (``student.model``), or a staged start's (``init_from``),
-    must share the teacher's tokenizer, unless ``student.tokenizer_alignment`` names how to align
-    them (checked on tokenizers only; not for a staged start).
-
-    Returns:
-        True when the tokenizers differ and an alignment is named (a cross-tokenizer run).
-
-    Raises:
-        VocabularyMismatchError: the tokenizers differ and no alignment is named.
-    """
-    if cfg.student.init_from is not None:  # a staged start: another run's trained student
-        path = Path(cfg.student.init_from)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"student.init_from={cfg.student.init_from!r} is not a model folder (no config.json); "
-                                    "give a trained student's folder, e.g. <run>/students/<name>")
-        check_same_vocabulary(teacher_tok_fp, tokenizer_fingerprint(load_tokenizer(path)), teacher_vocab, _vocab_size(path))
-        return False
-
-    if cfg.student.init == "pretrained" and cfg.student.model is None:
-        raise ValueError("student.init=pretrained needs student.model")
-    if cfg.student.model is None:  # a layer-dropped copy of the teacher
-        return False
-    path = resolve_model_path(cfg.student.model, setting="student.model")
-    try:
-        check_same_vocabulary(teacher_tok_fp, tokenizer_fingerprint(load_tokenizer(path)), teacher_vocab, _vocab_size(path))
-    except VocabularyMismatchError as e:
-        if cfg.student.tokenizer_alignment is None:
-            raise VocabularyMismatchError(f"{e}. To distil across tokenizers, name an alignment: "
-                                          "student.tokenizer_alignment=byte_offsets (method uld, see `raykd methods`)") from None
-        return True
-    return False
 
 
 def ensure_soft_labels(plan: Plan) -> tuple[dict[str, tuple[str, Manifest]], dict[str, Any]]:

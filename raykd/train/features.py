@@ -32,6 +32,7 @@ from raykd.losses import TeacherTargets, get_loss
 from raykd.losses.features import FeatureLayout, Features, LayerMap, _repeat_heads, features_from_batch, term_modules
 from raykd.models import load_causal_lm
 from raykd.students.build import transformer_layers
+from raykd.train.optim import adamw
 from raykd.train.schedule import StackedSchedule
 
 ATTENTION_NAME = "raykd_capture"
@@ -285,7 +286,7 @@ class FeatureTerms:
         built = {n: term_modules(get_loss(n), widths, self.layer_map, (params or {}).get(n)) for n in terms}
         self.projections = nn.ModuleDict({n: m for n, m in built.items() if m is not None}).to(next(student.parameters()).device)
         trained = list(self.projections.parameters())
-        self.optimizer = torch.optim.AdamW(trained, lr=lr) if trained else None
+        self.optimizer = adamw(trained, lr=lr) if trained else None
         self.stages = stages
         self.cached = None
         """``(layout, shapes)`` of cached teacher features on the batches, or None (online)."""

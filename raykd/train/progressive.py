@@ -37,6 +37,7 @@ from torch import nn
 from raykd.losses import Objective
 from raykd.losses.features import LayerMap
 from raykd.losses.registry import losses_where
+from raykd.train.optim import adamw
 
 TRANSFER_TERMS = losses_where("transfer")
 """The layer-wise transfer terms (``hidden_mse``, ``attention_kl``: ``LossSpec.transfer``)."""
@@ -143,6 +144,6 @@ class ProgressiveTransfer:
         optimizer step: ``train_step``'s ``scheduler``)."""
         groups = self.param_groups(model, blocks)
         groups[-1]["params"] = groups[-1]["params"] + list(extra)
-        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+        optimizer = adamw(groups, lr=lr, weight_decay=weight_decay)
         lambdas: list[Callable[[int], float]] = [lambda step, g=g: self.lr_factor(g, step) for g in range(len(groups))]
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

@@ -37,6 +37,7 @@ from raykd.losses import Objective, TeacherTargets
 from raykd.losses.features import Features
 from raykd.train.features import capture_features
 from raykd.train.interventions import interchange_forwards
+from raykd.train.optim import adamw
 from raykd.train.parallel import unwrapped
 
 LogitsFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
@@ -358,6 +359,6 @@ def lr_multiplier(kind: Literal["cosine", "linear", "constant"], warmup: int, to
 def build_optimizer(params: Sequence[nn.Parameter], *, lr: float, weight_decay: float = 0.0,
                     schedule: Literal["cosine", "linear", "constant"] = "constant", warmup: int = 0,
                     total: int = 1) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over ``params`` and its learning-rate schedule (:func:`lr_multiplier`)."""
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    """AdamW over ``params`` (:func:`adamw`) and its learning-rate schedule (:func:`lr_multiplier`)."""
+    optimizer = adamw(params, lr=lr, weight_decay=weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(schedule, warmup, total))

@@ -95,7 +95,7 @@ def test_a_given_cache_of_other_settings_is_refused_naming_the_field(first_run):
 
 
 def test_an_id_repeated_across_files_is_refused_before_any_teacher_call(ray_start, tiny_model, tmp_path, monkeypatch):
-    import raykd.data.sources
+    import raykd.data.unique_ids
     from tests.conftest import make_corpus, tiny_distill_config
 
     docs = make_corpus(30, seed=3)
@@ -108,7 +108,7 @@ def test_an_id_repeated_across_files_is_refused_before_any_teacher_call(ray_star
     repeated = r"[ab]\.jsonl:0-\d+ and [ab]\.jsonl:0-\d+: document id 'doc0019' appears twice"
     with pytest.raises(ValueError, match=repeated):  # one bucket actor holds every id
         ensure_soft_labels(Plan(cfg))
-    monkeypatch.setattr(raykd.data.sources, "IDS_PER_BUCKET", 7)  # 31 rows: 5 bucket actors
+    monkeypatch.setattr(raykd.data.unique_ids, "IDS_PER_BUCKET", 7)  # 31 rows: 5 bucket actors
     with pytest.raises(ValueError, match=repeated):
         ensure_soft_labels(Plan(cfg))
     assert running_teacher("dup-teacher") is None  # refused before the teacher started

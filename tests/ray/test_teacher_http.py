@@ -25,12 +25,11 @@ from raykd.teacher.service import (
     ProxyConfig,
     ServedTeacher,
     TeacherServiceConfig,
-    add_teacher_commands,
-    run_teacher_command,
     teacher_down,
     teacher_status,
     teacher_up,
 )
+from raykd.teacher.service_cli import add_teacher_commands, run_teacher_command
 
 pytestmark = pytest.mark.ray
 
