@@ -286,7 +286,7 @@ class FeatureTerms:
         built = {n: term_modules(get_loss(n), widths, self.layer_map, (params or {}).get(n)) for n in terms}
         self.projections = nn.ModuleDict({n: m for n, m in built.items() if m is not None}).to(next(student.parameters()).device)
         trained = list(self.projections.parameters())
-        self.optimizer = adamw(trained, lr=lr) if trained else None
+        self.optimizer = adamw(trained, lr=lr, weight_decay=0.01) if trained else None  # torch's default decay, as before
         self.stages = stages
         self.cached = None
         """``(layout, shapes)`` of cached teacher features on the batches, or None (online)."""
