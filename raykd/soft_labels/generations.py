@@ -65,11 +65,9 @@ class _Generator:
 
     def __init__(self, app_name: str, gen: dict[str, Any]):
         # lazy: keeps ray out of import time
-        from ray import serve
+        from raykd.teacher.apps import teacher_handle
 
-        from raykd.teacher.deployment import DEPLOYMENT_NAME
-
-        self.handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name)
+        self.handle = teacher_handle(app_name)
         self.gen = gen
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -119,11 +119,9 @@ class _PartLabeler:
     def __init__(self, app_name: str, targets: dict[str, Target], data: DataConfig, labels: SoftLabelConfig,
                  vocab_size: int, tokenizer_path: str, batch_size: int, progress: console.ProgressSink):
         # lazy: keeps ray out of import time
-        from ray import serve
+        from raykd.teacher.apps import teacher_handle
 
-        from raykd.teacher.deployment import DEPLOYMENT_NAME
-
-        self.handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name)
+        self.handle = teacher_handle(app_name)
         self.targets, self.data, self.labels = targets, data, labels
         self.tokenizer_path, self.batch_size, self.progress = tokenizer_path, batch_size, progress
 

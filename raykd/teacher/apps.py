@@ -203,7 +203,27 @@ def running_teacher(name: str) -> serve.handle.DeploymentHandle | None:
     check_ours(name, app)
     if str(getattr(app.status, "value", app.status)) != "RUNNING":
         return None
-    return serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=name)
+    return teacher_handle(name)
+
+
+def teacher_handle(app_name: str) -> Any:
+    """The Serve handle (``DeploymentHandle``) of the teacher deployment in application
+    ``app_name``, from any process of the cluster: the driver, a Ray Data or Ray Train worker.
+
+    Serve caches its controller client once per process and reuses it unchecked. A worker process
+    that Ray reuses across runs keeps that client after Serve restarted on the cluster (``serve
+    shutdown``, then a new controller: e.g. ``raykd teacher up`` restarting Serve to add an HTTP
+    proxy), and every handle taken through it then fails with the dead controller's
+    ``ActorDiedError``. The cached client is checked first (one ``check_alive`` call, at most 5 s)
+    and dropped when its controller is gone, so the handle comes from the running controller.
+    """
+    try:  # Serve's own check of its cached client (a private helper: skipped if Serve drops it)
+        from ray.serve.context import _check_cached_client_alive
+    except ImportError:
+        _check_cached_client_alive = None
+    if _check_cached_client_alive is not None:
+        _check_cached_client_alive()
+    return serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name)
 
 
 class TeacherNotRunningError(ValueError):

@@ -62,11 +62,10 @@ def served_score(app_name: str, k: int, temperature: float, attempts: int = 3) -
     """A :data:`ScoreFn` calling the running teacher application ``app_name`` through its Serve
     handle (works from any Ray worker, e.g. a Train worker)."""
     # lazy: keeps ray out of import time
-    from ray import serve
+    from raykd.teacher.apps import teacher_handle
+    from raykd.teacher.deployment import ResentCall
 
-    from raykd.teacher.deployment import DEPLOYMENT_NAME, ResentCall
-
-    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name)
+    handle = teacher_handle(app_name)
     # priority 1: a Train worker waits on each answer, so its calls go ahead of bulk labeling
     return lambda ids, am: ResentCall(handle.score, ids, am, k=k, temperature=temperature, attempts=attempts, priority=1)
 
