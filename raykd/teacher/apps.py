@@ -217,11 +217,11 @@ def teacher_handle(app_name: str) -> Any:
     ``ActorDiedError``. The cached client is checked first (one ``check_alive`` call, at most 5 s)
     and dropped when its controller is gone, so the handle comes from the running controller.
     """
-    try:  # Serve's own check of its cached client (a private helper: skipped if Serve drops it)
+    try:  # Serve's own check of its cached client (a private helper)
         from ray.serve.context import _check_cached_client_alive
-    except ImportError:
-        _check_cached_client_alive = None
-    if _check_cached_client_alive is not None:
+    except ImportError:  # a Serve without it: the handle as Serve gives it
+        pass
+    else:
         _check_cached_client_alive()
     return serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name)
 
