@@ -63,23 +63,30 @@ def _state(fn: Callable[..., list], **filters: Any) -> list:
 
 
 def pending_demands() -> list[str]:
-    """What Ray has not scheduled yet, each as ``"what (CPU: 1)"``. The demand shapes come from
-    the cluster status the raylets report to the GCS (what Ray's autoscaler reads: tasks and
-    actors waiting for resources, placement groups waiting for bundles); the state API names
-    them where it knows them (task events may lag or be dropped). Empty when nothing is pending
-    or neither answers."""
-    names = _named_demands()
-    return names or _demand_shapes()
+    """What Ray has not scheduled yet for want of resources, each as ``"what (CPU: 1)"``.
+
+    Whether anything is pending comes from the cluster status the raylets report to the GCS
+    (what Ray's autoscaler reads: tasks and actors waiting for resources, placement groups
+    waiting for bundles). The state API names the demands where it knows them; its task events
+    may lag, be dropped, or stay ``PENDING_NODE_ASSIGNMENT`` after their actor was killed, so a
+    named demand alone never counts, nor one that needs no resources. Empty when nothing is
+    pending or neither answers."""
+    shapes = _demand_shapes()
+    if shapes == []:  # the GCS answered: nothing waits for resources, whatever stale events say
+        return []
+    names = [n for n in _named_demands() if not n.endswith("(no resources)")]
+    return names or shapes or []
 
 
-def _demand_shapes() -> list[str]:
+def _demand_shapes() -> list[str] | None:
+    """The cluster status's resource demands by shape; None when the GCS does not answer."""
     import ray
     from ray.autoscaler.v2.sdk import get_cluster_status
 
     try:
         demands = get_cluster_status(ray.get_runtime_context().gcs_address).resource_demands
-    except Exception:  # noqa: BLE001 - no answer: nothing known to be pending
-        return []
+    except Exception:  # noqa: BLE001 - no answer: the state API decides alone
+        return None
     out = [f"{b.count} task(s) or actor(s) of ({_resources(b.bundle)})"
            for d in demands.ray_task_actor_demand for b in d.bundles_by_count]
     out += [f"a placement group of ({'; '.join(_resources(b.bundle) for b in d.bundles_by_count)})"
