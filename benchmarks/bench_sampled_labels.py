@@ -50,9 +50,10 @@ ARMS = {
     "topk": ["labels.form=topk", "labels.k=32"],
     "sampled": ["labels.form=sampled", "labels.samples=32", "labels.draws=independent"],
     "systematic": ["labels.form=sampled", "labels.samples=32", "labels.draws=systematic"],
+    "systematic64": ["labels.form=sampled", "labels.samples=64", "labels.draws=systematic"],
     "full": ["labels.form=topk", "labels.k=32", "train.online_teacher=true"],
 }
-SAMPLED = ("sampled", "systematic")
+SAMPLED = ("sampled", "systematic", "systematic64")
 """The arms that label a sampled cache of their own per seed."""
 STUDENT = "student"
 METRICS = ("ppl", "ece", "top1_agreement", "kl")
@@ -128,6 +129,7 @@ def table(summary: dict[str, dict], budget: dict) -> str:
              "| arm | cache B/token | distinct ids / position | held-out ppl | ECE | top-1 agreement | KL(top-32 buckets) | seeds |",
              "|---|---|---|---|---|---|---|---|"]
     names = {"topk": "top-32", "sampled": "sampled, S = 32, independent draws", "systematic": "sampled, S = 32, systematic draws",
+             "systematic64": "sampled, S = 64, systematic draws",
              "full": "full vocabulary (teacher online)"}
     for arm, e in summary.items():
         size = "-" if e["bytes_per_token"] is None else f"{e['bytes_per_token']:.1f}"
@@ -160,9 +162,12 @@ def main() -> None:
             results["runs"] = [r for r in results["runs"] if (r["arm"], r["seed"]) != (arm, seed)] + [row]
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results, indent=2))
-    eval_cache = next(r["eval_cache"] for r in results["runs"] if r["arm"] not in SAMPLED)  # a top-32 eval cache
+    eval_cache = next(r["eval_cache"] for r in results["runs"]  # a top-32 eval cache still on disk
+                      if r["arm"] not in SAMPLED and Path(r["eval_cache"]).is_dir())
     files = shard_paths(eval_cache, open_cache(eval_cache))
     for r in results["runs"]:  # one scoring of every student, on the same held-out blocks and labels
+        if not Path(r["model_dir"]).is_dir():  # an earlier batch's run whose folders are gone: its scores stay
+            continue
         r["eval"] = evaluate_folder(Path(r["model_dir"]), files)
         r["column_bytes_per_token"] = column_bytes_per_token(r["cache"])
     any_run = results["runs"][0]
