@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--demo-chunks", type=int, nargs="*", default=[128, 512], help="chunk sizes timed at the demo shape")
     p.add_argument("--demo-steps", type=int, default=10, help="timed steps per demo arm (0: no timing)")
     p.add_argument("--demo-warmup", type=int, default=2)
+    p.add_argument("--demo-layers", type=int, default=DEMO["num_hidden_layers"],
+                   help="layers of the demo-shape student (fewer: a quicker check that the arms run, e.g. the GPU suite's --dry)")
     p.add_argument("--out", default="chunked_loss.json")
     p.add_argument("--child", choices=sorted(ARMS), help=argparse.SUPPRESS)  # internal: one memory arm
     return p.parse_args(argv)
@@ -142,13 +144,18 @@ def memory_arm(args: argparse.Namespace, arm: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def demo_shape(args: argparse.Namespace) -> dict:
+    """:data:`DEMO` with ``--demo-layers`` layers."""
+    return {**DEMO, "num_hidden_layers": args.demo_layers}
+
+
 def demo_times(args: argparse.Namespace) -> dict:
     """Step times at the demo's shape, unchunked and at each ``--demo-chunks`` size, arms taking
     turns step by step."""
     from raykd.losses import Objective
     from raykd.train.step import build_optimizer, train_step
 
-    base = student(DEMO, DEMO["vocab_size"], 128, args.device)
+    base = student(demo_shape(args), DEMO["vocab_size"], 128, args.device)
     batches = [batch(DEMO["vocab_size"], 4, 128, 32, args.device, seed=s) for s in range(4)]
     objective = Objective(OBJECTIVES["kd"])
     arms = {"whole": None, **{f"chunked_{c}": c for c in args.demo_chunks}}
@@ -194,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "setup": {"vocab": args.vocab, "seq_len": args.seq_len, "rows": args.rows, "k": args.k, "chunk": args.chunk,
                   "student": TINY, "objectives": OBJECTIVES, "memory_key": key, "device": args.device,
                   "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                  "demo": {"student": DEMO, "batch": [4, 128], "k": 32, "objective": OBJECTIVES["kd"],
+                  "demo": {"student": demo_shape(args), "batch": [4, 128], "k": 32, "objective": OBJECTIVES["kd"],
                            "steps": args.demo_steps, "warmup": args.demo_warmup}},
         "memory": memory, "ratios": ratios, "demo": demo, "demo_ratios": demo_ratios,
         "targets": {"kd_over_ce_chunked": "<= 1.15", "chunked_over_whole (demo step time)": "<= 1.0 (within noise)"},
@@ -217,7 +224,8 @@ def print_table(result: dict) -> None:
     for name, value in result["ratios"].items():
         print(f"{name:<26} {'-' if value is None else f'{value:.3f}'}")
     if result["demo"]:
-        print("\ndemo shape (SmolLM2-135M widths, 6 layers, 4 x 128 tokens, 0.5 forward KL + 0.5 CE), medians:")
+        layers = result["setup"]["demo"]["student"]["num_hidden_layers"]
+        print(f"\ndemo shape (SmolLM2-135M widths, {layers} layers, 4 x 128 tokens, 0.5 forward KL + 0.5 CE), medians:")
         print(f"{'arm':<14} {'wall s':>7} {'/whole':>7} {'CPU s':>7} {'/whole':>7}")
         for name, r in result["demo"].items():
             over = result["demo_ratios"].get(f"{name}_over_whole", {"step_s": 1.0, "cpu_s": 1.0})

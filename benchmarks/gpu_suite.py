@@ -112,7 +112,7 @@ def arms(py: str) -> list[Arm]:
 
     def chunked(out: Path, dry: bool) -> list[str]:
         size = ["--device", "cpu", "--vocab", "4096", "--seq-len", "128", "--demo-steps", "1", "--demo-warmup", "0",
-                "--demo-chunks", "128"] if dry else \
+                "--demo-chunks", "128", "--demo-layers", "1"] if dry else \
             ["--device", "cuda", "--vocab", "262144", "--seq-len", "2048", "--demo-steps", "20"]
         return [py, str(BENCH / "bench_chunked_loss.py"), *size, "--out", str(out)]
 
