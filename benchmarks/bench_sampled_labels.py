@@ -11,6 +11,7 @@ objective of the issue-27 peer table, at the demo's budget unless overridden:
   the seed, so each seed has its own draws (and its own cache);
 - ``systematic``: the same with ``labels.draws=systematic`` (one uniform, 32 evenly spaced points
   through the teacher's cumulative distribution: the same expected counts, least variance);
+- ``systematic64``: systematic draws with 64 points per position (``labels.samples=64``);
 - ``full``: the teacher in the Train worker, dense targets over the whole vocabulary
   (``train.online_teacher``): the full-vocabulary KL the two caches approximate.
 
