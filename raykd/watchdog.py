@@ -3,11 +3,10 @@
 Ray queues a task, actor or placement group whose resources are not free and waits for them
 without a word, e.g. a Ray Data task of 1 CPU on a 2-CPU node whose teacher replica and Train
 worker hold 1.5. :class:`StallWatchdog` watches a progress count (a bar's steps or rows) beside
-Ray's pending demands (its state API: tasks waiting for a node, actors waiting to be created,
-placement groups waiting for bundles, from the cluster status the GCS keeps). When the count has
-not moved for ``timeout_s`` and
-demands are pending, it interrupts the main thread, and the block raises :class:`StalledError`
-naming each demand and what holds the resources.
+Ray's pending demands (tasks and actors waiting for resources, placement groups waiting for
+bundles: the cluster status the GCS keeps decides, the state API names them). When the count has
+not moved for ``timeout_s`` and demands are pending, it interrupts the main thread, and the block
+raises :class:`StalledError` naming each demand and what holds the resources.
 
 The timeout is ``$RAYKD_STALL_TIMEOUT_S`` (300 s by default): a queue that other jobs will free
 is worth waiting for, one that nothing will free is not, and raykd cannot tell them apart.
