@@ -282,7 +282,7 @@ def _load_student(cfg: LoopConfig, rank: int, stack: ExitStack):
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and cfg.checkpoint_root is not None:  # local mode keeps its checkpoints itself
-        found = sorted(Path(cfg.checkpoint_root).glob("checkpoint_*"))
+        found = checkpoint_folders(Path(cfg.checkpoint_root))
         checkpoint = ray.train.Checkpoint.from_directory(found[-1]) if found else None
     if checkpoint is None:
         return AutoModelForCausalLM.from_pretrained(cfg.student_path, dtype=torch.float32), None, [], 0, None
@@ -318,6 +318,17 @@ def _mlflow(cfg: LoopConfig, rank: int):
     return setup_mlflow(config={"weights": cfg.weights, **cfg.train.model_dump(include={"lr", "batch_size", "max_steps"})},
                         tracking_uri=cfg.mlflow_uri, experiment_name=cfg.mlflow_experiment, run_name=cfg.run_label,
                         rank_zero_only=True, create_experiment_if_not_exists=True)
+
+
+def checkpoint_folders(root: Path) -> list[Path]:
+    """The checkpoints under a local-mode run's folder (``train.num_workers=0``), oldest first.
+
+    Local mode's own (``checkpoint_000008``) and those Ray Train wrote for an earlier run of the
+    same name on workers (``checkpoint_<date>_<time>``) alike, ordered by when their training
+    state was saved; not Ray Train's ``checkpoint_manager_snapshot.json`` beside them, nor a
+    folder whose save did not finish (no state file)."""
+    found = [p for p in root.glob("checkpoint_*") if (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: ((p / STATE_FILE).stat().st_mtime_ns, p.name))
 
 
 def _save(core, weights: dict[str, torch.Tensor], state: dict[str, Any], history: list[dict], folder: Path) -> None:
@@ -359,8 +370,8 @@ def _report_checkpoint(core, weights: dict[str, torch.Tensor], state: dict[str, 
         folder = root / f"checkpoint_{state['step']:06d}"
         folder.mkdir(parents=True, exist_ok=True)
         _save(core, weights, state, history, folder)
-        for old in sorted(root.glob("checkpoint_*"))[:-2]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in [p for p in checkpoint_folders(root) if p.name[len("checkpoint_"):].isdigit()][:-2]:
+            shutil.rmtree(old, ignore_errors=True)  # local mode's own, never a folder Ray Train wrote
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         return
     with tempfile.TemporaryDirectory() as tmp:

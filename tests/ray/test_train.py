@@ -52,9 +52,9 @@ def test_local_mode_ddp_and_fsdp_train_alike_and_a_sharded_run_resumes_on_other_
     """Same rows in every step: ``train.num_workers=0`` (Ray Train's local mode, used by most
     tests) and two DDP workers give the same loss curve (every position weighs 1/N of the step,
     however the step is split); FSDP over the same 2 workers (gloo on CPU) trains as DDP, with
-    sharded (DCP) checkpoints. That run, continued with a larger budget on 1 DDP worker, resumes
-    from its last checkpoint: DCP reshards the weights and the optimizer state for the new worker
-    count. The DDP run reports to MLflow (``tracking.mlflow_uri``, a local file store) through
+    sharded (DCP) checkpoints. That run, continued with a larger budget in local mode (one
+    process), resumes from its last checkpoint: DCP reshards the weights and the optimizer state
+    for the new worker count. The DDP run reports to MLflow (``tracking.mlflow_uri``, a local file store) through
     Ray's integration: one MLflow run with every step's loss. (One test: each Ray Train run costs
     ~15 s of start-up.)"""
     import mlflow
@@ -89,8 +89,10 @@ def test_local_mode_ddp_and_fsdp_train_alike_and_a_sharded_run_resumes_on_other_
     for name, w in ddp_weights.items():
         torch.testing.assert_close(fsdp_weights[name], w, rtol=1e-3, atol=1e-4)
 
-    # the same run name and storage with a larger budget continues at step 9 on 1 DDP worker, not from scratch
-    resumed = _train(setup, "f2", max_steps=10, checkpoint_every=2)
+    # the same run name and storage with a larger budget continues at step 9 in local mode (one process,
+    # no process group), not from scratch. (Ray Train's own resume of a run on its workers, through its
+    # checkpoint manager: tests/ray/test_faults.py.)
+    resumed = _train(setup, "f2", max_steps=10, checkpoint_every=2, num_workers=0)
     assert [r["step"] for r in resumed.history] == list(range(1, 11))
     assert resumed.history[:8] == sharded.history and resumed.resumed_from == [8]
     # the trained weights came back: a fresh student's first loss is far above step 9's
