@@ -83,17 +83,16 @@ def test_killed_labeling_resumes_with_only_the_missing_parts(ray_start, tiny_mod
     before = done_parts(train_dir)
     assert 3 <= len(before) < n_parts
 
-    try:
+    try:  # the killed run's teacher outlives its driver: the rerun and the uninterrupted labeling use it
         caches, stats = ensure_soft_labels(Plan(cfg))
         assert stats["parts"]["train"]["done_before"] == len(before)
         assert stats["parts"]["train"]["labeled"] == n_parts - len(before)
         resumed = {split: _rows(*caches[split]) for split in caches}
+        fresh_cfg = _config(tiny_model, corpus, tmp_path / "fresh", "resume-teacher")
+        fresh, fresh_stats = ensure_soft_labels(Plan(fresh_cfg))
     finally:
-        if running_teacher(cfg.teacher.name) is not None:  # the killed run's teacher outlives its driver
+        if running_teacher(cfg.teacher.name) is not None:
             stop_teacher(cfg.teacher.name)
-
-    fresh_cfg = _config(tiny_model, corpus, tmp_path / "fresh", "resume-teacher")
-    fresh, fresh_stats = ensure_soft_labels(Plan(fresh_cfg))
     assert fresh_stats["teacher_calls"] > stats["teacher_calls"]  # the rerun asked for less than a full run
     for split, table in resumed.items():
         got, want = decode_batch(table, with_ids=True), decode_batch(_rows(*fresh[split]), with_ids=True)
