@@ -42,7 +42,12 @@ def test_two_replicas_both_serve_the_labelers_and_the_call_count_sums_over_them(
         handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app)
         status = serve.status().applications[app].deployments[DEPLOYMENT_NAME]
         assert status.replica_states == {"RUNNING": 2}
-        labeled = _counter_totals(app)
+        # every call the run made (the teacher check's and the labelers'), counted once its answer was
+        # sent: the last counts may land a moment after labeling returns
+        made = stats["teacher_calls"] + stats["teacher"]["check_calls"]
+        labeled = wait_for(lambda: (t := _counter_totals(app))["calls"]["score"] >= made and t,
+                           timeout_s=30, what=f"the run's {made} counted score calls")
+        assert labeled["calls"]["score"] == made
         per_replica = {r: c["score"] for r, c in labeled["calls_by_replica"].items()}
         assert len(per_replica) == 2 and all(n > 0 for n in per_replica.values()), f"a replica served no labeler: {per_replica}"
         assert labeled["calls"]["score"] >= -(-rows // cfg.labels.batch_size)  # every batch was scored once at least
