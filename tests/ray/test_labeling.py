@@ -106,9 +106,10 @@ def test_an_id_repeated_across_files_is_refused_before_any_teacher_call(ray_star
     cfg = tiny_distill_config(tiny_model, folder, tmp_path / "cache")
     cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"name": "dup-teacher"})})
     repeated = r"[ab]\.jsonl:0-\d+ and [ab]\.jsonl:0-\d+: document id 'doc0019' appears twice"
-    with pytest.raises(ValueError, match=repeated):  # one bucket actor holds every id
+    with pytest.raises(ValueError, match=repeated):  # 31 rows: one task reads both files, no actors
         ensure_soft_labels(Plan(cfg))
-    monkeypatch.setattr(raykd.data.unique_ids, "IDS_PER_BUCKET", 7)  # 31 rows: 5 bucket actors
+    monkeypatch.setattr(raykd.data.unique_ids, "IDS_PER_TASK", 1)  # a task per part (file) ...
+    monkeypatch.setattr(raykd.data.unique_ids, "IDS_PER_BUCKET", 7)  # ... and 5 bucket actors
     with pytest.raises(ValueError, match=repeated):
         ensure_soft_labels(Plan(cfg))
     assert running_teacher("dup-teacher") is None  # refused before the teacher started
