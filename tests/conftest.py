@@ -176,16 +176,37 @@ def tiny_distill_config(model: Path, corpus: Path, cache_dir: Path, **train_over
     )
 
 
+def serve_tiny_teacher(tiny_model: Path, corpus: Path) -> str:
+    """Deploy the teacher of :func:`tiny_distill_config` (``tiny-teacher`` on ``tiny_model``) unless
+    it runs already, and leave it running, as ``raykd teacher up`` leaves a shared teacher; returns
+    its name. Runs of that config then reuse it (``started_by_run`` false, not stopped after), so
+    each pytest worker starts its replica once instead of once per run. A test of a run's own
+    teacher (started by the run, stopped after it) or of another model names its teacher otherwise."""
+    from raykd.teacher.apps import start_teacher
+
+    teacher = tiny_distill_config(tiny_model, corpus, corpus.parent / "unused").teacher
+    start_teacher(teacher, str(tiny_model))
+    return teacher.name
+
+
+@pytest.fixture
+def tiny_teacher(ray_start, tiny_model, corpus_jsonl) -> str:
+    """The shared tiny teacher, running (redeployed if a test shut Serve down): :func:`serve_tiny_teacher`."""
+    return serve_tiny_teacher(tiny_model, corpus_jsonl)
+
+
 @pytest.fixture(scope="session")
 def tiny_labeled(ray_start, tiny_model, corpus_jsonl, tmp_path_factory):
     """A tiny distill plan whose train and eval splits were labeled through Serve + Ray Data, once
-    per test run (every module that needs a labeled cache shares it).
+    per test run (every module that needs a labeled cache shares it), by the shared tiny teacher
+    (:func:`serve_tiny_teacher`).
 
     Returns ``(cfg, plan, caches, stats)`` as :func:`raykd.recipes.lm.distill.ensure_soft_labels`
     gives them on the first (labeling) run.
     """
     from raykd.soft_labels.plan import Plan, ensure_soft_labels
 
+    serve_tiny_teacher(tiny_model, corpus_jsonl)
     cfg = tiny_distill_config(tiny_model, corpus_jsonl, tmp_path_factory.mktemp("cache"))
     plan = Plan(cfg)
     caches, stats = ensure_soft_labels(plan)

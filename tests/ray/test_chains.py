@@ -15,7 +15,8 @@ pytestmark = pytest.mark.ray
 
 def test_seqkd_trains_on_cached_teacher_generations(ray_start, tiny_model, corpus_jsonl, tmp_path):
     gen = {"prompt_tokens": 6, "max_new_tokens": 8, "temperature": 0.0, "batch_size": 4}
-    cfg = method_config("seqkd", tiny_model, corpus_jsonl, tmp_path / "cache", generation=gen)
+    cfg = method_config("seqkd", tiny_model, corpus_jsonl, tmp_path / "cache", generation=gen,
+                        teacher={"name": "seqkd-teacher"})  # its own, not the shared tiny teacher: the run starts and stops it
     first = main_distill(cfg, tmp_path / "a")
     g = first["prepare"]["generations"]
     assert g["hit"] is False and g["rows"] == first["data"]["train_docs"] and g["new_tokens"] > 0

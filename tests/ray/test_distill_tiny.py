@@ -29,7 +29,8 @@ def _get(report, dotted):
     return node
 
 
-def test_distill_on_a_train_worker_with_a_short_console_then_a_cache_hit(ray_start, tiny_model, corpus_jsonl, tmp_path, capsys):
+def test_distill_on_a_train_worker_with_a_short_console_then_a_cache_hit(ray_start, tiny_model, tiny_teacher, corpus_jsonl, tmp_path,
+                                                                         capsys):
     cfg = tiny_distill_config(tiny_model, corpus_jsonl, tmp_path / "cache", num_workers=1)  # students on Ray Train workers
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))

@@ -30,7 +30,8 @@ def test_first_run_labels_both_splits(first_run):
     assert manifest.key == plan.keys["train"].digest() and train_dir.endswith(manifest.key)
     assert stats["teacher_calls"] == manifest.teacher_calls + caches["eval"][1].teacher_calls  # counted by the labelers
     assert 0 < manifest.bytes_per_token < 200
-    assert running_teacher(cfg.teacher.name) is None  # started by the run, stopped after it
+    assert stats["teacher"]["started_by_run"] is False  # the shared running teacher (tests/conftest.py) ...
+    assert running_teacher(cfg.teacher.name) is not None  # ... left running (test_chains: a run's own is stopped)
 
 
 def test_second_run_is_a_hit_that_asks_the_teacher_nothing(first_run):
@@ -42,7 +43,6 @@ def test_second_run_is_a_hit_that_asks_the_teacher_nothing(first_run):
     again, stats = ensure_soft_labels(Plan(cfg))
     assert not stale.exists()  # cleared on a hit too
     assert stats == {"hit": True, "teacher_calls": 0, "label_s": 0.0, "teacher": None, "parts": {}}  # no teacher involved
-    assert running_teacher(cfg.teacher.name) is None  # never started
     assert {s: str(p) for s, (p, _) in again.items()} == {s: str(p) for s, (p, _) in caches.items()}
 
 

@@ -22,6 +22,8 @@ pytestmark = pytest.mark.ray
 SINGLE_TEACHER = ["kd", "pd", "annealing_kd", "continuation_kd"]
 MULTI_TEACHER = ["tmkd", "mt_bert", "uncertainty", "rl_kd"]
 RUN_ELSEWHERE = {"glmd", "glmd_vocab", "robust_kd"}  # their own tests below
+PEAKED = {"name": "peaked-teacher"}
+"""The peaked teacher's application (the tiny model's is the shared ``tiny-teacher``, tests/conftest.py)."""
 
 
 def method_config(method: str, tiny_model, corpus, cache_dir, **extra) -> DistillConfig:
@@ -65,7 +67,7 @@ def peaked_teacher(tmp_path_factory):
 def test_single_teacher_method_runs(method, ray_start, peaked_teacher, second_teacher, corpus_jsonl, shared_cache, tmp_path):
     # a near-uniform random student and a peaked teacher: both the text and the teacher have something to teach
     cfg = method_config(method, peaked_teacher, corpus_jsonl, shared_cache, train={"max_steps": 4, "checkpoint_every": 4},
-                        student={"init": "pretrained", "model": str(second_teacher)})
+                        student={"init": "pretrained", "model": str(second_teacher)}, teacher=PEAKED)
     report = main_distill(cfg, tmp_path)
     (student,) = report["students"]
     assert report["method"] == method and report[student]["steps"] == 4
@@ -78,7 +80,7 @@ def test_single_teacher_method_runs(method, ray_start, peaked_teacher, second_te
 
 
 @pytest.mark.parametrize("method", MULTI_TEACHER)
-def test_multi_teacher_method_runs_on_joined_caches(method, ray_start, tiny_model, second_teacher, corpus_jsonl,
+def test_multi_teacher_method_runs_on_joined_caches(method, ray_start, tiny_model, tiny_teacher, second_teacher, corpus_jsonl,
                                                     shared_cache, tmp_path):
     extra = [{"name": "tiny-teacher-b", "model": str(second_teacher), "num_threads": 1, "num_cpus": 0.5}]
     cfg = method_config(method, tiny_model, corpus_jsonl, shared_cache, extra_teachers=extra,
@@ -97,7 +99,7 @@ def test_glmd_runs_a_task_agnostic_stage_with_the_teacher_online_then_the_task_s
         ray_start, peaked_teacher, second_teacher, corpus_jsonl, shared_cache, tmp_path):
     import json
 
-    cfg = method_config("glmd", peaked_teacher, corpus_jsonl, shared_cache, train={"max_steps": 2, "checkpoint_every": 2},
+    cfg = method_config("glmd", peaked_teacher, corpus_jsonl, shared_cache, teacher=PEAKED, train={"max_steps": 2, "checkpoint_every": 2},
                         agnostic_stage={"steps": 3, "temperature": 15.0, "teacher": "online"},
                         student={"init": "pretrained", "model": str(second_teacher)})
     report = main_distill(cfg, tmp_path)
@@ -113,7 +115,7 @@ def test_glmd_runs_a_task_agnostic_stage_with_the_teacher_online_then_the_task_s
     assert "| agnostic | 15 | online | 3 |" in (tmp_path / "report.md").read_text()
 
 
-def test_glmd_vocab_trains_a_smaller_student_evaluated_over_the_teacher_vocabulary(ray_start, tiny_model, corpus_jsonl,
+def test_glmd_vocab_trains_a_smaller_student_evaluated_over_the_teacher_vocabulary(ray_start, tiny_model, tiny_teacher, corpus_jsonl,
                                                                                  shared_cache, tmp_path):
     cfg = method_config("glmd_vocab", tiny_model, corpus_jsonl, shared_cache, student={"vocab_size": 64, "vocab_map": "decoder"},
                         train={"max_steps": 3, "checkpoint_every": 3})
@@ -124,7 +126,7 @@ def test_glmd_vocab_trains_a_smaller_student_evaluated_over_the_teacher_vocabula
     assert json.loads((tmp_path / "students" / "glmd_vocab" / "vocab_map.json").read_text())["mapping"] == "decoder"
 
 
-def test_robust_kd_labels_perturbed_text_in_its_own_cache(ray_start, tiny_model, corpus_jsonl, shared_cache, tmp_path):
+def test_robust_kd_labels_perturbed_text_in_its_own_cache(ray_start, tiny_model, tiny_teacher, corpus_jsonl, shared_cache, tmp_path):
     clean = method_config("kd", tiny_model, corpus_jsonl, shared_cache)
     cfg = method_config("robust_kd", tiny_model, corpus_jsonl, shared_cache, train={"max_steps": 2})
     from raykd.soft_labels.plan import Plan

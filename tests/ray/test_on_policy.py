@@ -57,7 +57,7 @@ def test_on_policy_method_trains_on_samples_scored_by_the_served_teacher(method,
     shipped = shipped_cfg.on_policy
     on_policy = {**shipped.model_dump(), "prompt_tokens": 8, "max_new_tokens": 8, "teacher_batch": 2}
     train = {"max_steps": STEPS, "checkpoint_every": STEPS}
-    teacher = {}
+    teacher = {"name": "on-policy-teacher"}  # not the shared tiny teacher: the run starts its own, and stops it
     if method == "distillm":  # every step on-policy, so the buffer fills after one step and is reused
         on_policy.update(on_policy_share=1.0, replay_size=ROWS, replay_share=0.5)
     else:
@@ -67,7 +67,7 @@ def test_on_policy_method_trains_on_samples_scored_by_the_served_teacher(method,
         assert shipped_cfg.train.num_workers == 1 and shipped_cfg.ray.num_cpus is None  # the shipped: a worker, the machine's CPUs
         monkeypatch.setenv("RAYKD_STALL_TIMEOUT_S", "120")
     cfg = method_config(method, cfg0.teacher.model, cfg0.data.path, cfg0.labels.cache_dir, on_policy=on_policy,
-                        train=train, **({"teacher": teacher} if teacher else {}))
+                        train=train, teacher=teacher)
     report = main_distill(cfg, tmp_path)
     (student,) = report["students"]
     entry, split = report[student], report[student]["time_split"]

@@ -17,7 +17,7 @@ from tests.conftest import tiny_distill_config
 pytestmark = pytest.mark.ray
 
 
-def test_sampled_cache_labels_trains_and_holds_each_blocks_seeded_draws(ray_start, tiny_model, corpus_jsonl, tmp_path):
+def test_sampled_cache_labels_trains_and_holds_each_blocks_seeded_draws(ray_start, tiny_model, tiny_teacher, corpus_jsonl, tmp_path):
     from raykd.teacher.engines.hf import HFEngine
 
     cfg = tiny_distill_config(tiny_model, corpus_jsonl, tmp_path / "cache", max_steps=2, checkpoint_every=2, log_every=1,

